@@ -1,0 +1,218 @@
+//! The wire codec: bincode 2 (pinned) with a hard size limit, in this one module so it can be
+//! swapped.
+//!
+//! Every length is checked against the limit before anything is allocated: a peer cannot make
+//! us reserve more memory than [`MAX_MESSAGE_BYTES`] by lying in a length prefix. Parameter
+//! blocks are raw little-endian `f32`.
+
+use std::sync::Arc;
+
+use bincode::de::{Decoder, read::Reader};
+use bincode::enc::{Encoder, write::Writer};
+use bincode::error::{DecodeError as BinDecodeError, EncodeError};
+use bincode::{Decode, Encode};
+use thiserror::Error;
+
+use crate::params::{ModelParams, ParamLayout, TensorSpec};
+use crate::wire::Message;
+
+/// Largest message accepted: 256 MiB, room for a 64M-parameter model.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_little_endian().with_variable_int_encoding().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+/// Why bytes could not be decoded.
+#[derive(Debug, Error)]
+pub enum DecodeError {
+    /// More bytes than the limit.
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Bytes left after the message.
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+    /// Not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] BinDecodeError),
+}
+
+/// Encodes a message.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    bincode::encode_to_vec(msg, config()).expect("encoding into a Vec cannot fail")
+}
+
+/// Decodes one message that must span `bytes` exactly.
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let (msg, used) = bincode::decode_from_slice(bytes, config())?;
+    if used != bytes.len() {
+        return Err(DecodeError::Trailing(bytes.len() - used));
+    }
+    Ok(msg)
+}
+
+const CHUNK: usize = 16 * 1024;
+
+impl Encode for ModelParams {
+    fn encode<E: Encoder>(&self, encoder: &mut E) -> Result<(), EncodeError> {
+        self.layout().specs().encode(encoder)?;
+        (self.numel() as u64).encode(encoder)?;
+        let mut buf = Vec::with_capacity(CHUNK * 4);
+        for chunk in self.data().chunks(CHUNK) {
+            buf.clear();
+            for v in chunk {
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            encoder.writer().write(&buf)?;
+        }
+        Ok(())
+    }
+}
+
+impl<Context> Decode<Context> for ModelParams {
+    fn decode<D: Decoder<Context = Context>>(decoder: &mut D) -> Result<Self, BinDecodeError> {
+        let specs: Vec<TensorSpec> = Vec::decode(decoder)?;
+        let layout = ParamLayout::new(specs).map_err(|e| BinDecodeError::OtherString(e.to_string()))?;
+        let len = u64::decode(decoder)? as usize;
+        if len != layout.numel() {
+            return Err(BinDecodeError::OtherString(format!(
+                "parameter block has {len} values, layout needs {}",
+                layout.numel()
+            )));
+        }
+        // Bounded by the limit before the allocation below.
+        decoder.claim_container_read::<f32>(len)?;
+        let mut data = Vec::with_capacity(len);
+        let mut buf = vec![0u8; CHUNK * 4];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(CHUNK);
+            decoder.reader().read(&mut buf[..n * 4])?;
+            data.extend(buf[..n * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            left -= n;
+        }
+        ModelParams::new(Arc::new(layout), data).map_err(|e| BinDecodeError::OtherString(e.to_string()))
+    }
+}
+
+impl<'de, Context> bincode::BorrowDecode<'de, Context> for ModelParams {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, BinDecodeError> {
+        <Self as Decode<Context>>::decode(decoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ContentHash;
+    use crate::wire::{ErrorCode, TrainConfig, TrainResult, TrainTask};
+    use proptest::prelude::*;
+
+    fn params(n: usize) -> ModelParams {
+        let layout = ParamLayout::new(vec![
+            TensorSpec { name: "a.weight".into(), shape: vec![n, 2] },
+            TensorSpec { name: "a.bias".into(), shape: vec![2] },
+        ])
+        .unwrap();
+        ModelParams::new(Arc::new(layout), (0..2 * n + 2).map(|i| i as f32 * 0.25 - 3.0).collect()).unwrap()
+    }
+
+    fn result(n: usize) -> Message {
+        Message::TrainResult(TrainResult {
+            round: 3,
+            model_version: 2,
+            num_samples: 600,
+            train_loss: 0.5,
+            delta: params(n),
+        })
+    }
+
+    #[test]
+    fn round_trips() {
+        let msgs = [
+            result(1000),
+            Message::TrainTask(TrainTask {
+                round: 1,
+                model_version: 0,
+                model_hash: ContentHash([7; 32]),
+                config: TrainConfig {
+                    epochs: 5,
+                    batch_size: 10,
+                    learning_rate: 0.1,
+                    clip_norm: Some(1.0),
+                    noise_multiplier: None,
+                },
+            }),
+            Message::Error { code: ErrorCode::StaleModel, message: "old".into() },
+        ];
+        for m in msgs {
+            assert_eq!(decode(&encode(&m)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn tensors_travel_as_raw_f32() {
+        // 2002 values: the encoding is the values' 8008 bytes plus a small header.
+        let bytes = encode(&result(1000));
+        assert!(bytes.len() >= 8008 && bytes.len() < 8008 + 64, "{}", bytes.len());
+    }
+
+    #[test]
+    fn bad_bytes_are_errors() {
+        let good = encode(&result(10));
+        assert!(matches!(decode(&good[..good.len() - 1]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(decode(&[good.clone(), vec![0]].concat()), Err(DecodeError::Trailing(1))));
+        assert!(matches!(decode(&[200]), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn lying_lengths_do_not_allocate() {
+        // A TrainResult whose tensor claims 2^40 elements, in a 60-byte message.
+        let mut bytes = vec![1u8, 3, 2, 0x00]; // variant, round, version, num_samples
+        bytes.extend_from_slice(&0.5f32.to_le_bytes());
+        bytes.push(1); // one spec
+        bytes.push(1);
+        bytes.push(b'x');
+        bytes.push(1); // one dim
+        bytes.push(253); // u64 follows
+        bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        bytes.push(253);
+        bytes.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = decode(&bytes).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)), "{err}");
+        // Shapes whose product overflows are refused too.
+        let mut bytes = vec![1u8, 3, 2, 0x00];
+        bytes.extend_from_slice(&0.5f32.to_le_bytes());
+        bytes.extend_from_slice(&[1, 1, b'x', 2, 253]);
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        bytes.push(253);
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn oversized_input_is_refused_up_front() {
+        let big = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(decode(&big), Err(DecodeError::TooLarge(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn corrupting_an_encoding_never_panics(pos in 0usize..200, byte in any::<u8>()) {
+            let mut b = encode(&result(20));
+            let p = pos % b.len();
+            b[p] = byte;
+            let _ = decode(&b);
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Datasets: image classification sets as flat `u8` pixels plus labels.
+//!
+//! [`idx`] reads the IDX format (optionally gzip'd) that MNIST and Fashion-MNIST ship in;
+//! [`embedded`] is a small MNIST subset compiled into the binary so the first README command
+//! needs no download.
+
+pub mod embedded;
+pub mod idx;
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Which split of a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Training images.
+    Train,
+    /// Test images.
+    Test,
+}
+
+/// An image classification dataset held in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dataset {
+    /// Height of each image.
+    pub rows: usize,
+    /// Width of each image.
+    pub cols: usize,
+    /// `len() * rows * cols` pixels, row-major, 0..=255.
+    pub images: Vec<u8>,
+    /// One label per image, `0..num_classes`.
+    pub labels: Vec<u8>,
+    /// Number of classes.
+    pub num_classes: usize,
+}
+
+impl Dataset {
+    /// Number of examples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Pixels per image.
+    pub fn pixels(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// The pixels of image `i`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let p = self.pixels();
+        &self.images[i * p..(i + 1) * p]
+    }
+
+    /// Count of each label.
+    pub fn label_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.num_classes];
+        for &l in &self.labels {
+            counts[l as usize] += 1;
+        }
+        counts
+    }
+
+    /// Mean and standard deviation of all pixels scaled to [0, 1].
+    pub fn pixel_mean_std(&self) -> (f64, f64) {
+        let n = self.images.len() as f64;
+        let (s, s2) = self.images.iter().fold((0.0f64, 0.0f64), |(s, s2), &p| {
+            let x = p as f64 / 255.0;
+            (s + x, s2 + x * x)
+        });
+        let mean = s / n;
+        (mean, (s2 / n - mean * mean).max(0.0).sqrt())
+    }
+
+    /// Builds a dataset from IDX image and label arrays, checking that they agree.
+    pub fn from_idx(images: idx::IdxArray, labels: idx::IdxArray) -> Result<Self, DatasetError> {
+        if images.dims.len() != 3 {
+            return Err(DatasetError::Shape(format!(
+                "images must have 3 dimensions, found {:?}",
+                images.dims
+            )));
+        }
+        if labels.dims.len() != 1 {
+            return Err(DatasetError::Shape(format!(
+                "labels must have 1 dimension, found {:?}",
+                labels.dims
+            )));
+        }
+        if images.dims[0] != labels.dims[0] {
+            return Err(DatasetError::Shape(format!(
+                "{} images but {} labels",
+                images.dims[0], labels.dims[0]
+            )));
+        }
+        let num_classes = labels.data.iter().copied().max().map_or(0, |m| m as usize + 1);
+        Ok(Self {
+            rows: images.dims[1],
+            cols: images.dims[2],
+            images: images.data,
+            labels: labels.data,
+            num_classes: num_classes.max(10),
+        })
+    }
+}
+
+/// A dataset's train and test splits.
+#[derive(Debug, Clone)]
+pub struct TrainTest {
+    /// Training split, partitioned over devices.
+    pub train: Dataset,
+    /// Test split, for server-side evaluation.
+    pub test: Dataset,
+}
+
+/// Errors reading a dataset.
+#[derive(Debug, Error)]
+pub enum DatasetError {
+    /// A file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file is not valid IDX.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Images and labels disagree.
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// Loads the standard MNIST-style file pair for `split` from `dir`: `train-images-idx3-ubyte`
+/// and `train-labels-idx1-ubyte` (or `t10k-*` for the test split), each optionally `.gz`.
+pub fn load_idx_dir(dir: &Path, split: Split) -> Result<Dataset, DatasetError> {
+    let prefix = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    let images = idx::read_file(&find(dir, &format!("{prefix}-images-idx3-ubyte"))?)?;
+    let labels = idx::read_file(&find(dir, &format!("{prefix}-labels-idx1-ubyte"))?)?;
+    Dataset::from_idx(images, labels)
+}
+
+/// Loads both splits from `dir`.
+pub fn load_idx_dir_pair(dir: &Path) -> Result<TrainTest, DatasetError> {
+    Ok(TrainTest { train: load_idx_dir(dir, Split::Train)?, test: load_idx_dir(dir, Split::Test)? })
+}
+
+fn find(dir: &Path, stem: &str) -> Result<PathBuf, DatasetError> {
+    for name in [format!("{stem}.gz"), stem.to_string()] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(DatasetError::Io {
+        path: dir.join(format!("{stem}[.gz]")),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+    })
+}

@@ -1,0 +1,20 @@
+//! Fedge's pure core.
+//!
+//! Everything here is plain computation over plain data: flat named parameter tensors
+//! ([`params`]), the wire messages and their codec ([`wire`], [`codec`]), FedAvg aggregation
+//! maths ([`aggregate`]), L2 clipping and Gaussian noise ([`privacy`]), dataset readers
+//! ([`dataset`]) and partitioners ([`partition`]).
+//!
+//! Architecture invariant: this crate has no async runtime, no sockets, no clock and no burn.
+//! Randomness is always injected by the caller as a seeded RNG, so every result is reproducible.
+
+pub mod aggregate;
+pub mod codec;
+pub mod dataset;
+pub mod params;
+pub mod partition;
+pub mod privacy;
+pub mod rng;
+pub mod wire;
+
+pub use params::{ModelParams, ParamLayout, ParamsError, TensorSpec};

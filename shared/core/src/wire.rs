@@ -1,0 +1,89 @@
+//! Wire messages between coordinator and devices (protocol version [`PROTOCOL_VERSION`]).
+//!
+//! These are plain data; [`crate::codec`] turns them into bytes and back. Parameter tensors
+//! travel as their layout followed by one raw little-endian `f32` block, never element by
+//! element.
+
+use crate::params::{ContentHash, ModelParams};
+
+/// Version of the message set below. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Stable identifier of a device.
+pub type DeviceId = u64;
+
+/// Hyper-parameters of one local training task.
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct TrainConfig {
+    /// Passes over the local data (E).
+    pub epochs: u32,
+    /// Local minibatch size (B).
+    pub batch_size: u32,
+    /// SGD learning rate.
+    pub learning_rate: f32,
+    /// L2 bound the device clips its delta to, if any.
+    pub clip_norm: Option<f32>,
+    /// Noise multiplier z: the device adds N(0, (z * clip_norm)^2) to its clipped delta.
+    pub noise_multiplier: Option<f32>,
+}
+
+/// The coordinator asks a device to train from a model version.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct TrainTask {
+    /// Round number, from 1.
+    pub round: u64,
+    /// Version of the global model to start from.
+    pub model_version: u64,
+    /// Content hash of that model, so the device can check what it holds.
+    pub model_hash: ContentHash,
+    /// How to train.
+    pub config: TrainConfig,
+}
+
+/// A device's answer to a [`TrainTask`].
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct TrainResult {
+    /// The task's round.
+    pub round: u64,
+    /// The model version the device trained from.
+    pub model_version: u64,
+    /// Local examples trained on: the update's FedAvg weight.
+    pub num_samples: u64,
+    /// Mean training loss over the last local epoch.
+    pub train_loss: f32,
+    /// Trained weights minus the starting weights, clipped and noised as the task asked.
+    pub delta: ModelParams,
+}
+
+/// Typed error codes a peer can be told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum ErrorCode {
+    /// The message could not be decoded.
+    Malformed,
+    /// The message exceeds the size limit.
+    TooLarge,
+    /// The update is for a model version that is not current.
+    StaleModel,
+    /// The device was not selected for this round.
+    NotSelected,
+    /// The update was already received.
+    Duplicate,
+    /// The update has the wrong shape or non-finite values.
+    InvalidUpdate,
+}
+
+/// Everything that crosses the wire.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub enum Message {
+    /// Coordinator to device: train.
+    TrainTask(TrainTask),
+    /// Device to coordinator: the result.
+    TrainResult(TrainResult),
+    /// Either way: something was refused.
+    Error {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
