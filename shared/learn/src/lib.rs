@@ -1,1 +1,21 @@
-//! placeholder
+//! Everything burn in Fedge, in one place.
+//!
+//! The McMahan et al. 2017 models ([`model`]), turning dataset examples into tensors
+//! ([`batch`]), local SGD training and evaluation ([`train`]), the exact conversion between burn
+//! modules and flat [`fedge_core::ModelParams`] ([`convert`]), and the choice of compute backend
+//! at run time ([`backend`]).
+//!
+//! Architecture invariant: this is the only crate that depends on burn. The round engine,
+//! aggregation and privacy maths see flat parameters only; the edge client, the simulator and
+//! (later) the coordinator's distillation and evaluation call in here.
+
+pub mod backend;
+pub mod batch;
+pub mod convert;
+pub mod model;
+pub mod train;
+
+pub use backend::{BackendError, BackendKind};
+pub use convert::ConvertError;
+pub use model::{Model, ModelKind};
+pub use train::{EvalMetrics, Trainer, TrainOutput};

@@ -1,0 +1,102 @@
+//! The two models of McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
+//! from Decentralized Data", written once for every backend.
+
+mod cnn;
+mod two_nn;
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+
+pub use cnn::Cnn;
+pub use two_nn::TwoNn;
+
+/// Which architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelKind {
+    /// MLP 784-200-200-10 with ReLU: 199,210 parameters.
+    #[default]
+    TwoNn,
+    /// 5x5 conv 32, pool, 5x5 conv 64, pool, FC 512, FC 10: 1,663,370 parameters.
+    Cnn,
+}
+
+impl FromStr for ModelKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "2nn" => Ok(Self::TwoNn),
+            "cnn" => Ok(Self::Cnn),
+            other => Err(format!("unknown model `{other}` (expected `2nn` or `cnn`)")),
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TwoNn => "2nn",
+            Self::Cnn => "cnn",
+        })
+    }
+}
+
+/// A model of either architecture; inputs are `[batch, 1, 28, 28]` images, outputs logits.
+#[derive(Module, Debug)]
+pub enum Model {
+    /// The 2NN.
+    TwoNn(TwoNn),
+    /// The CNN.
+    Cnn(Cnn),
+}
+
+impl Model {
+    /// A freshly initialised model on `device` (burn's default initialisers, seeded by the
+    /// device's RNG).
+    pub fn init(kind: ModelKind, num_classes: usize, device: &Device) -> Self {
+        match kind {
+            ModelKind::TwoNn => Self::TwoNn(TwoNn::init(28 * 28, num_classes, device)),
+            ModelKind::Cnn => Self::Cnn(Cnn::init(num_classes, device)),
+        }
+    }
+
+    /// Which architecture this is.
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            Self::TwoNn(_) => ModelKind::TwoNn,
+            Self::Cnn(_) => ModelKind::Cnn,
+        }
+    }
+
+    /// Logits for a batch of images `[batch, 1, 28, 28]`.
+    pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        match self {
+            Self::TwoNn(m) => m.forward(images.flatten(1, 3)),
+            Self::Cnn(m) => m.forward(images),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_counts_match_the_paper() {
+        let device = Device::flex();
+        assert_eq!(Model::init(ModelKind::TwoNn, 10, &device).num_params(), 199_210);
+        assert_eq!(Model::init(ModelKind::Cnn, 10, &device).num_params(), 1_663_370);
+    }
+
+    #[test]
+    fn forward_shapes() {
+        let device = Device::flex();
+        for kind in [ModelKind::TwoNn, ModelKind::Cnn] {
+            let m = Model::init(kind, 10, &device);
+            let x = Tensor::<4>::zeros([3, 1, 28, 28], &device);
+            assert_eq!(m.forward(x).dims(), [3, 10]);
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! Local training and evaluation: the one training step every path uses.
+//!
+//! A [`Trainer`] owns one model instance on one device and is reused task after task: the
+//! simulator gives each worker thread one, never one per virtual device. Training is plain
+//! minibatch SGD on cross-entropy, as in McMahan et al. 2017.
+
+use std::sync::Arc;
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Tensor};
+use fedge_core::dataset::Dataset;
+use fedge_core::wire::TrainConfig;
+use fedge_core::{ModelParams, ParamLayout};
+use rand::seq::SliceRandom;
+
+use crate::backend::{BackendError, BackendKind};
+use crate::batch;
+use crate::convert::{self, ConvertError};
+use crate::model::{Model, ModelKind};
+
+/// What local training produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    /// The trained weights.
+    pub params: ModelParams,
+    /// Mean cross-entropy over the last epoch's minibatches.
+    pub mean_loss: f32,
+    /// SGD steps taken.
+    pub steps: usize,
+}
+
+/// Accuracy and loss on a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct EvalMetrics {
+    /// Fraction classified correctly.
+    pub accuracy: f64,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Examples evaluated.
+    pub examples: usize,
+}
+
+/// One model instance on one device, reused across tasks.
+pub struct Trainer {
+    kind: ModelKind,
+    device: Device,
+    model: Option<Model>,
+    layout: Arc<ParamLayout>,
+}
+
+impl Trainer {
+    /// A trainer for `kind` on `backend`.
+    pub fn new(kind: ModelKind, num_classes: usize, backend: BackendKind) -> Result<Self, BackendError> {
+        let device = backend.device()?.autodiff();
+        let model = Model::init(kind, num_classes, &device);
+        let layout = convert::layout_of(&model).expect("a fresh model converts");
+        Ok(Self { kind, device, model: Some(model), layout })
+    }
+
+    /// Fresh initial parameters, reproducible for a given `seed`.
+    pub fn initial_params(&mut self, seed: u64) -> ModelParams {
+        self.device.seed(seed);
+        let num_classes = self.num_classes();
+        let model = Model::init(self.kind, num_classes, &self.device);
+        convert::params_of(&model).expect("a fresh model converts")
+    }
+
+    fn num_classes(&self) -> usize {
+        let last = self.layout.specs().last().expect("models have tensors");
+        last.shape[0]
+    }
+
+    /// The parameter layout of this trainer's model.
+    pub fn layout(&self) -> &Arc<ParamLayout> {
+        &self.layout
+    }
+
+    /// The architecture.
+    pub fn kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    /// Trains from `start` on examples `indices` of `data`: `config.epochs` passes of minibatch
+    /// SGD, shuffling each epoch with `rng`. Clipping and noise are the caller's business.
+    pub fn train<R: rand::Rng + ?Sized>(
+        &mut self,
+        start: &ModelParams,
+        data: &Dataset,
+        indices: &[usize],
+        config: &TrainConfig,
+        rng: &mut R,
+    ) -> Result<TrainOutput, ConvertError> {
+        let (epochs, batch_size) = (config.epochs as usize, config.batch_size as usize);
+        let learning_rate = config.learning_rate as f64;
+        let model = self.model.take().expect("trainer holds its model between tasks");
+        let mut model = match convert::load_params(model, start) {
+            Ok(m) => m,
+            Err(e) => {
+                self.model = Some(Model::init(self.kind, self.num_classes(), &self.device));
+                return Err(e);
+            }
+        };
+        let mut optim = SgdConfig::new().init();
+        let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
+        let mut order = indices.to_vec();
+        let (mut steps, mut last_epoch_loss, mut last_epoch_batches) = (0, 0.0f64, 0usize);
+        for _ in 0..epochs {
+            order.shuffle(rng);
+            last_epoch_loss = 0.0;
+            last_epoch_batches = 0;
+            for chunk in order.chunks(batch_size.max(1)) {
+                let x = batch::images(data, chunk, &self.device);
+                let y = batch::labels(data, chunk, &self.device);
+                let loss = loss_fn.forward(model.forward(x), y);
+                last_epoch_loss += loss.clone().into_scalar::<f32>() as f64;
+                last_epoch_batches += 1;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(learning_rate, model, grads);
+                steps += 1;
+            }
+        }
+        let params = convert::params_of(&model)?;
+        self.model = Some(model);
+        let mean_loss = if last_epoch_batches == 0 { 0.0 } else { (last_epoch_loss / last_epoch_batches as f64) as f32 };
+        Ok(TrainOutput { params, mean_loss, steps })
+    }
+
+    /// Accuracy and mean loss of `params` on all of `data`, in batches of `batch_size`.
+    pub fn evaluate(&mut self, params: &ModelParams, data: &Dataset, batch_size: usize) -> Result<EvalMetrics, ConvertError> {
+        let model = self.model.take().expect("trainer holds its model between tasks");
+        let model = match convert::load_params(model, params) {
+            Ok(m) => m,
+            Err(e) => {
+                self.model = Some(Model::init(self.kind, self.num_classes(), &self.device));
+                return Err(e);
+            }
+        };
+        let metrics = evaluate_model(&model.valid(), data, batch_size);
+        self.model = Some(model);
+        Ok(metrics)
+    }
+}
+
+/// Accuracy and mean loss of an inference model on all of `data`.
+pub fn evaluate_model(model: &Model, data: &Dataset, batch_size: usize) -> EvalMetrics {
+    let device = model.devices().into_iter().next().unwrap_or_else(Device::flex);
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let all: Vec<usize> = (0..data.len()).collect();
+    let (mut correct, mut loss_sum) = (0i64, 0.0f64);
+    for chunk in all.chunks(batch_size.max(1)) {
+        let x = batch::images(data, chunk, &device);
+        let y = batch::labels(data, chunk, &device);
+        let logits: Tensor<2> = model.forward(x);
+        let loss = loss_fn.forward(logits.clone(), y.clone()).into_scalar::<f32>() as f64;
+        loss_sum += loss * chunk.len() as f64;
+        correct += logits.argmax(1).flatten::<1>(0, 1).equal(y).int().sum().into_scalar::<i64>();
+    }
+    let n = data.len().max(1) as f64;
+    EvalMetrics { accuracy: correct as f64 / n, loss: loss_sum / n, examples: data.len() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_core::dataset::embedded;
+    use fedge_core::rng::derive_rng;
+
+    fn cfg(epochs: u32, batch_size: u32, learning_rate: f32) -> TrainConfig {
+        TrainConfig { epochs, batch_size, learning_rate, clip_norm: None, noise_multiplier: None }
+    }
+
+    #[test]
+    fn local_training_learns_real_digits() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut t = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let start = t.initial_params(1);
+        let before = t.evaluate(&start, &data.test, 500).unwrap();
+        let idx: Vec<usize> = (0..5000).collect();
+        let out = t.train(&start, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(1, &[])).unwrap();
+        assert_eq!(out.steps, 500);
+        let after = t.evaluate(&out.params, &data.test, 500).unwrap();
+        assert!(before.accuracy < 0.3, "untrained accuracy {}", before.accuracy);
+        assert!(after.accuracy > 0.8, "trained accuracy {}", after.accuracy);
+        assert!(after.loss < before.loss);
+        assert_eq!(after.examples, 2000);
+    }
+
+    #[test]
+    fn same_seed_same_training() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut t = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap();
+        let a0 = t.initial_params(5);
+        assert_eq!(a0.content_hash(), t.initial_params(5).content_hash());
+        assert_ne!(a0.content_hash(), t.initial_params(6).content_hash());
+        let idx: Vec<usize> = (0..40).collect();
+        let run = |t: &mut Trainer| t.train(&a0, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(2, &[])).unwrap();
+        let (a, b) = (run(&mut t), run(&mut t));
+        assert_eq!(a.params.content_hash(), b.params.content_hash());
+        assert_eq!(a.mean_loss.to_bits(), b.mean_loss.to_bits());
+    }
+
+    #[test]
+    fn wrong_params_leave_the_trainer_usable() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut t = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let cnn = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap().initial_params(1);
+        assert!(t.train(&cnn, &data.train, &[0, 1], &cfg(1, 2, 0.1), &mut derive_rng(0, &[])).is_err());
+        let ok = t.initial_params(1);
+        assert!(t.evaluate(&ok, &data.test, 100).is_ok());
+    }
+}
