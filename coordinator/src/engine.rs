@@ -1,0 +1,645 @@
+//! The round engine: a sans-IO state machine for federated training rounds.
+//!
+//! Inputs are `handle_*` calls (a device joined or left, a result arrived, a device failed,
+//! time passed) with `now` passed in; outputs are [`EngineEvent`]s taken with
+//! [`RoundEngine::poll_event`], and the next deadline with [`RoundEngine::poll_timeout`]. The
+//! engine never blocks, never reads a clock and never touches a socket, so the simulator (with a
+//! virtual clock) and the network server drive the very same code.
+//!
+//! A round: [`RoundEngine::start_round`] samples `max(ceil(C * available), min_train_clients)`
+//! devices and emits one [`EngineEvent::Assign`] each. Results are checked (right round and
+//! model version, selected device, first upload only, right shape, finite) and streamed into
+//! the strategy. The round closes when every selected device has answered or failed, or at the
+//! deadline; with at least `min_train_clients` results (and no failure unless
+//! `accept_failures`) the strategy aggregates and the model version advances. Otherwise the
+//! round fails and the model stays as it was.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use fedge_core::aggregate::AggregateError;
+use fedge_core::params::ContentHash;
+use fedge_core::rng::{SeededRng, derive_rng, stream};
+use fedge_core::wire::{DeviceId, ErrorCode, TrainConfig, TrainResult, TrainTask};
+use fedge_core::ModelParams;
+use rand::seq::IndexedRandom;
+use thiserror::Error;
+
+use crate::strategy::{Contribution, Strategy};
+
+/// How rounds are run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Fraction C of available devices sampled per round, in (0, 1].
+    pub fraction: f64,
+    /// Fewest results a round needs to aggregate (and fewest devices sampled).
+    pub min_train_clients: usize,
+    /// Whether a round with some failed devices may still aggregate.
+    pub accept_failures: bool,
+    /// How long a round waits for results.
+    pub round_timeout: Duration,
+    /// What devices are asked to do.
+    pub train: TrainConfig,
+    /// Seed of device sampling.
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            fraction: 0.1,
+            min_train_clients: 1,
+            accept_failures: true,
+            round_timeout: Duration::from_secs(600),
+            train: TrainConfig { epochs: 5, batch_size: 10, learning_rate: 0.05, clip_norm: None, noise_multiplier: None },
+            seed: 0,
+        }
+    }
+}
+
+/// An impossible configuration.
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    /// Fraction outside (0, 1].
+    #[error("fraction must be in (0, 1], got {0}")]
+    Fraction(f64),
+    /// Zero quorum.
+    #[error("min_train_clients must be at least 1")]
+    MinClients,
+    /// Zero epochs or batch size, or a bad learning rate or clip norm.
+    #[error("invalid training config: {0}")]
+    Train(String),
+}
+
+impl EngineConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return Err(ConfigError::Fraction(self.fraction));
+        }
+        if self.min_train_clients == 0 {
+            return Err(ConfigError::MinClients);
+        }
+        let t = &self.train;
+        if t.epochs == 0 {
+            return Err(ConfigError::Train("epochs must be at least 1".into()));
+        }
+        if t.batch_size == 0 {
+            return Err(ConfigError::Train("batch size must be at least 1".into()));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return Err(ConfigError::Train(format!("learning rate must be positive, got {}", t.learning_rate)));
+        }
+        if let Some(c) = t.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(ConfigError::Train(format!("clip norm must be positive, got {c}")));
+        }
+        if let Some(z) = t.noise_multiplier {
+            if !(z.is_finite() && z >= 0.0) {
+                return Err(ConfigError::Train(format!("noise multiplier must be >= 0, got {z}")));
+            }
+            if t.clip_norm.is_none() {
+                return Err(ConfigError::Train("a noise multiplier needs a clip norm".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a round cannot start.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StartError {
+    /// A round is in progress.
+    #[error("round {0} is still in progress")]
+    Busy(u64),
+    /// Too few devices to reach the quorum.
+    #[error("{available} devices available, {needed} needed")]
+    NotEnoughDevices {
+        /// Devices available.
+        available: usize,
+        /// Devices the quorum needs.
+        needed: usize,
+    },
+}
+
+/// Why a result was refused. The device is told [`RejectReason::code`].
+#[derive(Debug, Error, PartialEq)]
+pub enum RejectReason {
+    /// No round is open, or the result is for another round or model version.
+    #[error("stale result: round {got_round} version {got_version}, current round {round} version {version}")]
+    Stale {
+        /// Round in the result.
+        got_round: u64,
+        /// Model version in the result.
+        got_version: u64,
+        /// Current round (0 if none is open).
+        round: u64,
+        /// Current model version.
+        version: u64,
+    },
+    /// The device was not selected for this round.
+    #[error("device {0} was not selected for this round")]
+    NotSelected(DeviceId),
+    /// The device already answered this round; the first answer stands.
+    #[error("device {0} already answered this round")]
+    Duplicate(DeviceId),
+    /// Wrong shape or non-finite values.
+    #[error("invalid update: {0}")]
+    Invalid(AggregateError),
+}
+
+impl RejectReason {
+    /// The wire error code for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Stale { .. } => ErrorCode::StaleModel,
+            Self::NotSelected(_) => ErrorCode::NotSelected,
+            Self::Duplicate(_) => ErrorCode::Duplicate,
+            Self::Invalid(_) => ErrorCode::InvalidUpdate,
+        }
+    }
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RoundOutcome {
+    /// Aggregated into a new model version.
+    Aggregated,
+    /// Not aggregated; the model is unchanged.
+    Failed(String),
+}
+
+/// Summary of a closed round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundReport {
+    /// Round number.
+    pub round: u64,
+    /// Model version after the round (unchanged if it failed).
+    pub model_version: u64,
+    /// Hash of that model.
+    pub model_hash: ContentHash,
+    /// Devices selected.
+    pub selected: usize,
+    /// Results accepted.
+    pub results: usize,
+    /// Devices that reported a failure.
+    pub failures: usize,
+    /// Selected devices that had not answered at the deadline.
+    pub stragglers: Vec<DeviceId>,
+    /// Examples trained on, over accepted results.
+    pub samples: u64,
+    /// Sample-weighted mean of the devices' training losses.
+    pub train_loss: f64,
+    /// When the round closed.
+    pub closed_at: Duration,
+    /// Aggregated or failed.
+    pub outcome: RoundOutcome,
+}
+
+/// What the engine wants done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// Send `task` to `device`.
+    Assign {
+        /// The device.
+        device: DeviceId,
+        /// The task.
+        task: TrainTask,
+    },
+    /// The round closed; a new model version exists if it aggregated. Evaluate it and report
+    /// back with [`RoundEngine::handle_evaluation`].
+    RoundClosed(RoundReport),
+}
+
+#[derive(Debug)]
+struct OpenRound {
+    round: u64,
+    deadline: Duration,
+    chosen: BTreeSet<DeviceId>,
+    pending: BTreeSet<DeviceId>,
+    selected: usize,
+    results: usize,
+    failures: usize,
+    samples: u64,
+    loss_sum: f64,
+}
+
+/// Evaluation of a model version on held-out data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Fraction correct.
+    pub accuracy: f64,
+    /// Mean loss.
+    pub loss: f64,
+}
+
+/// The round engine. See the module docs.
+pub struct RoundEngine<S: Strategy> {
+    config: EngineConfig,
+    strategy: S,
+    global: ModelParams,
+    version: u64,
+    last_round: u64,
+    available: BTreeSet<DeviceId>,
+    open: Option<OpenRound>,
+    events: VecDeque<EngineEvent>,
+    evaluations: BTreeMap<u64, Evaluation>,
+    rng: SeededRng,
+}
+
+impl<S: Strategy> RoundEngine<S> {
+    /// An engine starting from `initial` as model version 0.
+    pub fn new(config: EngineConfig, strategy: S, initial: ModelParams) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let rng = derive_rng(config.seed, &[stream::SAMPLING]);
+        Ok(Self {
+            config,
+            strategy,
+            global: initial,
+            version: 0,
+            last_round: 0,
+            available: BTreeSet::new(),
+            open: None,
+            events: VecDeque::new(),
+            evaluations: BTreeMap::new(),
+            rng,
+        })
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> &ModelParams {
+        &self.global
+    }
+
+    /// The current model version (0 before any aggregation).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The open round, if any.
+    pub fn current_round(&self) -> Option<u64> {
+        self.open.as_ref().map(|o| o.round)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Evaluations reported so far, by model version.
+    pub fn evaluations(&self) -> &BTreeMap<u64, Evaluation> {
+        &self.evaluations
+    }
+
+    /// A device can be sampled from now on.
+    pub fn handle_device_available(&mut self, device: DeviceId) {
+        self.available.insert(device);
+    }
+
+    /// A device went away; if it was training in the open round, that counts as a failure.
+    pub fn handle_device_gone(&mut self, now: Duration, device: DeviceId) {
+        self.available.remove(&device);
+        self.handle_train_failure(now, device);
+    }
+
+    /// Samples devices and opens the next round, emitting one `Assign` per device.
+    pub fn start_round(&mut self, now: Duration) -> Result<u64, StartError> {
+        if let Some(o) = &self.open {
+            return Err(StartError::Busy(o.round));
+        }
+        let n = self.available.len();
+        let needed = self.config.min_train_clients;
+        if n < needed {
+            return Err(StartError::NotEnoughDevices { available: n, needed });
+        }
+        let k = ((self.config.fraction * n as f64).ceil() as usize).max(needed).min(n);
+        let pool: Vec<DeviceId> = self.available.iter().copied().collect();
+        let mut chosen: Vec<DeviceId> = pool.sample(&mut self.rng, k).copied().collect();
+        chosen.sort_unstable();
+        let round = self.last_round + 1;
+        self.last_round = round;
+        self.strategy.begin_round(round, &self.global);
+        let task = TrainTask {
+            round,
+            model_version: self.version,
+            model_hash: self.global.content_hash(),
+            config: self.config.train,
+        };
+        for &device in &chosen {
+            self.events.push_back(EngineEvent::Assign { device, task: task.clone() });
+        }
+        self.open = Some(OpenRound {
+            round,
+            deadline: now + self.config.round_timeout,
+            pending: chosen.iter().copied().collect(),
+            chosen: chosen.into_iter().collect(),
+            selected: k,
+            results: 0,
+            failures: 0,
+            samples: 0,
+            loss_sum: 0.0,
+        });
+        Ok(round)
+    }
+
+    /// A device's result arrived. Accepted results are streamed into the strategy at once.
+    pub fn handle_train_result(&mut self, now: Duration, device: DeviceId, result: &TrainResult) -> Result<(), RejectReason> {
+        let version = self.version;
+        let Some(open) = self.open.as_mut().filter(|o| o.round == result.round && result.model_version == version) else {
+            return Err(RejectReason::Stale {
+                got_round: result.round,
+                got_version: result.model_version,
+                round: self.current_round().unwrap_or(0),
+                version,
+            });
+        };
+        if !open.chosen.contains(&device) {
+            return Err(RejectReason::NotSelected(device));
+        }
+        if !open.pending.contains(&device) {
+            return Err(RejectReason::Duplicate(device));
+        }
+        let contribution = Contribution { delta: &result.delta, num_samples: result.num_samples };
+        if let Err(e) = self.strategy.accumulate(contribution) {
+            return Err(RejectReason::Invalid(e));
+        }
+        open.pending.remove(&device);
+        open.results += 1;
+        open.samples += result.num_samples;
+        if result.train_loss.is_finite() {
+            open.loss_sum += result.train_loss as f64 * result.num_samples as f64;
+        }
+        self.close_if_done(now);
+        Ok(())
+    }
+
+    /// A selected device reported that it could not train (or vanished). Unknown devices and
+    /// devices not pending in the open round are ignored.
+    pub fn handle_train_failure(&mut self, now: Duration, device: DeviceId) {
+        if let Some(open) = self.open.as_mut()
+            && open.pending.remove(&device)
+        {
+            open.failures += 1;
+            self.close_if_done(now);
+        }
+    }
+
+    /// Time passed: closes the open round if its deadline is reached.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.open.as_ref().is_some_and(|o| now >= o.deadline) {
+            self.close(now);
+        }
+    }
+
+    /// The evaluation of model `version` the driver was asked for.
+    pub fn handle_evaluation(&mut self, version: u64, evaluation: Evaluation) {
+        self.evaluations.insert(version, evaluation);
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_event(&mut self) -> Option<EngineEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.open.as_ref().map(|o| o.deadline)
+    }
+
+    fn close_if_done(&mut self, now: Duration) {
+        if self.open.as_ref().is_some_and(|o| o.pending.is_empty()) {
+            self.close(now);
+        }
+    }
+
+    fn close(&mut self, now: Duration) {
+        let Some(open) = self.open.take() else { return };
+        let stragglers: Vec<DeviceId> = open.pending.iter().copied().collect();
+        let failures = open.failures + stragglers.len();
+        let outcome = if open.results < self.config.min_train_clients {
+            RoundOutcome::Failed(format!(
+                "{} results, {} needed ({} failed, {} past the deadline)",
+                open.results,
+                self.config.min_train_clients,
+                open.failures,
+                stragglers.len()
+            ))
+        } else if failures > 0 && !self.config.accept_failures {
+            RoundOutcome::Failed(format!("{failures} devices failed and failures are not accepted"))
+        } else {
+            match self.strategy.aggregate_train(open.round, &self.global, failures) {
+                Ok(next) => {
+                    self.global = next;
+                    self.version += 1;
+                    RoundOutcome::Aggregated
+                }
+                Err(e) => RoundOutcome::Failed(format!("aggregation failed: {e}")),
+            }
+        };
+        let train_loss = if open.samples > 0 { open.loss_sum / open.samples as f64 } else { f64::NAN };
+        self.events.push_back(EngineEvent::RoundClosed(RoundReport {
+            round: open.round,
+            model_version: self.version,
+            model_hash: self.global.content_hash(),
+            selected: open.selected,
+            results: open.results,
+            failures: open.failures,
+            stragglers,
+            samples: open.samples,
+            train_loss,
+            closed_at: now,
+            outcome,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strategy::FedAvg;
+    use fedge_core::{ParamLayout, TensorSpec};
+    use std::sync::Arc;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn layout() -> Arc<ParamLayout> {
+        Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![2] }]).unwrap())
+    }
+
+    fn params(v: [f32; 2]) -> ModelParams {
+        ModelParams::new(layout(), v.to_vec()).unwrap()
+    }
+
+    fn engine(devices: u64, config: EngineConfig) -> RoundEngine<FedAvg> {
+        let mut e = RoundEngine::new(config, FedAvg::default(), params([0.0, 0.0])).unwrap();
+        for d in 0..devices {
+            e.handle_device_available(d);
+        }
+        e
+    }
+
+    fn cfg(fraction: f64, min: usize) -> EngineConfig {
+        EngineConfig { fraction, min_train_clients: min, round_timeout: 10 * S, ..EngineConfig::default() }
+    }
+
+    fn assigned(e: &mut RoundEngine<FedAvg>) -> Vec<(DeviceId, TrainTask)> {
+        let mut out = Vec::new();
+        while let Some(ev) = e.poll_event() {
+            match ev {
+                EngineEvent::Assign { device, task } => out.push((device, task)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        out
+    }
+
+    fn closed(e: &mut RoundEngine<FedAvg>) -> RoundReport {
+        match e.poll_event() {
+            Some(EngineEvent::RoundClosed(r)) => r,
+            other => panic!("expected RoundClosed, got {other:?}"),
+        }
+    }
+
+    fn result(task: &TrainTask, delta: [f32; 2], n: u64) -> TrainResult {
+        TrainResult { round: task.round, model_version: task.model_version, num_samples: n, train_loss: 0.5, delta: params(delta) }
+    }
+
+    #[test]
+    fn a_round_samples_collects_and_aggregates() {
+        let mut e = engine(10, cfg(0.3, 1));
+        assert_eq!(e.start_round(S), Ok(1));
+        let tasks = assigned(&mut e);
+        assert_eq!(tasks.len(), 3);
+        assert!(tasks.iter().all(|(_, t)| t.round == 1 && t.model_version == 0 && t.model_hash == e.global().content_hash()));
+        for (i, (d, t)) in tasks.iter().enumerate() {
+            assert!(e.poll_event().is_none());
+            e.handle_train_result(2 * S, *d, &result(t, [i as f32, 1.0], 10 * (i as u64 + 1))).unwrap();
+        }
+        let r = closed(&mut e);
+        assert_eq!((r.round, r.model_version, r.results, r.failures, r.samples), (1, 1, 3, 0, 60));
+        assert_eq!(r.outcome, RoundOutcome::Aggregated);
+        assert_eq!(r.closed_at, 2 * S);
+        // Weighted mean of deltas (0,1)x10, (1,1)x20, (2,1)x30 = (80/60, 1).
+        assert_eq!(e.global().data(), &[80.0 / 60.0, 1.0]);
+        assert_eq!(e.version(), 1);
+        assert_eq!(r.model_hash, e.global().content_hash());
+    }
+
+    #[test]
+    fn bad_results_are_refused_with_their_code() {
+        let mut e = engine(4, cfg(0.5, 1));
+        e.start_round(S).unwrap();
+        let tasks = assigned(&mut e);
+        let (d, t) = tasks[0].clone();
+        let unselected = (0..4).find(|x| tasks.iter().all(|(s, _)| s != x)).unwrap();
+        let stale = TrainResult { model_version: 7, ..result(&t, [0.0; 2], 1) };
+        let wrong_round = TrainResult { round: 9, ..result(&t, [0.0; 2], 1) };
+        let nan = result(&t, [f32::NAN, 0.0], 1);
+        let wrong_shape = TrainResult {
+            delta: ModelParams::new(
+                Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![3] }]).unwrap()),
+                vec![0.0; 3],
+            )
+            .unwrap(),
+            ..result(&t, [0.0; 2], 1)
+        };
+        let check = |e: &mut RoundEngine<FedAvg>, dev, r: &TrainResult, code| {
+            assert_eq!(e.handle_train_result(S, dev, r).unwrap_err().code(), code);
+        };
+        check(&mut e, d, &stale, ErrorCode::StaleModel);
+        check(&mut e, d, &wrong_round, ErrorCode::StaleModel);
+        check(&mut e, unselected, &result(&t, [0.0; 2], 1), ErrorCode::NotSelected);
+        check(&mut e, d, &nan, ErrorCode::InvalidUpdate);
+        check(&mut e, d, &wrong_shape, ErrorCode::InvalidUpdate);
+        // None of that disturbed the round: the good result is accepted, then a repeat refused.
+        e.handle_train_result(S, d, &result(&t, [2.0, 2.0], 1)).unwrap();
+        check(&mut e, d, &result(&t, [9.0, 9.0], 1), ErrorCode::Duplicate);
+        e.handle_train_result(S, tasks[1].0, &result(&tasks[1].1, [0.0, 0.0], 1)).unwrap();
+        assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated);
+        assert_eq!(e.global().data(), &[1.0, 1.0], "first upload wins, bad ones ignored");
+        // After the round, a late result is stale.
+        check(&mut e, d, &result(&t, [0.0; 2], 1), ErrorCode::StaleModel);
+    }
+
+    #[test]
+    fn stragglers_are_dropped_at_the_deadline() {
+        let mut e = engine(3, cfg(1.0, 2));
+        e.start_round(S).unwrap();
+        let tasks = assigned(&mut e);
+        e.handle_train_result(2 * S, tasks[0].0, &result(&tasks[0].1, [3.0, 3.0], 5)).unwrap();
+        e.handle_train_result(3 * S, tasks[1].0, &result(&tasks[1].1, [1.0, 1.0], 5)).unwrap();
+        assert_eq!(e.poll_timeout(), Some(11 * S));
+        e.handle_timeout(10 * S);
+        assert!(e.poll_event().is_none(), "not before the deadline");
+        e.handle_timeout(11 * S);
+        let r = closed(&mut e);
+        assert_eq!(r.stragglers, vec![tasks[2].0]);
+        assert_eq!(r.outcome, RoundOutcome::Aggregated);
+        assert_eq!(e.global().data(), &[2.0, 2.0]);
+        // The straggler's late answer is stale.
+        assert!(matches!(e.handle_train_result(12 * S, tasks[2].0, &result(&tasks[2].1, [0.0; 2], 1)), Err(RejectReason::Stale { .. })));
+    }
+
+    #[test]
+    fn without_quorum_the_model_stays() {
+        let mut e = engine(3, cfg(1.0, 2));
+        e.start_round(S).unwrap();
+        let tasks = assigned(&mut e);
+        e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [3.0, 3.0], 5)).unwrap();
+        e.handle_train_failure(S, tasks[1].0);
+        e.handle_device_gone(S, tasks[2].0);
+        let r = closed(&mut e);
+        assert!(matches!(r.outcome, RoundOutcome::Failed(ref m) if m.contains("1 results, 2 needed")), "{:?}", r.outcome);
+        assert_eq!((r.failures, e.version()), (2, 0));
+        assert_eq!(e.global().data(), &[0.0, 0.0]);
+        // The next round starts from the same version, without the departed device.
+        assert_eq!(e.start_round(2 * S), Ok(2));
+        let tasks = assigned(&mut e);
+        assert_eq!(tasks.len(), 2);
+        assert!(tasks.iter().all(|(_, t)| t.model_version == 0));
+    }
+
+    #[test]
+    fn failures_fail_the_round_unless_accepted() {
+        let mut e = engine(2, EngineConfig { accept_failures: false, ..cfg(1.0, 1) });
+        e.start_round(S).unwrap();
+        let tasks = assigned(&mut e);
+        e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [3.0, 3.0], 5)).unwrap();
+        e.handle_train_failure(S, tasks[1].0);
+        assert!(matches!(closed(&mut e).outcome, RoundOutcome::Failed(_)));
+        assert_eq!(e.version(), 0);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_respects_the_quorum() {
+        let pick = |seed| {
+            let mut e = engine(100, EngineConfig { seed, ..cfg(0.1, 1) });
+            e.start_round(S).unwrap();
+            assigned(&mut e).into_iter().map(|(d, _)| d).collect::<Vec<_>>()
+        };
+        assert_eq!(pick(1).len(), 10);
+        assert_eq!(pick(1), pick(1));
+        assert_ne!(pick(1), pick(2));
+        // The quorum lifts the sample size: 10% of 5 devices is 1, but 3 are needed.
+        let mut e = engine(5, cfg(0.1, 3));
+        e.start_round(S).unwrap();
+        assert_eq!(assigned(&mut e).len(), 3);
+        assert_eq!(e.start_round(S), Err(StartError::Busy(1)));
+        let mut e = engine(2, cfg(0.1, 3));
+        assert_eq!(e.start_round(S), Err(StartError::NotEnoughDevices { available: 2, needed: 3 }));
+    }
+
+    #[test]
+    fn impossible_configs_are_refused() {
+        let bad = |c: EngineConfig| RoundEngine::new(c, FedAvg::default(), params([0.0; 2])).err().map(|e| e.to_string());
+        let t = EngineConfig::default().train;
+        assert!(bad(cfg(0.0, 1)).unwrap().contains("fraction"));
+        assert!(bad(cfg(1.5, 1)).unwrap().contains("fraction"));
+        assert!(bad(cfg(0.5, 0)).unwrap().contains("min_train_clients"));
+        assert!(bad(EngineConfig { train: TrainConfig { batch_size: 0, ..t }, ..cfg(0.5, 1) }).unwrap().contains("batch"));
+        assert!(bad(EngineConfig { train: TrainConfig { epochs: 0, ..t }, ..cfg(0.5, 1) }).unwrap().contains("epochs"));
+        assert!(bad(EngineConfig { train: TrainConfig { noise_multiplier: Some(1.0), ..t }, ..cfg(0.5, 1) }).unwrap().contains("clip"));
+        assert!(bad(cfg(0.5, 1)).is_none());
+    }
+}
