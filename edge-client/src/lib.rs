@@ -1,1 +1,10 @@
-//! placeholder
+//! The Fedge edge client.
+//!
+//! [`trainer`] is what a device does with a training task: check it holds the model the task
+//! names, train locally with [`fedge_learn`], turn the result into a delta, clip and noise it
+//! as asked, and package the [`fedge_core::wire::TrainResult`]. The simulator runs this very
+//! code for each virtual device; the network client (next) will too.
+
+pub mod trainer;
+
+pub use trainer::{EdgeTrainer, TaskOutcome, TrainError};

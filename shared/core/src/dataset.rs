@@ -141,6 +141,53 @@ pub enum DatasetError {
     Shape(String),
 }
 
+/// The datasets Fedge knows by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetName {
+    /// The MNIST subset compiled into the binary (10,000 train, 2,000 test).
+    #[default]
+    Embedded,
+    /// MNIST, from `DATA_DIR/mnist/`.
+    Mnist,
+    /// Fashion-MNIST, from `DATA_DIR/fashion-mnist/`.
+    FashionMnist,
+}
+
+impl std::str::FromStr for DatasetName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "embedded" => Ok(Self::Embedded),
+            "mnist" => Ok(Self::Mnist),
+            "fashion-mnist" => Ok(Self::FashionMnist),
+            other => Err(format!("unknown dataset `{other}` (expected embedded, mnist or fashion-mnist)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DatasetName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Embedded => "embedded",
+            Self::Mnist => "mnist",
+            Self::FashionMnist => "fashion-mnist",
+        })
+    }
+}
+
+impl DatasetName {
+    /// Loads both splits; `data_dir` holds one folder per dataset (`mnist/`, `fashion-mnist/`)
+    /// and is not read for the embedded set.
+    pub fn load(self, data_dir: &Path) -> Result<TrainTest, DatasetError> {
+        match self {
+            Self::Embedded => embedded::mnist_subset(),
+            Self::Mnist => load_idx_dir_pair(&data_dir.join("mnist")),
+            Self::FashionMnist => load_idx_dir_pair(&data_dir.join("fashion-mnist")),
+        }
+    }
+}
+
 /// Loads the standard MNIST-style file pair for `split` from `dir`: `train-images-idx3-ubyte`
 /// and `train-labels-idx1-ubyte` (or `t10k-*` for the test split), each optionally `.gz`.
 pub fn load_idx_dir(dir: &Path, split: Split) -> Result<Dataset, DatasetError> {

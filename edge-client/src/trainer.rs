@@ -1,0 +1,154 @@
+//! A device's training step, from task to upload-ready result.
+
+use fedge_core::ModelParams;
+use fedge_core::dataset::Dataset;
+use fedge_core::privacy::{ClipOutcome, add_gaussian_noise, clip_l2};
+use fedge_core::wire::{TrainResult, TrainTask};
+use fedge_learn::{BackendError, BackendKind, ConvertError, ModelKind, Trainer};
+use thiserror::Error;
+
+/// Why a task could not be done.
+#[derive(Debug, Error)]
+pub enum TrainError {
+    /// The model held is not the one the task names.
+    #[error("model hash mismatch: task wants {want}, device holds {have}")]
+    ModelMismatch {
+        /// Hash in the task.
+        want: String,
+        /// Hash of the model given.
+        have: String,
+    },
+    /// The device has no examples.
+    #[error("no local data to train on")]
+    NoData,
+    /// The model does not fit this device's architecture.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    /// Training produced NaN or infinite weights (diverged).
+    #[error("training diverged (non-finite weights); try a smaller learning rate")]
+    Diverged,
+}
+
+/// A finished task.
+#[derive(Debug, Clone)]
+pub struct TaskOutcome {
+    /// What to upload.
+    pub result: TrainResult,
+    /// What clipping did, if the task asked for it.
+    pub clip: Option<ClipOutcome>,
+    /// SGD steps taken.
+    pub steps: usize,
+}
+
+/// One device-side trainer: a model instance reused for every task it runs.
+pub struct EdgeTrainer {
+    trainer: Trainer,
+}
+
+impl EdgeTrainer {
+    /// A trainer for `kind` on `backend`.
+    pub fn new(kind: ModelKind, num_classes: usize, backend: BackendKind) -> Result<Self, BackendError> {
+        Ok(Self { trainer: Trainer::new(kind, num_classes, backend)? })
+    }
+
+    /// The underlying learner (for evaluation and initial parameters).
+    pub fn learner(&mut self) -> &mut Trainer {
+        &mut self.trainer
+    }
+
+    /// Runs `task` from `global` on examples `indices` of `data`. `train_rng` orders batches;
+    /// `noise_rng` draws the privacy noise.
+    pub fn run_task<R: rand::Rng + ?Sized>(
+        &mut self,
+        task: &TrainTask,
+        global: &ModelParams,
+        data: &Dataset,
+        indices: &[usize],
+        train_rng: &mut R,
+        noise_rng: &mut R,
+    ) -> Result<TaskOutcome, TrainError> {
+        let have = global.content_hash();
+        if have != task.model_hash {
+            return Err(TrainError::ModelMismatch { want: task.model_hash.to_string(), have: have.to_string() });
+        }
+        if indices.is_empty() {
+            return Err(TrainError::NoData);
+        }
+        let out = self.trainer.train(global, data, indices, &task.config, train_rng)?;
+        let mut delta = out.params.delta_from(global).map_err(|e| ConvertError::Layout(e.to_string()))?;
+        if delta.check_finite().is_err() {
+            return Err(TrainError::Diverged);
+        }
+        let clip = task.config.clip_norm.map(|c| clip_l2(delta.data_mut(), c as f64));
+        if let (Some(c), Some(z)) = (task.config.clip_norm, task.config.noise_multiplier) {
+            add_gaussian_noise(delta.data_mut(), z as f64 * c as f64, noise_rng);
+        }
+        Ok(TaskOutcome {
+            result: TrainResult {
+                round: task.round,
+                model_version: task.model_version,
+                num_samples: indices.len() as u64,
+                train_loss: out.mean_loss,
+                delta,
+            },
+            clip,
+            steps: out.steps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_core::dataset::embedded;
+    use fedge_core::privacy::l2_norm;
+    use fedge_core::rng::derive_rng;
+    use fedge_core::wire::TrainConfig;
+
+    fn task(global: &ModelParams, clip: Option<f32>, noise: Option<f32>) -> TrainTask {
+        TrainTask {
+            round: 4,
+            model_version: 3,
+            model_hash: global.content_hash(),
+            config: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: clip, noise_multiplier: noise },
+        }
+    }
+
+    #[test]
+    fn task_yields_a_clipped_delta_for_the_right_version() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut t = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let global = t.learner().initial_params(1);
+        let idx: Vec<usize> = (0..100).collect();
+        let run = |t: &mut EdgeTrainer, clip, noise| {
+            t.run_task(&task(&global, clip, noise), &global, &data.train, &idx, &mut derive_rng(1, &[]), &mut derive_rng(2, &[])).unwrap()
+        };
+        let free = run(&mut t, None, None);
+        assert_eq!((free.result.round, free.result.model_version, free.result.num_samples), (4, 3, 100));
+        assert_eq!(free.steps, 10);
+        let norm = free.result.delta.l2_norm();
+        assert!(norm > 0.0);
+        let clipped = run(&mut t, Some((norm / 4.0) as f32), None);
+        assert!(clipped.clip.unwrap().clipped());
+        assert!(clipped.result.delta.l2_norm() <= norm / 4.0 * (1.0 + 1e-5));
+        let noised = run(&mut t, Some((norm / 4.0) as f32), Some(1.0));
+        let diff: Vec<f32> = noised.result.delta.data().iter().zip(clipped.result.delta.data()).map(|(a, b)| a - b).collect();
+        // Noise of std z*C per coordinate: its norm is about z*C*sqrt(d).
+        let expect = norm / 4.0 * (diff.len() as f64).sqrt();
+        assert!((l2_norm(&diff) / expect - 1.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn wrong_model_or_no_data_is_refused() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut t = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let global = t.learner().initial_params(1);
+        let other = t.learner().initial_params(2);
+        let mut r = derive_rng(0, &[]);
+        let mut n = derive_rng(0, &[]);
+        let err = t.run_task(&task(&other, None, None), &global, &data.train, &[1, 2], &mut r, &mut n).unwrap_err();
+        assert!(matches!(err, TrainError::ModelMismatch { .. }));
+        let err = t.run_task(&task(&global, None, None), &global, &data.train, &[], &mut r, &mut n).unwrap_err();
+        assert!(matches!(err, TrainError::NoData));
+    }
+}
