@@ -1,1 +1,4 @@
-//! Integration tests.
+//! Fedge's integration tests: one binary, one module per area.
+
+mod data;
+mod simulation;

@@ -17,11 +17,11 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
+use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
 use fedge_core::params::ContentHash;
 use fedge_core::rng::{SeededRng, derive_rng, stream};
 use fedge_core::wire::{DeviceId, ErrorCode, TrainConfig, TrainResult, TrainTask};
-use fedge_core::ModelParams;
 use rand::seq::IndexedRandom;
 use thiserror::Error;
 
@@ -51,7 +51,13 @@ impl Default for EngineConfig {
             min_train_clients: 1,
             accept_failures: true,
             round_timeout: Duration::from_secs(600),
-            train: TrainConfig { epochs: 5, batch_size: 10, learning_rate: 0.05, clip_norm: None, noise_multiplier: None },
+            train: TrainConfig {
+                epochs: 5,
+                batch_size: 10,
+                learning_rate: 0.05,
+                clip_norm: None,
+                noise_multiplier: None,
+            },
             seed: 0,
         }
     }
@@ -344,9 +350,15 @@ impl<S: Strategy> RoundEngine<S> {
     }
 
     /// A device's result arrived. Accepted results are streamed into the strategy at once.
-    pub fn handle_train_result(&mut self, now: Duration, device: DeviceId, result: &TrainResult) -> Result<(), RejectReason> {
+    pub fn handle_train_result(
+        &mut self,
+        now: Duration,
+        device: DeviceId,
+        result: &TrainResult,
+    ) -> Result<(), RejectReason> {
         let version = self.version;
-        let Some(open) = self.open.as_mut().filter(|o| o.round == result.round && result.model_version == version) else {
+        let Some(open) = self.open.as_mut().filter(|o| o.round == result.round && result.model_version == version)
+        else {
             return Err(RejectReason::Stale {
                 got_round: result.round,
                 got_version: result.model_version,
@@ -502,7 +514,13 @@ mod tests {
     }
 
     fn result(task: &TrainTask, delta: [f32; 2], n: u64) -> TrainResult {
-        TrainResult { round: task.round, model_version: task.model_version, num_samples: n, train_loss: 0.5, delta: params(delta) }
+        TrainResult {
+            round: task.round,
+            model_version: task.model_version,
+            num_samples: n,
+            train_loss: 0.5,
+            delta: params(delta),
+        }
     }
 
     #[test]
@@ -511,7 +529,11 @@ mod tests {
         assert_eq!(e.start_round(S), Ok(1));
         let tasks = assigned(&mut e);
         assert_eq!(tasks.len(), 3);
-        assert!(tasks.iter().all(|(_, t)| t.round == 1 && t.model_version == 0 && t.model_hash == e.global().content_hash()));
+        assert!(
+            tasks
+                .iter()
+                .all(|(_, t)| t.round == 1 && t.model_version == 0 && t.model_hash == e.global().content_hash())
+        );
         for (i, (d, t)) in tasks.iter().enumerate() {
             assert!(e.poll_event().is_none());
             e.handle_train_result(2 * S, *d, &result(t, [i as f32, 1.0], 10 * (i as u64 + 1))).unwrap();
@@ -578,7 +600,10 @@ mod tests {
         assert_eq!(r.outcome, RoundOutcome::Aggregated);
         assert_eq!(e.global().data(), &[2.0, 2.0]);
         // The straggler's late answer is stale.
-        assert!(matches!(e.handle_train_result(12 * S, tasks[2].0, &result(&tasks[2].1, [0.0; 2], 1)), Err(RejectReason::Stale { .. })));
+        assert!(matches!(
+            e.handle_train_result(12 * S, tasks[2].0, &result(&tasks[2].1, [0.0; 2], 1)),
+            Err(RejectReason::Stale { .. })
+        ));
     }
 
     #[test]
@@ -590,7 +615,11 @@ mod tests {
         e.handle_train_failure(S, tasks[1].0);
         e.handle_device_gone(S, tasks[2].0);
         let r = closed(&mut e);
-        assert!(matches!(r.outcome, RoundOutcome::Failed(ref m) if m.contains("1 results, 2 needed")), "{:?}", r.outcome);
+        assert!(
+            matches!(r.outcome, RoundOutcome::Failed(ref m) if m.contains("1 results, 2 needed")),
+            "{:?}",
+            r.outcome
+        );
         assert_eq!((r.failures, e.version()), (2, 0));
         assert_eq!(e.global().data(), &[0.0, 0.0]);
         // The next round starts from the same version, without the departed device.
@@ -632,14 +661,21 @@ mod tests {
 
     #[test]
     fn impossible_configs_are_refused() {
-        let bad = |c: EngineConfig| RoundEngine::new(c, FedAvg::default(), params([0.0; 2])).err().map(|e| e.to_string());
+        let bad =
+            |c: EngineConfig| RoundEngine::new(c, FedAvg::default(), params([0.0; 2])).err().map(|e| e.to_string());
         let t = EngineConfig::default().train;
         assert!(bad(cfg(0.0, 1)).unwrap().contains("fraction"));
         assert!(bad(cfg(1.5, 1)).unwrap().contains("fraction"));
         assert!(bad(cfg(0.5, 0)).unwrap().contains("min_train_clients"));
-        assert!(bad(EngineConfig { train: TrainConfig { batch_size: 0, ..t }, ..cfg(0.5, 1) }).unwrap().contains("batch"));
+        assert!(
+            bad(EngineConfig { train: TrainConfig { batch_size: 0, ..t }, ..cfg(0.5, 1) }).unwrap().contains("batch")
+        );
         assert!(bad(EngineConfig { train: TrainConfig { epochs: 0, ..t }, ..cfg(0.5, 1) }).unwrap().contains("epochs"));
-        assert!(bad(EngineConfig { train: TrainConfig { noise_multiplier: Some(1.0), ..t }, ..cfg(0.5, 1) }).unwrap().contains("clip"));
+        assert!(
+            bad(EngineConfig { train: TrainConfig { noise_multiplier: Some(1.0), ..t }, ..cfg(0.5, 1) })
+                .unwrap()
+                .contains("clip")
+        );
         assert!(bad(cfg(0.5, 1)).is_none());
     }
 }

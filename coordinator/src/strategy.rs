@@ -31,5 +31,10 @@ pub trait Strategy: Send {
 
     /// Produces the next global model from `global` and everything accumulated; `failures` is
     /// the number of selected devices that failed or did not answer (data, not an error).
-    fn aggregate_train(&mut self, round: u64, global: &ModelParams, failures: usize) -> Result<ModelParams, AggregateError>;
+    fn aggregate_train(
+        &mut self,
+        round: u64,
+        global: &ModelParams,
+        failures: usize,
+    ) -> Result<ModelParams, AggregateError>;
 }

@@ -110,7 +110,13 @@ mod tests {
             round: 4,
             model_version: 3,
             model_hash: global.content_hash(),
-            config: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: clip, noise_multiplier: noise },
+            config: TrainConfig {
+                epochs: 1,
+                batch_size: 10,
+                learning_rate: 0.05,
+                clip_norm: clip,
+                noise_multiplier: noise,
+            },
         }
     }
 
@@ -121,7 +127,15 @@ mod tests {
         let global = t.learner().initial_params(1);
         let idx: Vec<usize> = (0..100).collect();
         let run = |t: &mut EdgeTrainer, clip, noise| {
-            t.run_task(&task(&global, clip, noise), &global, &data.train, &idx, &mut derive_rng(1, &[]), &mut derive_rng(2, &[])).unwrap()
+            t.run_task(
+                &task(&global, clip, noise),
+                &global,
+                &data.train,
+                &idx,
+                &mut derive_rng(1, &[]),
+                &mut derive_rng(2, &[]),
+            )
+            .unwrap()
         };
         let free = run(&mut t, None, None);
         assert_eq!((free.result.round, free.result.model_version, free.result.num_samples), (4, 3, 100));
@@ -132,7 +146,8 @@ mod tests {
         assert!(clipped.clip.unwrap().clipped());
         assert!(clipped.result.delta.l2_norm() <= norm / 4.0 * (1.0 + 1e-5));
         let noised = run(&mut t, Some((norm / 4.0) as f32), Some(1.0));
-        let diff: Vec<f32> = noised.result.delta.data().iter().zip(clipped.result.delta.data()).map(|(a, b)| a - b).collect();
+        let diff: Vec<f32> =
+            noised.result.delta.data().iter().zip(clipped.result.delta.data()).map(|(a, b)| a - b).collect();
         // Noise of std z*C per coordinate: its norm is about z*C*sqrt(d).
         let expect = norm / 4.0 * (diff.len() as f64).sqrt();
         assert!((l2_norm(&diff) / expect - 1.0).abs() < 0.05);

@@ -1,1 +1,175 @@
-fn main() {}
+//! `fedge-sim`: run federated-learning simulations from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fedge_core::dataset::DatasetName;
+use fedge_learn::{BackendKind, ModelKind};
+use fedge_sim::config::{PartitionKind, SimConfig};
+use fedge_sim::run::{Console, Observer, Quiet};
+
+#[derive(Parser)]
+#[command(name = "fedge-sim", version, about = "Fedge federated-learning simulator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a simulation (FedAvg over virtual devices) and write rounds.csv and summary.json.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config (see simulations/configs/); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Output folder for rounds.csv, summary.json, partition.json [default: runs/<model>-<dataset>-<partition>-s<seed>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print only the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Virtual devices K.
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Fraction C of devices per round.
+    #[arg(long)]
+    fraction: Option<f64>,
+    /// Rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Local epochs E.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Local batch size B.
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Local learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Model: 2nn or cnn.
+    #[arg(long)]
+    model: Option<ModelKind>,
+    /// Dataset: embedded, mnist or fashion-mnist.
+    #[arg(long)]
+    dataset: Option<DatasetName>,
+    /// Folder with mnist/ and fashion-mnist/ (see docs/data.md).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Partition: iid, shards or dirichlet.
+    #[arg(long)]
+    partition: Option<PartitionKind>,
+    /// Shards per device (shards partition).
+    #[arg(long)]
+    shards_per_device: Option<usize>,
+    /// Dirichlet concentration alpha.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Clip each device's delta to this L2 norm.
+    #[arg(long)]
+    clip_norm: Option<f32>,
+    /// Gaussian noise multiplier z (std z * clip norm), needs --clip-norm.
+    #[arg(long)]
+    noise_multiplier: Option<f32>,
+    /// Fewest results a round needs.
+    #[arg(long)]
+    min_train_clients: Option<usize>,
+    /// Probability that a selected device drops out of a round.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Worker threads (0: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Backend: flex (CPU) or wgpu (GPU; needs a build with --features wgpu).
+    #[arg(long)]
+    backend: Option<BackendKind>,
+    /// Evaluate every N rounds.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Stop once test accuracy reaches this (0..1).
+    #[arg(long)]
+    target_accuracy: Option<f64>,
+}
+
+impl RunArgs {
+    fn config(&self) -> anyhow::Result<SimConfig> {
+        let mut c = match &self.config {
+            Some(path) => SimConfig::from_file(path)?,
+            None => SimConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+        }
+        set!(devices, fraction, rounds, epochs, batch_size, lr, model, dataset, data_dir, partition);
+        set!(shards_per_device, alpha, seed, min_train_clients, dropout, workers, backend, eval_every);
+        if self.clip_norm.is_some() {
+            c.clip_norm = self.clip_norm;
+        }
+        if self.noise_multiplier.is_some() {
+            c.noise_multiplier = self.noise_multiplier;
+        }
+        if self.target_accuracy.is_some() {
+            c.target_accuracy = self.target_accuracy;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(args) => {
+            let config = args.config()?;
+            let out = args.out.clone().unwrap_or_else(|| {
+                PathBuf::from("runs").join(
+                    format!("{}-{}-{:?}-s{}", config.model, config.dataset, config.partition, config.seed)
+                        .to_lowercase(),
+                )
+            });
+            let mut console;
+            let obs: &mut dyn Observer = if args.quiet || args.json {
+                &mut Quiet
+            } else {
+                console = Console::new(config.rounds);
+                &mut console
+            };
+            let output = fedge_sim::run(&config, Some(&out), obs)?;
+            let s = &output.summary;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(s).context("serialising the summary")?);
+            } else if !args.quiet {
+                println!(
+                    "final accuracy {:.2}% after {} rounds ({} devices, {} parameters) in {:.1}s; wrote {}",
+                    s.final_accuracy * 100.0,
+                    s.rounds,
+                    s.devices,
+                    s.parameters,
+                    s.wall_seconds,
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -35,7 +35,12 @@ impl Strategy for FedAvg {
         acc.add(c.delta, c.num_samples as f64)
     }
 
-    fn aggregate_train(&mut self, _round: u64, global: &ModelParams, _failures: usize) -> Result<ModelParams, AggregateError> {
+    fn aggregate_train(
+        &mut self,
+        _round: u64,
+        global: &ModelParams,
+        _failures: usize,
+    ) -> Result<ModelParams, AggregateError> {
         let mean = self.acc.take().ok_or(AggregateError::Empty)?.finish()?;
         let mut next = global.clone();
         next.add_scaled(&mean, self.server_learning_rate)?;

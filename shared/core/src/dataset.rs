@@ -80,22 +80,13 @@ impl Dataset {
     /// Builds a dataset from IDX image and label arrays, checking that they agree.
     pub fn from_idx(images: idx::IdxArray, labels: idx::IdxArray) -> Result<Self, DatasetError> {
         if images.dims.len() != 3 {
-            return Err(DatasetError::Shape(format!(
-                "images must have 3 dimensions, found {:?}",
-                images.dims
-            )));
+            return Err(DatasetError::Shape(format!("images must have 3 dimensions, found {:?}", images.dims)));
         }
         if labels.dims.len() != 1 {
-            return Err(DatasetError::Shape(format!(
-                "labels must have 1 dimension, found {:?}",
-                labels.dims
-            )));
+            return Err(DatasetError::Shape(format!("labels must have 1 dimension, found {:?}", labels.dims)));
         }
         if images.dims[0] != labels.dims[0] {
-            return Err(DatasetError::Shape(format!(
-                "{} images but {} labels",
-                images.dims[0], labels.dims[0]
-            )));
+            return Err(DatasetError::Shape(format!("{} images but {} labels", images.dims[0], labels.dims[0])));
         }
         let num_classes = labels.data.iter().copied().max().map_or(0, |m| m as usize + 1);
         Ok(Self {

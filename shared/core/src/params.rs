@@ -270,10 +270,8 @@ mod tests {
             ModelParams::new(layout(), vec![0.0; 8]).unwrap_err(),
             ParamsError::LengthMismatch { expected: 9, actual: 8 }
         );
-        let dup = vec![
-            TensorSpec { name: "a".into(), shape: vec![1] },
-            TensorSpec { name: "a".into(), shape: vec![2] },
-        ];
+        let dup =
+            vec![TensorSpec { name: "a".into(), shape: vec![1] }, TensorSpec { name: "a".into(), shape: vec![2] }];
         assert_eq!(ParamLayout::new(dup).unwrap_err(), ParamsError::DuplicateName("a".into()));
     }
 

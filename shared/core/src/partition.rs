@@ -57,12 +57,7 @@ pub type Assignment = Vec<Vec<usize>>;
 
 impl Partition {
     /// Splits the examples with `labels` over `devices` devices.
-    pub fn split(
-        &self,
-        labels: &[u8],
-        devices: usize,
-        rng: &mut SeededRng,
-    ) -> Result<Assignment, PartitionError> {
+    pub fn split(&self, labels: &[u8], devices: usize, rng: &mut SeededRng) -> Result<Assignment, PartitionError> {
         if devices == 0 {
             return Err(PartitionError::NoDevices);
         }
@@ -119,7 +114,11 @@ impl Partition {
                     let mut start = 0;
                     for (d, wd) in w.iter().enumerate() {
                         cum += wd / total;
-                        let end = if d + 1 == devices { idx.len() } else { ((cum * idx.len() as f64) as usize).min(idx.len()) };
+                        let end = if d + 1 == devices {
+                            idx.len()
+                        } else {
+                            ((cum * idx.len() as f64) as usize).min(idx.len())
+                        };
                         out[d].extend_from_slice(&idx[start..end.max(start)]);
                         start = end.max(start);
                     }

@@ -8,7 +8,8 @@ use burn::tensor::Device;
 use thiserror::Error;
 
 /// Which burn backend to train and evaluate on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// burn-flex on the CPU.
     #[default]

@@ -94,7 +94,8 @@ impl ModuleMapper for Loader<'_> {
         let layout = self.params.layout();
         let name = self.path.join(".");
         let Some(spec) = layout.specs().get(i) else {
-            self.error.get_or_insert(ConvertError::Layout(format!("model has more tensors than the parameters ({name})")));
+            self.error
+                .get_or_insert(ConvertError::Layout(format!("model has more tensors than the parameters ({name})")));
             return param;
         };
         let dims = param.lazy_shape().to_vec();

@@ -18,4 +18,4 @@ pub mod train;
 pub use backend::{BackendError, BackendKind};
 pub use convert::ConvertError;
 pub use model::{Model, ModelKind};
-pub use train::{EvalMetrics, Trainer, TrainOutput};
+pub use train::{EvalMetrics, TrainOutput, Trainer};

@@ -14,12 +14,14 @@ pub use cnn::Cnn;
 pub use two_nn::TwoNn;
 
 /// Which architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum ModelKind {
     /// MLP 784-200-200-10 with ReLU: 199,210 parameters.
     #[default]
+    #[serde(rename = "2nn")]
     TwoNn,
     /// 5x5 conv 32, pool, 5x5 conv 64, pool, FC 512, FC 10: 1,663,370 parameters.
+    #[serde(rename = "cnn")]
     Cnn,
 }
 
@@ -45,6 +47,7 @@ impl fmt::Display for ModelKind {
 
 /// A model of either architecture; inputs are `[batch, 1, 28, 28]` images, outputs logits.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant, reason = "a few instances per process; burn's Module derive wants plain fields")]
 pub enum Model {
     /// The 2NN.
     TwoNn(TwoNn),

@@ -123,12 +123,18 @@ impl Trainer {
         }
         let params = convert::params_of(&model)?;
         self.model = Some(model);
-        let mean_loss = if last_epoch_batches == 0 { 0.0 } else { (last_epoch_loss / last_epoch_batches as f64) as f32 };
+        let mean_loss =
+            if last_epoch_batches == 0 { 0.0 } else { (last_epoch_loss / last_epoch_batches as f64) as f32 };
         Ok(TrainOutput { params, mean_loss, steps })
     }
 
     /// Accuracy and mean loss of `params` on all of `data`, in batches of `batch_size`.
-    pub fn evaluate(&mut self, params: &ModelParams, data: &Dataset, batch_size: usize) -> Result<EvalMetrics, ConvertError> {
+    pub fn evaluate(
+        &mut self,
+        params: &ModelParams,
+        data: &Dataset,
+        batch_size: usize,
+    ) -> Result<EvalMetrics, ConvertError> {
         let model = self.model.take().expect("trainer holds its model between tasks");
         let model = match convert::load_params(model, params) {
             Ok(m) => m,
@@ -195,7 +201,8 @@ mod tests {
         assert_eq!(a0.content_hash(), t.initial_params(5).content_hash());
         assert_ne!(a0.content_hash(), t.initial_params(6).content_hash());
         let idx: Vec<usize> = (0..40).collect();
-        let run = |t: &mut Trainer| t.train(&a0, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(2, &[])).unwrap();
+        let run =
+            |t: &mut Trainer| t.train(&a0, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(2, &[])).unwrap();
         let (a, b) = (run(&mut t), run(&mut t));
         assert_eq!(a.params.content_hash(), b.params.content_hash());
         assert_eq!(a.mean_loss.to_bits(), b.mean_loss.to_bits());

@@ -23,8 +23,7 @@ pub struct IdxArray {
 
 /// Reads an IDX file; a name ending in `.gz` is decompressed.
 pub fn read_file(path: &Path) -> Result<IdxArray, DatasetError> {
-    let file = std::fs::File::open(path)
-        .map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
     let reader = std::io::BufReader::new(file);
     let gz = path.extension().is_some_and(|e| e == "gz");
     let result = if gz { read(flate2::read::GzDecoder::new(reader)) } else { read(reader) };
@@ -66,11 +65,7 @@ pub fn read<R: Read>(mut r: R) -> Result<IdxArray, String> {
         dims.push(d);
     }
     let mut data = Vec::with_capacity(total);
-    let read = r
-        .by_ref()
-        .take(total as u64)
-        .read_to_end(&mut data)
-        .map_err(|e| format!("read error: {e}"))?;
+    let read = r.by_ref().take(total as u64).read_to_end(&mut data).map_err(|e| format!("read error: {e}"))?;
     if read != total {
         return Err(format!("truncated data: expected {total} bytes for {dims:?}, found {read}"));
     }

@@ -1,0 +1,263 @@
+//! Simulation configuration: a TOML file, overridden by command-line flags, validated up front
+//! so a bad value fails in one line before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use fedge_coordinator::EngineConfig;
+use fedge_core::dataset::DatasetName;
+use fedge_core::partition::Partition;
+use fedge_core::wire::TrainConfig;
+use fedge_learn::{BackendKind, ModelKind};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Which partitioner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionKind {
+    /// Uniform at random.
+    #[default]
+    Iid,
+    /// McMahan's pathological shards.
+    Shards,
+    /// Dirichlet(alpha) over labels.
+    Dirichlet,
+}
+
+impl std::str::FromStr for PartitionKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "iid" => Ok(Self::Iid),
+            "shards" => Ok(Self::Shards),
+            "dirichlet" => Ok(Self::Dirichlet),
+            other => Err(format!("unknown partition `{other}` (expected iid, shards or dirichlet)")),
+        }
+    }
+}
+
+/// Everything a simulation run needs. Every field has a default; a TOML file may set any of
+/// them and nothing else.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Virtual devices (K).
+    pub devices: usize,
+    /// Fraction of devices sampled per round (C).
+    pub fraction: f64,
+    /// Training rounds.
+    pub rounds: u64,
+    /// Local epochs (E).
+    pub epochs: u32,
+    /// Local minibatch size (B).
+    pub batch_size: u32,
+    /// Local SGD learning rate.
+    pub lr: f32,
+    /// `2nn` or `cnn`.
+    pub model: ModelKind,
+    /// `embedded`, `mnist` or `fashion-mnist`.
+    pub dataset: DatasetName,
+    /// Folder holding `mnist/` and `fashion-mnist/` (not read for `embedded`).
+    pub data_dir: PathBuf,
+    /// `iid`, `shards` or `dirichlet`.
+    pub partition: PartitionKind,
+    /// Shards per device for `shards` (2 in the paper).
+    pub shards_per_device: usize,
+    /// Concentration for `dirichlet`.
+    pub alpha: f64,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// L2 bound on each device's delta.
+    pub clip_norm: Option<f32>,
+    /// Noise multiplier z (noise std z * clip_norm), needs `clip_norm`.
+    pub noise_multiplier: Option<f32>,
+    /// Fewest results a round needs to aggregate.
+    pub min_train_clients: usize,
+    /// Probability that a selected device drops out of a round.
+    pub dropout: f64,
+    /// Worker threads, each owning one model (0: one per core).
+    pub workers: usize,
+    /// `flex` (CPU) or `wgpu` (GPU, when built with the `wgpu` feature).
+    pub backend: BackendKind,
+    /// Evaluate the global model every this many rounds (and after the last).
+    pub eval_every: u64,
+    /// Stop early once test accuracy reaches this.
+    pub target_accuracy: Option<f64>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            devices: 100,
+            fraction: 0.1,
+            rounds: 20,
+            epochs: 5,
+            batch_size: 10,
+            lr: 0.05,
+            model: ModelKind::TwoNn,
+            dataset: DatasetName::Embedded,
+            data_dir: PathBuf::from("data"),
+            partition: PartitionKind::Iid,
+            shards_per_device: 2,
+            alpha: 0.5,
+            seed: 0,
+            clip_norm: None,
+            noise_multiplier: None,
+            min_train_clients: 1,
+            dropout: 0.0,
+            workers: 0,
+            backend: BackendKind::Flex,
+            eval_every: 1,
+            target_accuracy: None,
+        }
+    }
+}
+
+/// A bad configuration, in one line.
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config {path}, line {line}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value is impossible.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl SimConfig {
+    /// Reads a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
+        Self::from_toml(&text).map_err(|(line, reason)| ConfigError::Parse { path: path.to_path_buf(), line, reason })
+    }
+
+    /// Parses TOML text; on error, the 1-based line and a one-line reason.
+    pub fn from_toml(text: &str) -> Result<Self, (usize, String)> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let line = e.span().map_or(1, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            (line, e.message().replace('\n', " ").trim().to_string())
+        })
+    }
+
+    /// Checks every value, naming the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.devices == 0 {
+            return bad("devices must be at least 1".into());
+        }
+        if self.rounds == 0 {
+            return bad("rounds must be at least 1".into());
+        }
+        if !(self.dropout >= 0.0 && self.dropout < 1.0) {
+            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
+        }
+        if self.eval_every == 0 {
+            return bad("eval_every must be at least 1".into());
+        }
+        if let Some(t) = self.target_accuracy
+            && !(t > 0.0 && t <= 1.0)
+        {
+            return bad(format!("target_accuracy must be in (0, 1], got {t}"));
+        }
+        if self.min_train_clients > self.devices {
+            return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));
+        }
+        self.engine_config().validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        match self.partition() {
+            Partition::Dirichlet { alpha } if !(alpha.is_finite() && alpha > 0.0) => {
+                bad(format!("alpha must be positive, got {alpha}"))
+            }
+            Partition::Shards { shards_per_device: 0 } => bad("shards_per_device must be at least 1".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The partitioner this config names.
+    pub fn partition(&self) -> Partition {
+        match self.partition {
+            PartitionKind::Iid => Partition::Iid,
+            PartitionKind::Shards => Partition::Shards { shards_per_device: self.shards_per_device },
+            PartitionKind::Dirichlet => Partition::Dirichlet { alpha: self.alpha },
+        }
+    }
+
+    /// The round engine's configuration.
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            fraction: self.fraction,
+            min_train_clients: self.min_train_clients,
+            accept_failures: true,
+            // Virtual time: rounds never wait on a wall clock.
+            round_timeout: std::time::Duration::from_secs(3600),
+            train: TrainConfig {
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                learning_rate: self.lr,
+                clip_norm: self.clip_norm,
+                noise_multiplier: self.noise_multiplier,
+            },
+            seed: self.seed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(toml: &str) -> String {
+        match SimConfig::from_toml(toml) {
+            Err((line, reason)) => format!("line {line}: {reason}"),
+            Ok(c) => c.validate().unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_files_override_them() {
+        SimConfig::default().validate().unwrap();
+        let c = SimConfig::from_toml("devices = 7\nmodel = \"cnn\"\npartition = \"shards\"\nclip_norm = 1.5").unwrap();
+        assert_eq!(
+            (c.devices, c.model, c.partition, c.clip_norm),
+            (7, ModelKind::Cnn, PartitionKind::Shards, Some(1.5))
+        );
+        assert_eq!(c.rounds, SimConfig::default().rounds);
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem_in_one_line() {
+        let cases = [
+            ("devices = 10\ncolour = 3", "line 2: unknown field `colour`"),
+            ("fraction = 0.0", "fraction must be in (0, 1], got 0"),
+            ("batch_size = 0", "batch size must be at least 1"),
+            ("devices = 0", "devices must be at least 1"),
+            ("rounds = 0", "rounds must be at least 1"),
+            ("model = \"resnet\"", "unknown variant `resnet`"),
+            ("lr = -1.0", "learning rate must be positive"),
+            ("noise_multiplier = 1.0", "needs a clip norm"),
+            ("partition = \"dirichlet\"\nalpha = 0.0", "alpha must be positive"),
+            ("dropout = 1.0", "dropout must be in [0, 1)"),
+            ("devices = \"many\"", "line 1: invalid type"),
+        ];
+        for (toml, want) in cases {
+            let got = err(toml);
+            assert!(got.contains(want), "{toml:?}: {got}");
+            assert!(!got.contains('\n'), "multi-line error: {got}");
+        }
+    }
+}

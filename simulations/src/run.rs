@@ -1,0 +1,412 @@
+//! The simulation loop: the real round engine and the real edge trainer, driven by a virtual
+//! clock over in-memory links.
+//!
+//! Each round the engine samples devices; their tasks go to the worker pool; each result is
+//! encoded and decoded through the wire codec (exactly what would cross the network) and handed
+//! back to the engine in selection order, so a seeded run is reproducible byte for byte
+//! whatever the thread timing. After each round the global model is evaluated on the test split.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedge_coordinator::engine::Evaluation;
+use fedge_coordinator::{EngineEvent, FedAvg, RoundEngine, RoundOutcome, RoundReport};
+use fedge_core::codec;
+use fedge_core::partition::PartitionReport;
+use fedge_core::rng::{derive_rng, stream};
+use fedge_core::wire::{DeviceId, Message};
+use fedge_learn::Trainer;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::RngExt;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::config::{ConfigError, SimConfig};
+use crate::pool::{Job, Pool};
+
+/// Why a simulation could not run.
+#[derive(Debug, Error)]
+pub enum SimError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The dataset could not be loaded.
+    #[error("dataset: {0}")]
+    Dataset(#[from] fedge_core::dataset::DatasetError),
+    /// The partition is impossible.
+    #[error("partition: {0}")]
+    Partition(#[from] fedge_core::partition::PartitionError),
+    /// The backend is unavailable.
+    #[error(transparent)]
+    Backend(#[from] fedge_learn::BackendError),
+    /// Writing outputs failed.
+    #[error("cannot write {path}: {source}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Evaluation failed.
+    #[error("evaluation: {0}")]
+    Eval(#[from] fedge_learn::ConvertError),
+}
+
+/// One line of `rounds.csv`: deterministic values only (no timings), so equal seeds give equal
+/// files.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRow {
+    /// Round number.
+    pub round: u64,
+    /// Test accuracy of the model after the round (empty when not evaluated).
+    pub accuracy: Option<f64>,
+    /// Test loss.
+    pub loss: Option<f64>,
+    /// Sample-weighted mean training loss of the devices.
+    pub train_loss: f64,
+    /// Model version after the round.
+    pub model_version: u64,
+    /// Devices selected.
+    pub selected: usize,
+    /// Results aggregated.
+    pub results: usize,
+    /// Devices that dropped out.
+    pub failures: usize,
+    /// Examples trained on.
+    pub samples: u64,
+    /// Whether the round aggregated.
+    pub aggregated: bool,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Test accuracy of the final model.
+    pub final_accuracy: f64,
+    /// Test loss of the final model.
+    pub final_loss: f64,
+    /// Best test accuracy seen.
+    pub best_accuracy: f64,
+    /// Rounds run.
+    pub rounds: u64,
+    /// First round whose accuracy reached `target_accuracy`, if set and reached.
+    pub rounds_to_target: Option<u64>,
+    /// Virtual devices.
+    pub devices: usize,
+    /// Devices holding at least one example.
+    pub devices_with_data: usize,
+    /// Model parameters.
+    pub parameters: usize,
+    /// Final model version.
+    pub model_version: u64,
+    /// SHA-256 of the final model.
+    pub model_hash: String,
+    /// Wall-clock seconds of the whole run.
+    pub wall_seconds: f64,
+    /// Wall-clock seconds per round (training + evaluation).
+    pub round_seconds: Vec<f64>,
+    /// Bytes of device updates that crossed the (in-memory) wire.
+    pub upload_bytes: u64,
+    /// The configuration that ran.
+    pub config: SimConfig,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone)]
+pub struct SimOutput {
+    /// Per-round rows.
+    pub rounds: Vec<RoundRow>,
+    /// The summary.
+    pub summary: Summary,
+    /// Sizes and label histograms of the partition.
+    pub partition: PartitionReport,
+}
+
+/// Where run output goes besides the files.
+pub trait Observer {
+    /// A human-readable line (partition stats, per-round progress).
+    fn line(&mut self, text: &str);
+    /// A round started with `selected` devices (for a progress bar).
+    fn round_started(&mut self, _round: u64, _selected: usize) {}
+    /// One selected device finished.
+    fn device_done(&mut self) {}
+}
+
+/// Prints lines to stdout and draws a per-round progress bar on stderr when it is a terminal.
+pub struct Console {
+    bar: Option<ProgressBar>,
+    rounds: u64,
+}
+
+impl Console {
+    /// A console observer for a run of `rounds` rounds.
+    pub fn new(rounds: u64) -> Self {
+        Self { bar: None, rounds }
+    }
+}
+
+impl Observer for Console {
+    fn line(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) if !b.is_hidden() => b.println(text),
+            _ => println!("{text}"),
+        }
+    }
+    fn round_started(&mut self, round: u64, selected: usize) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let bar = ProgressBar::new(selected as u64);
+        bar.set_style(
+            ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} devices {elapsed}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("{round}/{}", self.rounds));
+        self.bar = Some(bar);
+    }
+    fn device_done(&mut self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Prints nothing.
+pub struct Quiet;
+
+impl Observer for Quiet {
+    fn line(&mut self, _text: &str) {}
+}
+
+/// Runs a simulation; writes `rounds.csv`, `summary.json` and `partition.json` under `out` if
+/// given.
+pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Result<SimOutput, SimError> {
+    let started = Instant::now();
+    config.validate()?;
+    let data = config.dataset.load(&config.data_dir)?;
+    let num_classes = data.train.num_classes;
+    let assignment = config.partition().split(
+        &data.train.labels,
+        config.devices,
+        &mut derive_rng(config.seed, &[stream::PARTITION]),
+    )?;
+    let partition = PartitionReport::new(&assignment, &data.train.labels, num_classes);
+    let (min, mean, max) = partition.size_stats();
+    obs.line(&format!(
+        "{} devices over {} {} examples ({:?}): size min {min} mean {mean:.1} max {max}, {:.2} labels per device{}",
+        config.devices,
+        data.train.len(),
+        config.dataset,
+        config.partition(),
+        partition.mean_labels_per_device(),
+        match partition.empty_devices() {
+            0 => String::new(),
+            n => format!(", {n} devices without data (never sampled)"),
+        }
+    ));
+
+    let mut csv_out = match out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| SimError::Output { path: dir.to_path_buf(), source })?;
+            write_json(&dir.join("partition.json"), &partition)?;
+            let path = dir.join("rounds.csv");
+            let file =
+                std::fs::File::create(&path).map_err(|source| SimError::Output { path: path.clone(), source })?;
+            Some((csv::Writer::from_writer(file), path))
+        }
+        None => None,
+    };
+
+    let mut evaluator = Trainer::new(config.model, num_classes, config.backend)?;
+    let initial = evaluator.initial_params(derive_rng(config.seed, &[stream::INIT]).random());
+    let parameters = initial.numel();
+    let mut engine = RoundEngine::new(config.engine_config(), FedAvg::default(), initial)
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let device_data: BTreeMap<DeviceId, Arc<Vec<usize>>> = assignment
+        .into_iter()
+        .enumerate()
+        .filter(|(_, idx)| !idx.is_empty())
+        .map(|(d, idx)| (d as DeviceId, Arc::new(idx)))
+        .collect();
+    for &d in device_data.keys() {
+        engine.handle_device_available(d);
+    }
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let train = Arc::new(data.train);
+    let pool = Pool::new(workers, config.model, num_classes, config.backend, train, config.seed)?;
+
+    let mut rows = Vec::new();
+    let mut round_seconds = Vec::new();
+    let mut upload_bytes = 0u64;
+    let (mut last_eval, mut best, mut rounds_to_target) = (None::<Evaluation>, 0.0f64, None);
+    let mut now = Duration::ZERO;
+    for r in 1..=config.rounds {
+        let round_started = Instant::now();
+        let round =
+            engine.start_round(now).map_err(|e| ConfigError::Invalid(format!("cannot start round {r}: {e}")))?;
+        let global = Arc::new(engine.global().clone());
+        let mut dropout_rng = derive_rng(config.seed, &[stream::DROPOUT, round]);
+        let mut pending = 0usize;
+        let mut dropped = Vec::new();
+        let mut selected = 0;
+        while let Some(EngineEvent::Assign { device, task }) = engine.poll_event() {
+            selected += 1;
+            if config.dropout > 0.0 && dropout_rng.random::<f64>() < config.dropout {
+                dropped.push(device);
+                continue;
+            }
+            let indices = device_data[&device].clone();
+            pool.submit(Job { seq: pending, device, task, global: global.clone(), indices });
+            pending += 1;
+        }
+        obs.round_started(round, selected);
+        for d in dropped {
+            engine.handle_train_failure(now, d);
+            obs.device_done();
+        }
+        // Apply results in selection order: a reorder buffer keeps the run deterministic.
+        let mut waiting = BTreeMap::new();
+        let mut next = 0;
+        while next < pending {
+            let done = pool.next_done();
+            obs.device_done();
+            waiting.insert(done.seq, done);
+            while let Some(done) = waiting.remove(&next) {
+                next += 1;
+                // Virtual clock: one tick per delivered result.
+                now += Duration::from_millis(1);
+                match done.outcome {
+                    Ok(outcome) => {
+                        let bytes = codec::encode(&Message::TrainResult(outcome.result));
+                        upload_bytes += bytes.len() as u64;
+                        match codec::decode(&bytes) {
+                            Ok(Message::TrainResult(result)) => {
+                                if let Err(e) = engine.handle_train_result(now, done.device, &result) {
+                                    obs.line(&format!("round {round}: device {} rejected: {e}", done.device));
+                                }
+                            }
+                            _ => engine.handle_train_failure(now, done.device),
+                        }
+                    }
+                    Err(e) => {
+                        obs.line(&format!("round {round}: device {} failed: {e}", done.device));
+                        engine.handle_train_failure(now, done.device);
+                    }
+                }
+            }
+        }
+        let report = closed_report(&mut engine);
+        let evaluate = r % config.eval_every == 0 || r == config.rounds;
+        let eval = if evaluate {
+            let m = evaluator.evaluate(engine.global(), &data.test, 500)?;
+            let e = Evaluation { accuracy: m.accuracy, loss: m.loss };
+            engine.handle_evaluation(report.model_version, e);
+            last_eval = Some(e);
+            best = best.max(m.accuracy);
+            Some(e)
+        } else {
+            None
+        };
+        let secs = round_started.elapsed().as_secs_f64();
+        round_seconds.push(secs);
+        let row = RoundRow {
+            round,
+            accuracy: eval.map(|e| e.accuracy),
+            loss: eval.map(|e| e.loss),
+            train_loss: report.train_loss,
+            model_version: report.model_version,
+            selected: report.selected,
+            results: report.results,
+            failures: report.failures + report.stragglers.len(),
+            samples: report.samples,
+            aggregated: report.outcome == RoundOutcome::Aggregated,
+        };
+        obs.line(&format_row(&row, config.rounds, secs, &report.outcome));
+        if let Some((w, path)) = csv_out.as_mut() {
+            w.serialize(&row)
+                .and_then(|_| w.flush().map_err(Into::into))
+                .map_err(|e| SimError::Output { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        }
+        rows.push(row);
+        if let (Some(t), Some(e)) = (config.target_accuracy, eval)
+            && e.accuracy >= t
+            && rounds_to_target.is_none()
+        {
+            rounds_to_target = Some(round);
+            obs.line(&format!("target accuracy {:.2}% reached in round {round}", t * 100.0));
+            break;
+        }
+    }
+    drop(pool);
+    let final_eval = last_eval.expect("the last round is always evaluated");
+    let summary = Summary {
+        final_accuracy: final_eval.accuracy,
+        final_loss: final_eval.loss,
+        best_accuracy: best,
+        rounds: rows.len() as u64,
+        rounds_to_target,
+        devices: config.devices,
+        devices_with_data: device_data.len(),
+        parameters,
+        model_version: engine.version(),
+        model_hash: engine.global().content_hash().to_string(),
+        wall_seconds: started.elapsed().as_secs_f64(),
+        round_seconds,
+        upload_bytes,
+        config: config.clone(),
+    };
+    if let Some(dir) = out {
+        write_json(&dir.join("summary.json"), &summary)?;
+    }
+    Ok(SimOutput { rounds: rows, summary, partition })
+}
+
+fn closed_report(engine: &mut RoundEngine<FedAvg>) -> RoundReport {
+    match engine.poll_event() {
+        Some(EngineEvent::RoundClosed(r)) => r,
+        Some(other) => unreachable!("no task is assigned while a round is open: {other:?}"),
+        None => unreachable!("every selected device answered or failed, so the round closed"),
+    }
+}
+
+fn format_row(row: &RoundRow, rounds: u64, secs: f64, outcome: &RoundOutcome) -> String {
+    let eval = match (row.accuracy, row.loss) {
+        (Some(a), Some(l)) => format!("accuracy {:6.2}%  loss {l:.4}", a * 100.0),
+        _ => "accuracy    -     loss   -   ".to_string(),
+    };
+    let status = match outcome {
+        RoundOutcome::Aggregated => String::new(),
+        RoundOutcome::Failed(why) => format!("  (not aggregated: {why})"),
+    };
+    format!(
+        "round {:>w$}/{rounds}  {eval}  train_loss {:.4}  devices {}/{}  v{}  {secs:.2}s{status}",
+        row.round,
+        row.train_loss,
+        row.results,
+        row.selected,
+        row.model_version,
+        w = rounds.to_string().len()
+    )
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SimError> {
+    let io = |source| SimError::Output { path: path.to_path_buf(), source };
+    let mut f = std::fs::File::create(path).map_err(io)?;
+    serde_json::to_writer_pretty(&mut f, value).map_err(|e| io(std::io::Error::other(e)))?;
+    f.write_all(b"\n").map_err(io)
+}

@@ -1,0 +1,101 @@
+//! The `fedge-sim` binary as a user runs it.
+
+use std::path::Path;
+use std::process::Command;
+
+fn sim(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedge-sim")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn run_writes_csv_and_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let (ok, stdout, stderr) =
+        sim(&["run", "--rounds", "2", "--devices", "20", "--epochs", "1", "--out", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("round 1/2") && stdout.contains("final accuracy"), "{stdout}");
+    assert!(stdout.contains("20 devices over 10000 embedded examples"), "{stdout}");
+    let csv = std::fs::read_to_string(out.join("rounds.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in ["final_accuracy", "rounds", "devices", "wall_seconds"] {
+        assert!(summary.get(key).is_some(), "summary lacks {key}");
+    }
+    assert_eq!(summary["rounds"], 2);
+    assert_eq!(summary["devices"], 20);
+    assert!(out.join("partition.json").is_file());
+}
+
+#[test]
+fn json_prints_only_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = sim(&[
+        "run",
+        "--json",
+        "--rounds",
+        "1",
+        "--devices",
+        "10",
+        "--epochs",
+        "1",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["final_accuracy"].as_f64().unwrap() > 0.1);
+}
+
+#[test]
+fn bad_input_fails_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let unknown = cfg("unknown.toml", "rounds = 2\nlearning_rate = 0.1\n");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--config".into(), unknown], "line 2: unknown field `learning_rate`"),
+        (vec!["--config".into(), dir.path().join("nope.toml").to_str().unwrap().into()], "cannot read config"),
+        (vec!["--fraction".into(), "0".into()], "fraction must be in (0, 1]"),
+        (vec!["--batch-size".into(), "0".into()], "batch size must be at least 1"),
+        (vec!["--partition".into(), "shards".into(), "--devices".into(), "6000".into()], "more shards than samples"),
+        (
+            vec!["--dataset".into(), "mnist".into(), "--data-dir".into(), empty.to_str().unwrap().into()],
+            "train-images-idx3-ubyte[.gz]: no such file",
+        ),
+        (vec!["--backend".into(), "wgpu".into()], "not compiled in"),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["run".to_string(), "--out".into(), dir.path().join("o").to_str().unwrap().into()];
+        args.extend(extra.clone());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, stderr) = sim(&args);
+        assert!(!ok, "{extra:?} should fail");
+        assert!(stderr.contains(want), "{extra:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{extra:?}: not one line: {stderr}");
+    }
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let c = fedge_sim::SimConfig::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
+        c.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        n += 1;
+    }
+    assert!(n >= 5);
+    // The default config file is exactly the built-in default.
+    let d =
+        fedge_sim::SimConfig::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml")).unwrap();
+    assert_eq!(d, fedge_sim::SimConfig::default());
+}

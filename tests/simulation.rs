@@ -1,0 +1,91 @@
+//! End-to-end simulations on real data: the round engine, the edge trainer and burn together.
+
+use fedge_sim::config::{PartitionKind, SimConfig};
+use fedge_sim::run::Quiet;
+use fedge_tests::shared_data_dir;
+
+fn small(rounds: u64) -> SimConfig {
+    SimConfig { devices: 50, fraction: 0.1, rounds, epochs: 2, workers: 2, ..SimConfig::default() }
+}
+
+#[test]
+fn short_simulation_learns_far_above_chance() {
+    let out = fedge_sim::run(&small(3), None, &mut Quiet).unwrap();
+    assert_eq!(out.rounds.len(), 3);
+    assert_eq!(out.summary.model_version, 3);
+    let acc: Vec<f64> = out.rounds.iter().map(|r| r.accuracy.unwrap()).collect();
+    assert!(acc[2] > 0.75, "accuracy {acc:?}");
+    assert!(out.rounds.iter().all(|r| r.selected == 5 && r.results == 5 && r.samples == 5 * 200));
+    assert_eq!(out.summary.parameters, 199_210);
+}
+
+#[test]
+fn same_seed_same_bytes_other_seed_other_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, seed: u64, workers: usize| {
+        let out = dir.path().join(name);
+        let c = SimConfig { seed, workers, partition: PartitionKind::Dirichlet, alpha: 0.5, ..small(3) };
+        let o = fedge_sim::run(&c, Some(&out), &mut Quiet).unwrap();
+        (std::fs::read(out.join("rounds.csv")).unwrap(), o.summary.model_hash)
+    };
+    let a = run("a", 7, 2);
+    let b = run("b", 7, 3);
+    let c = run("c", 8, 2);
+    assert_eq!(a, b, "same seed, different worker count: same CSV and model");
+    assert_ne!(a.0, c.0);
+    assert_eq!(
+        String::from_utf8(a.0).unwrap().lines().next().unwrap(),
+        "round,accuracy,loss,train_loss,model_version,selected,results,failures,samples,aggregated"
+    );
+}
+
+#[test]
+fn a_thousand_devices_with_dropouts_and_noise() {
+    let c = SimConfig {
+        devices: 1000,
+        fraction: 0.02,
+        rounds: 5,
+        dropout: 0.3,
+        clip_norm: Some(5.0),
+        noise_multiplier: Some(0.01),
+        workers: 2,
+        ..SimConfig::default()
+    };
+    let out = fedge_sim::run(&c, None, &mut Quiet).unwrap();
+    assert_eq!(out.partition.sizes.len(), 1000);
+    assert!(out.partition.sizes.iter().all(|&s| s == 10));
+    for r in &out.rounds {
+        assert_eq!(r.selected, 20);
+        assert_eq!(r.results + r.failures, 20);
+    }
+    assert!(out.rounds.iter().map(|r| r.failures).sum::<usize>() > 10, "30% dropout over 5x20 devices");
+    assert!(out.summary.final_accuracy > 0.4, "{}", out.summary.final_accuracy);
+}
+
+#[test]
+fn pathological_shards_on_real_mnist() {
+    let c = SimConfig {
+        dataset: fedge_core::dataset::DatasetName::Mnist,
+        data_dir: shared_data_dir(),
+        partition: PartitionKind::Shards,
+        devices: 100,
+        rounds: 1,
+        epochs: 1,
+        workers: 2,
+        ..SimConfig::default()
+    };
+    let out = fedge_sim::run(&c, None, &mut Quiet).unwrap();
+    // 200 shards of 300: every device has 600 examples from 2 shards; a shard straddles at
+    // most one label boundary, so a device sees at most 4 labels and most see 1 or 2.
+    assert!(out.partition.sizes.iter().all(|&s| s == 600));
+    assert!(out.partition.label_histograms.iter().all(|h| h.iter().filter(|&&n| n > 0).count() <= 4));
+    assert!(out.partition.mean_labels_per_device() < 2.3, "{}", out.partition.mean_labels_per_device());
+    assert_eq!(out.rounds[0].samples, 6000);
+}
+
+#[test]
+fn more_shards_than_samples_is_a_clear_error() {
+    let c = SimConfig { devices: 1000, partition: PartitionKind::Shards, shards_per_device: 20, ..small(1) };
+    let err = fedge_sim::run(&c, None, &mut Quiet).unwrap_err().to_string();
+    assert_eq!(err, "partition: cannot cut 10000 samples into 20000 shards: more shards than samples");
+}
