@@ -13,7 +13,7 @@ use bincode::error::{DecodeError as BinDecodeError, EncodeError};
 use bincode::{Decode, Encode};
 use thiserror::Error;
 
-use crate::params::{ModelParams, ParamLayout, TensorSpec};
+use crate::params::{ModelParams, ParamLayout, TensorSpec, extend_f32s_from_le_bytes, f32s_to_le_bytes};
 use crate::wire::Message;
 
 /// Largest message accepted: 256 MiB, room for a 64M-parameter model.
@@ -39,7 +39,14 @@ pub enum DecodeError {
 
 /// Encodes a message.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    bincode::encode_to_vec(msg, config()).expect("encoding into a Vec cannot fail")
+    // Reserve the parameter block up front: no regrowth copies for multi-megabyte updates.
+    let hint = match msg {
+        Message::TrainResult(r) => 4 * r.delta.numel() + 64 * (r.delta.layout().specs().len() + 1),
+        _ => 256,
+    };
+    let mut out = Vec::with_capacity(hint);
+    bincode::encode_into_std_write(msg, &mut out, config()).expect("encoding into a Vec cannot fail");
+    out
 }
 
 /// Decodes one message that must span `bytes` exactly.
@@ -60,13 +67,11 @@ impl Encode for ModelParams {
     fn encode<E: Encoder>(&self, encoder: &mut E) -> Result<(), EncodeError> {
         self.layout().specs().encode(encoder)?;
         (self.numel() as u64).encode(encoder)?;
-        let mut buf = Vec::with_capacity(CHUNK * 4);
+        let mut buf = vec![0u8; CHUNK * 4];
         for chunk in self.data().chunks(CHUNK) {
-            buf.clear();
-            for v in chunk {
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
-            encoder.writer().write(&buf)?;
+            let bytes = &mut buf[..chunk.len() * 4];
+            f32s_to_le_bytes(chunk, bytes);
+            encoder.writer().write(bytes)?;
         }
         Ok(())
     }
@@ -91,7 +96,7 @@ impl<Context> Decode<Context> for ModelParams {
         while left > 0 {
             let n = left.min(CHUNK);
             decoder.reader().read(&mut buf[..n * 4])?;
-            data.extend(buf[..n * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            extend_f32s_from_le_bytes(&mut data, &buf[..n * 4]);
             left -= n;
         }
         ModelParams::new(Arc::new(layout), data).map_err(|e| BinDecodeError::OtherString(e.to_string()))

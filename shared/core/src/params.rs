@@ -220,26 +220,37 @@ impl ModelParams {
 
     /// Fails on the first NaN or infinite value.
     pub fn check_finite(&self) -> Result<(), ParamsError> {
-        match self.data.iter().position(|v| !v.is_finite()) {
-            Some(i) => Err(ParamsError::NonFinite(i)),
-            None => Ok(()),
+        // A branch-free pass (vectorises) first; the index is looked for only on failure.
+        if self.data.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            return Ok(());
         }
+        Err(ParamsError::NonFinite(self.data.iter().position(|v| !v.is_finite()).unwrap_or(0)))
     }
 
     /// SHA-256 over the layout and the little-endian bytes of every value.
     pub fn content_hash(&self) -> ContentHash {
         let mut h = Sha256::new();
         self.layout.hash_into(&mut h);
-        let mut buf = Vec::with_capacity(4 * 4096);
+        let mut buf = vec![0u8; 4 * 4096];
         for chunk in self.data.chunks(4096) {
-            buf.clear();
-            for v in chunk {
-                buf.extend_from_slice(&v.to_le_bytes());
-            }
-            h.update(&buf);
+            let bytes = &mut buf[..4 * chunk.len()];
+            f32s_to_le_bytes(chunk, bytes);
+            h.update(bytes);
         }
         ContentHash(h.finalize().into())
     }
+}
+
+/// Writes `src` as little-endian bytes into `dst` (`dst.len() == 4 * src.len()`).
+pub fn f32s_to_le_bytes(src: &[f32], dst: &mut [u8]) {
+    for (d, v) in dst.chunks_exact_mut(4).zip(src) {
+        d.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Appends the floats read from little-endian `src` (`src.len()` a multiple of 4) to `dst`.
+pub fn extend_f32s_from_le_bytes(dst: &mut Vec<f32>, src: &[u8]) {
+    dst.extend(src.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
 }
 
 #[cfg(test)]
