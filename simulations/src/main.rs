@@ -1,5 +1,6 @@
 //! `fedge-sim`: run federated-learning simulations from the command line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -156,10 +157,13 @@ fn real_main() -> anyhow::Result<()> {
             };
             let output = fedge_sim::run(&config, Some(&out), obs)?;
             let s = &output.summary;
+            let mut stdout = std::io::stdout().lock();
+            // Ignore a closed pipe (`| head`): the run itself succeeded and its files are written.
             if args.json {
-                println!("{}", serde_json::to_string_pretty(s).context("serialising the summary")?);
+                let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(s).context("serialising the summary")?);
             } else if !args.quiet {
-                println!(
+                let _ = writeln!(
+                    stdout,
                     "final accuracy {:.2}% after {} rounds ({} devices, {} parameters) in {:.1}s; wrote {}",
                     s.final_accuracy * 100.0,
                     s.rounds,

@@ -152,7 +152,10 @@ impl Observer for Console {
     fn line(&mut self, text: &str) {
         match &self.bar {
             Some(b) if !b.is_hidden() => b.println(text),
-            _ => println!("{text}"),
+            // A closed pipe (`| head`) must not kill the run: the files are still written.
+            _ => {
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
+            }
         }
     }
     fn round_started(&mut self, round: u64, selected: usize) {
@@ -216,6 +219,13 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             n => format!(", {n} devices without data (never sampled)"),
         }
     ));
+
+    for (d, (size, hist)) in partition.sizes.iter().zip(&partition.label_histograms).enumerate().take(3) {
+        obs.line(&format!("  device {d}: {size} examples, label counts {hist:?}"));
+    }
+    if config.devices > 3 {
+        obs.line("  (every device's size and label counts: partition.json)");
+    }
 
     let mut csv_out = match out {
         Some(dir) => {
