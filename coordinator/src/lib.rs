@@ -5,9 +5,14 @@
 //! passed, aggregates through a [`strategy::Strategy`], and emits the next model version. It
 //! has no sockets and no clock: `now` is passed in, events are polled out. The simulator
 //! drives it today; the QUIC server will drive the same engine.
+//!
+//! [`certs`] makes and reads the fleet's certificates; [`transport`] admits only peers with a
+//! valid, unrevoked client certificate and tells who they are.
 
+pub mod certs;
 pub mod engine;
 pub mod strategy;
+pub mod transport;
 
 pub use engine::{EngineConfig, EngineEvent, RejectReason, RoundEngine, RoundOutcome, RoundReport};
 pub use strategy::{FedAvg, Strategy};

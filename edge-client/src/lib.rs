@@ -3,8 +3,10 @@
 //! [`trainer`] is what a device does with a training task: check it holds the model the task
 //! names, train locally with [`fedge_learn`], turn the result into a delta, clip and noise it
 //! as asked, and package the [`fedge_core::wire::TrainResult`]. The simulator runs this very
-//! code for each virtual device; the network client (next) will too.
+//! code for each virtual device; the network client will too. [`transport`] connects to the
+//! coordinator over QUIC with the device's certificate.
 
 pub mod trainer;
+pub mod transport;
 
 pub use trainer::{EdgeTrainer, TaskOutcome, TrainError};

@@ -58,7 +58,17 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Train { dataset, data_dir, model, backend, epochs, batch_size, lr, examples, seed, json } => {
             let data = dataset.load(&data_dir).context("failed to load the dataset")?;

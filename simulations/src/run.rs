@@ -43,12 +43,12 @@ pub enum SimError {
     #[error(transparent)]
     Backend(#[from] fedge_learn::BackendError),
     /// Writing outputs failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Output {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// Evaluation failed.
     #[error("evaluation: {0}")]
@@ -229,11 +229,10 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
 
     let mut csv_out = match out {
         Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|source| SimError::Output { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|cause| SimError::Output { path: dir.to_path_buf(), cause })?;
             write_json(&dir.join("partition.json"), &partition)?;
             let path = dir.join("rounds.csv");
-            let file =
-                std::fs::File::create(&path).map_err(|source| SimError::Output { path: path.clone(), source })?;
+            let file = std::fs::File::create(&path).map_err(|cause| SimError::Output { path: path.clone(), cause })?;
             Some((csv::Writer::from_writer(file), path))
         }
         None => None,
@@ -350,7 +349,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         if let Some((w, path)) = csv_out.as_mut() {
             w.serialize(&row)
                 .and_then(|_| w.flush().map_err(Into::into))
-                .map_err(|e| SimError::Output { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
+                .map_err(|e| SimError::Output { path: path.clone(), cause: std::io::Error::other(e.to_string()) })?;
         }
         rows.push(row);
         if let (Some(t), Some(e)) = (config.target_accuracy, eval)
@@ -415,7 +414,7 @@ fn format_row(row: &RoundRow, rounds: u64, secs: f64, outcome: &RoundOutcome) ->
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SimError> {
-    let io = |source| SimError::Output { path: path.to_path_buf(), source };
+    let io = |cause| SimError::Output { path: path.to_path_buf(), cause };
     let mut f = std::fs::File::create(path).map_err(io)?;
     serde_json::to_writer_pretty(&mut f, value).map_err(|e| io(std::io::Error::other(e)))?;
     f.write_all(b"\n").map_err(io)

@@ -112,12 +112,12 @@ pub struct TrainTest {
 #[derive(Debug, Error)]
 pub enum DatasetError {
     /// A file could not be opened or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file is not valid IDX.
     #[error("{path}: {reason}")]
@@ -205,6 +205,6 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DatasetError> {
     }
     Err(DatasetError::Io {
         path: dir.join(format!("{stem}[.gz]")),
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
     })
 }

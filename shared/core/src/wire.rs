@@ -70,6 +70,46 @@ pub enum ErrorCode {
     Duplicate,
     /// The update has the wrong shape or non-finite values.
     InvalidUpdate,
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// The peer's certificate does not allow this.
+    Unauthorized,
+}
+
+/// What a device tells the coordinator about itself when it connects.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct Capabilities {
+    /// Compute backend it trains on (`flex`, `wgpu`).
+    pub backend: String,
+    /// Memory it may use for training, in MiB.
+    pub memory_mb: u32,
+    /// Whether it is charging.
+    pub charging: bool,
+    /// Whether its network is unmetered.
+    pub unmetered: bool,
+    /// Local training examples.
+    pub num_samples: u64,
+}
+
+/// First message on a connection, device to coordinator. The device's id is not in it: the
+/// coordinator takes it from the device's certificate.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub protocol_version: u32,
+    /// What the device can do.
+    pub capabilities: Capabilities,
+}
+
+/// The coordinator's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct Welcome {
+    /// [`PROTOCOL_VERSION`] of the coordinator.
+    pub protocol_version: u32,
+    /// The id the coordinator knows this device by (from its certificate).
+    pub device_id: String,
+    /// The current global model version.
+    pub model_version: u64,
 }
 
 /// Everything that crosses the wire.
@@ -86,4 +126,8 @@ pub enum Message {
         /// Human-readable detail.
         message: String,
     },
+    /// Device to coordinator: who I am and what I can do.
+    Hello(Hello),
+    /// Coordinator to device: accepted.
+    Welcome(Welcome),
 }

@@ -23,7 +23,7 @@ pub struct IdxArray {
 
 /// Reads an IDX file; a name ending in `.gz` is decompressed.
 pub fn read_file(path: &Path) -> Result<IdxArray, DatasetError> {
-    let file = std::fs::File::open(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+    let file = std::fs::File::open(path).map_err(|cause| DatasetError::Io { path: path.to_path_buf(), cause })?;
     let reader = std::io::BufReader::new(file);
     let gz = path.extension().is_some_and(|e| e == "gz");
     let result = if gz { read(flate2::read::GzDecoder::new(reader)) } else { read(reader) };

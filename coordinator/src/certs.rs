@@ -1,0 +1,379 @@
+//! Identity: the fleet's certificate authority, and who a certificate says its holder is.
+//!
+//! `fedge-coordinator certs init` makes a CA, the coordinator's server certificate and a
+//! model-signing key in one folder; `issue-device` and `issue-operator` sign client
+//! certificates; `revoke` adds a certificate to the revocation list (`crl.pem`) that the
+//! coordinator loads. A client's role and id are taken from its certificate's common name
+//! (`device:ID` or `operator:NAME`), never from anything the client says.
+//!
+//! Folder layout: `ca.pem`, `ca.key` (keep it offline in production), `server.pem`,
+//! `server.key`, `model-signing.key`, `crl.pem`, `issued.json` (what was issued, serials,
+//! revocations), `devices/ID.{pem,key}`, `operators/NAME.{pem,key}`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rand::RngExt;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use time::{Duration, OffsetDateTime};
+
+/// What a certificate's holder may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A fleet device: trains, uploads, downloads models.
+    Device,
+    /// An operator: starts and watches rounds, manages models.
+    Operator,
+}
+
+impl Role {
+    fn prefix(self) -> &'static str {
+        match self {
+            Role::Device => "device",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+/// Who a verified peer is, as its certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Device or operator.
+    pub role: Role,
+    /// The device id or operator name.
+    pub id: String,
+}
+
+/// Certificate errors.
+#[derive(Debug, Error)]
+pub enum CertError {
+    /// File system trouble.
+    #[error("{path}: {cause}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        cause: std::io::Error,
+    },
+    /// The folder already holds a CA.
+    #[error("{0} already holds a CA (ca.pem); refusing to overwrite it")]
+    Exists(PathBuf),
+    /// Certificate generation or parsing failed.
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// Names must be short and plain.
+    #[error("invalid name `{0}`: use 1-64 letters, digits, '-', '_' or '.'")]
+    BadName(String),
+    /// Issued twice.
+    #[error("{0} already has a certificate")]
+    AlreadyIssued(String),
+    /// Revoking something never issued.
+    #[error("no certificate was issued to {0}")]
+    Unknown(String),
+    /// A peer certificate without a Fedge identity.
+    #[error("certificate has no Fedge identity: {0}")]
+    NoIdentity(String),
+    /// `issued.json` is damaged.
+    #[error("issued.json: {0}")]
+    Index(String),
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct IssuedIndex {
+    /// Common name -> record.
+    certs: BTreeMap<String, IssuedRecord>,
+    crl_number: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct IssuedRecord {
+    serial_hex: String,
+    revoked_at_unix: Option<i64>,
+}
+
+/// Paths of an issued certificate and its key.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Certificate, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM (PKCS#8).
+    pub key: PathBuf,
+}
+
+/// A certificate folder (see the module docs).
+#[derive(Debug, Clone)]
+pub struct CertDir {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
+    move |cause| CertError::Io { path: path.to_path_buf(), cause }
+}
+
+fn write(path: &Path, text: &str) -> Result<(), CertError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    std::fs::write(path, text).map_err(io(path))
+}
+
+fn read(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(io(path))
+}
+
+fn check_name(name: &str) -> Result<(), CertError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok { Ok(()) } else { Err(CertError::BadName(name.to_string())) }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::rng().random();
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // no leading zero byte
+    SerialNumber::from_slice(&bytes)
+}
+
+fn leaf_params(common_name: &str, sans: Vec<String>, days: i64) -> Result<CertificateParams, CertError> {
+    let mut p = CertificateParams::new(sans)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "Fedge");
+    p.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::hours(1);
+    p.not_after = now + Duration::days(days);
+    p.serial_number = Some(random_serial());
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+impl CertDir {
+    /// Creates a CA, a server certificate for `server_names` (DNS names or IP addresses) and a
+    /// model-signing key in `dir`. Refuses to overwrite an existing CA.
+    pub fn init(dir: &Path, server_names: &[String]) -> Result<Self, CertError> {
+        if dir.join("ca.pem").exists() {
+            return Err(CertError::Exists(dir.to_path_buf()));
+        }
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "Fedge fleet CA");
+        dn.push(DnType::OrganizationName, "Fedge");
+        ca.distinguished_name = dn;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        ca.not_before = now - Duration::hours(1);
+        ca.not_after = now + Duration::days(3650);
+        ca.serial_number = Some(random_serial());
+        ca.key_identifier_method = KeyIdMethod::Sha256;
+        let ca_cert = ca.self_signed(&ca_key)?;
+        let me = Self { dir: dir.to_path_buf() };
+        write(&dir.join("ca.pem"), &ca_cert.pem())?;
+        write(&dir.join("ca.key"), &ca_key.serialize_pem())?;
+        restrict(&dir.join("ca.key"));
+
+        let issuer = Issuer::new(ca, ca_key);
+        let mut names = server_names.to_vec();
+        if names.is_empty() {
+            names = vec!["localhost".into(), "127.0.0.1".into()];
+        }
+        let mut server = leaf_params("coordinator", names, 825)?;
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = KeyPair::generate()?;
+        let server_cert = server.signed_by(&server_key, &issuer)?;
+        write(&dir.join("server.pem"), &server_cert.pem())?;
+        write(&dir.join("server.key"), &server_key.serialize_pem())?;
+        restrict(&dir.join("server.key"));
+
+        let signing = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+        write(&dir.join("model-signing.key"), &signing.serialize_pem())?;
+        restrict(&dir.join("model-signing.key"));
+
+        me.save_index(&IssuedIndex::default())?;
+        me.write_crl(&issuer, &IssuedIndex::default())?;
+        Ok(me)
+    }
+
+    /// Opens an existing folder.
+    pub fn open(dir: &Path) -> Result<Self, CertError> {
+        read(&dir.join("ca.pem"))?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// CA certificate path.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Server certificate and key paths.
+    pub fn server(&self) -> Issued {
+        Issued { cert: self.dir.join("server.pem"), key: self.dir.join("server.key") }
+    }
+
+    /// Revocation list path.
+    pub fn crl_pem(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, CertError> {
+        let key = KeyPair::from_pem(&read(&self.dir.join("ca.key"))?)?;
+        Ok(Issuer::from_ca_cert_pem(&read(&self.ca_pem())?, key)?)
+    }
+
+    fn load_index(&self) -> Result<IssuedIndex, CertError> {
+        let path = self.dir.join("issued.json");
+        serde_json::from_str(&read(&path)?).map_err(|e| CertError::Index(e.to_string()))
+    }
+
+    fn save_index(&self, index: &IssuedIndex) -> Result<(), CertError> {
+        let text = serde_json::to_string_pretty(index).map_err(|e| CertError::Index(e.to_string()))?;
+        // Write-then-rename: a crash never leaves a half-written index.
+        let tmp = self.dir.join("issued.json.tmp");
+        write(&tmp, &text)?;
+        std::fs::rename(&tmp, self.dir.join("issued.json")).map_err(io(&tmp))
+    }
+
+    /// Issues a client certificate (valid `days`) for a device id or operator name.
+    pub fn issue(&self, role: Role, name: &str, days: i64) -> Result<Issued, CertError> {
+        check_name(name)?;
+        let cn = format!("{}:{name}", role.prefix());
+        let mut index = self.load_index()?;
+        if index.certs.contains_key(&cn) {
+            return Err(CertError::AlreadyIssued(cn));
+        }
+        let mut params = leaf_params(&cn, Vec::new(), days)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let serial = params.serial_number.clone().expect("set by leaf_params");
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        let folder = self.dir.join(format!("{}s", role.prefix()));
+        let issued = Issued { cert: folder.join(format!("{name}.pem")), key: folder.join(format!("{name}.key")) };
+        write(&issued.cert, &cert.pem())?;
+        write(&issued.key, &key.serialize_pem())?;
+        restrict(&issued.key);
+        index.certs.insert(cn, IssuedRecord { serial_hex: hex(serial.as_ref()), revoked_at_unix: None });
+        self.save_index(&index)?;
+        Ok(issued)
+    }
+
+    /// Revokes the certificate of a device id or operator name and re-signs the CRL. The
+    /// coordinator refuses it from its next start (or CRL reload) on.
+    pub fn revoke(&self, role: Role, name: &str) -> Result<(), CertError> {
+        let cn = format!("{}:{name}", role.prefix());
+        let mut index = self.load_index()?;
+        let rec = index.certs.get_mut(&cn).ok_or_else(|| CertError::Unknown(cn.clone()))?;
+        if rec.revoked_at_unix.is_none() {
+            rec.revoked_at_unix = Some(OffsetDateTime::now_utc().unix_timestamp());
+        }
+        index.crl_number += 1;
+        self.write_crl(&self.issuer()?, &index)?;
+        self.save_index(&index)
+    }
+
+    fn write_crl(&self, issuer: &Issuer<'_, KeyPair>, index: &IssuedIndex) -> Result<(), CertError> {
+        let now = OffsetDateTime::now_utc();
+        let mut revoked = Vec::new();
+        for rec in index.certs.values() {
+            if let Some(at) = rec.revoked_at_unix {
+                let serial = unhex(&rec.serial_hex).ok_or_else(|| CertError::Index("bad serial".into()))?;
+                revoked.push(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
+                    revocation_time: OffsetDateTime::from_unix_timestamp(at).unwrap_or(now),
+                    reason_code: None,
+                    invalidity_date: None,
+                });
+            }
+        }
+        let crl = CertificateRevocationListParams {
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(365),
+            crl_number: SerialNumber::from(index.crl_number + 1),
+            issuing_distribution_point: None,
+            revoked_certs: revoked,
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(issuer)?;
+        write(&self.crl_pem(), &crl.pem()?)
+    }
+}
+
+/// Reads the Fedge identity (`device:ID` or `operator:NAME` common name) of a DER certificate
+/// that TLS has already verified against the CA.
+pub fn identity_of(cert_der: &[u8]) -> Result<Identity, CertError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| CertError::NoIdentity(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| CertError::NoIdentity("no common name".into()))?;
+    let (role, id) = match cn.split_once(':') {
+        Some(("device", id)) => (Role::Device, id),
+        Some(("operator", id)) => (Role::Operator, id),
+        _ => return Err(CertError::NoIdentity(format!("common name `{cn}`"))),
+    };
+    check_name(id).map_err(|_| CertError::NoIdentity(format!("common name `{cn}`")))?;
+    Ok(Identity { role, id: id.to_string() })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(unix)]
+fn restrict(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+#[cfg(not(unix))]
+fn restrict(_path: &Path) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(path: &Path) -> Vec<u8> {
+        let pem = std::fs::read_to_string(path).unwrap();
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map(|(_, p)| p.contents).unwrap_or_else(|_| b64.into_bytes())
+    }
+
+    #[test]
+    fn init_issue_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertDir::init(dir.path(), &["localhost".into(), "127.0.0.1".into()]).unwrap();
+        assert!(matches!(CertDir::init(dir.path(), &[]), Err(CertError::Exists(_))));
+        let dev = ca.issue(Role::Device, "dev-7", 30).unwrap();
+        let op = ca.issue(Role::Operator, "alice", 30).unwrap();
+        assert_eq!(identity_of(&der(&dev.cert)).unwrap(), Identity { role: Role::Device, id: "dev-7".into() });
+        assert_eq!(identity_of(&der(&op.cert)).unwrap(), Identity { role: Role::Operator, id: "alice".into() });
+        assert!(matches!(ca.issue(Role::Device, "dev-7", 30), Err(CertError::AlreadyIssued(_))));
+        assert!(matches!(ca.issue(Role::Device, "../etc", 30), Err(CertError::BadName(_))));
+        assert!(matches!(ca.revoke(Role::Device, "nobody"), Err(CertError::Unknown(_))));
+        let before = std::fs::read(ca.crl_pem()).unwrap();
+        ca.revoke(Role::Device, "dev-7").unwrap();
+        assert_ne!(std::fs::read(ca.crl_pem()).unwrap(), before);
+        assert!(identity_of(&der(&ca.server().cert)).is_err(), "the server certificate is no client identity");
+    }
+}

@@ -1,0 +1,46 @@
+//! Length-prefixed wire messages over QUIC streams.
+//!
+//! A frame is a `u32` little-endian byte count followed by that many bytes of
+//! [`fedge_core::codec`] encoding. The count is checked against the size limit before a
+//! buffer is allocated, so a peer cannot make us reserve memory by lying about a length.
+
+use fedge_core::codec::{self, DecodeError, MAX_MESSAGE_BYTES};
+use fedge_core::wire::Message;
+use thiserror::Error;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The stream ended or the connection dropped.
+    #[error("stream closed: {0}")]
+    Closed(String),
+    /// The announced length exceeds the limit.
+    #[error("frame of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// The bytes are not a message.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Writes one message as a frame.
+pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), FrameError> {
+    let bytes = codec::encode(msg);
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(FrameError::TooLarge(bytes.len()));
+    }
+    send.write_all(&(bytes.len() as u32).to_le_bytes()).await.map_err(|e| FrameError::Closed(e.to_string()))?;
+    send.write_all(&bytes).await.map_err(|e| FrameError::Closed(e.to_string()))
+}
+
+/// Reads one frame and decodes it.
+pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, FrameError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| FrameError::Closed(e.to_string()))?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf).await.map_err(|e| FrameError::Closed(e.to_string()))?;
+    Ok(codec::decode(&buf)?)
+}
