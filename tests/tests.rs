@@ -2,4 +2,5 @@
 
 mod data;
 mod simulation;
+mod system;
 mod transport;

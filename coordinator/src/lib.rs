@@ -7,10 +7,12 @@
 //! drives it today; the QUIC server will drive the same engine.
 //!
 //! [`certs`] makes and reads the fleet's certificates; [`transport`] admits only peers with a
-//! valid, unrevoked client certificate and tells who they are.
+//! valid, unrevoked client certificate and tells who they are; [`server`] is the async shell
+//! that drives the engine from the network.
 
 pub mod certs;
 pub mod engine;
+pub mod server;
 pub mod strategy;
 pub mod transport;
 

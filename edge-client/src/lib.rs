@@ -6,6 +6,7 @@
 //! code for each virtual device; the network client will too. [`transport`] connects to the
 //! coordinator over QUIC with the device's certificate.
 
+pub mod client;
 pub mod trainer;
 pub mod transport;
 

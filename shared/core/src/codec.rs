@@ -42,6 +42,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     // Reserve the parameter block up front: no regrowth copies for multi-megabyte updates.
     let hint = match msg {
         Message::TrainResult(r) => 4 * r.delta.numel() + 64 * (r.delta.layout().specs().len() + 1),
+        Message::Model { params, .. } => 4 * params.numel() + 64 * (params.layout().specs().len() + 2),
         _ => 256,
     };
     let mut out = Vec::with_capacity(hint);

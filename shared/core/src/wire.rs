@@ -130,4 +130,33 @@ pub enum Message {
     Hello(Hello),
     /// Coordinator to device: accepted.
     Welcome(Welcome),
+    /// Device to coordinator: is there a task for me?
+    TaskRequest,
+    /// Coordinator to device: not now; ask again later. Carries the current model version so
+    /// an idle device can keep its model fresh.
+    NoTask {
+        /// When to ask again.
+        retry_after_ms: u32,
+        /// The current global model version.
+        model_version: u64,
+    },
+    /// Device to coordinator: send me this model version (`None`: the current one).
+    ModelRequest {
+        /// Which version.
+        version: Option<u64>,
+    },
+    /// Coordinator to device: a model version, to be checked against its hash before use.
+    Model {
+        /// The version.
+        version: u64,
+        /// SHA-256 of the parameters.
+        hash: ContentHash,
+        /// The parameters.
+        params: ModelParams,
+    },
+    /// Coordinator to device: the result is durable and accepted.
+    Ack {
+        /// The round it belonged to.
+        round: u64,
+    },
 }

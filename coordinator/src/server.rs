@@ -1,0 +1,243 @@
+//! The coordinator service: the round engine behind a QUIC listener.
+//!
+//! A thin async shell around [`RoundEngine`]: every input from the network becomes a
+//! `handle_*` call with `now` taken from the server's clock, and the engine's events are
+//! drained after each call (`Assign` becomes a task waiting for its device; `RoundClosed`
+//! records the report, keeps the new model version and starts the next round if the operator
+//! asked for more). Devices pull work: they ask for a task, fetch the model version it names,
+//! train, and upload the result, which is acknowledged only once the engine accepted it.
+//!
+//! State is in memory for now; durable state (redb) is the next step.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fedge_core::ModelParams;
+use fedge_core::wire::{DeviceId, ErrorCode, Message, TrainTask};
+use tokio::sync::Notify;
+
+use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
+use crate::strategy::FedAvg;
+use crate::transport::{Listener, Peer, answer_hello};
+
+/// How long an idle device waits before asking for work again.
+const RETRY_MS: u32 = 50;
+
+struct State {
+    engine: RoundEngine<FedAvg>,
+    ids: BTreeMap<String, DeviceId>,
+    connected: BTreeSet<DeviceId>,
+    tasks: BTreeMap<DeviceId, TrainTask>,
+    models: BTreeMap<u64, Arc<ModelParams>>,
+    reports: Vec<RoundReport>,
+    rounds_left: u64,
+}
+
+/// The coordinator service. Cheap to share: clone the `Arc`.
+pub struct Coordinator {
+    state: Mutex<State>,
+    changed: Notify,
+    started: Instant,
+}
+
+impl Coordinator {
+    /// A coordinator whose model version 0 is `initial`.
+    pub fn new(config: EngineConfig, initial: ModelParams) -> Result<Arc<Self>, ConfigError> {
+        let first = Arc::new(initial.clone());
+        let engine = RoundEngine::new(config, FedAvg::default(), initial)?;
+        Ok(Arc::new(Self {
+            state: Mutex::new(State {
+                engine,
+                ids: BTreeMap::new(),
+                connected: BTreeSet::new(),
+                tasks: BTreeMap::new(),
+                models: BTreeMap::from([(0, first)]),
+                reports: Vec::new(),
+                rounds_left: 0,
+            }),
+            changed: Notify::new(),
+            started: Instant::now(),
+        }))
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; keep serving the state as it was.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks for `rounds` more training rounds; the first starts as soon as enough devices
+    /// are connected.
+    pub fn start_rounds(&self, rounds: u64) {
+        let mut s = self.lock();
+        s.rounds_left += rounds;
+        self.pump(&mut s);
+    }
+
+    /// Reports of the rounds closed so far.
+    pub fn reports(&self) -> Vec<RoundReport> {
+        self.lock().reports.clone()
+    }
+
+    /// The current model version and parameters.
+    pub fn global(&self) -> (u64, Arc<ModelParams>) {
+        let s = self.lock();
+        let v = s.engine.version();
+        (v, s.models[&v].clone())
+    }
+
+    /// Devices connected now.
+    pub fn connected(&self) -> usize {
+        self.lock().connected.len()
+    }
+
+    /// Waits until at least `n` rounds have closed.
+    pub async fn wait_for_rounds(&self, n: usize) {
+        loop {
+            let notified = self.changed.notified();
+            if self.lock().reports.len() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Drains engine events and starts the next round when one is wanted and possible.
+    fn pump(&self, s: &mut State) {
+        let mut changed = false;
+        loop {
+            while let Some(ev) = s.engine.poll_event() {
+                changed = true;
+                match ev {
+                    EngineEvent::Assign { device, task } => {
+                        s.tasks.insert(device, task);
+                    }
+                    EngineEvent::RoundClosed(report) => {
+                        s.tasks.clear();
+                        let v = s.engine.version();
+                        s.models.entry(v).or_insert_with(|| Arc::new(s.engine.global().clone()));
+                        // Keep the last few versions for devices still fetching them.
+                        while s.models.len() > 4 {
+                            s.models.pop_first();
+                        }
+                        s.reports.push(report);
+                    }
+                }
+            }
+            if s.rounds_left == 0 || s.engine.current_round().is_some() {
+                break;
+            }
+            match s.engine.start_round(self.now()) {
+                Ok(_) => s.rounds_left -= 1,
+                Err(StartError::NotEnoughDevices { .. }) | Err(StartError::Busy(_)) => break,
+            }
+        }
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Serves `listener` until it is closed: admits devices, answers their requests, and ticks
+    /// the engine's deadlines.
+    pub async fn serve(self: Arc<Self>, listener: Listener) {
+        let ticker = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(200));
+                loop {
+                    every.tick().await;
+                    let mut s = me.lock();
+                    let now = me.now();
+                    s.engine.handle_timeout(now);
+                    me.pump(&mut s);
+                }
+            })
+        };
+        while let Some(peer) = listener.accept().await {
+            match peer {
+                Ok(peer) => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.device_session(peer).await });
+                }
+                Err(e) => eprintln!("refused a connection: {e}"),
+            }
+        }
+        ticker.abort();
+    }
+
+    async fn device_session(self: Arc<Self>, peer: Peer) {
+        let version = self.lock().engine.version();
+        if let Err(e) = answer_hello(&peer, version).await {
+            eprintln!("device {}: {e}", peer.identity.id);
+            return;
+        }
+        let id = {
+            let mut s = self.lock();
+            let next = s.ids.len() as DeviceId;
+            let id = *s.ids.entry(peer.identity.id.clone()).or_insert(next);
+            s.connected.insert(id);
+            s.engine.handle_device_available(id);
+            self.pump(&mut s);
+            id
+        };
+        while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
+            let request = match fedge_net::read_message(&mut recv).await {
+                Ok(m) => m,
+                Err(e) => {
+                    let reply = Message::Error { code: ErrorCode::Malformed, message: e.to_string() };
+                    let _ = fedge_net::write_message(&mut send, &reply).await;
+                    continue;
+                }
+            };
+            let reply = self.answer(id, request);
+            if fedge_net::write_message(&mut send, &reply).await.is_err() {
+                break;
+            }
+            let _ = send.finish();
+        }
+        let mut s = self.lock();
+        s.connected.remove(&id);
+        s.tasks.remove(&id);
+        let now = self.now();
+        s.engine.handle_device_gone(now, id);
+        self.pump(&mut s);
+    }
+
+    fn answer(&self, id: DeviceId, request: Message) -> Message {
+        let mut s = self.lock();
+        match request {
+            Message::TaskRequest => match s.tasks.get(&id) {
+                Some(task) => Message::TrainTask(task.clone()),
+                None => Message::NoTask { retry_after_ms: RETRY_MS, model_version: s.engine.version() },
+            },
+            Message::ModelRequest { version } => {
+                let v = version.unwrap_or_else(|| s.engine.version());
+                match s.models.get(&v) {
+                    Some(p) => Message::Model { version: v, hash: p.content_hash(), params: (**p).clone() },
+                    None => Message::Error {
+                        code: ErrorCode::StaleModel,
+                        message: format!("model version {v} is not kept"),
+                    },
+                }
+            }
+            Message::TrainResult(result) => {
+                let now = self.now();
+                let outcome = s.engine.handle_train_result(now, id, &result);
+                let reply = match outcome {
+                    Ok(()) => {
+                        s.tasks.remove(&id);
+                        Message::Ack { round: result.round }
+                    }
+                    Err(e) => Message::Error { code: e.code(), message: e.to_string() },
+                };
+                self.pump(&mut s);
+                reply
+            }
+            _ => Message::Error { code: ErrorCode::Malformed, message: "unexpected message from a device".into() },
+        }
+    }
+}

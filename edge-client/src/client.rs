@@ -1,0 +1,158 @@
+//! The device's work loop over a [`Link`]: ask for a task, fetch and verify the model it names,
+//! train on local data, upload the result; when idle, keep the current model.
+//!
+//! Training runs on a blocking thread so the connection stays responsive.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedge_core::ModelParams;
+use fedge_core::dataset::Dataset;
+use fedge_core::params::ContentHash;
+use fedge_core::rng::{derive_rng, stream};
+use fedge_core::wire::{DeviceId, Message};
+use thiserror::Error;
+
+use crate::trainer::{EdgeTrainer, TrainError};
+use crate::transport::{ConnectError, Link};
+
+/// Why the loop stopped.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The connection failed or closed.
+    #[error(transparent)]
+    Link(#[from] ConnectError),
+    /// The coordinator sent a model whose hash does not match.
+    #[error("model version {version} failed verification: expected {expected}, got {got}")]
+    BadModel {
+        /// The version.
+        version: u64,
+        /// Hash announced.
+        expected: String,
+        /// Hash computed.
+        got: String,
+    },
+    /// Local training failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+}
+
+/// What the device holds, for status displays and tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeviceStatus {
+    /// Model version held.
+    pub model_version: Option<u64>,
+    /// Its hash.
+    pub model_hash: Option<ContentHash>,
+    /// Last round trained in.
+    pub last_round: Option<u64>,
+    /// Results acknowledged.
+    pub acked: u64,
+}
+
+/// A device: its link, its trainer, its data.
+pub struct EdgeClient {
+    link: Link,
+    trainer: Option<EdgeTrainer>,
+    data: Arc<Dataset>,
+    indices: Arc<Vec<usize>>,
+    model: Option<(u64, Arc<ModelParams>)>,
+    seed: u64,
+    status: Arc<Mutex<DeviceStatus>>,
+}
+
+impl EdgeClient {
+    /// A client over an open `link` training on examples `indices` of `data`.
+    pub fn new(link: Link, trainer: EdgeTrainer, data: Arc<Dataset>, indices: Vec<usize>, seed: u64) -> Self {
+        Self {
+            link,
+            trainer: Some(trainer),
+            data,
+            indices: Arc::new(indices),
+            model: None,
+            seed,
+            status: Arc::default(),
+        }
+    }
+
+    /// A handle on the device's status, updated as it works.
+    pub fn status(&self) -> Arc<Mutex<DeviceStatus>> {
+        self.status.clone()
+    }
+
+    async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+        let conn = &self.link.connection;
+        let (mut send, mut recv) =
+            conn.open_bi().await.map_err(|e| ConnectError::Frame(fedge_net::FrameError::Closed(e.to_string())))?;
+        fedge_net::write_message(&mut send, msg).await.map_err(ConnectError::from)?;
+        let _ = send.finish();
+        Ok(fedge_net::read_message(&mut recv).await.map_err(ConnectError::from)?)
+    }
+
+    async fn ensure_model(&mut self, version: u64) -> Result<Arc<ModelParams>, ClientError> {
+        if let Some((v, p)) = &self.model
+            && *v == version
+        {
+            return Ok(p.clone());
+        }
+        match self.request(&Message::ModelRequest { version: Some(version) }).await? {
+            Message::Model { version: v, hash, params } => {
+                let got = params.content_hash();
+                if v != version || got != hash {
+                    return Err(ClientError::BadModel { version, expected: hash.to_string(), got: got.to_string() });
+                }
+                let params = Arc::new(params);
+                self.model = Some((v, params.clone()));
+                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                st.model_version = Some(v);
+                st.model_hash = Some(got);
+                Ok(params)
+            }
+            Message::Error { code, message } => Err(ConnectError::Refused { code, message }.into()),
+            _ => Err(ConnectError::Unexpected.into()),
+        }
+    }
+
+    /// Works until the connection closes (then returns the link error) or a model fails
+    /// verification.
+    pub async fn run(mut self, device: DeviceId) -> Result<(), ClientError> {
+        loop {
+            match self.request(&Message::TaskRequest).await? {
+                Message::TrainTask(task) => {
+                    let global = self.ensure_model(task.model_version).await?;
+                    let mut trainer = self.trainer.take().expect("trainer is home between tasks");
+                    let (data, indices, seed) = (self.data.clone(), self.indices.clone(), self.seed);
+                    let t = task.clone();
+                    let (trainer, outcome) = tokio::task::spawn_blocking(move || {
+                        let mut train_rng = derive_rng(seed, &[stream::LOCAL_TRAIN, t.round, device]);
+                        let mut noise_rng = derive_rng(seed, &[stream::DEVICE_NOISE, t.round, device]);
+                        let outcome = trainer.run_task(&t, &global, &data, &indices, &mut train_rng, &mut noise_rng);
+                        (trainer, outcome)
+                    })
+                    .await
+                    .expect("training thread panicked");
+                    self.trainer = Some(trainer);
+                    let outcome = outcome?;
+                    match self.request(&Message::TrainResult(outcome.result)).await? {
+                        Message::Ack { round } => {
+                            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                            st.last_round = Some(round);
+                            st.acked += 1;
+                        }
+                        // A refused result (stale, past the deadline) is not fatal: ask again.
+                        Message::Error { .. } => {}
+                        _ => return Err(ConnectError::Unexpected.into()),
+                    }
+                }
+                Message::NoTask { retry_after_ms, model_version } => {
+                    if self.model.as_ref().is_none_or(|(v, _)| *v != model_version) {
+                        self.ensure_model(model_version).await?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(10, 5_000) as u64)).await;
+                }
+                Message::Error { code, message } => return Err(ConnectError::Refused { code, message }.into()),
+                _ => return Err(ConnectError::Unexpected.into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The real system on loopback: a coordinator and edge clients over QUIC with mutual TLS,
+//! training a real model on real data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedge_coordinator::EngineConfig;
+use fedge_coordinator::RoundOutcome;
+use fedge_coordinator::certs::{CertDir, Role};
+use fedge_coordinator::server::Coordinator;
+use fedge_coordinator::transport::Listener;
+use fedge_core::dataset::embedded;
+use fedge_core::partition::Partition;
+use fedge_core::rng::derive_rng;
+use fedge_core::wire::{Capabilities, TrainConfig};
+use fedge_edge::EdgeTrainer;
+use fedge_edge::client::EdgeClient;
+use fedge_edge::transport::{DeviceTls, Link};
+use fedge_learn::{BackendKind, ModelKind, Trainer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_devices_three_rounds_over_quic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let data = embedded::mnist_subset().unwrap();
+    let train = Arc::new(data.train);
+    let mut evaluator = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    let initial = evaluator.initial_params(1);
+    let before = evaluator.evaluate(&initial, &data.test, 500).unwrap().accuracy;
+
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 5,
+        round_timeout: Duration::from_secs(60),
+        train: TrainConfig {
+            epochs: 1,
+            batch_size: 10,
+            learning_rate: 0.05,
+            clip_norm: Some(10.0),
+            noise_multiplier: None,
+        },
+        ..EngineConfig::default()
+    };
+    let coordinator = Coordinator::new(config, initial).unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(coordinator.clone().serve(listener));
+
+    let parts = Partition::Iid.split(&train.labels[..2000], 5, &mut derive_rng(1, &[])).unwrap();
+    let mut statuses = Vec::new();
+    let mut clients = Vec::new();
+    for (i, indices) in parts.into_iter().enumerate() {
+        let issued = ca.issue(Role::Device, &format!("dev-{i}"), 1).unwrap();
+        let tls = DeviceTls { ca: ca.ca_pem(), cert: issued.cert, key: issued.key };
+        let link = Link::connect(addr, "localhost", &tls).await.unwrap();
+        let caps = Capabilities {
+            backend: "flex".into(),
+            memory_mb: 256,
+            charging: true,
+            unmetered: true,
+            num_samples: indices.len() as u64,
+        };
+        let welcome = link.hello(caps).await.unwrap();
+        assert_eq!(welcome.device_id, format!("dev-{i}"));
+        let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let client = EdgeClient::new(link, trainer, train.clone(), indices, 7);
+        statuses.push(client.status());
+        clients.push(tokio::spawn(client.run(i as u64)));
+    }
+
+    coordinator.start_rounds(3);
+    tokio::time::timeout(Duration::from_secs(240), coordinator.wait_for_rounds(3)).await.expect("3 rounds in time");
+    let reports = coordinator.reports();
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!(r.outcome, RoundOutcome::Aggregated, "{r:?}");
+        assert_eq!((r.round, r.model_version, r.results), (i as u64 + 1, i as u64 + 1, 5));
+        assert_eq!(r.samples, 2000);
+    }
+    let (version, global) = coordinator.global();
+    assert_eq!(version, 3);
+    let after = evaluator.evaluate(&global, &data.test, 500).unwrap().accuracy;
+    assert!(after > before + 0.3 && after > 0.7, "accuracy {before} -> {after}");
+
+    // Every device ends on the final model, verified by hash.
+    let final_hash = global.content_hash();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let done = statuses.iter().all(|s| {
+                let s = s.lock().unwrap();
+                s.model_version == Some(3) && s.model_hash == Some(final_hash) && s.acked == 3
+            });
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("devices converge on the final model");
+
+    server.abort();
+    for c in clients {
+        c.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_goes_silent_does_not_hold_the_round_past_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let data = embedded::mnist_subset().unwrap();
+    let train = Arc::new(data.train);
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 2,
+        round_timeout: Duration::from_secs(2),
+        train: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: None, noise_multiplier: None },
+        ..EngineConfig::default()
+    };
+    let coordinator = Coordinator::new(config, initial).unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let connect = |name: &str| {
+        let issued = ca.issue(Role::Device, name, 1).unwrap();
+        let tls = DeviceTls { ca: ca.ca_pem(), cert: issued.cert, key: issued.key };
+        async move {
+            let link = Link::connect(addr, "localhost", &tls).await.unwrap();
+            let caps = Capabilities {
+                backend: "flex".into(),
+                memory_mb: 1,
+                charging: true,
+                unmetered: true,
+                num_samples: 100,
+            };
+            link.hello(caps).await.unwrap();
+            link
+        }
+    };
+    let mut clients = Vec::new();
+    for i in 0..2 {
+        let link = connect(&format!("ok-{i}")).await;
+        let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
+        clients.push(tokio::spawn(client.run(i as u64)));
+    }
+    // The silent device connects, takes its task, and never answers (but stays connected).
+    let silent = connect("silent").await;
+    while coordinator.connected() < 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    coordinator.start_rounds(1);
+    let (mut send, mut recv) = silent.connection.open_bi().await.unwrap();
+    fedge_net::write_message(&mut send, &fedge_core::wire::Message::TaskRequest).await.unwrap();
+    let task = fedge_net::read_message(&mut recv).await.unwrap();
+    assert!(matches!(task, fedge_core::wire::Message::TrainTask(_)), "{task:?}");
+
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(30), coordinator.wait_for_rounds(1)).await.expect("round closes");
+    let waited = started.elapsed();
+    let r = &coordinator.reports()[0];
+    assert_eq!(r.outcome, RoundOutcome::Aggregated);
+    assert_eq!((r.results, r.stragglers.len()), (2, 1));
+    assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
+    server.abort();
+    for c in clients {
+        c.abort();
+    }
+}
