@@ -12,7 +12,7 @@ use fedge_coordinator::transport::Listener;
 use fedge_core::dataset::embedded;
 use fedge_core::partition::Partition;
 use fedge_core::rng::derive_rng;
-use fedge_core::wire::{Capabilities, TrainConfig};
+use fedge_core::wire::{Capabilities, ErrorCode, Message, OperatorCommand, TrainConfig};
 use fedge_edge::EdgeTrainer;
 use fedge_edge::client::EdgeClient;
 use fedge_edge::transport::{DeviceTls, Link};
@@ -68,7 +68,34 @@ async fn five_devices_three_rounds_over_quic() {
         clients.push(tokio::spawn(client.run(i as u64)));
     }
 
-    coordinator.start_rounds(3);
+    // A device certificate cannot run operator commands.
+    let device_cert = ca.issue(Role::Device, "intruder", 1).unwrap();
+    let as_device = fedge_net::Client::connect(
+        addr,
+        "localhost",
+        fedge_net::client_config(&ca.ca_pem(), &device_cert.cert, &device_cert.key).unwrap(),
+    )
+    .await
+    .unwrap();
+    let refused = as_device.request(&Message::Operator(OperatorCommand::StartRounds { rounds: 3 })).await.unwrap();
+    assert!(matches!(refused, Message::Error { code: ErrorCode::Unauthorized, .. }), "{refused:?}");
+    as_device.close().await;
+    assert_eq!(coordinator.status().rounds_left, 0);
+    assert!(coordinator.reports().is_empty());
+
+    // An operator starts three rounds.
+    let op_cert = ca.issue(Role::Operator, "alice", 1).unwrap();
+    let operator = fedge_net::Client::connect(
+        addr,
+        "localhost",
+        fedge_net::client_config(&ca.ca_pem(), &op_cert.cert, &op_cert.key).unwrap(),
+    )
+    .await
+    .unwrap();
+    match operator.request(&Message::Operator(OperatorCommand::StartRounds { rounds: 3 })).await.unwrap() {
+        Message::Status(st) => assert!(st.current_round == Some(1) || st.rounds_left == 3, "{st:?}"),
+        other => panic!("{other:?}"),
+    }
     tokio::time::timeout(Duration::from_secs(240), coordinator.wait_for_rounds(3)).await.expect("3 rounds in time");
     let reports = coordinator.reports();
     for (i, r) in reports.iter().enumerate() {
@@ -80,6 +107,17 @@ async fn five_devices_three_rounds_over_quic() {
     assert_eq!(version, 3);
     let after = evaluator.evaluate(&global, &data.test, 500).unwrap().accuracy;
     assert!(after > before + 0.3 && after > 0.7, "accuracy {before} -> {after}");
+    coordinator.record_evaluation(3, fedge_coordinator::engine::Evaluation { accuracy: after, loss: 0.0 });
+    match operator.request(&Message::Operator(OperatorCommand::Status)).await.unwrap() {
+        Message::Status(st) => {
+            assert_eq!((st.model_version, st.rounds.len(), st.rounds_left), (3, 3, 0));
+            assert_eq!(st.model_hash, global.content_hash());
+            assert_eq!(st.devices_connected.len(), 5);
+            assert_eq!(st.rounds[2].accuracy, Some(after));
+            assert!(st.rounds.iter().all(|r| r.results == 5 && r.failed_reason.is_none()));
+        }
+        other => panic!("{other:?}"),
+    }
 
     // Every device ends on the final model, verified by hash.
     let final_hash = global.content_hash();

@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fedge_core::ModelParams;
-use fedge_core::wire::{DeviceId, ErrorCode, Message, TrainTask};
+use fedge_core::wire::{DeviceId, ErrorCode, Message, OperatorCommand, RoundLine, Status, TrainTask};
 use tokio::sync::Notify;
 
+use crate::certs::Role;
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
+use crate::engine::{Evaluation, RoundOutcome};
 use crate::strategy::FedAvg;
 use crate::transport::{Listener, Peer, answer_hello};
 
@@ -161,7 +163,10 @@ impl Coordinator {
             match peer {
                 Ok(peer) => {
                     let me = self.clone();
-                    tokio::spawn(async move { me.device_session(peer).await });
+                    match peer.identity.role {
+                        Role::Device => tokio::spawn(async move { me.device_session(peer).await }),
+                        Role::Operator => tokio::spawn(async move { me.operator_session(peer).await }),
+                    };
                 }
                 Err(e) => eprintln!("refused a connection: {e}"),
             }
@@ -169,10 +174,74 @@ impl Coordinator {
         ticker.abort();
     }
 
+    /// Records the evaluation of model `version` (computed outside, e.g. with fedge-learn).
+    pub fn record_evaluation(&self, version: u64, evaluation: Evaluation) {
+        self.lock().engine.handle_evaluation(version, evaluation);
+    }
+
+    /// The state operators see.
+    pub fn status(&self) -> Status {
+        let s = self.lock();
+        let names: BTreeMap<DeviceId, &String> = s.ids.iter().map(|(k, v)| (*v, k)).collect();
+        let evals = s.engine.evaluations();
+        Status {
+            model_version: s.engine.version(),
+            model_hash: s.engine.global().content_hash(),
+            current_round: s.engine.current_round(),
+            rounds_left: s.rounds_left,
+            devices_connected: s.connected.iter().filter_map(|d| names.get(d).map(|n| n.to_string())).collect(),
+            devices_known: s.ids.len() as u64,
+            rounds: s
+                .reports
+                .iter()
+                .map(|r| RoundLine {
+                    round: r.round,
+                    model_version: r.model_version,
+                    selected: r.selected as u64,
+                    results: r.results as u64,
+                    failures: r.failures as u64,
+                    stragglers: r.stragglers.len() as u64,
+                    samples: r.samples,
+                    train_loss: r.train_loss,
+                    accuracy: match r.outcome {
+                        RoundOutcome::Aggregated => evals.get(&r.model_version).map(|e| e.accuracy),
+                        RoundOutcome::Failed(_) => None,
+                    },
+                    failed_reason: match &r.outcome {
+                        RoundOutcome::Aggregated => None,
+                        RoundOutcome::Failed(why) => Some(why.clone()),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    async fn operator_session(self: Arc<Self>, peer: Peer) {
+        while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
+            let reply = match fedge_net::read_message(&mut recv).await {
+                Ok(Message::Operator(OperatorCommand::StartRounds { rounds })) => {
+                    self.start_rounds(rounds);
+                    Message::Status(self.status())
+                }
+                Ok(Message::Operator(OperatorCommand::Status)) => Message::Status(self.status()),
+                Ok(_) => {
+                    Message::Error { code: ErrorCode::Unauthorized, message: "operators send operator commands".into() }
+                }
+                Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+            };
+            if fedge_net::write_message(&mut send, &reply).await.is_err() {
+                break;
+            }
+            let _ = send.finish();
+        }
+    }
+
     async fn device_session(self: Arc<Self>, peer: Peer) {
         let version = self.lock().engine.version();
         if let Err(e) = answer_hello(&peer, version).await {
             eprintln!("device {}: {e}", peer.identity.id);
+            // Let the refusal reach the device before the connection goes.
+            let _ = tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
             return;
         }
         let id = {
@@ -237,6 +306,10 @@ impl Coordinator {
                 self.pump(&mut s);
                 reply
             }
+            Message::Operator(_) => Message::Error {
+                code: ErrorCode::Unauthorized,
+                message: "a device certificate cannot run operator commands".into(),
+            },
             _ => Message::Error { code: ErrorCode::Malformed, message: "unexpected message from a device".into() },
         }
     }

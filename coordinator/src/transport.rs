@@ -119,6 +119,9 @@ pub enum HelloError {
     /// An operator certificate tried to act as a device.
     #[error("{0} is not a device certificate")]
     NotADevice(String),
+    /// A device certificate tried to run an operator command.
+    #[error("device {0}: a device certificate cannot run operator commands")]
+    NotAnOperator(String),
 }
 
 /// Runs the opening exchange of a device connection: reads its `Hello` on the first stream,
@@ -135,6 +138,7 @@ pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, Hell
             Err((HelloError::NotADevice(peer.identity.id.clone()), ErrorCode::Unauthorized))
         }
         Message::Hello(h) => Ok(h),
+        Message::Operator(_) => Err((HelloError::NotAnOperator(peer.identity.id.clone()), ErrorCode::Unauthorized)),
         _ => Err((HelloError::Unexpected, ErrorCode::Malformed)),
     };
     let reply = match &outcome {

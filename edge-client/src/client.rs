@@ -81,12 +81,7 @@ impl EdgeClient {
     }
 
     async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
-        let conn = &self.link.connection;
-        let (mut send, mut recv) =
-            conn.open_bi().await.map_err(|e| ConnectError::Frame(fedge_net::FrameError::Closed(e.to_string())))?;
-        fedge_net::write_message(&mut send, msg).await.map_err(ConnectError::from)?;
-        let _ = send.finish();
-        Ok(fedge_net::read_message(&mut recv).await.map_err(ConnectError::from)?)
+        Ok(self.link.request(msg).await?)
     }
 
     async fn ensure_model(&mut self, version: u64) -> Result<Arc<ModelParams>, ClientError> {

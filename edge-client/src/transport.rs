@@ -55,35 +55,38 @@ pub enum ConnectError {
 
 /// An open connection to the coordinator.
 pub struct Link {
-    endpoint: quinn::Endpoint,
+    client: fedge_net::Client,
     /// The QUIC connection.
     pub connection: quinn::Connection,
+}
+
+impl From<fedge_net::ClientError> for ConnectError {
+    fn from(e: fedge_net::ClientError) -> Self {
+        match e {
+            fedge_net::ClientError::Endpoint(e) => ConnectError::Endpoint(e),
+            fedge_net::ClientError::Connect { addr, reason } => ConnectError::Connect { addr, reason },
+            fedge_net::ClientError::Frame(f) => ConnectError::Frame(f),
+        }
+    }
 }
 
 impl Link {
     /// Connects to the coordinator at `addr`, whose certificate must name `server_name`.
     pub async fn connect(addr: SocketAddr, server_name: &str, tls: &DeviceTls) -> Result<Self, ConnectError> {
         let config = fedge_net::client_config(&tls.ca, &tls.cert, &tls.key)?;
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid");
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Endpoint)?;
-        endpoint.set_default_client_config(config);
-        let connecting =
-            endpoint.connect(addr, server_name).map_err(|e| ConnectError::Connect { addr, reason: e.to_string() })?;
-        let connection = connecting.await.map_err(|e| ConnectError::Connect { addr, reason: e.to_string() })?;
-        Ok(Self { endpoint, connection })
+        let client = fedge_net::Client::connect(addr, server_name, config).await?;
+        let connection = client.connection.clone();
+        Ok(Self { client, connection })
+    }
+
+    /// Sends `msg` on a new stream and reads the answer.
+    pub async fn request(&self, msg: &Message) -> Result<Message, ConnectError> {
+        Ok(self.client.request(msg).await?)
     }
 
     /// Sends `Hello` with `capabilities` and waits for `Welcome`.
     pub async fn hello(&self, capabilities: Capabilities) -> Result<Welcome, ConnectError> {
-        let (mut send, mut recv) =
-            self.connection.open_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
-        fedge_net::write_message(
-            &mut send,
-            &Message::Hello(Hello { protocol_version: PROTOCOL_VERSION, capabilities }),
-        )
-        .await?;
-        let _ = send.finish();
-        match fedge_net::read_message(&mut recv).await? {
+        match self.request(&Message::Hello(Hello { protocol_version: PROTOCOL_VERSION, capabilities })).await? {
             Message::Welcome(w) => Ok(w),
             Message::Error { code, message } => Err(ConnectError::Refused { code, message }),
             _ => Err(ConnectError::Unexpected),
@@ -92,7 +95,6 @@ impl Link {
 
     /// Closes the connection and waits until the coordinator has been told.
     pub async fn close(self) {
-        self.connection.close(0u32.into(), b"bye");
-        self.endpoint.wait_idle().await;
+        self.client.close().await;
     }
 }

@@ -159,4 +159,64 @@ pub enum Message {
         /// The round it belonged to.
         round: u64,
     },
+    /// Operator to coordinator (operator certificates only).
+    Operator(OperatorCommand),
+    /// Coordinator to operator: the state after the command.
+    Status(Status),
+}
+
+/// What an operator can ask.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub enum OperatorCommand {
+    /// Run this many more rounds.
+    StartRounds {
+        /// How many.
+        rounds: u64,
+    },
+    /// Just report the state.
+    Status,
+}
+
+/// One closed round, as operators see it.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct RoundLine {
+    /// Round number.
+    pub round: u64,
+    /// Model version after it.
+    pub model_version: u64,
+    /// Devices selected.
+    pub selected: u64,
+    /// Results accepted.
+    pub results: u64,
+    /// Devices that failed or left.
+    pub failures: u64,
+    /// Devices past the deadline.
+    pub stragglers: u64,
+    /// Examples trained on.
+    pub samples: u64,
+    /// Mean device training loss.
+    pub train_loss: f64,
+    /// Test accuracy of the new model, if evaluated.
+    pub accuracy: Option<f64>,
+    /// Whether it aggregated (else the reason it did not).
+    pub failed_reason: Option<String>,
+}
+
+/// The coordinator's state, for operators.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct Status {
+    /// Current model version.
+    pub model_version: u64,
+    /// Its hash.
+    pub model_hash: ContentHash,
+    /// The open round, if any.
+    pub current_round: Option<u64>,
+    /// Rounds still to run.
+    pub rounds_left: u64,
+    /// Devices connected now, by certificate id.
+    pub devices_connected: Vec<String>,
+    /// Devices ever seen.
+    pub devices_known: u64,
+    /// Closed rounds, oldest first.
+    pub rounds: Vec<RoundLine>,
 }

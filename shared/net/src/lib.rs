@@ -9,11 +9,13 @@
 //! Architecture invariant: everything above this crate (the round engine, strategies, the
 //! trainer) sees messages, never sockets.
 
+pub mod client;
 pub mod frame;
 pub mod tls;
 
 /// The application protocol negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"fedge/1";
 
+pub use client::{Client, ClientError};
 pub use frame::{FrameError, read_message, write_message};
 pub use tls::{TlsError, client_config, server_config};

@@ -1,0 +1,66 @@
+//! The client side of a connection: connect with a client certificate, then one request and
+//! one answer per bidirectional stream.
+
+use std::net::SocketAddr;
+
+use fedge_core::wire::Message;
+use thiserror::Error;
+
+use crate::frame::{FrameError, read_message, write_message};
+
+/// Why connecting or a request failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// Local socket trouble.
+    #[error("cannot open a local endpoint: {0}")]
+    Endpoint(std::io::Error),
+    /// The connection or handshake failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// Remote address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// A request failed on the wire.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// An open, mutually authenticated connection.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    /// The QUIC connection.
+    pub connection: quinn::Connection,
+}
+
+impl Client {
+    /// Connects to `addr`, whose certificate must name `server_name`.
+    pub async fn connect(
+        addr: SocketAddr,
+        server_name: &str,
+        config: quinn::ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid address");
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
+        endpoint.set_default_client_config(config);
+        let connecting =
+            endpoint.connect(addr, server_name).map_err(|e| ClientError::Connect { addr, reason: e.to_string() })?;
+        let connection = connecting.await.map_err(|e| ClientError::Connect { addr, reason: e.to_string() })?;
+        Ok(Self { endpoint, connection })
+    }
+
+    /// Sends `msg` on a new stream and reads the answer.
+    pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+        let (mut send, mut recv) = self.connection.open_bi().await.map_err(|e| FrameError::Closed(e.to_string()))?;
+        write_message(&mut send, msg).await?;
+        let _ = send.finish();
+        Ok(read_message(&mut recv).await?)
+    }
+
+    /// Closes the connection and waits until the peer has been told.
+    pub async fn close(self) {
+        self.connection.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
