@@ -63,9 +63,9 @@ async fn five_devices_three_rounds_over_quic() {
         let welcome = link.hello(caps).await.unwrap();
         assert_eq!(welcome.device_id, format!("dev-{i}"));
         let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let client = EdgeClient::new(link, trainer, train.clone(), indices, 7);
+        let mut client = EdgeClient::new(link, trainer, train.clone(), indices, 7);
         statuses.push(client.status());
-        clients.push(tokio::spawn(client.run(i as u64)));
+        clients.push(tokio::spawn(async move { client.run(i as u64).await }));
     }
 
     // A device certificate cannot run operator commands.
@@ -180,8 +180,8 @@ async fn a_device_that_goes_silent_does_not_hold_the_round_past_its_deadline() {
     for i in 0..2 {
         let link = connect(&format!("ok-{i}")).await;
         let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
-        clients.push(tokio::spawn(client.run(i as u64)));
+        let mut client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
+        clients.push(tokio::spawn(async move { client.run(i as u64).await }));
     }
     // The silent device connects, takes its task, and never answers (but stays connected).
     let silent = connect("silent").await;

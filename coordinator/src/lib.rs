@@ -11,6 +11,7 @@
 //! that drives the engine from the network.
 
 pub mod certs;
+pub mod config;
 pub mod engine;
 pub mod server;
 pub mod strategy;

@@ -1,11 +1,24 @@
-//! `fedge-coordinator`: the coordinator binary. Today: the fleet's certificates
-//! (`certs init`, `certs issue-device`, `certs issue-operator`, `certs revoke`).
+//! `fedge-coordinator`: the coordinator binary: `serve` (rounds over QUIC), `round`
+//! (operator commands), `certs` (the fleet's certificates).
+//!
+//! This binary is the one coordinator place that calls into burn (fedge-learn): for the initial
+//! model and the evaluation of each new version on a test split.
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use fedge_coordinator::certs::{CertDir, Role};
+use fedge_coordinator::config::ServeConfig;
+use fedge_coordinator::engine::Evaluation;
+use fedge_coordinator::server::Coordinator;
+use fedge_coordinator::transport::Listener;
+use fedge_core::dataset::DatasetName;
+use fedge_core::wire::{Message, OperatorCommand, Status};
+use fedge_learn::{BackendKind, ModelKind, Trainer};
 
 #[derive(Parser)]
 #[command(name = "fedge-coordinator", version, about = "Fedge coordinator")]
@@ -16,11 +29,65 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the coordinator: accept devices and operators, run rounds, evaluate each model.
+    Serve {
+        /// coordinator.toml (see docs/operations.md); flags below override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Certificate folder.
+        #[arg(long)]
+        certs_dir: Option<PathBuf>,
+    },
+    /// Operator commands (need an operator certificate).
+    Round {
+        #[command(subcommand)]
+        command: RoundCommand,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
     /// Certificate authority for the fleet (see certs/README.md).
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum RoundCommand {
+    /// Run N more rounds.
+    Start {
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        rounds: u64,
+    },
+    /// Show the coordinator's state and the rounds so far.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+#[derive(Args)]
+struct OperatorArgs {
+    /// Coordinator address.
+    #[arg(long, global = true, default_value = "127.0.0.1:4433")]
+    coordinator: SocketAddr,
+    /// Name in the coordinator's certificate.
+    #[arg(long, global = true, default_value = "localhost")]
+    server_name: String,
+    /// Certificate folder holding ca.pem and operators/NAME.{pem,key}.
+    #[arg(long, global = true, default_value = "certs/fleet")]
+    certs_dir: PathBuf,
+    /// Operator name (certificate operators/NAME.pem).
+    #[arg(long, global = true, default_value = "admin")]
+    operator: String,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +148,24 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Serve { config, listen, certs_dir } => {
+            let mut c = match config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    toml::from_str::<ServeConfig>(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().replace('\n', " ")))?
+                }
+                None => ServeConfig::default(),
+            };
+            if let Some(l) = listen {
+                c.listen = l;
+            }
+            if let Some(d) = certs_dir {
+                c.certs_dir = d;
+            }
+            return tokio::runtime::Runtime::new()?.block_on(serve(c));
+        }
+        Command::Round { command, op } => return tokio::runtime::Runtime::new()?.block_on(round(command, op)),
         Command::Certs { command } => match command {
             CertsCommand::Init { dir, names } => {
                 let ca = CertDir::init(&dir, &names).context("failed to create the CA")?;
@@ -105,5 +190,148 @@ fn real_main() -> anyhow::Result<()> {
             }
         },
     }
+    Ok(())
+}
+
+async fn serve(c: ServeConfig) -> anyhow::Result<()> {
+    let model: ModelKind = c.model.parse().map_err(anyhow::Error::msg)?;
+    let dataset: DatasetName = c.eval_dataset.parse().map_err(anyhow::Error::msg)?;
+    let test = dataset.load(&c.data_dir).context("failed to load the evaluation dataset")?.test;
+    let certs = CertDir::open(&c.certs_dir).context("failed to open the certificate folder")?;
+    let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
+    let initial = evaluator.initial_params(c.seed);
+    let coordinator = Coordinator::new(c.engine(), initial).context("invalid configuration")?;
+    let listener = Listener::bind(c.listen, &certs)?;
+    println!("fedge-coordinator listening on {} ({} model, {} parameters)", listener.local_addr()?, model, evaluator.layout().numel());
+    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let eval = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                coordinator.wait_for_rounds(seen + 1).await;
+                let reports = coordinator.reports();
+                for r in &reports[seen..] {
+                    let (version, global) = coordinator.global();
+                    let line = if version == r.model_version {
+                        match evaluator.evaluate(&global, &test, 500) {
+                            Ok(m) => {
+                                coordinator.record_evaluation(version, Evaluation { accuracy: m.accuracy, loss: m.loss });
+                                format!("accuracy {:.2}% loss {:.4}", m.accuracy * 100.0, m.loss)
+                            }
+                            Err(e) => format!("evaluation failed: {e}"),
+                        }
+                    } else {
+                        String::from("(superseded before evaluation)")
+                    };
+                    println!(
+                        "round {} -> model v{}: {}/{} results, {} failed, {} late; {line}",
+                        r.round,
+                        r.model_version,
+                        r.results,
+                        r.selected,
+                        r.failures,
+                        r.stragglers.len()
+                    );
+                }
+                seen = reports.len();
+            }
+        })
+    };
+    tokio::signal::ctrl_c().await?;
+    println!("shutting down");
+    eval.abort();
+    server.abort();
+    Ok(())
+}
+
+async fn operator_client(op: &OperatorArgs) -> anyhow::Result<fedge_net::Client> {
+    let dir = &op.certs_dir;
+    let config = fedge_net::client_config(
+        &dir.join("ca.pem"),
+        &dir.join("operators").join(format!("{}.pem", op.operator)),
+        &dir.join("operators").join(format!("{}.key", op.operator)),
+    )?;
+    Ok(fedge_net::Client::connect(op.coordinator, &op.server_name, config).await?)
+}
+
+async fn ask(client: &fedge_net::Client, command: OperatorCommand) -> anyhow::Result<Status> {
+    match client.request(&Message::Operator(command)).await? {
+        Message::Status(s) => Ok(s),
+        Message::Error { code, message } => anyhow::bail!("coordinator refused ({code:?}): {message}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn print_status(s: &Status, json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let rounds: Vec<_> = s
+            .rounds
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "round": r.round, "model_version": r.model_version, "selected": r.selected,
+                    "devices_reporting": r.results, "failures": r.failures, "stragglers": r.stragglers,
+                    "samples": r.samples, "train_loss": r.train_loss, "accuracy": r.accuracy,
+                    "failed_reason": r.failed_reason,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "model_version": s.model_version, "model_hash": s.model_hash.to_string(),
+            "current_round": s.current_round, "rounds_left": s.rounds_left,
+            "devices_connected": s.devices_connected, "devices_known": s.devices_known, "rounds": rounds,
+        });
+        let _ = writeln!(out, "{v:#}");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "model v{} ({}...)  round {}  rounds left {}  devices {} connected / {} known",
+        s.model_version,
+        &s.model_hash.to_string()[..12],
+        s.current_round.map_or("-".into(), |r| r.to_string()),
+        s.rounds_left,
+        s.devices_connected.len(),
+        s.devices_known
+    );
+    let _ = writeln!(out, "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}", "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy");
+    for r in &s.rounds {
+        let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
+        let _ = writeln!(
+            out,
+            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}{}",
+            r.round,
+            r.model_version,
+            r.results,
+            r.selected,
+            r.failures,
+            r.stragglers,
+            r.samples,
+            r.train_loss,
+            acc,
+            r.failed_reason.as_ref().map_or(String::new(), |w| format!("  not aggregated: {w}"))
+        );
+    }
+}
+
+async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
+    let client = operator_client(&op).await?;
+    match command {
+        RoundCommand::Start { rounds } => {
+            let s = ask(&client, OperatorCommand::StartRounds { rounds }).await?;
+            println!("{} rounds queued; model v{}, {} devices connected", s.rounds_left + u64::from(s.current_round.is_some()), s.model_version, s.devices_connected.len());
+        }
+        RoundCommand::Status { json, watch } => loop {
+            let s = ask(&client, OperatorCommand::Status).await?;
+            print_status(&s, json);
+            if !watch {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        },
+    }
+    client.close().await;
     Ok(())
 }

@@ -3,10 +3,12 @@
 //!
 //! Training runs on a blocking thread so the connection stays responsive.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedge_core::ModelParams;
+use fedge_core::codec;
 use fedge_core::dataset::Dataset;
 use fedge_core::params::ContentHash;
 use fedge_core::rng::{derive_rng, stream};
@@ -59,6 +61,26 @@ pub struct EdgeClient {
     model: Option<(u64, Arc<ModelParams>)>,
     seed: u64,
     status: Arc<Mutex<DeviceStatus>>,
+    state_dir: Option<PathBuf>,
+}
+
+/// Writes `params` as `dir/model.bin` (write-then-rename: a crash leaves the previous model,
+/// never half of one).
+pub fn save_model(dir: &Path, version: u64, params: &ModelParams) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = codec::encode(&Message::Model { version, hash: params.content_hash(), params: params.clone() });
+    let tmp = dir.join("model.bin.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join("model.bin"))
+}
+
+/// Reads `dir/model.bin` if present and intact (hash checked).
+pub fn load_model(dir: &Path) -> Option<(u64, ModelParams)> {
+    let bytes = std::fs::read(dir.join("model.bin")).ok()?;
+    match codec::decode(&bytes).ok()? {
+        Message::Model { version, hash, params } if params.content_hash() == hash => Some((version, params)),
+        _ => None,
+    }
 }
 
 impl EdgeClient {
@@ -72,7 +94,17 @@ impl EdgeClient {
             model: None,
             seed,
             status: Arc::default(),
+            state_dir: None,
         }
+    }
+
+    /// Keeps every verified model in `dir/model.bin` and starts from the one there, if any.
+    pub fn with_state_dir(mut self, dir: PathBuf) -> Self {
+        if let Some((version, params)) = load_model(&dir) {
+            self.set_model(version, params);
+        }
+        self.state_dir = Some(dir);
+        self
     }
 
     /// A handle on the device's status, updated as it works.
@@ -96,6 +128,11 @@ impl EdgeClient {
                 if v != version || got != hash {
                     return Err(ClientError::BadModel { version, expected: hash.to_string(), got: got.to_string() });
                 }
+                if let Some(dir) = &self.state_dir
+                    && let Err(e) = save_model(dir, v, &params)
+                {
+                    eprintln!("cannot keep model v{v} on disk: {e}");
+                }
                 let params = Arc::new(params);
                 self.model = Some((v, params.clone()));
                 let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -108,9 +145,28 @@ impl EdgeClient {
         }
     }
 
+    /// Replaces a broken link with a new one, keeping the model held.
+    pub fn reconnect(&mut self, link: Link) {
+        self.link = link;
+    }
+
+    /// The model held, if any.
+    pub fn model(&self) -> Option<(u64, Arc<ModelParams>)> {
+        self.model.clone()
+    }
+
+    /// Starts from a model held from before (e.g. read from disk), after checking its hash.
+    pub fn set_model(&mut self, version: u64, params: ModelParams) {
+        let hash = params.content_hash();
+        self.model = Some((version, Arc::new(params)));
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.model_version = Some(version);
+        st.model_hash = Some(hash);
+    }
+
     /// Works until the connection closes (then returns the link error) or a model fails
-    /// verification.
-    pub async fn run(mut self, device: DeviceId) -> Result<(), ClientError> {
+    /// verification. Call again after [`Self::reconnect`].
+    pub async fn run(&mut self, device: DeviceId) -> Result<(), ClientError> {
         loop {
             match self.request(&Message::TaskRequest).await? {
                 Message::TrainTask(task) => {

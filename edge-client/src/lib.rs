@@ -7,6 +7,7 @@
 //! coordinator over QUIC with the device's certificate.
 
 pub mod client;
+pub mod config;
 pub mod trainer;
 pub mod transport;
 

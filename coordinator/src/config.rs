@@ -1,0 +1,88 @@
+//! `coordinator.toml`: what `fedge-coordinator serve` runs. Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fedge_core::wire::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+
+/// The coordinator's configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Folder made by `fedge-coordinator certs init`.
+    pub certs_dir: PathBuf,
+    /// `2nn` or `cnn`.
+    pub model: String,
+    /// Seed of the initial model and of device sampling.
+    pub seed: u64,
+    /// Dataset whose test split evaluates each new model: `embedded`, `mnist`, `fashion-mnist`.
+    pub eval_dataset: String,
+    /// Folder with `mnist/` and `fashion-mnist/`.
+    pub data_dir: PathBuf,
+    /// Fraction of connected devices sampled per round.
+    pub fraction: f64,
+    /// Fewest results a round needs.
+    pub min_train_clients: usize,
+    /// Whether a round with failed devices may aggregate.
+    pub accept_failures: bool,
+    /// Seconds a round waits for results.
+    pub round_timeout_secs: u64,
+    /// Local epochs.
+    pub epochs: u32,
+    /// Local batch size.
+    pub batch_size: u32,
+    /// Local learning rate.
+    pub lr: f32,
+    /// L2 bound devices clip their deltas to.
+    pub clip_norm: Option<f32>,
+    /// Noise multiplier devices apply (needs `clip_norm`).
+    pub noise_multiplier: Option<f32>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4433".parse().expect("valid address"),
+            certs_dir: PathBuf::from("certs/fleet"),
+            model: "2nn".into(),
+            seed: 0,
+            eval_dataset: "embedded".into(),
+            data_dir: PathBuf::from("data"),
+            fraction: 1.0,
+            min_train_clients: 2,
+            accept_failures: true,
+            round_timeout_secs: 60,
+            epochs: 1,
+            batch_size: 10,
+            lr: 0.05,
+            clip_norm: Some(10.0),
+            noise_multiplier: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The round engine's part.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            fraction: self.fraction,
+            min_train_clients: self.min_train_clients,
+            accept_failures: self.accept_failures,
+            round_timeout: Duration::from_secs(self.round_timeout_secs),
+            train: TrainConfig {
+                epochs: self.epochs,
+                batch_size: self.batch_size,
+                learning_rate: self.lr,
+                clip_norm: self.clip_norm,
+                noise_multiplier: self.noise_multiplier,
+            },
+            seed: self.seed,
+        }
+    }
+}
