@@ -14,6 +14,7 @@ pub mod certs;
 pub mod config;
 pub mod engine;
 pub mod server;
+pub mod service;
 pub mod strategy;
 pub mod transport;
 

@@ -1,8 +1,5 @@
 //! `fedge-coordinator`: the coordinator binary: `serve` (rounds over QUIC), `round`
 //! (operator commands), `certs` (the fleet's certificates).
-//!
-//! This binary is the one coordinator place that calls into burn (fedge-learn): for the initial
-//! model and the evaluation of each new version on a test split.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,12 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::config::ServeConfig;
-use fedge_coordinator::engine::Evaluation;
-use fedge_coordinator::server::Coordinator;
-use fedge_coordinator::transport::Listener;
-use fedge_core::dataset::DatasetName;
 use fedge_core::wire::{Message, OperatorCommand, Status};
-use fedge_learn::{BackendKind, ModelKind, Trainer};
 
 #[derive(Parser)]
 #[command(name = "fedge-coordinator", version, about = "Fedge coordinator")]
@@ -151,7 +143,8 @@ fn real_main() -> anyhow::Result<()> {
         Command::Serve { config, listen, certs_dir } => {
             let mut c = match config {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let text =
+                        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
                     toml::from_str::<ServeConfig>(&text)
                         .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().replace('\n', " ")))?
                 }
@@ -163,7 +156,12 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(d) = certs_dir {
                 c.certs_dir = d;
             }
-            return tokio::runtime::Runtime::new()?.block_on(serve(c));
+            return tokio::runtime::Runtime::new()?.block_on(async {
+                fedge_coordinator::service::run(c, |addr| println!("fedge-coordinator listening on {addr}"), async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
+            });
         }
         Command::Round { command, op } => return tokio::runtime::Runtime::new()?.block_on(round(command, op)),
         Command::Certs { command } => match command {
@@ -190,58 +188,6 @@ fn real_main() -> anyhow::Result<()> {
             }
         },
     }
-    Ok(())
-}
-
-async fn serve(c: ServeConfig) -> anyhow::Result<()> {
-    let model: ModelKind = c.model.parse().map_err(anyhow::Error::msg)?;
-    let dataset: DatasetName = c.eval_dataset.parse().map_err(anyhow::Error::msg)?;
-    let test = dataset.load(&c.data_dir).context("failed to load the evaluation dataset")?.test;
-    let certs = CertDir::open(&c.certs_dir).context("failed to open the certificate folder")?;
-    let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
-    let initial = evaluator.initial_params(c.seed);
-    let coordinator = Coordinator::new(c.engine(), initial).context("invalid configuration")?;
-    let listener = Listener::bind(c.listen, &certs)?;
-    println!("fedge-coordinator listening on {} ({} model, {} parameters)", listener.local_addr()?, model, evaluator.layout().numel());
-    let server = tokio::spawn(coordinator.clone().serve(listener));
-    let eval = {
-        let coordinator = coordinator.clone();
-        tokio::spawn(async move {
-            let mut seen = 0;
-            loop {
-                coordinator.wait_for_rounds(seen + 1).await;
-                let reports = coordinator.reports();
-                for r in &reports[seen..] {
-                    let (version, global) = coordinator.global();
-                    let line = if version == r.model_version {
-                        match evaluator.evaluate(&global, &test, 500) {
-                            Ok(m) => {
-                                coordinator.record_evaluation(version, Evaluation { accuracy: m.accuracy, loss: m.loss });
-                                format!("accuracy {:.2}% loss {:.4}", m.accuracy * 100.0, m.loss)
-                            }
-                            Err(e) => format!("evaluation failed: {e}"),
-                        }
-                    } else {
-                        String::from("(superseded before evaluation)")
-                    };
-                    println!(
-                        "round {} -> model v{}: {}/{} results, {} failed, {} late; {line}",
-                        r.round,
-                        r.model_version,
-                        r.results,
-                        r.selected,
-                        r.failures,
-                        r.stragglers.len()
-                    );
-                }
-                seen = reports.len();
-            }
-        })
-    };
-    tokio::signal::ctrl_c().await?;
-    println!("shutting down");
-    eval.abort();
-    server.abort();
     Ok(())
 }
 
@@ -296,7 +242,11 @@ fn print_status(s: &Status, json: bool) {
         s.devices_connected.len(),
         s.devices_known
     );
-    let _ = writeln!(out, "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}", "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy");
+    let _ = writeln!(
+        out,
+        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}",
+        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy"
+    );
     for r in &s.rounds {
         let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
         let _ = writeln!(
@@ -321,7 +271,12 @@ async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
     match command {
         RoundCommand::Start { rounds } => {
             let s = ask(&client, OperatorCommand::StartRounds { rounds }).await?;
-            println!("{} rounds queued; model v{}, {} devices connected", s.rounds_left + u64::from(s.current_round.is_some()), s.model_version, s.devices_connected.len());
+            println!(
+                "{} rounds queued; model v{}, {} devices connected",
+                s.rounds_left + u64::from(s.current_round.is_some()),
+                s.model_version,
+                s.devices_connected.len()
+            );
         }
         RoundCommand::Status { json, watch } => loop {
             let s = ask(&client, OperatorCommand::Status).await?;

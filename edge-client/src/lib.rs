@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod config;
+pub mod service;
 pub mod trainer;
 pub mod transport;
 

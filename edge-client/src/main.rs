@@ -5,21 +5,15 @@
 //! trainer a federated task runs; a centralised baseline and a backend check).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedge_core::dataset::DatasetName;
 use fedge_core::rng::derive_rng;
 use fedge_core::wire::TrainConfig;
-use fedge_core::partition::Partition;
-use fedge_core::wire::Capabilities;
-use fedge_edge::EdgeTrainer;
-use fedge_edge::client::{DeviceStatus, EdgeClient};
 use fedge_edge::config::EdgeConfig;
-use fedge_edge::transport::{DeviceTls, Link};
 use fedge_learn::{BackendKind, ModelKind, Trainer};
-use rand::RngExt;
 
 #[derive(Parser)]
 #[command(name = "fedge-edge", version, about = "Fedge edge client")]
@@ -93,7 +87,9 @@ fn real_main() -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
             let c: EdgeConfig = toml::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message().replace('\n', " ")))?;
-            tokio::runtime::Runtime::new()?.block_on(run(c))
+            tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, async {
+                let _ = tokio::signal::ctrl_c().await;
+            }))
         }
         Command::Status { state_dir } => {
             let path = state_dir.join("status.json");
@@ -142,93 +138,5 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
-}
-
-fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
-    let _ = std::fs::create_dir_all(dir);
-    let v = serde_json::json!({
-        "model_version": status.model_version,
-        "model_hash": status.model_hash.map(|h| h.to_string()),
-        "last_round": status.last_round,
-        "results_acknowledged": status.acked,
-    });
-    let tmp = dir.join("status.json.tmp");
-    if std::fs::write(&tmp, format!("{v:#}\n")).is_ok() {
-        let _ = std::fs::rename(&tmp, dir.join("status.json"));
-    }
-}
-
-async fn run(c: EdgeConfig) -> anyhow::Result<()> {
-    let dataset: DatasetName = c.dataset.parse().map_err(anyhow::Error::msg)?;
-    let model: ModelKind = c.model.parse().map_err(anyhow::Error::msg)?;
-    let backend: BackendKind = c.backend.parse()?;
-    anyhow::ensure!(c.shards > 0 && c.shard < c.shards, "shard must be in 0..shards");
-    let data = dataset.load(&c.data_dir).context("failed to load the local dataset")?;
-    let parts = Partition::Iid.split(&data.train.labels, c.shards as usize, &mut derive_rng(c.seed, &[fedge_core::rng::stream::PARTITION]))?;
-    let indices = parts[c.shard as usize].clone();
-    let n = indices.len();
-    let tls = DeviceTls { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone() };
-    let caps = Capabilities { backend: backend.to_string(), memory_mb: c.memory_mb, charging: true, unmetered: true, num_samples: n as u64 };
-    let mut trainer = Some(EdgeTrainer::new(model, data.train.num_classes, backend)?);
-    let train = std::sync::Arc::new(data.train);
-    let mut client: Option<EdgeClient> = None;
-    let mut failures = 0u32;
-    loop {
-        let attempt = async {
-            let link = Link::connect(c.coordinator, &c.server_name, &tls).await?;
-            let welcome = link.hello(caps.clone()).await?;
-            Ok::<_, fedge_edge::transport::ConnectError>((link, welcome))
-        };
-        match attempt.await {
-            Ok((link, welcome)) => {
-                failures = 0;
-                println!("connected as {} ({n} local examples); coordinator at model v{}", welcome.device_id, welcome.model_version);
-                let cl = match client.as_mut() {
-                    Some(cl) => {
-                        cl.reconnect(link);
-                        cl
-                    }
-                    None => {
-                        let cl = EdgeClient::new(link, trainer.take().expect("first connection"), train.clone(), indices.clone(), c.seed)
-                            .with_state_dir(c.state_dir.clone());
-                        client.insert(cl)
-                    }
-                };
-                let status = cl.status();
-                let saver = {
-                    let status = status.clone();
-                    let dir = c.state_dir.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            let s = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                            save_status(&dir, &s);
-                        }
-                    })
-                };
-                let outcome = tokio::select! {
-                    r = cl.run(c.shard) => r,
-                    _ = tokio::signal::ctrl_c() => {
-                        saver.abort();
-                        save_status(&c.state_dir, &status.lock().unwrap_or_else(|p| p.into_inner()).clone());
-                        return Ok(());
-                    }
-                };
-                saver.abort();
-                save_status(&c.state_dir, &status.lock().unwrap_or_else(|p| p.into_inner()).clone());
-                if let Err(e) = outcome {
-                    eprintln!("disconnected: {e}");
-                }
-            }
-            Err(e) => {
-                failures += 1;
-                eprintln!("cannot reach the coordinator: {e}");
-            }
-        }
-        // Exponential backoff with jitter: 100 ms doubling to 10 s, +-25%.
-        let base = (100u64 << failures.min(7)).min(10_000) as f64;
-        let jitter: f64 = rand::rng().random_range(0.75..1.25);
-        tokio::time::sleep(Duration::from_millis((base * jitter) as u64)).await;
     }
 }

@@ -6,6 +6,7 @@
 //! each own one model, [`run`] is the loop and its outputs.
 
 pub mod config;
+pub mod demo;
 pub mod pool;
 pub mod run;
 

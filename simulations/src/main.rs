@@ -21,7 +21,37 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a simulation (FedAvg over virtual devices) and write rounds.csv and summary.json.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Start a coordinator and N edge processes on loopback with fresh certificates, run R
+    /// rounds through operator commands over QUIC, print each round, stop everything.
+    Demo {
+        /// Edge processes.
+        #[arg(long, default_value_t = 3)]
+        devices: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        /// Print the rounds as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// (used by demo) Run the coordinator service.
+    #[command(hide = true)]
+    Coordinator {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// (used by demo) Run the edge service.
+    #[command(hide = true)]
+    Edge {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().replace('\n', " ")))
 }
 
 #[derive(Args)]
@@ -140,6 +170,32 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Demo { devices, rounds, json } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let out = rt.block_on(fedge_sim::demo::run(devices, rounds, |r| {
+                if !json {
+                    println!(
+                        "round {}: model v{}, {} devices reporting, accuracy {}",
+                        r.round,
+                        r.model_version,
+                        r.devices_reporting,
+                        r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0))
+                    );
+                }
+            }))?;
+            if json {
+                let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&out)?);
+            }
+            Ok(())
+        }
+        Command::Coordinator { config } => {
+            let c = read_toml(&config)?;
+            tokio::runtime::Runtime::new()?.block_on(fedge_coordinator::service::run(c, |_| {}, std::future::pending()))
+        }
+        Command::Edge { config } => {
+            let c = read_toml(&config)?;
+            tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, std::future::pending()))
+        }
         Command::Run(args) => {
             let config = args.config()?;
             let out = args.out.clone().unwrap_or_else(|| {

@@ -99,3 +99,17 @@ fn shipped_configs_are_valid() {
         fedge_sim::SimConfig::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml")).unwrap();
     assert_eq!(d, fedge_sim::SimConfig::default());
 }
+
+#[test]
+fn demo_runs_the_real_system_over_loopback() {
+    let (ok, stdout, stderr) = sim(&["demo", "--devices", "3", "--rounds", "2", "--json"]);
+    assert!(ok, "{stderr}");
+    let rounds: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rounds.len(), 2);
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["round"], i as u64 + 1);
+        assert_eq!(r["model_version"], i as u64 + 1);
+        assert_eq!(r["devices_reporting"], 3);
+        assert!(r["accuracy"].as_f64().unwrap() > 0.5, "{r}");
+    }
+}

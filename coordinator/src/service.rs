@@ -1,0 +1,76 @@
+//! The coordinator as a service: load the configuration's certificates and evaluation data,
+//! make the initial model, serve devices and operators, and evaluate every new model version.
+//!
+//! With `main.rs`, the one coordinator place that calls into burn (fedge-learn): for the
+//! initial model and the evaluation of each version on a test split.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use fedge_core::dataset::DatasetName;
+use fedge_learn::{BackendKind, ModelKind, Trainer};
+
+use crate::certs::CertDir;
+use crate::config::ServeConfig;
+use crate::engine::Evaluation;
+use crate::server::Coordinator;
+use crate::transport::Listener;
+
+/// Runs the coordinator described by `c` until `shutdown` completes; `ready` is called with
+/// the bound address once it listens.
+pub async fn run(
+    c: ServeConfig,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let model: ModelKind = c.model.parse().map_err(anyhow::Error::msg)?;
+    let dataset: DatasetName = c.eval_dataset.parse().map_err(anyhow::Error::msg)?;
+    let test = dataset.load(&c.data_dir).context("failed to load the evaluation dataset")?.test;
+    let certs = CertDir::open(&c.certs_dir).context("failed to open the certificate folder")?;
+    let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
+    let initial = evaluator.initial_params(c.seed);
+    let coordinator = Coordinator::new(c.engine(), initial).context("invalid configuration")?;
+    let listener = Listener::bind(c.listen, &certs)?;
+    ready(listener.local_addr()?);
+    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let eval = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                coordinator.wait_for_rounds(seen + 1).await;
+                let reports = coordinator.reports();
+                for r in &reports[seen..] {
+                    let (version, global) = coordinator.global();
+                    let line = if version == r.model_version {
+                        match evaluator.evaluate(&global, &test, 500) {
+                            Ok(m) => {
+                                coordinator
+                                    .record_evaluation(version, Evaluation { accuracy: m.accuracy, loss: m.loss });
+                                format!("accuracy {:.2}% loss {:.4}", m.accuracy * 100.0, m.loss)
+                            }
+                            Err(e) => format!("evaluation failed: {e}"),
+                        }
+                    } else {
+                        String::from("(superseded before evaluation)")
+                    };
+                    println!(
+                        "round {} -> model v{}: {}/{} results, {} failed, {} late; {line}",
+                        r.round,
+                        r.model_version,
+                        r.results,
+                        r.selected,
+                        r.failures,
+                        r.stragglers.len()
+                    );
+                }
+                seen = reports.len();
+            }
+        })
+    };
+    shutdown.await;
+    eval.abort();
+    server.abort();
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! `fedge-sim demo`: the real system on loopback in one command.
+//!
+//! Makes a fresh CA, one operator and N device certificates in a temporary folder, starts a
+//! coordinator process and N edge processes (this same executable, running the coordinator and
+//! edge services), drives R rounds through operator commands over QUIC, reports each round's
+//! model version and accuracy, and stops every process.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fedge_coordinator::certs::{CertDir, Role};
+use fedge_core::wire::{Message, OperatorCommand, Status};
+use serde::Serialize;
+
+/// One round of the demo.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoRound {
+    /// Round number.
+    pub round: u64,
+    /// Model version after it.
+    pub model_version: u64,
+    /// Test accuracy of that version.
+    pub accuracy: Option<f64>,
+    /// Devices whose results were aggregated.
+    pub devices_reporting: u64,
+}
+
+/// Kills the child processes however the demo ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(exe: &Path, role: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log)?;
+    Command::new(exe)
+        .args([role, "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start the {role} process"))
+}
+
+async fn status(client: &fedge_net::Client, cmd: OperatorCommand) -> anyhow::Result<Status> {
+    match client.request(&Message::Operator(cmd)).await? {
+        Message::Status(s) => Ok(s),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// Runs the demo with `devices` edge processes for `rounds` rounds; `progress` gets one line
+/// per round.
+pub async fn run(devices: usize, rounds: u64, mut progress: impl FnMut(&DemoRound)) -> anyhow::Result<Vec<DemoRound>> {
+    anyhow::ensure!(devices >= 1 && rounds >= 1, "need at least one device and one round");
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let dir = tempfile::tempdir()?;
+    let fleet = dir.path().join("fleet");
+    let ca = CertDir::init(&fleet, &["localhost".into(), "127.0.0.1".into()])?;
+    let op = ca.issue(Role::Operator, "demo", 1)?;
+    let port = free_udp_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let coordinator_toml = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &coordinator_toml,
+        format!(
+            "listen = \"{addr}\"\ncerts_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\n",
+            fleet.display().to_string()
+        ),
+    )?;
+    let mut children = Children(Vec::new());
+    children.0.push(spawn(&exe, "coordinator", &coordinator_toml, &dir.path().join("coordinator.log"))?);
+    for i in 0..devices {
+        let issued = ca.issue(Role::Device, &format!("dev-{i}"), 1)?;
+        let toml = dir.path().join(format!("edge-{i}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                "coordinator = \"{addr}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nstate_dir = {:?}\nshard = {i}\nshards = {devices}\n",
+                ca.ca_pem().display().to_string(),
+                issued.cert.display().to_string(),
+                issued.key.display().to_string(),
+                dir.path().join(format!("state-{i}")).display().to_string(),
+            ),
+        )?;
+        children.0.push(spawn(&exe, "edge", &toml, &dir.path().join(format!("edge-{i}.log")))?);
+    }
+
+    let config = fedge_net::client_config(&ca.ca_pem(), &op.cert, &op.key)?;
+    let started = Instant::now();
+    let client = loop {
+        match fedge_net::Client::connect(addr, "localhost", config.clone()).await {
+            Ok(c) => break c,
+            Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
+                bail!("coordinator did not come up: {e}\n{log}");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    while status(&client, OperatorCommand::Status).await?.devices_connected.len() < devices {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("devices did not all connect within 60 s (logs in {})", dir.path().display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    status(&client, OperatorCommand::StartRounds { rounds }).await?;
+    let mut reported = 0usize;
+    let mut out = Vec::new();
+    loop {
+        let s = status(&client, OperatorCommand::Status).await?;
+        // Report a round once the coordinator has evaluated its model.
+        while let Some(r) = s.rounds.get(reported) {
+            if r.accuracy.is_none() && r.failed_reason.is_none() {
+                break;
+            }
+            let line = DemoRound {
+                round: r.round,
+                model_version: r.model_version,
+                accuracy: r.accuracy,
+                devices_reporting: r.results,
+            };
+            progress(&line);
+            out.push(line);
+            reported += 1;
+        }
+        if reported as u64 >= rounds {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client.close().await;
+    drop(children);
+    Ok(out)
+}
