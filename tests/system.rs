@@ -206,3 +206,91 @@ async fn a_device_that_goes_silent_does_not_hold_the_round_past_its_deadline() {
         c.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_over_the_wire_gets_typed_errors_and_harms_nothing() {
+    use fedge_core::ModelParams;
+    use fedge_core::wire::TrainResult;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 1,
+        round_timeout: Duration::from_secs(60),
+        ..EngineConfig::default()
+    };
+    let coordinator = Coordinator::new(config, initial.clone()).unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let issued = ca.issue(Role::Device, "bad", 1).unwrap();
+    let tls = DeviceTls { ca: ca.ca_pem(), cert: issued.cert, key: issued.key };
+    let link = Link::connect(addr, "localhost", &tls).await.unwrap();
+    let caps = Capabilities { backend: "flex".into(), memory_mb: 1, charging: true, unmetered: true, num_samples: 10 };
+    link.hello(caps).await.unwrap();
+    coordinator.start_rounds(1);
+    let task = match link.request(&Message::TaskRequest).await.unwrap() {
+        Message::TrainTask(t) => t,
+        other => panic!("{other:?}"),
+    };
+    let result = |delta: ModelParams| TrainResult {
+        round: task.round,
+        model_version: task.model_version,
+        num_samples: 10,
+        train_loss: 0.1,
+        delta,
+    };
+    let code_of = |m: Message| match m {
+        Message::Error { code, .. } => code,
+        other => panic!("expected an error, got {other:?}"),
+    };
+
+    // Raw frames: garbage bytes, and a length prefix far over the limit.
+    for (frame, want) in [
+        (vec![3, 0, 0, 0, 0xff, 0xfe, 0xfd], ErrorCode::Malformed),
+        ((u32::MAX).to_le_bytes().to_vec(), ErrorCode::TooLarge),
+    ] {
+        let (mut send, mut recv) = link.connection.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        let _ = send.finish();
+        match fedge_net::read_message(&mut recv).await {
+            Ok(m) => assert_eq!(code_of(m), want),
+            Err(e) => panic!("no answer to a bad frame: {e}"),
+        }
+    }
+    // NaN, wrong shape, stale version.
+    let mut nan = initial.clone();
+    nan.data_mut()[7] = f32::NAN;
+    let wrong_shape = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let zero = ModelParams::zeros(initial.layout().clone());
+    let stale = TrainResult { model_version: 9, ..result(zero.clone()) };
+    for (msg, want) in [
+        (Message::TrainResult(result(nan)), ErrorCode::InvalidUpdate),
+        (Message::TrainResult(result(wrong_shape)), ErrorCode::InvalidUpdate),
+        (Message::TrainResult(stale), ErrorCode::StaleModel),
+        (
+            Message::Welcome(fedge_core::wire::Welcome {
+                protocol_version: 1,
+                device_id: "x".into(),
+                model_version: 0,
+            }),
+            ErrorCode::Malformed,
+        ),
+    ] {
+        assert_eq!(code_of(link.request(&msg).await.unwrap()), want);
+    }
+    assert!(coordinator.reports().is_empty(), "nothing bad closed the round");
+    // A good result is acknowledged; the same device again is a duplicate, and stale now.
+    match link.request(&Message::TrainResult(result(zero.clone()))).await.unwrap() {
+        Message::Ack { round } => assert_eq!(round, 1),
+        other => panic!("{other:?}"),
+    }
+    let again = code_of(link.request(&Message::TrainResult(result(zero))).await.unwrap());
+    assert!(matches!(again, ErrorCode::Duplicate | ErrorCode::StaleModel), "{again:?}");
+    let (version, global) = coordinator.global();
+    assert_eq!(version, 1);
+    assert_eq!(global.content_hash(), initial.content_hash(), "a zero delta leaves the model as it was");
+    server.abort();
+}

@@ -257,7 +257,11 @@ impl Coordinator {
             let request = match fedge_net::read_message(&mut recv).await {
                 Ok(m) => m,
                 Err(e) => {
-                    let reply = Message::Error { code: ErrorCode::Malformed, message: e.to_string() };
+                    let code = match e {
+                        fedge_net::FrameError::TooLarge(_) => ErrorCode::TooLarge,
+                        _ => ErrorCode::Malformed,
+                    };
+                    let reply = Message::Error { code, message: e.to_string() };
                     let _ = fedge_net::write_message(&mut send, &reply).await;
                     continue;
                 }
