@@ -84,9 +84,7 @@ fn main() -> std::process::ExitCode {
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { config } => {
-            let text = std::fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
-            let c: EdgeConfig = toml::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {}", config.display(), e.message().replace('\n', " ")))?;
+            let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
             tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, async {
                 let _ = tokio::signal::ctrl_c().await;
             }))

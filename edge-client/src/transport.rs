@@ -26,20 +26,9 @@ pub enum ConnectError {
     /// TLS material unusable.
     #[error(transparent)]
     Tls(#[from] fedge_net::TlsError),
-    /// Local socket trouble.
-    #[error("cannot open a local endpoint: {0}")]
-    Endpoint(std::io::Error),
-    /// The connection or handshake failed.
-    #[error("cannot connect to {addr}: {reason}")]
-    Connect {
-        /// Coordinator address.
-        addr: SocketAddr,
-        /// Why.
-        reason: String,
-    },
-    /// Talking failed.
+    /// Connecting or talking failed.
     #[error(transparent)]
-    Frame(#[from] fedge_net::FrameError),
+    Client(#[from] fedge_net::ClientError),
     /// The coordinator refused.
     #[error("coordinator refused ({code:?}): {message}")]
     Refused {
@@ -58,16 +47,6 @@ pub struct Link {
     client: fedge_net::Client,
     /// The QUIC connection.
     pub connection: quinn::Connection,
-}
-
-impl From<fedge_net::ClientError> for ConnectError {
-    fn from(e: fedge_net::ClientError) -> Self {
-        match e {
-            fedge_net::ClientError::Endpoint(e) => ConnectError::Endpoint(e),
-            fedge_net::ClientError::Connect { addr, reason } => ConnectError::Connect { addr, reason },
-            fedge_net::ClientError::Frame(f) => ConnectError::Frame(f),
-        }
-    }
 }
 
 impl Link {

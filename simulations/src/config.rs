@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use fedge_core::config_file::{ConfigFileError, parse_toml, read_toml};
+
 use fedge_coordinator::EngineConfig;
 use fedge_core::dataset::DatasetName;
 use fedge_core::partition::Partition;
@@ -116,24 +118,9 @@ impl Default for SimConfig {
 /// A bad configuration, in one line.
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {reason}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// The file is not valid TOML for this schema.
-    #[error("config {path}, line {line}: {reason}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the problem.
-        line: usize,
-        /// What is wrong.
-        reason: String,
-    },
+    /// The file could not be read or parsed.
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     /// A value is impossible.
     #[error("invalid config: {0}")]
     Invalid(String),
@@ -142,17 +129,12 @@ pub enum ConfigError {
 impl SimConfig {
     /// Reads a TOML file; unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: e.to_string() })?;
-        Self::from_toml(&text).map_err(|(line, reason)| ConfigError::Parse { path: path.to_path_buf(), line, reason })
+        Ok(read_toml(path)?)
     }
 
     /// Parses TOML text; on error, the 1-based line and a one-line reason.
     pub fn from_toml(text: &str) -> Result<Self, (usize, String)> {
-        toml::from_str(text).map_err(|e: toml::de::Error| {
-            let line = e.span().map_or(1, |s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-            (line, e.message().replace('\n', " ").trim().to_string())
-        })
+        parse_toml(text)
     }
 
     /// Checks every value, naming the first bad one.

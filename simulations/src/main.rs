@@ -49,10 +49,7 @@ enum Command {
     },
 }
 
-fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().replace('\n', " ")))
-}
+use fedge_core::config_file::read_toml;
 
 #[derive(Args)]
 struct RunArgs {
@@ -189,11 +186,11 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Coordinator { config } => {
-            let c = read_toml(&config)?;
+            let c: fedge_coordinator::config::ServeConfig = read_toml(&config)?;
             tokio::runtime::Runtime::new()?.block_on(fedge_coordinator::service::run(c, |_| {}, std::future::pending()))
         }
         Command::Edge { config } => {
-            let c = read_toml(&config)?;
+            let c: fedge_edge::config::EdgeConfig = read_toml(&config)?;
             tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, std::future::pending()))
         }
         Command::Run(args) => {

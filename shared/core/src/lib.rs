@@ -10,6 +10,7 @@
 
 pub mod aggregate;
 pub mod codec;
+pub mod config_file;
 pub mod dataset;
 pub mod params;
 pub mod partition;
