@@ -32,6 +32,8 @@ struct State {
     connected: BTreeSet<DeviceId>,
     tasks: BTreeMap<DeviceId, TrainTask>,
     models: BTreeMap<u64, Arc<ModelParams>>,
+    /// `Model` messages already encoded, by version: encoded once, sent to every device.
+    encoded: BTreeMap<u64, Arc<Vec<u8>>>,
     reports: Vec<RoundReport>,
     rounds_left: u64,
 }
@@ -55,6 +57,7 @@ impl Coordinator {
                 connected: BTreeSet::new(),
                 tasks: BTreeMap::new(),
                 models: BTreeMap::from([(0, first)]),
+                encoded: BTreeMap::new(),
                 reports: Vec::new(),
                 rounds_left: 0,
             }),
@@ -124,7 +127,9 @@ impl Coordinator {
                         s.models.entry(v).or_insert_with(|| Arc::new(s.engine.global().clone()));
                         // Keep the last few versions for devices still fetching them.
                         while s.models.len() > 4 {
-                            s.models.pop_first();
+                            if let Some((old, _)) = s.models.pop_first() {
+                                s.encoded.remove(&old);
+                            }
                         }
                         s.reports.push(report);
                     }
@@ -266,8 +271,11 @@ impl Coordinator {
                     continue;
                 }
             };
-            let reply = self.answer(id, request);
-            if fedge_net::write_message(&mut send, &reply).await.is_err() {
+            let written = match self.answer(id, request) {
+                Reply::Message(m) => fedge_net::write_message(&mut send, &m).await,
+                Reply::Encoded(bytes) => fedge_net::write_encoded(&mut send, &bytes).await,
+            };
+            if written.is_err() {
                 break;
             }
             let _ = send.finish();
@@ -280,17 +288,25 @@ impl Coordinator {
         self.pump(&mut s);
     }
 
-    fn answer(&self, id: DeviceId, request: Message) -> Message {
+    fn answer(&self, id: DeviceId, request: Message) -> Reply {
         let mut s = self.lock();
-        match request {
+        let reply = match request {
             Message::TaskRequest => match s.tasks.get(&id) {
                 Some(task) => Message::TrainTask(task.clone()),
                 None => Message::NoTask { retry_after_ms: RETRY_MS, model_version: s.engine.version() },
             },
             Message::ModelRequest { version } => {
                 let v = version.unwrap_or_else(|| s.engine.version());
-                match s.models.get(&v) {
-                    Some(p) => Message::Model { version: v, hash: p.content_hash(), params: (**p).clone() },
+                if let Some(bytes) = s.encoded.get(&v) {
+                    return Reply::Encoded(bytes.clone());
+                }
+                match s.models.get(&v).cloned() {
+                    Some(p) => {
+                        let msg = Message::Model { version: v, hash: p.content_hash(), params: (*p).clone() };
+                        let bytes = Arc::new(fedge_core::codec::encode(&msg));
+                        s.encoded.insert(v, bytes.clone());
+                        return Reply::Encoded(bytes);
+                    }
                     None => Message::Error {
                         code: ErrorCode::StaleModel,
                         message: format!("model version {v} is not kept"),
@@ -315,6 +331,13 @@ impl Coordinator {
                 message: "a device certificate cannot run operator commands".into(),
             },
             _ => Message::Error { code: ErrorCode::Malformed, message: "unexpected message from a device".into() },
-        }
+        };
+        Reply::Message(reply)
     }
+}
+
+/// An answer to a device: a message, or one already encoded.
+enum Reply {
+    Message(Message),
+    Encoded(Arc<Vec<u8>>),
 }

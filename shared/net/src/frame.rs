@@ -24,12 +24,17 @@ pub enum FrameError {
 
 /// Writes one message as a frame.
 pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), FrameError> {
-    let bytes = codec::encode(msg);
+    write_encoded(send, &codec::encode(msg)).await
+}
+
+/// Writes bytes that already hold one encoded message (for example a model encoded once and
+/// sent to many devices) as a frame.
+pub async fn write_encoded(send: &mut quinn::SendStream, bytes: &[u8]) -> Result<(), FrameError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(FrameError::TooLarge(bytes.len()));
     }
     send.write_all(&(bytes.len() as u32).to_le_bytes()).await.map_err(|e| FrameError::Closed(e.to_string()))?;
-    send.write_all(&bytes).await.map_err(|e| FrameError::Closed(e.to_string()))
+    send.write_all(bytes).await.map_err(|e| FrameError::Closed(e.to_string()))
 }
 
 /// Reads one frame and decodes it.
