@@ -77,7 +77,15 @@ async fn five_devices_three_rounds_over_quic() {
     )
     .await
     .unwrap();
-    let refused = as_device.request(&Message::Operator(OperatorCommand::StartRounds { rounds: 3 })).await.unwrap();
+    let refused = as_device
+        .request(&Message::Operator(OperatorCommand::StartRounds {
+            rounds: 3,
+            fraction: None,
+            min_train_clients: None,
+            deadline_secs: None,
+        }))
+        .await
+        .unwrap();
     assert!(matches!(refused, Message::Error { code: ErrorCode::Unauthorized, .. }), "{refused:?}");
     as_device.close().await;
     assert_eq!(coordinator.status().rounds_left, 0);
@@ -92,7 +100,21 @@ async fn five_devices_three_rounds_over_quic() {
     )
     .await
     .unwrap();
-    match operator.request(&Message::Operator(OperatorCommand::StartRounds { rounds: 3 })).await.unwrap() {
+    // Impossible settings are refused and start nothing.
+    let bad =
+        OperatorCommand::StartRounds { rounds: 3, fraction: Some(0.0), min_train_clients: None, deadline_secs: None };
+    match operator.request(&Message::Operator(bad)).await.unwrap() {
+        Message::Error { message, .. } => assert!(message.contains("fraction"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(coordinator.status().rounds_left, 0);
+    let start = OperatorCommand::StartRounds {
+        rounds: 3,
+        fraction: Some(1.0),
+        min_train_clients: Some(5),
+        deadline_secs: Some(60),
+    };
+    match operator.request(&Message::Operator(start)).await.unwrap() {
         Message::Status(st) => assert!(st.current_round == Some(1) || st.rounds_left == 3, "{st:?}"),
         other => panic!("{other:?}"),
     }

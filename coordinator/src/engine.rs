@@ -113,6 +113,17 @@ impl EngineConfig {
     }
 }
 
+/// Why the configuration cannot change now.
+#[derive(Debug, Error, PartialEq)]
+pub enum ReconfigureError {
+    /// A round is open.
+    #[error("round {0} is in progress; change settings between rounds")]
+    Busy(u64),
+    /// The new settings are invalid.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
 /// Why a round cannot start.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum StartError {
@@ -291,6 +302,19 @@ impl<S: Strategy> RoundEngine<S> {
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Changes the configuration for the rounds to come; refused while a round is open (the
+    /// open round keeps the settings it started with) or if the result is invalid.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut EngineConfig)) -> Result<(), ReconfigureError> {
+        if let Some(o) = &self.open {
+            return Err(ReconfigureError::Busy(o.round));
+        }
+        let mut next = self.config.clone();
+        change(&mut next);
+        next.validate()?;
+        self.config = next;
+        Ok(())
     }
 
     /// Evaluations reported so far, by model version.
@@ -657,6 +681,17 @@ mod tests {
         assert_eq!(e.start_round(S), Err(StartError::Busy(1)));
         let mut e = engine(2, cfg(0.1, 3));
         assert_eq!(e.start_round(S), Err(StartError::NotEnoughDevices { available: 2, needed: 3 }));
+    }
+
+    #[test]
+    fn reconfigure_between_rounds_only() {
+        let mut e = engine(10, cfg(0.1, 1));
+        e.reconfigure(|c| c.fraction = 0.5).unwrap();
+        assert_eq!(e.reconfigure(|c| c.fraction = 0.0), Err(ReconfigureError::Invalid(ConfigError::Fraction(0.0))));
+        e.start_round(S).unwrap();
+        assert_eq!(assigned(&mut e).len(), 5);
+        assert_eq!(e.reconfigure(|c| c.fraction = 1.0), Err(ReconfigureError::Busy(1)));
+        assert_eq!(e.config().fraction, 0.5);
     }
 
     #[test]

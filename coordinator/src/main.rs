@@ -54,6 +54,15 @@ enum RoundCommand {
         /// How many.
         #[arg(long, default_value_t = 1)]
         rounds: u64,
+        /// Fraction of connected devices to sample (kept for later rounds).
+        #[arg(long)]
+        fraction: Option<f64>,
+        /// Fewest results a round needs (kept for later rounds).
+        #[arg(long)]
+        min_clients: Option<u64>,
+        /// Seconds a round waits for results (kept for later rounds).
+        #[arg(long)]
+        deadline: Option<u64>,
     },
     /// Show the coordinator's state and the rounds so far.
     Status {
@@ -269,8 +278,14 @@ fn print_status(s: &Status, json: bool) {
 async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
     let client = operator_client(&op).await?;
     match command {
-        RoundCommand::Start { rounds } => {
-            let s = ask(&client, OperatorCommand::StartRounds { rounds }).await?;
+        RoundCommand::Start { rounds, fraction, min_clients, deadline } => {
+            let command = OperatorCommand::StartRounds {
+                rounds,
+                fraction,
+                min_train_clients: min_clients,
+                deadline_secs: deadline,
+            };
+            let s = ask(&client, command).await?;
             println!(
                 "{} rounds queued; model v{}, {} devices connected",
                 s.rounds_left + u64::from(s.current_round.is_some()),

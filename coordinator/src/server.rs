@@ -224,9 +224,30 @@ impl Coordinator {
     async fn operator_session(self: Arc<Self>, peer: Peer) {
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
             let reply = match fedge_net::read_message(&mut recv).await {
-                Ok(Message::Operator(OperatorCommand::StartRounds { rounds })) => {
-                    self.start_rounds(rounds);
-                    Message::Status(self.status())
+                Ok(Message::Operator(OperatorCommand::StartRounds {
+                    rounds,
+                    fraction,
+                    min_train_clients,
+                    deadline_secs,
+                })) => {
+                    let changed = self.lock().engine.reconfigure(|c| {
+                        if let Some(f) = fraction {
+                            c.fraction = f;
+                        }
+                        if let Some(k) = min_train_clients {
+                            c.min_train_clients = k as usize;
+                        }
+                        if let Some(d) = deadline_secs {
+                            c.round_timeout = Duration::from_secs(d);
+                        }
+                    });
+                    match changed {
+                        Ok(()) => {
+                            self.start_rounds(rounds);
+                            Message::Status(self.status())
+                        }
+                        Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+                    }
                 }
                 Ok(Message::Operator(OperatorCommand::Status)) => Message::Status(self.status()),
                 Ok(_) => {

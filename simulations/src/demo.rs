@@ -118,7 +118,11 @@ pub async fn run(devices: usize, rounds: u64, mut progress: impl FnMut(&DemoRoun
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    status(&client, OperatorCommand::StartRounds { rounds }).await?;
+    status(
+        &client,
+        OperatorCommand::StartRounds { rounds, fraction: None, min_train_clients: None, deadline_secs: None },
+    )
+    .await?;
     let mut reported = 0usize;
     let mut out = Vec::new();
     loop {

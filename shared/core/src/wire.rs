@@ -168,10 +168,16 @@ pub enum Message {
 /// What an operator can ask.
 #[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
 pub enum OperatorCommand {
-    /// Run this many more rounds.
+    /// Run this many more rounds, optionally with new round settings (kept for later rounds).
     StartRounds {
         /// How many.
         rounds: u64,
+        /// Fraction of connected devices to sample.
+        fraction: Option<f64>,
+        /// Fewest results a round needs.
+        min_train_clients: Option<u64>,
+        /// Seconds a round waits for results.
+        deadline_secs: Option<u64>,
     },
     /// Just report the state.
     Status,
