@@ -316,3 +316,100 @@ async fn bad_input_over_the_wire_gets_typed_errors_and_harms_nothing() {
     assert_eq!(global.content_hash(), initial.content_hash(), "a zero delta leaves the model as it was");
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_resumes_from_its_last_model_version() {
+    use fedge_coordinator::store::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(&dir.path().join("fleet"), &["localhost".into()]).unwrap();
+    let state = dir.path().join("state");
+    let data = embedded::mnist_subset().unwrap();
+    let train = Arc::new(data.train);
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 2,
+        round_timeout: Duration::from_secs(60),
+        train: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: None, noise_multiplier: None },
+        ..EngineConfig::default()
+    };
+    let names = ["dev-a", "dev-b"];
+    for name in names {
+        ca.issue(Role::Device, name, 1).unwrap();
+    }
+    let tls = |name: &str| DeviceTls {
+        ca: ca.ca_pem(),
+        cert: dir.path().join(format!("fleet/devices/{name}.pem")),
+        key: dir.path().join(format!("fleet/devices/{name}.key")),
+    };
+    let caps = Capabilities { backend: "flex".into(), memory_mb: 1, charging: true, unmetered: true, num_samples: 100 };
+
+    // First life: two rounds.
+    let (hash_before, known_before) = {
+        let coordinator =
+            Coordinator::with_store(config.clone(), initial.clone(), Store::open(&state).unwrap()).unwrap();
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(coordinator.clone().serve(listener));
+        let mut clients = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let link = Link::connect(addr, "localhost", &tls(name)).await.unwrap();
+            link.hello(caps.clone()).await.unwrap();
+            let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+            let mut client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
+            clients.push(tokio::spawn(async move { client.run(i as u64).await }));
+        }
+        coordinator.start_rounds(2);
+        tokio::time::timeout(Duration::from_secs(120), coordinator.wait_for_rounds(2)).await.expect("2 rounds");
+        let (version, global) = coordinator.global();
+        assert_eq!(version, 2);
+        server.abort();
+        for c in clients {
+            c.abort();
+            let _ = c.await;
+        }
+        let _ = server.await;
+        let result = (global.content_hash(), coordinator.status().devices_known);
+        // Wait for the device sessions to notice the closed connections and let go.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while Arc::strong_count(&coordinator) > 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the stopped coordinator is released");
+        result
+    };
+    assert_eq!(known_before, 2);
+
+    // Second life, same state folder, a different initial model offered: the stored one wins.
+    let other_initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(99);
+    let coordinator = Coordinator::with_store(config, other_initial, Store::open(&state).unwrap()).unwrap();
+    let (version, global) = coordinator.global();
+    assert_eq!(version, 2);
+    assert_eq!(global.content_hash(), hash_before);
+    let st = coordinator.status();
+    assert_eq!((st.devices_known, st.model_version, st.model_hash), (2, 2, hash_before));
+    // The next round is round 3 and builds version 3 from version 2.
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let link = Link::connect(addr, "localhost", &tls(name)).await.unwrap();
+        assert_eq!(link.hello(caps.clone()).await.unwrap().model_version, 2);
+        let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let mut client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
+        clients.push(tokio::spawn(async move { client.run(i as u64).await }));
+    }
+    coordinator.start_rounds(1);
+    tokio::time::timeout(Duration::from_secs(120), coordinator.wait_for_rounds(1)).await.expect("round 3");
+    let r = &coordinator.reports()[0];
+    assert_eq!((r.round, r.model_version, r.results), (3, 3, 2));
+    assert_eq!(coordinator.status().devices_known, 2, "the same devices, not new ones");
+    server.abort();
+    for c in clients {
+        c.abort();
+    }
+}

@@ -17,6 +17,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Folder made by `fedge-coordinator certs init`.
     pub certs_dir: PathBuf,
+    /// Where model versions and the device registry are kept (redb + content-addressed blobs).
+    pub state_dir: PathBuf,
     /// `2nn` or `cnn`.
     pub model: String,
     /// Seed of the initial model and of device sampling.
@@ -50,6 +52,7 @@ impl Default for ServeConfig {
         Self {
             listen: "127.0.0.1:4433".parse().expect("valid address"),
             certs_dir: PathBuf::from("certs/fleet"),
+            state_dir: PathBuf::from("coordinator-state"),
             model: "2nn".into(),
             seed: 0,
             eval_dataset: "embedded".into(),

@@ -284,6 +284,21 @@ impl<S: Strategy> RoundEngine<S> {
         })
     }
 
+    /// An engine resuming from stored state: `global` is model `version`, `last_round` rounds
+    /// have closed, no round is open.
+    pub fn restore(
+        config: EngineConfig,
+        strategy: S,
+        global: ModelParams,
+        version: u64,
+        last_round: u64,
+    ) -> Result<Self, ConfigError> {
+        let mut e = Self::new(config, strategy, global)?;
+        e.version = version;
+        e.last_round = last_round;
+        Ok(e)
+    }
+
     /// The current global model.
     pub fn global(&self) -> &ModelParams {
         &self.global

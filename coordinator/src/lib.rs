@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod strategy;
 pub mod transport;
 

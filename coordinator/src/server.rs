@@ -20,14 +20,27 @@ use tokio::sync::Notify;
 use crate::certs::Role;
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
 use crate::engine::{Evaluation, RoundOutcome};
+use crate::store::{Store, StoreError};
 use crate::strategy::FedAvg;
 use crate::transport::{Listener, Peer, answer_hello};
+
+/// Why a coordinator could not start from its state.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The stored state is unreadable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
 
 /// How long an idle device waits before asking for work again.
 const RETRY_MS: u32 = 50;
 
 struct State {
     engine: RoundEngine<FedAvg>,
+    store: Option<Store>,
     ids: BTreeMap<String, DeviceId>,
     connected: BTreeSet<DeviceId>,
     tasks: BTreeMap<DeviceId, TrainTask>,
@@ -46,24 +59,44 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// A coordinator whose model version 0 is `initial`.
+    /// A coordinator whose model version 0 is `initial`, with state in memory only.
     pub fn new(config: EngineConfig, initial: ModelParams) -> Result<Arc<Self>, ConfigError> {
-        let first = Arc::new(initial.clone());
         let engine = RoundEngine::new(config, FedAvg::default(), initial)?;
-        Ok(Arc::new(Self {
+        Ok(Self::from_engine(engine, None, BTreeMap::new()))
+    }
+
+    /// A coordinator keeping its state in `store`: it resumes from the latest stored model
+    /// version (and device registry) if there is one, else starts from `initial` as version 0.
+    pub fn with_store(config: EngineConfig, initial: ModelParams, store: Store) -> Result<Arc<Self>, ServerError> {
+        let engine = match store.latest()? {
+            Some(r) => RoundEngine::restore(config, FedAvg::default(), r.params, r.version, r.last_round)?,
+            None => {
+                store.save_model(0, 0, &initial)?;
+                RoundEngine::new(config, FedAvg::default(), initial)?
+            }
+        };
+        let ids = store.devices()?.into_iter().collect();
+        Ok(Self::from_engine(engine, Some(store), ids))
+    }
+
+    fn from_engine(engine: RoundEngine<FedAvg>, store: Option<Store>, ids: BTreeMap<String, DeviceId>) -> Arc<Self> {
+        let first = Arc::new(engine.global().clone());
+        let version = engine.version();
+        Arc::new(Self {
             state: Mutex::new(State {
                 engine,
-                ids: BTreeMap::new(),
+                store,
+                ids,
                 connected: BTreeSet::new(),
                 tasks: BTreeMap::new(),
-                models: BTreeMap::from([(0, first)]),
+                models: BTreeMap::from([(version, first)]),
                 encoded: BTreeMap::new(),
                 reports: Vec::new(),
                 rounds_left: 0,
             }),
             changed: Notify::new(),
             started: Instant::now(),
-        }))
+        })
     }
 
     fn now(&self) -> Duration {
@@ -124,6 +157,12 @@ impl Coordinator {
                     EngineEvent::RoundClosed(report) => {
                         s.tasks.clear();
                         let v = s.engine.version();
+                        if report.outcome == RoundOutcome::Aggregated
+                            && let Some(store) = &s.store
+                            && let Err(e) = store.save_model(v, report.round, s.engine.global())
+                        {
+                            eprintln!("cannot store model v{v}: {e}");
+                        }
                         s.models.entry(v).or_insert_with(|| Arc::new(s.engine.global().clone()));
                         // Keep the last few versions for devices still fetching them.
                         while s.models.len() > 4 {
@@ -152,11 +191,13 @@ impl Coordinator {
     /// the engine's deadlines.
     pub async fn serve(self: Arc<Self>, listener: Listener) {
         let ticker = {
-            let me = self.clone();
+            // A weak handle: the ticker must not keep a stopped coordinator (and its store) alive.
+            let me = Arc::downgrade(&self);
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(Duration::from_millis(200));
                 loop {
                     every.tick().await;
+                    let Some(me) = me.upgrade() else { return };
                     let mut s = me.lock();
                     let now = me.now();
                     s.engine.handle_timeout(now);
@@ -272,8 +313,19 @@ impl Coordinator {
         }
         let id = {
             let mut s = self.lock();
-            let next = s.ids.len() as DeviceId;
-            let id = *s.ids.entry(peer.identity.id.clone()).or_insert(next);
+            let name = peer.identity.id.clone();
+            let id = match (s.ids.get(&name), &s.store) {
+                (Some(&id), _) => id,
+                (None, Some(store)) => match store.device_id(&name) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        eprintln!("device {name}: cannot register: {e}");
+                        return;
+                    }
+                },
+                (None, None) => s.ids.len() as DeviceId,
+            };
+            s.ids.insert(name, id);
             s.connected.insert(id);
             s.engine.handle_device_available(id);
             self.pump(&mut s);

@@ -15,6 +15,7 @@ use crate::certs::CertDir;
 use crate::config::ServeConfig;
 use crate::engine::Evaluation;
 use crate::server::Coordinator;
+use crate::store::Store;
 use crate::transport::Listener;
 
 /// Runs the coordinator described by `c` until `shutdown` completes; `ready` is called with
@@ -30,7 +31,9 @@ pub async fn run(
     let certs = CertDir::open(&c.certs_dir).context("failed to open the certificate folder")?;
     let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
     let initial = evaluator.initial_params(c.seed);
-    let coordinator = Coordinator::new(c.engine(), initial).context("invalid configuration")?;
+    let store = Store::open(&c.state_dir).context("failed to open the state folder")?;
+    let coordinator =
+        Coordinator::with_store(c.engine(), initial, store).context("failed to start from the stored state")?;
     let listener = Listener::bind(c.listen, &certs)?;
     ready(listener.local_addr()?);
     let server = tokio::spawn(coordinator.clone().serve(listener));

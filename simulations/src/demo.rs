@@ -78,8 +78,9 @@ pub async fn run(devices: usize, rounds: u64, mut progress: impl FnMut(&DemoRoun
     std::fs::write(
         &coordinator_toml,
         format!(
-            "listen = \"{addr}\"\ncerts_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\n",
-            fleet.display().to_string()
+            "listen = \"{addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\n",
+            fleet.display().to_string(),
+            dir.path().join("coordinator-state").display().to_string()
         ),
     )?;
     let mut children = Children(Vec::new());

@@ -52,6 +52,17 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// Keep-alives every 2 s and a 10 s idle timeout: a vanished peer (a crashed coordinator, a
+/// device out of coverage) is noticed within seconds, and its reconnect logic takes over.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("10 s is a valid idle timeout"),
+    ));
+    Arc::new(t)
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -84,7 +95,9 @@ pub fn server_config(
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
 }
 
 /// Client side: trust only `ca`; authenticate with `cert`/`key`.
@@ -97,5 +110,7 @@ pub fn client_config(ca: &Path, cert: &Path, key_path: &Path) -> Result<quinn::C
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Rustls(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
 }
