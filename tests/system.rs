@@ -140,6 +140,22 @@ async fn five_devices_three_rounds_over_quic() {
         }
         other => panic!("{other:?}"),
     }
+    match operator.request(&Message::Operator(OperatorCommand::Devices)).await.unwrap() {
+        Message::Devices(d) => {
+            let ids: Vec<&str> = d.iter().map(|d| d.id.as_str()).collect();
+            assert_eq!(ids, ["dev-0", "dev-1", "dev-2", "dev-3", "dev-4"], "the refused intruder is not registered");
+            assert!(d.iter().all(|d| d.connected));
+        }
+        other => panic!("{other:?}"),
+    }
+    match operator.request(&Message::Operator(OperatorCommand::Models)).await.unwrap() {
+        Message::Models(m) => {
+            assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), [0, 1, 2, 3]);
+            assert_eq!(m[3].hash, global.content_hash());
+            assert_eq!(m[3].accuracy, Some(after));
+        }
+        other => panic!("{other:?}"),
+    }
 
     // Every device ends on the final model, verified by hash.
     let final_hash = global.content_hash();

@@ -40,6 +40,20 @@ enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
+    /// List devices (operator command).
+    Devices {
+        #[command(subcommand)]
+        command: ListCommand,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
+    /// List model versions (operator command).
+    Models {
+        #[command(subcommand)]
+        command: ListCommand,
+        #[command(flatten)]
+        op: OperatorArgs,
+    },
     /// Certificate authority for the fleet (see certs/README.md).
     Certs {
         #[command(subcommand)]
@@ -72,6 +86,16 @@ enum RoundCommand {
         /// Refresh every second until interrupted.
         #[arg(long)]
         watch: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListCommand {
+    /// Print them as a table (or JSON).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -173,6 +197,12 @@ fn real_main() -> anyhow::Result<()> {
             });
         }
         Command::Round { command, op } => return tokio::runtime::Runtime::new()?.block_on(round(command, op)),
+        Command::Devices { command: ListCommand::List { json }, op } => {
+            return tokio::runtime::Runtime::new()?.block_on(list(OperatorCommand::Devices, json, op));
+        }
+        Command::Models { command: ListCommand::List { json }, op } => {
+            return tokio::runtime::Runtime::new()?.block_on(list(OperatorCommand::Models, json, op));
+        }
         Command::Certs { command } => match command {
             CertsCommand::Init { dir, names } => {
                 let ca = CertDir::init(&dir, &names).context("failed to create the CA")?;
@@ -303,5 +333,44 @@ async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
         },
     }
     client.close().await;
+    Ok(())
+}
+
+async fn list(command: OperatorCommand, json: bool, op: OperatorArgs) -> anyhow::Result<()> {
+    let client = operator_client(&op).await?;
+    let answer = client.request(&Message::Operator(command)).await?;
+    client.close().await;
+    let mut out = std::io::stdout().lock();
+    match answer {
+        Message::Devices(devices) => {
+            if json {
+                let v: Vec<_> =
+                    devices.iter().map(|d| serde_json::json!({"id": d.id, "connected": d.connected})).collect();
+                let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
+            } else {
+                let _ = writeln!(out, "{:<24} connected", "device");
+                for d in devices {
+                    let _ = writeln!(out, "{:<24} {}", d.id, if d.connected { "yes" } else { "no" });
+                }
+            }
+        }
+        Message::Models(models) => {
+            if json {
+                let v: Vec<_> = models
+                    .iter()
+                    .map(|m| serde_json::json!({"version": m.version, "hash": m.hash.to_string(), "accuracy": m.accuracy}))
+                    .collect();
+                let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
+            } else {
+                let _ = writeln!(out, "{:>7}  {:<64}  accuracy", "version", "sha256");
+                for m in models {
+                    let acc = m.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
+                    let _ = writeln!(out, "{:>7}  {:<64}  {acc}", m.version, m.hash.to_string());
+                }
+            }
+        }
+        Message::Error { code, message } => anyhow::bail!("coordinator refused ({code:?}): {message}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    }
     Ok(())
 }

@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fedge_core::ModelParams;
-use fedge_core::wire::{DeviceId, ErrorCode, Message, OperatorCommand, RoundLine, Status, TrainTask};
+use fedge_core::params::ContentHash;
+use fedge_core::wire::{
+    DeviceId, DeviceLine, ErrorCode, Message, ModelLine, OperatorCommand, RoundLine, Status, TrainTask,
+};
 use tokio::sync::Notify;
 
 use crate::certs::Role;
@@ -262,6 +265,25 @@ impl Coordinator {
         }
     }
 
+    /// Every device ever seen, by certificate id.
+    pub fn devices(&self) -> Vec<DeviceLine> {
+        let s = self.lock();
+        s.ids.iter().map(|(name, id)| DeviceLine { id: name.clone(), connected: s.connected.contains(id) }).collect()
+    }
+
+    /// The model versions kept (all stored ones with a store, else the last few in memory).
+    pub fn models(&self) -> Vec<ModelLine> {
+        let s = self.lock();
+        let evals = s.engine.evaluations();
+        let kept: Vec<(u64, ContentHash)> = match s.store.as_ref().map(|st| st.models()) {
+            Some(Ok(stored)) => stored,
+            _ => s.models.iter().map(|(v, p)| (*v, p.content_hash())).collect(),
+        };
+        kept.into_iter()
+            .map(|(version, hash)| ModelLine { version, hash, accuracy: evals.get(&version).map(|e| e.accuracy) })
+            .collect()
+    }
+
     async fn operator_session(self: Arc<Self>, peer: Peer) {
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
             let reply = match fedge_net::read_message(&mut recv).await {
@@ -291,6 +313,8 @@ impl Coordinator {
                     }
                 }
                 Ok(Message::Operator(OperatorCommand::Status)) => Message::Status(self.status()),
+                Ok(Message::Operator(OperatorCommand::Devices)) => Message::Devices(self.devices()),
+                Ok(Message::Operator(OperatorCommand::Models)) => Message::Models(self.models()),
                 Ok(_) => {
                     Message::Error { code: ErrorCode::Unauthorized, message: "operators send operator commands".into() }
                 }

@@ -163,6 +163,10 @@ pub enum Message {
     Operator(OperatorCommand),
     /// Coordinator to operator: the state after the command.
     Status(Status),
+    /// Coordinator to operator: the devices.
+    Devices(Vec<DeviceLine>),
+    /// Coordinator to operator: the model versions.
+    Models(Vec<ModelLine>),
 }
 
 /// What an operator can ask.
@@ -181,6 +185,30 @@ pub enum OperatorCommand {
     },
     /// Just report the state.
     Status,
+    /// List the devices ever seen.
+    Devices,
+    /// List the model versions kept.
+    Models,
+}
+
+/// One device, as operators see it.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct DeviceLine {
+    /// Certificate id.
+    pub id: String,
+    /// Whether it is connected now.
+    pub connected: bool,
+}
+
+/// One model version, as operators see it.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct ModelLine {
+    /// Version.
+    pub version: u64,
+    /// SHA-256 of its parameters.
+    pub hash: ContentHash,
+    /// Test accuracy, if evaluated.
+    pub accuracy: Option<f64>,
 }
 
 /// One closed round, as operators see it.
