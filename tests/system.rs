@@ -1,7 +1,8 @@
 //! The real system on loopback: a coordinator and edge clients over QUIC with mutual TLS,
 //! training a real model on real data.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedge_coordinator::EngineConfig;
@@ -9,14 +10,55 @@ use fedge_coordinator::RoundOutcome;
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::server::Coordinator;
 use fedge_coordinator::transport::Listener;
-use fedge_core::dataset::embedded;
+use fedge_core::dataset::{Dataset, embedded};
 use fedge_core::partition::Partition;
 use fedge_core::rng::derive_rng;
-use fedge_core::wire::{Capabilities, ErrorCode, Message, OperatorCommand, TrainConfig};
+use fedge_core::wire::{Capabilities, ErrorCode, Message, OperatorCommand, TrainConfig, Welcome};
 use fedge_edge::EdgeTrainer;
-use fedge_edge::client::EdgeClient;
+use fedge_edge::client::{ClientError, DeviceStatus, EdgeClient};
 use fedge_edge::transport::{DeviceTls, Link};
 use fedge_learn::{BackendKind, ModelKind, Trainer};
+use tokio::task::JoinHandle;
+
+/// One local epoch of SGD in minibatches of 10, clipped to `clip_norm` if given.
+fn one_epoch(clip_norm: Option<f32>) -> TrainConfig {
+    TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm, noise_multiplier: None }
+}
+
+/// Serves `coordinator` on a free loopback port.
+fn serve(coordinator: &Arc<Coordinator>, ca: &CertDir) -> (SocketAddr, JoinHandle<()>) {
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), ca).unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(coordinator.clone().serve(listener)))
+}
+
+/// Connects with the device certificate `name` (already issued by `ca`) and says Hello.
+async fn join(addr: SocketAddr, ca: &CertDir, name: &str, num_samples: u64) -> (Link, Welcome) {
+    let tls = DeviceTls {
+        ca: ca.ca_pem(),
+        cert: ca.dir().join(format!("devices/{name}.pem")),
+        key: ca.dir().join(format!("devices/{name}.key")),
+    };
+    let link = Link::connect(addr, "localhost", &tls).await.unwrap();
+    let caps = Capabilities { backend: "flex".into(), memory_mb: 256, charging: true, unmetered: true, num_samples };
+    let welcome = link.hello(caps).await.unwrap();
+    (link, welcome)
+}
+
+type ClientTask = JoinHandle<Result<(), ClientError>>;
+
+/// Runs a 2NN edge client over `link` on examples `indices` of `train`.
+fn spawn_client(
+    link: Link,
+    train: &Arc<Dataset>,
+    indices: Vec<usize>,
+    seed: u64,
+    device: u64,
+) -> (Arc<Mutex<DeviceStatus>>, ClientTask) {
+    let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    let mut client = EdgeClient::new(link, trainer, train.clone(), indices, seed);
+    (client.status(), tokio::spawn(async move { client.run(device).await }))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_devices_three_rounds_over_quic() {
@@ -32,40 +74,23 @@ async fn five_devices_three_rounds_over_quic() {
         fraction: 1.0,
         min_train_clients: 5,
         round_timeout: Duration::from_secs(60),
-        train: TrainConfig {
-            epochs: 1,
-            batch_size: 10,
-            learning_rate: 0.05,
-            clip_norm: Some(10.0),
-            noise_multiplier: None,
-        },
+        train: one_epoch(Some(10.0)),
         ..EngineConfig::default()
     };
     let coordinator = Coordinator::new(config, initial).unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let (addr, server) = serve(&coordinator, &ca);
 
     let parts = Partition::Iid.split(&train.labels[..2000], 5, &mut derive_rng(1, &[])).unwrap();
     let mut statuses = Vec::new();
     let mut clients = Vec::new();
     for (i, indices) in parts.into_iter().enumerate() {
-        let issued = ca.issue(Role::Device, &format!("dev-{i}"), 1).unwrap();
-        let tls = DeviceTls { ca: ca.ca_pem(), cert: issued.cert, key: issued.key };
-        let link = Link::connect(addr, "localhost", &tls).await.unwrap();
-        let caps = Capabilities {
-            backend: "flex".into(),
-            memory_mb: 256,
-            charging: true,
-            unmetered: true,
-            num_samples: indices.len() as u64,
-        };
-        let welcome = link.hello(caps).await.unwrap();
-        assert_eq!(welcome.device_id, format!("dev-{i}"));
-        let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let mut client = EdgeClient::new(link, trainer, train.clone(), indices, 7);
-        statuses.push(client.status());
-        clients.push(tokio::spawn(async move { client.run(i as u64).await }));
+        let name = format!("dev-{i}");
+        ca.issue(Role::Device, &name, 1).unwrap();
+        let (link, welcome) = join(addr, &ca, &name, indices.len() as u64).await;
+        assert_eq!(welcome.device_id, name);
+        let (status, task) = spawn_client(link, &train, indices, 7, i as u64);
+        statuses.push(status);
+        clients.push(task);
     }
 
     // A device certificate cannot run operator commands.
@@ -191,38 +216,21 @@ async fn a_device_that_goes_silent_does_not_hold_the_round_past_its_deadline() {
         fraction: 1.0,
         min_train_clients: 2,
         round_timeout: Duration::from_secs(2),
-        train: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: None, noise_multiplier: None },
+        train: one_epoch(None),
         ..EngineConfig::default()
     };
     let coordinator = Coordinator::new(config, initial).unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(coordinator.clone().serve(listener));
-    let connect = |name: &str| {
-        let issued = ca.issue(Role::Device, name, 1).unwrap();
-        let tls = DeviceTls { ca: ca.ca_pem(), cert: issued.cert, key: issued.key };
-        async move {
-            let link = Link::connect(addr, "localhost", &tls).await.unwrap();
-            let caps = Capabilities {
-                backend: "flex".into(),
-                memory_mb: 1,
-                charging: true,
-                unmetered: true,
-                num_samples: 100,
-            };
-            link.hello(caps).await.unwrap();
-            link
-        }
-    };
+    let (addr, server) = serve(&coordinator, &ca);
+    for name in ["ok-0", "ok-1", "silent"] {
+        ca.issue(Role::Device, name, 1).unwrap();
+    }
     let mut clients = Vec::new();
     for i in 0..2 {
-        let link = connect(&format!("ok-{i}")).await;
-        let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let mut client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
-        clients.push(tokio::spawn(async move { client.run(i as u64).await }));
+        let (link, _) = join(addr, &ca, &format!("ok-{i}"), 100).await;
+        clients.push(spawn_client(link, &train, (i * 100..(i + 1) * 100).collect(), 1, i as u64).1);
     }
     // The silent device connects, takes its task, and never answers (but stays connected).
-    let silent = connect("silent").await;
+    let (silent, _) = join(addr, &ca, "silent", 100).await;
     while coordinator.connected() < 3 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -260,14 +268,9 @@ async fn bad_input_over_the_wire_gets_typed_errors_and_harms_nothing() {
         ..EngineConfig::default()
     };
     let coordinator = Coordinator::new(config, initial.clone()).unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(coordinator.clone().serve(listener));
-    let issued = ca.issue(Role::Device, "bad", 1).unwrap();
-    let tls = DeviceTls { ca: ca.ca_pem(), cert: issued.cert, key: issued.key };
-    let link = Link::connect(addr, "localhost", &tls).await.unwrap();
-    let caps = Capabilities { backend: "flex".into(), memory_mb: 1, charging: true, unmetered: true, num_samples: 10 };
-    link.hello(caps).await.unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    ca.issue(Role::Device, "bad", 1).unwrap();
+    let (link, _) = join(addr, &ca, "bad", 10).await;
     coordinator.start_rounds(1);
     let task = match link.request(&Message::TaskRequest).await.unwrap() {
         Message::TrainTask(t) => t,
@@ -347,34 +350,23 @@ async fn a_restarted_coordinator_resumes_from_its_last_model_version() {
         fraction: 1.0,
         min_train_clients: 2,
         round_timeout: Duration::from_secs(60),
-        train: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: None, noise_multiplier: None },
+        train: one_epoch(None),
         ..EngineConfig::default()
     };
     let names = ["dev-a", "dev-b"];
     for name in names {
         ca.issue(Role::Device, name, 1).unwrap();
     }
-    let tls = |name: &str| DeviceTls {
-        ca: ca.ca_pem(),
-        cert: dir.path().join(format!("fleet/devices/{name}.pem")),
-        key: dir.path().join(format!("fleet/devices/{name}.key")),
-    };
-    let caps = Capabilities { backend: "flex".into(), memory_mb: 1, charging: true, unmetered: true, num_samples: 100 };
 
     // First life: two rounds.
     let (hash_before, known_before) = {
         let coordinator =
             Coordinator::with_store(config.clone(), initial.clone(), Store::open(&state).unwrap()).unwrap();
-        let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(coordinator.clone().serve(listener));
+        let (addr, server) = serve(&coordinator, &ca);
         let mut clients = Vec::new();
         for (i, name) in names.iter().enumerate() {
-            let link = Link::connect(addr, "localhost", &tls(name)).await.unwrap();
-            link.hello(caps.clone()).await.unwrap();
-            let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-            let mut client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
-            clients.push(tokio::spawn(async move { client.run(i as u64).await }));
+            let (link, _) = join(addr, &ca, name, 100).await;
+            clients.push(spawn_client(link, &train, (i * 100..(i + 1) * 100).collect(), 1, i as u64).1);
         }
         coordinator.start_rounds(2);
         tokio::time::timeout(Duration::from_secs(120), coordinator.wait_for_rounds(2)).await.expect("2 rounds");
@@ -408,16 +400,12 @@ async fn a_restarted_coordinator_resumes_from_its_last_model_version() {
     let st = coordinator.status();
     assert_eq!((st.devices_known, st.model_version, st.model_hash), (2, 2, hash_before));
     // The next round is round 3 and builds version 3 from version 2.
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let (addr, server) = serve(&coordinator, &ca);
     let mut clients = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let link = Link::connect(addr, "localhost", &tls(name)).await.unwrap();
-        assert_eq!(link.hello(caps.clone()).await.unwrap().model_version, 2);
-        let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let mut client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1);
-        clients.push(tokio::spawn(async move { client.run(i as u64).await }));
+        let (link, welcome) = join(addr, &ca, name, 100).await;
+        assert_eq!(welcome.model_version, 2);
+        clients.push(spawn_client(link, &train, (i * 100..(i + 1) * 100).collect(), 1, i as u64).1);
     }
     coordinator.start_rounds(1);
     tokio::time::timeout(Duration::from_secs(120), coordinator.wait_for_rounds(1)).await.expect("round 3");

@@ -4,7 +4,7 @@
 //! training tasks, collects results until every selected device answered or the deadline
 //! passed, aggregates through a [`strategy::Strategy`], and emits the next model version. It
 //! has no sockets and no clock: `now` is passed in, events are polled out. The simulator
-//! drives it today; the QUIC server will drive the same engine.
+//! and the QUIC server ([`server`]) drive the same engine.
 //!
 //! [`certs`] makes and reads the fleet's certificates; [`transport`] admits only peers with a
 //! valid, unrevoked client certificate and tells who they are; [`server`] is the async shell

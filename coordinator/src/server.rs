@@ -7,7 +7,8 @@
 //! asked for more). Devices pull work: they ask for a task, fetch the model version it names,
 //! train, and upload the result, which is acknowledged only once the engine accepted it.
 //!
-//! State is in memory for now; durable state (redb) is the next step.
+//! With a [`Store`], model versions and the device registry survive restarts; the updates of a
+//! round in progress do not yet (acks precede durability).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
