@@ -31,6 +31,9 @@ pub struct ServeConfig {
     pub fraction: f64,
     /// Fewest results a round needs.
     pub min_train_clients: usize,
+    /// Sample this fraction more devices than a round needs and close it when enough have
+    /// answered (0.3 = 130%).
+    pub over_commit: f64,
     /// Whether a round with failed devices may aggregate.
     pub accept_failures: bool,
     /// Seconds a round waits for results.
@@ -59,6 +62,7 @@ impl Default for ServeConfig {
             data_dir: PathBuf::from("data"),
             fraction: 1.0,
             min_train_clients: 2,
+            over_commit: 0.0,
             accept_failures: true,
             round_timeout_secs: 60,
             epochs: 1,
@@ -76,6 +80,7 @@ impl ServeConfig {
         EngineConfig {
             fraction: self.fraction,
             min_train_clients: self.min_train_clients,
+            over_commit: self.over_commit,
             accept_failures: self.accept_failures,
             round_timeout: Duration::from_secs(self.round_timeout_secs),
             train: TrainConfig {

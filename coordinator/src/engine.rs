@@ -34,6 +34,10 @@ pub struct EngineConfig {
     pub fraction: f64,
     /// Fewest results a round needs to aggregate (and fewest devices sampled).
     pub min_train_clients: usize,
+    /// Over-commitment: sample this fraction more devices than the round needs and close it
+    /// as soon as the needed number has answered (Bonawitz et al. 2019 select 130% for 100%).
+    /// 0 samples exactly the devices needed.
+    pub over_commit: f64,
     /// Whether a round with some failed devices may still aggregate.
     pub accept_failures: bool,
     /// How long a round waits for results.
@@ -49,6 +53,7 @@ impl Default for EngineConfig {
         Self {
             fraction: 0.1,
             min_train_clients: 1,
+            over_commit: 0.0,
             accept_failures: true,
             round_timeout: Duration::from_secs(600),
             train: TrainConfig {
@@ -72,6 +77,9 @@ pub enum ConfigError {
     /// Zero quorum.
     #[error("min_train_clients must be at least 1")]
     MinClients,
+    /// Negative or absurd over-commitment.
+    #[error("over_commit must be in [0, 10], got {0}")]
+    OverCommit(f64),
     /// Zero epochs or batch size, or a bad learning rate or clip norm.
     #[error("invalid training config: {0}")]
     Train(String),
@@ -85,6 +93,9 @@ impl EngineConfig {
         }
         if self.min_train_clients == 0 {
             return Err(ConfigError::MinClients);
+        }
+        if !(0.0..=10.0).contains(&self.over_commit) {
+            return Err(ConfigError::OverCommit(self.over_commit));
         }
         let t = &self.train;
         if t.epochs == 0 {
@@ -204,6 +215,9 @@ pub struct RoundReport {
     pub failures: usize,
     /// Selected devices that had not answered at the deadline.
     pub stragglers: Vec<DeviceId>,
+    /// Over-committed devices still training when enough results were in: not needed, not
+    /// failures.
+    pub surplus: usize,
     /// Examples trained on, over accepted results.
     pub samples: u64,
     /// Sample-weighted mean of the devices' training losses.
@@ -229,10 +243,60 @@ pub enum EngineEvent {
     RoundClosed(RoundReport),
 }
 
+/// Why a stored round cannot be resumed.
+#[derive(Debug, Error, PartialEq)]
+pub enum ResumeError {
+    /// A round is already open.
+    #[error("round {0} is already open")]
+    Busy(u64),
+    /// The stored round was for another model version.
+    #[error("stored round trained from model version {stored}, but the current version is {current}")]
+    Version {
+        /// Version in the stored round.
+        stored: u64,
+        /// Current version.
+        current: u64,
+    },
+    /// The stored round does not follow the last closed one.
+    #[error("stored round {stored} does not follow the last closed round {last}")]
+    Sequence {
+        /// The stored open round.
+        stored: u64,
+        /// The last round closed.
+        last: u64,
+    },
+    /// A stored update does not fit the round.
+    #[error("stored update of device {device}: {reason}")]
+    Update {
+        /// The device.
+        device: DeviceId,
+        /// Why it was refused.
+        reason: RejectReason,
+    },
+}
+
+/// The open round, as a driver makes it durable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenRoundInfo {
+    /// Round number.
+    pub round: u64,
+    /// Model version the devices train from.
+    pub model_version: u64,
+    /// Devices selected.
+    pub chosen: Vec<DeviceId>,
+    /// Results the round waits for before closing early (the rest are over-commitment).
+    pub target: usize,
+    /// Results accepted so far.
+    pub results: usize,
+    /// Deadline on the engine's clock.
+    pub deadline: Duration,
+}
+
 #[derive(Debug)]
 struct OpenRound {
     round: u64,
     deadline: Duration,
+    target: usize,
     chosen: BTreeSet<DeviceId>,
     pending: BTreeSet<DeviceId>,
     selected: usize,
@@ -349,6 +413,10 @@ impl<S: Strategy> RoundEngine<S> {
     }
 
     /// Samples devices and opens the next round, emitting one `Assign` per device.
+    ///
+    /// The round needs `k = max(ceil(C * available), min_train_clients)` results; with
+    /// over-commitment `o` it samples `ceil(k * (1 + o))` devices (at most all of them) and
+    /// closes once `k` have answered.
     pub fn start_round(&mut self, now: Duration) -> Result<u64, StartError> {
         if let Some(o) = &self.open {
             return Err(StartError::Busy(o.round));
@@ -359,44 +427,99 @@ impl<S: Strategy> RoundEngine<S> {
             return Err(StartError::NotEnoughDevices { available: n, needed });
         }
         let k = ((self.config.fraction * n as f64).ceil() as usize).max(needed).min(n);
+        let sampled = ((k as f64 * (1.0 + self.config.over_commit)).ceil() as usize).clamp(k, n);
         let pool: Vec<DeviceId> = self.available.iter().copied().collect();
-        let mut chosen: Vec<DeviceId> = pool.sample(&mut self.rng, k).copied().collect();
+        let mut chosen: Vec<DeviceId> = pool.sample(&mut self.rng, sampled).copied().collect();
         chosen.sort_unstable();
         let round = self.last_round + 1;
-        self.last_round = round;
-        self.strategy.begin_round(round, &self.global);
-        let task = TrainTask {
-            round,
-            model_version: self.version,
-            model_hash: self.global.content_hash(),
-            config: self.config.train,
-        };
+        let task = self.open(now, round, &chosen, k);
         for &device in &chosen {
             self.events.push_back(EngineEvent::Assign { device, task: task.clone() });
         }
+        Ok(round)
+    }
+
+    fn open(&mut self, now: Duration, round: u64, chosen: &[DeviceId], target: usize) -> TrainTask {
+        self.last_round = round;
+        self.strategy.begin_round(round, &self.global);
         self.open = Some(OpenRound {
             round,
             deadline: now + self.config.round_timeout,
+            target,
             pending: chosen.iter().copied().collect(),
-            chosen: chosen.into_iter().collect(),
-            selected: k,
+            chosen: chosen.iter().copied().collect(),
+            selected: chosen.len(),
             results: 0,
             failures: 0,
             samples: 0,
             loss_sum: 0.0,
         });
-        Ok(round)
+        TrainTask {
+            round,
+            model_version: self.version,
+            model_hash: self.global.content_hash(),
+            config: self.config.train,
+        }
     }
 
-    /// A device's result arrived. Accepted results are streamed into the strategy at once.
-    pub fn handle_train_result(
+    /// The open round, for a driver to make durable.
+    pub fn open_round(&self) -> Option<OpenRoundInfo> {
+        self.open.as_ref().map(|o| OpenRoundInfo {
+            round: o.round,
+            model_version: self.version,
+            chosen: o.chosen.iter().copied().collect(),
+            target: o.target,
+            results: o.results,
+            deadline: o.deadline,
+        })
+    }
+
+    /// Reopens round `round` (trained from `model_version`) after a restart: the same devices
+    /// `chosen` (needing `target` results), the updates `accepted` before the restart folded in
+    /// again, and an `Assign` for every device that had not answered. The deadline starts again from `now`: devices
+    /// need time to reconnect. If the stored updates already complete the round, it closes at
+    /// once.
+    pub fn resume_round(
         &mut self,
         now: Duration,
-        device: DeviceId,
-        result: &TrainResult,
-    ) -> Result<(), RejectReason> {
+        round: u64,
+        model_version: u64,
+        chosen: &[DeviceId],
+        target: usize,
+        accepted: &[(DeviceId, TrainResult)],
+    ) -> Result<(), ResumeError> {
+        if let Some(o) = &self.open {
+            return Err(ResumeError::Busy(o.round));
+        }
+        if round != self.last_round + 1 {
+            return Err(ResumeError::Sequence { stored: round, last: self.last_round });
+        }
+        if model_version != self.version {
+            return Err(ResumeError::Version { stored: model_version, current: self.version });
+        }
+        let task = self.open(now, round, chosen, target.clamp(1, chosen.len().max(1)));
+        for (device, result) in accepted {
+            if let Err(reason) = self.handle_train_result(now, *device, result) {
+                // Leave no half-resumed round behind.
+                self.open = None;
+                self.last_round = round - 1;
+                self.events.clear();
+                return Err(ResumeError::Update { device: *device, reason });
+            }
+        }
+        if let Some(o) = &self.open {
+            for &device in &o.pending {
+                self.events.push_back(EngineEvent::Assign { device, task: task.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// What [`Self::handle_train_result`] would refuse, checked without changing anything, so
+    /// that a driver can make an acceptable result durable before it counts.
+    pub fn check_train_result(&self, device: DeviceId, result: &TrainResult) -> Result<(), RejectReason> {
         let version = self.version;
-        let Some(open) = self.open.as_mut().filter(|o| o.round == result.round && result.model_version == version)
+        let Some(open) = self.open.as_ref().filter(|o| o.round == result.round && result.model_version == version)
         else {
             return Err(RejectReason::Stale {
                 got_round: result.round,
@@ -412,9 +535,20 @@ impl<S: Strategy> RoundEngine<S> {
             return Err(RejectReason::Duplicate(device));
         }
         let contribution = Contribution { delta: &result.delta, num_samples: result.num_samples };
-        if let Err(e) = self.strategy.accumulate(contribution) {
-            return Err(RejectReason::Invalid(e));
-        }
+        self.strategy.check(contribution).map_err(RejectReason::Invalid)
+    }
+
+    /// A device's result arrived. Accepted results are streamed into the strategy at once.
+    pub fn handle_train_result(
+        &mut self,
+        now: Duration,
+        device: DeviceId,
+        result: &TrainResult,
+    ) -> Result<(), RejectReason> {
+        self.check_train_result(device, result)?;
+        let contribution = Contribution { delta: &result.delta, num_samples: result.num_samples };
+        self.strategy.accumulate(contribution).map_err(RejectReason::Invalid)?;
+        let open = self.open.as_mut().expect("checked: a round is open");
         open.pending.remove(&device);
         open.results += 1;
         open.samples += result.num_samples;
@@ -459,14 +593,19 @@ impl<S: Strategy> RoundEngine<S> {
     }
 
     fn close_if_done(&mut self, now: Duration) {
-        if self.open.as_ref().is_some_and(|o| o.pending.is_empty()) {
+        if self.open.as_ref().is_some_and(|o| o.pending.is_empty() || o.results >= o.target) {
             self.close(now);
         }
     }
 
     fn close(&mut self, now: Duration) {
         let Some(open) = self.open.take() else { return };
-        let stragglers: Vec<DeviceId> = open.pending.iter().copied().collect();
+        // Enough results: devices still training were over-committed, not late.
+        let (stragglers, surplus) = if open.results >= open.target {
+            (Vec::new(), open.pending.len())
+        } else {
+            (open.pending.iter().copied().collect::<Vec<DeviceId>>(), 0)
+        };
         let failures = open.failures + stragglers.len();
         let outcome = if open.results < self.config.min_train_clients {
             RoundOutcome::Failed(format!(
@@ -497,6 +636,7 @@ impl<S: Strategy> RoundEngine<S> {
             results: open.results,
             failures: open.failures,
             stragglers,
+            surplus,
             samples: open.samples,
             train_loss,
             closed_at: now,
@@ -727,5 +867,77 @@ mod tests {
                 .contains("clip")
         );
         assert!(bad(cfg(0.5, 1)).is_none());
+    }
+
+    #[test]
+    fn over_commitment_closes_the_round_when_enough_have_answered() {
+        let mut e = engine(10, EngineConfig { over_commit: 0.5, accept_failures: false, ..cfg(0.2, 1) });
+        e.start_round(S).unwrap();
+        let tasks = assigned(&mut e);
+        assert_eq!(tasks.len(), 3, "2 needed, 50% more sampled");
+        assert_eq!(e.open_round().unwrap().target, 2);
+        e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [1.0, 1.0], 1)).unwrap();
+        assert!(e.poll_event().is_none());
+        e.handle_train_result(S, tasks[2].0, &result(&tasks[2].1, [3.0, 3.0], 1)).unwrap();
+        let r = closed(&mut e);
+        // The third device was surplus: not a failure, not a straggler, even without
+        // accept_failures.
+        assert_eq!((r.results, r.failures, r.surplus, r.stragglers.len()), (2, 0, 1, 0));
+        assert_eq!(r.outcome, RoundOutcome::Aggregated);
+        assert_eq!(e.global().data(), &[2.0, 2.0]);
+        // Its late answer is told the round is over.
+        assert_eq!(
+            e.handle_train_result(S, tasks[1].0, &result(&tasks[1].1, [0.0; 2], 1)).unwrap_err().code(),
+            ErrorCode::StaleModel
+        );
+        assert!(matches!(
+            RoundEngine::new(EngineConfig { over_commit: -0.1, ..cfg(0.2, 1) }, FedAvg::default(), params([0.0; 2])),
+            Err(ConfigError::OverCommit(_))
+        ));
+    }
+
+    #[test]
+    fn a_resumed_round_keeps_its_accepted_updates_and_reassigns_the_rest() {
+        // Life 1: round 1 opens with 3 devices; two answer, then the coordinator "crashes".
+        let mut first = engine(3, cfg(1.0, 3));
+        first.start_round(S).unwrap();
+        let tasks = assigned(&mut first);
+        let info = first.open_round().unwrap();
+        assert_eq!((info.round, info.model_version, info.chosen.len(), info.target), (1, 0, 3, 3));
+        let accepted: Vec<(DeviceId, TrainResult)> =
+            vec![(tasks[0].0, result(&tasks[0].1, [1.0, 0.0], 1)), (tasks[1].0, result(&tasks[1].1, [2.0, 0.0], 1))];
+        for (d, r) in &accepted {
+            first.check_train_result(*d, r).unwrap();
+            first.handle_train_result(S, *d, r).unwrap();
+        }
+
+        // Life 2: restored at version 0 after round 0, the round reopened from the record.
+        let mut e = RoundEngine::restore(cfg(1.0, 3), FedAvg::default(), params([0.0, 0.0]), 0, 0).unwrap();
+        e.resume_round(100 * S, 1, 0, &info.chosen, info.target, &accepted).unwrap();
+        let again = assigned(&mut e);
+        assert_eq!(again.len(), 1, "only the device that had not answered is asked again");
+        assert_eq!(again[0].0, tasks[2].0);
+        assert_eq!(again[0].1, tasks[2].1, "the same task as before the crash");
+        assert_eq!(e.poll_timeout(), Some(110 * S), "a fresh deadline for reconnecting devices");
+        // An acknowledged update sent again is a duplicate, not counted twice.
+        assert_eq!(e.check_train_result(tasks[0].0, &accepted[0].1).unwrap_err().code(), ErrorCode::Duplicate);
+        e.handle_train_result(101 * S, tasks[2].0, &result(&tasks[2].1, [3.0, 0.0], 1)).unwrap();
+        let r = closed(&mut e);
+        assert_eq!((r.round, r.results, r.model_version), (1, 3, 1));
+        assert_eq!(e.global().data(), &[2.0, 0.0], "mean of all three, the two from before the crash included");
+
+        // Stored state that does not fit is refused, leaving no round open.
+        let mut e = RoundEngine::restore(cfg(1.0, 3), FedAvg::default(), params([0.0, 0.0]), 0, 0).unwrap();
+        assert_eq!(e.resume_round(S, 2, 0, &info.chosen, 3, &[]), Err(ResumeError::Sequence { stored: 2, last: 0 }));
+        assert_eq!(e.resume_round(S, 1, 5, &info.chosen, 3, &[]), Err(ResumeError::Version { stored: 5, current: 0 }));
+        let foreign = vec![(99, result(&tasks[0].1, [1.0, 0.0], 1))];
+        assert!(matches!(e.resume_round(S, 1, 0, &info.chosen, 3, &foreign), Err(ResumeError::Update { .. })));
+        assert_eq!(e.current_round(), None);
+        assert!(e.poll_event().is_none());
+        // All updates stored: the round closes during the resume.
+        let all: Vec<(DeviceId, TrainResult)> =
+            tasks.iter().map(|(d, t)| (*d, result(t, [*d as f32, 0.0], 1))).collect();
+        e.resume_round(S, 1, 0, &info.chosen, 3, &all).unwrap();
+        assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated);
     }
 }

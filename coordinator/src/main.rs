@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::config::ServeConfig;
-use fedge_core::wire::{Message, OperatorCommand, Status};
+use fedge_core::wire::{Message, OperatorCommand, RoundLine, Status};
 
 #[derive(Parser)]
 #[command(name = "fedge-coordinator", version, about = "Fedge coordinator")]
@@ -77,6 +77,12 @@ enum RoundCommand {
         /// Seconds a round waits for results (kept for later rounds).
         #[arg(long)]
         deadline: Option<u64>,
+    },
+    /// List every round closed, earlier runs of the coordinator included.
+    List {
+        /// Print JSON (a list of rounds).
+        #[arg(long)]
+        json: bool,
     },
     /// Show the coordinator's state and the rounds so far.
     Status {
@@ -248,21 +254,49 @@ async fn ask(client: &fedge_net::Client, command: OperatorCommand) -> anyhow::Re
     }
 }
 
+fn rounds_json(rounds: &[RoundLine]) -> serde_json::Value {
+    rounds
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "round": r.round, "model_version": r.model_version, "selected": r.selected,
+                "devices_reporting": r.results, "failures": r.failures, "stragglers": r.stragglers,
+                "surplus": r.surplus, "samples": r.samples, "train_loss": r.train_loss, "accuracy": r.accuracy,
+                "failed_reason": r.failed_reason,
+            })
+        })
+        .collect()
+}
+
+fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) {
+    let _ = writeln!(
+        out,
+        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}",
+        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy"
+    );
+    for r in rounds {
+        let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
+        let _ = writeln!(
+            out,
+            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}{}",
+            r.round,
+            r.model_version,
+            r.results,
+            r.selected,
+            r.failures,
+            r.stragglers,
+            r.samples,
+            r.train_loss,
+            acc,
+            r.failed_reason.as_ref().map_or(String::new(), |w| format!("  not aggregated: {w}"))
+        );
+    }
+}
+
 fn print_status(s: &Status, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
-        let rounds: Vec<_> = s
-            .rounds
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "round": r.round, "model_version": r.model_version, "selected": r.selected,
-                    "devices_reporting": r.results, "failures": r.failures, "stragglers": r.stragglers,
-                    "samples": r.samples, "train_loss": r.train_loss, "accuracy": r.accuracy,
-                    "failed_reason": r.failed_reason,
-                })
-            })
-            .collect();
+        let rounds = rounds_json(&s.rounds);
         let v = serde_json::json!({
             "model_version": s.model_version, "model_hash": s.model_hash.to_string(),
             "current_round": s.current_round, "rounds_left": s.rounds_left,
@@ -281,28 +315,7 @@ fn print_status(s: &Status, json: bool) {
         s.devices_connected.len(),
         s.devices_known
     );
-    let _ = writeln!(
-        out,
-        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}",
-        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy"
-    );
-    for r in &s.rounds {
-        let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
-        let _ = writeln!(
-            out,
-            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}{}",
-            r.round,
-            r.model_version,
-            r.results,
-            r.selected,
-            r.failures,
-            r.stragglers,
-            r.samples,
-            r.train_loss,
-            acc,
-            r.failed_reason.as_ref().map_or(String::new(), |w| format!("  not aggregated: {w}"))
-        );
-    }
+    print_rounds(&mut out, &s.rounds);
 }
 
 async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
@@ -322,6 +335,15 @@ async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
                 s.model_version,
                 s.devices_connected.len()
             );
+        }
+        RoundCommand::List { json } => {
+            let s = ask(&client, OperatorCommand::Status).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let _ = writeln!(out, "{:#}", rounds_json(&s.rounds));
+            } else {
+                print_rounds(&mut out, &s.rounds);
+            }
         }
         RoundCommand::Status { json, watch } => loop {
             let s = ask(&client, OperatorCommand::Status).await?;

@@ -7,8 +7,11 @@
 //! asked for more). Devices pull work: they ask for a task, fetch the model version it names,
 //! train, and upload the result, which is acknowledged only once the engine accepted it.
 //!
-//! With a [`Store`], model versions and the device registry survive restarts; the updates of a
-//! round in progress do not yet (acks precede durability).
+//! With a [`Store`], everything survives a crash: model versions, the device registry, the
+//! operator's settings and requested rounds, and the round in progress with every update
+//! acknowledged in it. An update is written and synced before its `Ack` is sent; a restarted
+//! coordinator reopens the round, folds the stored updates in again and waits for the devices
+//! that had not answered (which reconnect and ask for their task again).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -23,8 +26,8 @@ use tokio::sync::Notify;
 
 use crate::certs::Role;
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
-use crate::engine::{Evaluation, RoundOutcome};
-use crate::store::{Store, StoreError};
+use crate::engine::{Evaluation, ResumeError, RoundOutcome};
+use crate::store::{RoundRecord, Settings, Store, StoreError};
 use crate::strategy::FedAvg;
 use crate::transport::{Listener, Peer, answer_hello};
 
@@ -37,6 +40,9 @@ pub enum ServerError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The stored round in progress cannot be resumed.
+    #[error("cannot resume the stored round: {0}")]
+    Resume(#[from] ResumeError),
 }
 
 /// How long an idle device waits before asking for work again.
@@ -51,8 +57,31 @@ struct State {
     models: BTreeMap<u64, Arc<ModelParams>>,
     /// `Model` messages already encoded, by version: encoded once, sent to every device.
     encoded: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Rounds closed in this run (what [`Coordinator::wait_for_rounds`] counts).
     reports: Vec<RoundReport>,
+    /// Every round closed, earlier runs included (what operators see).
+    history: Vec<RoundLine>,
     rounds_left: u64,
+}
+
+/// The operator's view of a closed round (accuracy is filled in when shown).
+fn line_of(r: &RoundReport) -> RoundLine {
+    RoundLine {
+        round: r.round,
+        model_version: r.model_version,
+        selected: r.selected as u64,
+        results: r.results as u64,
+        failures: r.failures as u64,
+        stragglers: r.stragglers.len() as u64,
+        surplus: r.surplus as u64,
+        samples: r.samples,
+        train_loss: r.train_loss,
+        accuracy: None,
+        failed_reason: match &r.outcome {
+            RoundOutcome::Aggregated => None,
+            RoundOutcome::Failed(why) => Some(why.clone()),
+        },
+    }
 }
 
 /// The coordinator service. Cheap to share: clone the `Arc`.
@@ -71,16 +100,46 @@ impl Coordinator {
 
     /// A coordinator keeping its state in `store`: it resumes from the latest stored model
     /// version (and device registry) if there is one, else starts from `initial` as version 0.
-    pub fn with_store(config: EngineConfig, initial: ModelParams, store: Store) -> Result<Arc<Self>, ServerError> {
-        let engine = match store.latest()? {
-            Some(r) => RoundEngine::restore(config, FedAvg::default(), r.params, r.version, r.last_round)?,
+    ///
+    /// A round that was in progress is reopened with the updates acknowledged in it; operator
+    /// settings changed at run time override `config`'s.
+    pub fn with_store(mut config: EngineConfig, initial: ModelParams, store: Store) -> Result<Arc<Self>, ServerError> {
+        let (engine, rounds_left, open, history) = match store.latest()? {
+            Some(r) => {
+                if let Some(settings) = &r.settings {
+                    settings.apply(&mut config);
+                }
+                let mut engine = RoundEngine::restore(config, FedAvg::default(), r.params, r.version, r.last_round)?;
+                for (version, evaluation) in r.evaluations {
+                    engine.handle_evaluation(version, evaluation);
+                }
+                (engine, r.rounds_left, r.open, r.rounds)
+            }
             None => {
                 store.save_model(0, 0, &initial)?;
-                RoundEngine::new(config, FedAvg::default(), initial)?
+                (RoundEngine::new(config, FedAvg::default(), initial)?, 0, None, Vec::new())
             }
         };
         let ids = store.devices()?.into_iter().collect();
-        Ok(Self::from_engine(engine, Some(store), ids))
+        let me = Self::from_engine(engine, Some(store), ids);
+        {
+            let mut s = me.lock();
+            s.rounds_left = rounds_left;
+            s.history = history;
+            if let Some(open) = open {
+                let r = &open.record;
+                let now = me.now();
+                s.engine.resume_round(now, r.round, r.model_version, &r.chosen, r.target as usize, &open.accepted)?;
+                eprintln!(
+                    "resumed round {} with {} of {} updates already acknowledged",
+                    r.round,
+                    open.accepted.len(),
+                    r.target
+                );
+            }
+            me.pump(&mut s);
+        }
+        Ok(me)
     }
 
     fn from_engine(engine: RoundEngine<FedAvg>, store: Option<Store>, ids: BTreeMap<String, DeviceId>) -> Arc<Self> {
@@ -96,6 +155,7 @@ impl Coordinator {
                 models: BTreeMap::from([(version, first)]),
                 encoded: BTreeMap::new(),
                 reports: Vec::new(),
+                history: Vec::new(),
                 rounds_left: 0,
             }),
             changed: Notify::new(),
@@ -117,6 +177,11 @@ impl Coordinator {
     pub fn start_rounds(&self, rounds: u64) {
         let mut s = self.lock();
         s.rounds_left += rounds;
+        if let Some(store) = &s.store
+            && let Err(e) = store.set_rounds_left(s.rounds_left)
+        {
+            eprintln!("cannot record the rounds asked for: {e}");
+        }
         self.pump(&mut s);
     }
 
@@ -161,11 +226,13 @@ impl Coordinator {
                     EngineEvent::RoundClosed(report) => {
                         s.tasks.clear();
                         let v = s.engine.version();
-                        if report.outcome == RoundOutcome::Aggregated
-                            && let Some(store) = &s.store
-                            && let Err(e) = store.save_model(v, report.round, s.engine.global())
-                        {
-                            eprintln!("cannot store model v{v}: {e}");
+                        let line = line_of(&report);
+                        if let Some(store) = &s.store {
+                            let aggregated =
+                                (report.outcome == RoundOutcome::Aggregated).then(|| (v, s.engine.global()));
+                            if let Err(e) = store.close_round(&line, aggregated, s.rounds_left) {
+                                eprintln!("cannot record the close of round {}: {e}", report.round);
+                            }
                         }
                         s.models.entry(v).or_insert_with(|| Arc::new(s.engine.global().clone()));
                         // Keep the last few versions for devices still fetching them.
@@ -175,6 +242,7 @@ impl Coordinator {
                             }
                         }
                         s.reports.push(report);
+                        s.history.push(line);
                     }
                 }
             }
@@ -182,7 +250,20 @@ impl Coordinator {
                 break;
             }
             match s.engine.start_round(self.now()) {
-                Ok(_) => s.rounds_left -= 1,
+                Ok(_) => {
+                    s.rounds_left -= 1;
+                    if let (Some(store), Some(open)) = (&s.store, s.engine.open_round()) {
+                        let record = RoundRecord {
+                            round: open.round,
+                            model_version: open.model_version,
+                            chosen: open.chosen,
+                            target: open.target as u64,
+                        };
+                        if let Err(e) = store.begin_round(&record, s.rounds_left) {
+                            eprintln!("cannot record the start of round {}: {e}", record.round);
+                        }
+                    }
+                }
                 Err(StartError::NotEnoughDevices { .. }) | Err(StartError::Busy(_)) => break,
             }
         }
@@ -226,7 +307,13 @@ impl Coordinator {
 
     /// Records the evaluation of model `version` (computed outside, e.g. with fedge-learn).
     pub fn record_evaluation(&self, version: u64, evaluation: Evaluation) {
-        self.lock().engine.handle_evaluation(version, evaluation);
+        let mut s = self.lock();
+        if let Some(store) = &s.store
+            && let Err(e) = store.save_evaluation(version, evaluation)
+        {
+            eprintln!("cannot record the evaluation of v{version}: {e}");
+        }
+        s.engine.handle_evaluation(version, evaluation);
     }
 
     /// The state operators see.
@@ -242,25 +329,15 @@ impl Coordinator {
             devices_connected: s.connected.iter().filter_map(|d| names.get(d).map(|n| n.to_string())).collect(),
             devices_known: s.ids.len() as u64,
             rounds: s
-                .reports
+                .history
                 .iter()
                 .map(|r| RoundLine {
-                    round: r.round,
-                    model_version: r.model_version,
-                    selected: r.selected as u64,
-                    results: r.results as u64,
-                    failures: r.failures as u64,
-                    stragglers: r.stragglers.len() as u64,
-                    samples: r.samples,
-                    train_loss: r.train_loss,
-                    accuracy: match r.outcome {
-                        RoundOutcome::Aggregated => evals.get(&r.model_version).map(|e| e.accuracy),
-                        RoundOutcome::Failed(_) => None,
-                    },
-                    failed_reason: match &r.outcome {
-                        RoundOutcome::Aggregated => None,
-                        RoundOutcome::Failed(why) => Some(why.clone()),
-                    },
+                    accuracy: r
+                        .failed_reason
+                        .is_none()
+                        .then(|| evals.get(&r.model_version).map(|e| e.accuracy))
+                        .flatten(),
+                    ..r.clone()
                 })
                 .collect(),
         }
@@ -294,7 +371,8 @@ impl Coordinator {
                     min_train_clients,
                     deadline_secs,
                 })) => {
-                    let changed = self.lock().engine.reconfigure(|c| {
+                    let mut s = self.lock();
+                    let changed = s.engine.reconfigure(|c| {
                         if let Some(f) = fraction {
                             c.fraction = f;
                         }
@@ -305,6 +383,13 @@ impl Coordinator {
                             c.round_timeout = Duration::from_secs(d);
                         }
                     });
+                    if changed.is_ok()
+                        && let Some(store) = &s.store
+                        && let Err(e) = store.save_settings(&Settings::of(s.engine.config()))
+                    {
+                        eprintln!("cannot record the new settings: {e}");
+                    }
+                    drop(s);
                     match changed {
                         Ok(()) => {
                             self.start_rounds(rounds);
@@ -412,17 +497,32 @@ impl Coordinator {
                 }
             }
             Message::TrainResult(result) => {
-                let now = self.now();
-                let outcome = s.engine.handle_train_result(now, id, &result);
-                let reply = match outcome {
-                    Ok(()) => {
-                        s.tasks.remove(&id);
-                        Message::Ack { round: result.round }
-                    }
-                    Err(e) => Message::Error { code: e.code(), message: e.to_string() },
+                // Checked, then made durable, then counted, then acknowledged: an `Ack` means
+                // the update survives a crash.
+                let reply = match s.engine.check_train_result(id, &result) {
+                    Err(e) => Err((e.code(), e.to_string())),
+                    Ok(()) => match s.store.as_ref().map(|st| st.save_update(result.round, id, &result)) {
+                        Some(Err(e)) => Err((ErrorCode::Unavailable, format!("cannot record the update: {e}"))),
+                        _ => {
+                            let now = self.now();
+                            match s.engine.handle_train_result(now, id, &result) {
+                                Ok(()) => {
+                                    s.tasks.remove(&id);
+                                    Ok(result.round)
+                                }
+                                Err(e) => Err((e.code(), e.to_string())),
+                            }
+                        }
+                    },
                 };
                 self.pump(&mut s);
-                reply
+                match reply {
+                    Ok(round) => Message::Ack { round },
+                    Err((code, message)) => {
+                        eprintln!("device {id}: update refused ({code:?}): {message}");
+                        Message::Error { code, message }
+                    }
+                }
             }
             Message::Operator(_) => Message::Error {
                 code: ErrorCode::Unauthorized,

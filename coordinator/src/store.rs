@@ -1,27 +1,43 @@
-//! Durable coordinator state: model versions, round count and the device registry.
+//! Durable coordinator state: model versions, the open round and its accepted updates, the
+//! operator's settings, evaluations and the device registry.
 //!
 //! Model parameters are stored content-addressed as files (`blobs/<sha256>.bin`, the encoded
 //! `Model` message, written to a temporary name, synced and renamed) before the redb
 //! transaction that references them commits, so a crash at any point leaves either the old
-//! state or the new one, never a reference to a missing blob. redb commits are durable when
-//! `commit` returns.
+//! state or the new one, never a reference to a missing blob. redb commits are durable
+//! (fsync'd) when `commit` returns, so an update is acknowledged only after
+//! [`Store::save_update`] returned.
 //!
-//! Not yet stored: the updates of an open round (a restart loses the round in progress, not a
-//! completed one).
+//! A round's life in the store: [`Store::begin_round`] records the round and its selection,
+//! [`Store::save_update`] each accepted update, and [`Store::close_round`] in one transaction
+//! records the new model version (if the round aggregated), advances the round count and
+//! drops the round's updates. A restart between the first and the last finds the open round
+//! and its updates in [`Restored::open`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use bincode::{Decode, Encode};
 use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::params::ContentHash;
-use fedge_core::wire::{DeviceId, Message};
+use fedge_core::wire::{DeviceId, Message, RoundLine, TrainResult};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use thiserror::Error;
 
+use crate::engine::{EngineConfig, Evaluation};
+
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 const MODELS: TableDefinition<u64, &[u8]> = TableDefinition::new("models");
+const EVALUATIONS: TableDefinition<u64, (f64, f64)> = TableDefinition::new("evaluations");
+const ROUNDS: TableDefinition<u64, &[u8]> = TableDefinition::new("rounds");
+const UPDATES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("updates");
 const DEVICES: TableDefinition<&str, u64> = TableDefinition::new("devices");
+
+const OPEN_ROUND: &str = "open_round";
+const SETTINGS: &str = "settings";
 
 /// Storage failures.
 #[derive(Debug, Error)]
@@ -40,13 +56,81 @@ pub enum StoreError {
     /// A stored model does not match its hash.
     #[error("model blob {0} is corrupt")]
     Corrupt(String),
+    /// A stored record cannot be read.
+    #[error("stored {0} is unreadable")]
+    Record(&'static str),
 }
 
 fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
-/// The model of the latest version, as stored.
+fn record_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 1 << 20 }>()
+}
+
+fn encode_record<T: Encode>(value: &T) -> Vec<u8> {
+    bincode::encode_to_vec(value, record_config()).expect("encoding into a Vec cannot fail")
+}
+
+fn decode_record<T: Decode<()>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
+    bincode::decode_from_slice(bytes, record_config()).map(|(v, _)| v).map_err(|_| StoreError::Record(what))
+}
+
+/// The round settings an operator changed with `round start --fraction/--min-clients/
+/// --deadline`: kept so that a restart does not silently revert them. They take precedence
+/// over the configuration file's values.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct Settings {
+    /// Fraction of devices sampled.
+    pub fraction: f64,
+    /// Quorum.
+    pub min_train_clients: u64,
+    /// Round deadline in milliseconds.
+    pub round_timeout_ms: u64,
+}
+
+impl Settings {
+    /// The operator-changeable settings of `c`.
+    pub fn of(c: &EngineConfig) -> Self {
+        Self {
+            fraction: c.fraction,
+            min_train_clients: c.min_train_clients as u64,
+            round_timeout_ms: c.round_timeout.as_millis() as u64,
+        }
+    }
+
+    /// Writes these settings into `c`.
+    pub fn apply(&self, c: &mut EngineConfig) {
+        c.fraction = self.fraction;
+        c.min_train_clients = self.min_train_clients as usize;
+        c.round_timeout = Duration::from_millis(self.round_timeout_ms);
+    }
+}
+
+/// A round in progress, as recorded when it opened.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct RoundRecord {
+    /// Round number.
+    pub round: u64,
+    /// Model version its devices train from.
+    pub model_version: u64,
+    /// Devices selected.
+    pub chosen: Vec<DeviceId>,
+    /// Results it needs to close early.
+    pub target: u64,
+}
+
+/// A round that was open when the coordinator stopped.
+#[derive(Debug, Clone)]
+pub struct OpenRound {
+    /// The round as it opened.
+    pub record: RoundRecord,
+    /// The updates accepted (and acknowledged) before the stop, by device.
+    pub accepted: Vec<(DeviceId, TrainResult)>,
+}
+
+/// Everything a restart resumes from.
 #[derive(Debug, Clone)]
 pub struct Restored {
     /// Model version.
@@ -55,6 +139,16 @@ pub struct Restored {
     pub last_round: u64,
     /// The parameters (hash checked).
     pub params: ModelParams,
+    /// Rounds the operator asked for that have not started.
+    pub rounds_left: u64,
+    /// Settings last in force, if an operator or a previous run stored any.
+    pub settings: Option<Settings>,
+    /// The round in progress, if one was.
+    pub open: Option<OpenRound>,
+    /// Evaluations of model versions.
+    pub evaluations: Vec<(u64, Evaluation)>,
+    /// Every closed round, oldest first.
+    pub rounds: Vec<RoundLine>,
 }
 
 /// The coordinator's state folder.
@@ -72,7 +166,11 @@ impl Store {
         let tx = db.begin_write().map_err(db_err)?;
         {
             tx.open_table(META).map_err(db_err)?;
+            tx.open_table(RECORDS).map_err(db_err)?;
             tx.open_table(MODELS).map_err(db_err)?;
+            tx.open_table(EVALUATIONS).map_err(db_err)?;
+            tx.open_table(UPDATES).map_err(db_err)?;
+            tx.open_table(ROUNDS).map_err(db_err)?;
             tx.open_table(DEVICES).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
@@ -83,8 +181,8 @@ impl Store {
         self.dir.join("blobs").join(format!("{hash}.bin"))
     }
 
-    /// Records model `version` (after round `round`): its blob first, then the reference.
-    pub fn save_model(&self, version: u64, round: u64, params: &ModelParams) -> Result<(), StoreError> {
+    /// Writes the blob of `params` (as model `version`) unless it exists; synced before return.
+    fn write_blob(&self, version: u64, params: &ModelParams) -> Result<ContentHash, StoreError> {
         let hash = params.content_hash();
         let path = self.blob_path(&hash);
         if !path.exists() {
@@ -95,7 +193,17 @@ impl Store {
             f.write_all(&bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
+            // The rename itself must survive a power cut: sync the folder.
+            if let Ok(d) = std::fs::File::open(self.dir.join("blobs")) {
+                let _ = d.sync_all();
+            }
         }
+        Ok(hash)
+    }
+
+    /// Records model `version` (after round `round`) outside any round: the initial model.
+    pub fn save_model(&self, version: u64, round: u64, params: &ModelParams) -> Result<(), StoreError> {
+        let hash = self.write_blob(version, params)?;
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             tx.open_table(MODELS).map_err(db_err)?.insert(version, &hash.0[..]).map_err(db_err)?;
@@ -106,24 +214,130 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
-    /// The latest stored model version, if any, read back and hash-checked.
+    /// Records the settings now in force.
+    pub fn save_settings(&self, settings: &Settings) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(RECORDS).map_err(db_err)?.insert(SETTINGS, encode_record(settings).as_slice()).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Records how many requested rounds have not started.
+    pub fn set_rounds_left(&self, rounds_left: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(META).map_err(db_err)?.insert("rounds_left", rounds_left).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Records a round that just opened (and the rounds still to start after it).
+    pub fn begin_round(&self, record: &RoundRecord, rounds_left: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            tx.open_table(RECORDS)
+                .map_err(db_err)?
+                .insert(OPEN_ROUND, encode_record(record).as_slice())
+                .map_err(db_err)?;
+            tx.open_table(META).map_err(db_err)?.insert("rounds_left", rounds_left).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Makes `device`'s accepted update in `round` durable. When this returns, the update
+    /// survives a crash and may be acknowledged.
+    pub fn save_update(&self, round: u64, device: DeviceId, result: &TrainResult) -> Result<(), StoreError> {
+        let bytes = codec::encode(&Message::TrainResult(result.clone()));
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(UPDATES).map_err(db_err)?.insert((round, device), bytes.as_slice()).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Closes round `line.round` in one transaction: records the new model version if it
+    /// aggregated (blob first) and the round's summary, advances the round count, forgets the
+    /// open round and its updates.
+    pub fn close_round(
+        &self,
+        line: &RoundLine,
+        aggregated: Option<(u64, &ModelParams)>,
+        rounds_left: u64,
+    ) -> Result<(), StoreError> {
+        let round = line.round;
+        let model = match aggregated {
+            Some((version, params)) => Some((version, self.write_blob(version, params)?)),
+            None => None,
+        };
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            if let Some((version, hash)) = model {
+                tx.open_table(MODELS).map_err(db_err)?.insert(version, &hash.0[..]).map_err(db_err)?;
+                meta.insert("version", version).map_err(db_err)?;
+            }
+            meta.insert("last_round", round).map_err(db_err)?;
+            meta.insert("rounds_left", rounds_left).map_err(db_err)?;
+            tx.open_table(ROUNDS).map_err(db_err)?.insert(round, encode_record(line).as_slice()).map_err(db_err)?;
+            tx.open_table(RECORDS).map_err(db_err)?.remove(OPEN_ROUND).map_err(db_err)?;
+            let mut updates = tx.open_table(UPDATES).map_err(db_err)?;
+            updates.retain_in((round, 0)..=(round, u64::MAX), |_, _| false).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Records the evaluation of model `version`.
+    pub fn save_evaluation(&self, version: u64, e: Evaluation) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(EVALUATIONS).map_err(db_err)?.insert(version, (e.accuracy, e.loss)).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Everything stored, if a model was ever stored: the latest version read back and
+    /// hash-checked, the open round with its updates, settings and evaluations.
     pub fn latest(&self) -> Result<Option<Restored>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let meta = tx.open_table(META).map_err(db_err)?;
         let Some(version) = meta.get("version").map_err(db_err)?.map(|v| v.value()) else { return Ok(None) };
         let last_round = meta.get("last_round").map_err(db_err)?.map_or(0, |v| v.value());
+        let rounds_left = meta.get("rounds_left").map_err(db_err)?.map_or(0, |v| v.value());
         let models = tx.open_table(MODELS).map_err(db_err)?;
         let hash_bytes =
             models.get(version).map_err(db_err)?.ok_or_else(|| StoreError::Db(format!("no model {version}")))?;
         let hash = ContentHash(hash_bytes.value().try_into().map_err(|_| StoreError::Db("bad hash length".into()))?);
         let path = self.blob_path(&hash);
         let bytes = std::fs::read(&path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
-        match codec::decode(&bytes) {
-            Ok(Message::Model { params, .. }) if params.content_hash() == hash => {
-                Ok(Some(Restored { version, last_round, params }))
+        let params = match codec::decode(&bytes) {
+            Ok(Message::Model { params, .. }) if params.content_hash() == hash => params,
+            _ => return Err(StoreError::Corrupt(hash.to_string())),
+        };
+        let records = tx.open_table(RECORDS).map_err(db_err)?;
+        let settings = match records.get(SETTINGS).map_err(db_err)? {
+            Some(v) => Some(decode_record::<Settings>(v.value(), "settings")?),
+            None => None,
+        };
+        let open = match records.get(OPEN_ROUND).map_err(db_err)? {
+            Some(v) => {
+                let record: RoundRecord = decode_record(v.value(), "open round")?;
+                let updates = tx.open_table(UPDATES).map_err(db_err)?;
+                let mut accepted = Vec::new();
+                for row in updates.range((record.round, 0)..=(record.round, u64::MAX)).map_err(db_err)? {
+                    let (k, v) = row.map_err(db_err)?;
+                    match codec::decode(v.value()) {
+                        Ok(Message::TrainResult(r)) => accepted.push((k.value().1, r)),
+                        _ => return Err(StoreError::Record("update")),
+                    }
+                }
+                Some(OpenRound { record, accepted })
             }
-            _ => Err(StoreError::Corrupt(hash.to_string())),
+            None => None,
+        };
+        let mut evaluations = Vec::new();
+        for row in tx.open_table(EVALUATIONS).map_err(db_err)?.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let (accuracy, loss) = v.value();
+            evaluations.push((k.value(), Evaluation { accuracy, loss }));
         }
+        let mut rounds = Vec::new();
+        for row in tx.open_table(ROUNDS).map_err(db_err)?.iter().map_err(db_err)? {
+            rounds.push(decode_record::<RoundLine>(row.map_err(db_err)?.1.value(), "round")?);
+        }
+        Ok(Some(Restored { version, last_round, params, rounds_left, settings, open, evaluations, rounds }))
     }
 
     /// Stored model versions and their hashes, oldest first.
@@ -215,5 +429,64 @@ mod tests {
         bytes[n - 2] ^= 0x40;
         std::fs::write(&blob, bytes).unwrap();
         assert!(matches!(s.latest(), Err(StoreError::Corrupt(_))));
+    }
+
+    fn line(round: u64, model_version: u64) -> RoundLine {
+        RoundLine {
+            round,
+            model_version,
+            selected: 3,
+            results: 2,
+            failures: 1,
+            stragglers: 0,
+            surplus: 0,
+            samples: 14,
+            train_loss: 0.5,
+            accuracy: None,
+            failed_reason: None,
+        }
+    }
+
+    fn update(round: u64, x: f32) -> TrainResult {
+        TrainResult { round, model_version: 1, num_samples: 7, train_loss: 0.25, delta: params(x) }
+    }
+
+    #[test]
+    fn an_open_round_and_its_updates_survive_reopening_until_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = RoundRecord { round: 2, model_version: 1, chosen: vec![3, 5, 8], target: 3 };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.save_model(1, 1, &params(1.0)).unwrap();
+            s.set_rounds_left(4).unwrap();
+            s.save_settings(&Settings { fraction: 0.5, min_train_clients: 2, round_timeout_ms: 9000 }).unwrap();
+            s.begin_round(&record, 3).unwrap();
+            s.save_update(2, 5, &update(2, 0.5)).unwrap();
+            s.save_update(2, 3, &update(2, 0.25)).unwrap();
+            s.save_evaluation(1, Evaluation { accuracy: 0.75, loss: 0.5 }).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let r = s.latest().unwrap().unwrap();
+        assert_eq!((r.version, r.last_round, r.rounds_left), (1, 1, 3));
+        assert_eq!(r.settings.unwrap().round_timeout_ms, 9000);
+        assert_eq!(r.evaluations, vec![(1, Evaluation { accuracy: 0.75, loss: 0.5 })]);
+        let open = r.open.unwrap();
+        assert_eq!(open.record, record);
+        assert_eq!(open.accepted, vec![(3, update(2, 0.25)), (5, update(2, 0.5))]);
+
+        // Closing records the new version and forgets the round and its updates, atomically.
+        s.close_round(&line(2, 2), Some((2, &params(2.0))), 3).unwrap();
+        let r = s.latest().unwrap().unwrap();
+        assert_eq!((r.version, r.last_round, r.rounds_left), (2, 2, 3));
+        assert_eq!(r.params, params(2.0));
+        assert!(r.open.is_none());
+        // A failed round advances the round count, not the version.
+        s.begin_round(&RoundRecord { round: 3, ..record }, 2).unwrap();
+        s.save_update(3, 8, &update(3, 0.0)).unwrap();
+        s.close_round(&line(3, 2), None, 2).unwrap();
+        let r = s.latest().unwrap().unwrap();
+        assert_eq!((r.version, r.last_round, r.rounds_left), (2, 3, 2));
+        assert_eq!(r.rounds, vec![line(2, 2), line(3, 2)]);
+        assert!(r.open.is_none());
     }
 }

@@ -26,6 +26,10 @@ pub trait Strategy: Send {
     /// Starts aggregating a round whose devices trained from `global`.
     fn begin_round(&mut self, round: u64, global: &ModelParams);
 
+    /// What [`Self::accumulate`] would refuse, checked without folding anything in (so a
+    /// driver can make a result durable before it counts).
+    fn check(&self, contribution: Contribution<'_>) -> Result<(), AggregateError>;
+
     /// Folds in one result. On error the result is not counted and the aggregate is untouched.
     fn accumulate(&mut self, contribution: Contribution<'_>) -> Result<(), AggregateError>;
 

@@ -12,7 +12,7 @@ use fedge_core::codec;
 use fedge_core::dataset::Dataset;
 use fedge_core::params::ContentHash;
 use fedge_core::rng::{derive_rng, stream};
-use fedge_core::wire::{DeviceId, Message};
+use fedge_core::wire::{DeviceId, ErrorCode, Message};
 use thiserror::Error;
 
 use crate::trainer::{EdgeTrainer, TrainError};
@@ -62,6 +62,9 @@ pub struct EdgeClient {
     seed: u64,
     status: Arc<Mutex<DeviceStatus>>,
     state_dir: Option<PathBuf>,
+    /// A result sent but not acknowledged when the link broke: sent again first thing after a
+    /// reconnect (the coordinator keeps the first copy; a second is a harmless duplicate).
+    unacked: Option<Message>,
 }
 
 /// Writes `params` as `dir/model.bin` (write-then-rename: a crash leaves the previous model,
@@ -95,6 +98,7 @@ impl EdgeClient {
             seed,
             status: Arc::default(),
             state_dir: None,
+            unacked: None,
         }
     }
 
@@ -164,9 +168,33 @@ impl EdgeClient {
         st.model_hash = Some(hash);
     }
 
+    /// Uploads the unacknowledged result, keeping it if the link fails again.
+    async fn upload(&mut self) -> Result<(), ClientError> {
+        let Some(msg) = self.unacked.as_ref() else { return Ok(()) };
+        let round = match msg {
+            Message::TrainResult(r) => r.round,
+            _ => 0,
+        };
+        match self.link.request(msg).await? {
+            // A duplicate means the coordinator already holds this result (its ack was lost).
+            Message::Ack { .. } | Message::Error { code: ErrorCode::Duplicate, .. } => {
+                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                st.last_round = Some(round);
+                st.acked += 1;
+            }
+            // Not retryable now: a stale round, or the coordinator could not store it.
+            Message::Error { code, message } => eprintln!("round {round}: result refused ({code:?}): {message}"),
+            _ => return Err(ConnectError::Unexpected.into()),
+        }
+        self.unacked = None;
+        Ok(())
+    }
+
     /// Works until the connection closes (then returns the link error) or a model fails
-    /// verification. Call again after [`Self::reconnect`].
+    /// verification. Call again after [`Self::reconnect`]; a result whose upload was cut off
+    /// is sent again first.
     pub async fn run(&mut self, device: DeviceId) -> Result<(), ClientError> {
+        self.upload().await?;
         loop {
             match self.request(&Message::TaskRequest).await? {
                 Message::TrainTask(task) => {
@@ -184,16 +212,9 @@ impl EdgeClient {
                     .expect("training thread panicked");
                     self.trainer = Some(trainer);
                     let outcome = outcome?;
-                    match self.request(&Message::TrainResult(outcome.result)).await? {
-                        Message::Ack { round } => {
-                            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                            st.last_round = Some(round);
-                            st.acked += 1;
-                        }
-                        // A refused result (stale, past the deadline) is not fatal: ask again.
-                        Message::Error { .. } => {}
-                        _ => return Err(ConnectError::Unexpected.into()),
-                    }
+                    self.unacked = Some(Message::TrainResult(outcome.result));
+                    // A refused result (stale, past the deadline) is not fatal: ask again.
+                    self.upload().await?;
                 }
                 Message::NoTask { retry_after_ms, model_version } => {
                     if self.model.as_ref().is_none_or(|(v, _)| *v != model_version) {

@@ -184,6 +184,7 @@ impl SimConfig {
         EngineConfig {
             fraction: self.fraction,
             min_train_clients: self.min_train_clients,
+            over_commit: 0.0,
             accept_failures: true,
             // Virtual time: rounds never wait on a wall clock.
             round_timeout: std::time::Duration::from_secs(3600),

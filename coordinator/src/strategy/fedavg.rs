@@ -30,6 +30,10 @@ impl Strategy for FedAvg {
         self.acc = Some(WeightedMean::new(global.layout().clone()));
     }
 
+    fn check(&self, c: Contribution<'_>) -> Result<(), AggregateError> {
+        self.acc.as_ref().ok_or(AggregateError::Empty)?.check(c.delta, c.num_samples as f64)
+    }
+
     fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
         let acc = self.acc.as_mut().ok_or(AggregateError::Empty)?;
         acc.add(c.delta, c.num_samples as f64)

@@ -55,13 +55,7 @@ impl WeightedMean {
     /// Folds in `update` with `weight`. Rejects the update, leaving the sum untouched, if its
     /// layout differs, its weight is invalid or any value is not finite.
     pub fn add(&mut self, update: &ModelParams, weight: f64) -> Result<(), AggregateError> {
-        if !(weight.is_finite() && weight >= 0.0) {
-            return Err(AggregateError::InvalidWeight(weight));
-        }
-        if **update.layout() != *self.layout {
-            return Err(AggregateError::LayoutMismatch);
-        }
-        update.check_finite()?;
+        self.check(update, weight)?;
         if weight > 0.0 {
             for (s, &v) in self.sum.iter_mut().zip(update.data()) {
                 *s += weight * v as f64;
@@ -69,6 +63,19 @@ impl WeightedMean {
         }
         self.total_weight += weight;
         self.count += 1;
+        Ok(())
+    }
+
+    /// What [`Self::add`] would refuse, without folding anything in: a layout other than the
+    /// accumulator's, an invalid weight, a value that is not finite.
+    pub fn check(&self, update: &ModelParams, weight: f64) -> Result<(), AggregateError> {
+        if !(weight.is_finite() && weight >= 0.0) {
+            return Err(AggregateError::InvalidWeight(weight));
+        }
+        if **update.layout() != *self.layout {
+            return Err(AggregateError::LayoutMismatch);
+        }
+        update.check_finite()?;
         Ok(())
     }
 

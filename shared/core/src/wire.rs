@@ -74,6 +74,9 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The peer's certificate does not allow this.
     Unauthorized,
+    /// The coordinator cannot take this now (e.g. its state could not be written); nothing was
+    /// recorded: retry later.
+    Unavailable,
 }
 
 /// What a device tells the coordinator about itself when it connects.
@@ -226,6 +229,8 @@ pub struct RoundLine {
     pub failures: u64,
     /// Devices past the deadline.
     pub stragglers: u64,
+    /// Over-committed devices not needed when the round closed.
+    pub surplus: u64,
     /// Examples trained on.
     pub samples: u64,
     /// Mean device training loss.
