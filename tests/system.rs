@@ -417,3 +417,55 @@ async fn a_restarted_coordinator_resumes_from_its_last_model_version() {
         c.abort();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_download_resumes_from_the_bytes_on_disk_and_refuses_damage() {
+    use fedge_edge::download::fetch_model;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(&dir.path().join("fleet"), &["localhost".into()]).unwrap();
+    ca.issue(Role::Device, "dev-a", 1).unwrap();
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(3);
+    let coordinator = Coordinator::new(EngineConfig::default(), initial.clone()).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let (link, _) = join(addr, &ca, "dev-a", 10).await;
+
+    // A first attempt that got 100,000 bytes before the connection dropped.
+    let cut = 100_000u64;
+    let (hash, total_len, head) =
+        match link.request(&Message::ModelChunkRequest { version: 0, offset: 0, max_len: cut as u32 }).await.unwrap() {
+            Message::ModelChunk { hash, total_len, offset: 0, bytes, .. } => (hash, total_len, bytes),
+            other => panic!("unexpected {other:?}"),
+        };
+    assert_eq!((hash, head.len() as u64), (initial.content_hash(), cut));
+    assert!(total_len > 4 * 199_210, "the 2NN's weights are all there");
+    let state = dir.path().join("device");
+    std::fs::create_dir_all(&state).unwrap();
+    let part = state.join(format!("model-v0-{hash}.part"));
+    std::fs::write(&part, &head).unwrap();
+
+    // The download continues where it stopped and verifies the whole model.
+    let d = fetch_model(&link, 0, Some(&state)).await.unwrap();
+    assert_eq!((d.resumed_from, d.fetched), (cut, total_len - cut));
+    assert_eq!(d.params, initial);
+    assert_eq!(std::fs::metadata(d.file.as_ref().unwrap()).unwrap().len(), total_len);
+    std::fs::remove_file(d.file.unwrap()).unwrap();
+
+    // A damaged part (one flipped byte in the weights) is refused and deleted; the next attempt
+    // starts from scratch and succeeds.
+    let mut bad = head.clone();
+    bad[99_000] ^= 0x20;
+    std::fs::write(&part, &bad).unwrap();
+    assert!(matches!(fetch_model(&link, 0, Some(&state)).await, Err(ClientError::BadModel { .. })));
+    assert!(!part.exists(), "the damaged part is gone");
+    let d = fetch_model(&link, 0, Some(&state)).await.unwrap();
+    assert_eq!((d.resumed_from, d.fetched, d.params.content_hash()), (0, total_len, hash));
+
+    // Without a state folder the download happens in memory; nonsense offsets are refused.
+    assert_eq!(fetch_model(&link, 0, None).await.unwrap().params, initial);
+    let past = Message::ModelChunkRequest { version: 0, offset: total_len + 1, max_len: 10 };
+    assert!(matches!(link.request(&past).await.unwrap(), Message::Error { code: ErrorCode::Malformed, .. }));
+    let unknown = Message::ModelChunkRequest { version: 9, offset: 0, max_len: 10 };
+    assert!(matches!(link.request(&unknown).await.unwrap(), Message::Error { code: ErrorCode::StaleModel, .. }));
+    server.abort();
+}

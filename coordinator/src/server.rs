@@ -480,22 +480,29 @@ impl Coordinator {
             },
             Message::ModelRequest { version } => {
                 let v = version.unwrap_or_else(|| s.engine.version());
-                if let Some(bytes) = s.encoded.get(&v) {
-                    return Reply::Encoded(bytes.clone());
-                }
-                match s.models.get(&v).cloned() {
-                    Some(p) => {
-                        let msg = Message::Model { version: v, hash: p.content_hash(), params: (*p).clone() };
-                        let bytes = Arc::new(fedge_core::codec::encode(&msg));
-                        s.encoded.insert(v, bytes.clone());
-                        return Reply::Encoded(bytes);
-                    }
-                    None => Message::Error {
-                        code: ErrorCode::StaleModel,
-                        message: format!("model version {v} is not kept"),
-                    },
+                match encoded_model(&mut s, v) {
+                    Some(bytes) => return Reply::Encoded(bytes),
+                    None => not_kept(v),
                 }
             }
+            Message::ModelChunkRequest { version, offset, max_len } => match encoded_model(&mut s, version) {
+                Some(bytes) if offset <= bytes.len() as u64 => {
+                    let start = offset as usize;
+                    let end = start + (max_len.min(MAX_CHUNK_BYTES) as usize).min(bytes.len() - start);
+                    Message::ModelChunk {
+                        version,
+                        hash: s.models[&version].content_hash(),
+                        total_len: bytes.len() as u64,
+                        offset,
+                        bytes: bytes[start..end].to_vec(),
+                    }
+                }
+                Some(bytes) => Message::Error {
+                    code: ErrorCode::Malformed,
+                    message: format!("offset {offset} is past the end of model v{version} ({} bytes)", bytes.len()),
+                },
+                None => not_kept(version),
+            },
             Message::TrainResult(result) => {
                 // Checked, then made durable, then counted, then acknowledged: an `Ack` means
                 // the update survives a crash.
@@ -532,6 +539,25 @@ impl Coordinator {
         };
         Reply::Message(reply)
     }
+}
+
+/// Largest chunk of a model download sent at once.
+pub const MAX_CHUNK_BYTES: u32 = 4 << 20;
+
+/// The encoded `Model` message of version `v`, encoded once and kept for every device.
+fn encoded_model(s: &mut State, v: u64) -> Option<Arc<Vec<u8>>> {
+    if let Some(bytes) = s.encoded.get(&v) {
+        return Some(bytes.clone());
+    }
+    let p = s.models.get(&v)?.clone();
+    let msg = Message::Model { version: v, hash: p.content_hash(), params: (*p).clone() };
+    let bytes = Arc::new(fedge_core::codec::encode(&msg));
+    s.encoded.insert(v, bytes.clone());
+    Some(bytes)
+}
+
+fn not_kept(v: u64) -> Message {
+    Message::Error { code: ErrorCode::StaleModel, message: format!("model version {v} is not kept") }
 }
 
 /// An answer to a device: a message, or one already encoded.

@@ -37,6 +37,12 @@ pub enum ClientError {
     /// Local training failed.
     #[error(transparent)]
     Train(#[from] TrainError),
+    /// A download chunk made no sense.
+    #[error("bad model chunk: {0}")]
+    BadChunk(String),
+    /// The state folder could not be written.
+    #[error("state folder: {0}")]
+    Storage(String),
 }
 
 /// What the device holds, for status displays and tests.
@@ -50,6 +56,10 @@ pub struct DeviceStatus {
     pub last_round: Option<u64>,
     /// Results acknowledged.
     pub acked: u64,
+    /// Model bytes downloaded.
+    pub bytes_downloaded: u64,
+    /// Downloads that continued from bytes already on disk.
+    pub downloads_resumed: u64,
 }
 
 /// A device: its link, its trainer, its data.
@@ -126,27 +136,23 @@ impl EdgeClient {
         {
             return Ok(p.clone());
         }
-        match self.request(&Message::ModelRequest { version: Some(version) }).await? {
-            Message::Model { version: v, hash, params } => {
-                let got = params.content_hash();
-                if v != version || got != hash {
-                    return Err(ClientError::BadModel { version, expected: hash.to_string(), got: got.to_string() });
-                }
-                if let Some(dir) = &self.state_dir
-                    && let Err(e) = save_model(dir, v, &params)
-                {
-                    eprintln!("cannot keep model v{v} on disk: {e}");
-                }
-                let params = Arc::new(params);
-                self.model = Some((v, params.clone()));
-                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                st.model_version = Some(v);
-                st.model_hash = Some(got);
-                Ok(params)
-            }
-            Message::Error { code, message } => Err(ConnectError::Refused { code, message }.into()),
-            _ => Err(ConnectError::Unexpected.into()),
+        let d = crate::download::fetch_model(&self.link, version, self.state_dir.as_deref()).await?;
+        {
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            st.bytes_downloaded += d.fetched;
+            st.downloads_resumed += u64::from(d.resumed_from > 0);
         }
+        if let (Some(dir), Some(file)) = (&self.state_dir, &d.file)
+            && let Err(e) = std::fs::rename(file, dir.join("model.bin"))
+        {
+            eprintln!("cannot keep model v{version} on disk: {e}");
+        }
+        let params = Arc::new(d.params);
+        self.model = Some((version, params.clone()));
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        st.model_version = Some(version);
+        st.model_hash = Some(d.hash);
+        Ok(params)
     }
 
     /// Replaces a broken link with a new one, keeping the model held.

@@ -4,10 +4,12 @@
 //! names, train locally with [`fedge_learn`], turn the result into a delta, clip and noise it
 //! as asked, and package the [`fedge_core::wire::TrainResult`]. The simulator runs this very
 //! code for each virtual device; the network client will too. [`transport`] connects to the
-//! coordinator over QUIC with the device's certificate.
+//! coordinator over QUIC with the device's certificate; [`download`] fetches model versions in
+//! resumable, hash-verified chunks.
 
 pub mod client;
 pub mod config;
+pub mod download;
 pub mod service;
 pub mod trainer;
 pub mod transport;

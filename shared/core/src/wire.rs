@@ -157,6 +157,30 @@ pub enum Message {
         /// The parameters.
         params: ModelParams,
     },
+    /// Device to coordinator: send bytes `offset..offset + max_len` of the encoded `Model`
+    /// message of `version` (a resumable download; the coordinator may send fewer).
+    ModelChunkRequest {
+        /// Which version.
+        version: u64,
+        /// First byte wanted.
+        offset: u64,
+        /// Most bytes wanted.
+        max_len: u32,
+    },
+    /// Coordinator to device: part of the encoded `Model` message of `version`. Once all
+    /// `total_len` bytes are in, they decode to a `Model` whose parameters hash to `hash`.
+    ModelChunk {
+        /// The version.
+        version: u64,
+        /// SHA-256 of the parameters.
+        hash: ContentHash,
+        /// Length of the whole encoded message.
+        total_len: u64,
+        /// Where these bytes start.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
     /// Coordinator to device: the result is durable and accepted.
     Ack {
         /// The round it belonged to.

@@ -1,0 +1,157 @@
+//! Resumable model downloads.
+//!
+//! A model version arrives as chunks of its encoded `Model` message
+//! (`ModelChunkRequest`/`ModelChunk`). With a state folder, the bytes go to
+//! `model-v<version>-<hash>.part` as they arrive, so a download cut off by a dropped
+//! connection (or a device restart) continues from the bytes already on disk. Nothing is used
+//! until the whole message is in, decodes, and its parameters match the announced hash; a
+//! part file that fails that check is deleted so the next attempt starts clean.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use fedge_core::ModelParams;
+use fedge_core::codec::{self, MAX_MESSAGE_BYTES};
+use fedge_core::params::ContentHash;
+use fedge_core::wire::Message;
+
+use crate::client::ClientError;
+use crate::transport::{ConnectError, Link};
+
+/// Bytes asked for per chunk.
+pub const CHUNK_BYTES: u32 = 1 << 20;
+
+/// A verified model and how it was fetched.
+#[derive(Debug)]
+pub struct Download {
+    /// The parameters (hash verified).
+    pub params: ModelParams,
+    /// Their hash.
+    pub hash: ContentHash,
+    /// Bytes already on disk when the download started (0: from scratch).
+    pub resumed_from: u64,
+    /// Bytes fetched over the network this time.
+    pub fetched: u64,
+    /// The verified encoded `Model` message, if it was assembled on disk (ready to become
+    /// the device's `model.bin` with a rename).
+    pub file: Option<PathBuf>,
+}
+
+fn part_prefix(version: u64) -> String {
+    format!("model-v{version}-")
+}
+
+/// A part file of `version` in `dir`, with the hash in its name and its length.
+fn find_part(dir: &Path, version: u64) -> Option<(PathBuf, String, u64)> {
+    let prefix = part_prefix(version);
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(hash) = name.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".part")) {
+            let len = entry.metadata().ok()?.len();
+            return Some((entry.path(), hash.to_string(), len));
+        }
+    }
+    None
+}
+
+/// Removes part files of versions other than `keep`.
+fn remove_other_parts(dir: &Path, keep: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("model-v") && name.ends_with(".part") && !name.starts_with(&part_prefix(keep)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |e| ClientError::Storage(format!("{}: {e}", path.display()))
+}
+
+/// Fetches model `version` in chunks, continuing a part file in `dir` if there is one.
+pub async fn fetch_model(link: &Link, version: u64, dir: Option<&Path>) -> Result<Download, ClientError> {
+    let mut part = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(io(d))?;
+            remove_other_parts(d, version);
+            find_part(d, version)
+        }
+        None => None,
+    };
+    let resumed_from = part.as_ref().map_or(0, |p| p.2);
+    let mut memory = Vec::new();
+    let mut offset = resumed_from;
+    let mut fetched = 0u64;
+    let mut announced: Option<(ContentHash, u64)> = None;
+    loop {
+        let request = Message::ModelChunkRequest { version, offset, max_len: CHUNK_BYTES };
+        let (hash, total_len, chunk) = match link.request(&request).await? {
+            Message::ModelChunk { version: v, hash, total_len, offset: o, bytes } if v == version && o == offset => {
+                (hash, total_len, bytes)
+            }
+            Message::Error { code, message } => return Err(ConnectError::Refused { code, message }.into()),
+            _ => return Err(ConnectError::Unexpected.into()),
+        };
+        if total_len > MAX_MESSAGE_BYTES as u64 || offset + chunk.len() as u64 > total_len {
+            return Err(ClientError::BadChunk(format!("{} bytes at {offset} of {total_len}", chunk.len())));
+        }
+        if announced.is_some_and(|a| a != (hash, total_len)) {
+            return Err(ClientError::BadChunk("the model changed during the download".into()));
+        }
+        announced = Some((hash, total_len));
+        if let Some((path, part_hash, _)) = &part
+            && *part_hash != hash.to_string()
+        {
+            // A part of other bytes under the same version number: start again.
+            let _ = std::fs::remove_file(path);
+            part = None;
+            offset = 0;
+            continue;
+        }
+        if let Some(d) = dir {
+            let path = match &part {
+                Some((p, _, _)) => p.clone(),
+                None => {
+                    let p = d.join(format!("{}{hash}.part", part_prefix(version)));
+                    part = Some((p.clone(), hash.to_string(), 0));
+                    p
+                }
+            };
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+            f.write_all(&chunk).map_err(io(&path))?;
+        } else {
+            memory.extend_from_slice(&chunk);
+        }
+        offset += chunk.len() as u64;
+        fetched += chunk.len() as u64;
+        if offset == total_len {
+            break;
+        }
+        if chunk.is_empty() {
+            return Err(ClientError::BadChunk(format!("empty chunk at {offset} of {total_len}")));
+        }
+    }
+    let (hash, _) = announced.expect("at least one chunk arrived");
+    let (bytes, file) = match &part {
+        Some((path, _, _)) => (std::fs::read(path).map_err(io(path))?, Some(path.clone())),
+        None => (memory, None),
+    };
+    let verified = match codec::decode(&bytes) {
+        Ok(Message::Model { version: v, hash: h, params }) if v == version && h == hash => {
+            let got = params.content_hash();
+            if got == hash { Ok(params) } else { Err(got.to_string()) }
+        }
+        Ok(_) => Err("not the model announced".into()),
+        Err(e) => Err(e.to_string()),
+    };
+    match verified {
+        Ok(params) => Ok(Download { params, hash, resumed_from, fetched, file }),
+        Err(got) => {
+            if let Some(f) = &file {
+                let _ = std::fs::remove_file(f);
+            }
+            Err(ClientError::BadModel { version, expected: hash.to_string(), got })
+        }
+    }
+}
