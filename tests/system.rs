@@ -79,6 +79,9 @@ async fn five_devices_three_rounds_over_quic() {
     };
     let coordinator = Coordinator::new(config, initial).unwrap();
     let (addr, server) = serve(&coordinator, &ca);
+    let metrics_tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_tcp.local_addr().unwrap();
+    let metrics = tokio::spawn(fedge_coordinator::metrics::serve(metrics_tcp, coordinator.metrics()));
 
     let parts = Partition::Iid.split(&train.labels[..2000], 5, &mut derive_rng(1, &[])).unwrap();
     let mut statuses = Vec::new();
@@ -199,10 +202,39 @@ async fn five_devices_three_rounds_over_quic() {
     .await
     .expect("devices converge on the final model");
 
+    // The Prometheus endpoint tells the same story.
+    let page = http_get(metrics_addr, "/metrics").await;
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    let value = |name: &str| -> f64 {
+        let line = page.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in\n{page}"));
+        line[name.len()..].trim().parse().unwrap()
+    };
+    assert_eq!(value("fedge_rounds_total{outcome=\"aggregated\"}"), 3.0);
+    assert_eq!(value("fedge_updates_accepted_total"), 15.0);
+    assert_eq!(value("fedge_update_latency_seconds_count"), 15.0);
+    assert_eq!(value("fedge_devices_connected"), 5.0);
+    assert_eq!(value("fedge_model_version"), 3.0);
+    assert_eq!(value("fedge_rejections_total{code=\"Unauthorized\"}"), 1.0, "the intruder's operator command");
+    let model_bytes = 4.0 * 199_210.0;
+    assert!(value("fedge_bytes_sent_total") > 5.0 * 4.0 * model_bytes, "5 devices fetched versions 0 to 3");
+    assert!(value("fedge_bytes_received_total") > 15.0 * model_bytes, "15 updates");
+    assert!(http_get(metrics_addr, "/").await.starts_with("HTTP/1.1 404"));
+
+    metrics.abort();
     server.abort();
     for c in clients {
         c.abort();
     }
+}
+
+/// A plain HTTP/1.1 GET; the whole response.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: fedge\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,6 +365,12 @@ async fn bad_input_over_the_wire_gets_typed_errors_and_harms_nothing() {
     let (version, global) = coordinator.global();
     assert_eq!(version, 1);
     assert_eq!(global.content_hash(), initial.content_hash(), "a zero delta leaves the model as it was");
+    // Every refusal is counted by its code.
+    let page = coordinator.metrics().encode();
+    for code in ["Malformed", "TooLarge", "InvalidUpdate", "StaleModel"] {
+        assert!(page.contains(&format!("fedge_rejections_total{{code=\"{code}\"}}")), "{code} in\n{page}");
+    }
+    assert!(page.contains("fedge_rejections_total{code=\"InvalidUpdate\"} 2"), "{page}");
     server.abort();
 }
 

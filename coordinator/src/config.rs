@@ -15,6 +15,8 @@ use crate::engine::EngineConfig;
 pub struct ServeConfig {
     /// UDP address to listen on.
     pub listen: SocketAddr,
+    /// TCP address of the Prometheus metrics endpoint (`GET /metrics`); none if absent.
+    pub metrics_listen: Option<SocketAddr>,
     /// Folder made by `fedge-coordinator certs init`.
     pub certs_dir: PathBuf,
     /// Where model versions and the device registry are kept (redb + content-addressed blobs).
@@ -54,6 +56,7 @@ impl Default for ServeConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:4433".parse().expect("valid address"),
+            metrics_listen: None,
             certs_dir: PathBuf::from("certs/fleet"),
             state_dir: PathBuf::from("coordinator-state"),
             model: "2nn".into(),

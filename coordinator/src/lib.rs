@@ -13,6 +13,7 @@
 pub mod certs;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -32,6 +32,9 @@ enum Command {
         /// Certificate folder.
         #[arg(long)]
         certs_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics on this TCP address (GET /metrics).
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
     },
     /// Operator commands (need an operator certificate).
     Round {
@@ -179,7 +182,7 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { config, listen, certs_dir } => {
+        Command::Serve { config, listen, certs_dir, metrics } => {
             let mut c = match config {
                 Some(path) => {
                     let text =
@@ -189,6 +192,9 @@ fn real_main() -> anyhow::Result<()> {
                 }
                 None => ServeConfig::default(),
             };
+            if metrics.is_some() {
+                c.metrics_listen = metrics;
+            }
             if let Some(l) = listen {
                 c.listen = l;
             }

@@ -27,6 +27,7 @@ use tokio::sync::Notify;
 use crate::certs::Role;
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
 use crate::engine::{Evaluation, ResumeError, RoundOutcome};
+use crate::metrics::Metrics;
 use crate::store::{RoundRecord, Settings, Store, StoreError};
 use crate::strategy::FedAvg;
 use crate::transport::{Listener, Peer, answer_hello};
@@ -54,6 +55,8 @@ struct State {
     ids: BTreeMap<String, DeviceId>,
     connected: BTreeSet<DeviceId>,
     tasks: BTreeMap<DeviceId, TrainTask>,
+    /// When each task was assigned (for the update latency metric).
+    assigned_at: BTreeMap<DeviceId, Duration>,
     models: BTreeMap<u64, Arc<ModelParams>>,
     /// `Model` messages already encoded, by version: encoded once, sent to every device.
     encoded: BTreeMap<u64, Arc<Vec<u8>>>,
@@ -89,6 +92,7 @@ pub struct Coordinator {
     state: Mutex<State>,
     changed: Notify,
     started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl Coordinator {
@@ -152,6 +156,7 @@ impl Coordinator {
                 ids,
                 connected: BTreeSet::new(),
                 tasks: BTreeMap::new(),
+                assigned_at: BTreeMap::new(),
                 models: BTreeMap::from([(version, first)]),
                 encoded: BTreeMap::new(),
                 reports: Vec::new(),
@@ -160,7 +165,13 @@ impl Coordinator {
             }),
             changed: Notify::new(),
             started: Instant::now(),
+            metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// The coordinator's metrics (serve them with [`crate::metrics::serve`]).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     fn now(&self) -> Duration {
@@ -222,9 +233,12 @@ impl Coordinator {
                 match ev {
                     EngineEvent::Assign { device, task } => {
                         s.tasks.insert(device, task);
+                        s.assigned_at.insert(device, self.now());
                     }
                     EngineEvent::RoundClosed(report) => {
                         s.tasks.clear();
+                        s.assigned_at.clear();
+                        self.metrics.round_closed(report.outcome == RoundOutcome::Aggregated);
                         let v = s.engine.version();
                         let line = line_of(&report);
                         if let Some(store) = &s.store {
@@ -267,6 +281,9 @@ impl Coordinator {
                 Err(StartError::NotEnoughDevices { .. }) | Err(StartError::Busy(_)) => break,
             }
         }
+        self.metrics.model_version.set(s.engine.version() as i64);
+        self.metrics.devices_connected.set(s.connected.len() as i64);
+        self.metrics.devices_known.set(s.ids.len() as i64);
         if changed {
             self.changed.notify_waiters();
         }
@@ -299,7 +316,10 @@ impl Coordinator {
                         Role::Operator => tokio::spawn(async move { me.operator_session(peer).await }),
                     };
                 }
-                Err(e) => eprintln!("refused a connection: {e}"),
+                Err(e) => {
+                    self.metrics.rejected_connection();
+                    eprintln!("refused a connection: {e}");
+                }
             }
         }
         ticker.abort();
@@ -416,7 +436,8 @@ impl Coordinator {
     async fn device_session(self: Arc<Self>, peer: Peer) {
         let version = self.lock().engine.version();
         if let Err(e) = answer_hello(&peer, version).await {
-            eprintln!("device {}: {e}", peer.identity.id);
+            self.metrics.rejected(e.code());
+            eprintln!("{}: {e}", peer.identity.id);
             // Let the refusal reach the device before the connection goes.
             let _ = tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
             return;
@@ -442,22 +463,29 @@ impl Coordinator {
             id
         };
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
-            let request = match fedge_net::read_message(&mut recv).await {
-                Ok(m) => m,
+            let request = match fedge_net::read_message_sized(&mut recv).await {
+                Ok((m, n)) => {
+                    self.metrics.received(n);
+                    m
+                }
                 Err(e) => {
                     let code = match e {
                         fedge_net::FrameError::TooLarge(_) => ErrorCode::TooLarge,
                         _ => ErrorCode::Malformed,
                     };
+                    self.metrics.rejected(code);
+                    eprintln!("device {}: bad frame: {e}", peer.identity.id);
                     let reply = Message::Error { code, message: e.to_string() };
                     let _ = fedge_net::write_message(&mut send, &reply).await;
                     continue;
                 }
             };
-            let written = match self.answer(id, request) {
-                Reply::Message(m) => fedge_net::write_message(&mut send, &m).await,
-                Reply::Encoded(bytes) => fedge_net::write_encoded(&mut send, &bytes).await,
+            let bytes = match self.answer(id, request) {
+                Reply::Message(m) => Arc::new(fedge_core::codec::encode(&m)),
+                Reply::Encoded(bytes) => bytes,
             };
+            self.metrics.sent(bytes.len() + 4);
+            let written = fedge_net::write_encoded(&mut send, &bytes).await;
             if written.is_err() {
                 break;
             }
@@ -466,6 +494,7 @@ impl Coordinator {
         let mut s = self.lock();
         s.connected.remove(&id);
         s.tasks.remove(&id);
+        s.assigned_at.remove(&id);
         let now = self.now();
         s.engine.handle_device_gone(now, id);
         self.pump(&mut s);
@@ -515,6 +544,8 @@ impl Coordinator {
                             match s.engine.handle_train_result(now, id, &result) {
                                 Ok(()) => {
                                     s.tasks.remove(&id);
+                                    let since = s.assigned_at.remove(&id).unwrap_or(now);
+                                    self.metrics.update_accepted(now.saturating_sub(since));
                                     Ok(result.round)
                                 }
                                 Err(e) => Err((e.code(), e.to_string())),
@@ -526,16 +557,23 @@ impl Coordinator {
                 match reply {
                     Ok(round) => Message::Ack { round },
                     Err((code, message)) => {
+                        self.metrics.rejected(code);
                         eprintln!("device {id}: update refused ({code:?}): {message}");
                         Message::Error { code, message }
                     }
                 }
             }
-            Message::Operator(_) => Message::Error {
-                code: ErrorCode::Unauthorized,
-                message: "a device certificate cannot run operator commands".into(),
-            },
-            _ => Message::Error { code: ErrorCode::Malformed, message: "unexpected message from a device".into() },
+            Message::Operator(_) => {
+                self.metrics.rejected(ErrorCode::Unauthorized);
+                Message::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: "a device certificate cannot run operator commands".into(),
+                }
+            }
+            _ => {
+                self.metrics.rejected(ErrorCode::Malformed);
+                Message::Error { code: ErrorCode::Malformed, message: "unexpected message from a device".into() }
+            }
         };
         Reply::Message(reply)
     }

@@ -37,6 +37,16 @@ pub async fn run(
     let listener = Listener::bind(c.listen, &certs)?;
     ready(listener.local_addr()?);
     let server = tokio::spawn(coordinator.clone().serve(listener));
+    let metrics = match c.metrics_listen {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            println!("metrics on http://{}/metrics", tcp.local_addr()?);
+            Some(tokio::spawn(crate::metrics::serve(tcp, coordinator.metrics())))
+        }
+        None => None,
+    };
     let eval = {
         let coordinator = coordinator.clone();
         tokio::spawn(async move {
@@ -75,5 +85,8 @@ pub async fn run(
     shutdown.await;
     eval.abort();
     server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     Ok(())
 }

@@ -124,6 +124,18 @@ pub enum HelloError {
     NotAnOperator(String),
 }
 
+impl HelloError {
+    /// The wire code the peer was (or would have been) told.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Frame(fedge_net::FrameError::TooLarge(_)) => ErrorCode::TooLarge,
+            Self::Frame(_) | Self::Unexpected => ErrorCode::Malformed,
+            Self::Version(_) => ErrorCode::UnsupportedVersion,
+            Self::NotADevice(_) | Self::NotAnOperator(_) => ErrorCode::Unauthorized,
+        }
+    }
+}
+
 /// Runs the opening exchange of a device connection: reads its `Hello` on the first stream,
 /// checks protocol version and role, and answers `Welcome` (or a typed `Error`).
 pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {

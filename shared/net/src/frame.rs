@@ -39,6 +39,11 @@ pub async fn write_encoded(send: &mut quinn::SendStream, bytes: &[u8]) -> Result
 
 /// Reads one frame and decodes it.
 pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, FrameError> {
+    Ok(read_message_sized(recv).await?.0)
+}
+
+/// Reads one frame and decodes it; also says how many bytes the frame took.
+pub async fn read_message_sized(recv: &mut quinn::RecvStream) -> Result<(Message, usize), FrameError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| FrameError::Closed(e.to_string()))?;
     let len = u32::from_le_bytes(len) as usize;
@@ -47,5 +52,5 @@ pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, Frame
     }
     let mut buf = vec![0u8; len];
     recv.read_exact(&mut buf).await.map_err(|e| FrameError::Closed(e.to_string()))?;
-    Ok(codec::decode(&buf)?)
+    Ok((codec::decode(&buf)?, len + 4))
 }

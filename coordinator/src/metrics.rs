@@ -1,0 +1,171 @@
+//! Operational metrics in the Prometheus text format, and the tiny HTTP endpoint that serves
+//! them (`GET /metrics`).
+//!
+//! [`Metrics`] is plain shared state (atomics inside `prometheus-client`'s types) updated by the
+//! server as things happen; [`serve`] answers scrapes. The endpoint speaks just enough
+//! HTTP/1.1 for a Prometheus scraper or `curl`: one bounded request per connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedge_core::wire::ErrorCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Code {
+    code: String,
+}
+
+/// The coordinator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    rounds: Family<Outcome, Counter>,
+    updates_accepted: Counter,
+    rejections: Family<Code, Counter>,
+    update_latency: Histogram,
+    bytes_sent: Counter,
+    bytes_received: Counter,
+    /// Devices connected now.
+    pub devices_connected: Gauge,
+    /// Devices ever registered.
+    pub devices_known: Gauge,
+    /// Current model version.
+    pub model_version: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fedge");
+        let rounds = Family::<Outcome, Counter>::default();
+        let updates_accepted = Counter::default();
+        let rejections = Family::<Code, Counter>::default();
+        // 10 ms to ~40 min: from a tiny model on loopback to a slow phone training for a while.
+        let update_latency = Histogram::new(exponential_buckets(0.01, 2.0, 18));
+        let bytes_sent = Counter::default();
+        let bytes_received = Counter::default();
+        let devices_connected = Gauge::default();
+        let devices_known = Gauge::default();
+        let model_version = Gauge::default();
+        registry.register("rounds", "Rounds closed, by outcome (aggregated or failed)", rounds.clone());
+        registry.register(
+            "updates_accepted",
+            "Device updates accepted (durable, acknowledged)",
+            updates_accepted.clone(),
+        );
+        registry.register("rejections", "Requests and updates refused, by error code", rejections.clone());
+        registry.register(
+            "update_latency_seconds",
+            "From a task's assignment to its accepted update",
+            update_latency.clone(),
+        );
+        registry.register("bytes_sent", "Bytes of messages sent to devices", bytes_sent.clone());
+        registry.register("bytes_received", "Bytes of messages received from devices", bytes_received.clone());
+        registry.register("devices_connected", "Devices connected now", devices_connected.clone());
+        registry.register("devices_known", "Devices ever registered", devices_known.clone());
+        registry.register("model_version", "Current global model version", model_version.clone());
+        Self {
+            registry,
+            rounds,
+            updates_accepted,
+            rejections,
+            update_latency,
+            bytes_sent,
+            bytes_received,
+            devices_connected,
+            devices_known,
+            model_version,
+        }
+    }
+}
+
+impl Metrics {
+    /// A round closed.
+    pub fn round_closed(&self, aggregated: bool) {
+        let outcome = if aggregated { "aggregated" } else { "failed" };
+        self.rounds.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// An update was accepted `latency` after its task was assigned.
+    pub fn update_accepted(&self, latency: Duration) {
+        self.updates_accepted.inc();
+        self.update_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Something a device or operator sent was refused with `code`.
+    pub fn rejected(&self, code: ErrorCode) {
+        self.rejections.get_or_create(&Code { code: format!("{code:?}") }).inc();
+    }
+
+    /// A connection was refused before any message (TLS: unknown CA, revoked, wrong role).
+    pub fn rejected_connection(&self) {
+        self.rejections.get_or_create(&Code { code: "Connection".into() }).inc();
+    }
+
+    /// `n` bytes went out.
+    pub fn sent(&self, n: usize) {
+        self.bytes_sent.inc_by(n as u64);
+    }
+
+    /// `n` bytes came in.
+    pub fn received(&self, n: usize) {
+        self.bytes_received.inc_by(n as u64);
+    }
+
+    /// Everything, in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Answers `GET /metrics` on `listener` with `metrics` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            // Read the request head, bounded in size and time.
+            let mut head = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                true
+            })
+            .await;
+            if read != Ok(true) {
+                return;
+            }
+            let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+            let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?") {
+                ("200 OK", metrics.encode())
+            } else {
+                ("404 Not Found", "try GET /metrics\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
