@@ -173,6 +173,8 @@ async fn five_devices_three_rounds_over_quic() {
             let ids: Vec<&str> = d.iter().map(|d| d.id.as_str()).collect();
             assert_eq!(ids, ["dev-0", "dev-1", "dev-2", "dev-3", "dev-4"], "the refused intruder is not registered");
             assert!(d.iter().all(|d| d.connected));
+            let caps = d.iter().map(|d| d.capabilities.clone().expect("told at Hello")).collect::<Vec<_>>();
+            assert!(caps.iter().all(|c| c.backend == "flex" && c.num_samples == 400), "{caps:?}");
         }
         other => panic!("{other:?}"),
     }

@@ -38,6 +38,9 @@ pub struct ServeConfig {
     pub over_commit: f64,
     /// Whether a round with failed devices may aggregate.
     pub accept_failures: bool,
+    /// With `accept_failures`, the most failed or late devices a round may have and still
+    /// aggregate (absent: no bound beyond the quorum).
+    pub max_failures: Option<usize>,
     /// Seconds a round waits for results.
     pub round_timeout_secs: u64,
     /// Local epochs.
@@ -67,6 +70,7 @@ impl Default for ServeConfig {
             min_train_clients: 2,
             over_commit: 0.0,
             accept_failures: true,
+            max_failures: None,
             round_timeout_secs: 60,
             epochs: 1,
             batch_size: 10,
@@ -85,6 +89,7 @@ impl ServeConfig {
             min_train_clients: self.min_train_clients,
             over_commit: self.over_commit,
             accept_failures: self.accept_failures,
+            max_failures: self.max_failures,
             round_timeout: Duration::from_secs(self.round_timeout_secs),
             train: TrainConfig {
                 epochs: self.epochs,

@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub over_commit: f64,
     /// Whether a round with some failed devices may still aggregate.
     pub accept_failures: bool,
+    /// With `accept_failures`, the most failed or late devices a round may have and still
+    /// aggregate (`None`: no bound beyond the quorum).
+    pub max_failures: Option<usize>,
     /// How long a round waits for results.
     pub round_timeout: Duration,
     /// What devices are asked to do.
@@ -55,6 +58,7 @@ impl Default for EngineConfig {
             min_train_clients: 1,
             over_commit: 0.0,
             accept_failures: true,
+            max_failures: None,
             round_timeout: Duration::from_secs(600),
             train: TrainConfig {
                 epochs: 5,
@@ -617,6 +621,8 @@ impl<S: Strategy> RoundEngine<S> {
             ))
         } else if failures > 0 && !self.config.accept_failures {
             RoundOutcome::Failed(format!("{failures} devices failed and failures are not accepted"))
+        } else if let Some(bound) = self.config.max_failures.filter(|&b| failures > b) {
+            RoundOutcome::Failed(format!("{failures} devices failed, at most {bound} accepted"))
         } else {
             match self.strategy.aggregate_train(open.round, &self.global, failures) {
                 Ok(next) => {
@@ -817,6 +823,22 @@ mod tests {
         e.handle_train_failure(S, tasks[1].0);
         assert!(matches!(closed(&mut e).outcome, RoundOutcome::Failed(_)));
         assert_eq!(e.version(), 0);
+    }
+
+    #[test]
+    fn failures_beyond_the_bound_fail_the_round() {
+        let run = |bound| {
+            let mut e = engine(4, EngineConfig { max_failures: Some(bound), ..cfg(1.0, 1) });
+            e.start_round(S).unwrap();
+            let tasks = assigned(&mut e);
+            e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [3.0, 3.0], 5)).unwrap();
+            e.handle_train_result(S, tasks[1].0, &result(&tasks[1].1, [3.0, 3.0], 5)).unwrap();
+            e.handle_train_failure(S, tasks[2].0);
+            e.handle_timeout(11 * S); // tasks[3] is late
+            closed(&mut e).outcome
+        };
+        assert_eq!(run(2), RoundOutcome::Aggregated);
+        assert!(matches!(run(1), RoundOutcome::Failed(ref m) if m.contains("2 devices failed, at most 1")));
     }
 
     #[test]

@@ -372,13 +372,30 @@ async fn list(command: OperatorCommand, json: bool, op: OperatorArgs) -> anyhow:
     match answer {
         Message::Devices(devices) => {
             if json {
-                let v: Vec<_> =
-                    devices.iter().map(|d| serde_json::json!({"id": d.id, "connected": d.connected})).collect();
+                let v: Vec<_> = devices
+                    .iter()
+                    .map(|d| {
+                        let caps = d.capabilities.as_ref().map(|c| {
+                            serde_json::json!({"backend": c.backend, "memory_mb": c.memory_mb, "charging": c.charging,
+                                "unmetered": c.unmetered, "num_samples": c.num_samples})
+                        });
+                        serde_json::json!({"id": d.id, "connected": d.connected, "capabilities": caps})
+                    })
+                    .collect();
                 let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
             } else {
-                let _ = writeln!(out, "{:<24} connected", "device");
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:>9}  {:>7}  {:>8}  {:>9}",
+                    "device", "connected", "backend", "memory", "samples"
+                );
                 for d in devices {
-                    let _ = writeln!(out, "{:<24} {}", d.id, if d.connected { "yes" } else { "no" });
+                    let (backend, mem, samples) =
+                        d.capabilities.as_ref().map_or(("-".into(), "-".into(), "-".into()), |c| {
+                            (c.backend.clone(), format!("{} MiB", c.memory_mb), c.num_samples.to_string())
+                        });
+                    let connected = if d.connected { "yes" } else { "no" };
+                    let _ = writeln!(out, "{:<24} {connected:>9}  {backend:>7}  {mem:>8}  {samples:>9}", d.id);
                 }
             }
         }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use fedge_core::ModelParams;
 use fedge_core::params::ContentHash;
 use fedge_core::wire::{
-    DeviceId, DeviceLine, ErrorCode, Message, ModelLine, OperatorCommand, RoundLine, Status, TrainTask,
+    Capabilities, DeviceId, DeviceLine, ErrorCode, Message, ModelLine, OperatorCommand, RoundLine, Status, TrainTask,
 };
 use tokio::sync::Notify;
 
@@ -54,6 +54,7 @@ struct State {
     store: Option<Store>,
     ids: BTreeMap<String, DeviceId>,
     connected: BTreeSet<DeviceId>,
+    capabilities: BTreeMap<DeviceId, Capabilities>,
     tasks: BTreeMap<DeviceId, TrainTask>,
     /// When each task was assigned (for the update latency metric).
     assigned_at: BTreeMap<DeviceId, Duration>,
@@ -155,6 +156,7 @@ impl Coordinator {
                 store,
                 ids,
                 connected: BTreeSet::new(),
+                capabilities: BTreeMap::new(),
                 tasks: BTreeMap::new(),
                 assigned_at: BTreeMap::new(),
                 models: BTreeMap::from([(version, first)]),
@@ -366,7 +368,14 @@ impl Coordinator {
     /// Every device ever seen, by certificate id.
     pub fn devices(&self) -> Vec<DeviceLine> {
         let s = self.lock();
-        s.ids.iter().map(|(name, id)| DeviceLine { id: name.clone(), connected: s.connected.contains(id) }).collect()
+        s.ids
+            .iter()
+            .map(|(name, id)| DeviceLine {
+                id: name.clone(),
+                connected: s.connected.contains(id),
+                capabilities: s.capabilities.get(id).cloned(),
+            })
+            .collect()
     }
 
     /// The model versions kept (all stored ones with a store, else the last few in memory).
@@ -435,13 +444,16 @@ impl Coordinator {
 
     async fn device_session(self: Arc<Self>, peer: Peer) {
         let version = self.lock().engine.version();
-        if let Err(e) = answer_hello(&peer, version).await {
-            self.metrics.rejected(e.code());
-            eprintln!("{}: {e}", peer.identity.id);
-            // Let the refusal reach the device before the connection goes.
-            let _ = tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
-            return;
-        }
+        let hello = match answer_hello(&peer, version).await {
+            Ok(hello) => hello,
+            Err(e) => {
+                self.metrics.rejected(e.code());
+                eprintln!("{}: {e}", peer.identity.id);
+                // Let the refusal reach the device before the connection goes.
+                let _ = tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
+                return;
+            }
+        };
         let id = {
             let mut s = self.lock();
             let name = peer.identity.id.clone();
@@ -458,6 +470,7 @@ impl Coordinator {
             };
             s.ids.insert(name, id);
             s.connected.insert(id);
+            s.capabilities.insert(id, hello.capabilities);
             s.engine.handle_device_available(id);
             self.pump(&mut s);
             id

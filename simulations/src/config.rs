@@ -186,6 +186,7 @@ impl SimConfig {
             min_train_clients: self.min_train_clients,
             over_commit: 0.0,
             accept_failures: true,
+            max_failures: None,
             // Virtual time: rounds never wait on a wall clock.
             round_timeout: std::time::Duration::from_secs(3600),
             train: TrainConfig {

@@ -225,6 +225,8 @@ pub struct DeviceLine {
     pub id: String,
     /// Whether it is connected now.
     pub connected: bool,
+    /// What it said of itself when it last connected (this run of the coordinator).
+    pub capabilities: Option<Capabilities>,
 }
 
 /// One model version, as operators see it.
