@@ -60,7 +60,7 @@ struct State {
     assigned_at: BTreeMap<DeviceId, Duration>,
     models: BTreeMap<u64, Arc<ModelParams>>,
     /// `Model` messages already encoded, by version: encoded once, sent to every device.
-    encoded: BTreeMap<u64, Arc<Vec<u8>>>,
+    encoded: BTreeMap<u64, (ContentHash, Arc<Vec<u8>>)>,
     /// Rounds closed in this run (what [`Coordinator::wait_for_rounds`] counts).
     reports: Vec<RoundReport>,
     /// Every round closed, earlier runs included (what operators see).
@@ -493,12 +493,21 @@ impl Coordinator {
                     continue;
                 }
             };
-            let bytes = match self.answer(id, request) {
-                Reply::Message(m) => Arc::new(fedge_core::codec::encode(&m)),
-                Reply::Encoded(bytes) => bytes,
+            let written = match self.answer(id, request) {
+                Reply::Message(m) => {
+                    let bytes = fedge_core::codec::encode(&m);
+                    self.metrics.sent(bytes.len() + 4);
+                    fedge_net::write_encoded(&mut send, &bytes).await
+                }
+                Reply::Encoded(bytes) => {
+                    self.metrics.sent(bytes.len() + 4);
+                    fedge_net::write_encoded(&mut send, &bytes).await
+                }
+                Reply::Chunk(prefix, model, range) => {
+                    self.metrics.sent(prefix.len() + range.len() + 4);
+                    fedge_net::write_parts(&mut send, &prefix, &model[range]).await
+                }
             };
-            self.metrics.sent(bytes.len() + 4);
-            let written = fedge_net::write_encoded(&mut send, &bytes).await;
             if written.is_err() {
                 break;
             }
@@ -523,23 +532,19 @@ impl Coordinator {
             Message::ModelRequest { version } => {
                 let v = version.unwrap_or_else(|| s.engine.version());
                 match encoded_model(&mut s, v) {
-                    Some(bytes) => return Reply::Encoded(bytes),
+                    Some((_, bytes)) => return Reply::Encoded(bytes),
                     None => not_kept(v),
                 }
             }
             Message::ModelChunkRequest { version, offset, max_len } => match encoded_model(&mut s, version) {
-                Some(bytes) if offset <= bytes.len() as u64 => {
+                Some((hash, bytes)) if offset <= bytes.len() as u64 => {
                     let start = offset as usize;
                     let end = start + (max_len.min(MAX_CHUNK_BYTES) as usize).min(bytes.len() - start);
-                    Message::ModelChunk {
-                        version,
-                        hash: s.models[&version].content_hash(),
-                        total_len: bytes.len() as u64,
-                        offset,
-                        bytes: bytes[start..end].to_vec(),
-                    }
+                    let total = bytes.len() as u64;
+                    let prefix = fedge_core::codec::model_chunk_prefix(version, hash, total, offset, end - start);
+                    return Reply::Chunk(prefix, bytes, start..end);
                 }
-                Some(bytes) => Message::Error {
+                Some((_, bytes)) => Message::Error {
                     code: ErrorCode::Malformed,
                     message: format!("offset {offset} is past the end of model v{version} ({} bytes)", bytes.len()),
                 },
@@ -595,24 +600,28 @@ impl Coordinator {
 /// Largest chunk of a model download sent at once.
 pub const MAX_CHUNK_BYTES: u32 = 4 << 20;
 
-/// The encoded `Model` message of version `v`, encoded once and kept for every device.
-fn encoded_model(s: &mut State, v: u64) -> Option<Arc<Vec<u8>>> {
-    if let Some(bytes) = s.encoded.get(&v) {
-        return Some(bytes.clone());
+/// The hash and encoded `Model` message of version `v`, computed once and kept for every
+/// device.
+fn encoded_model(s: &mut State, v: u64) -> Option<(ContentHash, Arc<Vec<u8>>)> {
+    if let Some(kept) = s.encoded.get(&v) {
+        return Some(kept.clone());
     }
     let p = s.models.get(&v)?.clone();
-    let msg = Message::Model { version: v, hash: p.content_hash(), params: (*p).clone() };
-    let bytes = Arc::new(fedge_core::codec::encode(&msg));
-    s.encoded.insert(v, bytes.clone());
-    Some(bytes)
+    let hash = p.content_hash();
+    let msg = Message::Model { version: v, hash, params: (*p).clone() };
+    let kept = (hash, Arc::new(fedge_core::codec::encode(&msg)));
+    s.encoded.insert(v, kept.clone());
+    Some(kept)
 }
 
 fn not_kept(v: u64) -> Message {
     Message::Error { code: ErrorCode::StaleModel, message: format!("model version {v} is not kept") }
 }
 
-/// An answer to a device: a message, or one already encoded.
+/// An answer to a device: a message, one already encoded, or a model chunk (its encoded
+/// prefix, then a range of an encoded model sent without copying).
 enum Reply {
     Message(Message),
     Encoded(Arc<Vec<u8>>),
+    Chunk(Vec<u8>, Arc<Vec<u8>>, std::ops::Range<usize>),
 }

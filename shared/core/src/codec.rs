@@ -13,7 +13,7 @@ use bincode::error::{DecodeError as BinDecodeError, EncodeError};
 use bincode::{Decode, Encode};
 use thiserror::Error;
 
-use crate::params::{ModelParams, ParamLayout, TensorSpec, extend_f32s_from_le_bytes, f32s_to_le_bytes};
+use crate::params::{ContentHash, ModelParams, ParamLayout, TensorSpec, extend_f32s_from_le_bytes, f32s_to_le_bytes};
 use crate::wire::Message;
 
 /// Largest message accepted: 256 MiB, room for a 64M-parameter model.
@@ -60,6 +60,18 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         return Err(DecodeError::Trailing(bytes.len() - used));
     }
     Ok(msg)
+}
+
+/// The encoding of `Message::ModelChunk { version, hash, total_len, offset, bytes }` up to (not
+/// including) `bytes` itself, for a chunk of `len` bytes: a sender writes this prefix and then
+/// the bytes straight from a buffer it already holds, with no copy into a message.
+pub fn model_chunk_prefix(version: u64, hash: ContentHash, total_len: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = encode(&Message::ModelChunk { version, hash, total_len, offset, bytes: Vec::new() });
+    // The empty byte string is encoded last, as its length: one zero byte.
+    debug_assert_eq!(out.last(), Some(&0));
+    out.pop();
+    bincode::encode_into_std_write(len as u64, &mut out, config()).expect("encoding into a Vec cannot fail");
+    out
 }
 
 const CHUNK: usize = 16 * 1024;
@@ -166,6 +178,19 @@ mod tests {
         // 2002 values: the encoding is the values' 8008 bytes plus a small header.
         let bytes = encode(&result(1000));
         assert!(bytes.len() >= 8008 && bytes.len() < 8008 + 64, "{}", bytes.len());
+    }
+
+    #[test]
+    fn a_chunk_prefix_and_its_bytes_are_the_whole_message() {
+        let hash = params(3).content_hash();
+        for len in [0usize, 1, 250, 251, 65_535, 65_536, 300_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let whole =
+                encode(&Message::ModelChunk { version: 7, hash, total_len: 1 << 33, offset: 99, bytes: bytes.clone() });
+            let mut parts = model_chunk_prefix(7, hash, 1 << 33, 99, len);
+            parts.extend_from_slice(&bytes);
+            assert_eq!(parts, whole, "chunk of {len} bytes");
+        }
     }
 
     #[test]

@@ -37,6 +37,19 @@ pub async fn write_encoded(send: &mut quinn::SendStream, bytes: &[u8]) -> Result
     send.write_all(bytes).await.map_err(|e| FrameError::Closed(e.to_string()))
 }
 
+/// Writes one frame whose bytes come in two parts (an encoded prefix and bytes held
+/// elsewhere), without joining them first.
+pub async fn write_parts(send: &mut quinn::SendStream, head: &[u8], tail: &[u8]) -> Result<(), FrameError> {
+    let len = head.len() + tail.len();
+    if len > MAX_MESSAGE_BYTES {
+        return Err(FrameError::TooLarge(len));
+    }
+    let closed = |e: quinn::WriteError| FrameError::Closed(e.to_string());
+    send.write_all(&(len as u32).to_le_bytes()).await.map_err(closed)?;
+    send.write_all(head).await.map_err(closed)?;
+    send.write_all(tail).await.map_err(closed)
+}
+
 /// Reads one frame and decodes it.
 pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, FrameError> {
     Ok(read_message_sized(recv).await?.0)
