@@ -201,12 +201,18 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(d) = certs_dir {
                 c.certs_dir = d;
             }
-            return tokio::runtime::Runtime::new()?.block_on(async {
-                fedge_coordinator::service::run(c, |addr| println!("fedge-coordinator listening on {addr}"), async {
-                    let _ = tokio::signal::ctrl_c().await;
+            return tokio::runtime::Runtime::new()?
+                .block_on(async {
+                    fedge_coordinator::service::run(
+                        c,
+                        |addr| println!("fedge-coordinator listening on {addr}"),
+                        async {
+                            let _ = tokio::signal::ctrl_c().await;
+                        },
+                    )
+                    .await
                 })
-                .await
-            });
+                .map_err(Into::into);
         }
         Command::Round { command, op } => return tokio::runtime::Runtime::new()?.block_on(round(command, op)),
         Command::Devices { command: ListCommand::List { json }, op } => {

@@ -7,16 +7,49 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
-use anyhow::Context;
 use fedge_core::dataset::DatasetName;
 use fedge_learn::{BackendKind, ModelKind, Trainer};
 
-use crate::certs::CertDir;
+use crate::certs::{CertDir, CertError};
 use crate::config::ServeConfig;
 use crate::engine::Evaluation;
-use crate::server::Coordinator;
-use crate::store::Store;
-use crate::transport::Listener;
+use crate::server::{Coordinator, ServerError};
+use crate::store::{Store, StoreError};
+use crate::transport::{Listener, TransportError};
+
+/// Why the coordinator service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A configuration value names something that does not exist.
+    #[error("bad configuration: {0}")]
+    Config(String),
+    /// The evaluation dataset could not be loaded.
+    #[error("failed to load the evaluation dataset: {0}")]
+    Data(#[from] fedge_core::dataset::DatasetError),
+    /// The certificate folder is missing or broken.
+    #[error("failed to open the certificate folder: {0}")]
+    Certs(#[from] CertError),
+    /// The training backend is not available.
+    #[error(transparent)]
+    Backend(#[from] fedge_learn::BackendError),
+    /// The state folder cannot be opened.
+    #[error("failed to open the state folder: {0}")]
+    Store(#[from] StoreError),
+    /// The stored state cannot be resumed.
+    #[error("failed to start from the stored state: {0}")]
+    Resume(#[from] ServerError),
+    /// The QUIC endpoint cannot be bound.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A socket could not be opened.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
 
 /// Runs the coordinator described by `c` until `shutdown` completes; `ready` is called with
 /// the bound address once it listens.
@@ -24,25 +57,27 @@ pub async fn run(
     c: ServeConfig,
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let model: ModelKind = c.model.parse().map_err(anyhow::Error::msg)?;
-    let dataset: DatasetName = c.eval_dataset.parse().map_err(anyhow::Error::msg)?;
-    let test = dataset.load(&c.data_dir).context("failed to load the evaluation dataset")?.test;
-    let certs = CertDir::open(&c.certs_dir).context("failed to open the certificate folder")?;
+) -> Result<(), ServiceError> {
+    let model: ModelKind = c.model.parse().map_err(ServiceError::Config)?;
+    let dataset: DatasetName = c.eval_dataset.parse().map_err(ServiceError::Config)?;
+    let test = dataset.load(&c.data_dir)?.test;
+    let certs = CertDir::open(&c.certs_dir)?;
     let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
     let initial = evaluator.initial_params(c.seed);
-    let store = Store::open(&c.state_dir).context("failed to open the state folder")?;
-    let coordinator =
-        Coordinator::with_store(c.engine(), initial, store).context("failed to start from the stored state")?;
+    let store = Store::open(&c.state_dir)?;
+    let coordinator = Coordinator::with_store(c.engine(), initial, store)?;
     let listener = Listener::bind(c.listen, &certs)?;
-    ready(listener.local_addr()?);
+    ready(listener.local_addr().map_err(|source| ServiceError::Io { context: "no local address".into(), source })?);
     let server = tokio::spawn(coordinator.clone().serve(listener));
     let metrics = match c.metrics_listen {
         Some(addr) => {
-            let tcp = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
-            println!("metrics on http://{}/metrics", tcp.local_addr()?);
+            let tcp = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServiceError::Io {
+                context: format!("cannot listen for metrics on {addr}"),
+                source,
+            })?;
+            let bound =
+                tcp.local_addr().map_err(|source| ServiceError::Io { context: "no metrics address".into(), source })?;
+            println!("metrics on http://{bound}/metrics");
             Some(tokio::spawn(crate::metrics::serve(tcp, coordinator.metrics())))
         }
         None => None,

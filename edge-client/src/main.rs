@@ -87,7 +87,8 @@ fn real_main() -> anyhow::Result<()> {
             let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
             tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, async {
                 let _ = tokio::signal::ctrl_c().await;
-            }))
+            }))?;
+            Ok(())
         }
         Command::Status { state_dir } => {
             let path = state_dir.join("status.json");

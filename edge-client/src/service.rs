@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::Context;
 use fedge_core::dataset::DatasetName;
 use fedge_core::partition::Partition;
 use fedge_core::rng::derive_rng;
@@ -17,6 +16,23 @@ use crate::EdgeTrainer;
 use crate::client::{DeviceStatus, EdgeClient};
 use crate::config::EdgeConfig;
 use crate::transport::{DeviceTls, Link};
+
+/// Why the device service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A configuration value is out of range or names something that does not exist.
+    #[error("bad configuration: {0}")]
+    Config(String),
+    /// The local dataset could not be loaded.
+    #[error("failed to load the local dataset: {0}")]
+    Data(#[from] fedge_core::dataset::DatasetError),
+    /// The local partition could not be made.
+    #[error(transparent)]
+    Partition(#[from] fedge_core::partition::PartitionError),
+    /// The training backend is not available.
+    #[error(transparent)]
+    Backend(#[from] fedge_learn::BackendError),
+}
 
 fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
     let _ = std::fs::create_dir_all(dir);
@@ -34,13 +50,15 @@ fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
 
 /// Runs the device described by `c` until `shutdown` completes: connect, train when assigned,
 /// reconnect with exponential backoff and jitter when the link drops.
-pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let mut shutdown = std::pin::pin!(shutdown);
-    let dataset: DatasetName = c.dataset.parse().map_err(anyhow::Error::msg)?;
-    let model: ModelKind = c.model.parse().map_err(anyhow::Error::msg)?;
+    let dataset: DatasetName = c.dataset.parse().map_err(ServiceError::Config)?;
+    let model: ModelKind = c.model.parse().map_err(ServiceError::Config)?;
     let backend: BackendKind = c.backend.parse()?;
-    anyhow::ensure!(c.shards > 0 && c.shard < c.shards, "shard must be in 0..shards");
-    let data = dataset.load(&c.data_dir).context("failed to load the local dataset")?;
+    if c.shards == 0 || c.shard >= c.shards {
+        return Err(ServiceError::Config(format!("shard {} must be in 0..{}", c.shard, c.shards)));
+    }
+    let data = dataset.load(&c.data_dir)?;
     let parts = Partition::Iid.split(
         &data.train.labels,
         c.shards as usize,

@@ -10,7 +10,6 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_core::wire::{Message, OperatorCommand, Status};
 use serde::Serialize;
@@ -28,6 +27,42 @@ pub struct DemoRound {
     pub devices_reporting: u64,
 }
 
+/// Why the demo failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Asked for no devices or no rounds.
+    #[error("need at least one device and one round")]
+    Empty,
+    /// A file or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Certificates could not be made.
+    #[error(transparent)]
+    Certs(#[from] fedge_coordinator::certs::CertError),
+    /// The operator's TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] fedge_net::TlsError),
+    /// An operator request failed.
+    #[error(transparent)]
+    Request(#[from] fedge_net::ClientError),
+    /// The coordinator answered something other than a status.
+    #[error("unexpected answer from the coordinator: {0}")]
+    Unexpected(String),
+    /// The system did not reach the expected state in time.
+    #[error("{0}")]
+    Timeout(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let context = context.into();
+    move |source| DemoError::Io { context, source }
+}
+
 /// Kills the child processes however the demo ends.
 struct Children(Vec<Child>);
 
@@ -40,40 +75,48 @@ impl Drop for Children {
     }
 }
 
-fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+fn free_udp_port() -> Result<u16, DemoError> {
+    let port = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map_err(io("no free UDP port"))?.port();
+    Ok(port)
 }
 
-fn spawn(exe: &Path, role: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(log)?;
+fn spawn(exe: &Path, role: &str, config: &Path, log: &Path) -> Result<Child, DemoError> {
+    let log = std::fs::File::create(log).map_err(io(format!("cannot create {}", log.display())))?;
+    let out = log.try_clone().map_err(io("cannot share the log file"))?;
     Command::new(exe)
         .args([role, "--config"])
         .arg(config)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
+        .stdout(out)
         .stderr(log)
         .spawn()
-        .with_context(|| format!("cannot start the {role} process"))
+        .map_err(io(format!("cannot start the {role} process")))
 }
 
-async fn status(client: &fedge_net::Client, cmd: OperatorCommand) -> anyhow::Result<Status> {
+async fn status(client: &fedge_net::Client, cmd: OperatorCommand) -> Result<Status, DemoError> {
     match client.request(&Message::Operator(cmd)).await? {
         Message::Status(s) => Ok(s),
-        other => bail!("unexpected answer {other:?}"),
+        other => Err(DemoError::Unexpected(format!("{other:?}"))),
     }
 }
 
 /// Runs the demo with `devices` edge processes for `rounds` rounds; `progress` gets one line
 /// per round.
-pub async fn run(devices: usize, rounds: u64, mut progress: impl FnMut(&DemoRound)) -> anyhow::Result<Vec<DemoRound>> {
-    anyhow::ensure!(devices >= 1 && rounds >= 1, "need at least one device and one round");
-    let exe = std::env::current_exe().context("cannot find this executable")?;
-    let dir = tempfile::tempdir()?;
+pub async fn run(
+    devices: usize,
+    rounds: u64,
+    mut progress: impl FnMut(&DemoRound),
+) -> Result<Vec<DemoRound>, DemoError> {
+    if devices == 0 || rounds == 0 {
+        return Err(DemoError::Empty);
+    }
+    let exe = std::env::current_exe().map_err(io("cannot find this executable"))?;
+    let dir = tempfile::tempdir().map_err(io("cannot make a temporary folder"))?;
     let fleet = dir.path().join("fleet");
     let ca = CertDir::init(&fleet, &["localhost".into(), "127.0.0.1".into()])?;
     let op = ca.issue(Role::Operator, "demo", 1)?;
     let port = free_udp_port()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let coordinator_toml = dir.path().join("coordinator.toml");
     std::fs::write(
         &coordinator_toml,
@@ -82,7 +125,8 @@ pub async fn run(devices: usize, rounds: u64, mut progress: impl FnMut(&DemoRoun
             fleet.display().to_string(),
             dir.path().join("coordinator-state").display().to_string()
         ),
-    )?;
+    )
+    .map_err(io("cannot write the coordinator configuration"))?;
     let mut children = Children(Vec::new());
     children.0.push(spawn(&exe, "coordinator", &coordinator_toml, &dir.path().join("coordinator.log"))?);
     for i in 0..devices {
@@ -97,7 +141,8 @@ pub async fn run(devices: usize, rounds: u64, mut progress: impl FnMut(&DemoRoun
                 issued.key.display().to_string(),
                 dir.path().join(format!("state-{i}")).display().to_string(),
             ),
-        )?;
+        )
+        .map_err(io("cannot write an edge configuration"))?;
         children.0.push(spawn(&exe, "edge", &toml, &dir.path().join(format!("edge-{i}.log")))?);
     }
 
@@ -108,14 +153,17 @@ pub async fn run(devices: usize, rounds: u64, mut progress: impl FnMut(&DemoRoun
             Ok(c) => break c,
             Err(e) if started.elapsed() > Duration::from_secs(30) => {
                 let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
-                bail!("coordinator did not come up: {e}\n{log}");
+                return Err(DemoError::Timeout(format!("coordinator did not come up: {e}\n{log}")));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
     while status(&client, OperatorCommand::Status).await?.devices_connected.len() < devices {
         if started.elapsed() > Duration::from_secs(60) {
-            bail!("devices did not all connect within 60 s (logs in {})", dir.path().display());
+            return Err(DemoError::Timeout(format!(
+                "devices did not all connect within 60 s (logs in {})",
+                dir.path().display()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

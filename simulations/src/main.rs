@@ -187,11 +187,17 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Coordinator { config } => {
             let c: fedge_coordinator::config::ServeConfig = read_toml(&config)?;
-            tokio::runtime::Runtime::new()?.block_on(fedge_coordinator::service::run(c, |_| {}, std::future::pending()))
+            tokio::runtime::Runtime::new()?.block_on(fedge_coordinator::service::run(
+                c,
+                |_| {},
+                std::future::pending(),
+            ))?;
+            Ok(())
         }
         Command::Edge { config } => {
             let c: fedge_edge::config::EdgeConfig = read_toml(&config)?;
-            tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, std::future::pending()))
+            tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, std::future::pending()))?;
+            Ok(())
         }
         Command::Run(args) => {
             let config = args.config()?;
