@@ -35,6 +35,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Differential-privacy accounting: epsilon of a training run, or the noise a target needs.
+    Privacy {
+        #[command(subcommand)]
+        command: PrivacyCommand,
+    },
     /// (used by demo) Run the coordinator service.
     #[command(hide = true)]
     Coordinator {
@@ -50,6 +55,91 @@ enum Command {
 }
 
 use fedge_core::config_file::read_toml;
+
+#[derive(Subcommand)]
+enum PrivacyCommand {
+    /// Epsilon of T steps of the Poisson-subsampled Gaussian mechanism (RDP accountant).
+    Epsilon {
+        /// Noise std / clip norm (z).
+        #[arg(long)]
+        noise_multiplier: f64,
+        /// Devices per round / population (q).
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Rounds (T).
+        #[arg(long)]
+        steps: u64,
+        /// Target delta.
+        #[arg(long)]
+        delta: f64,
+        /// Rényi orders, comma-separated [default: 1.1..10.9 by 0.1, 11..63, 128, 256, 512, 1024].
+        #[arg(long, value_delimiter = ',')]
+        orders: Option<Vec<f64>>,
+        /// Print {"epsilon": ..., "order": ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The smallest noise multiplier whose epsilon after T steps is at most the target.
+    Calibrate {
+        /// Epsilon to stay within.
+        #[arg(long)]
+        target_epsilon: f64,
+        /// Target delta.
+        #[arg(long)]
+        delta: f64,
+        /// Devices per round / population (q).
+        #[arg(long)]
+        sampling_rate: f64,
+        /// Rounds (T).
+        #[arg(long)]
+        steps: u64,
+        /// Print {"noise_multiplier": ..., "epsilon": ..., "order": ...}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn privacy(command: PrivacyCommand) -> anyhow::Result<()> {
+    use fedge_core::privacy::rdp::{RdpAccountant, calibrate_noise_multiplier, epsilon};
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        PrivacyCommand::Epsilon { noise_multiplier, sampling_rate, steps, delta, orders, json } => {
+            let mut acc = match orders {
+                Some(o) => RdpAccountant::with_orders(o)?,
+                None => RdpAccountant::new(),
+            };
+            acc.compose_subsampled_gaussian(sampling_rate, noise_multiplier, steps)?;
+            let e = acc.epsilon(delta)?;
+            if json {
+                let _ = writeln!(stdout, "{}", serde_json::json!({"epsilon": e.epsilon, "order": e.order}));
+            } else {
+                let _ = writeln!(
+                    stdout,
+                    "epsilon {:.6} at delta {delta:e} (best order {}) after {steps} steps, q = {sampling_rate}, z = {noise_multiplier}",
+                    e.epsilon, e.order
+                );
+            }
+        }
+        PrivacyCommand::Calibrate { target_epsilon, delta, sampling_rate, steps, json } => {
+            let z = calibrate_noise_multiplier(target_epsilon, delta, sampling_rate, steps)?;
+            let e = epsilon(sampling_rate, z, steps, delta)?;
+            if json {
+                let _ = writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::json!({"noise_multiplier": z, "epsilon": e.epsilon, "order": e.order})
+                );
+            } else {
+                let _ = writeln!(
+                    stdout,
+                    "noise multiplier {z:.6} gives epsilon {:.6} at delta {delta:e} after {steps} steps, q = {sampling_rate}",
+                    e.epsilon
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 #[derive(Args)]
 struct RunArgs {
@@ -185,6 +275,7 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Privacy { command } => privacy(command),
         Command::Coordinator { config } => {
             let c: fedge_coordinator::config::ServeConfig = read_toml(&config)?;
             tokio::runtime::Runtime::new()?.block_on(fedge_coordinator::service::run(

@@ -113,3 +113,84 @@ fn demo_runs_the_real_system_over_loopback() {
         assert!(r["accuracy"].as_f64().unwrap() > 0.5, "{r}");
     }
 }
+
+/// The oracle entry recorded from dp-accounting for (q, z, steps, delta).
+fn oracle_epsilon(q: f64, z: f64, steps: u64, delta: f64) -> (f64, f64) {
+    let text = include_str!("../../shared/core/tests/data/privacy_oracle.json");
+    let o: serde_json::Value = serde_json::from_str(text).unwrap();
+    let c = o["epsilon"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["q"] == q && c["z"] == z && c["steps"] == steps && c["delta"] == delta)
+        .expect("case recorded");
+    (c["epsilon"].as_f64().unwrap(), c["order"].as_f64().unwrap())
+}
+
+#[test]
+fn privacy_epsilon_json_matches_dp_accounting() {
+    let (ok, stdout, stderr) = sim(&[
+        "privacy",
+        "epsilon",
+        "--noise-multiplier",
+        "1.0",
+        "--sampling-rate",
+        "0.01",
+        "--steps",
+        "1000",
+        "--delta",
+        "1e-05",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (eps, order) = oracle_epsilon(0.01, 1.0, 1000, 1e-5);
+    let got = v["epsilon"].as_f64().unwrap();
+    assert!(((got - eps) / eps).abs() < 1e-6, "{got} vs {eps}");
+    assert_eq!(v["order"].as_f64().unwrap(), order);
+}
+
+#[test]
+fn privacy_calibrate_finds_the_noise_for_a_target() {
+    let (ok, stdout, stderr) = sim(&[
+        "privacy",
+        "calibrate",
+        "--target-epsilon",
+        "3",
+        "--delta",
+        "1e-5",
+        "--sampling-rate",
+        "0.1",
+        "--steps",
+        "100",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let z = v["noise_multiplier"].as_f64().unwrap();
+    assert!(v["epsilon"].as_f64().unwrap() <= 3.0);
+    // The recorded dp-accounting calibration for the same question.
+    let text = include_str!("../../shared/core/tests/data/privacy_oracle.json");
+    let o: serde_json::Value = serde_json::from_str(text).unwrap();
+    let want =
+        o["calibrate"].as_array().unwrap().iter().find(|c| c["target_epsilon"] == 3.0).unwrap()["noise_multiplier"]
+            .as_f64()
+            .unwrap();
+    assert!(((z - want) / want).abs() < 1e-6, "{z} vs {want}");
+}
+
+#[test]
+fn privacy_bad_input_is_a_clear_error() {
+    for (args, msg) in [
+        (["--noise-multiplier", "0", "--sampling-rate", "0.1", "--steps", "10", "--delta", "1e-5"], "noise multiplier"),
+        (["--noise-multiplier", "1", "--sampling-rate", "1.5", "--steps", "10", "--delta", "1e-5"], "sampling rate"),
+        (["--noise-multiplier", "1", "--sampling-rate", "0.1", "--steps", "0", "--delta", "1e-5"], "steps"),
+        (["--noise-multiplier", "1", "--sampling-rate", "0.1", "--steps", "10", "--delta", "1"], "delta"),
+    ] {
+        let mut all = vec!["privacy", "epsilon"];
+        all.extend(args);
+        let (ok, stdout, stderr) = sim(&all);
+        assert!(!ok && stdout.is_empty(), "{args:?} succeeded: {stdout}");
+        assert!(stderr.contains(msg) && !stderr.contains("NaN") && !stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -2,7 +2,7 @@
 //!
 //! Everything here is plain computation over plain data: flat named parameter tensors
 //! ([`params`]), the wire messages and their codec ([`wire`], [`codec`]), FedAvg aggregation
-//! maths ([`aggregate`]), L2 clipping and Gaussian noise ([`privacy`]), dataset readers
+//! maths ([`aggregate`]), differential privacy mechanisms and accounting ([`privacy`]), dataset readers
 //! ([`dataset`]) and partitioners ([`partition`]).
 //!
 //! Architecture invariant: this crate has no async runtime, no sockets, no clock and no burn.
