@@ -35,8 +35,80 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
     assert_ne!(a.0, c.0);
     assert_eq!(
         String::from_utf8(a.0).unwrap().lines().next().unwrap(),
-        "round,accuracy,loss,train_loss,model_version,selected,results,failures,samples,aggregated"
+        "round,accuracy,loss,train_loss,model_version,selected,results,failures,samples,aggregated,clip_norm,epsilon"
     );
+}
+
+fn dp(rounds: u64) -> SimConfig {
+    SimConfig {
+        devices: 100,
+        fraction: 0.1,
+        rounds,
+        epochs: 1,
+        workers: 2,
+        clip_norm: Some(1.0),
+        noise_multiplier: Some(1.0),
+        ..SimConfig::default()
+    }
+}
+
+#[test]
+fn central_dp_reports_the_accountants_epsilon_each_round_and_stops_at_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = fedge_sim::run(&dp(3), Some(dir.path()), &mut Quiet).unwrap();
+    for (i, r) in out.rounds.iter().enumerate() {
+        // q = 10 devices per round / 100.
+        let want = fedge_core::privacy::epsilon(0.1, 1.0, i as u64 + 1, 1e-5).unwrap().epsilon;
+        assert!((r.epsilon.unwrap() - want).abs() < 1e-12, "round {}: {:?} vs {want}", r.round, r.epsilon);
+        assert_eq!(r.clip_norm, Some(1.0));
+    }
+    assert_eq!(out.summary.epsilon, out.rounds[2].epsilon);
+    assert_eq!(out.summary.sampling_rate, Some(0.1));
+    let csv = std::fs::read_to_string(dir.path().join("rounds.csv")).unwrap();
+    let last = csv.lines().last().unwrap();
+    assert!(last.ends_with(&format!(",1.0,{}", out.rounds[2].epsilon.unwrap())), "{last}");
+
+    // A budget between the epsilon of round 2 and of round 3: the run stops after round 2.
+    let budget = (out.rounds[1].epsilon.unwrap() + out.rounds[2].epsilon.unwrap()) / 2.0;
+    let stopped = fedge_sim::run(&SimConfig { target_epsilon: Some(budget), ..dp(3) }, None, &mut Quiet).unwrap();
+    assert_eq!(stopped.rounds.len(), 2);
+    assert!(stopped.summary.epsilon.unwrap() <= budget);
+
+    // The noise is really added: a vanishing multiplier gives another model.
+    let quiet = fedge_sim::run(&SimConfig { noise_multiplier: Some(1e-6), ..dp(3) }, None, &mut Quiet).unwrap();
+    assert_ne!(quiet.summary.model_hash, out.summary.model_hash);
+    assert!(quiet.summary.epsilon.unwrap() > 1e6, "z = 1e-6 buys no privacy");
+}
+
+#[test]
+fn adaptive_clipping_moves_the_clip_and_local_dp_runs() {
+    let adaptive = fedge_core::privacy::AdaptiveClipConfig {
+        target_quantile: 0.5,
+        learning_rate: 0.2,
+        count_noise_fraction: 0.05,
+    };
+    // 10 devices a round: the paper's m/20 is too little count noise to fit in z = 1.
+    let err = SimConfig { clip_norm: Some(100.0), adaptive_clip: Some(adaptive), ..dp(3) }.validate().unwrap_err();
+    assert!(err.to_string().contains("count noise"), "{err}");
+    // 50 devices a round: count noise std 2.5, and the clip's steps show through it.
+    let c = SimConfig {
+        clip_norm: Some(30.0),
+        noise_multiplier: Some(0.05),
+        adaptive_clip: Some(adaptive),
+        fraction: 0.5,
+        ..dp(3)
+    };
+    let out = fedge_sim::run(&c, None, &mut Quiet).unwrap();
+    assert!(out.rounds.iter().all(|r| r.results == 50), "{:?}", out.rounds);
+    let clips: Vec<f64> = out.rounds.iter().map(|r| r.clip_norm.unwrap()).collect();
+    // Every delta is far below 30, so the clip shrinks each round by about exp(-0.2 * 0.5).
+    assert_eq!(clips[0], 30.0);
+    assert!(clips[1] < 100.0 && clips[2] < clips[1], "{clips:?}");
+
+    let local = SimConfig { noise_multiplier: None, local_epsilon: Some(8.0), ..dp(2) };
+    let out = fedge_sim::run(&local, None, &mut Quiet).unwrap();
+    assert_eq!(out.rounds.len(), 2);
+    assert!(out.rounds.iter().all(|r| r.epsilon.is_none() && r.aggregated));
 }
 
 #[test]

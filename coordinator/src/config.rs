@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fedge_core::wire::TrainConfig;
+use fedge_core::privacy::AdaptiveClipConfig;
+use fedge_core::wire::{LocalDp, TrainConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::EngineConfig;
+use crate::engine::{CentralDp, EngineConfig};
 
 /// The coordinator's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,10 +50,18 @@ pub struct ServeConfig {
     pub batch_size: u32,
     /// Local learning rate.
     pub lr: f32,
-    /// L2 bound devices clip their deltas to.
+    /// L2 bound devices clip their deltas to (C; the starting value with adaptive clipping).
     pub clip_norm: Option<f32>,
-    /// Noise multiplier devices apply (needs `clip_norm`).
-    pub noise_multiplier: Option<f32>,
+    /// Central DP: the coordinator adds N(0, (z C)^2) to the sum of deltas (needs `clip_norm`).
+    pub noise_multiplier: Option<f64>,
+    /// Central DP: move the clip norm towards a quantile of update norms.
+    pub adaptive_clip: Option<AdaptiveClipConfig>,
+    /// Local DP: each device makes its own upload (local_epsilon, delta)-DP.
+    pub local_epsilon: Option<f64>,
+    /// The delta of every (epsilon, delta) reported or enforced.
+    pub delta: f64,
+    /// Central DP budget: a round that would take epsilon past it does not start.
+    pub target_epsilon: Option<f64>,
 }
 
 impl Default for ServeConfig {
@@ -77,6 +86,10 @@ impl Default for ServeConfig {
             lr: 0.05,
             clip_norm: Some(10.0),
             noise_multiplier: None,
+            adaptive_clip: None,
+            local_epsilon: None,
+            delta: 1e-5,
+            target_epsilon: None,
         }
     }
 }
@@ -96,9 +109,34 @@ impl ServeConfig {
                 batch_size: self.batch_size,
                 learning_rate: self.lr,
                 clip_norm: self.clip_norm,
-                noise_multiplier: self.noise_multiplier,
+                local_dp: self.local_epsilon.map(|epsilon| LocalDp { epsilon, delta: self.delta }),
             },
             seed: self.seed,
+            privacy: privacy_of(
+                self.noise_multiplier,
+                self.clip_norm,
+                self.adaptive_clip,
+                self.delta,
+                self.target_epsilon,
+            ),
         }
     }
+}
+
+/// Central DP settings from a configuration file's flat keys (none without a noise multiplier).
+/// A missing clip norm becomes 0, which validation refuses with a clear message.
+pub fn privacy_of(
+    noise_multiplier: Option<f64>,
+    clip_norm: Option<f32>,
+    adaptive: Option<AdaptiveClipConfig>,
+    delta: f64,
+    target_epsilon: Option<f64>,
+) -> Option<CentralDp> {
+    noise_multiplier.map(|z| CentralDp {
+        noise_multiplier: z,
+        clip_norm: clip_norm.map_or(0.0, f64::from),
+        adaptive,
+        delta,
+        target_epsilon,
+    })
 }

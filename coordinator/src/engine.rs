@@ -13,6 +13,10 @@
 //! deadline; with at least `min_train_clients` results (and no failure unless
 //! `accept_failures`) the strategy aggregates and the model version advances. Otherwise the
 //! round fails and the model stays as it was.
+//!
+//! With central DP ([`CentralDp`]) the engine also keeps the privacy ledger: each aggregated
+//! round is one subsampled Gaussian step with `q = devices sampled / devices available`, and a
+//! round that would take epsilon past the budget does not start.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -20,6 +24,7 @@ use std::time::Duration;
 use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
 use fedge_core::params::ContentHash;
+use fedge_core::privacy::{AdaptiveClipConfig, LedgerEntry, PrivacyError, PrivacyLedger};
 use fedge_core::rng::{SeededRng, derive_rng, stream};
 use fedge_core::wire::{DeviceId, ErrorCode, TrainConfig, TrainResult, TrainTask};
 use rand::seq::IndexedRandom;
@@ -49,6 +54,45 @@ pub struct EngineConfig {
     pub train: TrainConfig,
     /// Seed of device sampling.
     pub seed: u64,
+    /// Central differential privacy, if on.
+    pub privacy: Option<CentralDp>,
+}
+
+/// Central DP (DP-FedAvg): devices clip to `clip_norm`, the coordinator adds N(0, (z C)^2) to
+/// the sum of deltas. The strategy must be a [`crate::strategy::DpFedAvg`] with the same
+/// settings (see [`crate::strategy::for_config`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CentralDp {
+    /// Noise multiplier z (noise std / clip norm on the sum).
+    pub noise_multiplier: f64,
+    /// Clip norm C (the starting value with adaptive clipping).
+    pub clip_norm: f64,
+    /// Adaptive clipping, if on.
+    pub adaptive: Option<AdaptiveClipConfig>,
+    /// Delta epsilon is reported at.
+    pub delta: f64,
+    /// Budget: a round that would take epsilon past it does not start.
+    pub target_epsilon: Option<f64>,
+}
+
+impl CentralDp {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), PrivacyError> {
+        fedge_core::privacy::rdp::check_step(1.0, self.noise_multiplier)?;
+        fedge_core::privacy::rdp::check_delta(self.delta)?;
+        if !(self.clip_norm > 0.0 && self.clip_norm.is_finite()) {
+            return Err(PrivacyError::ClipNorm(self.clip_norm));
+        }
+        if let Some(a) = &self.adaptive {
+            a.validate()?;
+        }
+        if let Some(e) = self.target_epsilon
+            && !(e > 0.0 && e.is_finite())
+        {
+            return Err(PrivacyError::Epsilon(e));
+        }
+        Ok(())
+    }
 }
 
 impl Default for EngineConfig {
@@ -60,14 +104,9 @@ impl Default for EngineConfig {
             accept_failures: true,
             max_failures: None,
             round_timeout: Duration::from_secs(600),
-            train: TrainConfig {
-                epochs: 5,
-                batch_size: 10,
-                learning_rate: 0.05,
-                clip_norm: None,
-                noise_multiplier: None,
-            },
+            train: TrainConfig { epochs: 5, batch_size: 10, learning_rate: 0.05, clip_norm: None, local_dp: None },
             seed: 0,
+            privacy: None,
         }
     }
 }
@@ -87,6 +126,9 @@ pub enum ConfigError {
     /// Zero epochs or batch size, or a bad learning rate or clip norm.
     #[error("invalid training config: {0}")]
     Train(String),
+    /// Bad privacy settings.
+    #[error("invalid privacy settings: {0}")]
+    Privacy(String),
 }
 
 impl EngineConfig {
@@ -116,13 +158,20 @@ impl EngineConfig {
         {
             return Err(ConfigError::Train(format!("clip norm must be positive, got {c}")));
         }
-        if let Some(z) = t.noise_multiplier {
-            if !(z.is_finite() && z >= 0.0) {
-                return Err(ConfigError::Train(format!("noise multiplier must be >= 0, got {z}")));
-            }
+        if let Some(l) = t.local_dp {
             if t.clip_norm.is_none() {
-                return Err(ConfigError::Train("a noise multiplier needs a clip norm".into()));
+                return Err(ConfigError::Privacy("local DP needs a clip norm".into()));
             }
+            if !(l.epsilon > 0.0 && l.epsilon.is_finite()) {
+                return Err(ConfigError::Privacy(PrivacyError::Epsilon(l.epsilon).to_string()));
+            }
+            fedge_core::privacy::rdp::check_delta(l.delta).map_err(|e| ConfigError::Privacy(e.to_string()))?;
+            if self.privacy.is_some() {
+                return Err(ConfigError::Privacy("choose central or local DP, not both".into()));
+            }
+        }
+        if let Some(p) = &self.privacy {
+            p.validate().map_err(|e| ConfigError::Privacy(e.to_string()))?;
         }
         Ok(())
     }
@@ -140,7 +189,7 @@ pub enum ReconfigureError {
 }
 
 /// Why a round cannot start.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error, PartialEq)]
 pub enum StartError {
     /// A round is in progress.
     #[error("round {0} is still in progress")]
@@ -152,6 +201,40 @@ pub enum StartError {
         available: usize,
         /// Devices the quorum needs.
         needed: usize,
+    },
+    /// Asked for more rounds than the privacy budget allows.
+    #[error(
+        "privacy budget: {rounds} rounds would take epsilon from {spent:.4} to {would:.4}, past the target {target} (delta {delta:e}); {fits} rounds fit"
+    )]
+    TooManyRounds {
+        /// Rounds asked for.
+        rounds: u64,
+        /// Rounds that fit.
+        fits: u64,
+        /// Epsilon spent so far.
+        spent: f64,
+        /// Epsilon after all the rounds asked for.
+        would: f64,
+        /// The budget.
+        target: f64,
+        /// The delta.
+        delta: f64,
+    },
+    /// The round would spend more privacy than the budget allows.
+    #[error(
+        "privacy budget: round {round} would take epsilon from {spent:.4} to {would:.4}, past the target {target} (delta {delta:e})"
+    )]
+    Budget {
+        /// The round refused.
+        round: u64,
+        /// Epsilon spent so far.
+        spent: f64,
+        /// Epsilon after the round.
+        would: f64,
+        /// The budget.
+        target: f64,
+        /// The delta.
+        delta: f64,
     },
 }
 
@@ -230,6 +313,8 @@ pub struct RoundReport {
     pub closed_at: Duration,
     /// Aggregated or failed.
     pub outcome: RoundOutcome,
+    /// Privacy spent (central DP, aggregated rounds only).
+    pub privacy: Option<LedgerEntry>,
 }
 
 /// What the engine wants done.
@@ -279,6 +364,21 @@ pub enum ResumeError {
     },
 }
 
+/// A round read back from durable state, to resume.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredRound<'a> {
+    /// Round number.
+    pub round: u64,
+    /// Model version its devices train from.
+    pub model_version: u64,
+    /// Devices selected.
+    pub chosen: &'a [DeviceId],
+    /// Results it needs to close early.
+    pub target: usize,
+    /// Devices available when it was sampled.
+    pub population: usize,
+}
+
 /// The open round, as a driver makes it durable.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenRoundInfo {
@@ -294,6 +394,8 @@ pub struct OpenRoundInfo {
     pub results: usize,
     /// Deadline on the engine's clock.
     pub deadline: Duration,
+    /// Devices available when it was sampled (the population of the sampling rate).
+    pub population: usize,
 }
 
 #[derive(Debug)]
@@ -308,6 +410,8 @@ struct OpenRound {
     failures: usize,
     samples: u64,
     loss_sum: f64,
+    population: usize,
+    clip: Option<f64>,
 }
 
 /// Evaluation of a model version on held-out data.
@@ -331,6 +435,7 @@ pub struct RoundEngine<S: Strategy> {
     events: VecDeque<EngineEvent>,
     evaluations: BTreeMap<u64, Evaluation>,
     rng: SeededRng,
+    ledger: Option<PrivacyLedger>,
 }
 
 impl<S: Strategy> RoundEngine<S> {
@@ -338,6 +443,10 @@ impl<S: Strategy> RoundEngine<S> {
     pub fn new(config: EngineConfig, strategy: S, initial: ModelParams) -> Result<Self, ConfigError> {
         config.validate()?;
         let rng = derive_rng(config.seed, &[stream::SAMPLING]);
+        let ledger = match &config.privacy {
+            Some(p) => Some(PrivacyLedger::new(p.delta).map_err(|e| ConfigError::Privacy(e.to_string()))?),
+            None => None,
+        };
         Ok(Self {
             config,
             strategy,
@@ -349,6 +458,7 @@ impl<S: Strategy> RoundEngine<S> {
             events: VecDeque::new(),
             evaluations: BTreeMap::new(),
             rng,
+            ledger,
         })
     }
 
@@ -430,22 +540,72 @@ impl<S: Strategy> RoundEngine<S> {
         if n < needed {
             return Err(StartError::NotEnoughDevices { available: n, needed });
         }
-        let k = ((self.config.fraction * n as f64).ceil() as usize).max(needed).min(n);
-        let sampled = ((k as f64 * (1.0 + self.config.over_commit)).ceil() as usize).clamp(k, n);
+        let (k, sampled) = self.sample_sizes(n);
+        let round = self.last_round + 1;
+        if let (Some(p), Some(ledger)) = (&self.config.privacy, &self.ledger)
+            && let Some(target) = p.target_epsilon
+        {
+            let q = sampled as f64 / n as f64;
+            let would = ledger.preview(q, p.noise_multiplier, 1).map(|e| e.epsilon).unwrap_or(f64::INFINITY);
+            if would > target {
+                return Err(StartError::Budget {
+                    round,
+                    spent: ledger.epsilon(),
+                    would,
+                    target,
+                    delta: ledger.delta(),
+                });
+            }
+        }
         let pool: Vec<DeviceId> = self.available.iter().copied().collect();
         let mut chosen: Vec<DeviceId> = pool.sample(&mut self.rng, sampled).copied().collect();
         chosen.sort_unstable();
-        let round = self.last_round + 1;
-        let task = self.open(now, round, &chosen, k);
+        let task = self.open(now, round, &chosen, k, n);
         for &device in &chosen {
             self.events.push_back(EngineEvent::Assign { device, task: task.clone() });
         }
         Ok(round)
     }
 
-    fn open(&mut self, now: Duration, round: u64, chosen: &[DeviceId], target: usize) -> TrainTask {
+    /// Results needed and devices sampled when `n` devices are available.
+    fn sample_sizes(&self, n: usize) -> (usize, usize) {
+        let k = ((self.config.fraction * n as f64).ceil() as usize).max(self.config.min_train_clients).min(n);
+        let sampled = ((k as f64 * (1.0 + self.config.over_commit)).ceil() as usize).clamp(k, n);
+        (k, sampled)
+    }
+
+    /// Whether `rounds` more rounds at today's sampling rate fit the privacy budget. Without
+    /// central DP, a budget or any device available, there is nothing to check (each round
+    /// is checked again when it starts).
+    pub fn check_budget(&self, rounds: u64) -> Result<(), StartError> {
+        let (Some(p), Some(ledger)) = (&self.config.privacy, &self.ledger) else { return Ok(()) };
+        let Some(target) = p.target_epsilon else { return Ok(()) };
+        let n = self.available.len();
+        if n == 0 || rounds == 0 {
+            return Ok(());
+        }
+        let q = self.sample_sizes(n).1 as f64 / n as f64;
+        let would = ledger.preview(q, p.noise_multiplier, rounds).map(|e| e.epsilon).unwrap_or(f64::INFINITY);
+        if would <= target {
+            return Ok(());
+        }
+        let fits = ledger.rounds_within(q, p.noise_multiplier, target, rounds).unwrap_or(0);
+        Err(StartError::TooManyRounds { rounds, fits, spent: ledger.epsilon(), would, target, delta: ledger.delta() })
+    }
+
+    /// The clip norm devices are asked for now (central DP).
+    pub fn clip_norm(&self) -> Option<f64> {
+        self.strategy.clip_norm()
+    }
+
+    fn open(&mut self, now: Duration, round: u64, chosen: &[DeviceId], target: usize, population: usize) -> TrainTask {
         self.last_round = round;
-        self.strategy.begin_round(round, &self.global);
+        self.strategy.begin_round(round, &self.global, target);
+        let clip = self.strategy.clip_norm();
+        let mut config = self.config.train;
+        if let Some(c) = clip {
+            config.clip_norm = Some(c as f32);
+        }
         self.open = Some(OpenRound {
             round,
             deadline: now + self.config.round_timeout,
@@ -457,13 +617,10 @@ impl<S: Strategy> RoundEngine<S> {
             failures: 0,
             samples: 0,
             loss_sum: 0.0,
+            population: population.max(chosen.len()).max(1),
+            clip,
         });
-        TrainTask {
-            round,
-            model_version: self.version,
-            model_hash: self.global.content_hash(),
-            config: self.config.train,
-        }
+        TrainTask { round, model_version: self.version, model_hash: self.global.content_hash(), config }
     }
 
     /// The open round, for a driver to make durable.
@@ -475,7 +632,21 @@ impl<S: Strategy> RoundEngine<S> {
             target: o.target,
             results: o.results,
             deadline: o.deadline,
+            population: o.population,
         })
+    }
+
+    /// The privacy ledger (central DP only).
+    pub fn privacy_ledger(&self) -> Option<&PrivacyLedger> {
+        self.ledger.as_ref()
+    }
+
+    /// Rebuilds the privacy ledger from stored entries after a restart.
+    pub fn restore_ledger(&mut self, entries: impl IntoIterator<Item = LedgerEntry>) -> Result<(), PrivacyError> {
+        if let Some(p) = &self.config.privacy {
+            self.ledger = Some(PrivacyLedger::from_entries(p.delta, entries)?);
+        }
+        Ok(())
     }
 
     /// Reopens round `round` (trained from `model_version`) after a restart: the same devices
@@ -486,12 +657,10 @@ impl<S: Strategy> RoundEngine<S> {
     pub fn resume_round(
         &mut self,
         now: Duration,
-        round: u64,
-        model_version: u64,
-        chosen: &[DeviceId],
-        target: usize,
+        stored: StoredRound<'_>,
         accepted: &[(DeviceId, TrainResult)],
     ) -> Result<(), ResumeError> {
+        let StoredRound { round, model_version, chosen, target, population } = stored;
         if let Some(o) = &self.open {
             return Err(ResumeError::Busy(o.round));
         }
@@ -501,7 +670,7 @@ impl<S: Strategy> RoundEngine<S> {
         if model_version != self.version {
             return Err(ResumeError::Version { stored: model_version, current: self.version });
         }
-        let task = self.open(now, round, chosen, target.clamp(1, chosen.len().max(1)));
+        let task = self.open(now, round, chosen, target.clamp(1, chosen.len().max(1)), population);
         for (device, result) in accepted {
             if let Err(reason) = self.handle_train_result(now, *device, result) {
                 // Leave no half-resumed round behind.
@@ -538,7 +707,8 @@ impl<S: Strategy> RoundEngine<S> {
         if !open.pending.contains(&device) {
             return Err(RejectReason::Duplicate(device));
         }
-        let contribution = Contribution { delta: &result.delta, num_samples: result.num_samples };
+        let contribution =
+            Contribution { delta: &result.delta, num_samples: result.num_samples, clipped: result.clipped };
         self.strategy.check(contribution).map_err(RejectReason::Invalid)
     }
 
@@ -550,7 +720,8 @@ impl<S: Strategy> RoundEngine<S> {
         result: &TrainResult,
     ) -> Result<(), RejectReason> {
         self.check_train_result(device, result)?;
-        let contribution = Contribution { delta: &result.delta, num_samples: result.num_samples };
+        let contribution =
+            Contribution { delta: &result.delta, num_samples: result.num_samples, clipped: result.clipped };
         self.strategy.accumulate(contribution).map_err(RejectReason::Invalid)?;
         let open = self.open.as_mut().expect("checked: a round is open");
         open.pending.remove(&device);
@@ -633,6 +804,15 @@ impl<S: Strategy> RoundEngine<S> {
                 Err(e) => RoundOutcome::Failed(format!("aggregation failed: {e}")),
             }
         };
+        // A released model is one subsampled Gaussian step; a failed round releases nothing.
+        let privacy = match (&outcome, &self.config.privacy, self.ledger.as_mut()) {
+            (RoundOutcome::Aggregated, Some(p), Some(ledger)) => {
+                let q = open.selected as f64 / open.population as f64;
+                let clip = open.clip.unwrap_or(p.clip_norm);
+                ledger.record(open.round, q, p.noise_multiplier, clip).ok()
+            }
+            _ => None,
+        };
         let train_loss = if open.samples > 0 { open.loss_sum / open.samples as f64 } else { f64::NAN };
         self.events.push_back(EngineEvent::RoundClosed(RoundReport {
             round: open.round,
@@ -647,6 +827,7 @@ impl<S: Strategy> RoundEngine<S> {
             train_loss,
             closed_at: now,
             outcome,
+            privacy,
         }));
     }
 }
@@ -655,10 +836,21 @@ impl<S: Strategy> RoundEngine<S> {
 mod tests {
     use super::*;
     use crate::strategy::FedAvg;
+    use fedge_core::wire::LocalDp;
     use fedge_core::{ParamLayout, TensorSpec};
     use std::sync::Arc;
 
     const S: Duration = Duration::from_secs(1);
+
+    fn stored(
+        round: u64,
+        model_version: u64,
+        chosen: &[DeviceId],
+        target: usize,
+        population: usize,
+    ) -> StoredRound<'_> {
+        StoredRound { round, model_version, chosen, target, population }
+    }
 
     fn layout() -> Arc<ParamLayout> {
         Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![2] }]).unwrap())
@@ -680,7 +872,7 @@ mod tests {
         EngineConfig { fraction, min_train_clients: min, round_timeout: 10 * S, ..EngineConfig::default() }
     }
 
-    fn assigned(e: &mut RoundEngine<FedAvg>) -> Vec<(DeviceId, TrainTask)> {
+    fn assigned<S: Strategy>(e: &mut RoundEngine<S>) -> Vec<(DeviceId, TrainTask)> {
         let mut out = Vec::new();
         while let Some(ev) = e.poll_event() {
             match ev {
@@ -691,7 +883,7 @@ mod tests {
         out
     }
 
-    fn closed(e: &mut RoundEngine<FedAvg>) -> RoundReport {
+    fn closed<S: Strategy>(e: &mut RoundEngine<S>) -> RoundReport {
         match e.poll_event() {
             Some(EngineEvent::RoundClosed(r)) => r,
             other => panic!("expected RoundClosed, got {other:?}"),
@@ -705,6 +897,7 @@ mod tests {
             num_samples: n,
             train_loss: 0.5,
             delta: params(delta),
+            clipped: false,
         }
     }
 
@@ -884,9 +1077,12 @@ mod tests {
         );
         assert!(bad(EngineConfig { train: TrainConfig { epochs: 0, ..t }, ..cfg(0.5, 1) }).unwrap().contains("epochs"));
         assert!(
-            bad(EngineConfig { train: TrainConfig { noise_multiplier: Some(1.0), ..t }, ..cfg(0.5, 1) })
-                .unwrap()
-                .contains("clip")
+            bad(EngineConfig {
+                train: TrainConfig { local_dp: Some(LocalDp { epsilon: 1.0, delta: 1e-5 }), ..t },
+                ..cfg(0.5, 1)
+            })
+            .unwrap()
+            .contains("clip")
         );
         assert!(bad(cfg(0.5, 1)).is_none());
     }
@@ -935,7 +1131,7 @@ mod tests {
 
         // Life 2: restored at version 0 after round 0, the round reopened from the record.
         let mut e = RoundEngine::restore(cfg(1.0, 3), FedAvg::default(), params([0.0, 0.0]), 0, 0).unwrap();
-        e.resume_round(100 * S, 1, 0, &info.chosen, info.target, &accepted).unwrap();
+        e.resume_round(100 * S, stored(1, 0, &info.chosen, info.target, info.population), &accepted).unwrap();
         let again = assigned(&mut e);
         assert_eq!(again.len(), 1, "only the device that had not answered is asked again");
         assert_eq!(again[0].0, tasks[2].0);
@@ -950,16 +1146,83 @@ mod tests {
 
         // Stored state that does not fit is refused, leaving no round open.
         let mut e = RoundEngine::restore(cfg(1.0, 3), FedAvg::default(), params([0.0, 0.0]), 0, 0).unwrap();
-        assert_eq!(e.resume_round(S, 2, 0, &info.chosen, 3, &[]), Err(ResumeError::Sequence { stored: 2, last: 0 }));
-        assert_eq!(e.resume_round(S, 1, 5, &info.chosen, 3, &[]), Err(ResumeError::Version { stored: 5, current: 0 }));
+        assert_eq!(
+            e.resume_round(S, stored(2, 0, &info.chosen, 3, 3), &[]),
+            Err(ResumeError::Sequence { stored: 2, last: 0 })
+        );
+        assert_eq!(
+            e.resume_round(S, stored(1, 5, &info.chosen, 3, 3), &[]),
+            Err(ResumeError::Version { stored: 5, current: 0 })
+        );
         let foreign = vec![(99, result(&tasks[0].1, [1.0, 0.0], 1))];
-        assert!(matches!(e.resume_round(S, 1, 0, &info.chosen, 3, &foreign), Err(ResumeError::Update { .. })));
+        assert!(matches!(
+            e.resume_round(S, stored(1, 0, &info.chosen, 3, 3), &foreign),
+            Err(ResumeError::Update { .. })
+        ));
         assert_eq!(e.current_round(), None);
         assert!(e.poll_event().is_none());
         // All updates stored: the round closes during the resume.
         let all: Vec<(DeviceId, TrainResult)> =
             tasks.iter().map(|(d, t)| (*d, result(t, [*d as f32, 0.0], 1))).collect();
-        e.resume_round(S, 1, 0, &info.chosen, 3, &all).unwrap();
+        e.resume_round(S, stored(1, 0, &info.chosen, 3, 3), &all).unwrap();
         assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated);
+    }
+
+    #[test]
+    fn central_dp_keeps_a_ledger_sets_the_clip_and_enforces_the_budget() {
+        let privacy =
+            CentralDp { noise_multiplier: 1.0, clip_norm: 0.5, adaptive: None, delta: 1e-5, target_epsilon: None };
+        let config = EngineConfig { privacy: Some(privacy.clone()), ..cfg(0.25, 1) };
+        let strategy = crate::strategy::for_config(&config, Box::new(derive_rng(1, &[])));
+        let mut e = RoundEngine::new(config.clone(), strategy, params([0.0, 0.0])).unwrap();
+        for d in 0..8 {
+            e.handle_device_available(d);
+        }
+        let mut eps = Vec::new();
+        for round in 1..=3 {
+            e.start_round(S).unwrap();
+            let tasks = assigned(&mut e);
+            assert_eq!(tasks.len(), 2, "q = 2 of 8");
+            // Devices are told the clip norm; they add no noise themselves.
+            assert!(tasks.iter().all(|(_, t)| t.config.clip_norm == Some(0.5) && t.config.local_dp.is_none()));
+            for (d, t) in &tasks {
+                e.handle_train_result(S, *d, &result(t, [3.0, 4.0], 10)).unwrap();
+            }
+            let r = closed(&mut e);
+            let p = r.privacy.expect("an aggregated round is accounted");
+            assert_eq!((p.round, p.sampling_rate, p.noise_multiplier, p.clip_norm), (round, 0.25, 1.0, 0.5));
+            let want = fedge_core::privacy::epsilon(0.25, 1.0, round, 1e-5).unwrap().epsilon;
+            assert!((p.epsilon - want).abs() < 1e-12);
+            eps.push(p.epsilon);
+        }
+        assert_eq!(e.privacy_ledger().unwrap().entries().len(), 3);
+
+        // A budget that fits one more round but not two.
+        let four = fedge_core::privacy::epsilon(0.25, 1.0, 4, 1e-5).unwrap().epsilon;
+        let five = fedge_core::privacy::epsilon(0.25, 1.0, 5, 1e-5).unwrap().epsilon;
+        assert!(eps[2] < four && four < five);
+        let target = (four + five) / 2.0;
+        let budget = EngineConfig { privacy: Some(CentralDp { target_epsilon: Some(target), ..privacy }), ..config };
+        let strategy = crate::strategy::for_config(&budget, Box::new(derive_rng(1, &[])));
+        let mut b = RoundEngine::new(budget, strategy, params([0.0, 0.0])).unwrap();
+        for d in 0..8 {
+            b.handle_device_available(d);
+        }
+        let entries = e.privacy_ledger().unwrap().entries().to_vec();
+        b.restore_ledger(entries).unwrap();
+        assert!(b.check_budget(1).is_ok());
+        match b.check_budget(3) {
+            Err(StartError::TooManyRounds { rounds: 3, fits: 1, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        b.start_round(S).unwrap();
+        for (d, t) in assigned(&mut b) {
+            b.handle_train_result(S, d, &result(&t, [0.1, 0.1], 1)).unwrap();
+        }
+        assert!(closed(&mut b).privacy.is_some());
+        let err = b.start_round(2 * S).unwrap_err();
+        assert!(matches!(err, StartError::Budget { round: 2, .. }), "{err:?}");
+        assert!(err.to_string().contains("past the target"), "{err}");
+        assert!(b.poll_event().is_none(), "a refused round assigns nothing");
     }
 }

@@ -20,5 +20,5 @@ pub mod store;
 pub mod strategy;
 pub mod transport;
 
-pub use engine::{EngineConfig, EngineEvent, RejectReason, RoundEngine, RoundOutcome, RoundReport};
+pub use engine::{CentralDp, EngineConfig, EngineEvent, RejectReason, RoundEngine, RoundOutcome, RoundReport};
 pub use strategy::{FedAvg, Strategy};

@@ -35,6 +35,10 @@ enum Command {
         /// Serve Prometheus metrics on this TCP address (GET /metrics).
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Central DP budget: refuse any round that would take epsilon past this (needs
+        /// `noise_multiplier` in the config).
+        #[arg(long)]
+        target_epsilon: Option<f64>,
     },
     /// Operator commands (need an operator certificate).
     Round {
@@ -182,7 +186,7 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Serve { config, listen, certs_dir, metrics } => {
+        Command::Serve { config, listen, certs_dir, metrics, target_epsilon } => {
             let mut c = match config {
                 Some(path) => {
                     let text =
@@ -201,6 +205,11 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(d) = certs_dir {
                 c.certs_dir = d;
             }
+            if target_epsilon.is_some() {
+                anyhow::ensure!(c.noise_multiplier.is_some(), "--target-epsilon needs central DP (noise_multiplier)");
+                c.target_epsilon = target_epsilon;
+            }
+            c.engine().validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             return tokio::runtime::Runtime::new()?
                 .block_on(async {
                     fedge_coordinator::service::run(
@@ -275,6 +284,10 @@ fn rounds_json(rounds: &[RoundLine]) -> serde_json::Value {
                 "devices_reporting": r.results, "failures": r.failures, "stragglers": r.stragglers,
                 "surplus": r.surplus, "samples": r.samples, "train_loss": r.train_loss, "accuracy": r.accuracy,
                 "failed_reason": r.failed_reason,
+                "privacy": r.privacy.map(|p| serde_json::json!({
+                    "sampling_rate": p.sampling_rate, "noise_multiplier": p.noise_multiplier,
+                    "clip_norm": p.clip_norm, "epsilon": p.epsilon,
+                })),
             })
         })
         .collect()
@@ -283,14 +296,14 @@ fn rounds_json(rounds: &[RoundLine]) -> serde_json::Value {
 fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) {
     let _ = writeln!(
         out,
-        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}",
-        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy"
+        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}  {:>8}",
+        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy", "epsilon"
     );
     for r in rounds {
         let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
         let _ = writeln!(
             out,
-            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}{}",
+            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}  {:>8}{}",
             r.round,
             r.model_version,
             r.results,
@@ -300,6 +313,7 @@ fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) {
             r.samples,
             r.train_loss,
             acc,
+            r.privacy.map_or("-".into(), |p| format!("{:.4}", p.epsilon)),
             r.failed_reason.as_ref().map_or(String::new(), |w| format!("  not aggregated: {w}"))
         );
     }
@@ -313,6 +327,10 @@ fn print_status(s: &Status, json: bool) {
             "model_version": s.model_version, "model_hash": s.model_hash.to_string(),
             "current_round": s.current_round, "rounds_left": s.rounds_left,
             "devices_connected": s.devices_connected, "devices_known": s.devices_known, "rounds": rounds,
+            "privacy": s.privacy.map(|p| serde_json::json!({
+                "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
+                "epsilon": p.epsilon, "target_epsilon": p.target_epsilon,
+            })),
         });
         let _ = writeln!(out, "{v:#}");
         return;
@@ -327,6 +345,17 @@ fn print_status(s: &Status, json: bool) {
         s.devices_connected.len(),
         s.devices_known
     );
+    if let Some(p) = s.privacy {
+        let _ = writeln!(
+            out,
+            "central DP: epsilon {:.4} spent at delta {:e}{}  (z = {}, clip {:.4})",
+            p.epsilon,
+            p.delta,
+            p.target_epsilon.map_or(String::new(), |t| format!(" of a budget of {t}")),
+            p.noise_multiplier,
+            p.clip_norm
+        );
+    }
     print_rounds(&mut out, &s.rounds);
 }
 
@@ -409,14 +438,20 @@ async fn list(command: OperatorCommand, json: bool, op: OperatorArgs) -> anyhow:
             if json {
                 let v: Vec<_> = models
                     .iter()
-                    .map(|m| serde_json::json!({"version": m.version, "hash": m.hash.to_string(), "accuracy": m.accuracy}))
+                    .map(|m| {
+                        serde_json::json!({
+                            "version": m.version, "hash": m.hash.to_string(), "accuracy": m.accuracy,
+                            "epsilon": m.epsilon,
+                        })
+                    })
                     .collect();
                 let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
             } else {
-                let _ = writeln!(out, "{:>7}  {:<64}  accuracy", "version", "sha256");
+                let _ = writeln!(out, "{:>7}  {:<64}  {:>8}  epsilon", "version", "sha256", "accuracy");
                 for m in models {
                     let acc = m.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
-                    let _ = writeln!(out, "{:>7}  {:<64}  {acc}", m.version, m.hash.to_string());
+                    let eps = m.epsilon.map_or("-".into(), |e| format!("{e:.4}"));
+                    let _ = writeln!(out, "{:>7}  {:<64}  {acc:>8}  {eps}", m.version, m.hash.to_string());
                 }
             }
         }

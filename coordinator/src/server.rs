@@ -20,16 +20,17 @@ use std::time::{Duration, Instant};
 use fedge_core::ModelParams;
 use fedge_core::params::ContentHash;
 use fedge_core::wire::{
-    Capabilities, DeviceId, DeviceLine, ErrorCode, Message, ModelLine, OperatorCommand, RoundLine, Status, TrainTask,
+    Capabilities, DeviceId, DeviceLine, ErrorCode, Message, ModelLine, OperatorCommand, PrivacyBudget, RoundLine,
+    Status, TrainTask,
 };
 use tokio::sync::Notify;
 
 use crate::certs::Role;
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
-use crate::engine::{Evaluation, ResumeError, RoundOutcome};
+use crate::engine::{Evaluation, ResumeError, RoundOutcome, StoredRound};
 use crate::metrics::Metrics;
 use crate::store::{RoundRecord, Settings, Store, StoreError};
-use crate::strategy::FedAvg;
+use crate::strategy::{self, Strategy};
 use crate::transport::{Listener, Peer, answer_hello};
 
 /// Why a coordinator could not start from its state.
@@ -50,7 +51,7 @@ pub enum ServerError {
 const RETRY_MS: u32 = 50;
 
 struct State {
-    engine: RoundEngine<FedAvg>,
+    engine: RoundEngine<Box<dyn Strategy>>,
     store: Option<Store>,
     ids: BTreeMap<String, DeviceId>,
     connected: BTreeSet<DeviceId>,
@@ -85,6 +86,7 @@ fn line_of(r: &RoundReport) -> RoundLine {
             RoundOutcome::Aggregated => None,
             RoundOutcome::Failed(why) => Some(why.clone()),
         },
+        privacy: r.privacy,
     }
 }
 
@@ -99,7 +101,8 @@ pub struct Coordinator {
 impl Coordinator {
     /// A coordinator whose model version 0 is `initial`, with state in memory only.
     pub fn new(config: EngineConfig, initial: ModelParams) -> Result<Arc<Self>, ConfigError> {
-        let engine = RoundEngine::new(config, FedAvg::default(), initial)?;
+        let strategy = strategy::for_config(&config, strategy::os_noise_rng());
+        let engine = RoundEngine::new(config, strategy, initial)?;
         Ok(Self::from_engine(engine, None, BTreeMap::new()))
     }
 
@@ -114,15 +117,25 @@ impl Coordinator {
                 if let Some(settings) = &r.settings {
                     settings.apply(&mut config);
                 }
-                let mut engine = RoundEngine::restore(config, FedAvg::default(), r.params, r.version, r.last_round)?;
+                // Adaptive clipping resumes from the clip of the last released round.
+                if let (Some(p), Some(last)) = (config.privacy.as_mut(), r.rounds.iter().rev().find_map(|l| l.privacy))
+                {
+                    p.clip_norm = last.clip_norm;
+                }
+                let strategy = strategy::for_config(&config, strategy::os_noise_rng());
+                let mut engine = RoundEngine::restore(config, strategy, r.params, r.version, r.last_round)?;
                 for (version, evaluation) in r.evaluations {
                     engine.handle_evaluation(version, evaluation);
                 }
+                engine
+                    .restore_ledger(r.rounds.iter().filter_map(|l| l.privacy))
+                    .map_err(|e| ServerError::Config(ConfigError::Privacy(e.to_string())))?;
                 (engine, r.rounds_left, r.open, r.rounds)
             }
             None => {
                 store.save_model(0, 0, &initial)?;
-                (RoundEngine::new(config, FedAvg::default(), initial)?, 0, None, Vec::new())
+                let strategy = strategy::for_config(&config, strategy::os_noise_rng());
+                (RoundEngine::new(config, strategy, initial)?, 0, None, Vec::new())
             }
         };
         let ids = store.devices()?.into_iter().collect();
@@ -134,7 +147,14 @@ impl Coordinator {
             if let Some(open) = open {
                 let r = &open.record;
                 let now = me.now();
-                s.engine.resume_round(now, r.round, r.model_version, &r.chosen, r.target as usize, &open.accepted)?;
+                let stored = StoredRound {
+                    round: r.round,
+                    model_version: r.model_version,
+                    chosen: &r.chosen,
+                    target: r.target as usize,
+                    population: r.population as usize,
+                };
+                s.engine.resume_round(now, stored, &open.accepted)?;
                 eprintln!(
                     "resumed round {} with {} of {} updates already acknowledged",
                     r.round,
@@ -147,7 +167,11 @@ impl Coordinator {
         Ok(me)
     }
 
-    fn from_engine(engine: RoundEngine<FedAvg>, store: Option<Store>, ids: BTreeMap<String, DeviceId>) -> Arc<Self> {
+    fn from_engine(
+        engine: RoundEngine<Box<dyn Strategy>>,
+        store: Option<Store>,
+        ids: BTreeMap<String, DeviceId>,
+    ) -> Arc<Self> {
         let first = Arc::new(engine.global().clone());
         let version = engine.version();
         Arc::new(Self {
@@ -274,6 +298,7 @@ impl Coordinator {
                             model_version: open.model_version,
                             chosen: open.chosen,
                             target: open.target as u64,
+                            population: open.population as u64,
                         };
                         if let Err(e) = store.begin_round(&record, s.rounds_left) {
                             eprintln!("cannot record the start of round {}: {e}", record.round);
@@ -281,6 +306,13 @@ impl Coordinator {
                     }
                 }
                 Err(StartError::NotEnoughDevices { .. }) | Err(StartError::Busy(_)) => break,
+                Err(e) => {
+                    // Out of privacy budget: the remaining rounds are dropped, loudly.
+                    eprintln!("{e}; {} rounds cancelled", s.rounds_left);
+                    s.rounds_left = 0;
+                    changed = true;
+                    break;
+                }
             }
         }
         self.metrics.model_version.set(s.engine.version() as i64);
@@ -343,7 +375,18 @@ impl Coordinator {
         let s = self.lock();
         let names: BTreeMap<DeviceId, &String> = s.ids.iter().map(|(k, v)| (*v, k)).collect();
         let evals = s.engine.evaluations();
+        let privacy = match (s.engine.config().privacy.as_ref(), s.engine.privacy_ledger()) {
+            (Some(p), Some(ledger)) => Some(PrivacyBudget {
+                noise_multiplier: p.noise_multiplier,
+                clip_norm: s.engine.clip_norm().unwrap_or(p.clip_norm),
+                delta: ledger.delta(),
+                epsilon: ledger.epsilon(),
+                target_epsilon: p.target_epsilon,
+            }),
+            _ => None,
+        };
         Status {
+            privacy,
             model_version: s.engine.version(),
             model_hash: s.engine.global().content_hash(),
             current_round: s.engine.current_round(),
@@ -386,8 +429,15 @@ impl Coordinator {
             Some(Ok(stored)) => stored,
             _ => s.models.iter().map(|(v, p)| (*v, p.content_hash())).collect(),
         };
+        let epsilon: BTreeMap<u64, f64> =
+            s.history.iter().filter_map(|r| r.privacy.map(|p| (r.model_version, p.epsilon))).collect();
         kept.into_iter()
-            .map(|(version, hash)| ModelLine { version, hash, accuracy: evals.get(&version).map(|e| e.accuracy) })
+            .map(|(version, hash)| ModelLine {
+                version,
+                hash,
+                accuracy: evals.get(&version).map(|e| e.accuracy),
+                epsilon: epsilon.get(&version).copied(),
+            })
             .collect()
     }
 
@@ -418,13 +468,16 @@ impl Coordinator {
                     {
                         eprintln!("cannot record the new settings: {e}");
                     }
+                    let changed = changed
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| s.engine.check_budget(rounds).map_err(|e| e.to_string()));
                     drop(s);
                     match changed {
                         Ok(()) => {
                             self.start_rounds(rounds);
                             Message::Status(self.status())
                         }
-                        Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+                        Err(message) => Message::Error { code: ErrorCode::Malformed, message },
                     }
                 }
                 Ok(Message::Operator(OperatorCommand::Status)) => Message::Status(self.status()),

@@ -119,6 +119,8 @@ pub struct RoundRecord {
     pub chosen: Vec<DeviceId>,
     /// Results it needs to close early.
     pub target: u64,
+    /// Devices available when it was sampled (the privacy sampling rate's population).
+    pub population: u64,
 }
 
 /// A round that was open when the coordinator stopped.
@@ -444,17 +446,24 @@ mod tests {
             train_loss: 0.5,
             accuracy: None,
             failed_reason: None,
+            privacy: Some(fedge_core::privacy::LedgerEntry {
+                round,
+                sampling_rate: 0.5,
+                noise_multiplier: 1.0,
+                clip_norm: 2.0,
+                epsilon: 0.1 * round as f64,
+            }),
         }
     }
 
     fn update(round: u64, x: f32) -> TrainResult {
-        TrainResult { round, model_version: 1, num_samples: 7, train_loss: 0.25, delta: params(x) }
+        TrainResult { round, model_version: 1, num_samples: 7, train_loss: 0.25, delta: params(x), clipped: false }
     }
 
     #[test]
     fn an_open_round_and_its_updates_survive_reopening_until_it_closes() {
         let dir = tempfile::tempdir().unwrap();
-        let record = RoundRecord { round: 2, model_version: 1, chosen: vec![3, 5, 8], target: 3 };
+        let record = RoundRecord { round: 2, model_version: 1, chosen: vec![3, 5, 8], target: 3, population: 4 };
         {
             let s = Store::open(dir.path()).unwrap();
             s.save_model(1, 1, &params(1.0)).unwrap();

@@ -1,8 +1,10 @@
 //! Aggregation strategies, in Flower's vocabulary: a strategy folds the round's training
 //! results into the next global model. One file per algorithm, each citing its paper.
 
+mod dp_fedavg;
 mod fedavg;
 
+pub use dp_fedavg::DpFedAvg;
 pub use fedavg::FedAvg;
 
 use fedge_core::ModelParams;
@@ -15,6 +17,8 @@ pub struct Contribution<'a> {
     pub delta: &'a ModelParams,
     /// Examples the device trained on.
     pub num_samples: u64,
+    /// Whether the device's clipping scaled the delta down.
+    pub clipped: bool,
 }
 
 /// How a round's results become the next global model. Results are streamed in one at a time
@@ -23,8 +27,14 @@ pub trait Strategy: Send {
     /// Short name for logs and reports.
     fn name(&self) -> &'static str;
 
-    /// Starts aggregating a round whose devices trained from `global`.
-    fn begin_round(&mut self, round: u64, global: &ModelParams);
+    /// Starts aggregating a round whose devices trained from `global`; `expected` results are
+    /// wanted (the fixed denominator of DP averaging).
+    fn begin_round(&mut self, round: u64, global: &ModelParams, expected: usize);
+
+    /// The clip norm devices must apply this round, when the strategy sets it (central DP).
+    fn clip_norm(&self) -> Option<f64> {
+        None
+    }
 
     /// What [`Self::accumulate`] would refuse, checked without folding anything in (so a
     /// driver can make a result durable before it counts).
@@ -41,4 +51,49 @@ pub trait Strategy: Send {
         global: &ModelParams,
         failures: usize,
     ) -> Result<ModelParams, AggregateError>;
+}
+
+impl<S: Strategy + ?Sized> Strategy for Box<S> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn begin_round(&mut self, round: u64, global: &ModelParams, expected: usize) {
+        (**self).begin_round(round, global, expected)
+    }
+    fn clip_norm(&self) -> Option<f64> {
+        (**self).clip_norm()
+    }
+    fn check(&self, contribution: Contribution<'_>) -> Result<(), AggregateError> {
+        (**self).check(contribution)
+    }
+    fn accumulate(&mut self, contribution: Contribution<'_>) -> Result<(), AggregateError> {
+        (**self).accumulate(contribution)
+    }
+    fn aggregate_train(
+        &mut self,
+        round: u64,
+        global: &ModelParams,
+        failures: usize,
+    ) -> Result<ModelParams, AggregateError> {
+        (**self).aggregate_train(round, global, failures)
+    }
+}
+
+/// The strategy an engine configuration calls for: [`DpFedAvg`] under central DP (noise drawn
+/// from `noise_rng`), else [`FedAvg`].
+pub fn for_config(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>) -> Box<dyn Strategy> {
+    match &config.privacy {
+        Some(p) => {
+            let adaptive = p.adaptive.and_then(|a| fedge_core::privacy::AdaptiveClip::new(a, p.clip_norm).ok());
+            Box::new(DpFedAvg::new(p.noise_multiplier, p.clip_norm, adaptive, noise_rng))
+        }
+        None => Box::new(FedAvg::default()),
+    }
+}
+
+/// Noise for a real coordinator: ChaCha20 seeded from the operating system, so the noise
+/// cannot be replayed from a configuration file.
+pub fn os_noise_rng() -> Box<dyn rand::Rng + Send> {
+    use rand::SeedableRng;
+    Box::new(rand_chacha::ChaCha20Rng::from_rng(&mut rand::rng()))
 }

@@ -98,6 +98,7 @@ fn update(task: &TrainTask, like: &ModelParams, i: usize) -> TrainResult {
         num_samples: 10 * (i as u64 + 1),
         train_loss: 0.5,
         delta,
+        clipped: false,
     }
 }
 

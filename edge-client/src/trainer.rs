@@ -2,7 +2,7 @@
 
 use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
-use fedge_core::privacy::{ClipOutcome, add_gaussian_noise, clip_l2};
+use fedge_core::privacy::{ClipOutcome, PrivacyError, add_gaussian_noise, calibrate_analytic_gaussian, clip_l2};
 use fedge_core::wire::{TrainResult, TrainTask};
 use fedge_learn::{BackendError, BackendKind, ConvertError, ModelKind, Trainer};
 use thiserror::Error;
@@ -24,6 +24,9 @@ pub enum TrainError {
     /// The model does not fit this device's architecture.
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    /// The task's local DP parameters are invalid (or lack a clip norm).
+    #[error("local DP: {0}")]
+    LocalDp(String),
     /// Training produced NaN or infinite weights (diverged).
     #[error("training diverged (non-finite weights); try a smaller learning rate")]
     Diverged,
@@ -36,6 +39,8 @@ pub struct TaskOutcome {
     pub result: TrainResult,
     /// What clipping did, if the task asked for it.
     pub clip: Option<ClipOutcome>,
+    /// Standard deviation of the local DP noise added, if any.
+    pub noise_std: Option<f64>,
     /// SGD steps taken.
     pub steps: usize,
 }
@@ -74,14 +79,24 @@ impl EdgeTrainer {
         if indices.is_empty() {
             return Err(TrainError::NoData);
         }
+        // Local DP: sensitivity 2C (any two deltas in the ball of radius C differ by at most 2C),
+        // noise from the analytic Gaussian mechanism. Checked before training wastes time.
+        let noise_std = match (task.config.local_dp, task.config.clip_norm) {
+            (Some(_), None) => return Err(TrainError::LocalDp("local DP needs a clip norm".into())),
+            (Some(l), Some(c)) => Some(
+                calibrate_analytic_gaussian(l.epsilon, l.delta, 2.0 * c as f64)
+                    .map_err(|e: PrivacyError| TrainError::LocalDp(e.to_string()))?,
+            ),
+            (None, _) => None,
+        };
         let out = self.trainer.train(global, data, indices, &task.config, train_rng)?;
         let mut delta = out.params.delta_from(global).map_err(|e| ConvertError::Layout(e.to_string()))?;
         if delta.check_finite().is_err() {
             return Err(TrainError::Diverged);
         }
         let clip = task.config.clip_norm.map(|c| clip_l2(delta.data_mut(), c as f64));
-        if let (Some(c), Some(z)) = (task.config.clip_norm, task.config.noise_multiplier) {
-            add_gaussian_noise(delta.data_mut(), z as f64 * c as f64, noise_rng);
+        if let Some(std) = noise_std {
+            add_gaussian_noise(delta.data_mut(), std, noise_rng);
         }
         Ok(TaskOutcome {
             result: TrainResult {
@@ -90,8 +105,10 @@ impl EdgeTrainer {
                 num_samples: indices.len() as u64,
                 train_loss: out.mean_loss,
                 delta,
+                clipped: clip.is_some_and(|c| c.clipped()),
             },
             clip,
+            noise_std,
             steps: out.steps,
         })
     }
@@ -103,20 +120,14 @@ mod tests {
     use fedge_core::dataset::embedded;
     use fedge_core::privacy::l2_norm;
     use fedge_core::rng::derive_rng;
-    use fedge_core::wire::TrainConfig;
+    use fedge_core::wire::{LocalDp, TrainConfig};
 
-    fn task(global: &ModelParams, clip: Option<f32>, noise: Option<f32>) -> TrainTask {
+    fn task(global: &ModelParams, clip: Option<f32>, local_dp: Option<LocalDp>) -> TrainTask {
         TrainTask {
             round: 4,
             model_version: 3,
             model_hash: global.content_hash(),
-            config: TrainConfig {
-                epochs: 1,
-                batch_size: 10,
-                learning_rate: 0.05,
-                clip_norm: clip,
-                noise_multiplier: noise,
-            },
+            config: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: clip, local_dp },
         }
     }
 
@@ -145,12 +156,25 @@ mod tests {
         let clipped = run(&mut t, Some((norm / 4.0) as f32), None);
         assert!(clipped.clip.unwrap().clipped());
         assert!(clipped.result.delta.l2_norm() <= norm / 4.0 * (1.0 + 1e-5));
-        let noised = run(&mut t, Some((norm / 4.0) as f32), Some(1.0));
+        assert!(clipped.result.clipped && !free.result.clipped);
+        let ldp = LocalDp { epsilon: 4.0, delta: 1e-5 };
+        let noised = run(&mut t, Some((norm / 4.0) as f32), Some(ldp));
         let diff: Vec<f32> =
             noised.result.delta.data().iter().zip(clipped.result.delta.data()).map(|(a, b)| a - b).collect();
-        // Noise of std z*C per coordinate: its norm is about z*C*sqrt(d).
-        let expect = norm / 4.0 * (diff.len() as f64).sqrt();
-        assert!((l2_norm(&diff) / expect - 1.0).abs() < 0.05);
+        // Analytic-Gaussian noise for sensitivity 2C per coordinate: its norm is about
+        // sigma * sqrt(d).
+        let sigma = calibrate_analytic_gaussian(4.0, 1e-5, 2.0 * (norm / 4.0) as f32 as f64).unwrap();
+        assert_eq!(noised.noise_std, Some(sigma));
+        let expect = sigma * (diff.len() as f64).sqrt();
+        assert!((l2_norm(&diff) / expect - 1.0).abs() < 0.05, "{} vs {expect}", l2_norm(&diff));
+        // Local DP without a clip norm, or with a bad epsilon, is refused before training.
+        let mut r = derive_rng(0, &[]);
+        let mut n = derive_rng(0, &[]);
+        let err = t.run_task(&task(&global, None, Some(ldp)), &global, &data.train, &idx, &mut r, &mut n);
+        assert!(matches!(err, Err(TrainError::LocalDp(_))));
+        let bad = LocalDp { epsilon: 0.0, delta: 1e-5 };
+        let err = t.run_task(&task(&global, Some(1.0), Some(bad)), &global, &data.train, &idx, &mut r, &mut n);
+        assert!(matches!(err, Err(TrainError::LocalDp(_))));
     }
 
     #[test]

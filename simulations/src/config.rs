@@ -8,7 +8,8 @@ use fedge_core::config_file::{ConfigFileError, parse_toml, read_toml};
 use fedge_coordinator::EngineConfig;
 use fedge_core::dataset::DatasetName;
 use fedge_core::partition::Partition;
-use fedge_core::wire::TrainConfig;
+use fedge_core::privacy::AdaptiveClipConfig;
+use fedge_core::wire::{LocalDp, TrainConfig};
 use fedge_learn::{BackendKind, ModelKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -69,10 +70,19 @@ pub struct SimConfig {
     pub alpha: f64,
     /// Seed of everything random.
     pub seed: u64,
-    /// L2 bound on each device's delta.
+    /// L2 bound on each device's delta (C; the starting value with adaptive clipping).
     pub clip_norm: Option<f32>,
-    /// Noise multiplier z (noise std z * clip_norm), needs `clip_norm`.
-    pub noise_multiplier: Option<f32>,
+    /// Central DP (DP-FedAvg): the server adds N(0, (z C)^2) to the sum of deltas; needs
+    /// `clip_norm`.
+    pub noise_multiplier: Option<f64>,
+    /// Central DP: move the clip norm towards a quantile of the update norms.
+    pub adaptive_clip: Option<AdaptiveClipConfig>,
+    /// Local DP: each device makes its upload (local_epsilon, delta)-DP; needs `clip_norm`.
+    pub local_epsilon: Option<f64>,
+    /// Delta of every (epsilon, delta) reported.
+    pub delta: f64,
+    /// Central DP budget: the run stops before a round that would take epsilon past it.
+    pub target_epsilon: Option<f64>,
     /// Fewest results a round needs to aggregate.
     pub min_train_clients: usize,
     /// Probability that a selected device drops out of a round.
@@ -105,6 +115,10 @@ impl Default for SimConfig {
             seed: 0,
             clip_norm: None,
             noise_multiplier: None,
+            adaptive_clip: None,
+            local_epsilon: None,
+            delta: 1e-5,
+            target_epsilon: None,
             min_train_clients: 1,
             dropout: 0.0,
             workers: 0,
@@ -157,6 +171,19 @@ impl SimConfig {
         {
             return bad(format!("target_accuracy must be in (0, 1], got {t}"));
         }
+        if (self.noise_multiplier.is_some() || self.local_epsilon.is_some()) && self.clip_norm.is_none() {
+            return bad("differential privacy needs a clip norm (clip_norm)".into());
+        }
+        if self.adaptive_clip.is_some() && self.noise_multiplier.is_none() {
+            return bad("adaptive_clip needs central DP (noise_multiplier)".into());
+        }
+        if let (Some(a), Some(z), Some(c)) = (self.adaptive_clip, self.noise_multiplier, self.clip_norm) {
+            let m = ((self.fraction * self.devices as f64).ceil() as usize).max(self.min_train_clients);
+            let clip =
+                fedge_core::privacy::AdaptiveClip::new(a, c as f64).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            clip.delta_noise_multiplier(z, m)
+                .map_err(|e| ConfigError::Invalid(format!("{e} ({m} devices a round)")))?;
+        }
         if self.min_train_clients > self.devices {
             return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));
         }
@@ -194,9 +221,16 @@ impl SimConfig {
                 batch_size: self.batch_size,
                 learning_rate: self.lr,
                 clip_norm: self.clip_norm,
-                noise_multiplier: self.noise_multiplier,
+                local_dp: self.local_epsilon.map(|epsilon| LocalDp { epsilon, delta: self.delta }),
             },
             seed: self.seed,
+            privacy: fedge_coordinator::config::privacy_of(
+                self.noise_multiplier,
+                self.clip_norm,
+                self.adaptive_clip,
+                self.delta,
+                self.target_epsilon,
+            ),
         }
     }
 }
@@ -234,6 +268,12 @@ mod tests {
             ("model = \"resnet\"", "unknown variant `resnet`"),
             ("lr = -1.0", "learning rate must be positive"),
             ("noise_multiplier = 1.0", "needs a clip norm"),
+            ("clip_norm = 1.0\nnoise_multiplier = 0.0", "noise multiplier must be positive"),
+            ("clip_norm = 1.0\nnoise_multiplier = 1.0\ndelta = 1.0", "delta must be in (0, 1)"),
+            ("clip_norm = 1.0\nlocal_epsilon = -2.0", "epsilon must be positive"),
+            ("clip_norm = 1.0\nlocal_epsilon = 2.0\nnoise_multiplier = 1.0", "central or local"),
+            ("clip_norm = 1.0\nnoise_multiplier = 1.0\nadaptive_clip = { target_quantile = 1.5 }", "quantile"),
+            ("clip_norm = 1.0\nadaptive_clip = { target_quantile = 0.5 }", "needs central DP"),
             ("partition = \"dirichlet\"\nalpha = 0.0", "alpha must be positive"),
             ("dropout = 1.0", "dropout must be in [0, 1)"),
             ("devices = \"many\"", "line 1: invalid type"),

@@ -199,7 +199,7 @@ struct RunArgs {
     clip_norm: Option<f32>,
     /// Gaussian noise multiplier z (std z * clip norm), needs --clip-norm.
     #[arg(long)]
-    noise_multiplier: Option<f32>,
+    noise_multiplier: Option<f64>,
     /// Fewest results a round needs.
     #[arg(long)]
     min_train_clients: Option<usize>,

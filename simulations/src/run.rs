@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedge_coordinator::engine::Evaluation;
-use fedge_coordinator::{EngineEvent, FedAvg, RoundEngine, RoundOutcome, RoundReport};
+use fedge_coordinator::engine::StartError;
+use fedge_coordinator::strategy::{self, Strategy};
+use fedge_coordinator::{EngineEvent, RoundEngine, RoundOutcome, RoundReport};
 use fedge_core::codec;
 use fedge_core::partition::PartitionReport;
 use fedge_core::rng::{derive_rng, stream};
@@ -79,6 +81,10 @@ pub struct RoundRow {
     pub samples: u64,
     /// Whether the round aggregated.
     pub aggregated: bool,
+    /// Central DP: the clip norm of the round (it moves with adaptive clipping).
+    pub clip_norm: Option<f64>,
+    /// Central DP: epsilon spent by the run so far, at the configured delta.
+    pub epsilon: Option<f64>,
 }
 
 /// `summary.json`.
@@ -110,6 +116,11 @@ pub struct Summary {
     pub round_seconds: Vec<f64>,
     /// Bytes of device updates that crossed the (in-memory) wire.
     pub upload_bytes: u64,
+    /// Central DP: epsilon of the whole run at `config.delta` (record-level for the devices'
+    /// data taken as one record each: device-level DP).
+    pub epsilon: Option<f64>,
+    /// Central DP: the sampling rate q of a round (devices per round / population).
+    pub sampling_rate: Option<f64>,
     /// The configuration that ran.
     pub config: SimConfig,
 }
@@ -241,8 +252,11 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     let mut evaluator = Trainer::new(config.model, num_classes, config.backend)?;
     let initial = evaluator.initial_params(derive_rng(config.seed, &[stream::INIT]).random());
     let parameters = initial.numel();
-    let mut engine = RoundEngine::new(config.engine_config(), FedAvg::default(), initial)
-        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let engine_config = config.engine_config();
+    let noise = Box::new(derive_rng(config.seed, &[stream::SERVER_NOISE]));
+    let strategy: Box<dyn Strategy> = strategy::for_config(&engine_config, noise);
+    let mut engine =
+        RoundEngine::new(engine_config, strategy, initial).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let device_data: BTreeMap<DeviceId, Arc<Vec<usize>>> = assignment
         .into_iter()
         .enumerate()
@@ -266,8 +280,14 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     let mut now = Duration::ZERO;
     for r in 1..=config.rounds {
         let round_started = Instant::now();
-        let round =
-            engine.start_round(now).map_err(|e| ConfigError::Invalid(format!("cannot start round {r}: {e}")))?;
+        let round = match engine.start_round(now) {
+            Ok(round) => round,
+            Err(e @ StartError::Budget { .. }) => {
+                obs.line(&format!("stopping before round {r}: {e}"));
+                break;
+            }
+            Err(e) => return Err(ConfigError::Invalid(format!("cannot start round {r}: {e}")).into()),
+        };
         let global = Arc::new(engine.global().clone());
         let mut dropout_rng = derive_rng(config.seed, &[stream::DROPOUT, round]);
         let mut pending = 0usize;
@@ -344,6 +364,8 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             failures: report.failures + report.stragglers.len(),
             samples: report.samples,
             aggregated: report.outcome == RoundOutcome::Aggregated,
+            clip_norm: report.privacy.map(|p| p.clip_norm),
+            epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
         };
         obs.line(&format_row(&row, config.rounds, secs, &report.outcome));
         if let Some((w, path)) = csv_out.as_mut() {
@@ -362,7 +384,16 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         }
     }
     drop(pool);
-    let final_eval = last_eval.expect("the last round is always evaluated");
+    // A budget stop can leave the last round run unevaluated.
+    let final_eval = match (last_eval, rows.last()) {
+        (Some(e), Some(row)) if row.accuracy.is_some() => e,
+        _ => {
+            let m = evaluator.evaluate(engine.global(), &data.test, 500)?;
+            best = best.max(m.accuracy);
+            Evaluation { accuracy: m.accuracy, loss: m.loss }
+        }
+    };
+    let sampling_rate = engine.privacy_ledger().and_then(|l| l.entries().last().map(|e| e.sampling_rate));
     let summary = Summary {
         final_accuracy: final_eval.accuracy,
         final_loss: final_eval.loss,
@@ -377,6 +408,8 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         wall_seconds: started.elapsed().as_secs_f64(),
         round_seconds,
         upload_bytes,
+        epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
+        sampling_rate,
         config: config.clone(),
     };
     if let Some(dir) = out {
@@ -385,7 +418,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     Ok(SimOutput { rounds: rows, summary, partition })
 }
 
-fn closed_report(engine: &mut RoundEngine<FedAvg>) -> RoundReport {
+fn closed_report(engine: &mut RoundEngine<Box<dyn Strategy>>) -> RoundReport {
     match engine.poll_event() {
         Some(EngineEvent::RoundClosed(r)) => r,
         Some(other) => unreachable!("no task is assigned while a round is open: {other:?}"),
@@ -398,10 +431,13 @@ fn format_row(row: &RoundRow, rounds: u64, secs: f64, outcome: &RoundOutcome) ->
         (Some(a), Some(l)) => format!("accuracy {:6.2}%  loss {l:.4}", a * 100.0),
         _ => "accuracy    -     loss   -   ".to_string(),
     };
-    let status = match outcome {
+    let mut status = match outcome {
         RoundOutcome::Aggregated => String::new(),
         RoundOutcome::Failed(why) => format!("  (not aggregated: {why})"),
     };
+    if let Some(e) = row.epsilon {
+        status = format!("  epsilon {e:.4}{status}");
+    }
     format!(
         "round {:>w$}/{rounds}  {eval}  train_loss {:.4}  devices {}/{}  v{}  {secs:.2}s{status}",
         row.round,

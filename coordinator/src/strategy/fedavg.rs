@@ -26,7 +26,7 @@ impl Strategy for FedAvg {
         "fedavg"
     }
 
-    fn begin_round(&mut self, _round: u64, global: &ModelParams) {
+    fn begin_round(&mut self, _round: u64, global: &ModelParams, _expected: usize) {
         self.acc = Some(WeightedMean::new(global.layout().clone()));
     }
 
@@ -64,13 +64,13 @@ mod tests {
         let p = |v: &[f32]| ModelParams::new(layout.clone(), v.to_vec()).unwrap();
         let global = p(&[1.0, 1.0]);
         let mut s = FedAvg::default();
-        s.begin_round(1, &global);
-        s.accumulate(Contribution { delta: &p(&[1.0, 0.0]), num_samples: 30 }).unwrap();
-        s.accumulate(Contribution { delta: &p(&[-1.0, 4.0]), num_samples: 10 }).unwrap();
+        s.begin_round(1, &global, 2);
+        s.accumulate(Contribution { delta: &p(&[1.0, 0.0]), num_samples: 30, clipped: false }).unwrap();
+        s.accumulate(Contribution { delta: &p(&[-1.0, 4.0]), num_samples: 10, clipped: false }).unwrap();
         let next = s.aggregate_train(1, &global, 0).unwrap();
         assert_eq!(next.data(), &[1.5, 2.0]);
         // Nothing accumulated: an error, not a silent copy of the global model.
-        s.begin_round(2, &next);
+        s.begin_round(2, &next, 2);
         assert_eq!(s.aggregate_train(2, &next, 3), Err(AggregateError::Empty));
     }
 }

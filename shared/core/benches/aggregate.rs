@@ -34,6 +34,7 @@ fn bench(c: &mut Criterion) {
             num_samples: 600,
             train_loss: 0.1,
             delta: update.clone(),
+            clipped: false,
         });
         g.bench_function("encode", |b| b.iter(|| codec::encode(black_box(&msg))));
         let bytes = codec::encode(&msg);

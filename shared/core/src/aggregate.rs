@@ -25,6 +25,9 @@ pub enum AggregateError {
     /// Nothing with positive weight was aggregated.
     #[error("no update with positive weight to aggregate")]
     Empty,
+    /// A privacy mechanism could not be applied as configured.
+    #[error("privacy: {0}")]
+    Privacy(String),
 }
 
 impl From<ParamsError> for AggregateError {
@@ -101,6 +104,23 @@ impl WeightedMean {
             return Err(AggregateError::Empty);
         }
         let inv = 1.0 / self.total_weight;
+        let data = self.sum.iter().map(|s| (s * inv) as f32).collect();
+        Ok(ModelParams::new(self.layout, data)?)
+    }
+}
+
+impl WeightedMean {
+    /// The weighted sum divided by a fixed `denominator` rather than the total weight (the
+    /// fixed-denominator estimator of DP-FedAvg, whose sensitivity does not depend on who took
+    /// part). Fails if nothing was added.
+    pub fn finish_with_denominator(self, denominator: f64) -> Result<ModelParams, AggregateError> {
+        if self.count == 0 {
+            return Err(AggregateError::Empty);
+        }
+        if !(denominator.is_finite() && denominator > 0.0) {
+            return Err(AggregateError::InvalidWeight(denominator));
+        }
+        let inv = 1.0 / denominator;
         let data = self.sum.iter().map(|s| (s * inv) as f32).collect();
         Ok(ModelParams::new(self.layout, data)?)
     }

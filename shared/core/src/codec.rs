@@ -147,6 +147,7 @@ mod tests {
             num_samples: 600,
             train_loss: 0.5,
             delta: params(n),
+            clipped: true,
         })
     }
 
@@ -163,7 +164,7 @@ mod tests {
                     batch_size: 10,
                     learning_rate: 0.1,
                     clip_norm: Some(1.0),
-                    noise_multiplier: None,
+                    local_dp: None,
                 },
             }),
             Message::Error { code: ErrorCode::StaleModel, message: "old".into() },

@@ -48,6 +48,8 @@ pub mod stream {
     pub const INIT: u64 = 5;
     /// Simulated dropouts: followed by the round.
     pub const DROPOUT: u64 = 6;
+    /// Central DP noise and adaptive-clipping count noise of a simulated server.
+    pub const SERVER_NOISE: u64 = 7;
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -23,8 +23,20 @@ pub struct TrainConfig {
     pub learning_rate: f32,
     /// L2 bound the device clips its delta to, if any.
     pub clip_norm: Option<f32>,
-    /// Noise multiplier z: the device adds N(0, (z * clip_norm)^2) to its clipped delta.
-    pub noise_multiplier: Option<f32>,
+    /// Local DP: the device adds Gaussian noise to its clipped delta, calibrated with the
+    /// analytic Gaussian mechanism so that the delta alone is (epsilon, delta)-DP (needs
+    /// `clip_norm`).
+    pub local_dp: Option<LocalDp>,
+}
+
+/// A device-level (epsilon, delta) guarantee each device enforces on its own upload.
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalDp {
+    /// Epsilon of one upload.
+    pub epsilon: f64,
+    /// Delta of one upload.
+    pub delta: f64,
 }
 
 /// The coordinator asks a device to train from a model version.
@@ -53,6 +65,8 @@ pub struct TrainResult {
     pub train_loss: f32,
     /// Trained weights minus the starting weights, clipped and noised as the task asked.
     pub delta: ModelParams,
+    /// Whether clipping scaled the delta down (the bit adaptive clipping counts).
+    pub clipped: bool,
 }
 
 /// Typed error codes a peer can be told.
@@ -238,6 +252,8 @@ pub struct ModelLine {
     pub hash: ContentHash,
     /// Test accuracy, if evaluated.
     pub accuracy: Option<f64>,
+    /// Epsilon spent by the training run up to this version (central DP), if accounted.
+    pub epsilon: Option<f64>,
 }
 
 /// One closed round, as operators see it.
@@ -265,6 +281,23 @@ pub struct RoundLine {
     pub accuracy: Option<f64>,
     /// Whether it aggregated (else the reason it did not).
     pub failed_reason: Option<String>,
+    /// What the round spent under central DP: q, z, C and epsilon so far.
+    pub privacy: Option<crate::privacy::LedgerEntry>,
+}
+
+/// The privacy budget of a coordinator running central DP.
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct PrivacyBudget {
+    /// Noise multiplier on the sum (z).
+    pub noise_multiplier: f64,
+    /// Current clip norm (C).
+    pub clip_norm: f64,
+    /// Delta epsilons are reported at.
+    pub delta: f64,
+    /// Epsilon spent so far.
+    pub epsilon: f64,
+    /// The budget, if one is set.
+    pub target_epsilon: Option<f64>,
 }
 
 /// The coordinator's state, for operators.
@@ -284,4 +317,6 @@ pub struct Status {
     pub devices_known: u64,
     /// Closed rounds, oldest first.
     pub rounds: Vec<RoundLine>,
+    /// The privacy budget, when central DP is on.
+    pub privacy: Option<PrivacyBudget>,
 }

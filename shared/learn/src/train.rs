@@ -174,7 +174,7 @@ mod tests {
     use fedge_core::rng::derive_rng;
 
     fn cfg(epochs: u32, batch_size: u32, learning_rate: f32) -> TrainConfig {
-        TrainConfig { epochs, batch_size, learning_rate, clip_norm: None, noise_multiplier: None }
+        TrainConfig { epochs, batch_size, learning_rate, clip_norm: None, local_dp: None }
     }
 
     #[test]
