@@ -161,3 +161,21 @@ fn more_shards_than_samples_is_a_clear_error() {
     let err = fedge_sim::run(&c, None, &mut Quiet).unwrap_err().to_string();
     assert_eq!(err, "partition: cannot cut 10000 samples into 20000 shards: more shards than samples");
 }
+
+#[test]
+fn distillation_gives_a_small_int8_student_close_to_the_teacher() {
+    let c = SimConfig { rounds: 10, workers: 2, distill_every: Some(5), proxy_examples: 3000, ..SimConfig::default() };
+    let out = fedge_sim::run(&c, None, &mut Quiet).unwrap();
+    let s = &out.summary;
+    // 3000 of the 10,000 embedded training images are the proxy set, not device data.
+    assert_eq!(out.partition.sizes.iter().sum::<usize>(), 7000);
+    let (teacher, student) = (s.teacher_accuracy.unwrap(), s.student_accuracy.unwrap());
+    assert_eq!(teacher, s.final_accuracy);
+    assert_eq!(s.student_parameters, Some(50_890));
+    // Size target: at most a quarter of the teacher's bytes (int8 MLP vs f32 2NN: about 6.5%).
+    assert!(s.student_bytes.unwrap() * 4 <= s.teacher_bytes.unwrap(), "{:?} vs {:?}", s.student_bytes, s.teacher_bytes);
+    // Accuracy: within 1.5 points of the teacher on this short run (docs/benchmarks.md has
+    // the full figures); int8 within half a point of the f32 student.
+    assert!(student > teacher - 0.015, "student {student} vs teacher {teacher}");
+    assert!((student - s.student_f32_accuracy.unwrap()).abs() < 0.005);
+}

@@ -10,7 +10,7 @@ use fedge_core::dataset::DatasetName;
 use fedge_core::partition::Partition;
 use fedge_core::privacy::AdaptiveClipConfig;
 use fedge_core::wire::{LocalDp, TrainConfig};
-use fedge_learn::{BackendKind, ModelKind};
+use fedge_learn::{BackendKind, DistillConfig, ModelKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -95,6 +95,15 @@ pub struct SimConfig {
     pub eval_every: u64,
     /// Stop early once test accuracy reaches this.
     pub target_accuracy: Option<f64>,
+    /// Distil the global model into the student every this many rounds (and after the last).
+    pub distill_every: Option<u64>,
+    /// Student architecture (`mlp` by default).
+    pub student_model: ModelKind,
+    /// Training images held out from the devices as the unlabelled proxy set for distillation
+    /// (0: a tenth of the training set). Only held out when `distill_every` is set.
+    pub proxy_examples: usize,
+    /// How to distil.
+    pub distill: DistillConfig,
 }
 
 impl Default for SimConfig {
@@ -125,6 +134,10 @@ impl Default for SimConfig {
             backend: BackendKind::Flex,
             eval_every: 1,
             target_accuracy: None,
+            distill_every: None,
+            student_model: ModelKind::Mlp,
+            proxy_examples: 0,
+            distill: DistillConfig::default(),
         }
     }
 }
@@ -183,6 +196,15 @@ impl SimConfig {
                 fedge_core::privacy::AdaptiveClip::new(a, c as f64).map_err(|e| ConfigError::Invalid(e.to_string()))?;
             clip.delta_noise_multiplier(z, m)
                 .map_err(|e| ConfigError::Invalid(format!("{e} ({m} devices a round)")))?;
+        }
+        if self.distill_every == Some(0) {
+            return bad("distill_every must be at least 1".into());
+        }
+        if self.distill.epochs == 0 || self.distill.batch_size == 0 {
+            return bad("distill epochs and batch_size must be at least 1".into());
+        }
+        if !(self.distill.temperature > 0.0 && self.distill.learning_rate > 0.0) {
+            return bad("distill temperature and learning_rate must be positive".into());
         }
         if self.min_train_clients > self.devices {
             return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));

@@ -218,6 +218,15 @@ struct RunArgs {
     /// Stop once test accuracy reaches this (0..1).
     #[arg(long)]
     target_accuracy: Option<f64>,
+    /// Distil the global model into an int8 student every K rounds (and after the last).
+    #[arg(long)]
+    distill_every: Option<u64>,
+    /// Student architecture for --distill-every (mlp, 2nn, cnn).
+    #[arg(long)]
+    student_model: Option<ModelKind>,
+    /// Central DP budget: stop before a round that would pass it.
+    #[arg(long)]
+    target_epsilon: Option<f64>,
 }
 
 impl RunArgs {
@@ -239,6 +248,15 @@ impl RunArgs {
         }
         if self.target_accuracy.is_some() {
             c.target_accuracy = self.target_accuracy;
+        }
+        if self.distill_every.is_some() {
+            c.distill_every = self.distill_every;
+        }
+        if let Some(m) = self.student_model {
+            c.student_model = m;
+        }
+        if self.target_epsilon.is_some() {
+            c.target_epsilon = self.target_epsilon;
         }
         c.validate()?;
         Ok(c)

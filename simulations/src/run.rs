@@ -16,8 +16,11 @@ use fedge_coordinator::engine::Evaluation;
 use fedge_coordinator::engine::StartError;
 use fedge_coordinator::strategy::{self, Strategy};
 use fedge_coordinator::{EngineEvent, RoundEngine, RoundOutcome, RoundReport};
+use fedge_core::ModelParams;
 use fedge_core::codec;
+use fedge_core::dataset::Dataset;
 use fedge_core::partition::PartitionReport;
+use fedge_core::quant::QuantizedModel;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, Message};
 use fedge_learn::Trainer;
@@ -121,6 +124,18 @@ pub struct Summary {
     pub epsilon: Option<f64>,
     /// Central DP: the sampling rate q of a round (devices per round / population).
     pub sampling_rate: Option<f64>,
+    /// With `distill_every`: test accuracy of the final global (teacher) model.
+    pub teacher_accuracy: Option<f64>,
+    /// With `distill_every`: bytes of the teacher as it travels (an encoded `Model` message).
+    pub teacher_bytes: Option<u64>,
+    /// With `distill_every`: test accuracy of the last int8 student, as devices run it.
+    pub student_accuracy: Option<f64>,
+    /// With `distill_every`: the same student before quantisation.
+    pub student_f32_accuracy: Option<f64>,
+    /// With `distill_every`: bytes of the int8 student as it travels.
+    pub student_bytes: Option<u64>,
+    /// With `distill_every`: parameters of the student.
+    pub student_parameters: Option<usize>,
     /// The configuration that ran.
     pub config: SimConfig,
 }
@@ -211,13 +226,25 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     config.validate()?;
     let data = config.dataset.load(&config.data_dir)?;
     let num_classes = data.train.num_classes;
+    // Distillation holds out the tail of the training images as an unlabelled proxy set.
+    let proxy: Vec<usize> = match config.distill_every {
+        Some(_) => {
+            let n = data.train.len();
+            let p = if config.proxy_examples == 0 { n / 10 } else { config.proxy_examples.min(n - 1) };
+            (n - p..n).collect()
+        }
+        None => Vec::new(),
+    };
     let assignment = config.partition().split(
-        &data.train.labels,
+        &data.train.labels[..data.train.len() - proxy.len()],
         config.devices,
         &mut derive_rng(config.seed, &[stream::PARTITION]),
     )?;
     let partition = PartitionReport::new(&assignment, &data.train.labels, num_classes);
     let (min, mean, max) = partition.size_stats();
+    if !proxy.is_empty() {
+        obs.line(&format!("{} training images held out as the unlabelled distillation proxy set", proxy.len()));
+    }
     obs.line(&format!(
         "{} devices over {} {} examples ({:?}): size min {min} mean {mean:.1} max {max}, {:.2} labels per device{}",
         config.devices,
@@ -250,6 +277,11 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     };
 
     let mut evaluator = Trainer::new(config.model, num_classes, config.backend)?;
+    let mut distiller = match config.distill_every {
+        Some(_) => Some(Distiller::new(config, num_classes, proxy)?),
+        None => None,
+    };
+    let mut distilled = None;
     let initial = evaluator.initial_params(derive_rng(config.seed, &[stream::INIT]).random());
     let parameters = initial.numel();
     let engine_config = config.engine_config();
@@ -271,6 +303,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         n => n,
     };
     let train = Arc::new(data.train);
+    let train_for_distill = train.clone();
     let pool = Pool::new(workers, config.model, num_classes, config.backend, train, config.seed)?;
 
     let mut rows = Vec::new();
@@ -351,6 +384,20 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         } else {
             None
         };
+        if let (Some(d), Some(k)) = (distiller.as_mut(), config.distill_every)
+            && (r % k == 0 || r == config.rounds)
+        {
+            let out = d.distill(&mut evaluator, engine.global(), &train_for_distill, &data.test)?;
+            obs.line(&format!(
+                "round {round}: distilled {} student, int8 accuracy {:.2}% (f32 {:.2}%), {} bytes vs the teacher's {}",
+                config.student_model,
+                out.accuracy * 100.0,
+                out.f32_accuracy * 100.0,
+                out.bytes,
+                d.teacher_bytes(engine.global())
+            ));
+            distilled = Some(out);
+        }
         let secs = round_started.elapsed().as_secs_f64();
         round_seconds.push(secs);
         let row = RoundRow {
@@ -410,12 +457,69 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         upload_bytes,
         epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
         sampling_rate,
+        teacher_accuracy: distilled.as_ref().map(|_| final_eval.accuracy),
+        teacher_bytes: distiller.as_ref().map(|d| d.teacher_bytes(engine.global())),
+        student_accuracy: distilled.as_ref().map(|d| d.accuracy),
+        student_f32_accuracy: distilled.as_ref().map(|d| d.f32_accuracy),
+        student_bytes: distilled.as_ref().map(|d| d.bytes),
+        student_parameters: distilled.as_ref().map(|d| d.parameters),
         config: config.clone(),
     };
     if let Some(dir) = out {
         write_json(&dir.join("summary.json"), &summary)?;
     }
     Ok(SimOutput { rounds: rows, summary, partition })
+}
+
+/// What one distillation produced.
+#[derive(Debug, Clone, Copy)]
+struct Distilled {
+    accuracy: f64,
+    f32_accuracy: f64,
+    bytes: u64,
+    parameters: usize,
+}
+
+/// The coordinator-side pipeline, in process: teacher logits on the proxy set, distillation
+/// into the student (warm-started from the previous student), int8 quantisation, evaluation of
+/// the quantised student as devices would run it.
+struct Distiller {
+    student: Trainer,
+    params: ModelParams,
+    proxy: Vec<usize>,
+    config: fedge_learn::DistillConfig,
+    rng: fedge_core::rng::SeededRng,
+}
+
+impl Distiller {
+    fn new(config: &SimConfig, num_classes: usize, proxy: Vec<usize>) -> Result<Self, SimError> {
+        let mut student = Trainer::new(config.student_model, num_classes, config.backend)?;
+        let params = student.initial_params(derive_rng(config.seed, &[stream::INIT, 1]).random());
+        Ok(Self { student, params, proxy, config: config.distill, rng: derive_rng(config.seed, &[stream::DISTILL]) })
+    }
+
+    fn teacher_bytes(&self, teacher: &ModelParams) -> u64 {
+        let msg = Message::Model { version: 0, hash: teacher.content_hash(), params: teacher.clone() };
+        codec::encode(&msg).len() as u64
+    }
+
+    fn distill(
+        &mut self,
+        evaluator: &mut Trainer,
+        teacher: &ModelParams,
+        train: &Dataset,
+        test: &Dataset,
+    ) -> Result<Distilled, SimError> {
+        let logits = evaluator.logits(teacher, train, &self.proxy)?;
+        let out = self.student.distill(&self.params, train, &self.proxy, &logits, &self.config, &mut self.rng)?;
+        self.params = out.params;
+        let f32_accuracy = self.student.evaluate(&self.params, test, 500)?.accuracy;
+        let q = QuantizedModel::quantize(&self.params);
+        let bytes = codec::encode_value(&q).len() as u64;
+        let int8 = q.dequantize().map_err(|e| SimError::Eval(fedge_learn::ConvertError::Layout(e.to_string())))?;
+        let accuracy = self.student.evaluate(&int8, test, 500)?.accuracy;
+        Ok(Distilled { accuracy, f32_accuracy, bytes, parameters: self.params.numel() })
+    }
 }
 
 fn closed_report(engine: &mut RoundEngine<Box<dyn Strategy>>) -> RoundReport {

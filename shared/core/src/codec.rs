@@ -50,6 +50,24 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     out
 }
 
+/// Encodes any codec value (a quantised model, a registry record) with the wire settings.
+pub fn encode_value<T: Encode>(value: &T) -> Vec<u8> {
+    bincode::encode_to_vec(value, config()).expect("encoding into a Vec cannot fail")
+}
+
+/// Decodes a value written by [`encode_value`] that must span `bytes` exactly, under the same
+/// size limit as messages.
+pub fn decode_value<T: Decode<()>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let (value, used) = bincode::decode_from_slice(bytes, config())?;
+    if used != bytes.len() {
+        return Err(DecodeError::Trailing(bytes.len() - used));
+    }
+    Ok(value)
+}
+
 /// Decodes one message that must span `bytes` exactly.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     if bytes.len() > MAX_MESSAGE_BYTES {

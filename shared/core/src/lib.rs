@@ -15,6 +15,7 @@ pub mod dataset;
 pub mod params;
 pub mod partition;
 pub mod privacy;
+pub mod quant;
 pub mod rng;
 pub mod wire;
 

@@ -50,6 +50,8 @@ pub mod stream {
     pub const DROPOUT: u64 = 6;
     /// Central DP noise and adaptive-clipping count noise of a simulated server.
     pub const SERVER_NOISE: u64 = 7;
+    /// Batch order of server-side distillation.
+    pub const DISTILL: u64 = 8;
 }
 
 #[cfg(test)]

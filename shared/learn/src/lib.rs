@@ -12,10 +12,12 @@
 pub mod backend;
 pub mod batch;
 pub mod convert;
+pub mod distill;
 pub mod model;
 pub mod train;
 
 pub use backend::{BackendError, BackendKind};
 pub use convert::ConvertError;
+pub use distill::DistillConfig;
 pub use model::{Model, ModelKind};
 pub use train::{EvalMetrics, TrainOutput, Trainer};

@@ -61,15 +61,31 @@ impl Trainer {
 
     /// Fresh initial parameters, reproducible for a given `seed`.
     pub fn initial_params(&mut self, seed: u64) -> ModelParams {
-        self.device.seed(seed);
-        let num_classes = self.num_classes();
-        let model = Model::init(self.kind, num_classes, &self.device);
-        convert::params_of(&model).expect("a fresh model converts")
+        Model::with_seeded(self.kind, self.num_classes(), &self.device, seed, |m| {
+            convert::params_of(m).expect("a fresh model converts")
+        })
     }
 
     fn num_classes(&self) -> usize {
         let last = self.layout.specs().last().expect("models have tensors");
         last.shape[0]
+    }
+
+    /// The (autodiff) device this trainer computes on.
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub(crate) fn take_model(&mut self) -> Model {
+        self.model.take().expect("trainer holds its model between tasks")
+    }
+
+    pub(crate) fn put_model(&mut self, model: Model) {
+        self.model = Some(model);
+    }
+
+    pub(crate) fn reset_model(&mut self) {
+        self.model = Some(Model::init(self.kind, self.num_classes(), &self.device));
     }
 
     /// The parameter layout of this trainer's model.

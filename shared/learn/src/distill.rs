@@ -1,0 +1,167 @@
+//! Knowledge distillation (Hinton, Vinyals and Dean 2015, "Distilling the Knowledge in a Neural
+//! Network"): a small student learns to match a teacher's temperature-softened output
+//! distribution on unlabelled proxy images. No label is read: the proxy set's labels are
+//! ignored, so any image the coordinator holds (or synthesises) will do.
+//!
+//! The loss is `T^2 * KL(softmax(teacher / T) || softmax(student / T))`, averaged over the
+//! batch; the `T^2` keeps gradient magnitudes comparable across temperatures. The teacher's
+//! logits are computed once ([`Trainer::logits`]) and reused every epoch.
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Tensor, TensorData};
+use fedge_core::ModelParams;
+use fedge_core::dataset::Dataset;
+use rand::seq::SliceRandom;
+
+use crate::batch;
+use crate::convert::{self, ConvertError};
+use crate::train::{TrainOutput, Trainer};
+
+/// How to distil.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// Passes over the proxy set.
+    pub epochs: u32,
+    /// Minibatch size.
+    pub batch_size: u32,
+    /// Adam step size.
+    pub learning_rate: f32,
+    /// Softmax temperature T (Hinton et al. use 2 to 20; 4 is a common choice).
+    pub temperature: f32,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        Self { epochs: 30, batch_size: 64, learning_rate: 2e-3, temperature: 4.0 }
+    }
+}
+
+impl Trainer {
+    /// Logits of `params` (this trainer's architecture: the teacher) on examples `indices` of
+    /// `data`, row-major `[indices.len(), classes]`.
+    pub fn logits(
+        &mut self,
+        params: &ModelParams,
+        data: &Dataset,
+        indices: &[usize],
+    ) -> Result<Vec<f32>, ConvertError> {
+        let model = self.take_model();
+        let model = match convert::load_params(model, params) {
+            Ok(m) => m,
+            Err(e) => {
+                self.reset_model();
+                return Err(e);
+            }
+        };
+        let inference = model.valid();
+        let device = self.device().clone();
+        let mut out = Vec::new();
+        for chunk in indices.chunks(256) {
+            let logits: Tensor<2> = inference.forward(batch::images(data, chunk, &device.clone().inner()));
+            out.extend(logits.into_data().try_into_vec::<f32>().expect("f32 logits"));
+        }
+        self.put_model(model);
+        Ok(out)
+    }
+
+    /// Trains this trainer's (student) architecture from `start` to match `logits` (the
+    /// teacher's, from [`Trainer::logits`] on the same `indices`) on `data`'s images.
+    pub fn distill<R: rand::Rng + ?Sized>(
+        &mut self,
+        start: &ModelParams,
+        data: &Dataset,
+        indices: &[usize],
+        logits: &[f32],
+        config: &DistillConfig,
+        rng: &mut R,
+    ) -> Result<TrainOutput, ConvertError> {
+        let classes = logits.len() / indices.len().max(1);
+        if classes * indices.len() != logits.len() || classes == 0 {
+            return Err(ConvertError::Layout(format!(
+                "{} teacher logits for {} proxy images",
+                logits.len(),
+                indices.len()
+            )));
+        }
+        let device = self.device().clone();
+        let model = self.take_model();
+        let mut model = match convert::load_params(model, start) {
+            Ok(m) => m,
+            Err(e) => {
+                self.reset_model();
+                return Err(e);
+            }
+        };
+        let t = config.temperature.max(1e-3);
+        let mut optim = AdamConfig::new().init();
+        let mut order: Vec<usize> = (0..indices.len()).collect();
+        let (mut steps, mut last_loss, mut batches) = (0usize, 0.0f64, 0usize);
+        for _ in 0..config.epochs {
+            order.shuffle(rng);
+            last_loss = 0.0;
+            batches = 0;
+            for chunk in order.chunks(config.batch_size.max(1) as usize) {
+                let images: Vec<usize> = chunk.iter().map(|&k| indices[k]).collect();
+                let mut soft = Vec::with_capacity(chunk.len() * classes);
+                for &k in chunk {
+                    soft.extend_from_slice(&logits[k * classes..(k + 1) * classes]);
+                }
+                let teacher = Tensor::<2>::from_data(TensorData::new(soft, [chunk.len(), classes]), &device) / t;
+                let p = softmax(teacher.clone(), 1);
+                let log_p = log_softmax(teacher, 1);
+                let log_q = log_softmax(model.forward(batch::images(data, &images, &device)) / t, 1);
+                let kl = (p * (log_p - log_q)).sum_dim(1).mean() * (t * t);
+                last_loss += kl.clone().into_scalar::<f32>() as f64;
+                batches += 1;
+                let grads = GradientsParams::from_grads(kl.backward(), &model);
+                model = optim.step(config.learning_rate as f64, model, grads);
+                steps += 1;
+            }
+        }
+        let params = convert::params_of(&model.valid())?;
+        self.put_model(model);
+        let mean_loss = if batches == 0 { 0.0 } else { (last_loss / batches as f64) as f32 };
+        Ok(TrainOutput { params, mean_loss, steps })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BackendKind, ModelKind};
+    use fedge_core::dataset::embedded;
+    use fedge_core::rng::derive_rng;
+    use fedge_core::wire::TrainConfig;
+
+    #[test]
+    fn a_student_learns_from_a_teacher_without_labels() {
+        let data = embedded::mnist_subset().unwrap();
+        // A teacher: the 2NN trained on 2000 labelled images.
+        let mut teacher = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let t0 = teacher.initial_params(1);
+        let cfg = TrainConfig { epochs: 3, batch_size: 20, learning_rate: 0.05, clip_norm: None, local_dp: None };
+        let labelled: Vec<usize> = (0..2000).collect();
+        let t = teacher.train(&t0, &data.train, &labelled, &cfg, &mut derive_rng(1, &[])).unwrap().params;
+        let teacher_acc = teacher.evaluate(&t, &data.test, 500).unwrap().accuracy;
+
+        // The student sees 3000 other images and the teacher's logits, never a label.
+        let proxy: Vec<usize> = (2000..5000).collect();
+        let logits = teacher.logits(&t, &data.train, &proxy).unwrap();
+        let mut student = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
+        let s0 = student.initial_params(2);
+        let before = student.evaluate(&s0, &data.test, 500).unwrap().accuracy;
+        let config = DistillConfig { epochs: 5, ..DistillConfig::default() };
+        let out = student.distill(&s0, &data.train, &proxy, &logits, &config, &mut derive_rng(3, &[])).unwrap();
+        let after = student.evaluate(&out.params, &data.test, 500).unwrap().accuracy;
+        assert!(before < 0.3, "untrained student {before}");
+        assert!(after > teacher_acc - 0.03, "student {after} vs teacher {teacher_acc}");
+        assert_eq!(out.params.numel(), 50_890);
+
+        // Logits that do not match the proxy set are refused, and the trainer stays usable.
+        assert!(student.distill(&s0, &data.train, &proxy, &logits[..10], &config, &mut derive_rng(3, &[])).is_err());
+        assert!(student.evaluate(&out.params, &data.test, 500).is_ok());
+    }
+}
