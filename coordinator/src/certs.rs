@@ -112,6 +112,31 @@ pub struct CertDir {
     dir: PathBuf,
 }
 
+/// Signs model records with the coordinator's Ed25519 model-signing key.
+pub struct ModelSigner {
+    key: KeyPair,
+}
+
+impl std::fmt::Debug for ModelSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ModelSigner({})", hex(self.key.public_key_raw()))
+    }
+}
+
+impl ModelSigner {
+    /// Fills in `record.signature` over its signing payload.
+    pub fn sign(&self, record: &mut fedge_core::registry::ModelRecord) -> Result<(), CertError> {
+        use rcgen::SigningKey;
+        record.signature = self.key.sign(&record.signing_payload())?;
+        Ok(())
+    }
+
+    /// The raw public key.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.key.public_key_raw().to_vec()
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
     move |cause| CertError::Io { path: path.to_path_buf(), cause }
 }
@@ -199,10 +224,22 @@ impl CertDir {
         let signing = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
         write(&dir.join("model-signing.key"), &signing.serialize_pem())?;
         restrict(&dir.join("model-signing.key"));
+        write(&dir.join("model-signing.pub"), &format!("{}\n", hex(signing.public_key_raw())))?;
 
         me.save_index(&IssuedIndex::default())?;
         me.write_crl(&issuer, &IssuedIndex::default())?;
         Ok(me)
+    }
+
+    /// The model-signing key (Ed25519), to sign registry records.
+    pub fn model_signer(&self) -> Result<ModelSigner, CertError> {
+        let key = KeyPair::from_pem(&read(&self.dir.join("model-signing.key"))?)?;
+        Ok(ModelSigner { key })
+    }
+
+    /// `model-signing.pub`: the raw Ed25519 public key devices verify models with, as hex.
+    pub fn model_public_key_path(&self) -> PathBuf {
+        self.dir.join("model-signing.pub")
     }
 
     /// Opens an existing folder.
@@ -375,5 +412,43 @@ mod tests {
         ca.revoke(Role::Device, "dev-7").unwrap();
         assert_ne!(std::fs::read(ca.crl_pem()).unwrap(), before);
         assert!(identity_of(&der(&ca.server().cert)).is_err(), "the server certificate is no client identity");
+    }
+
+    #[test]
+    fn model_records_are_signed_and_devices_verify_them() {
+        use fedge_core::params::ContentHash;
+        use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole};
+        use fedge_net::{ModelKey, SignatureError};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = CertDir::init(&tmp.path().join("a"), &[]).unwrap();
+        let other = CertDir::init(&tmp.path().join("b"), &[]).unwrap();
+        let mut r = ModelRecord {
+            version: 3,
+            role: ModelRole::Student,
+            architecture: "mlp".into(),
+            format: BlobFormat::Int8,
+            parent: Some(2),
+            round: 2,
+            accuracy: Some(0.9),
+            epsilon: None,
+            parameters: 10,
+            size_bytes: 4,
+            sha256: ContentHash::of_bytes(b"blob"),
+            created_at: 1,
+            signature: Vec::new(),
+        };
+        let key = ModelKey::read(&ca.model_public_key_path()).unwrap();
+        assert_eq!(key.verify(&r), Err(SignatureError::Unsigned(3)));
+        let signer = ca.model_signer().unwrap();
+        assert_eq!(ModelKey::from_raw(&signer.public_key()).unwrap(), key);
+        signer.sign(&mut r).unwrap();
+        key.verify(&r).unwrap();
+        // Another fleet's key, or any change to a signed field, fails.
+        assert_eq!(ModelKey::read(&other.model_public_key_path()).unwrap().verify(&r), Err(SignatureError::Bad(3)));
+        let tampered = ModelRecord { sha256: ContentHash::of_bytes(b"evil"), ..r.clone() };
+        assert_eq!(key.verify(&tampered), Err(SignatureError::Bad(3)));
+        // Accuracy is filled in later and not signed.
+        key.verify(&ModelRecord { accuracy: Some(0.1), ..r }).unwrap();
     }
 }

@@ -16,6 +16,7 @@ pub mod params;
 pub mod partition;
 pub mod privacy;
 pub mod quant;
+pub mod registry;
 pub mod rng;
 pub mod wire;
 

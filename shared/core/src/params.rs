@@ -122,6 +122,13 @@ pub struct ModelParams {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
 pub struct ContentHash(pub [u8; 32]);
 
+impl ContentHash {
+    /// SHA-256 of raw bytes (a stored blob).
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        ContentHash(Sha256::digest(bytes).into())
+    }
+}
+
 impl std::fmt::Display for ContentHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for b in self.0 {

@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod signing;
 pub mod tls;
 
 /// The application protocol negotiated in the TLS handshake.
@@ -18,4 +19,5 @@ pub const ALPN: &[u8] = b"fedge/1";
 
 pub use client::{Client, ClientError};
 pub use frame::{FrameError, read_message, read_message_sized, write_encoded, write_message, write_parts};
+pub use signing::{ModelKey, SignatureError};
 pub use tls::{TlsError, client_config, server_config};

@@ -1,0 +1,60 @@
+//! Verifying model signatures on devices: Ed25519 over a registry record's signing payload
+//! (see [`fedge_core::registry`]), with the coordinator's public key from `model-signing.pub`.
+
+use std::path::Path;
+
+use fedge_core::registry::ModelRecord;
+use thiserror::Error;
+
+/// Why a model's signature does not hold.
+#[derive(Debug, Error, PartialEq)]
+pub enum SignatureError {
+    /// The public key file is missing or not 32 bytes of hex.
+    #[error("model public key {0}: {1}")]
+    Key(String, String),
+    /// The record carries no signature.
+    #[error("model v{0} is unsigned")]
+    Unsigned(u64),
+    /// The signature does not verify.
+    #[error("model v{0} has a bad signature")]
+    Bad(u64),
+}
+
+/// An Ed25519 public key that model records must be signed with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelKey([u8; 32]);
+
+impl ModelKey {
+    /// From raw bytes.
+    pub fn from_raw(bytes: &[u8]) -> Result<Self, SignatureError> {
+        let raw: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| SignatureError::Key("(raw)".into(), format!("{} bytes, not 32", bytes.len())))?;
+        Ok(Self(raw))
+    }
+
+    /// Reads `model-signing.pub` (64 hex digits).
+    pub fn read(path: &Path) -> Result<Self, SignatureError> {
+        let err = |m: String| SignatureError::Key(path.display().to_string(), m);
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err(err("expected 64 hex digits".into()));
+        }
+        let mut raw = [0u8; 32];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| err(e.to_string()))?;
+        }
+        Ok(Self(raw))
+    }
+
+    /// Checks `record.signature` over its signing payload.
+    pub fn verify(&self, record: &ModelRecord) -> Result<(), SignatureError> {
+        if record.signature.is_empty() {
+            return Err(SignatureError::Unsigned(record.version));
+        }
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.0)
+            .verify(&record.signing_payload(), &record.signature)
+            .map_err(|_| SignatureError::Bad(record.version))
+    }
+}
