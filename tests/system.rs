@@ -270,7 +270,7 @@ async fn a_device_that_goes_silent_does_not_hold_the_round_past_its_deadline() {
     }
     coordinator.start_rounds(1);
     let (mut send, mut recv) = silent.connection.open_bi().await.unwrap();
-    fedge_net::write_message(&mut send, &fedge_core::wire::Message::TaskRequest).await.unwrap();
+    fedge_net::write_message(&mut send, &fedge_core::wire::Message::TaskRequest { running: None }).await.unwrap();
     let task = fedge_net::read_message(&mut recv).await.unwrap();
     assert!(matches!(task, fedge_core::wire::Message::TrainTask(_)), "{task:?}");
 
@@ -306,7 +306,7 @@ async fn bad_input_over_the_wire_gets_typed_errors_and_harms_nothing() {
     ca.issue(Role::Device, "bad", 1).unwrap();
     let (link, _) = join(addr, &ca, "bad", 10).await;
     coordinator.start_rounds(1);
-    let task = match link.request(&Message::TaskRequest).await.unwrap() {
+    let task = match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
         Message::TrainTask(t) => t,
         other => panic!("{other:?}"),
     };
@@ -631,4 +631,129 @@ async fn central_dp_ledger_is_shown_stamped_enforced_and_survives_a_restart() {
     for c in clients {
         c.abort();
     }
+}
+
+/// Waits until every status satisfies `pred`.
+async fn until_all(statuses: &[Arc<Mutex<DeviceStatus>>], what: &str, pred: impl Fn(&DeviceStatus) -> bool) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !statuses.iter().all(|s| pred(&s.lock().unwrap())) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "devices did not reach: {what}; {:?}",
+            statuses.iter().map(|s| s.lock().unwrap().clone()).collect::<Vec<_>>()
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
+    use fedge_coordinator::store::Store;
+    use fedge_core::codec;
+    use fedge_core::quant::QuantizedModel;
+    use fedge_net::ModelKey;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(&dir.path().join("fleet"), &["localhost".into()]).unwrap();
+    let state = dir.path().join("state");
+    let train = Arc::new(embedded::mnist_subset().unwrap().train);
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let mut students = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
+    let mut blob = |seed| codec::encode_value(&QuantizedModel::quantize(&students.initial_params(seed)));
+    let (b1, b2, b3) = (blob(1), blob(2), blob(3));
+    let config = EngineConfig { min_train_clients: 2, train: one_epoch(None), ..EngineConfig::default() };
+    let names = ["dev-a", "dev-b"];
+    for name in names {
+        ca.issue(Role::Device, name, 1).unwrap();
+    }
+    let key = ModelKey::read(&ca.model_public_key_path()).unwrap();
+    let student = |accuracy: Option<f64>, blob: Vec<u8>| fedge_coordinator::server::NewStudent {
+        parent: 0,
+        round: 0,
+        architecture: "mlp".into(),
+        parameters: 50_890,
+        accuracy,
+        blob,
+    };
+
+    let coordinator = Coordinator::with_store(config.clone(), initial.clone(), Store::open(&state).unwrap()).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let mut statuses = Vec::new();
+    let mut clients = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let (link, _) = join(addr, &ca, name, 100).await;
+        let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let mut client = EdgeClient::new(link, trainer, train.clone(), (i * 100..(i + 1) * 100).collect(), 1)
+            .with_state_dir(dir.path().join(format!("edge-{i}")))
+            .with_model_key(key.clone());
+        statuses.push(client.status());
+        clients.push(tokio::spawn(async move { client.run(i as u64).await }));
+    }
+
+    // An unsigned model (no signing key set yet) is refused; devices say so and run nothing.
+    let unsigned = coordinator.register_student(student(None, b1.clone()), true).unwrap();
+    assert!(unsigned.signature.is_empty());
+    until_all(&statuses, "refuse the unsigned model", |s| {
+        s.deploy_error.as_deref().is_some_and(|e| e.contains("unsigned")) && s.deployed_version.is_none()
+    })
+    .await;
+
+    // Signed students: promoted, fetched, verified, run.
+    coordinator.set_signer(ca.model_signer().unwrap(), "2nn");
+    let s1 = coordinator.register_student(student(Some(0.5), b2.clone()), true).unwrap();
+    until_all(&statuses, "run s1", |s| s.deployed_version == Some(s1.version)).await;
+    let s2 = coordinator.register_student(student(Some(0.6), b3.clone()), true).unwrap();
+    assert!(s2.version > s1.version && s1.version > unsigned.version, "one increasing sequence");
+    until_all(&statuses, "run s2", |s| s.deployed_version == Some(s2.version)).await;
+    // Devices report what they run with their next task request.
+    let line = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = coordinator.models().into_iter().find(|m| m.version == s2.version).unwrap();
+            if line.devices_running == 2 {
+                break line;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("both devices report s2");
+    assert!(line.promoted && line.signed, "{line:?}");
+    assert_eq!(coordinator.fleet_versions().get(&Some(s2.version)), Some(&2));
+
+    // Rollback: devices go back to s1 (still on disk, no download needed).
+    assert_eq!(coordinator.rollback().unwrap(), s1.version);
+    until_all(&statuses, "roll back to s1", |s| s.deployed_version == Some(s1.version)).await;
+    assert!(coordinator.promote(12345).is_err(), "unknown versions cannot be promoted");
+
+    server.abort();
+    for c in clients {
+        c.abort();
+        let _ = c.await;
+    }
+    let _ = server.await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while Arc::strong_count(&coordinator) > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("released");
+    drop(coordinator);
+
+    // The registry, its blobs and the promotion history survive a restart.
+    let again = Coordinator::with_store(config, initial, Store::open(&state).unwrap()).unwrap();
+    assert_eq!(again.promoted(), Some(s1.version));
+    let versions: Vec<u64> = again
+        .models()
+        .iter()
+        .filter(|m| m.role == fedge_core::registry::ModelRole::Student)
+        .map(|m| m.version)
+        .collect();
+    assert_eq!(versions, [unsigned.version, s1.version, s2.version]);
+    // The history before s1 survived too.
+    assert_eq!(again.rollback().unwrap(), unsigned.version);
+    assert!(again.rollback().is_err(), "nothing before the first promotion");
 }

@@ -62,6 +62,17 @@ pub struct ServeConfig {
     pub delta: f64,
     /// Central DP budget: a round that would take epsilon past it does not start.
     pub target_epsilon: Option<f64>,
+    /// Distil the global model into an int8 student every this many rounds (none: never).
+    pub distill_every: Option<u64>,
+    /// Student architecture (`mlp`).
+    pub student_model: String,
+    /// Training images of `eval_dataset` (from the end of its training split) used, without
+    /// their labels, as the distillation proxy set.
+    pub proxy_examples: usize,
+    /// How to distil.
+    pub distill: fedge_learn::DistillConfig,
+    /// Promote each new student at once (else an operator runs `models promote`).
+    pub auto_promote: bool,
 }
 
 impl Default for ServeConfig {
@@ -90,6 +101,11 @@ impl Default for ServeConfig {
             local_epsilon: None,
             delta: 1e-5,
             target_epsilon: None,
+            distill_every: None,
+            student_model: "mlp".into(),
+            proxy_examples: 2000,
+            distill: fedge_learn::DistillConfig::default(),
+            auto_promote: true,
         }
     }
 }

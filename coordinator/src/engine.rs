@@ -429,6 +429,9 @@ pub struct RoundEngine<S: Strategy> {
     strategy: S,
     global: ModelParams,
     version: u64,
+    /// The next version number to hand out (global models and registered students share one
+    /// sequence).
+    next_version: u64,
     last_round: u64,
     available: BTreeSet<DeviceId>,
     open: Option<OpenRound>,
@@ -452,6 +455,7 @@ impl<S: Strategy> RoundEngine<S> {
             strategy,
             global: initial,
             version: 0,
+            next_version: 1,
             last_round: 0,
             available: BTreeSet::new(),
             open: None,
@@ -473,6 +477,7 @@ impl<S: Strategy> RoundEngine<S> {
     ) -> Result<Self, ConfigError> {
         let mut e = Self::new(config, strategy, global)?;
         e.version = version;
+        e.next_version = version + 1;
         e.last_round = last_round;
         Ok(e)
     }
@@ -634,6 +639,19 @@ impl<S: Strategy> RoundEngine<S> {
             deadline: o.deadline,
             population: o.population,
         })
+    }
+
+    /// Hands out a version number for a model made outside the rounds (a distilled student);
+    /// the next global model takes the number after it.
+    pub fn allocate_version(&mut self) -> u64 {
+        let v = self.next_version;
+        self.next_version += 1;
+        v
+    }
+
+    /// After a restart: version numbers up to `version` are taken (by registered models).
+    pub fn reserve_versions_through(&mut self, version: u64) {
+        self.next_version = self.next_version.max(version + 1);
     }
 
     /// The privacy ledger (central DP only).
@@ -798,7 +816,8 @@ impl<S: Strategy> RoundEngine<S> {
             match self.strategy.aggregate_train(open.round, &self.global, failures) {
                 Ok(next) => {
                     self.global = next;
-                    self.version += 1;
+                    self.version = self.next_version;
+                    self.next_version += 1;
                     RoundOutcome::Aggregated
                 }
                 Err(e) => RoundOutcome::Failed(format!("aggregation failed: {e}")),

@@ -54,10 +54,10 @@ enum Command {
         #[command(flatten)]
         op: OperatorArgs,
     },
-    /// List model versions (operator command).
+    /// Model versions: list, show, promote, roll back (operator commands).
     Models {
         #[command(subcommand)]
-        command: ListCommand,
+        command: ModelsCommand,
         #[command(flatten)]
         op: OperatorArgs,
     },
@@ -106,6 +106,38 @@ enum RoundCommand {
 enum ListCommand {
     /// Print them as a table (or JSON).
     List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Every version, global and student, with lineage, metrics, size and deployment.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One version in full.
+    Show {
+        /// The version.
+        version: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a registered (student) version what devices run.
+    Promote {
+        /// The version.
+        version: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to the previously promoted version.
+    Rollback {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -225,10 +257,20 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Round { command, op } => return tokio::runtime::Runtime::new()?.block_on(round(command, op)),
         Command::Devices { command: ListCommand::List { json }, op } => {
-            return tokio::runtime::Runtime::new()?.block_on(list(OperatorCommand::Devices, json, op));
+            return tokio::runtime::Runtime::new()?.block_on(list(OperatorCommand::Devices, json, None, op));
         }
-        Command::Models { command: ListCommand::List { json }, op } => {
-            return tokio::runtime::Runtime::new()?.block_on(list(OperatorCommand::Models, json, op));
+        Command::Models { command, op } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            return match command {
+                ModelsCommand::List { json } => rt.block_on(list(OperatorCommand::Models, json, None, op)),
+                ModelsCommand::Show { version, json } => {
+                    rt.block_on(list(OperatorCommand::Models, json, Some(version), op))
+                }
+                ModelsCommand::Promote { version, json } => {
+                    rt.block_on(list(OperatorCommand::Promote { version }, json, None, op))
+                }
+                ModelsCommand::Rollback { json } => rt.block_on(list(OperatorCommand::Rollback, json, None, op)),
+            };
         }
         Command::Certs { command } => match command {
             CertsCommand::Init { dir, names } => {
@@ -399,7 +441,7 @@ async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn list(command: OperatorCommand, json: bool, op: OperatorArgs) -> anyhow::Result<()> {
+async fn list(command: OperatorCommand, json: bool, only: Option<u64>, op: OperatorArgs) -> anyhow::Result<()> {
     let client = operator_client(&op).await?;
     let answer = client.request(&Message::Operator(command)).await?;
     client.close().await;
@@ -414,7 +456,7 @@ async fn list(command: OperatorCommand, json: bool, op: OperatorArgs) -> anyhow:
                             serde_json::json!({"backend": c.backend, "memory_mb": c.memory_mb, "charging": c.charging,
                                 "unmetered": c.unmetered, "num_samples": c.num_samples})
                         });
-                        serde_json::json!({"id": d.id, "connected": d.connected, "capabilities": caps})
+                        serde_json::json!({"id": d.id, "connected": d.connected, "capabilities": caps, "running": d.running})
                     })
                     .collect();
                 let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
@@ -434,24 +476,59 @@ async fn list(command: OperatorCommand, json: bool, op: OperatorArgs) -> anyhow:
                 }
             }
         }
-        Message::Models(models) => {
-            if json {
-                let v: Vec<_> = models
-                    .iter()
-                    .map(|m| {
-                        serde_json::json!({
-                            "version": m.version, "hash": m.hash.to_string(), "accuracy": m.accuracy,
-                            "epsilon": m.epsilon,
-                        })
-                    })
-                    .collect();
+        Message::Models(mut models) => {
+            if let Some(v) = only {
+                models.retain(|m| m.version == v);
+                anyhow::ensure!(!models.is_empty(), "no model version {v}");
+            }
+            let as_json = |m: &fedge_core::wire::ModelLine| {
+                serde_json::json!({
+                    "version": m.version, "role": m.role, "architecture": m.architecture, "parent": m.parent,
+                    "round": m.round, "accuracy": m.accuracy, "epsilon": m.epsilon, "parameters": m.parameters,
+                    "size_bytes": m.size_bytes, "sha256": m.hash.to_string(), "created_at": m.created_at,
+                    "signed": m.signed, "promoted": m.promoted, "devices_running": m.devices_running,
+                })
+            };
+            if json && only.is_some() {
+                let _ = writeln!(out, "{:#}", as_json(&models[0]));
+            } else if json {
+                let v: Vec<_> = models.iter().map(as_json).collect();
                 let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
+            } else if only.is_some() {
+                for (k, v) in as_json(&models[0]).as_object().expect("an object") {
+                    let _ = writeln!(out, "{k:<16} {v}");
+                }
             } else {
-                let _ = writeln!(out, "{:>7}  {:<64}  {:>8}  epsilon", "version", "sha256", "accuracy");
+                let _ = writeln!(
+                    out,
+                    "{:>7}  {:<7}  {:<4}  {:>6}  {:>5}  {:>8}  {:>8}  {:>10}  {:<12}  {:>7}  deployed",
+                    "version", "role", "arch", "parent", "round", "accuracy", "epsilon", "bytes", "sha256", "signed"
+                );
                 for m in models {
                     let acc = m.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
                     let eps = m.epsilon.map_or("-".into(), |e| format!("{e:.4}"));
-                    let _ = writeln!(out, "{:>7}  {:<64}  {acc:>8}  {eps}", m.version, m.hash.to_string());
+                    let role = match m.role {
+                        fedge_core::registry::ModelRole::Global => "global",
+                        fedge_core::registry::ModelRole::Student => "student",
+                    };
+                    let parent = m.parent.map_or("-".into(), |p| p.to_string());
+                    let deployed = if m.promoted {
+                        format!("PROMOTED, {} devices", m.devices_running)
+                    } else if m.devices_running > 0 {
+                        format!("{} devices", m.devices_running)
+                    } else {
+                        String::new()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{:>7}  {role:<7}  {:<4}  {parent:>6}  {:>5}  {acc:>8}  {eps:>8}  {:>10}  {:<12}  {:>7}  {deployed}",
+                        m.version,
+                        m.architecture,
+                        m.round,
+                        m.size_bytes,
+                        &m.hash.to_string()[..12],
+                        if m.signed { "yes" } else { "no" },
+                    );
                 }
             }
         }

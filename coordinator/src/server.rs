@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use fedge_core::ModelParams;
 use fedge_core::params::ContentHash;
+use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole};
 use fedge_core::wire::{
     Capabilities, DeviceId, DeviceLine, ErrorCode, Message, ModelLine, OperatorCommand, PrivacyBudget, RoundLine,
     Status, TrainTask,
 };
 use tokio::sync::Notify;
 
-use crate::certs::Role;
+use crate::certs::{ModelSigner, Role};
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
 use crate::engine::{Evaluation, ResumeError, RoundOutcome, StoredRound};
 use crate::metrics::Metrics;
@@ -67,6 +68,52 @@ struct State {
     /// Every round closed, earlier runs included (what operators see).
     history: Vec<RoundLine>,
     rounds_left: u64,
+    /// Registered (deployable) models by version.
+    registry: BTreeMap<u64, ModelRecord>,
+    /// Their blobs: kept in memory when registered in this run or first sent.
+    blobs: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Promotion history; the last is what devices should run.
+    promotions: Vec<u64>,
+    /// The deployed version each device last said it runs.
+    running: BTreeMap<DeviceId, Option<u64>>,
+    /// Signs registered models (none: models are registered unsigned and devices refuse them).
+    signer: Option<Arc<ModelSigner>>,
+    /// Architecture of the global model, for the registry.
+    architecture: String,
+}
+
+/// A distilled, quantised student to register.
+#[derive(Debug, Clone)]
+pub struct NewStudent {
+    /// The global version it was distilled from.
+    pub parent: u64,
+    /// The round that produced the parent.
+    pub round: u64,
+    /// Its architecture.
+    pub architecture: String,
+    /// Its parameter count.
+    pub parameters: u64,
+    /// Its test accuracy (as devices run it), if measured.
+    pub accuracy: Option<f64>,
+    /// The encoded quantised model.
+    pub blob: Vec<u8>,
+}
+
+/// Why a model could not be registered, promoted or rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No such registered version.
+    #[error("no registered model v{0} (global versions are not deployable; distil a student)")]
+    Unknown(u64),
+    /// Nothing to roll back to.
+    #[error("nothing to roll back to: {0} promotion(s) so far")]
+    NoPrevious(usize),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Signing failed.
+    #[error("cannot sign: {0}")]
+    Sign(String),
 }
 
 /// The operator's view of a closed round (accuracy is filled in when shown).
@@ -139,9 +186,16 @@ impl Coordinator {
             }
         };
         let ids = store.devices()?.into_iter().collect();
+        let registry: BTreeMap<u64, ModelRecord> = store.registry()?.into_iter().map(|r| (r.version, r)).collect();
+        let promotions = store.promotions()?;
         let me = Self::from_engine(engine, Some(store), ids);
         {
             let mut s = me.lock();
+            if let Some(&last) = registry.keys().next_back() {
+                s.engine.reserve_versions_through(last);
+            }
+            s.registry = registry;
+            s.promotions = promotions;
             s.rounds_left = rounds_left;
             s.history = history;
             if let Some(open) = open {
@@ -181,6 +235,12 @@ impl Coordinator {
                 ids,
                 connected: BTreeSet::new(),
                 capabilities: BTreeMap::new(),
+                registry: BTreeMap::new(),
+                blobs: BTreeMap::new(),
+                promotions: Vec::new(),
+                running: BTreeMap::new(),
+                signer: None,
+                architecture: String::new(),
                 tasks: BTreeMap::new(),
                 assigned_at: BTreeMap::new(),
                 models: BTreeMap::from([(version, first)]),
@@ -408,6 +468,105 @@ impl Coordinator {
         }
     }
 
+    /// Signs models registered from now on with `signer`, and names the global model's
+    /// architecture in the registry.
+    pub fn set_signer(&self, signer: ModelSigner, architecture: &str) {
+        let mut s = self.lock();
+        s.signer = Some(Arc::new(signer));
+        s.architecture = architecture.to_string();
+    }
+
+    /// Registers a student distilled from global version `student.parent`: allocates its
+    /// version, signs its record, stores blob and record, and promotes it if `promote`.
+    /// Returns the record.
+    pub fn register_student(&self, student: NewStudent, promote: bool) -> Result<ModelRecord, RegistryError> {
+        let NewStudent { parent, round, architecture, parameters, accuracy, blob } = student;
+        let mut s = self.lock();
+        let epsilon =
+            s.history.iter().rev().find(|r| r.model_version == parent).and_then(|r| r.privacy).map(|p| p.epsilon);
+        let created_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let version = s.engine.allocate_version();
+        let mut record = ModelRecord {
+            version,
+            role: ModelRole::Student,
+            architecture,
+            format: BlobFormat::Int8,
+            parent: Some(parent),
+            round,
+            accuracy,
+            epsilon,
+            parameters,
+            size_bytes: blob.len() as u64,
+            sha256: ContentHash::of_bytes(&blob),
+            created_at,
+            signature: Vec::new(),
+        };
+        if let Some(signer) = &s.signer {
+            signer.sign(&mut record).map_err(|e| RegistryError::Sign(e.to_string()))?;
+        }
+        if let Some(store) = &s.store {
+            store.save_registered(&record, &blob)?;
+        }
+        s.registry.insert(version, record.clone());
+        s.blobs.insert(version, Arc::new(blob));
+        if promote {
+            Self::promote_locked(&mut s, version)?;
+        }
+        self.changed.notify_waiters();
+        Ok(record)
+    }
+
+    fn promote_locked(s: &mut State, version: u64) -> Result<(), RegistryError> {
+        if !s.registry.contains_key(&version) {
+            return Err(RegistryError::Unknown(version));
+        }
+        let mut history = s.promotions.clone();
+        if history.last() != Some(&version) {
+            history.push(version);
+        }
+        if let Some(store) = &s.store {
+            store.save_promotions(&history)?;
+        }
+        s.promotions = history;
+        Ok(())
+    }
+
+    /// Makes registered `version` what devices should run.
+    pub fn promote(&self, version: u64) -> Result<(), RegistryError> {
+        let mut s = self.lock();
+        Self::promote_locked(&mut s, version)
+    }
+
+    /// Goes back to the version promoted before the current one; returns it.
+    pub fn rollback(&self) -> Result<u64, RegistryError> {
+        let mut s = self.lock();
+        if s.promotions.len() < 2 {
+            return Err(RegistryError::NoPrevious(s.promotions.len()));
+        }
+        let mut history = s.promotions.clone();
+        history.pop();
+        if let Some(store) = &s.store {
+            store.save_promotions(&history)?;
+        }
+        s.promotions = history;
+        Ok(*s.promotions.last().expect("two or more before the pop"))
+    }
+
+    /// The promoted version, if any.
+    pub fn promoted(&self) -> Option<u64> {
+        self.lock().promotions.last().copied()
+    }
+
+    /// How many connected devices run each deployed version (`None`: none yet).
+    pub fn fleet_versions(&self) -> BTreeMap<Option<u64>, u64> {
+        let s = self.lock();
+        let mut out = BTreeMap::new();
+        for id in &s.connected {
+            *out.entry(s.running.get(id).copied().flatten()).or_insert(0) += 1;
+        }
+        out
+    }
+
     /// Every device ever seen, by certificate id.
     pub fn devices(&self) -> Vec<DeviceLine> {
         let s = self.lock();
@@ -417,6 +576,7 @@ impl Coordinator {
                 id: name.clone(),
                 connected: s.connected.contains(id),
                 capabilities: s.capabilities.get(id).cloned(),
+                running: s.running.get(id).copied().flatten(),
             })
             .collect()
     }
@@ -431,14 +591,54 @@ impl Coordinator {
         };
         let epsilon: BTreeMap<u64, f64> =
             s.history.iter().filter_map(|r| r.privacy.map(|p| (r.model_version, p.epsilon))).collect();
-        kept.into_iter()
-            .map(|(version, hash)| ModelLine {
+        let round_of: BTreeMap<u64, u64> = s.history.iter().map(|r| (r.model_version, r.round)).collect();
+        let mut running: BTreeMap<u64, u64> = BTreeMap::new();
+        for id in &s.connected {
+            if let Some(Some(v)) = s.running.get(id) {
+                *running.entry(*v).or_insert(0) += 1;
+            }
+        }
+        let promoted = s.promotions.last().copied();
+        let previous: Vec<Option<u64>> =
+            std::iter::once(None).chain(kept.iter().map(|(v, _)| Some(*v))).take(kept.len()).collect();
+        let mut lines: Vec<ModelLine> = kept
+            .into_iter()
+            .zip(previous)
+            .map(|((version, hash), parent)| ModelLine {
                 version,
                 hash,
                 accuracy: evals.get(&version).map(|e| e.accuracy),
                 epsilon: epsilon.get(&version).copied(),
+                role: ModelRole::Global,
+                architecture: s.architecture.clone(),
+                parent,
+                round: round_of.get(&version).copied().unwrap_or(0),
+                parameters: s.engine.global().numel() as u64,
+                size_bytes: s.store.as_ref().and_then(|st| st.model_blob_size(&hash)).unwrap_or(0),
+                created_at: 0,
+                signed: false,
+                promoted: false,
+                devices_running: 0,
             })
-            .collect()
+            .collect();
+        lines.extend(s.registry.values().map(|r| ModelLine {
+            version: r.version,
+            hash: r.sha256,
+            accuracy: r.accuracy,
+            epsilon: r.epsilon,
+            role: r.role,
+            architecture: r.architecture.clone(),
+            parent: r.parent,
+            round: r.round,
+            parameters: r.parameters,
+            size_bytes: r.size_bytes,
+            created_at: r.created_at,
+            signed: !r.signature.is_empty(),
+            promoted: promoted == Some(r.version),
+            devices_running: running.get(&r.version).copied().unwrap_or(0),
+        }));
+        lines.sort_by_key(|l| l.version);
+        lines
     }
 
     async fn operator_session(self: Arc<Self>, peer: Peer) {
@@ -483,6 +683,14 @@ impl Coordinator {
                 Ok(Message::Operator(OperatorCommand::Status)) => Message::Status(self.status()),
                 Ok(Message::Operator(OperatorCommand::Devices)) => Message::Devices(self.devices()),
                 Ok(Message::Operator(OperatorCommand::Models)) => Message::Models(self.models()),
+                Ok(Message::Operator(OperatorCommand::Promote { version })) => match self.promote(version) {
+                    Ok(()) => Message::Models(self.models()),
+                    Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+                },
+                Ok(Message::Operator(OperatorCommand::Rollback)) => match self.rollback() {
+                    Ok(_) => Message::Models(self.models()),
+                    Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+                },
                 Ok(_) => {
                     Message::Error { code: ErrorCode::Unauthorized, message: "operators send operator commands".into() }
                 }
@@ -578,9 +786,38 @@ impl Coordinator {
     fn answer(&self, id: DeviceId, request: Message) -> Reply {
         let mut s = self.lock();
         let reply = match request {
-            Message::TaskRequest => match s.tasks.get(&id) {
-                Some(task) => Message::TrainTask(task.clone()),
-                None => Message::NoTask { retry_after_ms: RETRY_MS, model_version: s.engine.version() },
+            Message::TaskRequest { running } => {
+                s.running.insert(id, running);
+                match s.tasks.get(&id) {
+                    Some(task) => Message::TrainTask(task.clone()),
+                    None => Message::NoTask {
+                        retry_after_ms: RETRY_MS,
+                        model_version: s.engine.version(),
+                        deployed: s.promotions.last().copied(),
+                    },
+                }
+            }
+            Message::DeployedRequest { version } => match s.registry.get(&version) {
+                Some(record) => Message::Deployed(record.clone()),
+                None => not_kept(version),
+            },
+            Message::BlobChunkRequest { version, offset, max_len } => match registered_blob(&mut s, version) {
+                Some(blob) if offset <= blob.len() as u64 => {
+                    let start = offset as usize;
+                    let end = start + (max_len.min(MAX_CHUNK_BYTES) as usize).min(blob.len() - start);
+                    self.metrics.sent(end - start);
+                    Message::BlobChunk {
+                        version,
+                        total_len: blob.len() as u64,
+                        offset,
+                        bytes: blob[start..end].to_vec(),
+                    }
+                }
+                Some(blob) => Message::Error {
+                    code: ErrorCode::Malformed,
+                    message: format!("offset {offset} is past the end of v{version} ({} bytes)", blob.len()),
+                },
+                None => not_kept(version),
             },
             Message::ModelRequest { version } => {
                 let v = version.unwrap_or_else(|| s.engine.version());
@@ -648,6 +885,17 @@ impl Coordinator {
         };
         Reply::Message(reply)
     }
+}
+
+/// The blob of registered version `v` (kept in memory once read).
+fn registered_blob(s: &mut State, v: u64) -> Option<Arc<Vec<u8>>> {
+    if let Some(b) = s.blobs.get(&v) {
+        return Some(b.clone());
+    }
+    let record = s.registry.get(&v)?;
+    let blob = Arc::new(s.store.as_ref()?.registered_blob(record).ok()?);
+    s.blobs.insert(v, blob.clone());
+    Some(blob)
 }
 
 /// Largest chunk of a model download sent at once.

@@ -60,12 +60,27 @@ pub async fn run(
 ) -> Result<(), ServiceError> {
     let model: ModelKind = c.model.parse().map_err(ServiceError::Config)?;
     let dataset: DatasetName = c.eval_dataset.parse().map_err(ServiceError::Config)?;
-    let test = dataset.load(&c.data_dir)?.test;
+    let data = dataset.load(&c.data_dir)?;
+    let test = data.test;
     let certs = CertDir::open(&c.certs_dir)?;
+    let signer = certs.model_signer()?;
     let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
+    let student_kind: ModelKind = c.student_model.parse().map_err(ServiceError::Config)?;
+    let mut distiller = match c.distill_every {
+        Some(0) => return Err(ServiceError::Config("distill_every must be at least 1".into())),
+        Some(every) => {
+            let n = data.train.len();
+            let proxy: Vec<usize> = (n - c.proxy_examples.clamp(1, n)..n).collect();
+            let mut student = Trainer::new(student_kind, test.num_classes, BackendKind::Flex)?;
+            let start = student.initial_params(c.seed ^ 0x5eed);
+            Some((every, student, start, proxy, std::sync::Arc::new(data.train)))
+        }
+        None => None,
+    };
     let initial = evaluator.initial_params(c.seed);
     let store = Store::open(&c.state_dir)?;
     let coordinator = Coordinator::with_store(c.engine(), initial, store)?;
+    coordinator.set_signer(signer, &c.model);
     let listener = Listener::bind(c.listen, &certs)?;
     ready(listener.local_addr().map_err(|source| ServiceError::Io { context: "no local address".into(), source })?);
     let server = tokio::spawn(coordinator.clone().serve(listener));
@@ -82,6 +97,7 @@ pub async fn run(
         }
         None => None,
     };
+    let (distill_config, auto_promote, student_name) = (c.distill, c.auto_promote, c.student_model.clone());
     let eval = {
         let coordinator = coordinator.clone();
         tokio::spawn(async move {
@@ -112,6 +128,35 @@ pub async fn run(
                         r.failures,
                         r.stragglers.len()
                     );
+                    if let Some((every, student, start, proxy, train)) = distiller.as_mut()
+                        && r.round % *every == 0
+                        && r.outcome == crate::RoundOutcome::Aggregated
+                    {
+                        let (version, global) = coordinator.global();
+                        match distil(&mut evaluator, student, start, &global, train, proxy, &test, &distill_config) {
+                            Ok((blob, parameters, accuracy)) => match coordinator.register_student(
+                                crate::server::NewStudent {
+                                    parent: version,
+                                    round: r.round,
+                                    architecture: student_name.clone(),
+                                    parameters,
+                                    accuracy: Some(accuracy),
+                                    blob,
+                                },
+                                auto_promote,
+                            ) {
+                                Ok(rec) => println!(
+                                    "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%{}",
+                                    rec.version,
+                                    rec.size_bytes,
+                                    accuracy * 100.0,
+                                    if auto_promote { ", promoted" } else { "" }
+                                ),
+                                Err(e) => eprintln!("cannot register the student of v{version}: {e}"),
+                            },
+                            Err(e) => eprintln!("distillation of v{version} failed: {e}"),
+                        }
+                    }
                 }
                 seen = reports.len();
             }
@@ -124,4 +169,28 @@ pub async fn run(
         m.abort();
     }
     Ok(())
+}
+
+/// Distils `global` into the student (warm-started from `start`, which becomes the result) on
+/// the proxy images, quantises it to int8 and evaluates the quantised student. Returns the
+/// encoded blob, the parameter count and the accuracy.
+#[allow(clippy::too_many_arguments)]
+fn distil(
+    teacher: &mut Trainer,
+    student: &mut Trainer,
+    start: &mut fedge_core::ModelParams,
+    global: &fedge_core::ModelParams,
+    train: &fedge_core::dataset::Dataset,
+    proxy: &[usize],
+    test: &fedge_core::dataset::Dataset,
+    config: &fedge_learn::DistillConfig,
+) -> Result<(Vec<u8>, u64, f64), fedge_learn::ConvertError> {
+    let logits = teacher.logits(global, train, proxy)?;
+    let mut rng = <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
+    let out = student.distill(start, train, proxy, &logits, config, &mut rng)?;
+    *start = out.params;
+    let q = fedge_core::quant::QuantizedModel::quantize(start);
+    let int8 = q.dequantize().map_err(|e| fedge_learn::ConvertError::Layout(e.to_string()))?;
+    let accuracy = student.evaluate(&int8, test, 500)?.accuracy;
+    Ok((fedge_core::codec::encode_value(&q), start.numel() as u64, accuracy))
 }

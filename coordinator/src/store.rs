@@ -22,6 +22,7 @@ use bincode::{Decode, Encode};
 use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::params::ContentHash;
+use fedge_core::registry::ModelRecord;
 use fedge_core::wire::{DeviceId, Message, RoundLine, TrainResult};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use thiserror::Error;
@@ -35,9 +36,13 @@ const EVALUATIONS: TableDefinition<u64, (f64, f64)> = TableDefinition::new("eval
 const ROUNDS: TableDefinition<u64, &[u8]> = TableDefinition::new("rounds");
 const UPDATES: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("updates");
 const DEVICES: TableDefinition<&str, u64> = TableDefinition::new("devices");
+/// Registered (deployable) model versions: version -> encoded `ModelRecord`.
+const REGISTRY: TableDefinition<u64, &[u8]> = TableDefinition::new("registry");
 
 const OPEN_ROUND: &str = "open_round";
 const SETTINGS: &str = "settings";
+/// Promotion history (encoded `Vec<u64>`, last = promoted now).
+const PROMOTIONS: &str = "promotions";
 
 /// Storage failures.
 #[derive(Debug, Error)]
@@ -174,6 +179,7 @@ impl Store {
             tx.open_table(UPDATES).map_err(db_err)?;
             tx.open_table(ROUNDS).map_err(db_err)?;
             tx.open_table(DEVICES).map_err(db_err)?;
+            tx.open_table(REGISTRY).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)?;
         Ok(Self { db, dir: dir.to_path_buf() })
@@ -201,6 +207,81 @@ impl Store {
             }
         }
         Ok(hash)
+    }
+
+    fn registry_blob_path(&self, hash: &ContentHash) -> PathBuf {
+        self.dir.join("blobs").join(format!("{hash}.blob"))
+    }
+
+    /// Registers a model: its blob is written (content-addressed, synced) before the record
+    /// that names it is committed.
+    pub fn save_registered(&self, record: &ModelRecord, blob: &[u8]) -> Result<(), StoreError> {
+        if ContentHash::of_bytes(blob) != record.sha256 {
+            return Err(StoreError::Corrupt(record.sha256.to_string()));
+        }
+        let path = self.registry_blob_path(&record.sha256);
+        if !path.exists() {
+            let tmp = path.with_extension("tmp");
+            let io = |cause| StoreError::Io { path: tmp.clone(), cause };
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(blob).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
+            if let Ok(d) = std::fs::File::open(self.dir.join("blobs")) {
+                let _ = d.sync_all();
+            }
+        }
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let bytes = encode_record(record);
+            tx.open_table(REGISTRY).map_err(db_err)?.insert(record.version, bytes.as_slice()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Size of the stored blob of a global model version, if present.
+    pub fn model_blob_size(&self, hash: &ContentHash) -> Option<u64> {
+        std::fs::metadata(self.blob_path(hash)).ok().map(|m| m.len())
+    }
+
+    /// Every registered model, oldest first.
+    pub fn registry(&self) -> Result<Vec<ModelRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in tx.open_table(REGISTRY).map_err(db_err)?.iter().map_err(db_err)? {
+            out.push(decode_record::<ModelRecord>(row.map_err(db_err)?.1.value(), "registry")?);
+        }
+        Ok(out)
+    }
+
+    /// The blob of a registered model, checked against its hash.
+    pub fn registered_blob(&self, record: &ModelRecord) -> Result<Vec<u8>, StoreError> {
+        let path = self.registry_blob_path(&record.sha256);
+        let bytes = std::fs::read(&path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
+        if ContentHash::of_bytes(&bytes) != record.sha256 {
+            return Err(StoreError::Corrupt(record.sha256.to_string()));
+        }
+        Ok(bytes)
+    }
+
+    /// The promotion history, oldest first (the last is what devices should run).
+    pub fn promotions(&self) -> Result<Vec<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let records = tx.open_table(RECORDS).map_err(db_err)?;
+        match records.get(PROMOTIONS).map_err(db_err)? {
+            Some(v) => decode_record(v.value(), "promotions"),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Replaces the promotion history.
+    pub fn save_promotions(&self, history: &[u64]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let bytes = encode_record(&history.to_vec());
+            tx.open_table(RECORDS).map_err(db_err)?.insert(PROMOTIONS, bytes.as_slice()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
     }
 
     /// Records model `version` (after round `round`) outside any round: the initial model.

@@ -80,7 +80,7 @@ async fn join(addr: SocketAddr, ca: &CertDir, name: &str, coordinator: &Coordina
 
 async fn task_of(link: &Link) -> TrainTask {
     for _ in 0..200 {
-        match link.request(&Message::TaskRequest).await.unwrap() {
+        match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
             Message::TrainTask(t) => return t,
             Message::NoTask { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
             other => panic!("unexpected {other:?}"),
@@ -186,7 +186,7 @@ async fn sigkill_mid_round_loses_no_acknowledged_update() {
         other => panic!("unexpected {other:?}"),
     }
     // Devices that answered get no task; the one that had not gets the same task again.
-    assert!(matches!(links[1].request(&Message::TaskRequest).await.unwrap(), Message::NoTask { .. }));
+    assert!(matches!(links[1].request(&Message::TaskRequest { running: None }).await.unwrap(), Message::NoTask { .. }));
     assert_eq!(task_of(&links[2]).await, tasks[2]);
     let reply = links[2].request(&Message::TrainResult(updates[2].clone())).await.unwrap();
     assert_eq!(reply, Message::Ack { round: 1 });
@@ -194,7 +194,7 @@ async fn sigkill_mid_round_loses_no_acknowledged_update() {
     // The round completes from all three updates: v1 = v0 + (10*0.001 + 20*0.002 + 30*0.003) / 60.
     let deadline = Instant::now() + Duration::from_secs(30);
     let v1 = loop {
-        match links[1].request(&Message::TaskRequest).await.unwrap() {
+        match links[1].request(&Message::TaskRequest { running: None }).await.unwrap() {
             Message::NoTask { model_version: 1, .. } => break model(&links[1], 1).await,
             _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
             other => panic!("round 1 did not close: {other:?}\n{}", second.log()),

@@ -15,8 +15,10 @@ use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, ErrorCode, Message};
 use thiserror::Error;
 
+use crate::deploy::{DeployError, Deployed};
 use crate::trainer::{EdgeTrainer, TrainError};
 use crate::transport::{ConnectError, Link};
+use fedge_net::ModelKey;
 
 /// Why the loop stopped.
 #[derive(Debug, Error)]
@@ -60,6 +62,10 @@ pub struct DeviceStatus {
     pub bytes_downloaded: u64,
     /// Downloads that continued from bytes already on disk.
     pub downloads_resumed: u64,
+    /// The deployed (inference) model version running, verified.
+    pub deployed_version: Option<u64>,
+    /// Why the last promoted version offered was refused, if it was.
+    pub deploy_error: Option<String>,
 }
 
 /// A device: its link, its trainer, its data.
@@ -75,6 +81,12 @@ pub struct EdgeClient {
     /// A result sent but not acknowledged when the link broke: sent again first thing after a
     /// reconnect (the coordinator keeps the first copy; a second is a harmless duplicate).
     unacked: Option<Message>,
+    /// The fleet's model-signing public key.
+    model_key: Option<ModelKey>,
+    /// The verified deployed model.
+    deployed: Option<Arc<Deployed>>,
+    /// A promoted version already refused on this connection (not retried until a reconnect).
+    refused: Option<u64>,
 }
 
 /// Writes `params` as `dir/model.bin` (write-then-rename: a crash leaves the previous model,
@@ -109,7 +121,63 @@ impl EdgeClient {
             status: Arc::default(),
             state_dir: None,
             unacked: None,
+            model_key: None,
+            deployed: None,
+            refused: None,
         }
+    }
+
+    /// Verifies deployed models with `key` (the fleet's `model-signing.pub`); without a key no
+    /// deployed model is ever used. Loads the installed one from the state folder, if any.
+    pub fn with_model_key(mut self, key: ModelKey) -> Self {
+        self.model_key = Some(key);
+        self.load_deployed();
+        self
+    }
+
+    fn deploy_dir(&self) -> Option<PathBuf> {
+        self.state_dir.as_ref().map(|d| d.join("deployed"))
+    }
+
+    fn load_deployed(&mut self) {
+        if let (Some(dir), Some(key)) = (self.deploy_dir(), &self.model_key)
+            && let Some(d) = crate::deploy::load_current(&dir, key)
+        {
+            self.status.lock().unwrap_or_else(|p| p.into_inner()).deployed_version = Some(d.record.version);
+            self.deployed = Some(Arc::new(d));
+        }
+    }
+
+    /// The verified deployed model, if any.
+    pub fn deployed(&self) -> Option<Arc<Deployed>> {
+        self.deployed.clone()
+    }
+
+    /// Moves to promoted version `v` if it verifies; otherwise says why and keeps the current.
+    async fn follow_promotion(&mut self, v: u64) -> Result<(), ClientError> {
+        if self.deployed.as_ref().is_some_and(|d| d.record.version == v) || self.refused == Some(v) {
+            return Ok(());
+        }
+        let result = match &self.model_key {
+            None => Err(DeployError::NoKey),
+            Some(key) => crate::deploy::fetch(&self.link, v, key, self.deploy_dir().as_deref()).await,
+        };
+        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(d) => {
+                st.deployed_version = Some(v);
+                st.deploy_error = None;
+                self.deployed = Some(Arc::new(d));
+                eprintln!("now running deployed model v{v}");
+            }
+            Err(DeployError::Link(e)) => return Err(e.into()),
+            Err(e) => {
+                eprintln!("refused deployed model v{v}: {e}; still running {:?}", st.deployed_version);
+                st.deploy_error = Some(format!("v{v}: {e}"));
+                self.refused = Some(v);
+            }
+        }
+        Ok(())
     }
 
     /// Keeps every verified model in `dir/model.bin` and starts from the one there, if any.
@@ -118,6 +186,7 @@ impl EdgeClient {
             self.set_model(version, params);
         }
         self.state_dir = Some(dir);
+        self.load_deployed();
         self
     }
 
@@ -158,6 +227,7 @@ impl EdgeClient {
     /// Replaces a broken link with a new one, keeping the model held.
     pub fn reconnect(&mut self, link: Link) {
         self.link = link;
+        self.refused = None;
     }
 
     /// The model held, if any.
@@ -202,7 +272,8 @@ impl EdgeClient {
     pub async fn run(&mut self, device: DeviceId) -> Result<(), ClientError> {
         self.upload().await?;
         loop {
-            match self.request(&Message::TaskRequest).await? {
+            let running = self.deployed.as_ref().map(|d| d.record.version);
+            match self.request(&Message::TaskRequest { running }).await? {
                 Message::TrainTask(task) => {
                     let global = self.ensure_model(task.model_version).await?;
                     let mut trainer = self.trainer.take().expect("trainer is home between tasks");
@@ -210,7 +281,10 @@ impl EdgeClient {
                     let t = task.clone();
                     let (trainer, outcome) = tokio::task::spawn_blocking(move || {
                         let mut train_rng = derive_rng(seed, &[stream::LOCAL_TRAIN, t.round, device]);
-                        let mut noise_rng = derive_rng(seed, &[stream::DEVICE_NOISE, t.round, device]);
+                        // Local DP noise on a real device comes from the OS: a seed in a config file
+                        // must not let anyone replay it.
+                        let mut noise_rng =
+                            <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
                         let outcome = trainer.run_task(&t, &global, &data, &indices, &mut train_rng, &mut noise_rng);
                         (trainer, outcome)
                     })
@@ -222,9 +296,12 @@ impl EdgeClient {
                     // A refused result (stale, past the deadline) is not fatal: ask again.
                     self.upload().await?;
                 }
-                Message::NoTask { retry_after_ms, model_version } => {
+                Message::NoTask { retry_after_ms, model_version, deployed } => {
                     if self.model.as_ref().is_none_or(|(v, _)| *v != model_version) {
                         self.ensure_model(model_version).await?;
+                    }
+                    if let Some(v) = deployed {
+                        self.follow_promotion(v).await?;
                     }
                     tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(10, 5_000) as u64)).await;
                 }

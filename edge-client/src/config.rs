@@ -37,6 +37,9 @@ pub struct EdgeConfig {
     pub seed: u64,
     /// Memory the device offers for training, MiB (reported to the coordinator).
     pub memory_mb: u32,
+    /// The fleet's `model-signing.pub`: deployed models must be signed with it (absent: no
+    /// deployed model is accepted).
+    pub model_key: Option<PathBuf>,
 }
 
 impl Default for EdgeConfig {
@@ -56,6 +59,7 @@ impl Default for EdgeConfig {
             backend: "flex".into(),
             seed: 0,
             memory_mb: 512,
+            model_key: None,
         }
     }
 }

@@ -5,10 +5,12 @@
 //! as asked, and package the [`fedge_core::wire::TrainResult`]. The simulator runs this very
 //! code for each virtual device; the network client will too. [`transport`] connects to the
 //! coordinator over QUIC with the device's certificate; [`download`] fetches model versions in
-//! resumable, hash-verified chunks.
+//! resumable, hash-verified chunks; [`deploy`] fetches, verifies (signature, hash) and installs
+//! the promoted inference model.
 
 pub mod client;
 pub mod config;
+pub mod deploy;
 pub mod download;
 pub mod service;
 pub mod trainer;

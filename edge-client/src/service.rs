@@ -32,6 +32,9 @@ pub enum ServiceError {
     /// The training backend is not available.
     #[error(transparent)]
     Backend(#[from] fedge_learn::BackendError),
+    /// The model public key cannot be read.
+    #[error(transparent)]
+    ModelKey(#[from] fedge_net::SignatureError),
 }
 
 fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
@@ -41,6 +44,8 @@ fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
         "model_hash": status.model_hash.map(|h| h.to_string()),
         "last_round": status.last_round,
         "results_acknowledged": status.acked,
+        "deployed_version": status.deployed_version,
+        "deploy_error": status.deploy_error,
     });
     let tmp = dir.join("status.json.tmp");
     if std::fs::write(&tmp, format!("{v:#}\n")).is_ok() {
@@ -59,6 +64,10 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
         return Err(ServiceError::Config(format!("shard {} must be in 0..{}", c.shard, c.shards)));
     }
     let data = dataset.load(&c.data_dir)?;
+    let model_key = match &c.model_key {
+        Some(path) => Some(fedge_net::ModelKey::read(path)?),
+        None => None,
+    };
     let parts = Partition::Iid.split(
         &data.train.labels,
         c.shards as usize,
@@ -105,6 +114,10 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
                             c.seed,
                         )
                         .with_state_dir(c.state_dir.clone());
+                        let cl = match model_key.clone() {
+                            Some(key) => cl.with_model_key(key),
+                            None => cl,
+                        };
                         client.insert(cl)
                     }
                 };

@@ -135,11 +135,12 @@ pub async fn run(
         std::fs::write(
             &toml,
             format!(
-                "coordinator = \"{addr}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nstate_dir = {:?}\nshard = {i}\nshards = {devices}\n",
+                "coordinator = \"{addr}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nstate_dir = {:?}\nshard = {i}\nshards = {devices}\nmodel_key = {:?}\n",
                 ca.ca_pem().display().to_string(),
                 issued.cert.display().to_string(),
                 issued.key.display().to_string(),
                 dir.path().join(format!("state-{i}")).display().to_string(),
+                ca.model_public_key_path().display().to_string(),
             ),
         )
         .map_err(io("cannot write an edge configuration"))?;

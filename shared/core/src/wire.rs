@@ -147,15 +147,49 @@ pub enum Message {
     Hello(Hello),
     /// Coordinator to device: accepted.
     Welcome(Welcome),
-    /// Device to coordinator: is there a task for me?
-    TaskRequest,
+    /// Device to coordinator: is there a task for me? Also says which deployed (promoted)
+    /// model version the device runs for inference, if any.
+    TaskRequest {
+        /// The registered version the device runs.
+        running: Option<u64>,
+    },
     /// Coordinator to device: not now; ask again later. Carries the current model version so
-    /// an idle device can keep its model fresh.
+    /// an idle device can keep its model fresh, and the promoted version devices should run.
     NoTask {
         /// When to ask again.
         retry_after_ms: u32,
         /// The current global model version.
         model_version: u64,
+        /// The promoted (deployable) version, if any.
+        deployed: Option<u64>,
+    },
+    /// Device to coordinator: the registry record of deployable `version`.
+    DeployedRequest {
+        /// Which version.
+        version: u64,
+    },
+    /// Coordinator to device: a signed registry record; its blob comes in `BlobChunk`s.
+    Deployed(crate::registry::ModelRecord),
+    /// Device to coordinator: bytes `offset..offset + max_len` of registered `version`'s blob.
+    BlobChunkRequest {
+        /// Which version.
+        version: u64,
+        /// First byte wanted.
+        offset: u64,
+        /// Most bytes wanted.
+        max_len: u32,
+    },
+    /// Coordinator to device: part of a registered blob (check the whole against the signed
+    /// record's SHA-256).
+    BlobChunk {
+        /// The version.
+        version: u64,
+        /// Length of the whole blob.
+        total_len: u64,
+        /// Where these bytes start.
+        offset: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
     },
     /// Device to coordinator: send me this model version (`None`: the current one).
     ModelRequest {
@@ -230,6 +264,13 @@ pub enum OperatorCommand {
     Devices,
     /// List the model versions kept.
     Models,
+    /// Make registered version `version` what devices should run.
+    Promote {
+        /// The version.
+        version: u64,
+    },
+    /// Go back to the version promoted before the current one.
+    Rollback,
 }
 
 /// One device, as operators see it.
@@ -241,6 +282,8 @@ pub struct DeviceLine {
     pub connected: bool,
     /// What it said of itself when it last connected (this run of the coordinator).
     pub capabilities: Option<Capabilities>,
+    /// The deployed version it last said it runs.
+    pub running: Option<u64>,
 }
 
 /// One model version, as operators see it.
@@ -254,6 +297,26 @@ pub struct ModelLine {
     pub accuracy: Option<f64>,
     /// Epsilon spent by the training run up to this version (central DP), if accounted.
     pub epsilon: Option<f64>,
+    /// Global teacher or distilled student.
+    pub role: crate::registry::ModelRole,
+    /// Architecture name.
+    pub architecture: String,
+    /// The version it was made from.
+    pub parent: Option<u64>,
+    /// The round that produced it (or its teacher).
+    pub round: u64,
+    /// Parameters.
+    pub parameters: u64,
+    /// Bytes of its blob as it travels.
+    pub size_bytes: u64,
+    /// Seconds since the Unix epoch (0: not recorded).
+    pub created_at: u64,
+    /// Whether it carries a model-signing signature.
+    pub signed: bool,
+    /// Whether it is what devices should run now.
+    pub promoted: bool,
+    /// Devices that last reported running it.
+    pub devices_running: u64,
 }
 
 /// One closed round, as operators see it.

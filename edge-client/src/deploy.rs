@@ -1,0 +1,263 @@
+//! The deployed (inference) model: the promoted, distilled, int8 student the coordinator
+//! tells devices to run.
+//!
+//! A device learns the promoted version from `NoTask`, fetches its signed registry record
+//! (`DeployedRequest`) and its blob (`BlobChunkRequest` chunks), and uses it only when the
+//! signature verifies with the fleet's `model-signing.pub`, the blob's SHA-256 matches the
+//! signed record and the blob decodes to a consistent quantised model. Then it writes
+//! `v<N>.blob` and `v<N>.record` and switches `current` with a rename, so a crash leaves the
+//! old version or the new one, never half. The previous version stays on disk (a rollback to
+//! it needs no download); older ones are deleted. Anything that fails is refused, said in the
+//! log and the status, and the device keeps running what it had.
+
+use std::path::{Path, PathBuf};
+
+use fedge_core::ModelParams;
+use fedge_core::codec;
+use fedge_core::params::ContentHash;
+use fedge_core::quant::QuantizedModel;
+use fedge_core::registry::{BlobFormat, ModelRecord};
+use fedge_core::wire::Message;
+use fedge_net::{ModelKey, SignatureError};
+use thiserror::Error;
+
+use crate::transport::{ConnectError, Link};
+
+/// Largest deployable blob accepted (students are tens of kilobytes).
+pub const MAX_BLOB_BYTES: u64 = 64 << 20;
+
+/// Why a deployed model was refused.
+#[derive(Debug, Error)]
+pub enum DeployError {
+    /// No public key configured: nothing can be verified, so nothing is deployed.
+    #[error("no model public key configured (model_key): refusing unverifiable models")]
+    NoKey,
+    /// The signature is missing or wrong.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// The blob does not match the signed record.
+    #[error("blob of v{version} hashes to {got}, the signed record says {want}")]
+    Hash {
+        /// The version.
+        version: u64,
+        /// From the record.
+        want: String,
+        /// Computed.
+        got: String,
+    },
+    /// The blob is not a usable model.
+    #[error("blob of v{0} is not a valid model: {1}")]
+    Blob(u64, String),
+    /// The coordinator answered something else.
+    #[error("coordinator: {0}")]
+    Refused(String),
+    /// The link failed.
+    #[error(transparent)]
+    Link(#[from] ConnectError),
+    /// The state folder could not be written.
+    #[error("state folder: {0}")]
+    Storage(String),
+}
+
+/// A verified deployed model.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    /// Its signed record.
+    pub record: ModelRecord,
+    /// Its parameters, dequantised.
+    pub params: ModelParams,
+}
+
+/// Checks `blob` against a record signed by `key` and decodes it.
+pub fn verify(record: &ModelRecord, blob: &[u8], key: &ModelKey) -> Result<Deployed, DeployError> {
+    key.verify(record)?;
+    let got = ContentHash::of_bytes(blob);
+    if got != record.sha256 {
+        return Err(DeployError::Hash {
+            version: record.version,
+            want: record.sha256.to_string(),
+            got: got.to_string(),
+        });
+    }
+    let params = match record.format {
+        BlobFormat::Int8 => codec::decode_value::<QuantizedModel>(blob)
+            .map_err(|e| DeployError::Blob(record.version, e.to_string()))?
+            .dequantize()
+            .map_err(|e| DeployError::Blob(record.version, e.to_string()))?,
+        BlobFormat::F32 => match codec::decode(blob) {
+            Ok(Message::Model { params, .. }) => params,
+            _ => return Err(DeployError::Blob(record.version, "not an encoded model".into())),
+        },
+    };
+    if params.numel() as u64 != record.parameters {
+        return Err(DeployError::Blob(
+            record.version,
+            format!("{} parameters, record says {}", params.numel(), record.parameters),
+        ));
+    }
+    Ok(Deployed { record: record.clone(), params })
+}
+
+fn blob_path(dir: &Path, v: u64) -> PathBuf {
+    dir.join(format!("v{v}.blob"))
+}
+
+fn record_path(dir: &Path, v: u64) -> PathBuf {
+    dir.join(format!("v{v}.record"))
+}
+
+/// Reads version `v` from `dir` and verifies it again.
+pub fn load(dir: &Path, v: u64, key: &ModelKey) -> Option<Deployed> {
+    let record: ModelRecord = codec::decode_value(&std::fs::read(record_path(dir, v)).ok()?).ok()?;
+    let blob = std::fs::read(blob_path(dir, v)).ok()?;
+    (record.version == v).then_some(())?;
+    verify(&record, &blob, key).ok()
+}
+
+/// The version `dir/current` names, verified.
+pub fn load_current(dir: &Path, key: &ModelKey) -> Option<Deployed> {
+    let v: u64 = std::fs::read_to_string(dir.join("current")).ok()?.trim().parse().ok()?;
+    load(dir, v, key)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Makes `d` current in `dir`, keeping the version it replaces and deleting older ones.
+fn install(dir: &Path, d: &Deployed, blob: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let v = d.record.version;
+    let previous: Option<u64> = std::fs::read_to_string(dir.join("current")).ok().and_then(|s| s.trim().parse().ok());
+    write_synced(&blob_path(dir, v), blob)?;
+    write_synced(&record_path(dir, v), &codec::encode_value(&d.record))?;
+    write_synced(&dir.join("current"), format!("{v}\n").as_bytes())?;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let keep =
+            [v].into_iter().chain(previous).any(|k| name == format!("v{k}.blob") || name == format!("v{k}.record"));
+        if !keep && (name.ends_with(".blob") || name.ends_with(".record")) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// Fetches, verifies and installs promoted version `v` (from disk when it is still there,
+/// as after a rollback).
+pub async fn fetch(link: &Link, v: u64, key: &ModelKey, dir: Option<&Path>) -> Result<Deployed, DeployError> {
+    if let Some(dir) = dir
+        && let Some(d) = load(dir, v, key)
+    {
+        let blob = std::fs::read(blob_path(dir, v)).map_err(|e| DeployError::Storage(e.to_string()))?;
+        install(dir, &d, &blob).map_err(|e| DeployError::Storage(e.to_string()))?;
+        return Ok(d);
+    }
+    let record = match link.request(&Message::DeployedRequest { version: v }).await? {
+        Message::Deployed(r) if r.version == v => r,
+        Message::Error { message, .. } => return Err(DeployError::Refused(message)),
+        other => return Err(DeployError::Refused(format!("unexpected answer {other:?}"))),
+    };
+    // Check the signature before spending bandwidth on the blob.
+    key.verify(&record)?;
+    if record.size_bytes > MAX_BLOB_BYTES {
+        return Err(DeployError::Blob(v, format!("{} bytes is more than a device takes", record.size_bytes)));
+    }
+    let mut blob = Vec::with_capacity(record.size_bytes as usize);
+    while (blob.len() as u64) < record.size_bytes {
+        let offset = blob.len() as u64;
+        let ask = Message::BlobChunkRequest { version: v, offset, max_len: crate::download::CHUNK_BYTES };
+        match link.request(&ask).await? {
+            Message::BlobChunk { version, total_len, offset: o, bytes }
+                if version == v && o == offset && total_len == record.size_bytes && !bytes.is_empty() =>
+            {
+                blob.extend_from_slice(&bytes);
+            }
+            Message::Error { message, .. } => return Err(DeployError::Refused(message)),
+            other => return Err(DeployError::Refused(format!("bad blob chunk {other:?}"))),
+        }
+    }
+    blob.truncate(record.size_bytes as usize);
+    let d = verify(&record, &blob, key)?;
+    if let Some(dir) = dir {
+        install(dir, &d, &blob).map_err(|e| DeployError::Storage(e.to_string()))?;
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_core::registry::ModelRole;
+    use fedge_core::{ParamLayout, TensorSpec};
+    use std::sync::Arc;
+
+    /// A record and blob "signed" by a key we hold: ring makes the key pair.
+    fn signed() -> (ModelRecord, Vec<u8>, ModelKey, ring::signature::Ed25519KeyPair) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        use ring::signature::KeyPair;
+        let key = ModelKey::from_raw(pair.public_key().as_ref()).unwrap();
+        let layout = Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![4, 3] }]).unwrap());
+        let params = ModelParams::new(layout, (0..12).map(|i| i as f32 / 7.0 - 0.5).collect()).unwrap();
+        let blob = codec::encode_value(&QuantizedModel::quantize(&params));
+        let mut record = ModelRecord {
+            version: 5,
+            role: ModelRole::Student,
+            architecture: "mlp".into(),
+            format: BlobFormat::Int8,
+            parent: Some(4),
+            round: 4,
+            accuracy: None,
+            epsilon: None,
+            parameters: 12,
+            size_bytes: blob.len() as u64,
+            sha256: ContentHash::of_bytes(&blob),
+            created_at: 0,
+            signature: Vec::new(),
+        };
+        record.signature = pair.sign(&record.signing_payload()).as_ref().to_vec();
+        (record, blob, key, pair)
+    }
+
+    #[test]
+    fn a_flipped_byte_or_a_bad_signature_is_refused() {
+        let (record, blob, key, _) = signed();
+        let ok = verify(&record, &blob, &key).unwrap();
+        assert_eq!(ok.params.numel(), 12);
+        let mut flipped = blob.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x01;
+        assert!(matches!(verify(&record, &flipped, &key), Err(DeployError::Hash { .. })));
+        let unsigned = ModelRecord { signature: Vec::new(), ..record.clone() };
+        assert!(matches!(verify(&unsigned, &blob, &key), Err(DeployError::Signature(SignatureError::Unsigned(5)))));
+        let (_, _, other_key, _) = signed();
+        assert!(matches!(verify(&record, &blob, &other_key), Err(DeployError::Signature(SignatureError::Bad(5)))));
+    }
+
+    #[test]
+    fn install_keeps_the_previous_version_and_survives_a_reload() {
+        let (record, blob, key, pair) = signed();
+        let dir = tempfile::tempdir().unwrap();
+        let d = verify(&record, &blob, &key).unwrap();
+        install(dir.path(), &d, &blob).unwrap();
+        let mut r6 = ModelRecord { version: 6, ..record.clone() };
+        r6.signature = pair.sign(&r6.signing_payload()).as_ref().to_vec();
+        let mut r7 = ModelRecord { version: 7, ..record.clone() };
+        r7.signature = pair.sign(&r7.signing_payload()).as_ref().to_vec();
+        install(dir.path(), &verify(&r6, &blob, &key).unwrap(), &blob).unwrap();
+        install(dir.path(), &verify(&r7, &blob, &key).unwrap(), &blob).unwrap();
+        assert_eq!(load_current(dir.path(), &key).unwrap().record.version, 7);
+        assert!(load(dir.path(), 6, &key).is_some(), "the previous version is kept");
+        assert!(load(dir.path(), 5, &key).is_none(), "older ones are deleted");
+        // A damaged file on disk is not loaded.
+        std::fs::write(blob_path(dir.path(), 7), b"garbage").unwrap();
+        assert!(load_current(dir.path(), &key).is_none());
+    }
+}
