@@ -674,7 +674,7 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
         parent: 0,
         round: 0,
         architecture: "mlp".into(),
-        parameters: 50_890,
+        parameters: 101_770,
         accuracy,
         blob,
     };

@@ -136,6 +136,10 @@ pub struct Summary {
     pub student_bytes: Option<u64>,
     /// With `distill_every`: parameters of the student.
     pub student_parameters: Option<usize>,
+    /// With `distill_every`: median single-image inference time of the teacher, microseconds.
+    pub teacher_latency_us: Option<f64>,
+    /// With `distill_every`: the same for the int8 student (dequantised on load).
+    pub student_latency_us: Option<f64>,
     /// The configuration that ran.
     pub config: SimConfig,
 }
@@ -463,6 +467,8 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         student_f32_accuracy: distilled.as_ref().map(|d| d.f32_accuracy),
         student_bytes: distilled.as_ref().map(|d| d.bytes),
         student_parameters: distilled.as_ref().map(|d| d.parameters),
+        teacher_latency_us: distilled.as_ref().map(|d| d.teacher_latency_us),
+        student_latency_us: distilled.as_ref().map(|d| d.student_latency_us),
         config: config.clone(),
     };
     if let Some(dir) = out {
@@ -478,6 +484,32 @@ struct Distilled {
     f32_accuracy: f64,
     bytes: u64,
     parameters: usize,
+    teacher_latency_us: f64,
+    student_latency_us: f64,
+}
+
+/// Median time of one single-image prediction over the first 300 test images, microseconds.
+fn median_latency_us(
+    kind: fedge_learn::ModelKind,
+    params: &ModelParams,
+    backend: fedge_learn::BackendKind,
+    test: &Dataset,
+) -> Result<f64, SimError> {
+    let p = fedge_learn::Predictor::new(kind, params, backend)
+        .map_err(|e| SimError::Eval(fedge_learn::ConvertError::Layout(e.to_string())))?;
+    let n = test.len().min(300);
+    for i in 0..n.min(20) {
+        p.predict(test.image(i), test.rows, test.cols);
+    }
+    let mut t: Vec<f64> = (0..n)
+        .map(|i| {
+            let start = Instant::now();
+            std::hint::black_box(p.predict(test.image(i), test.rows, test.cols));
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
 }
 
 /// The coordinator-side pipeline, in process: teacher logits on the proxy set, distillation
@@ -489,13 +521,21 @@ struct Distiller {
     proxy: Vec<usize>,
     config: fedge_learn::DistillConfig,
     rng: fedge_core::rng::SeededRng,
+    backend: fedge_learn::BackendKind,
 }
 
 impl Distiller {
     fn new(config: &SimConfig, num_classes: usize, proxy: Vec<usize>) -> Result<Self, SimError> {
         let mut student = Trainer::new(config.student_model, num_classes, config.backend)?;
         let params = student.initial_params(derive_rng(config.seed, &[stream::INIT, 1]).random());
-        Ok(Self { student, params, proxy, config: config.distill, rng: derive_rng(config.seed, &[stream::DISTILL]) })
+        Ok(Self {
+            student,
+            params,
+            proxy,
+            config: config.distill,
+            rng: derive_rng(config.seed, &[stream::DISTILL]),
+            backend: config.backend,
+        })
     }
 
     fn teacher_bytes(&self, teacher: &ModelParams) -> u64 {
@@ -518,7 +558,16 @@ impl Distiller {
         let bytes = codec::encode_value(&q).len() as u64;
         let int8 = q.dequantize().map_err(|e| SimError::Eval(fedge_learn::ConvertError::Layout(e.to_string())))?;
         let accuracy = self.student.evaluate(&int8, test, 500)?.accuracy;
-        Ok(Distilled { accuracy, f32_accuracy, bytes, parameters: self.params.numel() })
+        let teacher_latency_us = median_latency_us(evaluator.kind(), teacher, self.backend, test)?;
+        let student_latency_us = median_latency_us(self.student.kind(), &int8, self.backend, test)?;
+        Ok(Distilled {
+            accuracy,
+            f32_accuracy,
+            bytes,
+            parameters: self.params.numel(),
+            teacher_latency_us,
+            student_latency_us,
+        })
     }
 }
 

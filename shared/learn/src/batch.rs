@@ -6,8 +6,8 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedge_core::dataset::Dataset;
 
-const MEAN: f32 = 0.1307;
-const STD: f32 = 0.3081;
+pub(crate) const MEAN: f32 = 0.1307;
+pub(crate) const STD: f32 = 0.3081;
 
 /// Images `indices` of `data` as a `[n, 1, rows, cols]` tensor.
 pub fn images(data: &Dataset, indices: &[usize], device: &Device) -> Tensor<4> {

@@ -158,7 +158,7 @@ mod tests {
         let after = student.evaluate(&out.params, &data.test, 500).unwrap().accuracy;
         assert!(before < 0.3, "untrained student {before}");
         assert!(after > teacher_acc - 0.03, "student {after} vs teacher {teacher_acc}");
-        assert_eq!(out.params.numel(), 50_890);
+        assert_eq!(out.params.numel(), 101_770);
 
         // Logits that do not match the proxy set are refused, and the trainer stays usable.
         assert!(student.distill(&s0, &data.train, &proxy, &logits[..10], &config, &mut derive_rng(3, &[])).is_err());

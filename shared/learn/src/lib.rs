@@ -13,11 +13,13 @@ pub mod backend;
 pub mod batch;
 pub mod convert;
 pub mod distill;
+pub mod infer;
 pub mod model;
 pub mod train;
 
 pub use backend::{BackendError, BackendKind};
 pub use convert::ConvertError;
 pub use distill::DistillConfig;
+pub use infer::{Prediction, Predictor, PredictorError};
 pub use model::{Model, ModelKind};
 pub use train::{EvalMetrics, TrainOutput, Trainer};

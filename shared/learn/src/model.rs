@@ -25,7 +25,7 @@ pub enum ModelKind {
     /// 5x5 conv 32, pool, 5x5 conv 64, pool, FC 512, FC 10: 1,663,370 parameters.
     #[serde(rename = "cnn")]
     Cnn,
-    /// Student MLP 784-64-10 with ReLU: 50,890 parameters.
+    /// Student MLP 784-128-10 with ReLU: 101,770 parameters.
     #[serde(rename = "mlp")]
     Mlp,
 }
@@ -130,7 +130,7 @@ mod tests {
         let device = Device::flex();
         assert_eq!(Model::init(ModelKind::TwoNn, 10, &device).num_params(), 199_210);
         assert_eq!(Model::init(ModelKind::Cnn, 10, &device).num_params(), 1_663_370);
-        assert_eq!(Model::init(ModelKind::Mlp, 10, &device).num_params(), 50_890);
+        assert_eq!(Model::init(ModelKind::Mlp, 10, &device).num_params(), 101_770);
     }
 
     #[test]

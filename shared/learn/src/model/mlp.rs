@@ -1,14 +1,15 @@
-//! The on-device student: a one-hidden-layer MLP (784-64-10 with ReLU, 50,890 parameters, a
-//! quarter of the 2NN), small enough to answer in well under a millisecond on one core.
+//! The on-device student: a one-hidden-layer MLP (784-128-10 with ReLU, 101,770 parameters,
+//! half of the 2NN; int8 on the wire, an eighth of its bytes), small enough to answer in tens of
+//! microseconds on one core.
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, Relu};
 use burn::tensor::{Device, Tensor};
 
 /// Hidden units of the student.
-pub const HIDDEN: usize = 64;
+pub const HIDDEN: usize = 128;
 
-/// MLP `inputs`-64-`classes`.
+/// MLP `inputs`-128-`classes`.
 #[derive(Module, Debug)]
 pub struct Mlp {
     fc1: Linear,

@@ -1,0 +1,101 @@
+//! Inference on one example at a time: what a device does to answer a prediction.
+//!
+//! A [`Predictor`] holds an inference-only model (no autodiff) built from flat parameters and
+//! answers with the class, its softmax probability (the confidence) and every class's
+//! probability.
+
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Tensor, TensorData};
+use fedge_core::ModelParams;
+
+use crate::backend::{BackendError, BackendKind};
+use crate::convert::{self, ConvertError};
+use crate::model::{Model, ModelKind};
+
+use crate::batch::{MEAN, STD};
+
+/// Why a predictor could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PredictorError {
+    /// No such backend here.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The parameters do not fit the architecture.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+}
+
+/// One answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    /// The most likely class.
+    pub class: usize,
+    /// Its probability.
+    pub confidence: f32,
+    /// Every class's probability.
+    pub probabilities: Vec<f32>,
+}
+
+/// An inference model.
+pub struct Predictor {
+    model: Model,
+    device: Device,
+    kind: ModelKind,
+}
+
+impl Predictor {
+    /// A predictor of architecture `kind` with `params`, on `backend`.
+    pub fn new(kind: ModelKind, params: &ModelParams, backend: BackendKind) -> Result<Self, PredictorError> {
+        let device = backend.device()?;
+        let classes = params.layout().specs().last().map_or(0, |s| s.shape[0]);
+        let model = convert::load_params(Model::init(kind, classes, &device), params)?;
+        Ok(Self { model, device, kind })
+    }
+
+    /// The architecture.
+    pub fn kind(&self) -> ModelKind {
+        self.kind
+    }
+
+    /// Predicts the class of one `rows` x `cols` greyscale image (bytes 0-255, row-major).
+    pub fn predict(&self, pixels: &[u8], rows: usize, cols: usize) -> Prediction {
+        let x: Vec<f32> = pixels.iter().map(|&p| (p as f32 / 255.0 - MEAN) / STD).collect();
+        let input = Tensor::<4>::from_data(TensorData::new(x, [1, 1, rows, cols]), &self.device);
+        let probs: Vec<f32> =
+            softmax(self.model.forward(input), 1).into_data().try_into_vec::<f32>().expect("f32 probabilities");
+        let (class, &confidence) =
+            probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("at least one class");
+        Prediction { class, confidence, probabilities: probs }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Trainer;
+    use fedge_core::dataset::embedded;
+    use fedge_core::rng::derive_rng;
+    use fedge_core::wire::TrainConfig;
+
+    #[test]
+    fn predictions_agree_with_batch_evaluation() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut t = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
+        let p0 = t.initial_params(1);
+        let cfg = TrainConfig { epochs: 2, batch_size: 20, learning_rate: 0.1, clip_norm: None, local_dp: None };
+        let idx: Vec<usize> = (0..2000).collect();
+        let p = t.train(&p0, &data.train, &idx, &cfg, &mut derive_rng(1, &[])).unwrap().params;
+        let want = t.evaluate(&p, &data.test, 500).unwrap().accuracy;
+        let pred = Predictor::new(ModelKind::Mlp, &p, BackendKind::Flex).unwrap();
+        let test = &data.test;
+        let correct = (0..test.len())
+            .filter(|&i| pred.predict(test.image(i), test.rows, test.cols).class == test.labels[i] as usize)
+            .count();
+        assert!((correct as f64 / test.len() as f64 - want).abs() < 1e-9);
+        let one = pred.predict(test.image(0), test.rows, test.cols);
+        assert!((one.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert_eq!(one.confidence, one.probabilities[one.class]);
+        // Parameters of another architecture are refused.
+        assert!(Predictor::new(ModelKind::TwoNn, &p, BackendKind::Flex).is_err());
+    }
+}
