@@ -25,6 +25,26 @@ pub struct DemoRound {
     pub accuracy: Option<f64>,
     /// Devices whose results were aggregated.
     pub devices_reporting: u64,
+    /// The int8 student distilled from this round's model, once promoted and running on every
+    /// device (the last round only).
+    pub student: Option<DemoStudent>,
+}
+
+/// The deployed student at the end of the demo.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoStudent {
+    /// Its registry version.
+    pub version: u64,
+    /// Architecture.
+    pub architecture: String,
+    /// Test accuracy of the int8 student.
+    pub accuracy: Option<f64>,
+    /// Bytes on the wire.
+    pub size_bytes: u64,
+    /// Whether its record is signed.
+    pub signed: bool,
+    /// Devices that verified it and run it.
+    pub devices_running: u64,
 }
 
 /// Why the demo failed.
@@ -121,7 +141,7 @@ pub async fn run(
     std::fs::write(
         &coordinator_toml,
         format!(
-            "listen = \"{addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\n",
+            "listen = \"{addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\ndistill_every = {rounds}\nproxy_examples = 1000\n\n[distill]\nepochs = 10\n",
             fleet.display().to_string(),
             dir.path().join("coordinator-state").display().to_string()
         ),
@@ -187,6 +207,7 @@ pub async fn run(
                 model_version: r.model_version,
                 accuracy: r.accuracy,
                 devices_reporting: r.results,
+                student: None,
             };
             progress(&line);
             out.push(line);
@@ -196,6 +217,35 @@ pub async fn run(
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The coordinator distils the last model, signs and promotes the student; every device
+    // fetches, verifies and runs it.
+    let waited = Instant::now();
+    let student = loop {
+        let models = match client.request(&Message::Operator(OperatorCommand::Models)).await? {
+            Message::Models(m) => m,
+            other => return Err(DemoError::Unexpected(format!("{other:?}"))),
+        };
+        if let Some(m) = models.iter().find(|m| m.promoted && m.devices_running >= devices as u64) {
+            break DemoStudent {
+                version: m.version,
+                architecture: m.architecture.clone(),
+                accuracy: m.accuracy,
+                size_bytes: m.size_bytes,
+                signed: m.signed,
+                devices_running: m.devices_running,
+            };
+        }
+        if waited.elapsed() > Duration::from_secs(120) {
+            return Err(DemoError::Timeout(format!(
+                "the distilled student did not reach every device within 120 s (logs in {})",
+                dir.path().display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let Some(last) = out.last_mut() {
+        last.student = Some(student);
     }
     client.close().await;
     drop(children);

@@ -288,6 +288,17 @@ fn real_main() -> anyhow::Result<()> {
                     );
                 }
             }))?;
+            if !json && let Some(s) = out.last().and_then(|r| r.student.as_ref()) {
+                println!(
+                    "student v{} ({} int8, {} bytes, {}signed) distilled from the last model: accuracy {}, running on {} devices",
+                    s.version,
+                    s.architecture,
+                    s.size_bytes,
+                    if s.signed { "" } else { "un" },
+                    s.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+                    s.devices_running
+                );
+            }
             if json {
                 let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&out)?);
             }

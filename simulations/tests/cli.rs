@@ -112,6 +112,12 @@ fn demo_runs_the_real_system_over_loopback() {
         assert_eq!(r["devices_reporting"], 3);
         assert!(r["accuracy"].as_f64().unwrap() > 0.5, "{r}");
     }
+    // The coordinator distilled the last model; the signed int8 student runs on all 3 devices.
+    let s = &rounds[1]["student"];
+    assert_eq!(s["version"], 3, "the next number in the one version sequence: {s}");
+    assert_eq!((s["signed"].as_bool(), s["devices_running"].as_u64()), (Some(true), Some(3)), "{s}");
+    assert!(s["size_bytes"].as_u64().unwrap() < 796_993 / 4);
+    assert!(s["accuracy"].as_f64().unwrap() > 0.5, "{s}");
 }
 
 /// The oracle entry recorded from dp-accounting for (q, z, steps, delta).
