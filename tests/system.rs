@@ -694,7 +694,7 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
     }
 
     // An unsigned model (no signing key set yet) is refused; devices say so and run nothing.
-    let unsigned = coordinator.register_student(student(None, b1.clone()), true).unwrap();
+    let unsigned = coordinator.register_student(student(None, b1.clone()), true).await.unwrap();
     assert!(unsigned.signature.is_empty());
     until_all(&statuses, "refuse the unsigned model", |s| {
         s.deploy_error.as_deref().is_some_and(|e| e.contains("unsigned")) && s.deployed_version.is_none()
@@ -703,9 +703,9 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
 
     // Signed students: promoted, fetched, verified, run.
     coordinator.set_signer(ca.model_signer().unwrap(), "2nn");
-    let s1 = coordinator.register_student(student(Some(0.5), b2.clone()), true).unwrap();
+    let s1 = coordinator.register_student(student(Some(0.5), b2.clone()), true).await.unwrap();
     until_all(&statuses, "run s1", |s| s.deployed_version == Some(s1.version)).await;
-    let s2 = coordinator.register_student(student(Some(0.6), b3.clone()), true).unwrap();
+    let s2 = coordinator.register_student(student(Some(0.6), b3.clone()), true).await.unwrap();
     assert!(s2.version > s1.version && s1.version > unsigned.version, "one increasing sequence");
     until_all(&statuses, "run s2", |s| s.deployed_version == Some(s2.version)).await;
     // Devices report what they run with their next task request.
@@ -753,6 +753,19 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
         .map(|m| m.version)
         .collect();
     assert_eq!(versions, [unsigned.version, s1.version, s2.version]);
+    // A new device downloads s1 from the blob store on disk (nothing is in memory now).
+    ca.issue(Role::Device, "dev-c", 1).unwrap();
+    let (addr, server) = serve(&again, &ca);
+    let (link, _) = join(addr, &ca, "dev-c", 100).await;
+    let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    let mut client = EdgeClient::new(link, trainer, train.clone(), (0..100).collect(), 1)
+        .with_state_dir(dir.path().join("edge-c"))
+        .with_model_key(key.clone());
+    let status = client.status();
+    let task = tokio::spawn(async move { client.run(9).await });
+    until_all(&[status], "a new device runs s1", |s| s.deployed_version == Some(s1.version)).await;
+    server.abort();
+    task.abort();
     // The history before s1 survived too.
     assert_eq!(again.rollback().unwrap(), unsigned.version);
     assert!(again.rollback().is_err(), "nothing before the first promotion");

@@ -73,6 +73,9 @@ pub struct ServeConfig {
     pub distill: fedge_learn::DistillConfig,
     /// Promote each new student at once (else an operator runs `models promote`).
     pub auto_promote: bool,
+    /// Where registry blobs live, as an object-store URL (`file:///srv/blobs`; `s3://bucket/p`
+    /// with the `s3` build feature). Absent: `state_dir/registry` on the local filesystem.
+    pub blob_store: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -106,6 +109,7 @@ impl Default for ServeConfig {
             proxy_examples: 2000,
             distill: fedge_learn::DistillConfig::default(),
             auto_promote: true,
+            blob_store: None,
         }
     }
 }

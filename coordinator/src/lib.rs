@@ -10,6 +10,7 @@
 //! valid, unrevoked client certificate and tells who they are; [`server`] is the async shell
 //! that drives the engine from the network.
 
+pub mod blobs;
 pub mod certs;
 pub mod config;
 pub mod engine;

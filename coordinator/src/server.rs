@@ -26,6 +26,7 @@ use fedge_core::wire::{
 };
 use tokio::sync::Notify;
 
+use crate::blobs::{BlobError, BlobStore};
 use crate::certs::{ModelSigner, Role};
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
 use crate::engine::{Evaluation, ResumeError, RoundOutcome, StoredRound};
@@ -46,6 +47,9 @@ pub enum ServerError {
     /// The stored round in progress cannot be resumed.
     #[error("cannot resume the stored round: {0}")]
     Resume(#[from] ResumeError),
+    /// The registry's blob store cannot be opened.
+    #[error(transparent)]
+    Blobs(#[from] BlobError),
 }
 
 /// How long an idle device waits before asking for work again.
@@ -78,6 +82,8 @@ struct State {
     running: BTreeMap<DeviceId, Option<u64>>,
     /// Signs registered models (none: models are registered unsigned and devices refuse them).
     signer: Option<Arc<ModelSigner>>,
+    /// Where registry blobs live (none: in memory only).
+    blob_store: Option<BlobStore>,
     /// Architecture of the global model, for the registry.
     architecture: String,
 }
@@ -111,6 +117,9 @@ pub enum RegistryError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The blob store failed.
+    #[error(transparent)]
+    Blobs(#[from] BlobError),
     /// Signing failed.
     #[error("cannot sign: {0}")]
     Sign(String),
@@ -188,6 +197,7 @@ impl Coordinator {
         let ids = store.devices()?.into_iter().collect();
         let registry: BTreeMap<u64, ModelRecord> = store.registry()?.into_iter().map(|r| (r.version, r)).collect();
         let promotions = store.promotions()?;
+        let blob_store = BlobStore::local(&store.dir().join("registry"))?;
         let me = Self::from_engine(engine, Some(store), ids);
         {
             let mut s = me.lock();
@@ -196,6 +206,7 @@ impl Coordinator {
             }
             s.registry = registry;
             s.promotions = promotions;
+            s.blob_store = Some(blob_store);
             s.rounds_left = rounds_left;
             s.history = history;
             if let Some(open) = open {
@@ -240,6 +251,7 @@ impl Coordinator {
                 promotions: Vec::new(),
                 running: BTreeMap::new(),
                 signer: None,
+                blob_store: None,
                 architecture: String::new(),
                 tasks: BTreeMap::new(),
                 assigned_at: BTreeMap::new(),
@@ -476,11 +488,22 @@ impl Coordinator {
         s.architecture = architecture.to_string();
     }
 
-    /// Registers a student distilled from global version `student.parent`: allocates its
-    /// version, signs its record, stores blob and record, and promotes it if `promote`.
+    /// Keeps registry blobs in `blobs` from now on (the default with a store is the local
+    /// filesystem under its folder).
+    pub fn set_blob_store(&self, blobs: BlobStore) {
+        self.lock().blob_store = Some(blobs);
+    }
+
+    /// Registers a student distilled from global version `student.parent`: stores its blob,
+    /// allocates its version, signs its record, commits it, and promotes it if `promote`.
     /// Returns the record.
-    pub fn register_student(&self, student: NewStudent, promote: bool) -> Result<ModelRecord, RegistryError> {
+    pub async fn register_student(&self, student: NewStudent, promote: bool) -> Result<ModelRecord, RegistryError> {
         let NewStudent { parent, round, architecture, parameters, accuracy, blob } = student;
+        // The blob is durable before any record names it.
+        let blobs = self.lock().blob_store.clone();
+        if let Some(b) = &blobs {
+            b.put(blob.clone()).await?;
+        }
         let mut s = self.lock();
         let epsilon =
             s.history.iter().rev().find(|r| r.model_version == parent).and_then(|r| r.privacy).map(|p| p.epsilon);
@@ -505,7 +528,7 @@ impl Coordinator {
             signer.sign(&mut record).map_err(|e| RegistryError::Sign(e.to_string()))?;
         }
         if let Some(store) = &s.store {
-            store.save_registered(&record, &blob)?;
+            store.save_registered(&record)?;
         }
         s.registry.insert(version, record.clone());
         s.blobs.insert(version, Arc::new(blob));
@@ -703,6 +726,27 @@ impl Coordinator {
         }
     }
 
+    /// Reads registered version `v`'s blob from the blob store into memory (hash-checked), if
+    /// it is not there yet. A failure is logged; the device is then told the version is not kept.
+    async fn cache_blob(&self, v: u64) {
+        let (hash, blobs) = {
+            let s = self.lock();
+            if s.blobs.contains_key(&v) {
+                return;
+            }
+            match (s.registry.get(&v), &s.blob_store) {
+                (Some(r), Some(b)) => (r.sha256, b.clone()),
+                _ => return,
+            }
+        };
+        match blobs.get(&hash).await {
+            Ok(bytes) => {
+                self.lock().blobs.insert(v, Arc::new(bytes));
+            }
+            Err(e) => eprintln!("cannot read the blob of v{v}: {e}"),
+        }
+    }
+
     async fn device_session(self: Arc<Self>, peer: Peer) {
         let version = self.lock().engine.version();
         let hello = match answer_hello(&peer, version).await {
@@ -754,6 +798,9 @@ impl Coordinator {
                     continue;
                 }
             };
+            if let Message::BlobChunkRequest { version, .. } = &request {
+                self.cache_blob(*version).await;
+            }
             let written = match self.answer(id, request) {
                 Reply::Message(m) => {
                     let bytes = fedge_core::codec::encode(&m);
@@ -887,15 +934,9 @@ impl Coordinator {
     }
 }
 
-/// The blob of registered version `v` (kept in memory once read).
+/// The blob of registered version `v`, if in memory (see [`Coordinator::cache_blob`]).
 fn registered_blob(s: &mut State, v: u64) -> Option<Arc<Vec<u8>>> {
-    if let Some(b) = s.blobs.get(&v) {
-        return Some(b.clone());
-    }
-    let record = s.registry.get(&v)?;
-    let blob = Arc::new(s.store.as_ref()?.registered_blob(record).ok()?);
-    s.blobs.insert(v, blob.clone());
-    Some(blob)
+    s.blobs.get(&v).cloned()
 }
 
 /// Largest chunk of a model download sent at once.

@@ -41,6 +41,9 @@ pub enum ServiceError {
     /// The QUIC endpoint cannot be bound.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The blob store URL is unusable.
+    #[error(transparent)]
+    Blobs(#[from] crate::blobs::BlobError),
     /// A socket could not be opened.
     #[error("{context}: {source}")]
     Io {
@@ -81,6 +84,9 @@ pub async fn run(
     let store = Store::open(&c.state_dir)?;
     let coordinator = Coordinator::with_store(c.engine(), initial, store)?;
     coordinator.set_signer(signer, &c.model);
+    if let Some(url) = &c.blob_store {
+        coordinator.set_blob_store(crate::blobs::BlobStore::from_url(url)?);
+    }
     let listener = Listener::bind(c.listen, &certs)?;
     ready(listener.local_addr().map_err(|source| ServiceError::Io { context: "no local address".into(), source })?);
     let server = tokio::spawn(coordinator.clone().serve(listener));
@@ -134,17 +140,20 @@ pub async fn run(
                     {
                         let (version, global) = coordinator.global();
                         match distil(&mut evaluator, student, start, &global, train, proxy, &test, &distill_config) {
-                            Ok((blob, parameters, accuracy)) => match coordinator.register_student(
-                                crate::server::NewStudent {
-                                    parent: version,
-                                    round: r.round,
-                                    architecture: student_name.clone(),
-                                    parameters,
-                                    accuracy: Some(accuracy),
-                                    blob,
-                                },
-                                auto_promote,
-                            ) {
+                            Ok((blob, parameters, accuracy)) => match coordinator
+                                .register_student(
+                                    crate::server::NewStudent {
+                                        parent: version,
+                                        round: r.round,
+                                        architecture: student_name.clone(),
+                                        parameters,
+                                        accuracy: Some(accuracy),
+                                        blob,
+                                    },
+                                    auto_promote,
+                                )
+                                .await
+                            {
                                 Ok(rec) => println!(
                                     "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%{}",
                                     rec.version,

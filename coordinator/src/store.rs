@@ -209,28 +209,14 @@ impl Store {
         Ok(hash)
     }
 
-    fn registry_blob_path(&self, hash: &ContentHash) -> PathBuf {
-        self.dir.join("blobs").join(format!("{hash}.blob"))
+    /// The state folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
-    /// Registers a model: its blob is written (content-addressed, synced) before the record
-    /// that names it is committed.
-    pub fn save_registered(&self, record: &ModelRecord, blob: &[u8]) -> Result<(), StoreError> {
-        if ContentHash::of_bytes(blob) != record.sha256 {
-            return Err(StoreError::Corrupt(record.sha256.to_string()));
-        }
-        let path = self.registry_blob_path(&record.sha256);
-        if !path.exists() {
-            let tmp = path.with_extension("tmp");
-            let io = |cause| StoreError::Io { path: tmp.clone(), cause };
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(blob).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
-            if let Ok(d) = std::fs::File::open(self.dir.join("blobs")) {
-                let _ = d.sync_all();
-            }
-        }
+    /// Registers a model. Its blob must already be durable in the blob store: the record is
+    /// what makes it exist.
+    pub fn save_registered(&self, record: &ModelRecord) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let bytes = encode_record(record);
@@ -252,16 +238,6 @@ impl Store {
             out.push(decode_record::<ModelRecord>(row.map_err(db_err)?.1.value(), "registry")?);
         }
         Ok(out)
-    }
-
-    /// The blob of a registered model, checked against its hash.
-    pub fn registered_blob(&self, record: &ModelRecord) -> Result<Vec<u8>, StoreError> {
-        let path = self.registry_blob_path(&record.sha256);
-        let bytes = std::fs::read(&path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
-        if ContentHash::of_bytes(&bytes) != record.sha256 {
-            return Err(StoreError::Corrupt(record.sha256.to_string()));
-        }
-        Ok(bytes)
     }
 
     /// The promotion history, oldest first (the last is what devices should run).
