@@ -723,10 +723,27 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
     assert!(line.promoted && line.signed, "{line:?}");
     assert_eq!(coordinator.fleet_versions().get(&Some(s2.version)), Some(&2));
 
-    // Rollback: devices go back to s1 (still on disk, no download needed).
-    assert_eq!(coordinator.rollback().unwrap(), s1.version);
+    // Rollback by an operator: devices go back to s1 (still on disk, no download needed).
+    let op_cert = ca.issue(Role::Operator, "alice", 1).unwrap();
+    let operator = fedge_net::Client::connect(
+        addr,
+        "localhost",
+        fedge_net::client_config(&ca.ca_pem(), &op_cert.cert, &op_cert.key).unwrap(),
+    )
+    .await
+    .unwrap();
+    match operator.request(&Message::Operator(OperatorCommand::Rollback)).await.unwrap() {
+        Message::Models(m) => assert!(m.iter().any(|m| m.version == s1.version && m.promoted), "{m:?}"),
+        other => panic!("{other:?}"),
+    }
     until_all(&statuses, "roll back to s1", |s| s.deployed_version == Some(s1.version)).await;
-    assert!(coordinator.promote(12345).is_err(), "unknown versions cannot be promoted");
+    match operator.request(&Message::Operator(OperatorCommand::Promote { version: 12345 })).await.unwrap() {
+        Message::Error { message, .. } => assert!(message.contains("no registered model v12345"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // A global version is not deployable.
+    assert!(coordinator.promote(0).is_err());
+    operator.close().await;
 
     server.abort();
     for c in clients {

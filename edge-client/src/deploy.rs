@@ -168,7 +168,19 @@ pub async fn fetch(link: &Link, v: u64, key: &ModelKey, dir: Option<&Path>) -> R
     if record.size_bytes > MAX_BLOB_BYTES {
         return Err(DeployError::Blob(v, format!("{} bytes is more than a device takes", record.size_bytes)));
     }
-    let mut blob = Vec::with_capacity(record.size_bytes as usize);
+    // Resumable: the bytes go to `v<N>-<sha256>.part` as they arrive, and a later attempt
+    // (after a dropped connection or a restart) continues from its length.
+    let part = dir.map(|d| d.join(format!("v{v}-{}.part", record.sha256)));
+    let mut blob = part.as_ref().and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
+    if blob.len() as u64 > record.size_bytes {
+        blob.clear();
+    }
+    if let Some(p) = &part {
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| DeployError::Storage(e.to_string()))?;
+        }
+        std::fs::write(p, &blob).map_err(|e| DeployError::Storage(e.to_string()))?;
+    }
     while (blob.len() as u64) < record.size_bytes {
         let offset = blob.len() as u64;
         let ask = Message::BlobChunkRequest { version: v, offset, max_len: crate::download::CHUNK_BYTES };
@@ -176,6 +188,14 @@ pub async fn fetch(link: &Link, v: u64, key: &ModelKey, dir: Option<&Path>) -> R
             Message::BlobChunk { version, total_len, offset: o, bytes }
                 if version == v && o == offset && total_len == record.size_bytes && !bytes.is_empty() =>
             {
+                if let Some(p) = &part {
+                    use std::io::Write;
+                    let mut f = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(p)
+                        .map_err(|e| DeployError::Storage(e.to_string()))?;
+                    f.write_all(&bytes).map_err(|e| DeployError::Storage(e.to_string()))?;
+                }
                 blob.extend_from_slice(&bytes);
             }
             Message::Error { message, .. } => return Err(DeployError::Refused(message)),
@@ -183,6 +203,10 @@ pub async fn fetch(link: &Link, v: u64, key: &ModelKey, dir: Option<&Path>) -> R
         }
     }
     blob.truncate(record.size_bytes as usize);
+    // Whatever the verdict, the part file has served: a bad one must not be resumed.
+    if let Some(p) = &part {
+        let _ = std::fs::remove_file(p);
+    }
     let d = verify(&record, &blob, key)?;
     if let Some(dir) = dir {
         install(dir, &d, &blob).map_err(|e| DeployError::Storage(e.to_string()))?;
