@@ -25,6 +25,18 @@ fn one_epoch(clip_norm: Option<f32>) -> TrainConfig {
     TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm, local_dp: None }
 }
 
+/// Waits until the device sessions of a stopped coordinator have noticed their closed
+/// connections and let go of it (so its store can be opened again).
+async fn released(coordinator: &Arc<Coordinator>) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while Arc::strong_count(coordinator) > 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stopped coordinator is released");
+}
+
 /// Serves `coordinator` on a free loopback port.
 fn serve(coordinator: &Arc<Coordinator>, ca: &CertDir) -> (SocketAddr, JoinHandle<()>) {
     let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), ca).unwrap();
@@ -421,13 +433,7 @@ async fn a_restarted_coordinator_resumes_from_its_last_model_version() {
         let _ = server.await;
         let result = (global.content_hash(), coordinator.status().devices_known);
         // Wait for the device sessions to notice the closed connections and let go.
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while Arc::strong_count(&coordinator) > 1 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the stopped coordinator is released");
+        released(&coordinator).await;
         result
     };
     assert_eq!(known_before, 2);
@@ -603,13 +609,7 @@ async fn central_dp_ledger_is_shown_stamped_enforced_and_survives_a_restart() {
             let _ = c.await;
         }
         let _ = server.await;
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while Arc::strong_count(&coordinator) > 1 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the stopped coordinator is released");
+        released(&coordinator).await;
     }
 
     // After a restart the ledger is rebuilt from the stored rounds: the budget still binds.
@@ -751,13 +751,7 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
         let _ = c.await;
     }
     let _ = server.await;
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while Arc::strong_count(&coordinator) > 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("released");
+    released(&coordinator).await;
     drop(coordinator);
 
     // The registry, its blobs and the promotion history survive a restart.

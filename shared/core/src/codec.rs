@@ -70,14 +70,7 @@ pub fn decode_value<T: Decode<()>>(bytes: &[u8]) -> Result<T, DecodeError> {
 
 /// Decodes one message that must span `bytes` exactly.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
-    if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(DecodeError::TooLarge(bytes.len()));
-    }
-    let (msg, used) = bincode::decode_from_slice(bytes, config())?;
-    if used != bytes.len() {
-        return Err(DecodeError::Trailing(bytes.len() - used));
-    }
-    Ok(msg)
+    decode_value(bytes)
 }
 
 /// The encoding of `Message::ModelChunk { version, hash, total_len, offset, bytes }` up to (not
