@@ -741,8 +741,9 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
         Message::Error { message, .. } => assert!(message.contains("no registered model v12345"), "{message}"),
         other => panic!("{other:?}"),
     }
-    // A global version is not deployable.
-    assert!(coordinator.promote(0).is_err());
+    // Global versions are registered and signed too (the initial v0 once a signer is set).
+    let v0 = coordinator.models().into_iter().find(|m| m.version == 0).unwrap();
+    assert!(v0.signed && v0.role == fedge_core::registry::ModelRole::Global && v0.created_at > 0, "{v0:?}");
     operator.close().await;
 
     server.abort();

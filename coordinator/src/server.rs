@@ -109,7 +109,7 @@ pub struct NewStudent {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// No such registered version.
-    #[error("no registered model v{0} (global versions are not deployable; distil a student)")]
+    #[error("no registered model v{0}")]
     Unknown(u64),
     /// Nothing to roll back to.
     #[error("nothing to roll back to: {0} promotion(s) so far")]
@@ -347,6 +347,9 @@ impl Coordinator {
                             }
                         }
                         s.models.entry(v).or_insert_with(|| Arc::new(s.engine.global().clone()));
+                        if report.outcome == RoundOutcome::Aggregated {
+                            register_global(s, v, report.round, report.privacy.map(|p| p.epsilon));
+                        }
                         // Keep the last few versions for devices still fetching them.
                         while s.models.len() > 4 {
                             if let Some((old, _)) = s.models.pop_first() {
@@ -486,6 +489,10 @@ impl Coordinator {
         let mut s = self.lock();
         s.signer = Some(Arc::new(signer));
         s.architecture = architecture.to_string();
+        // The model this run starts from is a version too.
+        let (v, round) = (s.engine.version(), s.history.last().map_or(0, |r| r.round));
+        let epsilon = s.history.iter().rev().find(|r| r.model_version == v).and_then(|r| r.privacy).map(|p| p.epsilon);
+        register_global(&mut s, v, round, epsilon);
     }
 
     /// Keeps registry blobs in `blobs` from now on (the default with a store is the local
@@ -627,24 +634,42 @@ impl Coordinator {
         let mut lines: Vec<ModelLine> = kept
             .into_iter()
             .zip(previous)
-            .map(|((version, hash), parent)| ModelLine {
-                version,
-                hash,
-                accuracy: evals.get(&version).map(|e| e.accuracy),
-                epsilon: epsilon.get(&version).copied(),
-                role: ModelRole::Global,
-                architecture: s.architecture.clone(),
-                parent,
-                round: round_of.get(&version).copied().unwrap_or(0),
-                parameters: s.engine.global().numel() as u64,
-                size_bytes: s.store.as_ref().and_then(|st| st.model_blob_size(&hash)).unwrap_or(0),
-                created_at: 0,
-                signed: false,
-                promoted: false,
-                devices_running: 0,
+            .map(|((version, hash), parent)| match s.registry.get(&version) {
+                Some(r) => ModelLine {
+                    version,
+                    hash,
+                    accuracy: evals.get(&version).map(|e| e.accuracy),
+                    epsilon: r.epsilon.or_else(|| epsilon.get(&version).copied()),
+                    role: r.role,
+                    architecture: r.architecture.clone(),
+                    parent: r.parent.or(parent),
+                    round: r.round,
+                    parameters: r.parameters,
+                    size_bytes: r.size_bytes,
+                    created_at: r.created_at,
+                    signed: !r.signature.is_empty(),
+                    promoted: promoted == Some(version),
+                    devices_running: running.get(&version).copied().unwrap_or(0),
+                },
+                None => ModelLine {
+                    version,
+                    hash,
+                    accuracy: evals.get(&version).map(|e| e.accuracy),
+                    epsilon: epsilon.get(&version).copied(),
+                    role: ModelRole::Global,
+                    architecture: s.architecture.clone(),
+                    parent,
+                    round: round_of.get(&version).copied().unwrap_or(0),
+                    parameters: s.engine.global().numel() as u64,
+                    size_bytes: s.store.as_ref().and_then(|st| st.model_blob_size(&hash)).unwrap_or(0),
+                    created_at: 0,
+                    signed: false,
+                    promoted: false,
+                    devices_running: 0,
+                },
             })
             .collect();
-        lines.extend(s.registry.values().map(|r| ModelLine {
+        lines.extend(s.registry.values().filter(|r| r.role == ModelRole::Student).map(|r| ModelLine {
             version: r.version,
             hash: r.sha256,
             accuracy: r.accuracy,
@@ -739,7 +764,19 @@ impl Coordinator {
                 _ => return,
             }
         };
-        match blobs.get(&hash).await {
+        // Global versions' blobs are the store's own model files.
+        let from_store = {
+            let s = self.lock();
+            match (s.registry.get(&v), &s.store) {
+                (Some(r), Some(st)) if r.format == BlobFormat::F32 => st.model_bytes(v).ok().flatten(),
+                _ => None,
+            }
+        };
+        let read = match from_store {
+            Some(bytes) if ContentHash::of_bytes(&bytes) == hash => Ok(bytes),
+            _ => blobs.get(&hash).await,
+        };
+        match read {
             Ok(bytes) => {
                 self.lock().blobs.insert(v, Arc::new(bytes));
             }
@@ -932,6 +969,44 @@ impl Coordinator {
         };
         Reply::Message(reply)
     }
+}
+
+/// Registers global version `v` (trained in `round`): its blob is the encoded `Model` message
+/// the store already keeps; the record is signed when a signer is set.
+fn register_global(s: &mut State, v: u64, round: u64, epsilon: Option<f64>) {
+    if s.registry.contains_key(&v) {
+        return;
+    }
+    let Some((_, bytes)) = encoded_model(s, v) else { return };
+    let parent = s.registry.values().rev().find(|r| r.role == ModelRole::Global && r.version < v).map(|r| r.version);
+    let mut record = ModelRecord {
+        version: v,
+        role: ModelRole::Global,
+        architecture: s.architecture.clone(),
+        format: BlobFormat::F32,
+        parent,
+        round,
+        accuracy: None,
+        epsilon,
+        parameters: s.models.get(&v).map_or(0, |p| p.numel() as u64),
+        size_bytes: bytes.len() as u64,
+        sha256: ContentHash::of_bytes(&bytes),
+        created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        signature: Vec::new(),
+    };
+    if let Some(signer) = &s.signer
+        && let Err(e) = signer.sign(&mut record)
+    {
+        eprintln!("cannot sign global model v{v}: {e}");
+    }
+    if let Some(store) = &s.store
+        && let Err(e) = store.save_registered(&record)
+    {
+        eprintln!("cannot register global model v{v}: {e}");
+        return;
+    }
+    s.registry.insert(v, record);
+    s.blobs.insert(v, bytes);
 }
 
 /// The blob of registered version `v`, if in memory (see [`Coordinator::cache_blob`]).

@@ -225,6 +225,15 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
+    /// The stored encoded `Model` message of global version `version`, if kept.
+    pub fn model_bytes(&self, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(MODELS).map_err(db_err)?;
+        let Some(hash) = t.get(version).map_err(db_err)? else { return Ok(None) };
+        let hash = ContentHash(hash.value().try_into().map_err(|_| StoreError::Db("bad hash length".into()))?);
+        Ok(std::fs::read(self.blob_path(&hash)).ok())
+    }
+
     /// Size of the stored blob of a global model version, if present.
     pub fn model_blob_size(&self, hash: &ContentHash) -> Option<u64> {
         std::fs::metadata(self.blob_path(hash)).ok().map(|m| m.len())

@@ -266,6 +266,32 @@ mod tests {
     }
 
     #[test]
+    fn an_f32_global_model_deploys_too() {
+        let (record, _, key, pair) = signed();
+        let params = verify(&record, &signed_blob(), &key).unwrap().params;
+        let blob = codec::encode(&Message::Model { version: 9, hash: params.content_hash(), params: params.clone() });
+        let mut r = ModelRecord {
+            version: 9,
+            role: ModelRole::Global,
+            format: BlobFormat::F32,
+            size_bytes: blob.len() as u64,
+            sha256: ContentHash::of_bytes(&blob),
+            ..record
+        };
+        r.signature = pair.sign(&r.signing_payload()).as_ref().to_vec();
+        assert_eq!(verify(&r, &blob, &key).unwrap().params, params);
+        // An int8 blob under an f32 record does not decode as a model.
+        let wrong = codec::encode_value(&QuantizedModel::quantize(&params));
+        let mut w = ModelRecord { size_bytes: wrong.len() as u64, sha256: ContentHash::of_bytes(&wrong), ..r };
+        w.signature = pair.sign(&w.signing_payload()).as_ref().to_vec();
+        assert!(matches!(verify(&w, &wrong, &key), Err(DeployError::Blob(9, _))));
+    }
+
+    fn signed_blob() -> Vec<u8> {
+        signed().1
+    }
+
+    #[test]
     fn install_keeps_the_previous_version_and_survives_a_reload() {
         let (record, blob, key, pair) = signed();
         let dir = tempfile::tempdir().unwrap();
