@@ -676,6 +676,7 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
         architecture: "mlp".into(),
         parameters: 101_770,
         accuracy,
+        latency_us: Some(20.0),
         blob,
     };
 

@@ -431,6 +431,7 @@ mod tests {
             parent: Some(2),
             round: 2,
             accuracy: Some(0.9),
+            latency_us: None,
             epsilon: None,
             parameters: 10,
             size_bytes: 4,

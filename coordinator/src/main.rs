@@ -501,8 +501,18 @@ async fn list(command: OperatorCommand, json: bool, only: Option<u64>, op: Opera
             } else {
                 let _ = writeln!(
                     out,
-                    "{:>7}  {:<7}  {:<4}  {:>6}  {:>5}  {:>8}  {:>8}  {:>10}  {:<12}  {:>7}  deployed",
-                    "version", "role", "arch", "parent", "round", "accuracy", "epsilon", "bytes", "sha256", "signed"
+                    "{:>7}  {:<7}  {:<4}  {:>6}  {:>5}  {:>8}  {:>8}  {:>10}  {:>8}  {:<12}  {:>7}  deployed",
+                    "version",
+                    "role",
+                    "arch",
+                    "parent",
+                    "round",
+                    "accuracy",
+                    "epsilon",
+                    "bytes",
+                    "latency",
+                    "sha256",
+                    "signed"
                 );
                 for m in models {
                     let acc = m.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
@@ -521,11 +531,12 @@ async fn list(command: OperatorCommand, json: bool, only: Option<u64>, op: Opera
                     };
                     let _ = writeln!(
                         out,
-                        "{:>7}  {role:<7}  {:<4}  {parent:>6}  {:>5}  {acc:>8}  {eps:>8}  {:>10}  {:<12}  {:>7}  {deployed}",
+                        "{:>7}  {role:<7}  {:<4}  {parent:>6}  {:>5}  {acc:>8}  {eps:>8}  {:>10}  {:>8}  {:<12}  {:>7}  {deployed}",
                         m.version,
                         m.architecture,
                         m.round,
                         m.size_bytes,
+                        m.latency_us.map_or("-".into(), |l| format!("{l:.1} us")),
                         &m.hash.to_string()[..12],
                         if m.signed { "yes" } else { "no" },
                     );

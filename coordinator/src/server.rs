@@ -101,6 +101,8 @@ pub struct NewStudent {
     pub parameters: u64,
     /// Its test accuracy (as devices run it), if measured.
     pub accuracy: Option<f64>,
+    /// Its median single-image inference time, microseconds, if measured.
+    pub latency_us: Option<f64>,
     /// The encoded quantised model.
     pub blob: Vec<u8>,
 }
@@ -505,7 +507,7 @@ impl Coordinator {
     /// allocates its version, signs its record, commits it, and promotes it if `promote`.
     /// Returns the record.
     pub async fn register_student(&self, student: NewStudent, promote: bool) -> Result<ModelRecord, RegistryError> {
-        let NewStudent { parent, round, architecture, parameters, accuracy, blob } = student;
+        let NewStudent { parent, round, architecture, parameters, accuracy, latency_us, blob } = student;
         // The blob is durable before any record names it.
         let blobs = self.lock().blob_store.clone();
         if let Some(b) = &blobs {
@@ -524,6 +526,7 @@ impl Coordinator {
             parent: Some(parent),
             round,
             accuracy,
+            latency_us,
             epsilon,
             parameters,
             size_bytes: blob.len() as u64,
@@ -580,6 +583,19 @@ impl Coordinator {
         }
         s.promotions = history;
         Ok(*s.promotions.last().expect("two or more before the pop"))
+    }
+
+    /// Records a measured inference latency for registered `version` (not signed, like
+    /// accuracy).
+    pub fn set_latency(&self, version: u64, latency_us: f64) -> Result<(), RegistryError> {
+        let mut s = self.lock();
+        let Some(record) = s.registry.get_mut(&version) else { return Err(RegistryError::Unknown(version)) };
+        record.latency_us = Some(latency_us);
+        let record = record.clone();
+        if let Some(store) = &s.store {
+            store.save_registered(&record)?;
+        }
+        Ok(())
     }
 
     /// The promoted version, if any.
@@ -639,6 +655,7 @@ impl Coordinator {
                     version,
                     hash,
                     accuracy: evals.get(&version).map(|e| e.accuracy),
+                    latency_us: r.latency_us,
                     epsilon: r.epsilon.or_else(|| epsilon.get(&version).copied()),
                     role: r.role,
                     architecture: r.architecture.clone(),
@@ -655,6 +672,7 @@ impl Coordinator {
                     version,
                     hash,
                     accuracy: evals.get(&version).map(|e| e.accuracy),
+                    latency_us: None,
                     epsilon: epsilon.get(&version).copied(),
                     role: ModelRole::Global,
                     architecture: s.architecture.clone(),
@@ -673,6 +691,7 @@ impl Coordinator {
             version: r.version,
             hash: r.sha256,
             accuracy: r.accuracy,
+            latency_us: r.latency_us,
             epsilon: r.epsilon,
             role: r.role,
             architecture: r.architecture.clone(),
@@ -987,6 +1006,7 @@ fn register_global(s: &mut State, v: u64, round: u64, epsilon: Option<f64>) {
         parent,
         round,
         accuracy: None,
+        latency_us: None,
         epsilon,
         parameters: s.models.get(&v).map_or(0, |p| p.numel() as u64),
         size_bytes: bytes.len() as u64,

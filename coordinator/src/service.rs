@@ -140,27 +140,33 @@ pub async fn run(
                     {
                         let (version, global) = coordinator.global();
                         match distil(&mut evaluator, student, start, &global, train, proxy, &test, &distill_config) {
-                            Ok((blob, parameters, accuracy)) => match coordinator
+                            Ok(d) => match coordinator
                                 .register_student(
                                     crate::server::NewStudent {
                                         parent: version,
                                         round: r.round,
                                         architecture: student_name.clone(),
-                                        parameters,
-                                        accuracy: Some(accuracy),
-                                        blob,
+                                        parameters: d.parameters,
+                                        accuracy: Some(d.accuracy),
+                                        latency_us: Some(d.student_latency_us),
+                                        blob: d.blob,
                                     },
                                     auto_promote,
                                 )
                                 .await
                             {
-                                Ok(rec) => println!(
-                                    "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%{}",
-                                    rec.version,
-                                    rec.size_bytes,
-                                    accuracy * 100.0,
-                                    if auto_promote { ", promoted" } else { "" }
-                                ),
+                                Ok(rec) => {
+                                    let _ = coordinator.set_latency(version, d.teacher_latency_us);
+                                    println!(
+                                        "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
+                                        rec.version,
+                                        rec.size_bytes,
+                                        d.accuracy * 100.0,
+                                        d.student_latency_us,
+                                        d.teacher_latency_us,
+                                        if auto_promote { ", promoted" } else { "" }
+                                    )
+                                }
                                 Err(e) => eprintln!("cannot register the student of v{version}: {e}"),
                             },
                             Err(e) => eprintln!("distillation of v{version} failed: {e}"),
@@ -180,9 +186,36 @@ pub async fn run(
     Ok(())
 }
 
+/// What one distillation made.
+struct Distilled {
+    blob: Vec<u8>,
+    parameters: u64,
+    accuracy: f64,
+    student_latency_us: f64,
+    teacher_latency_us: f64,
+}
+
+/// Median single-image inference time of `params` over up to 200 test images, microseconds.
+fn median_latency_us(
+    kind: ModelKind,
+    params: &fedge_core::ModelParams,
+    test: &fedge_core::dataset::Dataset,
+) -> Result<f64, fedge_learn::ConvertError> {
+    let p = fedge_learn::Predictor::new(kind, params, BackendKind::Flex)
+        .map_err(|e| fedge_learn::ConvertError::Layout(e.to_string()))?;
+    let mut t: Vec<f64> = (0..test.len().min(200))
+        .map(|i| {
+            let start = std::time::Instant::now();
+            std::hint::black_box(p.predict(test.image(i), test.rows, test.cols));
+            start.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    Ok(t.get(t.len() / 2).copied().unwrap_or(0.0))
+}
+
 /// Distils `global` into the student (warm-started from `start`, which becomes the result) on
-/// the proxy images, quantises it to int8 and evaluates the quantised student. Returns the
-/// encoded blob, the parameter count and the accuracy.
+/// the proxy images, quantises it to int8, evaluates the quantised student and times both.
 #[allow(clippy::too_many_arguments)]
 fn distil(
     teacher: &mut Trainer,
@@ -193,7 +226,7 @@ fn distil(
     proxy: &[usize],
     test: &fedge_core::dataset::Dataset,
     config: &fedge_learn::DistillConfig,
-) -> Result<(Vec<u8>, u64, f64), fedge_learn::ConvertError> {
+) -> Result<Distilled, fedge_learn::ConvertError> {
     let logits = teacher.logits(global, train, proxy)?;
     let mut rng = <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
     let out = student.distill(start, train, proxy, &logits, config, &mut rng)?;
@@ -201,5 +234,11 @@ fn distil(
     let q = fedge_core::quant::QuantizedModel::quantize(start);
     let int8 = q.dequantize().map_err(|e| fedge_learn::ConvertError::Layout(e.to_string()))?;
     let accuracy = student.evaluate(&int8, test, 500)?.accuracy;
-    Ok((fedge_core::codec::encode_value(&q), start.numel() as u64, accuracy))
+    Ok(Distilled {
+        blob: fedge_core::codec::encode_value(&q),
+        parameters: start.numel() as u64,
+        accuracy,
+        student_latency_us: median_latency_us(student.kind(), &int8, test)?,
+        teacher_latency_us: median_latency_us(teacher.kind(), global, test)?,
+    })
 }

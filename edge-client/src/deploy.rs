@@ -239,6 +239,7 @@ mod tests {
             parent: Some(4),
             round: 4,
             accuracy: None,
+            latency_us: None,
             epsilon: None,
             parameters: 12,
             size_bytes: blob.len() as u64,

@@ -41,6 +41,8 @@ pub struct DemoStudent {
     pub accuracy: Option<f64>,
     /// Bytes on the wire.
     pub size_bytes: u64,
+    /// Median single-image inference time measured by the coordinator, microseconds.
+    pub latency_us: Option<f64>,
     /// Whether its record is signed.
     pub signed: bool,
     /// Devices that verified it and run it.
@@ -232,6 +234,7 @@ pub async fn run(
                 architecture: m.architecture.clone(),
                 accuracy: m.accuracy,
                 size_bytes: m.size_bytes,
+                latency_us: m.latency_us,
                 signed: m.signed,
                 devices_running: m.devices_running,
             };

@@ -118,6 +118,7 @@ fn demo_runs_the_real_system_over_loopback() {
     assert_eq!((s["signed"].as_bool(), s["devices_running"].as_u64()), (Some(true), Some(3)), "{s}");
     assert!(s["size_bytes"].as_u64().unwrap() < 796_993 / 4);
     assert!(s["accuracy"].as_f64().unwrap() > 0.5, "{s}");
+    assert!(s["latency_us"].as_f64().unwrap() > 0.0, "{s}");
 }
 
 /// The oracle entry recorded from dp-accounting for (q, z, steps, delta).

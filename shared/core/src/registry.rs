@@ -46,6 +46,9 @@ pub struct ModelRecord {
     pub round: u64,
     /// Test accuracy, when evaluated.
     pub accuracy: Option<f64>,
+    /// Median single-image inference time on the coordinator (one thread), microseconds, when
+    /// measured. Like accuracy, not signed.
+    pub latency_us: Option<f64>,
     /// Epsilon spent to make it (central DP), if accounted.
     pub epsilon: Option<f64>,
     /// Parameters.
@@ -98,6 +101,7 @@ mod tests {
             parent: Some(6),
             round: 6,
             accuracy: Some(0.9),
+            latency_us: None,
             epsilon: Some(1.5),
             parameters: 50_890,
             size_bytes: 51_570,
@@ -127,6 +131,9 @@ mod tests {
         for c in changed {
             assert_ne!(c.signing_payload(), base, "{c:?}");
         }
-        assert_eq!(ModelRecord { accuracy: None, signature: vec![], ..r }.signing_payload(), base);
+        assert_eq!(
+            ModelRecord { accuracy: None, latency_us: Some(3.0), signature: vec![], ..r }.signing_payload(),
+            base
+        );
     }
 }

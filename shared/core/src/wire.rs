@@ -295,6 +295,8 @@ pub struct ModelLine {
     pub hash: ContentHash,
     /// Test accuracy, if evaluated.
     pub accuracy: Option<f64>,
+    /// Median single-image inference time, microseconds, if measured.
+    pub latency_us: Option<f64>,
     /// Epsilon spent by the training run up to this version (central DP), if accounted.
     pub epsilon: Option<f64>,
     /// Global teacher or distilled student.
