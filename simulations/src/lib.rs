@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod hybrid;
 pub mod pool;
 pub mod run;
 

@@ -35,6 +35,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hybrid inference: train a teacher, distil the int8 student, calibrate escalation on
+    /// held-out images, and print local-only, cloud-only and cascade accuracy at target
+    /// escalation rates with the student's latency.
+    Hybrid {
+        #[command(flatten)]
+        run: Box<RunArgs>,
+        /// Target escalation rates for the cascade.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![0.05, 0.1, 0.2])]
+        rates: Vec<f64>,
+        /// Confidence measure: max-softmax, margin or entropy.
+        #[arg(long, default_value = "max-softmax")]
+        confidence: String,
+    },
     /// Differential-privacy accounting: epsilon of a training run, or the noise a target needs.
     Privacy {
         #[command(subcommand)]
@@ -305,6 +318,51 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Privacy { command } => privacy(command),
+        Command::Hybrid { run, rates, confidence } => {
+            let config = run.config()?;
+            let measure: fedge_core::hybrid::ConfidenceMeasure =
+                serde_json::from_value(serde_json::Value::String(confidence.clone())).map_err(|_| {
+                    anyhow::anyhow!("unknown confidence measure `{confidence}` (max-softmax, margin, entropy)")
+                })?;
+            let mut console;
+            let obs: &mut dyn Observer = if run.quiet || run.json {
+                &mut Quiet
+            } else {
+                console = Console::new(config.rounds);
+                &mut console
+            };
+            let rows = fedge_sim::hybrid::run(&config, &rates, measure, obs)?;
+            let mut stdout = std::io::stdout().lock();
+            if run.json {
+                let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                let _ = writeln!(
+                    stdout,
+                    "{:<11} {:>7} {:>10} {:>9} {:>11} {:>9}",
+                    "policy", "target", "escalated", "accuracy", "cloud saved", "threshold"
+                );
+                for r in &rows {
+                    let _ = writeln!(
+                        stdout,
+                        "{:<11} {:>6.0}% {:>9.1}% {:>8.2}% {:>10.1}% {:>9}",
+                        r.policy,
+                        r.target_rate * 100.0,
+                        r.escalation_rate * 100.0,
+                        r.accuracy * 100.0,
+                        r.cloud_calls_saved * 100.0,
+                        r.threshold.map_or("-".into(), |t| format!("{t:.4}"))
+                    );
+                }
+                if let Some(r) = rows.first() {
+                    let _ = writeln!(
+                        stdout,
+                        "local (int8 student) latency: p50 {:.3} ms, p99 {:.3} ms per image",
+                        r.local_p50_ms, r.local_p99_ms
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Coordinator { config } => {
             let c: fedge_coordinator::config::ServeConfig = read_toml(&config)?;
             tokio::runtime::Runtime::new()?.block_on(fedge_coordinator::service::run(

@@ -153,6 +153,10 @@ pub struct SimOutput {
     pub summary: Summary,
     /// Sizes and label histograms of the partition.
     pub partition: PartitionReport,
+    /// The final global model.
+    pub global: ModelParams,
+    /// With `distill_every`: the last student as devices run it (int8, dequantised).
+    pub student: Option<ModelParams>,
 }
 
 /// Where run output goes besides the files.
@@ -474,7 +478,8 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     if let Some(dir) = out {
         write_json(&dir.join("summary.json"), &summary)?;
     }
-    Ok(SimOutput { rounds: rows, summary, partition })
+    let student = distiller.as_ref().filter(|_| distilled.is_some()).and_then(|d| d.int8.clone());
+    Ok(SimOutput { rounds: rows, summary, partition, global: engine.global().clone(), student })
 }
 
 /// What one distillation produced.
@@ -522,6 +527,8 @@ struct Distiller {
     config: fedge_learn::DistillConfig,
     rng: fedge_core::rng::SeededRng,
     backend: fedge_learn::BackendKind,
+    /// The last student, quantised and dequantised.
+    int8: Option<ModelParams>,
 }
 
 impl Distiller {
@@ -535,6 +542,7 @@ impl Distiller {
             config: config.distill,
             rng: derive_rng(config.seed, &[stream::DISTILL]),
             backend: config.backend,
+            int8: None,
         })
     }
 
@@ -560,6 +568,7 @@ impl Distiller {
         let accuracy = self.student.evaluate(&int8, test, 500)?.accuracy;
         let teacher_latency_us = median_latency_us(evaluator.kind(), teacher, self.backend, test)?;
         let student_latency_us = median_latency_us(self.student.kind(), &int8, self.backend, test)?;
+        self.int8 = Some(int8);
         Ok(Distilled {
             accuracy,
             f32_accuracy,

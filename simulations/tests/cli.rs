@@ -201,3 +201,26 @@ fn privacy_bad_input_is_a_clear_error() {
         assert!(stderr.contains(msg) && !stderr.contains("NaN") && !stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn hybrid_cascade_beats_local_and_escalates_near_the_target() {
+    let (ok, stdout, stderr) = sim(&["hybrid", "--json"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let get = |policy: &str, rate: f64| {
+        rows.iter().find(|r| r["policy"] == policy && r["target_rate"].as_f64() == Some(rate)).expect("row")
+    };
+    let acc = |r: &serde_json::Value| r["accuracy"].as_f64().unwrap();
+    let local = get("local-only", 0.0);
+    assert_eq!(get("cloud-only", 1.0)["escalation_rate"], 1.0);
+    for rate in [0.05, 0.1, 0.2] {
+        let c = get("cascade", rate);
+        // Escalating the least confident answers to the teacher never costs accuracy here.
+        assert!(acc(c) >= acc(local), "{c} vs {local}");
+        // Calibrated on the first half of the test split, measured on the second.
+        let measured = c["escalation_rate"].as_f64().unwrap();
+        assert!((measured - rate).abs() < 0.05, "target {rate}: {measured}");
+    }
+    assert!(local["local_p50_ms"].as_f64().unwrap() > 0.0);
+    assert!(local["local_p99_ms"].as_f64().unwrap() >= local["local_p50_ms"].as_f64().unwrap());
+}
