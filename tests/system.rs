@@ -724,6 +724,14 @@ async fn promoted_students_reach_devices_signed_and_rollback_moves_them_back() {
     assert!(line.promoted && line.signed, "{line:?}");
     assert_eq!(coordinator.fleet_versions().get(&Some(s2.version)), Some(&2));
 
+    // The device answers predictions with what it runs (the library behind `fedge-edge predict`).
+    let test = embedded::mnist_subset().unwrap().test;
+    let local = fedge_edge::predict::LocalModel::load(&dir.path().join("edge-0"), &key).unwrap();
+    let answer = local.predict(test.image(0)).unwrap();
+    assert_eq!((answer.model_version, answer.answered_by, answer.architecture.as_str()), (s2.version, "local", "mlp"));
+    assert!(answer.class < 10 && answer.confidence > 0.0 && answer.confidence <= 1.0);
+    assert!(local.predict(&[0u8; 10]).is_err(), "wrong-sized input");
+    assert!(fedge_edge::predict::LocalModel::load(&dir.path().join("nowhere"), &key).is_err());
     // Rollback by an operator: devices go back to s1 (still on disk, no download needed).
     let op_cert = ca.issue(Role::Operator, "alice", 1).unwrap();
     let operator = fedge_net::Client::connect(

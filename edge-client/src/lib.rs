@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod deploy;
 pub mod download;
+pub mod predict;
 pub mod service;
 pub mod trainer;
 pub mod transport;

@@ -36,6 +36,27 @@ enum Command {
         #[arg(long, default_value = "edge-state")]
         state_dir: PathBuf,
     },
+    /// Classify one image with the deployed (promoted, verified) model.
+    Predict {
+        /// The device's state folder.
+        #[arg(long, default_value = "edge-state")]
+        state_dir: PathBuf,
+        /// The fleet's model-signing.pub.
+        #[arg(long, default_value = "certs/fleet/model-signing.pub")]
+        model_key: PathBuf,
+        /// An IDX image file (MNIST format, .gz allowed).
+        #[arg(long, conflicts_with = "raw")]
+        idx: Option<PathBuf>,
+        /// Which image of the IDX file.
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+        /// A raw 784-byte 28x28 greyscale image ("-": standard input).
+        #[arg(long)]
+        raw: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train a fresh model on local data and evaluate it on the test split.
     Train {
         /// Dataset: embedded, mnist or fashion-mnist.
@@ -88,6 +109,44 @@ fn real_main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, async {
                 let _ = tokio::signal::ctrl_c().await;
             }))?;
+            Ok(())
+        }
+        Command::Predict { state_dir, model_key, idx, index, raw, json } => {
+            let key = fedge_net::ModelKey::read(&model_key)?;
+            let model = fedge_edge::predict::LocalModel::load(&state_dir, &key)?;
+            let pixels = match (idx, raw) {
+                (Some(path), _) => {
+                    let a = fedge_core::dataset::idx::read_file(&path)?;
+                    let per: usize = a.dims.iter().skip(1).product();
+                    let count = a.dims.first().copied().unwrap_or(0);
+                    anyhow::ensure!(
+                        a.dims.len() == 3 && per == 784,
+                        "{}: expected images of 28x28, dims {:?}",
+                        path.display(),
+                        a.dims
+                    );
+                    anyhow::ensure!(index < count, "{}: image {index} of {count}", path.display());
+                    a.data[index * per..(index + 1) * per].to_vec()
+                }
+                (None, Some(path)) if path.as_os_str() == "-" => {
+                    let mut v = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+                    v
+                }
+                (None, Some(path)) => {
+                    std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
+                }
+                (None, None) => anyhow::bail!("give an image: --idx FILE [--index N] or --raw FILE"),
+            };
+            let a = model.predict(&pixels)?;
+            if json {
+                println!("{}", serde_json::to_string(&a)?);
+            } else {
+                println!(
+                    "class {} (confidence {:.3}) from the local {} v{} in {:.3} ms",
+                    a.class, a.confidence, a.architecture, a.model_version, a.latency_ms
+                );
+            }
             Ok(())
         }
         Command::Status { state_dir } => {
