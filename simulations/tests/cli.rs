@@ -217,9 +217,9 @@ fn hybrid_cascade_beats_local_and_escalates_near_the_target() {
         let c = get("cascade", rate);
         // Escalating the least confident answers to the teacher never costs accuracy here.
         assert!(acc(c) >= acc(local), "{c} vs {local}");
-        // Calibrated on the first half of the test split, measured on the second.
+        // Calibrated on the even test images, measured on the odd ones.
         let measured = c["escalation_rate"].as_f64().unwrap();
-        assert!((measured - rate).abs() < 0.05, "target {rate}: {measured}");
+        assert!((measured - rate).abs() < 0.03, "target {rate}: {measured}");
     }
     assert!(local["local_p50_ms"].as_f64().unwrap() > 0.0);
     assert!(local["local_p99_ms"].as_f64().unwrap() >= local["local_p50_ms"].as_f64().unwrap());
