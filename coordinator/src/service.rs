@@ -146,7 +146,7 @@ pub async fn run(
                                         parent: version,
                                         round: r.round,
                                         architecture: student_name.clone(),
-                                        parameters: d.parameters,
+                                        parameters: d.params.numel() as u64,
                                         accuracy: Some(d.accuracy),
                                         latency_us: Some(d.student_latency_us),
                                         blob: d.blob,
@@ -186,36 +186,9 @@ pub async fn run(
     Ok(())
 }
 
-/// What one distillation made.
-struct Distilled {
-    blob: Vec<u8>,
-    parameters: u64,
-    accuracy: f64,
-    student_latency_us: f64,
-    teacher_latency_us: f64,
-}
-
-/// Median single-image inference time of `params` over up to 200 test images, microseconds.
-fn median_latency_us(
-    kind: ModelKind,
-    params: &fedge_core::ModelParams,
-    test: &fedge_core::dataset::Dataset,
-) -> Result<f64, fedge_learn::ConvertError> {
-    let p = fedge_learn::Predictor::new(kind, params, BackendKind::Flex)
-        .map_err(|e| fedge_learn::ConvertError::Layout(e.to_string()))?;
-    let mut t: Vec<f64> = (0..test.len().min(200))
-        .map(|i| {
-            let start = std::time::Instant::now();
-            std::hint::black_box(p.predict(test.image(i), test.rows, test.cols));
-            start.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    Ok(t.get(t.len() / 2).copied().unwrap_or(0.0))
-}
-
-/// Distils `global` into the student (warm-started from `start`, which becomes the result) on
-/// the proxy images, quantises it to int8, evaluates the quantised student and times both.
+/// Distils `global` into the student (warm-started from `start`, which becomes the result),
+/// quantised to int8 and measured (the pipeline fedge-learn shares with the simulator). The
+/// batch order is drawn from the OS: nothing here needs to replay.
 #[allow(clippy::too_many_arguments)]
 fn distil(
     teacher: &mut Trainer,
@@ -226,19 +199,10 @@ fn distil(
     proxy: &[usize],
     test: &fedge_core::dataset::Dataset,
     config: &fedge_learn::DistillConfig,
-) -> Result<Distilled, fedge_learn::ConvertError> {
-    let logits = teacher.logits(global, train, proxy)?;
+) -> Result<fedge_learn::QuantizedStudent, fedge_learn::ConvertError> {
     let mut rng = <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
-    let out = student.distill(start, train, proxy, &logits, config, &mut rng)?;
-    *start = out.params;
-    let q = fedge_core::quant::QuantizedModel::quantize(start);
-    let int8 = q.dequantize().map_err(|e| fedge_learn::ConvertError::Layout(e.to_string()))?;
-    let accuracy = student.evaluate(&int8, test, 500)?.accuracy;
-    Ok(Distilled {
-        blob: fedge_core::codec::encode_value(&q),
-        parameters: start.numel() as u64,
-        accuracy,
-        student_latency_us: median_latency_us(student.kind(), &int8, test)?,
-        teacher_latency_us: median_latency_us(teacher.kind(), global, test)?,
-    })
+    let data = fedge_learn::DistillData { train, proxy, test };
+    let q = student.distil_to_int8(teacher, global, start, data, config, &mut rng)?;
+    *start = q.params.clone();
+    Ok(q)
 }

@@ -20,7 +20,6 @@ use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::dataset::Dataset;
 use fedge_core::partition::PartitionReport;
-use fedge_core::quant::QuantizedModel;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, Message};
 use fedge_learn::Trainer;
@@ -493,30 +492,6 @@ struct Distilled {
     student_latency_us: f64,
 }
 
-/// Median time of one single-image prediction over the first 300 test images, microseconds.
-fn median_latency_us(
-    kind: fedge_learn::ModelKind,
-    params: &ModelParams,
-    backend: fedge_learn::BackendKind,
-    test: &Dataset,
-) -> Result<f64, SimError> {
-    let p = fedge_learn::Predictor::new(kind, params, backend)
-        .map_err(|e| SimError::Eval(fedge_learn::ConvertError::Layout(e.to_string())))?;
-    let n = test.len().min(300);
-    for i in 0..n.min(20) {
-        p.predict(test.image(i), test.rows, test.cols);
-    }
-    let mut t: Vec<f64> = (0..n)
-        .map(|i| {
-            let start = Instant::now();
-            std::hint::black_box(p.predict(test.image(i), test.rows, test.cols));
-            start.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
-}
-
 /// The coordinator-side pipeline, in process: teacher logits on the proxy set, distillation
 /// into the student (warm-started from the previous student), int8 quantisation, evaluation of
 /// the quantised student as devices would run it.
@@ -526,7 +501,6 @@ struct Distiller {
     proxy: Vec<usize>,
     config: fedge_learn::DistillConfig,
     rng: fedge_core::rng::SeededRng,
-    backend: fedge_learn::BackendKind,
     /// The last student, quantised and dequantised.
     int8: Option<ModelParams>,
 }
@@ -541,7 +515,6 @@ impl Distiller {
             proxy,
             config: config.distill,
             rng: derive_rng(config.seed, &[stream::DISTILL]),
-            backend: config.backend,
             int8: None,
         })
     }
@@ -558,24 +531,17 @@ impl Distiller {
         train: &Dataset,
         test: &Dataset,
     ) -> Result<Distilled, SimError> {
-        let logits = evaluator.logits(teacher, train, &self.proxy)?;
-        let out = self.student.distill(&self.params, train, &self.proxy, &logits, &self.config, &mut self.rng)?;
-        self.params = out.params;
-        let f32_accuracy = self.student.evaluate(&self.params, test, 500)?.accuracy;
-        let q = QuantizedModel::quantize(&self.params);
-        let bytes = codec::encode_value(&q).len() as u64;
-        let int8 = q.dequantize().map_err(|e| SimError::Eval(fedge_learn::ConvertError::Layout(e.to_string())))?;
-        let accuracy = self.student.evaluate(&int8, test, 500)?.accuracy;
-        let teacher_latency_us = median_latency_us(evaluator.kind(), teacher, self.backend, test)?;
-        let student_latency_us = median_latency_us(self.student.kind(), &int8, self.backend, test)?;
-        self.int8 = Some(int8);
+        let data = fedge_learn::DistillData { train, proxy: &self.proxy, test };
+        let q = self.student.distil_to_int8(evaluator, teacher, &self.params, data, &self.config, &mut self.rng)?;
+        self.params = q.params;
+        self.int8 = Some(q.int8);
         Ok(Distilled {
-            accuracy,
-            f32_accuracy,
-            bytes,
+            accuracy: q.accuracy,
+            f32_accuracy: q.f32_accuracy,
+            bytes: q.blob.len() as u64,
             parameters: self.params.numel(),
-            teacher_latency_us,
-            student_latency_us,
+            teacher_latency_us: q.teacher_latency_us,
+            student_latency_us: q.student_latency_us,
         })
     }
 }

@@ -76,8 +76,8 @@ impl Strategy for DpFedAvg {
 
     fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
         let acc = self.acc.as_mut().ok_or(AggregateError::Empty)?;
-        acc.check(c.delta, 1.0)?;
-        // Clip here too: the weight scales the delta onto the ball of radius C.
+        // Clip here too: the weight scales the delta onto the ball of radius C. (A non-finite
+        // delta gets a NaN norm, weight 1, and `add` refuses it.)
         let norm = c.delta.l2_norm();
         let scale = if norm > self.clip { self.clip / norm } else { 1.0 };
         acc.add(c.delta, scale)?;

@@ -15,8 +15,12 @@ use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
 use rand::seq::SliceRandom;
 
+use fedge_core::codec;
+use fedge_core::quant::QuantizedModel;
+
 use crate::batch;
 use crate::convert::{self, ConvertError};
+use crate::infer::Predictor;
 use crate::train::{TrainOutput, Trainer};
 
 /// How to distil.
@@ -39,7 +43,75 @@ impl Default for DistillConfig {
     }
 }
 
+/// The data a distillation uses: training images (labels unread) and which of them form the
+/// proxy set, and the test split the student is measured on.
+#[derive(Debug, Clone, Copy)]
+pub struct DistillData<'a> {
+    /// Images the proxy indices point into.
+    pub train: &'a Dataset,
+    /// The unlabelled proxy set.
+    pub proxy: &'a [usize],
+    /// Where accuracy and latency are measured.
+    pub test: &'a Dataset,
+}
+
+/// A student distilled, quantised to int8 and measured as devices run it.
+#[derive(Debug, Clone)]
+pub struct QuantizedStudent {
+    /// The student before quantisation (the warm start of the next distillation).
+    pub params: ModelParams,
+    /// The int8 student, dequantised: what devices compute with.
+    pub int8: ModelParams,
+    /// The encoded [`QuantizedModel`]: what travels.
+    pub blob: Vec<u8>,
+    /// Test accuracy of the int8 student.
+    pub accuracy: f64,
+    /// Test accuracy before quantisation.
+    pub f32_accuracy: f64,
+    /// Median single-image latency of the int8 student, microseconds.
+    pub student_latency_us: f64,
+    /// The same for the teacher.
+    pub teacher_latency_us: f64,
+}
+
 impl Trainer {
+    /// The whole pipeline the coordinator and the simulator share: the teacher's logits on the
+    /// proxy set, distillation of this (student) trainer's architecture from `start`, int8
+    /// quantisation, and accuracy and latency of the quantised student (and the teacher's
+    /// latency) on the test split.
+    pub fn distil_to_int8<R: rand::Rng + ?Sized>(
+        &mut self,
+        teacher: &mut Trainer,
+        teacher_params: &ModelParams,
+        start: &ModelParams,
+        data: DistillData<'_>,
+        config: &DistillConfig,
+        rng: &mut R,
+    ) -> Result<QuantizedStudent, ConvertError> {
+        let logits = teacher.logits(teacher_params, data.train, data.proxy)?;
+        let params = self.distill(start, data.train, data.proxy, &logits, config, rng)?.params;
+        let f32_accuracy = self.evaluate(&params, data.test, 500)?.accuracy;
+        let q = QuantizedModel::quantize(&params);
+        let int8 = q.dequantize().map_err(|e| ConvertError::Layout(e.to_string()))?;
+        let accuracy = self.evaluate(&int8, data.test, 500)?.accuracy;
+        let latency = |kind, p: &ModelParams, backend| {
+            Predictor::new(kind, p, backend)
+                .map(|pr| pr.median_latency_us(data.test, 300))
+                .map_err(|e| ConvertError::Layout(e.to_string()))
+        };
+        let student_latency_us = latency(self.kind(), &int8, self.backend())?;
+        let teacher_latency_us = latency(teacher.kind(), teacher_params, teacher.backend())?;
+        Ok(QuantizedStudent {
+            blob: codec::encode_value(&q),
+            params,
+            int8,
+            accuracy,
+            f32_accuracy,
+            student_latency_us,
+            teacher_latency_us,
+        })
+    }
+
     /// Logits of `params` (this trainer's architecture: the teacher) on examples `indices` of
     /// `data`, row-major `[indices.len(), classes]`.
     pub fn logits(

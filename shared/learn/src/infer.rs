@@ -7,6 +7,7 @@
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedge_core::ModelParams;
+use fedge_core::dataset::Dataset;
 
 use crate::backend::{BackendError, BackendKind};
 use crate::convert::{self, ConvertError};
@@ -57,7 +58,27 @@ impl Predictor {
         self.kind
     }
 
+    /// Median time of one single-image prediction over the first `n` images of `data` (after
+    /// 20 unmeasured warm-up predictions), microseconds.
+    pub fn median_latency_us(&self, data: &Dataset, n: usize) -> f64 {
+        let n = data.len().min(n);
+        for i in 0..n.min(20) {
+            self.predict(data.image(i), data.rows, data.cols);
+        }
+        let mut t: Vec<f64> = (0..n)
+            .map(|i| {
+                let start = std::time::Instant::now();
+                std::hint::black_box(self.predict(data.image(i), data.rows, data.cols));
+                start.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t.get(t.len() / 2).copied().unwrap_or(0.0)
+    }
+
     /// Predicts the class of one `rows` x `cols` greyscale image (bytes 0-255, row-major).
+    /// `pixels` must hold exactly `rows * cols` bytes (callers with untrusted input check it,
+    /// as `fedge_edge::predict::LocalModel` does).
     pub fn predict(&self, pixels: &[u8], rows: usize, cols: usize) -> Prediction {
         let x: Vec<f32> = pixels.iter().map(|&p| (p as f32 / 255.0 - MEAN) / STD).collect();
         let input = Tensor::<4>::from_data(TensorData::new(x, [1, 1, rows, cols]), &self.device);

@@ -19,7 +19,7 @@ pub mod train;
 
 pub use backend::{BackendError, BackendKind};
 pub use convert::ConvertError;
-pub use distill::DistillConfig;
+pub use distill::{DistillConfig, DistillData, QuantizedStudent};
 pub use infer::{Prediction, Predictor, PredictorError};
 pub use model::{Model, ModelKind};
 pub use train::{EvalMetrics, TrainOutput, Trainer};

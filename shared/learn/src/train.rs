@@ -48,6 +48,7 @@ pub struct Trainer {
     device: Device,
     model: Option<Model>,
     layout: Arc<ParamLayout>,
+    backend: BackendKind,
 }
 
 impl Trainer {
@@ -56,7 +57,7 @@ impl Trainer {
         let device = backend.device()?.autodiff();
         let model = Model::init(kind, num_classes, &device);
         let layout = convert::layout_of(&model).expect("a fresh model converts");
-        Ok(Self { kind, device, model: Some(model), layout })
+        Ok(Self { kind, device, model: Some(model), layout, backend })
     }
 
     /// Fresh initial parameters, reproducible for a given `seed`.
@@ -91,6 +92,11 @@ impl Trainer {
     /// The parameter layout of this trainer's model.
     pub fn layout(&self) -> &Arc<ParamLayout> {
         &self.layout
+    }
+
+    /// The backend it computes on.
+    pub fn backend(&self) -> BackendKind {
+        self.backend
     }
 
     /// The architecture.

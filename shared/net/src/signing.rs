@@ -38,7 +38,7 @@ impl ModelKey {
         let err = |m: String| SignatureError::Key(path.display().to_string(), m);
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let text = text.trim();
-        if text.len() != 64 {
+        if text.len() != 64 || !text.is_ascii() {
             return Err(err("expected 64 hex digits".into()));
         }
         let mut raw = [0u8; 32];
@@ -56,5 +56,28 @@ impl ModelKey {
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.0)
             .verify(&record.signing_payload(), &record.signature)
             .map_err(|_| SignatureError::Bad(record.version))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_key_files_are_errors_not_panics() {
+        let dir = std::env::temp_dir().join(format!("fedge-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k.pub");
+        // 64 bytes that are not 64 hex digits: multi-byte characters straddling a digit pair
+        // (slicing those used to panic), letters past f, too short.
+        for text in [format!("a{}b", "é".repeat(31)), "zz".repeat(32), "ab".into()] {
+            std::fs::write(&path, &text).unwrap();
+            assert!(matches!(ModelKey::read(&path), Err(SignatureError::Key(..))), "{text:?}");
+        }
+        std::fs::write(&path, "0f".repeat(32)).unwrap();
+        assert!(ModelKey::read(&path).is_ok());
+        assert!(ModelKey::read(&dir.join("missing")).is_err());
+        assert!(ModelKey::from_raw(&[0; 31]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
