@@ -61,9 +61,13 @@ fn main() {
         let caps =
             Capabilities { backend: "flex".into(), memory_mb: 1, charging: true, unmetered: true, num_samples: 1 };
         for c in &fleet {
-            c.request(&Message::Hello(Hello { protocol_version: PROTOCOL_VERSION, capabilities: caps.clone() }))
-                .await
-                .unwrap();
+            c.request(&Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                capabilities: caps.clone(),
+                purpose: Default::default(),
+            }))
+            .await
+            .unwrap();
         }
         let fleet = Arc::new(fleet);
         let t = Instant::now();

@@ -76,6 +76,8 @@ pub struct ServeConfig {
     /// Where registry blobs live, as an object-store URL (`file:///srv/blobs`; `s3://bucket/p`
     /// with the `s3` build feature). Absent: `state_dir/registry` on the local filesystem.
     pub blob_store: Option<String>,
+    /// Inference on escalated requests: batching window, batch size, per-device rate limit.
+    pub inference: crate::inference::InferenceConfig,
 }
 
 impl Default for ServeConfig {
@@ -110,6 +112,7 @@ impl Default for ServeConfig {
             distill: fedge_learn::DistillConfig::default(),
             auto_promote: true,
             blob_store: None,
+            inference: crate::inference::InferenceConfig::default(),
         }
     }
 }

@@ -8,12 +8,14 @@
 //!
 //! [`certs`] makes and reads the fleet's certificates; [`transport`] admits only peers with a
 //! valid, unrevoked client certificate and tells who they are; [`server`] is the async shell
-//! that drives the engine from the network.
+//! that drives the engine from the network; [`inference`] answers the hard cases devices
+//! escalate with the teacher, batched, under a per-device rate limit.
 
 pub mod blobs;
 pub mod certs;
 pub mod config;
 pub mod engine;
+pub mod inference;
 pub mod metrics;
 pub mod server;
 pub mod service;

@@ -37,6 +37,9 @@ pub struct Metrics {
     update_latency: Histogram,
     bytes_sent: Counter,
     bytes_received: Counter,
+    inference_answered: Counter,
+    inference_batch: Histogram,
+    inference_latency: Histogram,
     /// Devices connected now.
     pub devices_connected: Gauge,
     /// Devices ever registered.
@@ -55,6 +58,26 @@ impl Default for Metrics {
         let update_latency = Histogram::new(exponential_buckets(0.01, 2.0, 18));
         let bytes_sent = Counter::default();
         let bytes_received = Counter::default();
+        let inference_answered = Counter::default();
+        // 1 to 512 requests per forward pass.
+        let inference_batch = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        // 0.1 ms to ~3 s.
+        let inference_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        registry.register(
+            "inference_answered",
+            "Escalated inference requests the teacher answered",
+            inference_answered.clone(),
+        );
+        registry.register(
+            "inference_batch_size",
+            "Requests answered per teacher forward pass",
+            inference_batch.clone(),
+        );
+        registry.register(
+            "inference_latency_seconds",
+            "From an inference request's arrival to its answer (batch window included)",
+            inference_latency.clone(),
+        );
         let devices_connected = Gauge::default();
         let devices_known = Gauge::default();
         let model_version = Gauge::default();
@@ -83,6 +106,9 @@ impl Default for Metrics {
             update_latency,
             bytes_sent,
             bytes_received,
+            inference_answered,
+            inference_batch,
+            inference_latency,
             devices_connected,
             devices_known,
             model_version,
@@ -101,6 +127,13 @@ impl Metrics {
     pub fn update_accepted(&self, latency: Duration) {
         self.updates_accepted.inc();
         self.update_latency.observe(latency.as_secs_f64());
+    }
+
+    /// An inference request was answered in a batch of `batch`, `latency` after it arrived.
+    pub fn inference_answered(&self, batch: usize, latency: Duration) {
+        self.inference_answered.inc();
+        self.inference_batch.observe(batch as f64);
+        self.inference_latency.observe(latency.as_secs_f64());
     }
 
     /// Something a device or operator sent was refused with `code`.

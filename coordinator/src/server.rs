@@ -21,8 +21,8 @@ use fedge_core::ModelParams;
 use fedge_core::params::ContentHash;
 use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole};
 use fedge_core::wire::{
-    Capabilities, DeviceId, DeviceLine, ErrorCode, Message, ModelLine, OperatorCommand, PrivacyBudget, RoundLine,
-    Status, TrainTask,
+    Capabilities, DeviceId, DeviceLine, ErrorCode, InferRequest, Message, ModelLine, OperatorCommand, PrivacyBudget,
+    RoundLine, SessionPurpose, Status, TrainTask,
 };
 use tokio::sync::Notify;
 
@@ -30,6 +30,7 @@ use crate::blobs::{BlobError, BlobStore};
 use crate::certs::{ModelSigner, Role};
 use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
 use crate::engine::{Evaluation, ResumeError, RoundOutcome, StoredRound};
+use crate::inference::{InferError, InferenceConfig, InferenceCounts, InferenceService, RateLimiter, Teacher};
 use crate::metrics::Metrics;
 use crate::store::{RoundRecord, Settings, Store, StoreError};
 use crate::strategy::{self, Strategy};
@@ -154,6 +155,13 @@ pub struct Coordinator {
     changed: Notify,
     started: Instant,
     metrics: Arc<Metrics>,
+    inference: std::sync::OnceLock<Inference>,
+}
+
+/// The teacher's inference service and the per-device rate limit in front of it.
+struct Inference {
+    service: InferenceService,
+    limiter: Mutex<RateLimiter>,
 }
 
 impl Coordinator {
@@ -266,6 +274,7 @@ impl Coordinator {
             changed: Notify::new(),
             started: Instant::now(),
             metrics: Arc::new(Metrics::default()),
+            inference: std::sync::OnceLock::new(),
         })
     }
 
@@ -276,6 +285,48 @@ impl Coordinator {
 
     fn now(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Answers devices' inference requests with `teacher` on the current global model, batched
+    /// and rate-limited as `config` says. Call once, within a tokio runtime; a second call is
+    /// ignored (returns false).
+    pub fn set_inference(self: &Arc<Self>, config: InferenceConfig, teacher: Box<dyn Teacher>) -> bool {
+        let me = Arc::downgrade(self);
+        let empty = Arc::new(ModelParams::zeros(Arc::new(
+            fedge_core::params::ParamLayout::new(Vec::new()).expect("an empty layout is valid"),
+        )));
+        let model: crate::inference::ModelSource =
+            Arc::new(move || me.upgrade().map_or_else(|| (0, empty.clone()), |c| c.global()));
+        let metrics = self.metrics.clone();
+        let service = InferenceService::spawn(config, teacher, model)
+            .with_observer(Arc::new(move |batch, latency| metrics.inference_answered(batch, latency)));
+        let limiter = Mutex::new(RateLimiter::new(config.rate_per_sec, config.burst));
+        self.inference.set(Inference { service, limiter }).is_ok()
+    }
+
+    /// What the inference service answered so far (`None`: not serving inference).
+    pub fn inference_counts(&self) -> Option<&InferenceCounts> {
+        self.inference.get().map(|i| i.service.counts())
+    }
+
+    /// Answers one inference request from device `device` (certificate id).
+    pub async fn infer(
+        &self,
+        device: &str,
+        request: InferRequest,
+    ) -> Result<fedge_core::wire::InferAnswer, InferError> {
+        let Some(inf) = self.inference.get() else {
+            return Err(InferError::Unavailable("this coordinator does not serve inference".into()));
+        };
+        let checked = inf.limiter.lock().unwrap_or_else(|p| p.into_inner()).check(device, self.now());
+        let out = match checked {
+            Ok(()) => inf.service.infer(request).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &out {
+            self.metrics.rejected(e.code());
+        }
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -815,6 +866,7 @@ impl Coordinator {
                 return;
             }
         };
+        let training = hello.purpose == SessionPurpose::Train;
         let id = {
             let mut s = self.lock();
             let name = peer.identity.id.clone();
@@ -830,10 +882,12 @@ impl Coordinator {
                 (None, None) => s.ids.len() as DeviceId,
             };
             s.ids.insert(name, id);
-            s.connected.insert(id);
-            s.capabilities.insert(id, hello.capabilities);
-            s.engine.handle_device_available(id);
-            self.pump(&mut s);
+            if training {
+                s.connected.insert(id);
+                s.capabilities.insert(id, hello.capabilities);
+                s.engine.handle_device_available(id);
+                self.pump(&mut s);
+            }
             id
         };
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
@@ -853,6 +907,36 @@ impl Coordinator {
                     let _ = fedge_net::write_message(&mut send, &reply).await;
                     continue;
                 }
+            };
+            let request = match request {
+                Message::InferRequest(r) => {
+                    // Answered on its own task: the teacher's batch window must not hold up
+                    // this device's other requests.
+                    let (me, name) = (self.clone(), peer.identity.id.clone());
+                    tokio::spawn(async move {
+                        let reply = match me.infer(&name, r).await {
+                            Ok(a) => Message::InferAnswer(a),
+                            Err(e) => Message::Error { code: e.code(), message: e.to_string() },
+                        };
+                        let bytes = fedge_core::codec::encode(&reply);
+                        me.metrics.sent(bytes.len() + 4);
+                        if fedge_net::write_encoded(&mut send, &bytes).await.is_ok() {
+                            let _ = send.finish();
+                        }
+                    });
+                    continue;
+                }
+                Message::TaskRequest { .. } | Message::TrainResult(_) if !training => {
+                    self.metrics.rejected(ErrorCode::Unauthorized);
+                    let reply = Message::Error {
+                        code: ErrorCode::Unauthorized,
+                        message: "an inference session does not train: connect for training".into(),
+                    };
+                    let _ = fedge_net::write_message(&mut send, &reply).await;
+                    let _ = send.finish();
+                    continue;
+                }
+                other => other,
             };
             if let Message::BlobChunkRequest { version, .. } = &request {
                 self.cache_blob(*version).await;
@@ -876,6 +960,9 @@ impl Coordinator {
                 break;
             }
             let _ = send.finish();
+        }
+        if !training {
+            return;
         }
         let mut s = self.lock();
         s.connected.remove(&id);
@@ -974,6 +1061,7 @@ impl Coordinator {
                     }
                 }
             }
+            Message::Ping { nonce } => Message::Pong { nonce },
             Message::Operator(_) => {
                 self.metrics.rejected(ErrorCode::Unauthorized);
                 Message::Error {

@@ -87,6 +87,11 @@ pub async fn run(
     if let Some(url) = &c.blob_store {
         coordinator.set_blob_store(crate::blobs::BlobStore::from_url(url)?);
     }
+    if c.inference.enabled {
+        c.inference.validate().map_err(ServiceError::Config)?;
+        let teacher = BurnTeacher::new(model, test.num_classes, (test.rows, test.cols));
+        coordinator.set_inference(c.inference, Box::new(teacher));
+    }
     let listener = Listener::bind(c.listen, &certs)?;
     ready(listener.local_addr().map_err(|source| ServiceError::Io { context: "no local address".into(), source })?);
     let server = tokio::spawn(coordinator.clone().serve(listener));
@@ -184,6 +189,45 @@ pub async fn run(
         m.abort();
     }
     Ok(())
+}
+
+/// The teacher behind the coordinator's inference endpoint: the global model on the CPU
+/// (fedge-learn's flex backend), rebuilt when the version changes.
+pub struct BurnTeacher {
+    kind: ModelKind,
+    classes: usize,
+    shape: (usize, usize),
+    built: Option<(u64, fedge_learn::Predictor)>,
+}
+
+impl BurnTeacher {
+    /// A teacher of architecture `kind` over `classes` classes taking `shape` (rows, cols)
+    /// images.
+    pub fn new(kind: ModelKind, classes: usize, shape: (usize, usize)) -> Self {
+        Self { kind, classes, shape, built: None }
+    }
+}
+
+impl crate::inference::Teacher for BurnTeacher {
+    fn input_shape(&self) -> (usize, usize) {
+        self.shape
+    }
+
+    fn answer(
+        &mut self,
+        version: u64,
+        params: &fedge_core::ModelParams,
+        images: &[&[u8]],
+    ) -> Result<Vec<Vec<f32>>, String> {
+        if self.built.as_ref().is_none_or(|(v, _)| *v != version) {
+            let p = fedge_learn::Predictor::new(self.kind, params, BackendKind::Flex).map_err(|e| e.to_string())?;
+            self.built = Some((version, p));
+        }
+        let (_, p) = self.built.as_ref().expect("built above");
+        let out = p.predict_batch(images, self.shape.0, self.shape.1);
+        debug_assert!(out.iter().all(|o| o.probabilities.len() == self.classes));
+        Ok(out.into_iter().map(|o| o.probabilities).collect())
+    }
 }
 
 /// Distils `global` into the student (warm-started from `start`, which becomes the result),

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use fedge_core::wire::{Capabilities, ErrorCode, Hello, Message, PROTOCOL_VERSION, Welcome};
+use fedge_core::wire::{Capabilities, ErrorCode, Hello, Message, PROTOCOL_VERSION, SessionPurpose, Welcome};
 use thiserror::Error;
 
 /// The device's TLS material.
@@ -63,9 +63,19 @@ impl Link {
         Ok(self.client.request(msg).await?)
     }
 
-    /// Sends `Hello` with `capabilities` and waits for `Welcome`.
+    /// Sends `Hello` with `capabilities` and waits for `Welcome`: a training session.
     pub async fn hello(&self, capabilities: Capabilities) -> Result<Welcome, ConnectError> {
-        match self.request(&Message::Hello(Hello { protocol_version: PROTOCOL_VERSION, capabilities })).await? {
+        self.hello_for(capabilities, SessionPurpose::Train).await
+    }
+
+    /// Sends `Hello` for a session of `purpose` and waits for `Welcome`.
+    pub async fn hello_for(
+        &self,
+        capabilities: Capabilities,
+        purpose: SessionPurpose,
+    ) -> Result<Welcome, ConnectError> {
+        let hello = Hello { protocol_version: PROTOCOL_VERSION, capabilities, purpose };
+        match self.request(&Message::Hello(hello)).await? {
             Message::Welcome(w) => Ok(w),
             Message::Error { code, message } => Err(ConnectError::Refused { code, message }),
             _ => Err(ConnectError::Unexpected),

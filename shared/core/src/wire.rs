@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -91,6 +91,10 @@ pub enum ErrorCode {
     /// The coordinator cannot take this now (e.g. its state could not be written); nothing was
     /// recorded: retry later.
     Unavailable,
+    /// The device sent more inference requests than its rate allows; retry later.
+    RateLimited,
+    /// An inference input is not an image of the size the model takes.
+    InvalidInput,
 }
 
 /// What a device tells the coordinator about itself when it connects.
@@ -116,6 +120,44 @@ pub struct Hello {
     pub protocol_version: u32,
     /// What the device can do.
     pub capabilities: Capabilities,
+    /// What the connection is for.
+    pub purpose: SessionPurpose,
+}
+
+/// What a device connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, bincode::Encode, bincode::Decode)]
+pub enum SessionPurpose {
+    /// Training (and inference): the device is available for rounds while connected.
+    #[default]
+    Train,
+    /// Inference only (e.g. a device's local inference server): never sampled for rounds.
+    Inference,
+}
+
+/// A device asks the coordinator's (teacher) model to classify one image.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct InferRequest {
+    /// Image height.
+    pub rows: u32,
+    /// Image width.
+    pub cols: u32,
+    /// Greyscale pixels, row-major, 0-255 (`rows * cols` bytes).
+    pub pixels: Vec<u8>,
+}
+
+/// The coordinator's answer to an [`InferRequest`].
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct InferAnswer {
+    /// The most likely class.
+    pub class: u32,
+    /// Its probability.
+    pub confidence: f32,
+    /// Every class's probability.
+    pub probabilities: Vec<f32>,
+    /// The global model version that answered.
+    pub model_version: u64,
+    /// How many requests were answered in the same batch.
+    pub batch_size: u32,
 }
 
 /// The coordinator's answer to [`Hello`].
@@ -242,6 +284,20 @@ pub enum Message {
     Devices(Vec<DeviceLine>),
     /// Coordinator to operator: the model versions.
     Models(Vec<ModelLine>),
+    /// Device to coordinator: classify this image with the teacher.
+    InferRequest(InferRequest),
+    /// Coordinator to device: the teacher's answer.
+    InferAnswer(InferAnswer),
+    /// Either way: are you there? (answered with `Pong` carrying the same nonce)
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// The answer to `Ping`.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
 }
 
 /// What an operator can ask.

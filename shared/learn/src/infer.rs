@@ -76,6 +76,20 @@ impl Predictor {
         t.get(t.len() / 2).copied().unwrap_or(0.0)
     }
 
+    /// Predicts the classes of `images` (each `rows * cols` greyscale bytes) in one forward
+    /// pass: what a server batching requests from many devices does.
+    pub fn predict_batch(&self, images: &[&[u8]], rows: usize, cols: usize) -> Vec<Prediction> {
+        if images.is_empty() {
+            return Vec::new();
+        }
+        let x: Vec<f32> = images.iter().flat_map(|im| im.iter().map(|&p| (p as f32 / 255.0 - MEAN) / STD)).collect();
+        let input = Tensor::<4>::from_data(TensorData::new(x, [images.len(), 1, rows, cols]), &self.device);
+        let probs: Vec<f32> =
+            softmax(self.model.forward(input), 1).into_data().try_into_vec::<f32>().expect("f32 probabilities");
+        let k = probs.len() / images.len();
+        probs.chunks(k).map(prediction_of).collect()
+    }
+
     /// Predicts the class of one `rows` x `cols` greyscale image (bytes 0-255, row-major).
     /// `pixels` must hold exactly `rows * cols` bytes (callers with untrusted input check it,
     /// as `fedge_edge::predict::LocalModel` does).
@@ -84,10 +98,13 @@ impl Predictor {
         let input = Tensor::<4>::from_data(TensorData::new(x, [1, 1, rows, cols]), &self.device);
         let probs: Vec<f32> =
             softmax(self.model.forward(input), 1).into_data().try_into_vec::<f32>().expect("f32 probabilities");
-        let (class, &confidence) =
-            probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("at least one class");
-        Prediction { class, confidence, probabilities: probs }
+        prediction_of(&probs)
     }
+}
+
+fn prediction_of(probs: &[f32]) -> Prediction {
+    let (class, &confidence) = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("at least one class");
+    Prediction { class, confidence, probabilities: probs.to_vec() }
 }
 
 #[cfg(test)]
@@ -116,6 +133,13 @@ mod tests {
         let one = pred.predict(test.image(0), test.rows, test.cols);
         assert!((one.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
         assert_eq!(one.confidence, one.probabilities[one.class]);
+        // A batch answers as the single images do.
+        let batch: Vec<&[u8]> = (0..7).map(|i| test.image(i)).collect();
+        for (i, b) in pred.predict_batch(&batch, test.rows, test.cols).iter().enumerate() {
+            let one = pred.predict(test.image(i), test.rows, test.cols);
+            assert_eq!(b.class, one.class);
+            assert!((b.confidence - one.confidence).abs() < 1e-5);
+        }
         // Parameters of another architecture are refused.
         assert!(Predictor::new(ModelKind::TwoNn, &p, BackendKind::Flex).is_err());
     }
