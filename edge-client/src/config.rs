@@ -40,6 +40,8 @@ pub struct EdgeConfig {
     /// The fleet's `model-signing.pub`: deployed models must be signed with it (absent: no
     /// deployed model is accepted).
     pub model_key: Option<PathBuf>,
+    /// How the device answers predictions (policy, calibration, local server).
+    pub inference: crate::hybrid::HybridConfig,
 }
 
 impl Default for EdgeConfig {
@@ -60,6 +62,7 @@ impl Default for EdgeConfig {
             seed: 0,
             memory_mb: 512,
             model_key: None,
+            inference: crate::hybrid::HybridConfig::default(),
         }
     }
 }

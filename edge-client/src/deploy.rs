@@ -114,6 +114,11 @@ pub fn load(dir: &Path, v: u64, key: &ModelKey) -> Option<Deployed> {
     verify(&record, &blob, key).ok()
 }
 
+/// The version `dir/current` names (not verified: a cheap check for a change).
+pub fn current_version(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join("current")).ok()?.trim().parse().ok()
+}
+
 /// The version `dir/current` names, verified.
 pub fn load_current(dir: &Path, key: &ModelKey) -> Option<Deployed> {
     let v: u64 = std::fs::read_to_string(dir.join("current")).ok()?.trim().parse().ok()?;

@@ -7,11 +7,22 @@
 //! coordinator over QUIC with the device's certificate; [`download`] fetches model versions in
 //! resumable, hash-verified chunks; [`deploy`] fetches, verifies (signature, hash) and installs
 //! the promoted inference model.
+//!
+//! Inference: [`predict`] runs the deployed model; [`hybrid`] answers under a policy
+//! (local-only, cascade, speculative, cloud-first) with per-version calibration, escalating
+//! through [`cloud`] (an inference session to the coordinator's teacher) and staying local when
+//! offline or private; [`metrics`] counts each path; [`http`] serves it all to local apps as
+//! JSON over HTTP; [`bench`] measures it.
 
+pub mod bench;
 pub mod client;
+pub mod cloud;
 pub mod config;
 pub mod deploy;
 pub mod download;
+pub mod http;
+pub mod hybrid;
+pub mod metrics;
 pub mod predict;
 pub mod service;
 pub mod trainer;

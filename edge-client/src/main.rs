@@ -2,7 +2,9 @@
 //!
 //! `run` joins a coordinator and trains when assigned (reconnecting with backoff and jitter),
 //! `status` shows what the device holds, `train` trains standalone on local data (the same
-//! trainer a federated task runs; a centralised baseline and a backend check).
+//! trainer a federated task runs; a centralised baseline and a backend check), `predict`
+//! answers one image (under the device's inference policy with `--config`), `serve-inference`
+//! serves local apps over HTTP, `bench-inference` measures hybrid inference.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -36,23 +38,74 @@ enum Command {
         #[arg(long, default_value = "edge-state")]
         state_dir: PathBuf,
     },
-    /// Classify one image with the deployed (promoted, verified) model.
+    /// Classify one image with the deployed (promoted, verified) model; with --config, under
+    /// the device's inference policy (escalating to the coordinator when unsure).
     Predict {
-        /// The device's state folder.
+        /// The device's state folder (without --config).
         #[arg(long, default_value = "edge-state")]
         state_dir: PathBuf,
-        /// The fleet's model-signing.pub.
+        /// The fleet's model-signing.pub (without --config).
         #[arg(long, default_value = "certs/fleet/model-signing.pub")]
         model_key: PathBuf,
+        /// edge.toml: answer under its [inference] policy, with its coordinator.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the policy: local-only, cascade, speculative or cloud-first (needs --config).
+        #[arg(long, requires = "config")]
+        policy: Option<fedge_core::hybrid::PolicyKind>,
+        /// The input must not leave the device.
+        #[arg(long)]
+        private: bool,
         /// An IDX image file (MNIST format, .gz allowed).
-        #[arg(long, conflicts_with = "raw")]
+        #[arg(long, conflicts_with_all = ["raw", "png"])]
         idx: Option<PathBuf>,
         /// Which image of the IDX file.
         #[arg(long, default_value_t = 0)]
         index: usize,
         /// A raw 784-byte 28x28 greyscale image ("-": standard input).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "png")]
         raw: Option<PathBuf>,
+        /// A PNG (greyscale or colour, light digit on dark; resized to 28x28).
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve local inference as JSON over HTTP (POST /predict, GET /corrections/ID,
+    /// GET /status, GET /metrics) under the device's policy, following deployed models.
+    ServeInference {
+        /// edge.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to listen (default: [inference] listen, else 127.0.0.1:8089).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Override the policy.
+        #[arg(long)]
+        policy: Option<fedge_core::hybrid::PolicyKind>,
+        /// Override the target escalation rate.
+        #[arg(long)]
+        target_rate: Option<f64>,
+    },
+    /// Measure local inference latency (one core by default), escalation latency to the
+    /// coordinator against a bare round trip, and the policies' accuracy on held-out images.
+    BenchInference {
+        /// edge.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Test images to use.
+        #[arg(long, default_value_t = 2000)]
+        images: usize,
+        /// Threads for local inference.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Escalations in flight in the concurrent row.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Local latency only (no coordinator).
+        #[arg(long)]
+        local_only: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -102,6 +155,60 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// One 28x28 greyscale image from an IDX file, a raw file (or standard input) or a PNG.
+fn read_image(
+    idx: Option<PathBuf>,
+    index: usize,
+    raw: Option<PathBuf>,
+    png: Option<PathBuf>,
+) -> anyhow::Result<Vec<u8>> {
+    Ok(match (idx, raw, png) {
+        (Some(path), _, _) => {
+            let a = fedge_core::dataset::idx::read_file(&path)?;
+            let per: usize = a.dims.iter().skip(1).product();
+            let count = a.dims.first().copied().unwrap_or(0);
+            anyhow::ensure!(
+                a.dims.len() == 3 && per == 784,
+                "{}: expected images of 28x28, dims {:?}",
+                path.display(),
+                a.dims
+            );
+            anyhow::ensure!(index < count, "{}: image {index} of {count}", path.display());
+            a.data[index * per..(index + 1) * per].to_vec()
+        }
+        (None, Some(path), _) if path.as_os_str() == "-" => {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+            v
+        }
+        (None, Some(path), _) => std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        (None, None, Some(path)) => {
+            let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            fedge_edge::predict::decode_png(&bytes).with_context(|| path.display().to_string())?
+        }
+        (None, None, None) => anyhow::bail!("give an image: --idx FILE [--index N], --raw FILE or --png FILE"),
+    })
+}
+
+/// One line about a hybrid answer.
+fn describe(a: &fedge_edge::hybrid::HybridAnswer) -> String {
+    use fedge_edge::hybrid::Source;
+    let by = match a.answered_by {
+        Source::Local => format!("the local {} v{}", a.architecture.as_deref().unwrap_or("model"), a.model_version),
+        Source::Cloud => format!("the coordinator's teacher (global v{})", a.model_version),
+    };
+    let mut line = format!(
+        "class {} (confidence {:.3}) from {by} in {:.3} ms [{}]",
+        a.class, a.confidence, a.latency_ms, a.policy
+    );
+    if let Some(why) = a.fallback {
+        line += &format!("; unverified: {why}");
+    } else if a.correction_pending {
+        line += "; unverified until the cloud answers";
+    }
+    line
+}
+
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { config } => {
@@ -111,41 +218,86 @@ fn real_main() -> anyhow::Result<()> {
             }))?;
             Ok(())
         }
-        Command::Predict { state_dir, model_key, idx, index, raw, json } => {
-            let key = fedge_net::ModelKey::read(&model_key)?;
-            let model = fedge_edge::predict::LocalModel::load(&state_dir, &key)?;
-            let pixels = match (idx, raw) {
-                (Some(path), _) => {
-                    let a = fedge_core::dataset::idx::read_file(&path)?;
-                    let per: usize = a.dims.iter().skip(1).product();
-                    let count = a.dims.first().copied().unwrap_or(0);
-                    anyhow::ensure!(
-                        a.dims.len() == 3 && per == 784,
-                        "{}: expected images of 28x28, dims {:?}",
-                        path.display(),
-                        a.dims
+        Command::Predict { state_dir, model_key, config, policy, private, idx, index, raw, png, json } => {
+            let pixels = read_image(idx, index, raw, png)?;
+            let Some(config) = config else {
+                anyhow::ensure!(policy.is_none(), "--policy needs --config");
+                let key = fedge_net::ModelKey::read(&model_key)?;
+                let model = fedge_edge::predict::LocalModel::load(&state_dir, &key)?;
+                let a = model.predict(&pixels)?;
+                if json {
+                    println!("{}", serde_json::to_string(&a)?);
+                } else {
+                    println!(
+                        "class {} (confidence {:.3}) from the local {} v{} in {:.3} ms",
+                        a.class, a.confidence, a.architecture, a.model_version, a.latency_ms
                     );
-                    anyhow::ensure!(index < count, "{}: image {index} of {count}", path.display());
-                    a.data[index * per..(index + 1) * per].to_vec()
                 }
-                (None, Some(path)) if path.as_os_str() == "-" => {
-                    let mut v = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
-                    v
-                }
-                (None, Some(path)) => {
-                    std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?
-                }
-                (None, None) => anyhow::bail!("give an image: --idx FILE [--index N] or --raw FILE"),
+                return Ok(());
             };
-            let a = model.predict(&pixels)?;
+            let mut c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
+            if let Some(p) = policy {
+                c.inference.policy = p;
+            }
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let predictor = fedge_edge::service::hybrid_predictor(&c)?;
+                if !private && c.inference.policy != fedge_core::hybrid::PolicyKind::LocalOnly {
+                    // A one-shot command starts offline: give the session a moment.
+                    predictor.cloud().wait_online(std::time::Duration::from_secs(3)).await;
+                }
+                let mut a = predictor.predict(fedge_edge::hybrid::Request { pixels, private }).await?;
+                let correction = a.correction.take();
+                if json {
+                    println!("{}", serde_json::to_string(&a)?);
+                } else {
+                    println!("{}", describe(&a));
+                }
+                if let Some(rx) = correction {
+                    match rx.await {
+                        Ok(Ok(c)) if json => println!("{}", serde_json::to_string(&c)?),
+                        Ok(Ok(c)) => println!(
+                            "cloud: class {} (confidence {:.3}) from global v{} after {:.3} ms: {}",
+                            c.class,
+                            c.confidence,
+                            c.model_version,
+                            c.latency_ms,
+                            if c.differs { "a correction" } else { "confirms the local answer" }
+                        ),
+                        Ok(Err(e)) => eprintln!("no correction: {e}"),
+                        Err(_) => eprintln!("no correction: dropped"),
+                    }
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        }
+        Command::ServeInference { config, listen, policy, target_rate } => {
+            let mut c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
+            if let Some(p) = policy {
+                c.inference.policy = p;
+            }
+            if let Some(r) = target_rate {
+                c.inference.target_rate = r;
+            }
+            let listen = listen.or(c.inference.listen).unwrap_or_else(|| "127.0.0.1:8089".parse().expect("valid"));
+            tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::serve_inference(
+                &c,
+                listen,
+                |addr| println!("local inference on http://{addr} ({} policy)", c.inference.policy),
+                async {
+                    let _ = tokio::signal::ctrl_c().await;
+                },
+            ))?;
+            Ok(())
+        }
+        Command::BenchInference { config, images, threads, concurrency, local_only, json } => {
+            let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
+            let opts =
+                fedge_edge::bench::BenchOptions { images, threads, concurrency, local_only, ..Default::default() };
+            let report = tokio::runtime::Runtime::new()?.block_on(fedge_edge::bench::run(&c, &opts))?;
             if json {
-                println!("{}", serde_json::to_string(&a)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!(
-                    "class {} (confidence {:.3}) from the local {} v{} in {:.3} ms",
-                    a.class, a.confidence, a.architecture, a.model_version, a.latency_ms
-                );
+                print!("{}", fedge_edge::bench::format_report(&report));
             }
             Ok(())
         }

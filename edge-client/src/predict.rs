@@ -4,9 +4,36 @@
 use std::path::Path;
 use std::time::Instant;
 
-use fedge_learn::{BackendKind, ModelKind, Predictor};
+use fedge_learn::{BackendKind, ModelKind, Prediction, Predictor};
 use fedge_net::ModelKey;
 use thiserror::Error;
+
+/// Image height the models take.
+pub const ROWS: usize = 28;
+/// Image width the models take.
+pub const COLS: usize = 28;
+
+/// Checks that `pixels` is one image of the models' size.
+pub fn check_input(pixels: &[u8]) -> Result<(), PredictError> {
+    if pixels.len() != ROWS * COLS {
+        return Err(PredictError::Input(format!("{} bytes; a {ROWS}x{COLS} image is {}", pixels.len(), ROWS * COLS)));
+    }
+    Ok(())
+}
+
+/// Decodes a PNG into the models' input: greyscale (luma), resized to 28x28 when it is
+/// another size. Digits are expected light on dark, as in MNIST.
+pub fn decode_png(bytes: &[u8]) -> Result<Vec<u8>, PredictError> {
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .map_err(|e| PredictError::Input(format!("not a readable PNG: {e}")))?;
+    let luma = img.to_luma8();
+    let luma = if luma.dimensions() == (COLS as u32, ROWS as u32) {
+        luma
+    } else {
+        image::imageops::resize(&luma, COLS as u32, ROWS as u32, image::imageops::FilterType::Triangle)
+    };
+    Ok(luma.into_raw())
+}
 
 /// Why a prediction could not be made.
 #[derive(Debug, Error)]
@@ -58,13 +85,26 @@ impl LocalModel {
         Ok(Self { predictor, version: d.record.version, architecture: d.record.architecture })
     }
 
+    /// Its registry version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Its architecture.
+    pub fn architecture(&self) -> &str {
+        &self.architecture
+    }
+
+    /// Every class's probability for one 28x28 greyscale image (784 bytes, row-major, 0-255).
+    pub fn classify(&self, pixels: &[u8]) -> Result<Prediction, PredictError> {
+        check_input(pixels)?;
+        Ok(self.predictor.predict(pixels, ROWS, COLS))
+    }
+
     /// Classifies one 28x28 greyscale image (784 bytes, row-major, 0-255).
     pub fn predict(&self, pixels: &[u8]) -> Result<Answer, PredictError> {
-        if pixels.len() != 28 * 28 {
-            return Err(PredictError::Input(format!("{} bytes; a 28x28 image is 784", pixels.len())));
-        }
         let started = Instant::now();
-        let p = self.predictor.predict(pixels, 28, 28);
+        let p = self.classify(pixels)?;
         Ok(Answer {
             class: p.class,
             confidence: p.confidence,
@@ -73,5 +113,31 @@ impl LocalModel {
             architecture: self.architecture.clone(),
             latency_ms: started.elapsed().as_secs_f64() * 1e3,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pngs_decode_to_28x28_greyscale_and_garbage_is_refused() {
+        let mut img = image::GrayImage::new(56, 56);
+        img.put_pixel(10, 20, image::Luma([255]));
+        let mut png = Vec::new();
+        image::DynamicImage::ImageLuma8(img.clone())
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let px = decode_png(&png).unwrap();
+        assert_eq!(px.len(), 784);
+        assert!(px[10 * 28 + 5] > 0, "the bright pixel lands at half its coordinates");
+        let small = image::imageops::resize(&img, 28, 28, image::imageops::FilterType::Nearest);
+        let mut png = Vec::new();
+        image::DynamicImage::ImageLuma8(small.clone())
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(decode_png(&png).unwrap(), small.into_raw(), "28x28 is taken as it is");
+        assert!(matches!(decode_png(b"not a png"), Err(PredictError::Input(_))));
+        assert!(check_input(&[0; 783]).is_err() && check_input(&[0; 784]).is_ok());
     }
 }

@@ -12,9 +12,13 @@ use fedge_core::wire::Capabilities;
 use fedge_learn::{BackendKind, ModelKind};
 use rand::RngExt;
 
+use std::sync::Arc;
+
 use crate::EdgeTrainer;
 use crate::client::{DeviceStatus, EdgeClient};
+use crate::cloud::{Cloud, CloudTarget};
 use crate::config::EdgeConfig;
+use crate::hybrid::{CalibrationSet, HybridPredictor};
 use crate::transport::{DeviceTls, Link};
 
 /// Why the device service could not start.
@@ -35,6 +39,67 @@ pub enum ServiceError {
     /// The model public key cannot be read.
     #[error(transparent)]
     ModelKey(#[from] fedge_net::SignatureError),
+    /// The local model cannot answer.
+    #[error(transparent)]
+    Predict(#[from] crate::predict::PredictError),
+}
+
+/// The hybrid predictor the device described by `c` runs: its deployed model (verified with
+/// `model_key`), calibrated on `c.inference.calibration_examples` held-out images of its
+/// dataset's test split, escalating to its coordinator over an inference session. Call within
+/// a tokio runtime.
+pub fn hybrid_predictor(c: &EdgeConfig) -> Result<HybridPredictor, ServiceError> {
+    c.inference.validate().map_err(ServiceError::Config)?;
+    let key_path = c.model_key.as_ref().ok_or_else(|| {
+        ServiceError::Config("model_key is not set: deployed models cannot be verified, so none runs".into())
+    })?;
+    let key = fedge_net::ModelKey::read(key_path)?;
+    let dataset: DatasetName = c.dataset.parse().map_err(ServiceError::Config)?;
+    let test = dataset.load(&c.data_dir)?.test;
+    let set = CalibrationSet::sample(&test, c.inference.calibration_examples, c.seed);
+    let tls = DeviceTls { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone() };
+    let target = CloudTarget { addr: c.coordinator, server_name: c.server_name.clone(), tls };
+    let cloud = Cloud::connect(target, Duration::from_millis(c.inference.cloud_timeout_ms));
+    HybridPredictor::new(c.inference.clone(), c.state_dir.clone(), key, set, cloud).map_err(ServiceError::Predict)
+}
+
+/// Serves local inference for the device `c` on `listen` until `shutdown` completes,
+/// following newly deployed models (recalibrating each).
+pub async fn serve_inference(
+    c: &EdgeConfig,
+    listen: std::net::SocketAddr,
+    ready: impl FnOnce(std::net::SocketAddr),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServiceError> {
+    let predictor = Arc::new(hybrid_predictor(c)?);
+    match predictor.calibration() {
+        Some(cal) => println!(
+            "inference: model v{} ({}), threshold {:.4} for {:.0}% escalation ({:.1}% on {} held-out images)",
+            cal.model_version,
+            c.inference.policy,
+            cal.threshold,
+            cal.target_rate * 100.0,
+            cal.calibration_rate * 100.0,
+            cal.examples
+        ),
+        None => println!("inference: no deployed model yet; the coordinator answers until one is"),
+    }
+    let watcher = predictor.watch(Duration::from_millis(500));
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| ServiceError::Config(format!("cannot listen on {listen}: {e}")))?;
+    let bound = tcp.local_addr().map_err(|e| ServiceError::Config(format!("no local address: {e}")))?;
+    ready(bound);
+    tokio::select! {
+        r = crate::http::serve(tcp, predictor) => {
+            watcher.abort();
+            r.map_err(|e| ServiceError::Config(format!("inference server on {bound}: {e}")))
+        }
+        _ = shutdown => {
+            watcher.abort();
+            Ok(())
+        }
+    }
 }
 
 fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
@@ -82,6 +147,27 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
         charging: true,
         unmetered: true,
         num_samples: n as u64,
+    };
+    // The local inference server, when asked for, beside the training loop.
+    let _inference = match c.inference.listen {
+        Some(listen) => {
+            let c = c.clone();
+            let predictor = Arc::new(hybrid_predictor(&c)?);
+            let tcp = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| ServiceError::Config(format!("cannot listen on {listen}: {e}")))?;
+            println!("local inference on http://{listen} ({} policy)", c.inference.policy);
+            let watcher = predictor.watch(Duration::from_millis(500));
+            Some(AbortOnDrop(vec![
+                watcher,
+                tokio::spawn(async move {
+                    if let Err(e) = crate::http::serve(tcp, predictor).await {
+                        eprintln!("inference server stopped: {e}");
+                    }
+                }),
+            ]))
+        }
+        None => None,
     };
     let mut trainer = Some(EdgeTrainer::new(model, data.train.num_classes, backend)?);
     let train = std::sync::Arc::new(data.train);
@@ -158,6 +244,17 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis((base * jitter) as u64)) => {}
             _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
         }
     }
 }

@@ -9,28 +9,20 @@
 
 use std::time::Instant;
 
-use fedge_core::hybrid::{ConfidenceMeasure, calibrate_threshold, escalates};
+use fedge_core::hybrid::{ConfidenceMeasure, Observation, PolicyRow, policy_table};
 use fedge_learn::Predictor;
 use serde::Serialize;
 
 use crate::config::SimConfig;
 use crate::run::{Observer, SimError};
 
-/// One row of the table.
+/// One row of the table: a policy's accuracy and escalation rate, with the local model's
+/// latency.
 #[derive(Debug, Clone, Serialize)]
 pub struct HybridRow {
-    /// `local-only`, `cloud-only` or `cascade`.
-    pub policy: String,
-    /// Escalation rate the threshold was calibrated for.
-    pub target_rate: f64,
-    /// Escalation rate measured on the evaluation half.
-    pub escalation_rate: f64,
-    /// Accuracy of the answers given.
-    pub accuracy: f64,
-    /// Share of requests answered without the cloud.
-    pub cloud_calls_saved: f64,
-    /// The calibrated threshold (cascade only).
-    pub threshold: Option<f32>,
+    /// The policy's line.
+    #[serde(flatten)]
+    pub row: PolicyRow,
     /// Median single-image latency of the local (student) model, milliseconds.
     pub local_p50_ms: f64,
     /// 99th percentile of the same.
@@ -70,40 +62,13 @@ pub fn run(
         } else {
             latencies.push(elapsed);
             let cloud = teacher.predict(test.image(i), test.rows, test.cols).class;
-            eval.push((score, local.class, cloud, test.labels[i] as usize));
+            eval.push(Observation { score, local: local.class, cloud, label: test.labels[i] as usize });
         }
     }
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let (p50, p99) = (pct(0.5), pct(0.99));
-    let n = eval.len() as f64;
-    let row = |policy: &str, target: f64, threshold: Option<f32>, escalate: &dyn Fn(f32) -> bool| {
-        let (mut correct, mut escalated) = (0usize, 0usize);
-        for &(score, local, cloud, label) in &eval {
-            let answer = if escalate(score) {
-                escalated += 1;
-                cloud
-            } else {
-                local
-            };
-            correct += usize::from(answer == label);
-        }
-        HybridRow {
-            policy: policy.into(),
-            target_rate: target,
-            escalation_rate: escalated as f64 / n,
-            accuracy: correct as f64 / n,
-            cloud_calls_saved: 1.0 - escalated as f64 / n,
-            threshold,
-            local_p50_ms: p50,
-            local_p99_ms: p99,
-        }
-    };
-    let mut rows = vec![row("local-only", 0.0, None, &|_| false), row("cloud-only", 1.0, None, &|_| true)];
-    for &rate in rates {
-        let t =
-            calibrate_threshold(&cal_scores, rate).map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
-        rows.push(row("cascade", rate, Some(t), &|s| escalates(s, t)));
-    }
-    Ok(rows)
+    let table =
+        policy_table(&cal_scores, &eval, rates).map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
+    Ok(table.into_iter().map(|row| HybridRow { row, local_p50_ms: p50, local_p99_ms: p99 }).collect())
 }

@@ -336,23 +336,8 @@ fn real_main() -> anyhow::Result<()> {
             if run.json {
                 let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let _ = writeln!(
-                    stdout,
-                    "{:<11} {:>7} {:>10} {:>9} {:>11} {:>9}",
-                    "policy", "target", "escalated", "accuracy", "cloud saved", "threshold"
-                );
-                for r in &rows {
-                    let _ = writeln!(
-                        stdout,
-                        "{:<11} {:>6.0}% {:>9.1}% {:>8.2}% {:>10.1}% {:>9}",
-                        r.policy,
-                        r.target_rate * 100.0,
-                        r.escalation_rate * 100.0,
-                        r.accuracy * 100.0,
-                        r.cloud_calls_saved * 100.0,
-                        r.threshold.map_or("-".into(), |t| format!("{t:.4}"))
-                    );
-                }
+                let table: Vec<_> = rows.iter().map(|r| r.row.clone()).collect();
+                let _ = write!(stdout, "{}", fedge_core::hybrid::format_table(&table));
                 if let Some(r) = rows.first() {
                     let _ = writeln!(
                         stdout,

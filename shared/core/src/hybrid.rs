@@ -105,6 +105,75 @@ pub enum Policy {
     CloudFirst,
 }
 
+/// A policy by name, before its threshold is calibrated (`local-only`, `cascade`,
+/// `speculative`, `cloud-first`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// See [`Policy::LocalOnly`].
+    LocalOnly,
+    /// See [`Policy::Cascade`].
+    #[default]
+    Cascade,
+    /// See [`Policy::Speculative`].
+    Speculative,
+    /// See [`Policy::CloudFirst`].
+    CloudFirst,
+}
+
+impl PolicyKind {
+    /// The policy with escalation `threshold` (ignored by the policies without one).
+    pub fn with_threshold(self, threshold: f32) -> Policy {
+        match self {
+            Self::LocalOnly => Policy::LocalOnly,
+            Self::Cascade => Policy::Cascade { threshold },
+            Self::Speculative => Policy::Speculative { threshold },
+            Self::CloudFirst => Policy::CloudFirst,
+        }
+    }
+
+    /// Whether answers need the local confidence (every policy but cloud-first).
+    pub fn needs_local(self) -> bool {
+        self != Self::CloudFirst
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::LocalOnly => "local-only",
+            Self::Cascade => "cascade",
+            Self::Speculative => "speculative",
+            Self::CloudFirst => "cloud-first",
+        })
+    }
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local-only" => Ok(Self::LocalOnly),
+            "cascade" => Ok(Self::Cascade),
+            "speculative" => Ok(Self::Speculative),
+            "cloud-first" => Ok(Self::CloudFirst),
+            _ => Err(format!("unknown policy {s:?}: local-only, cascade, speculative or cloud-first")),
+        }
+    }
+}
+
+impl std::str::FromStr for ConfidenceMeasure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "max-softmax" => Ok(Self::MaxSoftmax),
+            "margin" => Ok(Self::Margin),
+            "entropy" => Ok(Self::Entropy),
+            _ => Err(format!("unknown confidence measure {s:?}: max-softmax, margin or entropy")),
+        }
+    }
+}
+
 /// What to do with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -133,6 +202,96 @@ impl Policy {
             Self::CloudFirst => Route::Cloud,
         }
     }
+}
+
+/// One request of an offline evaluation: the local confidence score, both models' classes
+/// and the true label.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    /// Local confidence under the measure calibrated on.
+    pub score: f32,
+    /// The local model's class.
+    pub local: usize,
+    /// The cloud model's class.
+    pub cloud: usize,
+    /// The true class.
+    pub label: usize,
+}
+
+/// One line of a policy comparison.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PolicyRow {
+    /// `local-only`, `cloud-only` or `cascade`.
+    pub policy: String,
+    /// Escalation rate the threshold was calibrated for.
+    pub target_rate: f64,
+    /// Escalation rate measured on the evaluation images.
+    pub escalation_rate: f64,
+    /// Accuracy of the answers given.
+    pub accuracy: f64,
+    /// Share of requests answered without the cloud (against cloud-only).
+    pub cloud_calls_saved: f64,
+    /// The calibrated threshold (cascade only).
+    pub threshold: Option<f32>,
+}
+
+/// Local-only, cloud-only, and the cascade calibrated on `calibration` scores for each of
+/// `rates`, measured on `eval` (which the calibration must not include).
+pub fn policy_table(
+    calibration: &[f32],
+    eval: &[Observation],
+    rates: &[f64],
+) -> Result<Vec<PolicyRow>, CalibrationError> {
+    if eval.is_empty() {
+        return Err(CalibrationError::Empty);
+    }
+    let n = eval.len() as f64;
+    let row = |policy: &str, target: f64, threshold: Option<f32>, escalate: &dyn Fn(f32) -> bool| {
+        let (mut correct, mut escalated) = (0usize, 0usize);
+        for o in eval {
+            let answer = if escalate(o.score) {
+                escalated += 1;
+                o.cloud
+            } else {
+                o.local
+            };
+            correct += usize::from(answer == o.label);
+        }
+        PolicyRow {
+            policy: policy.into(),
+            target_rate: target,
+            escalation_rate: escalated as f64 / n,
+            accuracy: correct as f64 / n,
+            cloud_calls_saved: 1.0 - escalated as f64 / n,
+            threshold,
+        }
+    };
+    let mut rows = vec![row("local-only", 0.0, None, &|_| false), row("cloud-only", 1.0, None, &|_| true)];
+    for &rate in rates {
+        let t = calibrate_threshold(calibration, rate)?;
+        rows.push(row("cascade", rate, Some(t), &|s| escalates(s, t)));
+    }
+    Ok(rows)
+}
+
+/// `rows` as a text table.
+pub fn format_table(rows: &[PolicyRow]) -> String {
+    let mut out = format!(
+        "{:<11} {:>7} {:>10} {:>9} {:>11} {:>9}\n",
+        "policy", "target", "escalated", "accuracy", "cloud saved", "threshold"
+    );
+    for r in rows {
+        out += &format!(
+            "{:<11} {:>6.0}% {:>9.1}% {:>8.2}% {:>10.1}% {:>9}\n",
+            r.policy,
+            r.target_rate * 100.0,
+            r.escalation_rate * 100.0,
+            r.accuracy * 100.0,
+            r.cloud_calls_saved * 100.0,
+            r.threshold.map_or("-".into(), |t| format!("{t:.4}"))
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -170,6 +329,30 @@ mod tests {
         assert_eq!(calibrate_threshold(&held_out, 1.0).unwrap(), f32::INFINITY);
         assert_eq!(calibrate_threshold(&[], 0.1), Err(CalibrationError::Empty));
         assert_eq!(calibrate_threshold(&held_out, 1.5), Err(CalibrationError::Rate(1.5)));
+    }
+
+    #[test]
+    fn the_table_counts_what_each_policy_answers() {
+        let o = |score, local, cloud, label| Observation { score, local, cloud, label };
+        // Unsure answers are the wrong ones; the cloud is right but for the last image.
+        let eval = [o(0.9, 1, 1, 1), o(0.8, 2, 2, 2), o(0.3, 0, 3, 3), o(0.2, 0, 4, 5)];
+        let rows = policy_table(&[0.1, 0.5, 0.6, 0.7], &eval, &[0.5]).unwrap();
+        assert_eq!(rows[0].accuracy, 0.5, "local-only");
+        assert_eq!(rows[1].accuracy, 0.75, "cloud-only");
+        let c = &rows[2];
+        assert_eq!((c.threshold, c.escalation_rate, c.accuracy, c.cloud_calls_saved), (Some(0.6), 0.5, 0.75, 0.5));
+        assert!(format_table(&rows).lines().count() == 4);
+        assert_eq!(policy_table(&[0.5], &[], &[0.1]), Err(CalibrationError::Empty));
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for k in [PolicyKind::LocalOnly, PolicyKind::Cascade, PolicyKind::Speculative, PolicyKind::CloudFirst] {
+            assert_eq!(k.to_string().parse::<PolicyKind>().unwrap(), k);
+        }
+        assert!("cloudy".parse::<PolicyKind>().unwrap_err().contains("cascade"));
+        assert_eq!("margin".parse::<ConfidenceMeasure>().unwrap(), ConfidenceMeasure::Margin);
+        assert_eq!(PolicyKind::Cascade.with_threshold(0.5), Policy::Cascade { threshold: 0.5 });
     }
 
     #[test]

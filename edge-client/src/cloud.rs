@@ -1,0 +1,183 @@
+//! The device's line to the coordinator's teacher: an inference-only QUIC session, kept open
+//! in the background and reconnected with backoff, so a request never waits on a connection
+//! attempt. Offline is a state, not an error the caller waits for: [`Cloud::online`] says
+//! whether asking makes sense, and [`Cloud::ask`] is bounded by a timeout.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedge_core::wire::{Capabilities, ErrorCode, InferAnswer, InferRequest, Message, SessionPurpose};
+use thiserror::Error;
+use tokio::task::JoinHandle;
+
+use crate::transport::{DeviceTls, Link};
+
+/// Why the cloud gave no answer.
+#[derive(Debug, Clone, Error, PartialEq)]
+pub enum CloudError {
+    /// No connection to the coordinator now.
+    #[error("offline: the coordinator cannot be reached")]
+    Offline,
+    /// No answer within the timeout.
+    #[error("no answer from the coordinator within {0} ms")]
+    Timeout(u64),
+    /// The coordinator refused (rate limit, bad input, not serving inference).
+    #[error("coordinator refused ({code:?}): {message}")]
+    Refused {
+        /// Typed reason.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// The request failed on the wire.
+    #[error("link: {0}")]
+    Link(String),
+}
+
+impl CloudError {
+    /// A short reason for answers and metrics: `offline`, `timeout`, `rate-limited`,
+    /// `refused` or `link`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Offline => "offline",
+            Self::Timeout(_) => "timeout",
+            Self::Refused { code: ErrorCode::RateLimited, .. } => "rate-limited",
+            Self::Refused { .. } => "refused",
+            Self::Link(_) => "link",
+        }
+    }
+}
+
+/// Where the coordinator is and how to prove who we are.
+#[derive(Debug, Clone)]
+pub struct CloudTarget {
+    /// Coordinator address.
+    pub addr: SocketAddr,
+    /// Name in its certificate.
+    pub server_name: String,
+    /// The device's TLS material.
+    pub tls: DeviceTls,
+}
+
+/// A background-maintained inference session (or none: always offline).
+pub struct Cloud {
+    link: Arc<Mutex<Option<Arc<Link>>>>,
+    timeout: Duration,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+impl Cloud {
+    /// No coordinator: every request stays local.
+    pub fn offline() -> Self {
+        Self { link: Arc::new(Mutex::new(None)), timeout: Duration::ZERO, task: None }
+    }
+
+    /// Keeps an inference session to `target` open from now on (within a tokio runtime);
+    /// requests wait at most `timeout` for an answer.
+    pub fn connect(target: CloudTarget, timeout: Duration) -> Self {
+        let link = Arc::new(Mutex::new(None));
+        let task = tokio::spawn(keep_connected(target, link.clone()));
+        Self { link, timeout, task: Some(task) }
+    }
+
+    fn current(&self) -> Option<Arc<Link>> {
+        let mut l = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        if l.as_ref().is_some_and(|k| k.connection.close_reason().is_some()) {
+            *l = None;
+        }
+        l.clone()
+    }
+
+    /// Whether a session is open now.
+    pub fn online(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// Waits up to `limit` for a session (for one-shot commands that start offline).
+    pub async fn wait_online(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if self.online() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.online()
+    }
+
+    /// Asks the teacher to classify a `rows` x `cols` image.
+    pub async fn ask(&self, pixels: &[u8], rows: usize, cols: usize) -> Result<InferAnswer, CloudError> {
+        let request = InferRequest { rows: rows as u32, cols: cols as u32, pixels: pixels.to_vec() };
+        ask_on(self.current(), self.timeout, request).await
+    }
+
+    /// [`Self::ask`] for a 28x28 image, as a future that owns what it needs (to run on its
+    /// own task).
+    pub fn ask_owned(&self, pixels: Vec<u8>) -> impl Future<Output = Result<InferAnswer, CloudError>> + Send + 'static {
+        let request = InferRequest { rows: crate::predict::ROWS as u32, cols: crate::predict::COLS as u32, pixels };
+        ask_on(self.current(), self.timeout, request)
+    }
+
+    /// A bare round trip on the session (`Ping`/`Pong`): the network's share of an escalation.
+    pub async fn ping(&self) -> Result<Duration, CloudError> {
+        let link = self.current().ok_or(CloudError::Offline)?;
+        let started = Instant::now();
+        match tokio::time::timeout(self.timeout, link.request(&Message::Ping { nonce: 7 })).await {
+            Err(_) => Err(CloudError::Timeout(self.timeout.as_millis() as u64)),
+            Ok(Err(e)) => Err(CloudError::Link(e.to_string())),
+            Ok(Ok(Message::Pong { nonce: 7 })) => Ok(started.elapsed()),
+            Ok(Ok(Message::Error { code, message })) => Err(CloudError::Refused { code, message }),
+            Ok(Ok(_)) => Err(CloudError::Link("unexpected answer to a ping".into())),
+        }
+    }
+}
+
+async fn ask_on(link: Option<Arc<Link>>, timeout: Duration, request: InferRequest) -> Result<InferAnswer, CloudError> {
+    let link = link.ok_or(CloudError::Offline)?;
+    match tokio::time::timeout(timeout, link.request(&Message::InferRequest(request))).await {
+        Err(_) => Err(CloudError::Timeout(timeout.as_millis() as u64)),
+        Ok(Err(e)) => Err(CloudError::Link(e.to_string())),
+        Ok(Ok(Message::InferAnswer(a))) => Ok(a),
+        Ok(Ok(Message::Error { code, message })) => Err(CloudError::Refused { code, message }),
+        Ok(Ok(_)) => Err(CloudError::Link("unexpected answer to an inference request".into())),
+    }
+}
+
+async fn keep_connected(target: CloudTarget, slot: Arc<Mutex<Option<Arc<Link>>>>) {
+    let caps = Capabilities { backend: "flex".into(), memory_mb: 0, charging: false, unmetered: false, num_samples: 0 };
+    let mut failures = 0u32;
+    loop {
+        let attempt = async {
+            let link = Link::connect(target.addr, &target.server_name, &target.tls).await?;
+            link.hello_for(caps.clone(), SessionPurpose::Inference).await?;
+            Ok::<_, crate::transport::ConnectError>(link)
+        };
+        match attempt.await {
+            Ok(link) => {
+                failures = 0;
+                let link = Arc::new(link);
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.clone());
+                link.connection.closed().await;
+                slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+            }
+            Err(e) => {
+                if failures == 0 {
+                    eprintln!("inference: cannot reach the coordinator ({e}); answering locally");
+                }
+                failures += 1;
+            }
+        }
+        // 100 ms doubling to 5 s.
+        let wait = (100u64 << failures.min(6)).min(5_000);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+}

@@ -1,0 +1,501 @@
+//! Hybrid inference on the device: answer with the local (deployed, distilled) model, escalate
+//! what it is unsure of to the coordinator's teacher, keep answering when offline.
+//!
+//! The decisions are fedge-core's ([`fedge_core::hybrid`]); this is their shell: the local
+//! model and its calibration (per model version, redone when the deployed model changes), the
+//! [`Cloud`] session, speculative corrections, and the metrics of each path.
+//!
+//! A request never fails because the coordinator is away: when the policy wants the cloud and
+//! the cloud cannot answer (offline, timeout, rate limit), the local answer is returned with
+//! `verified: false` and the reason in `fallback`. A `private` request is answered locally and
+//! its input is never sent.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use fedge_core::hybrid::{ConfidenceMeasure, PolicyKind, Route, calibrate_threshold, escalates};
+use fedge_net::ModelKey;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::cloud::{Cloud, CloudError};
+use crate::metrics::{AnswerPath, InferenceMetrics};
+use crate::predict::{COLS, LocalModel, PredictError, ROWS, check_input};
+
+/// How the device answers (`[inference]` in `edge.toml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HybridConfig {
+    /// `local-only`, `cascade`, `speculative` or `cloud-first`.
+    pub policy: PolicyKind,
+    /// How confidence is read: `max-softmax`, `margin` or `entropy`.
+    pub confidence: ConfidenceMeasure,
+    /// Share of requests the calibrated threshold sends to the cloud.
+    pub target_rate: f64,
+    /// Longest wait for the cloud's answer, milliseconds; then the local answer stands.
+    pub cloud_timeout_ms: u64,
+    /// Held-out images (from the test split of the device's dataset) calibrated on.
+    pub calibration_examples: usize,
+    /// Where `fedge-edge run` also serves local inference (JSON over HTTP), if anywhere.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for HybridConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Cascade,
+            confidence: ConfidenceMeasure::MaxSoftmax,
+            target_rate: 0.1,
+            cloud_timeout_ms: 1000,
+            calibration_examples: 1000,
+            listen: None,
+        }
+    }
+}
+
+impl HybridConfig {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.target_rate) {
+            return Err(format!("inference target_rate must be in [0, 1], got {}", self.target_rate));
+        }
+        if self.cloud_timeout_ms == 0 || self.calibration_examples == 0 {
+            return Err("inference cloud_timeout_ms and calibration_examples must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The escalation threshold of one model version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Calibration {
+    /// The model version it belongs to.
+    pub model_version: u64,
+    /// How confidence is read.
+    pub confidence: ConfidenceMeasure,
+    /// The rate it was calibrated for.
+    pub target_rate: f64,
+    /// Answers less confident than this escalate.
+    pub threshold: f32,
+    /// Held-out images it was calibrated on.
+    pub examples: usize,
+    /// The escalation rate on them.
+    pub calibration_rate: f64,
+}
+
+/// Held-out images (28x28 greyscale) to calibrate on.
+#[derive(Debug, Clone, Default)]
+pub struct CalibrationSet {
+    images: Vec<Vec<u8>>,
+}
+
+impl CalibrationSet {
+    /// `n` images of `data` drawn without replacement with `seed` (a test split is often
+    /// ordered; a random sample is not).
+    pub fn sample(data: &fedge_core::dataset::Dataset, n: usize, seed: u64) -> Self {
+        use rand::seq::SliceRandom;
+        let mut idx: Vec<usize> = (0..data.len()).collect();
+        idx.shuffle(&mut fedge_core::rng::derive_rng(seed, &[0xca1]));
+        idx.truncate(n);
+        Self { images: idx.into_iter().map(|i| data.image(i).to_vec()).collect() }
+    }
+
+    /// The images given.
+    pub fn from_images(images: Vec<Vec<u8>>) -> Self {
+        Self { images }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+}
+
+/// Calibrates `model`'s threshold on `set` for `config`'s measure and rate.
+pub fn calibrate(model: &LocalModel, set: &CalibrationSet, config: &HybridConfig) -> Result<Calibration, PredictError> {
+    let mut scores = Vec::with_capacity(set.len());
+    for im in &set.images {
+        scores.push(config.confidence.score(&model.classify(im)?.probabilities));
+    }
+    let threshold = calibrate_threshold(&scores, config.target_rate)
+        .map_err(|e| PredictError::Input(format!("calibration: {e}")))?;
+    let rate = scores.iter().filter(|&&s| escalates(s, threshold)).count() as f64 / scores.len() as f64;
+    Ok(Calibration {
+        model_version: model.version(),
+        confidence: config.confidence,
+        target_rate: config.target_rate,
+        threshold,
+        examples: scores.len(),
+        calibration_rate: rate,
+    })
+}
+
+/// One request.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// 28x28 greyscale pixels.
+    pub pixels: Vec<u8>,
+    /// The input must never leave the device.
+    pub private: bool,
+}
+
+/// Which model an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// The device's model.
+    Local,
+    /// The coordinator's teacher.
+    Cloud,
+}
+
+/// One model's view of an input.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Opinion {
+    /// The class.
+    pub class: usize,
+    /// Its probability.
+    pub confidence: f32,
+    /// Registry version (local) or global version (cloud) of the model.
+    pub model_version: u64,
+}
+
+/// The cloud's later answer to a speculative request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Correction {
+    /// The request it answers.
+    pub id: u64,
+    /// The teacher's class.
+    pub class: usize,
+    /// Its probability.
+    pub confidence: f32,
+    /// Global version of the teacher.
+    pub model_version: u64,
+    /// Whether it differs from the local answer given (a correction proper).
+    pub differs: bool,
+    /// From the request to this answer, milliseconds.
+    pub latency_ms: f64,
+}
+
+/// An answer.
+#[derive(Debug, Serialize)]
+pub struct HybridAnswer {
+    /// Request number (corrections refer to it).
+    pub id: u64,
+    /// The class.
+    pub class: usize,
+    /// Its probability under the model that answered.
+    pub confidence: f32,
+    /// Which model answered.
+    pub answered_by: Source,
+    /// That model's version (registry version locally, global version in the cloud).
+    pub model_version: u64,
+    /// The local model's architecture, when it answered.
+    pub architecture: Option<String>,
+    /// Time to this answer, milliseconds.
+    pub latency_ms: f64,
+    /// The policy in force.
+    pub policy: PolicyKind,
+    /// Whether the input was sent to the coordinator.
+    pub escalated: bool,
+    /// False when the policy wanted the cloud's answer and this is not it (offline, private,
+    /// timeout, rate limit), or when a speculative correction is still to come.
+    pub verified: bool,
+    /// Why the cloud's answer is missing, when the policy wanted it.
+    pub fallback: Option<&'static str>,
+    /// The local model's view (when it ran).
+    pub local: Option<Opinion>,
+    /// The local confidence score under the calibrated measure, and the threshold.
+    pub score: Option<f32>,
+    /// The escalation threshold of the local model.
+    pub threshold: Option<f32>,
+    /// A speculative correction will follow.
+    pub correction_pending: bool,
+    /// Where it will come (speculative only).
+    #[serde(skip)]
+    pub correction: Option<oneshot::Receiver<Result<Correction, CloudError>>>,
+}
+
+/// The running local model and its calibration.
+struct Loaded {
+    model: LocalModel,
+    calibration: Calibration,
+}
+
+/// Answers requests under a policy, with the deployed model of a state folder.
+pub struct HybridPredictor {
+    config: HybridConfig,
+    state_dir: PathBuf,
+    key: ModelKey,
+    set: CalibrationSet,
+    local: RwLock<Option<Arc<Loaded>>>,
+    cloud: Cloud,
+    metrics: Arc<InferenceMetrics>,
+    next_id: AtomicU64,
+}
+
+impl HybridPredictor {
+    /// A predictor over `state_dir`'s deployed model (verified with `key`), calibrated on
+    /// `set`, escalating through `cloud`. Loads and calibrates the model now if there is one;
+    /// without one every request needs the cloud.
+    pub fn new(
+        config: HybridConfig,
+        state_dir: PathBuf,
+        key: ModelKey,
+        set: CalibrationSet,
+        cloud: Cloud,
+    ) -> Result<Self, PredictError> {
+        config.validate().map_err(PredictError::Input)?;
+        if set.is_empty() {
+            return Err(PredictError::Input("no held-out images to calibrate on".into()));
+        }
+        let me = Self {
+            config,
+            state_dir,
+            key,
+            set,
+            local: RwLock::new(None),
+            cloud,
+            metrics: Arc::new(InferenceMetrics::default()),
+            next_id: AtomicU64::new(1),
+        };
+        match me.refresh() {
+            Ok(_) | Err(PredictError::NoModel(_)) => Ok(me),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<InferenceMetrics> {
+        &self.metrics
+    }
+
+    /// The policy.
+    pub fn config(&self) -> &HybridConfig {
+        &self.config
+    }
+
+    /// The cloud session.
+    pub fn cloud(&self) -> &Cloud {
+        &self.cloud
+    }
+
+    /// The calibration of the running model, if one runs.
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.loaded().map(|l| l.calibration.clone())
+    }
+
+    fn loaded(&self) -> Option<Arc<Loaded>> {
+        self.local.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Loads and calibrates the deployed model if it changed (blocking: tens of
+    /// milliseconds); returns the new calibration, `None` when nothing changed.
+    pub fn refresh(&self) -> Result<Option<Calibration>, PredictError> {
+        let dir = self.state_dir.join("deployed");
+        let on_disk = crate::deploy::current_version(&dir);
+        let running = self.loaded().map(|l| l.model.version());
+        if on_disk.is_some() && on_disk == running {
+            return Ok(None);
+        }
+        let model = LocalModel::load(&self.state_dir, &self.key)?;
+        let calibration = calibrate(&model, &self.set, &self.config)?;
+        self.metrics.calibrated(calibration.model_version, calibration.threshold);
+        *self.local.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(Loaded { model, calibration: calibration.clone() }));
+        Ok(Some(calibration))
+    }
+
+    /// Answers one request under the policy (see the module docs).
+    pub async fn predict(&self, request: Request) -> Result<HybridAnswer, PredictError> {
+        check_input(&request.pixels)?;
+        let started = Instant::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.metrics.request();
+        let policy = self.config.policy;
+        let loaded = self.loaded();
+        // The local opinion, unless the policy goes to the cloud first (then only on fallback).
+        let local = |loaded: &Loaded| -> Result<(Opinion, f32), PredictError> {
+            let t = Instant::now();
+            let p = loaded.model.classify(&request.pixels)?;
+            self.metrics.observe(AnswerPath::Local, t.elapsed());
+            let score = self.config.confidence.score(&p.probabilities);
+            Ok((Opinion { class: p.class, confidence: p.confidence, model_version: loaded.model.version() }, score))
+        };
+        let mut mine = match (&loaded, policy.needs_local()) {
+            (Some(l), true) => Some(local(l)?),
+            _ => None,
+        };
+        let threshold = loaded.as_ref().map(|l| l.calibration.threshold);
+        let decide = |online: bool, private: bool| match (&loaded, mine) {
+            // Without a local model only the cloud can answer.
+            (None, _) => {
+                if online && !private {
+                    Route::Cloud
+                } else {
+                    Route::Local
+                }
+            }
+            (Some(_), m) => {
+                policy.with_threshold(threshold.unwrap_or(f32::NEG_INFINITY)).route(m.map(|(_, s)| s), online, private)
+            }
+        };
+        let wanted = decide(true, false);
+        let route = decide(self.cloud.online(), request.private);
+        let local_reason = if wanted == Route::Local {
+            None
+        } else if request.private {
+            Some("private")
+        } else {
+            Some("offline")
+        };
+        let answer = |mine: (Opinion, f32), verified: bool, fallback: Option<&'static str>, escalated: bool| {
+            let (o, score) = mine;
+            HybridAnswer {
+                id,
+                class: o.class,
+                confidence: o.confidence,
+                answered_by: Source::Local,
+                model_version: o.model_version,
+                architecture: loaded.as_ref().map(|l| l.model.architecture().to_string()),
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                policy,
+                escalated,
+                verified,
+                fallback,
+                local: Some(o),
+                score: Some(score),
+                threshold,
+                correction_pending: false,
+                correction: None,
+            }
+        };
+        let local_or_fail = |mine: Option<(Opinion, f32)>, loaded: &Option<Arc<Loaded>>| match (mine, loaded) {
+            (Some(m), _) => Ok(m),
+            (None, Some(l)) => local(l),
+            (None, None) => Err(PredictError::NoModel(self.state_dir.join("deployed").display().to_string())),
+        };
+        match route {
+            Route::Local => {
+                let m = local_or_fail(mine, &loaded).map_err(|e| match (e, local_reason) {
+                    (PredictError::NoModel(d), Some(r)) => {
+                        PredictError::NoModel(format!("{d}, and the cloud cannot be asked ({r})"))
+                    }
+                    (e, _) => e,
+                })?;
+                if let Some(r) = local_reason {
+                    self.metrics.fell_back(r);
+                }
+                self.metrics.answered(AnswerPath::Local);
+                Ok(answer(m, local_reason.is_none(), local_reason, false))
+            }
+            Route::Cloud => {
+                self.metrics.escalated();
+                let t = Instant::now();
+                match self.cloud.ask(&request.pixels, ROWS, COLS).await {
+                    Ok(a) => {
+                        self.metrics.observe(AnswerPath::Cloud, t.elapsed());
+                        self.metrics.answered(AnswerPath::Cloud);
+                        if let Some((o, _)) = mine {
+                            self.metrics.compared(o.class == a.class as usize);
+                        }
+                        Ok(HybridAnswer {
+                            id,
+                            class: a.class as usize,
+                            confidence: a.confidence,
+                            answered_by: Source::Cloud,
+                            model_version: a.model_version,
+                            architecture: None,
+                            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                            policy,
+                            escalated: true,
+                            verified: true,
+                            fallback: None,
+                            local: mine.map(|(o, _)| o),
+                            score: mine.map(|(_, s)| s),
+                            threshold,
+                            correction_pending: false,
+                            correction: None,
+                        })
+                    }
+                    Err(e) => {
+                        let reason = e.reason();
+                        if mine.is_none() {
+                            mine = loaded.as_ref().map(|l| local(l)).transpose()?;
+                        }
+                        let m = mine.ok_or_else(|| {
+                            PredictError::NoModel(format!("no local model, and the cloud did not answer: {e}"))
+                        })?;
+                        self.metrics.fell_back(reason);
+                        self.metrics.answered(AnswerPath::Local);
+                        Ok(answer(m, false, Some(reason), true))
+                    }
+                }
+            }
+            Route::LocalThenCloud => {
+                let m = local_or_fail(mine, &loaded)?;
+                self.metrics.escalated();
+                self.metrics.answered(AnswerPath::Local);
+                let (tx, rx) = oneshot::channel();
+                let pixels = request.pixels;
+                let (metrics, class) = (self.metrics.clone(), m.0.class);
+                let ask = self.cloud.ask_owned(pixels);
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let out = ask.await.map(|a| {
+                        metrics.observe(AnswerPath::Cloud, t.elapsed());
+                        metrics.compared(a.class as usize == class);
+                        Correction {
+                            id,
+                            class: a.class as usize,
+                            confidence: a.confidence,
+                            model_version: a.model_version,
+                            differs: a.class as usize != class,
+                            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                        }
+                    });
+                    if let Err(e) = &out {
+                        metrics.fell_back(e.reason());
+                    }
+                    let _ = tx.send(out);
+                });
+                let mut a = answer(m, false, None, true);
+                a.correction_pending = true;
+                a.correction = Some(rx);
+                Ok(a)
+            }
+        }
+    }
+
+    /// Watches the state folder for a newly deployed model and recalibrates (every
+    /// `every`), until the returned task is aborted.
+    pub fn watch(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(p) = me.upgrade() else { return };
+                match tokio::task::spawn_blocking(move || p.refresh()).await {
+                    Ok(Ok(Some(c))) => println!(
+                        "inference: model v{} calibrated: threshold {:.4} for {:.0}% escalation ({:.1}% on {} held-out images)",
+                        c.model_version,
+                        c.threshold,
+                        c.target_rate * 100.0,
+                        c.calibration_rate * 100.0,
+                        c.examples
+                    ),
+                    Ok(Ok(None)) | Ok(Err(PredictError::NoModel(_))) => {}
+                    Ok(Err(e)) => eprintln!("inference: cannot load the deployed model: {e}"),
+                    Err(_) => return,
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,202 @@
+//! The device's inference metrics: per-path latency histograms, escalations, fallbacks and
+//! local/cloud agreement, in the Prometheus text format (`GET /metrics` of the inference
+//! server) and as a JSON snapshot with recent percentiles (`GET /status`, `status.json`).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Path {
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+/// Recent latencies kept per path for the snapshot's percentiles.
+const RECENT: usize = 4096;
+
+/// Which way an answer went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerPath {
+    /// The local model.
+    Local,
+    /// The coordinator's teacher.
+    Cloud,
+}
+
+impl AnswerPath {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Cloud => "cloud",
+        }
+    }
+}
+
+/// The inference metrics of one device.
+pub struct InferenceMetrics {
+    registry: Registry,
+    answers: Family<Path, Counter>,
+    latency: Family<Path, Histogram>,
+    escalations: Counter,
+    fallbacks: Family<Reason, Counter>,
+    agreement: Family<Reason, Counter>,
+    threshold: Gauge<f64, std::sync::atomic::AtomicU64>,
+    model_version: Gauge,
+    requests: AtomicU64,
+    recent: Mutex<[VecDeque<f64>; 2]>,
+    agree: AtomicU64,
+    differ: AtomicU64,
+    escalated: AtomicU64,
+}
+
+impl Default for InferenceMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fedge_edge_inference");
+        // 10 us to ~5 s.
+        let latency =
+            Family::<Path, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(1e-5, 2.0, 20)));
+        let answers = Family::<Path, Counter>::default();
+        let escalations = Counter::default();
+        let fallbacks = Family::<Reason, Counter>::default();
+        let agreement = Family::<Reason, Counter>::default();
+        let threshold = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let model_version = Gauge::default();
+        registry.register("answers", "Answers given, by the model that gave them (local or cloud)", answers.clone());
+        registry.register(
+            "latency_seconds",
+            "Time to an answer, by path: local model, or cloud round trip",
+            latency.clone(),
+        );
+        registry.register("escalations", "Requests whose input was sent to the coordinator", escalations.clone());
+        registry.register(
+            "fallbacks",
+            "Requests answered locally although the policy wanted the cloud, by reason",
+            fallbacks.clone(),
+        );
+        registry.register(
+            "agreement",
+            "Requests both models answered, by whether their classes agree",
+            agreement.clone(),
+        );
+        registry.register("threshold", "Calibrated escalation threshold of the running model", threshold.clone());
+        registry.register("model_version", "Registry version of the local model", model_version.clone());
+        Self {
+            registry,
+            answers,
+            latency,
+            escalations,
+            fallbacks,
+            agreement,
+            threshold,
+            model_version,
+            requests: AtomicU64::new(0),
+            recent: Mutex::new([VecDeque::new(), VecDeque::new()]),
+            agree: AtomicU64::new(0),
+            differ: AtomicU64::new(0),
+            escalated: AtomicU64::new(0),
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    (!sorted.is_empty()).then(|| sorted[((sorted.len() - 1) as f64 * q).round() as usize])
+}
+
+impl InferenceMetrics {
+    /// A request came in.
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `path` took `took` (the local model's time, or the cloud's round trip).
+    pub fn observe(&self, path: AnswerPath, took: Duration) {
+        let s = took.as_secs_f64();
+        self.latency.get_or_create(&Path { path: path.name() }).observe(s);
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let q = &mut r[path as usize];
+        if q.len() == RECENT {
+            q.pop_front();
+        }
+        q.push_back(s * 1e3);
+    }
+
+    /// An answer was given by `path`.
+    pub fn answered(&self, path: AnswerPath) {
+        self.answers.get_or_create(&Path { path: path.name() }).inc();
+    }
+
+    /// An input was sent to the coordinator.
+    pub fn escalated(&self) {
+        self.escalations.inc();
+        self.escalated.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The policy wanted the cloud but the answer stayed local, for `reason`.
+    pub fn fell_back(&self, reason: &'static str) {
+        self.fallbacks.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Both models answered one request.
+    pub fn compared(&self, agree: bool) {
+        let reason = if agree { "agree" } else { "differ" };
+        self.agreement.get_or_create(&Reason { reason }).inc();
+        if agree { &self.agree } else { &self.differ }.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A model was loaded and calibrated.
+    pub fn calibrated(&self, version: u64, threshold: f32) {
+        self.model_version.set(version as i64);
+        self.threshold.set(if threshold.is_finite() { threshold as f64 } else { f64::NAN });
+    }
+
+    /// Everything, in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts, rates and recent latency percentiles (milliseconds) as JSON.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let requests = self.requests.load(Ordering::Relaxed);
+        let escalated = self.escalated.load(Ordering::Relaxed);
+        let (agree, differ) = (self.agree.load(Ordering::Relaxed), self.differ.load(Ordering::Relaxed));
+        let count = |f: &Family<Path, Counter>, path| f.get_or_create(&Path { path }).get();
+        let fallbacks: serde_json::Map<String, serde_json::Value> =
+            ["offline", "private", "timeout", "rate-limited", "refused", "link", "no-local-model"]
+                .into_iter()
+                .map(|reason| (reason.to_string(), self.fallbacks.get_or_create(&Reason { reason }).get().into()))
+                .collect();
+        let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let lat = |q: &VecDeque<f64>| {
+            let mut v: Vec<f64> = q.iter().copied().collect();
+            v.sort_by(f64::total_cmp);
+            serde_json::json!({ "n": v.len(), "p50": percentile(&v, 0.5), "p99": percentile(&v, 0.99) })
+        };
+        serde_json::json!({
+            "requests": requests,
+            "answered_local": count(&self.answers, "local"),
+            "answered_cloud": count(&self.answers, "cloud"),
+            "escalations": escalated,
+            "escalation_rate": if requests > 0 { escalated as f64 / requests as f64 } else { 0.0 },
+            "fallbacks": fallbacks,
+            "compared": agree + differ,
+            "agreement_rate": if agree + differ > 0 { Some(agree as f64 / (agree + differ) as f64) } else { None },
+            "local_ms": lat(&r[0]),
+            "cloud_ms": lat(&r[1]),
+        })
+    }
+}
