@@ -134,6 +134,19 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Verifies `blob` against `record` (signed by `key`) and makes it current in `dir`, keeping
+/// the version it replaces: how a model obtained out of band (sideloaded) is deployed.
+pub fn install_verified(
+    dir: &Path,
+    record: &ModelRecord,
+    blob: &[u8],
+    key: &ModelKey,
+) -> Result<Deployed, DeployError> {
+    let d = verify(record, blob, key)?;
+    install(dir, &d, blob).map_err(|e| DeployError::Storage(e.to_string()))?;
+    Ok(d)
+}
+
 /// Makes `d` current in `dir`, keeping the version it replaces and deleting older ones.
 fn install(dir: &Path, d: &Deployed, blob: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
