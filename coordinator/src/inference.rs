@@ -24,7 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 pub struct InferenceConfig {
     /// Whether devices may escalate to the coordinator at all.
     pub enabled: bool,
-    /// How long the first request of a batch waits for others, milliseconds.
+    /// How long the first request of a batch waits for others, milliseconds. 0: no waiting;
+    /// a batch is whatever queued while the teacher was busy with the previous one (low
+    /// latency when idle, batches under load).
     pub window_ms: u64,
     /// Most requests answered in one forward pass.
     pub max_batch: usize,
@@ -38,7 +40,7 @@ pub struct InferenceConfig {
 
 impl Default for InferenceConfig {
     fn default() -> Self {
-        Self { enabled: true, window_ms: 2, max_batch: 64, rate_per_sec: 200.0, burst: 400.0, queue: 4096 }
+        Self { enabled: true, window_ms: 0, max_batch: 64, rate_per_sec: 200.0, burst: 400.0, queue: 4096 }
     }
 }
 
@@ -241,6 +243,14 @@ async fn batch_loop(
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + window;
         while batch.len() < config.max_batch {
+            // What is already queued joins at once (no timer: tokio's is 1 ms coarse).
+            if let Ok(job) = rx.try_recv() {
+                batch.push(job);
+                continue;
+            }
+            if window.is_zero() {
+                break;
+            }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(job)) => batch.push(job),
                 Ok(None) | Err(_) => break,

@@ -78,6 +78,12 @@ pub enum DemoError {
     /// The system did not reach the expected state in time.
     #[error("{0}")]
     Timeout(String),
+    /// The inference benchmark failed.
+    #[error("inference benchmark: {0}")]
+    Bench(#[from] fedge_edge::bench::BenchError),
+    /// An edge configuration could not be read back.
+    #[error(transparent)]
+    Config(#[from] fedge_core::config_file::ConfigFileError),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
@@ -124,11 +130,18 @@ async fn status(client: &fedge_net::Client, cmd: OperatorCommand) -> Result<Stat
 
 /// Runs the demo with `devices` edge processes for `rounds` rounds; `progress` gets one line
 /// per round.
-pub async fn run(
+pub async fn run(devices: usize, rounds: u64, progress: impl FnMut(&DemoRound)) -> Result<Vec<DemoRound>, DemoError> {
+    Ok(run_with(devices, rounds, None, progress).await?.0)
+}
+
+/// [`run`], then, with `bench`, `fedge-edge bench-inference` as device 0 against the live
+/// coordinator (whose per-device inference rate limit is lifted for it) before everything stops.
+pub async fn run_with(
     devices: usize,
     rounds: u64,
+    bench: Option<fedge_edge::bench::BenchOptions>,
     mut progress: impl FnMut(&DemoRound),
-) -> Result<Vec<DemoRound>, DemoError> {
+) -> Result<(Vec<DemoRound>, Option<fedge_edge::bench::BenchReport>), DemoError> {
     if devices == 0 || rounds == 0 {
         return Err(DemoError::Empty);
     }
@@ -143,9 +156,10 @@ pub async fn run(
     std::fs::write(
         &coordinator_toml,
         format!(
-            "listen = \"{addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\ndistill_every = {rounds}\nproxy_examples = 1000\n\n[distill]\nepochs = 10\n",
+            "listen = \"{addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\ndistill_every = {rounds}\nproxy_examples = 1000\n\n[distill]\nepochs = 10\n{}",
             fleet.display().to_string(),
-            dir.path().join("coordinator-state").display().to_string()
+            dir.path().join("coordinator-state").display().to_string(),
+            if bench.is_some() { "\n[inference]\nrate_per_sec = 1e9\nburst = 1e9\n" } else { "" }
         ),
     )
     .map_err(io("cannot write the coordinator configuration"))?;
@@ -250,7 +264,15 @@ pub async fn run(
     if let Some(last) = out.last_mut() {
         last.student = Some(student);
     }
+    let report = match bench {
+        Some(opts) => {
+            let edge: fedge_edge::config::EdgeConfig =
+                fedge_core::config_file::read_toml(&dir.path().join("edge-0.toml"))?;
+            Some(fedge_edge::bench::run(&edge, &opts).await?)
+        }
+        None => None,
+    };
     client.close().await;
     drop(children);
-    Ok(out)
+    Ok((out, report))
 }

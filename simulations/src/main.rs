@@ -34,6 +34,9 @@ enum Command {
         /// Print the rounds as JSON.
         #[arg(long)]
         json: bool,
+        /// Then run `fedge-edge bench-inference` as device 0 against the live coordinator.
+        #[arg(long)]
+        bench_inference: bool,
     },
     /// Hybrid inference: train a teacher, distil the int8 student, calibrate escalation on
     /// held-out images, and print local-only, cloud-only and cascade accuracy at target
@@ -288,9 +291,10 @@ fn main() -> ExitCode {
 
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Demo { devices, rounds, json } => {
+        Command::Demo { devices, rounds, json, bench_inference } => {
             let rt = tokio::runtime::Runtime::new()?;
-            let out = rt.block_on(fedge_sim::demo::run(devices, rounds, |r| {
+            let bench = bench_inference.then(fedge_edge::bench::BenchOptions::default);
+            let (out, report) = rt.block_on(fedge_sim::demo::run_with(devices, rounds, bench, |r| {
                 if !json {
                     println!(
                         "round {}: model v{}, {} devices reporting, accuracy {}",
@@ -312,8 +316,16 @@ fn real_main() -> anyhow::Result<()> {
                     s.devices_running
                 );
             }
-            if json {
-                let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&out)?);
+            match (json, report) {
+                (true, Some(report)) => {
+                    let v = serde_json::json!({ "rounds": out, "bench_inference": report });
+                    let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&v)?);
+                }
+                (true, None) => {
+                    let _ = writeln!(std::io::stdout().lock(), "{}", serde_json::to_string_pretty(&out)?);
+                }
+                (false, Some(report)) => print!("\n{}", fedge_edge::bench::format_report(&report)),
+                (false, None) => {}
             }
             Ok(())
         }
