@@ -413,3 +413,53 @@ async fn the_local_inference_server_answers_json_raw_and_png_with_corrections() 
     let (code, body) = http(web, "GET", "/metrics", "text/plain", b"").await;
     assert!(code == 200 && body.contains("fedge_edge_inference_latency_seconds_bucket"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_inference_runs_from_an_edge_config_and_writes_its_status() {
+    let f = fleet();
+    let (c, addr) = coordinator(&f, InferenceConfig::default(), burn_teacher());
+    let state = f.dir.path().join("edge");
+    f.deploy(&state, 1, &models().students[0]);
+    let tls = f.tls();
+    let mut config = fedge_edge::config::EdgeConfig {
+        coordinator: addr,
+        ca: tls.ca,
+        cert: tls.cert,
+        key: tls.key,
+        state_dir: state.clone(),
+        model_key: Some(f.ca.model_public_key_path()),
+        ..Default::default()
+    };
+    config.inference.policy = PolicyKind::CloudFirst;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(async move {
+        let ready = |a| {
+            let _ = tx.send(a);
+        };
+        fedge_edge::service::serve_inference(&config, "127.0.0.1:0".parse().unwrap(), ready, std::future::pending())
+            .await
+    });
+    let web = tokio::time::timeout(Duration::from_secs(30), rx).await.unwrap().unwrap();
+    let raw = models().test.image(3);
+    let mut body = String::new();
+    for _ in 0..100 {
+        let (code, b) = http(web, "POST", "/predict", "application/octet-stream", raw).await;
+        assert_eq!(code, 200, "{b}");
+        body = b;
+        if body.contains("\"answered_by\":\"cloud\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // the session is still opening
+    }
+    assert!(body.contains("\"answered_by\":\"cloud\""), "{body}");
+    assert!(answered(&c) >= 1);
+    let status = state.join("inference-status.json");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !std::fs::read_to_string(&status).is_ok_and(|s| s.contains("\"answered_cloud\": 1")) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the inference status is written");
+    server.abort();
+}

@@ -32,7 +32,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Show the model version and last round this device holds.
+    /// Show the model version and last round this device holds, and its inference metrics
+    /// (when it serves inference).
     Status {
         /// The device's state folder.
         #[arg(long, default_value = "edge-state")]
@@ -303,8 +304,17 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Status { state_dir } => {
             let path = state_dir.join("status.json");
-            let text = std::fs::read_to_string(&path).with_context(|| format!("no status at {}", path.display()))?;
-            println!("{text}");
+            let inference = std::fs::read_to_string(state_dir.join("inference-status.json")).ok();
+            match (std::fs::read_to_string(&path), inference) {
+                (Ok(text), None) => println!("{text}"),
+                (Ok(text), Some(inf)) => {
+                    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+                    v["inference"] = serde_json::from_str(&inf)?;
+                    println!("{v:#}");
+                }
+                (Err(_), Some(inf)) => println!("{inf}"),
+                (Err(e), None) => return Err(e).with_context(|| format!("no status at {}", path.display())),
+            }
             Ok(())
         }
         Command::Train { dataset, data_dir, model, backend, epochs, batch_size, lr, examples, seed, json } => {

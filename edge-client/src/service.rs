@@ -85,6 +85,7 @@ pub async fn serve_inference(
         None => println!("inference: no deployed model yet; the coordinator answers until one is"),
     }
     let watcher = predictor.watch(Duration::from_millis(500));
+    let _status = AbortOnDrop(vec![keep_inference_status(c.state_dir.clone(), &predictor)]);
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| ServiceError::Config(format!("cannot listen on {listen}: {e}")))?;
@@ -100,6 +101,29 @@ pub async fn serve_inference(
             Ok(())
         }
     }
+}
+
+/// Writes the inference metrics and calibration to `dir/inference-status.json` every second
+/// (what `fedge-edge status` shows beside `status.json`), until aborted.
+fn keep_inference_status(dir: std::path::PathBuf, predictor: &Arc<HybridPredictor>) -> tokio::task::JoinHandle<()> {
+    let p = Arc::downgrade(predictor);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(p) = p.upgrade() else { return };
+            let v = serde_json::json!({
+                "policy": p.config().policy,
+                "online": p.cloud().online(),
+                "calibration": p.calibration(),
+                "metrics": p.metrics().snapshot(),
+            });
+            let _ = std::fs::create_dir_all(&dir);
+            let tmp = dir.join("inference-status.json.tmp");
+            if std::fs::write(&tmp, format!("{v:#}\n")).is_ok() {
+                let _ = std::fs::rename(&tmp, dir.join("inference-status.json"));
+            }
+        }
+    })
 }
 
 fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
