@@ -169,6 +169,9 @@ async fn the_cascade_escalates_the_unsure_beats_local_and_never_sends_private_in
     assert!(cascade_ok >= local_ok, "cascade {cascade_ok} < local {local_ok} of {n}");
     assert!(cascade_ok > local_ok, "a much better teacher fixes some of the unsure answers");
     assert_eq!(answered(&c), escalated as u64, "the coordinator answered every escalation");
+    let prom = c.metrics().encode();
+    assert!(prom.contains(&format!("fedge_inference_answered_total {escalated}")), "{prom}");
+    assert!(prom.contains("fedge_inference_batch_size_count") && prom.contains("fedge_inference_latency_seconds_sum"));
     let m = p.metrics().snapshot();
     assert_eq!((m["escalations"].as_u64(), m["compared"].as_u64()), (Some(escalated as u64), Some(escalated as u64)));
     assert!(m["local_ms"]["p50"].as_f64().unwrap() > 0.0 && m["cloud_ms"]["n"].as_u64() == Some(escalated as u64));

@@ -7,12 +7,13 @@
 //!   batch window included), one at a time and `concurrency` at a time.
 //! - On held-out test images: local-only, cloud-only (answers from the coordinator's teacher
 //!   over the network) and the cascade at each target rate, calibrated on even images and
-//!   measured on odd ones, with the share of cloud calls saved.
+//!   measured on odd ones, with the share of cloud calls saved (confidence as the device's
+//!   `[inference] confidence` reads it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_core::hybrid::{ConfidenceMeasure, Observation, PolicyRow, policy_table};
+use fedge_core::hybrid::{Observation, PolicyRow, policy_table};
 use fedge_core::wire::ErrorCode;
 use serde::Serialize;
 
@@ -245,7 +246,7 @@ pub async fn run(config: &EdgeConfig, opts: &BenchOptions) -> Result<BenchReport
     row.per_second = Some(order.len() as f64 / elapsed);
     report.latency.push(row);
 
-    let measure = ConfidenceMeasure::MaxSoftmax;
+    let measure = config.inference.confidence;
     let (mut calibration, mut eval) = (Vec::new(), Vec::new());
     for (k, &i) in order.iter().enumerate() {
         let p = &local_probs[k];
