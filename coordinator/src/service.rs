@@ -69,7 +69,7 @@ pub async fn run(
     let signer = certs.model_signer()?;
     let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
     let student_kind: ModelKind = c.student_model.parse().map_err(ServiceError::Config)?;
-    let mut distiller = match c.distill_every {
+    let distiller = match c.distill_every {
         Some(0) => return Err(ServiceError::Config("distill_every must be at least 1".into())),
         Some(every) => {
             let n = data.train.len();
@@ -111,6 +111,9 @@ pub async fn run(
     let (distill_config, auto_promote, student_name) = (c.distill, c.auto_promote, c.student_model.clone());
     let eval = {
         let coordinator = coordinator.clone();
+        // Evaluation and distillation take seconds of CPU: they run on a blocking thread, the
+        // state moving there and back, so the runtime's workers keep serving devices.
+        let mut work = Some(Work { evaluator, distiller, test, config: distill_config });
         tokio::spawn(async move {
             let mut seen = 0;
             loop {
@@ -118,17 +121,27 @@ pub async fn run(
                 let reports = coordinator.reports();
                 for r in &reports[seen..] {
                     let (version, global) = coordinator.global();
-                    let line = if version == r.model_version {
-                        match evaluator.evaluate(&global, &test, 500) {
-                            Ok(m) => {
-                                coordinator
-                                    .record_evaluation(version, Evaluation { accuracy: m.accuracy, loss: m.loss });
-                                format!("accuracy {:.2}% loss {:.4}", m.accuracy * 100.0, m.loss)
-                            }
-                            Err(e) => format!("evaluation failed: {e}"),
+                    let evaluate = version == r.model_version;
+                    let Some(mut w) = work.take() else { return };
+                    let round = (r.round, r.outcome == crate::RoundOutcome::Aggregated);
+                    let done = tokio::task::spawn_blocking(move || {
+                        let evaluation = evaluate.then(|| w.evaluator.evaluate(&global, &w.test, 500));
+                        let distilled = w.distil_if_due(round, &global);
+                        (w, evaluation, distilled)
+                    })
+                    .await;
+                    let Ok((w, evaluation, distilled)) = done else {
+                        eprintln!("evaluation stopped: the evaluation thread failed");
+                        return;
+                    };
+                    work = Some(w);
+                    let line = match evaluation {
+                        Some(Ok(m)) => {
+                            coordinator.record_evaluation(version, Evaluation { accuracy: m.accuracy, loss: m.loss });
+                            format!("accuracy {:.2}% loss {:.4}", m.accuracy * 100.0, m.loss)
                         }
-                    } else {
-                        String::from("(superseded before evaluation)")
+                        Some(Err(e)) => format!("evaluation failed: {e}"),
+                        None => String::from("(superseded before evaluation)"),
                     };
                     println!(
                         "round {} -> model v{}: {}/{} results, {} failed, {} late; {line}",
@@ -139,43 +152,38 @@ pub async fn run(
                         r.failures,
                         r.stragglers.len()
                     );
-                    if let Some((every, student, start, proxy, train)) = distiller.as_mut()
-                        && r.round % *every == 0
-                        && r.outcome == crate::RoundOutcome::Aggregated
-                    {
-                        let (version, global) = coordinator.global();
-                        match distil(&mut evaluator, student, start, &global, train, proxy, &test, &distill_config) {
-                            Ok(d) => match coordinator
-                                .register_student(
-                                    crate::server::NewStudent {
-                                        parent: version,
-                                        round: r.round,
-                                        architecture: student_name.clone(),
-                                        parameters: d.params.numel() as u64,
-                                        accuracy: Some(d.accuracy),
-                                        latency_us: Some(d.student_latency_us),
-                                        blob: d.blob,
-                                    },
-                                    auto_promote,
+                    match distilled {
+                        Some(Ok(d)) => match coordinator
+                            .register_student(
+                                crate::server::NewStudent {
+                                    parent: version,
+                                    round: r.round,
+                                    architecture: student_name.clone(),
+                                    parameters: d.params.numel() as u64,
+                                    accuracy: Some(d.accuracy),
+                                    latency_us: Some(d.student_latency_us),
+                                    blob: d.blob,
+                                },
+                                auto_promote,
+                            )
+                            .await
+                        {
+                            Ok(rec) => {
+                                let _ = coordinator.set_latency(version, d.teacher_latency_us);
+                                println!(
+                                    "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
+                                    rec.version,
+                                    rec.size_bytes,
+                                    d.accuracy * 100.0,
+                                    d.student_latency_us,
+                                    d.teacher_latency_us,
+                                    if auto_promote { ", promoted" } else { "" }
                                 )
-                                .await
-                            {
-                                Ok(rec) => {
-                                    let _ = coordinator.set_latency(version, d.teacher_latency_us);
-                                    println!(
-                                        "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
-                                        rec.version,
-                                        rec.size_bytes,
-                                        d.accuracy * 100.0,
-                                        d.student_latency_us,
-                                        d.teacher_latency_us,
-                                        if auto_promote { ", promoted" } else { "" }
-                                    )
-                                }
-                                Err(e) => eprintln!("cannot register the student of v{version}: {e}"),
-                            },
-                            Err(e) => eprintln!("distillation of v{version} failed: {e}"),
-                        }
+                            }
+                            Err(e) => eprintln!("cannot register the student of v{version}: {e}"),
+                        },
+                        Some(Err(e)) => eprintln!("distillation of v{version} failed: {e}"),
+                        None => {}
                     }
                 }
                 seen = reports.len();
@@ -227,6 +235,33 @@ impl crate::inference::Teacher for BurnTeacher {
         let out = p.predict_batch(images, self.shape.0, self.shape.1);
         debug_assert!(out.iter().all(|o| o.probabilities.len() == self.classes));
         Ok(out.into_iter().map(|o| o.probabilities).collect())
+    }
+}
+
+/// The evaluation task's state: the evaluator, the student being distilled (every K rounds,
+/// warm-started from the last), the test split.
+struct Work {
+    evaluator: Trainer,
+    distiller: Option<Distiller>,
+    test: fedge_core::dataset::Dataset,
+    config: fedge_learn::DistillConfig,
+}
+
+/// Distillation every `every` rounds: the student trainer, its warm start, the proxy images.
+type Distiller = (u64, Trainer, fedge_core::ModelParams, Vec<usize>, std::sync::Arc<fedge_core::dataset::Dataset>);
+
+impl Work {
+    /// Distils `global` if `(round, aggregated)` is due a student.
+    fn distil_if_due(
+        &mut self,
+        (round, aggregated): (u64, bool),
+        global: &fedge_core::ModelParams,
+    ) -> Option<Result<fedge_learn::QuantizedStudent, fedge_learn::ConvertError>> {
+        let (every, student, start, proxy, train) = self.distiller.as_mut()?;
+        if !aggregated || round % *every != 0 {
+            return None;
+        }
+        Some(distil(&mut self.evaluator, student, start, global, train, proxy, &self.test, &self.config))
     }
 }
 
