@@ -66,7 +66,7 @@ enum Command {
         /// A raw 784-byte 28x28 greyscale image ("-": standard input).
         #[arg(long, conflicts_with = "png")]
         raw: Option<PathBuf>,
-        /// A PNG (greyscale or colour, light digit on dark; resized to 28x28).
+        /// A PNG of any size (greyscale or colour; cropped, scaled and centred as MNIST was).
         #[arg(long)]
         png: Option<PathBuf>,
         /// Print JSON.

@@ -21,18 +21,64 @@ pub fn check_input(pixels: &[u8]) -> Result<(), PredictError> {
     Ok(())
 }
 
-/// Decodes a PNG into the models' input: greyscale (luma), resized to 28x28 when it is
-/// another size. Digits are expected light on dark, as in MNIST.
+/// Decodes a PNG into the models' input, preprocessed as MNIST was: greyscale (luma); a dark
+/// digit on a light background (a bright border) is inverted; an image of another size than
+/// 28x28 is cropped to its ink, scaled so its longer side is 20 pixels, and placed on a 28x28
+/// canvas with its centre of mass in the middle. A 28x28 image is taken as it is (inverted if
+/// need be).
 pub fn decode_png(bytes: &[u8]) -> Result<Vec<u8>, PredictError> {
     let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
         .map_err(|e| PredictError::Input(format!("not a readable PNG: {e}")))?;
-    let luma = img.to_luma8();
-    let luma = if luma.dimensions() == (COLS as u32, ROWS as u32) {
-        luma
-    } else {
-        image::imageops::resize(&luma, COLS as u32, ROWS as u32, image::imageops::FilterType::Triangle)
-    };
-    Ok(luma.into_raw())
+    let mut luma = img.to_luma8();
+    let (w, h) = luma.dimensions();
+    let border: Vec<u8> = luma
+        .enumerate_pixels()
+        .filter(|(x, y, _)| *x == 0 || *y == 0 || *x + 1 == w || *y + 1 == h)
+        .map(|(_, _, p)| p.0[0])
+        .collect();
+    if border.iter().map(|&b| b as u64).sum::<u64>() > 127 * border.len() as u64 {
+        image::imageops::invert(&mut luma);
+    }
+    if (w, h) == (COLS as u32, ROWS as u32) {
+        return Ok(luma.into_raw());
+    }
+    Ok(mnist_layout(&luma))
+}
+
+/// MNIST's layout of a light-on-dark image of any size (see [`decode_png`]).
+fn mnist_layout(luma: &image::GrayImage) -> Vec<u8> {
+    use image::imageops::{FilterType, resize};
+    let ink = luma.pixels().map(|p| p.0[0]).max().unwrap_or(0) / 4;
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for (x, y, p) in luma.enumerate_pixels() {
+        if p.0[0] > ink {
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+        }
+    }
+    if x0 > x1 {
+        // No ink: a blank image stays blank.
+        return resize(luma, COLS as u32, ROWS as u32, FilterType::Triangle).into_raw();
+    }
+    let crop = image::imageops::crop_imm(luma, x0, y0, x1 - x0 + 1, y1 - y0 + 1).to_image();
+    let (cw, ch) = crop.dimensions();
+    let scale = 20.0 / cw.max(ch) as f64;
+    let (sw, sh) = (((cw as f64 * scale).round() as u32).max(1), ((ch as f64 * scale).round() as u32).max(1));
+    let digit = resize(&crop, sw, sh, FilterType::Triangle);
+    // Centre of mass of the scaled digit, placed at the canvas centre (kept on the canvas).
+    let (mut mass, mut mx, mut my) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y, p) in digit.enumerate_pixels() {
+        let v = p.0[0] as f64;
+        mass += v;
+        mx += v * x as f64;
+        my += v * y as f64;
+    }
+    let (cx, cy) = if mass > 0.0 { (mx / mass, my / mass) } else { (sw as f64 / 2.0, sh as f64 / 2.0) };
+    let place =
+        |c: f64, size: u32, full: usize| ((full as f64 / 2.0 - c).round() as i64).clamp(0, (full as u32 - size) as i64);
+    let (ox, oy) = (place(cx, sw, COLS), place(cy, sh, ROWS));
+    let mut canvas = image::GrayImage::new(COLS as u32, ROWS as u32);
+    image::imageops::overlay(&mut canvas, &digit, ox, oy);
+    canvas.into_raw()
 }
 
 /// Why a prediction could not be made.
@@ -120,24 +166,59 @@ impl LocalModel {
 mod tests {
     use super::*;
 
+    fn png(img: &image::GrayImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::DynamicImage::ImageLuma8(img.clone())
+            .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
     #[test]
     fn pngs_decode_to_28x28_greyscale_and_garbage_is_refused() {
-        let mut img = image::GrayImage::new(56, 56);
-        img.put_pixel(10, 20, image::Luma([255]));
-        let mut png = Vec::new();
-        image::DynamicImage::ImageLuma8(img.clone())
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .unwrap();
-        let px = decode_png(&png).unwrap();
-        assert_eq!(px.len(), 784);
-        assert!(px[10 * 28 + 5] > 0, "the bright pixel lands at half its coordinates");
-        let small = image::imageops::resize(&img, 28, 28, image::imageops::FilterType::Nearest);
-        let mut png = Vec::new();
-        image::DynamicImage::ImageLuma8(small.clone())
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .unwrap();
-        assert_eq!(decode_png(&png).unwrap(), small.into_raw(), "28x28 is taken as it is");
+        let mut small = image::GrayImage::new(28, 28);
+        small.put_pixel(10, 20, image::Luma([255]));
+        assert_eq!(decode_png(&png(&small)).unwrap(), small.clone().into_raw(), "28x28 is taken as it is");
+        let mut dark_on_light = small.clone();
+        image::imageops::invert(&mut dark_on_light);
+        assert_eq!(decode_png(&png(&dark_on_light)).unwrap(), small.into_raw(), "a light background is inverted");
+        assert_eq!(decode_png(&png(&image::GrayImage::new(50, 40))).unwrap(), vec![0; 784], "blank stays blank");
         assert!(matches!(decode_png(b"not a png"), Err(PredictError::Input(_))));
         assert!(check_input(&[0; 783]).is_err() && check_input(&[0; 784]).is_ok());
+    }
+
+    #[test]
+    fn a_photo_like_png_is_laid_out_as_mnist_was() {
+        // MNIST digits drawn dark on a large light page, off centre, four times the size.
+        let data = fedge_core::dataset::embedded::mnist_subset().unwrap().test;
+        let mut t = fedge_learn::Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
+        let p0 = t.initial_params(1);
+        let cfg = fedge_core::wire::TrainConfig {
+            epochs: 2,
+            batch_size: 20,
+            learning_rate: 0.1,
+            clip_norm: None,
+            local_dp: None,
+        };
+        let train = fedge_core::dataset::embedded::mnist_subset().unwrap().train;
+        let idx: Vec<usize> = (0..3000).collect();
+        let params = t.train(&p0, &train, &idx, &cfg, &mut fedge_core::rng::derive_rng(1, &[])).unwrap().params;
+        let model = Predictor::new(ModelKind::Mlp, &params, BackendKind::Flex).unwrap();
+        let n = 100;
+        let (mut same, mut naive_same) = (0, 0);
+        for i in 0..n {
+            let digit = image::GrayImage::from_raw(28, 28, data.image(i).to_vec()).unwrap();
+            let big = image::imageops::resize(&digit, 112, 112, image::imageops::FilterType::Triangle);
+            let mut page = image::GrayImage::new(240, 180);
+            image::imageops::overlay(&mut page, &big, 20 + (i as i64 % 7) * 13, 5 + (i as i64 % 5) * 11);
+            image::imageops::invert(&mut page);
+            let want = model.predict(data.image(i), 28, 28).class;
+            same += usize::from(model.predict(&decode_png(&png(&page)).unwrap(), 28, 28).class == want);
+            let mut naive = image::imageops::resize(&page, 28, 28, image::imageops::FilterType::Triangle);
+            image::imageops::invert(&mut naive);
+            naive_same += usize::from(model.predict(&naive.into_raw(), 28, 28).class == want);
+        }
+        assert!(same >= 90, "{same} of {n} agree with the original image");
+        assert!(same > naive_same + 20, "plain resizing: {naive_same} of {n}");
     }
 }
