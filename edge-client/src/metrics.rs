@@ -176,7 +176,7 @@ impl InferenceMetrics {
         let (agree, differ) = (self.agree.load(Ordering::Relaxed), self.differ.load(Ordering::Relaxed));
         let count = |f: &Family<Path, Counter>, path| f.get_or_create(&Path { path }).get();
         let fallbacks: serde_json::Map<String, serde_json::Value> =
-            ["offline", "private", "timeout", "rate-limited", "refused", "link", "no-local-model"]
+            ["offline", "private", "timeout", "rate-limited", "refused", "link"]
                 .into_iter()
                 .map(|reason| (reason.to_string(), self.fallbacks.get_or_create(&Reason { reason }).get().into()))
                 .collect();

@@ -182,8 +182,10 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
                 .map_err(|e| ServiceError::Config(format!("cannot listen on {listen}: {e}")))?;
             println!("local inference on http://{listen} ({} policy)", c.inference.policy);
             let watcher = predictor.watch(Duration::from_millis(500));
+            let status = keep_inference_status(c.state_dir.clone(), &predictor);
             Some(AbortOnDrop(vec![
                 watcher,
+                status,
                 tokio::spawn(async move {
                     if let Err(e) = crate::http::serve(tcp, predictor).await {
                         eprintln!("inference server stopped: {e}");
