@@ -24,6 +24,11 @@ struct Reason {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
 /// Recent latencies kept per path for the snapshot's percentiles.
 const RECENT: usize = 4096;
 
@@ -52,7 +57,7 @@ pub struct InferenceMetrics {
     latency: Family<Path, Histogram>,
     escalations: Counter,
     fallbacks: Family<Reason, Counter>,
-    agreement: Family<Reason, Counter>,
+    agreement: Family<Outcome, Counter>,
     threshold: Gauge<f64, std::sync::atomic::AtomicU64>,
     model_version: Gauge,
     requests: AtomicU64,
@@ -71,7 +76,7 @@ impl Default for InferenceMetrics {
         let answers = Family::<Path, Counter>::default();
         let escalations = Counter::default();
         let fallbacks = Family::<Reason, Counter>::default();
-        let agreement = Family::<Reason, Counter>::default();
+        let agreement = Family::<Outcome, Counter>::default();
         let threshold = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let model_version = Gauge::default();
         registry.register("answers", "Answers given, by the model that gave them (local or cloud)", answers.clone());
@@ -151,8 +156,8 @@ impl InferenceMetrics {
 
     /// Both models answered one request.
     pub fn compared(&self, agree: bool) {
-        let reason = if agree { "agree" } else { "differ" };
-        self.agreement.get_or_create(&Reason { reason }).inc();
+        let outcome = if agree { "agree" } else { "differ" };
+        self.agreement.get_or_create(&Outcome { outcome }).inc();
         if agree { &self.agree } else { &self.differ }.fetch_add(1, Ordering::Relaxed);
     }
 
