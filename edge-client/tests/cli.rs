@@ -1,0 +1,118 @@
+//! `fedge-edge predict` as a user runs it: a signed student installed in a state folder,
+//! images as raw bytes and PNG, alone or under a policy whose coordinator is unreachable.
+
+use std::path::Path;
+use std::process::Command;
+
+use fedge_core::codec;
+use fedge_core::dataset::embedded;
+use fedge_core::params::ContentHash;
+use fedge_core::quant::QuantizedModel;
+use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole};
+use fedge_learn::{BackendKind, ModelKind, Trainer};
+use fedge_net::ModelKey;
+use ring::signature::KeyPair;
+
+fn edge(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fedge-edge")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// Installs a signed, lightly trained MLP student as version 9 under `dir/state`; writes the
+/// public key to `dir/model-signing.pub`.
+fn install_student(dir: &Path) {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let hex: String = pair.public_key().as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(dir.join("model-signing.pub"), hex).unwrap();
+    let data = embedded::mnist_subset().unwrap();
+    let mut t = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
+    let p0 = t.initial_params(1);
+    let cfg = fedge_core::wire::TrainConfig {
+        epochs: 1,
+        batch_size: 20,
+        learning_rate: 0.1,
+        clip_norm: None,
+        local_dp: None,
+    };
+    let idx: Vec<usize> = (0..2000).collect();
+    let params = t.train(&p0, &data.train, &idx, &cfg, &mut fedge_core::rng::derive_rng(1, &[])).unwrap().params;
+    let blob = codec::encode_value(&QuantizedModel::quantize(&params));
+    let mut record = ModelRecord {
+        version: 9,
+        role: ModelRole::Student,
+        architecture: "mlp".into(),
+        format: BlobFormat::Int8,
+        parent: Some(8),
+        round: 8,
+        accuracy: None,
+        latency_us: None,
+        epsilon: None,
+        parameters: params.numel() as u64,
+        size_bytes: blob.len() as u64,
+        sha256: ContentHash::of_bytes(&blob),
+        created_at: 0,
+        signature: Vec::new(),
+    };
+    record.signature = pair.sign(&record.signing_payload()).as_ref().to_vec();
+    let key = ModelKey::read(&dir.join("model-signing.pub")).unwrap();
+    fedge_edge::deploy::install_verified(&dir.join("state/deployed"), &record, &blob, &key).unwrap();
+}
+
+#[test]
+fn predict_answers_raw_and_png_and_stays_local_when_the_coordinator_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    install_student(dir.path());
+    let test = embedded::mnist_subset().unwrap().test;
+    let raw = dir.path().join("digit.raw");
+    std::fs::write(&raw, test.image(0)).unwrap();
+    let (state, key) = (dir.path().join("state"), dir.path().join("model-signing.pub"));
+    let (state, key) = (state.to_str().unwrap(), key.to_str().unwrap());
+
+    let (ok, out, err) =
+        edge(&["predict", "--state-dir", state, "--model-key", key, "--raw", raw.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let a: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((a["model_version"].as_u64(), a["answered_by"].as_str()), (Some(9), Some("local")), "{out}");
+    let class = a["class"].clone();
+
+    // The same image as a PNG of another size, dark on light: laid out as MNIST, same answer.
+    let digit = image::GrayImage::from_raw(28, 28, test.image(0).to_vec()).unwrap();
+    let mut page = image::imageops::resize(&digit, 84, 84, image::imageops::FilterType::Triangle);
+    image::imageops::invert(&mut page);
+    let png = dir.path().join("digit.png");
+    page.save(&png).unwrap();
+    let (ok, out, err) =
+        edge(&["predict", "--state-dir", state, "--model-key", key, "--png", png.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["class"], class);
+
+    // Under cloud-first with nobody listening: the local answer, flagged unverified, exit 0.
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let toml = dir.path().join("edge.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "coordinator = \"{free}\"\nstate_dir = {state:?}\nmodel_key = {key:?}\n[inference]\npolicy = \"cloud-first\"\ncalibration_examples = 200\n"
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (ok, out, err) =
+        edge(&["predict", "--config", toml.to_str().unwrap(), "--raw", raw.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    let a: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((a["answered_by"].as_str(), a["verified"].as_bool()), (Some("local"), Some(false)), "{out}");
+    assert_eq!((a["fallback"].as_str(), &a["class"]), (Some("offline"), &class));
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let (ok, out, _) = edge(&["predict", "--config", toml.to_str().unwrap(), "--raw", raw.to_str().unwrap()]);
+    assert!(ok && out.contains("unverified: offline"), "{out}");
+
+    // Bad input: one clear line, exit 1.
+    std::fs::write(&raw, [0u8; 100]).unwrap();
+    let (ok, _, err) = edge(&["predict", "--state-dir", state, "--model-key", key, "--raw", raw.to_str().unwrap()]);
+    assert!(!ok && err.contains("100 bytes; a 28x28 image is 784"), "{err}");
+    let (ok, _, err) = edge(&["predict", "--state-dir", state, "--model-key", key]);
+    assert!(!ok && err.contains("give an image"), "{err}");
+}
