@@ -239,6 +239,8 @@ pub struct HybridPredictor {
     cloud: Cloud,
     metrics: Arc<InferenceMetrics>,
     next_id: AtomicU64,
+    /// Whether the drift warning was given (for the running model).
+    drifting: std::sync::atomic::AtomicBool,
 }
 
 impl HybridPredictor {
@@ -265,6 +267,7 @@ impl HybridPredictor {
             cloud,
             metrics: Arc::new(InferenceMetrics::default()),
             next_id: AtomicU64::new(1),
+            drifting: std::sync::atomic::AtomicBool::new(false),
         };
         match me.refresh() {
             Ok(_) | Err(PredictError::NoModel(_)) => Ok(me),
@@ -307,9 +310,10 @@ impl HybridPredictor {
         }
         let model = LocalModel::load(&self.state_dir, &self.key)?;
         let calibration = calibrate(&model, &self.set, &self.config)?;
-        self.metrics.calibrated(calibration.model_version, calibration.threshold);
+        self.metrics.calibrated_for(calibration.model_version, calibration.threshold, calibration.target_rate);
         *self.local.write().unwrap_or_else(|p| p.into_inner()) =
             Some(Arc::new(Loaded { model, calibration: calibration.clone() }));
+        self.drifting.store(false, Ordering::Relaxed);
         Ok(Some(calibration))
     }
 
@@ -334,6 +338,16 @@ impl HybridPredictor {
             _ => None,
         };
         let threshold = loaded.as_ref().map(|l| l.calibration.threshold);
+        if let (Some((_, score)), Some(t)) = (mine, threshold)
+            && let Some(rate) = self.metrics.decided(escalates(score, t))
+            && !self.drifting.swap(true, Ordering::Relaxed)
+        {
+            eprintln!(
+                "inference: {:.1}% of recent answers are below the threshold calibrated for {:.1}%: live inputs differ from the calibration images",
+                rate * 100.0,
+                self.config.target_rate * 100.0
+            );
+        }
         let decide = |online: bool, private: bool| match (&loaded, mine) {
             // Without a local model only the cloud can answer.
             (None, _) => {

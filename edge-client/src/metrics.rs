@@ -31,6 +31,10 @@ struct Outcome {
 
 /// Recent latencies kept per path for the snapshot's percentiles.
 const RECENT: usize = 4096;
+/// Recent escalation decisions kept to watch the live rate against the calibrated target.
+const DECISIONS: usize = 1000;
+/// Decisions needed before the live rate is compared with the target.
+const DRIFT_MIN: usize = 500;
 
 /// Which way an answer went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +63,10 @@ pub struct InferenceMetrics {
     fallbacks: Family<Reason, Counter>,
     agreement: Family<Outcome, Counter>,
     threshold: Gauge<f64, std::sync::atomic::AtomicU64>,
+    unsure_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     model_version: Gauge,
     requests: AtomicU64,
+    decisions: Mutex<(VecDeque<bool>, f64)>,
     recent: Mutex<[VecDeque<f64>; 2]>,
     agree: AtomicU64,
     differ: AtomicU64,
@@ -79,6 +85,12 @@ impl Default for InferenceMetrics {
         let agreement = Family::<Outcome, Counter>::default();
         let threshold = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         let model_version = Gauge::default();
+        let unsure_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "recent_unsure_rate",
+            "Share of the last 1000 local answers below the threshold (compare with the target rate)",
+            unsure_rate.clone(),
+        );
         registry.register("answers", "Answers given, by the model that gave them (local or cloud)", answers.clone());
         registry.register(
             "latency_seconds",
@@ -106,8 +118,10 @@ impl Default for InferenceMetrics {
             fallbacks,
             agreement,
             threshold,
+            unsure_rate,
             model_version,
             requests: AtomicU64::new(0),
+            decisions: Mutex::new((VecDeque::new(), 0.0)),
             recent: Mutex::new([VecDeque::new(), VecDeque::new()]),
             agree: AtomicU64::new(0),
             differ: AtomicU64::new(0),
@@ -161,6 +175,29 @@ impl InferenceMetrics {
         if agree { &self.agree } else { &self.differ }.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The local answer's confidence was (`true`) or was not below the threshold. Returns the
+    /// live rate when it has drifted from the calibrated target: past 3 binomial standard
+    /// deviations plus 2 points over the last 1000 decisions (at least 500).
+    pub fn decided(&self, unsure: bool) -> Option<f64> {
+        let mut d = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+        if d.0.len() == DECISIONS {
+            d.0.pop_front();
+        }
+        d.0.push_back(unsure);
+        let n = d.0.len();
+        let rate = d.0.iter().filter(|&&u| u).count() as f64 / n as f64;
+        self.unsure_rate.set(rate);
+        let target = d.1;
+        let bound = 3.0 * (target * (1.0 - target) / n as f64).sqrt() + 0.02;
+        (n >= DRIFT_MIN && (rate - target).abs() > bound).then_some(rate)
+    }
+
+    /// A model was loaded and calibrated for `target_rate`.
+    pub fn calibrated_for(&self, version: u64, threshold: f32, target_rate: f64) {
+        *self.decisions.lock().unwrap_or_else(|p| p.into_inner()) = (VecDeque::new(), target_rate);
+        self.calibrated(version, threshold);
+    }
+
     /// A model was loaded and calibrated.
     pub fn calibrated(&self, version: u64, threshold: f32) {
         self.model_version.set(version as i64);
@@ -185,6 +222,11 @@ impl InferenceMetrics {
                 .into_iter()
                 .map(|reason| (reason.to_string(), self.fallbacks.get_or_create(&Reason { reason }).get().into()))
                 .collect();
+        let (recent_unsure, window) = {
+            let d = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
+            let n = d.0.len();
+            ((n > 0).then(|| d.0.iter().filter(|&&u| u).count() as f64 / n as f64), n)
+        };
         let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let lat = |q: &VecDeque<f64>| {
             let mut v: Vec<f64> = q.iter().copied().collect();
@@ -200,8 +242,30 @@ impl InferenceMetrics {
             "fallbacks": fallbacks,
             "compared": agree + differ,
             "agreement_rate": if agree + differ > 0 { Some(agree as f64 / (agree + differ) as f64) } else { None },
+            "recent_unsure_rate": recent_unsure,
+            "recent_decisions": window,
             "local_ms": lat(&r[0]),
             "cloud_ms": lat(&r[1]),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_is_flagged_only_when_the_live_rate_leaves_the_target() {
+        let m = InferenceMetrics::default();
+        m.calibrated_for(1, 0.5, 0.1);
+        // On target (one in ten): never flagged.
+        assert!((0..2000).all(|i| m.decided(i % 10 == 0).is_none()));
+        // Live traffic turns harder: three in ten below the threshold.
+        let flagged = (0..1000).filter_map(|i| m.decided(i % 10 < 3)).last();
+        assert!(flagged.is_some_and(|r| (r - 0.3).abs() < 0.01), "{flagged:?}");
+        assert!((m.snapshot()["recent_unsure_rate"].as_f64().unwrap() - 0.3).abs() < 0.01);
+        // A new calibration starts the window again.
+        m.calibrated_for(2, 0.6, 0.3);
+        assert!((0..400).all(|i| m.decided(i % 10 < 3).is_none()));
     }
 }
