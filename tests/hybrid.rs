@@ -16,10 +16,8 @@ use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::dataset::{Dataset, embedded};
 use fedge_core::hybrid::PolicyKind;
-use fedge_core::params::ContentHash;
 use fedge_core::quant::QuantizedModel;
 use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole};
-use fedge_core::rng::derive_rng;
 use fedge_core::wire::{Capabilities, ErrorCode, InferRequest, Message, SessionPurpose, TrainConfig};
 use fedge_edge::cloud::{Cloud, CloudTarget};
 use fedge_edge::hybrid::{CalibrationSet, HybridConfig, HybridPredictor, Request, Source};
@@ -40,10 +38,7 @@ fn models() -> &'static Models {
         let data = embedded::mnist_subset().unwrap();
         let train = |kind, n: usize, seed| {
             let mut t = Trainer::new(kind, 10, BackendKind::Flex).unwrap();
-            let p0 = t.initial_params(seed);
-            let cfg = TrainConfig { epochs: 1, batch_size: 20, learning_rate: 0.1, clip_norm: None, local_dp: None };
-            let idx: Vec<usize> = (0..n).collect();
-            t.train(&p0, &data.train, &idx, &cfg, &mut derive_rng(seed, &[])).unwrap().params
+            t.train_fresh(seed, &data.train, n, &TrainConfig::sgd(1, 20, 0.1)).unwrap().params
         };
         Models {
             teacher: train(ModelKind::TwoNn, 4000, 1),
@@ -81,20 +76,8 @@ impl Fleet {
     fn deploy(&self, state: &Path, version: u64, params: &ModelParams) {
         let blob = codec::encode_value(&QuantizedModel::quantize(params));
         let mut record = ModelRecord {
-            version,
-            role: ModelRole::Student,
-            architecture: "mlp".into(),
-            format: BlobFormat::Int8,
             parent: Some(0),
-            round: 0,
-            accuracy: None,
-            latency_us: None,
-            epsilon: None,
-            parameters: params.numel() as u64,
-            size_bytes: blob.len() as u64,
-            sha256: ContentHash::of_bytes(&blob),
-            created_at: 0,
-            signature: Vec::new(),
+            ..ModelRecord::of_blob(version, ModelRole::Student, "mlp", BlobFormat::Int8, params.numel() as u64, &blob)
         };
         self.ca.model_signer().unwrap().sign(&mut record).unwrap();
         fedge_edge::deploy::install_verified(&state.join("deployed"), &record, &blob, &self.key).unwrap();
@@ -235,7 +218,11 @@ async fn speculative_answers_at_once_and_delivers_the_correction_when_the_cloud_
     // Target 100%: every request is unsure, so every one is also sent.
     let p = f.predictor(&state, addr, PolicyKind::Speculative, 1.0, 30_000);
     online(&p).await;
-    let mut a = p.predict(request(i, false)).await.unwrap();
+    // Were the answer to wait for the (gated) teacher, this would time out rather than hang.
+    let mut a = tokio::time::timeout(Duration::from_secs(20), p.predict(request(i, false)))
+        .await
+        .expect("the speculative answer does not wait for the cloud")
+        .unwrap();
     assert_eq!((a.answered_by, a.escalated, a.verified, a.correction_pending), (Source::Local, true, false, true));
     let mut rx = a.correction.take().unwrap();
     assert!(rx.try_recv().is_err(), "the answer came back while the teacher had not answered");
@@ -244,7 +231,7 @@ async fn speculative_answers_at_once_and_delivers_the_correction_when_the_cloud_
     // Meanwhile a cloud-first request with a short timeout gets the local answer, unverified.
     let impatient = f.predictor(&state, addr, PolicyKind::CloudFirst, 0.1, 300);
     online(&impatient).await;
-    let b = impatient.predict(request(i, false)).await.unwrap();
+    let b = tokio::time::timeout(Duration::from_secs(20), impatient.predict(request(i, false))).await.unwrap().unwrap();
     assert_eq!((b.answered_by, b.verified, b.fallback), (Source::Local, false, Some("timeout")));
 
     *gate.0.lock().unwrap() = true;

@@ -424,20 +424,11 @@ mod tests {
         let ca = CertDir::init(&tmp.path().join("a"), &[]).unwrap();
         let other = CertDir::init(&tmp.path().join("b"), &[]).unwrap();
         let mut r = ModelRecord {
-            version: 3,
-            role: ModelRole::Student,
-            architecture: "mlp".into(),
-            format: BlobFormat::Int8,
             parent: Some(2),
             round: 2,
             accuracy: Some(0.9),
-            latency_us: None,
-            epsilon: None,
-            parameters: 10,
-            size_bytes: 4,
-            sha256: ContentHash::of_bytes(b"blob"),
             created_at: 1,
-            signature: Vec::new(),
+            ..ModelRecord::of_blob(3, ModelRole::Student, "mlp", BlobFormat::Int8, 10, b"blob")
         };
         let key = ModelKey::read(&ca.model_public_key_path()).unwrap();
         assert_eq!(key.verify(&r), Err(SignatureError::Unsigned(3)));

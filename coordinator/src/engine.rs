@@ -104,7 +104,7 @@ impl Default for EngineConfig {
             accept_failures: true,
             max_failures: None,
             round_timeout: Duration::from_secs(600),
-            train: TrainConfig { epochs: 5, batch_size: 10, learning_rate: 0.05, clip_norm: None, local_dp: None },
+            train: TrainConfig::sgd(5, 10, 0.05),
             seed: 0,
             privacy: None,
         }

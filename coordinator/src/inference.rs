@@ -156,8 +156,8 @@ pub trait Teacher: Send + 'static {
     fn answer(&mut self, version: u64, params: &ModelParams, images: &[&[u8]]) -> Result<Vec<Vec<f32>>, String>;
 }
 
-/// Where the current teacher parameters come from.
-pub type ModelSource = Arc<dyn Fn() -> (u64, Arc<ModelParams>) + Send + Sync>;
+/// Where the current teacher parameters come from (`None`: gone, e.g. the coordinator stopped).
+pub type ModelSource = Arc<dyn Fn() -> Option<(u64, Arc<ModelParams>)> + Send + Sync>;
 
 struct Job {
     pixels: Vec<u8>,
@@ -256,8 +256,13 @@ async fn batch_loop(
                 Ok(None) | Err(_) => break,
             }
         }
-        let (version, params) = model();
         let (pixels, replies): (Vec<Vec<u8>>, Vec<_>) = batch.into_iter().map(|j| (j.pixels, j.reply)).unzip();
+        let Some((version, params)) = model() else {
+            for r in replies {
+                let _ = r.send(Err(InferError::Unavailable("no teacher model".into())));
+            }
+            return;
+        };
         let Some(mut t) = teacher.take() else { return };
         let run = tokio::task::spawn_blocking(move || {
             let images: Vec<&[u8]> = pixels.iter().map(Vec::as_slice).collect();
@@ -365,7 +370,7 @@ mod tests {
     async fn requests_within_the_window_share_a_batch_and_bad_shapes_are_refused() {
         let params = Arc::new(ModelParams::zeros(Arc::new(fedge_core::params::ParamLayout::new(vec![]).unwrap())));
         let config = InferenceConfig { window_ms: 200, max_batch: 3, ..InferenceConfig::default() };
-        let model: ModelSource = Arc::new(move || (7, params.clone()));
+        let model: ModelSource = Arc::new(move || Some((7, params.clone())));
         let svc = Arc::new(InferenceService::spawn(config, Box::new(Echo), model));
         let ask = |c: u8| {
             let svc = svc.clone();

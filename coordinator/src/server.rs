@@ -292,11 +292,7 @@ impl Coordinator {
     /// ignored (returns false).
     pub fn set_inference(self: &Arc<Self>, config: InferenceConfig, teacher: Box<dyn Teacher>) -> bool {
         let me = Arc::downgrade(self);
-        let empty = Arc::new(ModelParams::zeros(Arc::new(
-            fedge_core::params::ParamLayout::new(Vec::new()).expect("an empty layout is valid"),
-        )));
-        let model: crate::inference::ModelSource =
-            Arc::new(move || me.upgrade().map_or_else(|| (0, empty.clone()), |c| c.global()));
+        let model: crate::inference::ModelSource = Arc::new(move || me.upgrade().map(|c| c.global()));
         let metrics = self.metrics.clone();
         let service = InferenceService::spawn(config, teacher, model)
             .with_observer(Arc::new(move |batch, latency| metrics.inference_answered(batch, latency)));
@@ -567,23 +563,15 @@ impl Coordinator {
         let mut s = self.lock();
         let epsilon =
             s.history.iter().rev().find(|r| r.model_version == parent).and_then(|r| r.privacy).map(|p| p.epsilon);
-        let created_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let version = s.engine.allocate_version();
         let mut record = ModelRecord {
-            version,
-            role: ModelRole::Student,
-            architecture,
-            format: BlobFormat::Int8,
             parent: Some(parent),
             round,
             accuracy,
             latency_us,
             epsilon,
-            parameters,
-            size_bytes: blob.len() as u64,
-            sha256: ContentHash::of_bytes(&blob),
-            created_at,
-            signature: Vec::new(),
+            created_at: unix_now(),
+            ..ModelRecord::of_blob(version, ModelRole::Student, &architecture, BlobFormat::Int8, parameters, &blob)
         };
         if let Some(signer) = &s.signer {
             signer.sign(&mut record).map_err(|e| RegistryError::Sign(e.to_string()))?;
@@ -926,22 +914,12 @@ impl Coordinator {
                     });
                     continue;
                 }
-                Message::TaskRequest { .. } | Message::TrainResult(_) if !training => {
-                    self.metrics.rejected(ErrorCode::Unauthorized);
-                    let reply = Message::Error {
-                        code: ErrorCode::Unauthorized,
-                        message: "an inference session does not train: connect for training".into(),
-                    };
-                    let _ = fedge_net::write_message(&mut send, &reply).await;
-                    let _ = send.finish();
-                    continue;
-                }
                 other => other,
             };
             if let Message::BlobChunkRequest { version, .. } = &request {
                 self.cache_blob(*version).await;
             }
-            let written = match self.answer(id, request) {
+            let written = match self.answer(id, training, request) {
                 Reply::Message(m) => {
                     let bytes = fedge_core::codec::encode(&m);
                     self.metrics.sent(bytes.len() + 4);
@@ -973,9 +951,17 @@ impl Coordinator {
         self.pump(&mut s);
     }
 
-    fn answer(&self, id: DeviceId, request: Message) -> Reply {
+    /// The answer to `request` from device `id` on a training (or else inference-only) session.
+    fn answer(&self, id: DeviceId, training: bool, request: Message) -> Reply {
         let mut s = self.lock();
         let reply = match request {
+            Message::TaskRequest { .. } | Message::TrainResult(_) if !training => {
+                self.metrics.rejected(ErrorCode::Unauthorized);
+                Message::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: "an inference session does not train: connect for training".into(),
+                }
+            }
             Message::TaskRequest { running } => {
                 s.running.insert(id, running);
                 match s.tasks.get(&id) {
@@ -1086,21 +1072,13 @@ fn register_global(s: &mut State, v: u64, round: u64, epsilon: Option<f64>) {
     }
     let Some((_, bytes)) = encoded_model(s, v) else { return };
     let parent = s.registry.values().rev().find(|r| r.role == ModelRole::Global && r.version < v).map(|r| r.version);
+    let parameters = s.models.get(&v).map_or(0, |p| p.numel() as u64);
     let mut record = ModelRecord {
-        version: v,
-        role: ModelRole::Global,
-        architecture: s.architecture.clone(),
-        format: BlobFormat::F32,
         parent,
         round,
-        accuracy: None,
-        latency_us: None,
         epsilon,
-        parameters: s.models.get(&v).map_or(0, |p| p.numel() as u64),
-        size_bytes: bytes.len() as u64,
-        sha256: ContentHash::of_bytes(&bytes),
-        created_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        signature: Vec::new(),
+        created_at: unix_now(),
+        ..ModelRecord::of_blob(v, ModelRole::Global, &s.architecture, BlobFormat::F32, parameters, &bytes)
     };
     if let Some(signer) = &s.signer
         && let Err(e) = signer.sign(&mut record)
@@ -1115,6 +1093,11 @@ fn register_global(s: &mut State, v: u64, round: u64, epsilon: Option<f64>) {
     }
     s.registry.insert(v, record);
     s.blobs.insert(v, bytes);
+}
+
+/// Seconds since the Unix epoch (0 for a clock before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The blob of registered version `v`, if in memory (see [`Coordinator::cache_blob`]).

@@ -129,26 +129,29 @@ impl Cloud {
 
     /// A bare round trip on the session (`Ping`/`Pong`): the network's share of an escalation.
     pub async fn ping(&self) -> Result<Duration, CloudError> {
-        let link = self.current().ok_or(CloudError::Offline)?;
         let started = Instant::now();
-        match tokio::time::timeout(self.timeout, link.request(&Message::Ping { nonce: 7 })).await {
-            Err(_) => Err(CloudError::Timeout(self.timeout.as_millis() as u64)),
-            Ok(Err(e)) => Err(CloudError::Link(e.to_string())),
-            Ok(Ok(Message::Pong { nonce: 7 })) => Ok(started.elapsed()),
-            Ok(Ok(Message::Error { code, message })) => Err(CloudError::Refused { code, message }),
-            Ok(Ok(_)) => Err(CloudError::Link("unexpected answer to a ping".into())),
+        match request_on(self.current(), self.timeout, &Message::Ping { nonce: 7 }).await? {
+            Message::Pong { nonce: 7 } => Ok(started.elapsed()),
+            _ => Err(CloudError::Link("unexpected answer to a ping".into())),
         }
     }
 }
 
-async fn ask_on(link: Option<Arc<Link>>, timeout: Duration, request: InferRequest) -> Result<InferAnswer, CloudError> {
+/// One request on `link` within `timeout`; an `Error` answer becomes [`CloudError::Refused`].
+async fn request_on(link: Option<Arc<Link>>, timeout: Duration, msg: &Message) -> Result<Message, CloudError> {
     let link = link.ok_or(CloudError::Offline)?;
-    match tokio::time::timeout(timeout, link.request(&Message::InferRequest(request))).await {
+    match tokio::time::timeout(timeout, link.request(msg)).await {
         Err(_) => Err(CloudError::Timeout(timeout.as_millis() as u64)),
         Ok(Err(e)) => Err(CloudError::Link(e.to_string())),
-        Ok(Ok(Message::InferAnswer(a))) => Ok(a),
         Ok(Ok(Message::Error { code, message })) => Err(CloudError::Refused { code, message }),
-        Ok(Ok(_)) => Err(CloudError::Link("unexpected answer to an inference request".into())),
+        Ok(Ok(answer)) => Ok(answer),
+    }
+}
+
+async fn ask_on(link: Option<Arc<Link>>, timeout: Duration, request: InferRequest) -> Result<InferAnswer, CloudError> {
+    match request_on(link, timeout, &Message::InferRequest(request)).await? {
+        Message::InferAnswer(a) => Ok(a),
+        _ => Err(CloudError::Link("unexpected answer to an inference request".into())),
     }
 }
 

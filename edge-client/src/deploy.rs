@@ -250,20 +250,9 @@ mod tests {
         let params = ModelParams::new(layout, (0..12).map(|i| i as f32 / 7.0 - 0.5).collect()).unwrap();
         let blob = codec::encode_value(&QuantizedModel::quantize(&params));
         let mut record = ModelRecord {
-            version: 5,
-            role: ModelRole::Student,
-            architecture: "mlp".into(),
-            format: BlobFormat::Int8,
             parent: Some(4),
             round: 4,
-            accuracy: None,
-            latency_us: None,
-            epsilon: None,
-            parameters: 12,
-            size_bytes: blob.len() as u64,
-            sha256: ContentHash::of_bytes(&blob),
-            created_at: 0,
-            signature: Vec::new(),
+            ..ModelRecord::of_blob(5, ModelRole::Student, "mlp", BlobFormat::Int8, 12, &blob)
         };
         record.signature = pair.sign(&record.signing_payload()).as_ref().to_vec();
         (record, blob, key, pair)

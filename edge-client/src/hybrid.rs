@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use fedge_core::hybrid::{ConfidenceMeasure, PolicyKind, Route, calibrate_threshold, escalates};
+use fedge_core::hybrid::{ConfidenceMeasure, Policy, PolicyKind, Route, calibrate_threshold, escalates};
 use fedge_net::ModelKey;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -348,18 +348,10 @@ impl HybridPredictor {
                 self.config.target_rate * 100.0
             );
         }
-        let decide = |online: bool, private: bool| match (&loaded, mine) {
-            // Without a local model only the cloud can answer.
-            (None, _) => {
-                if online && !private {
-                    Route::Cloud
-                } else {
-                    Route::Local
-                }
-            }
-            (Some(_), m) => {
-                policy.with_threshold(threshold.unwrap_or(f32::NEG_INFINITY)).route(m.map(|(_, s)| s), online, private)
-            }
+        let decide = |online: bool, private: bool| match &loaded {
+            Some(l) => policy.with_threshold(l.calibration.threshold).route(mine.map(|(_, s)| s), online, private),
+            // Without a local model only the cloud can answer: every policy is cloud-first.
+            None => Policy::CloudFirst.route(None, online, private),
         };
         let wanted = decide(true, false);
         let route = decide(self.cloud.online(), request.private);

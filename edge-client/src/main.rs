@@ -319,7 +319,7 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Train { dataset, data_dir, model, backend, epochs, batch_size, lr, examples, seed, json } => {
             let data = dataset.load(&data_dir).context("failed to load the dataset")?;
-            let config = TrainConfig { epochs, batch_size, learning_rate: lr, clip_norm: None, local_dp: None };
+            let config = TrainConfig::sgd(epochs, batch_size, lr);
             anyhow::ensure!(
                 epochs > 0 && batch_size > 0 && lr > 0.0,
                 "epochs, batch size and learning rate must be positive"

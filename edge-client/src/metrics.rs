@@ -36,6 +36,21 @@ const DECISIONS: usize = 1000;
 /// Decisions needed before the live rate is compared with the target.
 const DRIFT_MIN: usize = 500;
 
+/// The last [`DECISIONS`] escalation decisions, how many were "unsure", and the rate the
+/// threshold was calibrated for.
+#[derive(Default)]
+struct Decisions {
+    window: VecDeque<bool>,
+    unsure: usize,
+    target: f64,
+}
+
+impl Decisions {
+    fn rate(&self) -> Option<f64> {
+        (!self.window.is_empty()).then(|| self.unsure as f64 / self.window.len() as f64)
+    }
+}
+
 /// Which way an answer went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AnswerPath {
@@ -66,7 +81,7 @@ pub struct InferenceMetrics {
     unsure_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     model_version: Gauge,
     requests: AtomicU64,
-    decisions: Mutex<(VecDeque<bool>, f64)>,
+    decisions: Mutex<Decisions>,
     recent: Mutex<[VecDeque<f64>; 2]>,
     agree: AtomicU64,
     differ: AtomicU64,
@@ -121,7 +136,7 @@ impl Default for InferenceMetrics {
             unsure_rate,
             model_version,
             requests: AtomicU64::new(0),
-            decisions: Mutex::new((VecDeque::new(), 0.0)),
+            decisions: Mutex::new(Decisions::default()),
             recent: Mutex::new([VecDeque::new(), VecDeque::new()]),
             agree: AtomicU64::new(0),
             differ: AtomicU64::new(0),
@@ -180,21 +195,23 @@ impl InferenceMetrics {
     /// deviations plus 2 points over the last 1000 decisions (at least 500).
     pub fn decided(&self, unsure: bool) -> Option<f64> {
         let mut d = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-        if d.0.len() == DECISIONS {
-            d.0.pop_front();
+        if d.window.len() == DECISIONS && d.window.pop_front() == Some(true) {
+            d.unsure -= 1;
         }
-        d.0.push_back(unsure);
-        let n = d.0.len();
-        let rate = d.0.iter().filter(|&&u| u).count() as f64 / n as f64;
+        d.window.push_back(unsure);
+        d.unsure += usize::from(unsure);
+        let n = d.window.len();
+        let rate = d.rate().unwrap_or(0.0);
         self.unsure_rate.set(rate);
-        let target = d.1;
+        let target = d.target;
         let bound = 3.0 * (target * (1.0 - target) / n as f64).sqrt() + 0.02;
         (n >= DRIFT_MIN && (rate - target).abs() > bound).then_some(rate)
     }
 
     /// A model was loaded and calibrated for `target_rate`.
     pub fn calibrated_for(&self, version: u64, threshold: f32, target_rate: f64) {
-        *self.decisions.lock().unwrap_or_else(|p| p.into_inner()) = (VecDeque::new(), target_rate);
+        *self.decisions.lock().unwrap_or_else(|p| p.into_inner()) =
+            Decisions { window: VecDeque::new(), unsure: 0, target: target_rate };
         self.calibrated(version, threshold);
     }
 
@@ -224,8 +241,7 @@ impl InferenceMetrics {
                 .collect();
         let (recent_unsure, window) = {
             let d = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
-            let n = d.0.len();
-            ((n > 0).then(|| d.0.iter().filter(|&&u| u).count() as f64 / n as f64), n)
+            (d.rate(), d.window.len())
         };
         let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let lat = |q: &VecDeque<f64>| {

@@ -21,14 +21,23 @@ pub fn check_input(pixels: &[u8]) -> Result<(), PredictError> {
     Ok(())
 }
 
+/// Largest PNG width or height taken.
+pub const MAX_PNG_SIDE: u32 = 4096;
+
 /// Decodes a PNG into the models' input, preprocessed as MNIST was: greyscale (luma); a dark
 /// digit on a light background (a bright border) is inverted; an image of another size than
 /// 28x28 is cropped to its ink, scaled so its longer side is 20 pixels, and placed on a 28x28
 /// canvas with its centre of mass in the middle. A 28x28 image is taken as it is (inverted if
-/// need be).
+/// need be). Images over [`MAX_PNG_SIDE`] on a side are refused.
 pub fn decode_png(bytes: &[u8]) -> Result<Vec<u8>, PredictError> {
-    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
-        .map_err(|e| PredictError::Input(format!("not a readable PNG: {e}")))?;
+    // Bounded: a small file must not decode into hundreds of megabytes.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_PNG_SIDE);
+    limits.max_image_height = Some(MAX_PNG_SIDE);
+    limits.max_alloc = Some(64 << 20);
+    let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| PredictError::Input(format!("not a readable PNG: {e}")))?;
     let mut luma = img.to_luma8();
     let (w, h) = luma.dimensions();
     let border: Vec<u8> = luma
@@ -184,6 +193,8 @@ mod tests {
         assert_eq!(decode_png(&png(&dark_on_light)).unwrap(), small.into_raw(), "a light background is inverted");
         assert_eq!(decode_png(&png(&image::GrayImage::new(50, 40))).unwrap(), vec![0; 784], "blank stays blank");
         assert!(matches!(decode_png(b"not a png"), Err(PredictError::Input(_))));
+        let huge = png(&image::GrayImage::new(MAX_PNG_SIDE + 1, 1));
+        assert!(matches!(decode_png(&huge), Err(PredictError::Input(_))), "over the size limit");
         assert!(check_input(&[0; 783]).is_err() && check_input(&[0; 784]).is_ok());
     }
 
@@ -192,17 +203,9 @@ mod tests {
         // MNIST digits drawn dark on a large light page, off centre, four times the size.
         let data = fedge_core::dataset::embedded::mnist_subset().unwrap().test;
         let mut t = fedge_learn::Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
-        let p0 = t.initial_params(1);
-        let cfg = fedge_core::wire::TrainConfig {
-            epochs: 2,
-            batch_size: 20,
-            learning_rate: 0.1,
-            clip_norm: None,
-            local_dp: None,
-        };
         let train = fedge_core::dataset::embedded::mnist_subset().unwrap().train;
-        let idx: Vec<usize> = (0..3000).collect();
-        let params = t.train(&p0, &train, &idx, &cfg, &mut fedge_core::rng::derive_rng(1, &[])).unwrap().params;
+        let cfg = fedge_core::wire::TrainConfig::sgd(2, 20, 0.1);
+        let params = t.train_fresh(1, &train, 3000, &cfg).unwrap().params;
         let model = Predictor::new(ModelKind::Mlp, &params, BackendKind::Flex).unwrap();
         let n = 100;
         let (mut same, mut naive_same) = (0, 0);

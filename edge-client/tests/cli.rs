@@ -6,7 +6,6 @@ use std::process::Command;
 
 use fedge_core::codec;
 use fedge_core::dataset::embedded;
-use fedge_core::params::ContentHash;
 use fedge_core::quant::QuantizedModel;
 use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole};
 use fedge_learn::{BackendKind, ModelKind, Trainer};
@@ -28,32 +27,12 @@ fn install_student(dir: &Path) {
     std::fs::write(dir.join("model-signing.pub"), hex).unwrap();
     let data = embedded::mnist_subset().unwrap();
     let mut t = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
-    let p0 = t.initial_params(1);
-    let cfg = fedge_core::wire::TrainConfig {
-        epochs: 1,
-        batch_size: 20,
-        learning_rate: 0.1,
-        clip_norm: None,
-        local_dp: None,
-    };
-    let idx: Vec<usize> = (0..2000).collect();
-    let params = t.train(&p0, &data.train, &idx, &cfg, &mut fedge_core::rng::derive_rng(1, &[])).unwrap().params;
+    let params = t.train_fresh(1, &data.train, 2000, &fedge_core::wire::TrainConfig::sgd(1, 20, 0.1)).unwrap().params;
     let blob = codec::encode_value(&QuantizedModel::quantize(&params));
     let mut record = ModelRecord {
-        version: 9,
-        role: ModelRole::Student,
-        architecture: "mlp".into(),
-        format: BlobFormat::Int8,
         parent: Some(8),
         round: 8,
-        accuracy: None,
-        latency_us: None,
-        epsilon: None,
-        parameters: params.numel() as u64,
-        size_bytes: blob.len() as u64,
-        sha256: ContentHash::of_bytes(&blob),
-        created_at: 0,
-        signature: Vec::new(),
+        ..ModelRecord::of_blob(9, ModelRole::Student, "mlp", BlobFormat::Int8, params.numel() as u64, &blob)
     };
     record.signature = pair.sign(&record.signing_payload()).as_ref().to_vec();
     let key = ModelKey::read(&dir.join("model-signing.pub")).unwrap();

@@ -67,6 +67,34 @@ pub struct ModelRecord {
 const SIGNING_DOMAIN: &[u8] = b"fedge model record v1\0";
 
 impl ModelRecord {
+    /// An unsigned record of `blob` (its size and SHA-256), made now by the caller's clock
+    /// (`created_at`); lineage, round and metrics empty for the caller to fill in.
+    pub fn of_blob(
+        version: u64,
+        role: ModelRole,
+        architecture: &str,
+        format: BlobFormat,
+        parameters: u64,
+        blob: &[u8],
+    ) -> Self {
+        Self {
+            version,
+            role,
+            architecture: architecture.to_string(),
+            format,
+            parent: None,
+            round: 0,
+            accuracy: None,
+            latency_us: None,
+            epsilon: None,
+            parameters,
+            size_bytes: blob.len() as u64,
+            sha256: ContentHash::of_bytes(blob),
+            created_at: 0,
+            signature: Vec::new(),
+        }
+    }
+
     /// The bytes the signature covers: the domain tag and every field fixed at registration.
     pub fn signing_payload(&self) -> Vec<u8> {
         let fixed = (

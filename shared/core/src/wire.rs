@@ -29,6 +29,13 @@ pub struct TrainConfig {
     pub local_dp: Option<LocalDp>,
 }
 
+impl TrainConfig {
+    /// Plain minibatch SGD: no clipping, no noise.
+    pub fn sgd(epochs: u32, batch_size: u32, learning_rate: f32) -> Self {
+        Self { epochs, batch_size, learning_rate, clip_norm: None, local_dp: None }
+    }
+}
+
 /// A device-level (epsilon, delta) guarantee each device enforces on its own upload.
 #[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

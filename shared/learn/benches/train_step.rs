@@ -14,7 +14,7 @@ use fedge_learn::{BackendKind, ModelKind, Trainer};
 fn bench(c: &mut Criterion) {
     let data = embedded::mnist_subset().unwrap();
     let idx: Vec<usize> = (0..100).collect();
-    let config = TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.01, clip_norm: None, local_dp: None };
+    let config = TrainConfig::sgd(1, 10, 0.01);
     let mut g = c.benchmark_group("train_10_steps_b10");
     g.sample_size(20);
     for kind in [ModelKind::TwoNn, ModelKind::Cnn] {

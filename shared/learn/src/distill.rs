@@ -213,10 +213,7 @@ mod tests {
         let data = embedded::mnist_subset().unwrap();
         // A teacher: the 2NN trained on 2000 labelled images.
         let mut teacher = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let t0 = teacher.initial_params(1);
-        let cfg = TrainConfig { epochs: 3, batch_size: 20, learning_rate: 0.05, clip_norm: None, local_dp: None };
-        let labelled: Vec<usize> = (0..2000).collect();
-        let t = teacher.train(&t0, &data.train, &labelled, &cfg, &mut derive_rng(1, &[])).unwrap().params;
+        let t = teacher.train_fresh(1, &data.train, 2000, &TrainConfig::sgd(3, 20, 0.05)).unwrap().params;
         let teacher_acc = teacher.evaluate(&t, &data.test, 500).unwrap().accuracy;
 
         // The student sees 3000 other images and the teacher's logits, never a label.

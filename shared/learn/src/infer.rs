@@ -112,17 +112,13 @@ mod tests {
     use super::*;
     use crate::Trainer;
     use fedge_core::dataset::embedded;
-    use fedge_core::rng::derive_rng;
     use fedge_core::wire::TrainConfig;
 
     #[test]
     fn predictions_agree_with_batch_evaluation() {
         let data = embedded::mnist_subset().unwrap();
         let mut t = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
-        let p0 = t.initial_params(1);
-        let cfg = TrainConfig { epochs: 2, batch_size: 20, learning_rate: 0.1, clip_norm: None, local_dp: None };
-        let idx: Vec<usize> = (0..2000).collect();
-        let p = t.train(&p0, &data.train, &idx, &cfg, &mut derive_rng(1, &[])).unwrap().params;
+        let p = t.train_fresh(1, &data.train, 2000, &TrainConfig::sgd(2, 20, 0.1)).unwrap().params;
         let want = t.evaluate(&p, &data.test, 500).unwrap().accuracy;
         let pred = Predictor::new(ModelKind::Mlp, &p, BackendKind::Flex).unwrap();
         let test = &data.test;

@@ -67,6 +67,21 @@ impl Trainer {
         })
     }
 
+    /// A fresh model (`initial_params(seed)`) trained on the first `examples` examples of
+    /// `data`, batches drawn with `seed`: a centralised baseline (`fedge-edge train`) and a
+    /// fixture for tests.
+    pub fn train_fresh(
+        &mut self,
+        seed: u64,
+        data: &Dataset,
+        examples: usize,
+        config: &TrainConfig,
+    ) -> Result<TrainOutput, ConvertError> {
+        let start = self.initial_params(seed);
+        let indices: Vec<usize> = (0..examples.min(data.len())).collect();
+        self.train(&start, data, &indices, config, &mut fedge_core::rng::derive_rng(seed, &[]))
+    }
+
     fn num_classes(&self) -> usize {
         let last = self.layout.specs().last().expect("models have tensors");
         last.shape[0]
@@ -196,7 +211,7 @@ mod tests {
     use fedge_core::rng::derive_rng;
 
     fn cfg(epochs: u32, batch_size: u32, learning_rate: f32) -> TrainConfig {
-        TrainConfig { epochs, batch_size, learning_rate, clip_norm: None, local_dp: None }
+        TrainConfig::sgd(epochs, batch_size, learning_rate)
     }
 
     #[test]
