@@ -67,7 +67,7 @@ pub async fn run(
     let test = data.test;
     let certs = CertDir::open(&c.certs_dir)?;
     let signer = certs.model_signer()?;
-    let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Flex)?;
+    let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Cpu)?;
     let student_kind: ModelKind = c.student_model.parse().map_err(ServiceError::Config)?;
     let distiller = match c.distill_every {
         Some(0) => return Err(ServiceError::Config("distill_every must be at least 1".into())),

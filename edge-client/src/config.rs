@@ -31,7 +31,7 @@ pub struct EdgeConfig {
     pub shards: u64,
     /// `2nn` or `cnn` (must match the coordinator's).
     pub model: String,
-    /// `flex` or `wgpu`.
+    /// `cpu` (fused CPU kernels, the default), `flex` (burn's CPU backend) or `wgpu`.
     pub backend: String,
     /// Seed of the split and of local training.
     pub seed: u64,
@@ -58,7 +58,7 @@ impl Default for EdgeConfig {
             shard: 0,
             shards: 1,
             model: "2nn".into(),
-            backend: "flex".into(),
+            backend: "cpu".into(),
             seed: 0,
             memory_mb: 512,
             model_key: None,

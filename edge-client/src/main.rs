@@ -122,8 +122,9 @@ enum Command {
         /// Model: 2nn or cnn.
         #[arg(long, default_value = "2nn")]
         model: ModelKind,
-        /// Backend: flex (CPU) or wgpu (GPU, when built with --features wgpu).
-        #[arg(long, default_value = "flex")]
+        /// Backend: cpu (Fedge's fused CPU kernels), flex (burn's CPU backend, the reference) or
+        /// wgpu (GPU, when built with --features wgpu).
+        #[arg(long, default_value = "cpu")]
         backend: BackendKind,
         /// Epochs.
         #[arg(long, default_value_t = 1)]
@@ -327,6 +328,7 @@ fn real_main() -> anyhow::Result<()> {
             let n = examples.unwrap_or(data.train.len()).min(data.train.len());
             let indices: Vec<usize> = (0..n).collect();
             let mut trainer = Trainer::new(model, data.train.num_classes, backend)?;
+            trainer.set_threads(fedge_learn::Threads::Rayon(0));
             let start = trainer.initial_params(seed);
             let t0 = Instant::now();
             let out = trainer.train(&start, &data.train, &indices, &config, &mut derive_rng(seed, &[]))?;

@@ -196,6 +196,10 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
         None => None,
     };
     let mut trainer = Some(EdgeTrainer::new(model, data.train.num_classes, backend)?);
+    // One trainer on the device: its steps may use every core.
+    if let Some(t) = &mut trainer {
+        t.learner().set_threads(fedge_learn::Threads::Rayon(0));
+    }
     let train = std::sync::Arc::new(data.train);
     let mut client: Option<EdgeClient> = None;
     let mut failures = 0u32;

@@ -131,7 +131,7 @@ impl Default for SimConfig {
             min_train_clients: 1,
             dropout: 0.0,
             workers: 0,
-            backend: BackendKind::Flex,
+            backend: BackendKind::Cpu,
             eval_every: 1,
             target_accuracy: None,
             distill_every: None,

@@ -5,6 +5,7 @@
 //! links: [`config`] says what to run, [`pool`] runs device tasks on a few worker threads that
 //! each own one model, [`run`] is the loop and its outputs.
 
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod hybrid;

@@ -51,6 +51,37 @@ enum Command {
         #[arg(long, default_value = "max-softmax")]
         confidence: String,
     },
+    /// Training speed: samples/s of a local SGD step of each model on the CPU, beside
+    /// PyTorch's in the same run (when its venv from ../shared/bench/setup-torch.sh exists).
+    BenchTrain {
+        /// Models.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![ModelKind::Cnn, ModelKind::TwoNn])]
+        models: Vec<ModelKind>,
+        /// Minibatch sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![10, 64])]
+        batches: Vec<usize>,
+        /// Thread counts.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2])]
+        threads: Vec<usize>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Our backend: cpu (fused kernels) or flex (burn).
+        #[arg(long, default_value = "cpu")]
+        backend: BackendKind,
+        /// Python with torch (default: ~/.cache/fedge-torch/bin/python when present).
+        #[arg(long)]
+        torch_python: Option<PathBuf>,
+        /// PyTorch's step script (default: ../shared/bench/torch_step.py).
+        #[arg(long)]
+        torch_script: Option<PathBuf>,
+        /// Skip PyTorch.
+        #[arg(long)]
+        no_torch: bool,
+        /// One JSON object per row instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Differential-privacy accounting: epsilon of a training run, or the noise a target needs.
     Privacy {
         #[command(subcommand)]
@@ -330,6 +361,60 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Privacy { command } => privacy(command),
+        Command::BenchTrain {
+            models,
+            batches,
+            threads,
+            seconds,
+            backend,
+            torch_python,
+            torch_script,
+            no_torch,
+            json,
+        } => {
+            anyhow::ensure!(seconds > 0.0 && seconds.is_finite(), "--seconds must be positive");
+            anyhow::ensure!(
+                batches.iter().chain(&threads).all(|&n| (1..=4096).contains(&n)),
+                "batches and threads must be 1..=4096"
+            );
+            let torch = if no_torch {
+                None
+            } else {
+                match (torch_python, torch_script) {
+                    (Some(p), s) => Some((p, s.unwrap_or_else(|| PathBuf::from("../shared/bench/torch_step.py")))),
+                    (None, Some(s)) => fedge_sim::bench::default_torch().map(|(p, _)| (p, s)),
+                    (None, None) => fedge_sim::bench::default_torch(),
+                }
+            };
+            if torch.is_none() && !no_torch {
+                eprintln!("PyTorch not found (bash ../shared/bench/setup-torch.sh); measuring Fedge only");
+            }
+            let config = fedge_sim::bench::BenchConfig { models, batches, threads, seconds, backend, torch };
+            if !json {
+                println!("model batch threads   torch/s   fedge/s  ratio  fedge workers/s  ratio");
+            }
+            fedge_sim::bench::run(&config, |r| {
+                if json {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                } else {
+                    let ratio = |x: f64| r.torch.map_or("-".to_string(), |t| format!("{:.2}x", x / t));
+                    let torch = r.torch.map_or("-".to_string(), |t| format!("{t:.0}"));
+                    println!(
+                        "{:<5} {:>5} {:>7} {:>9} {:>9} {:>6} {:>16} {:>6}",
+                        r.model,
+                        r.batch,
+                        r.threads,
+                        torch,
+                        format!("{:.0}", r.fedge),
+                        ratio(r.fedge),
+                        format!("{:.0}", r.fedge_workers),
+                        ratio(r.fedge_workers)
+                    );
+                }
+                let _ = std::io::stdout().flush();
+            })?;
+            Ok(())
+        }
         Command::Hybrid { run, rates, confidence } => {
             let config = run.config()?;
             let measure: fedge_core::hybrid::ConfidenceMeasure =

@@ -284,6 +284,8 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     };
 
     let mut evaluator = Trainer::new(config.model, num_classes, config.backend)?;
+    // Evaluation runs while the workers wait: it may use every core.
+    evaluator.set_threads(fedge_learn::Threads::Rayon(0));
     let mut distiller = match config.distill_every {
         Some(_) => Some(Distiller::new(config, num_classes, proxy)?),
         None => None,

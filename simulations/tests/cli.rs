@@ -224,3 +224,30 @@ fn hybrid_cascade_beats_local_and_escalates_near_the_target() {
     assert!(local["local_p50_ms"].as_f64().unwrap() > 0.0);
     assert!(local["local_p99_ms"].as_f64().unwrap() >= local["local_p50_ms"].as_f64().unwrap());
 }
+
+#[test]
+fn bench_train_prints_a_row_per_configuration() {
+    let (ok, stdout, stderr) = sim(&[
+        "bench-train",
+        "--no-torch",
+        "--json",
+        "--models",
+        "2nn,cnn",
+        "--batches",
+        "2",
+        "--threads",
+        "1,2",
+        "--seconds",
+        "0.01",
+    ]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for r in &rows {
+        assert!(r["fedge"].as_f64().unwrap() > 0.0 && r["fedge_workers"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["torch"].is_null());
+        assert_eq!(r["backend"], "cpu");
+    }
+    let (ok, _, stderr) = sim(&["bench-train", "--no-torch", "--seconds", "0"]);
+    assert!(!ok && stderr.contains("--seconds"), "{stderr}");
+}

@@ -1,5 +1,6 @@
-//! Local training speed on the CPU backend (flex): one epoch of 100 examples in minibatches of
-//! 10, i.e. 10 SGD steps, for each McMahan model.
+//! Local training speed on the CPU: one epoch of 100 examples in minibatches of 10, i.e. 10 SGD
+//! steps, for each McMahan model, on the fused kernels (`cpu`) and on burn's flex backend.
+//! `fedge-sim bench-train` measures the same against PyTorch.
 //!
 //! `cargo bench -p fedge-learn --bench train_step`. Divide by 10 for one step.
 
@@ -17,13 +18,15 @@ fn bench(c: &mut Criterion) {
     let config = TrainConfig::sgd(1, 10, 0.01);
     let mut g = c.benchmark_group("train_10_steps_b10");
     g.sample_size(20);
-    for kind in [ModelKind::TwoNn, ModelKind::Cnn] {
-        let mut t = Trainer::new(kind, 10, BackendKind::Flex).unwrap();
-        let start = t.initial_params(0);
-        let mut rng = derive_rng(0, &[]);
-        g.bench_function(kind.to_string(), |b| {
-            b.iter(|| t.train(&start, &data.train, &idx, &config, &mut rng).unwrap())
-        });
+    for backend in [BackendKind::Cpu, BackendKind::Flex] {
+        for kind in [ModelKind::TwoNn, ModelKind::Cnn] {
+            let mut t = Trainer::new(kind, 10, backend).unwrap();
+            let start = t.initial_params(0);
+            let mut rng = derive_rng(0, &[]);
+            g.bench_function(format!("{kind}/{backend}"), |b| {
+                b.iter(|| t.train(&start, &data.train, &idx, &config, &mut rng).unwrap())
+            });
+        }
     }
     g.finish();
 }

@@ -2,8 +2,9 @@
 //!
 //! The McMahan et al. 2017 models ([`model`]), turning dataset examples into tensors
 //! ([`batch`]), local SGD training and evaluation ([`train`]), the exact conversion between burn
-//! modules and flat [`fedge_core::ModelParams`] ([`convert`]), and the choice of compute backend
-//! at run time ([`backend`]).
+//! modules and flat [`fedge_core::ModelParams`] ([`convert`]), the choice of compute backend
+//! at run time ([`backend`]), and the fast CPU path that trains the same models with
+//! `fedge-kernels`' fused step ([`fast`]).
 //!
 //! Architecture invariant: this is the only crate that depends on burn. The round engine,
 //! aggregation and privacy maths see flat parameters only; the edge client, the simulator and
@@ -13,6 +14,7 @@ pub mod backend;
 pub mod batch;
 pub mod convert;
 pub mod distill;
+pub mod fast;
 pub mod infer;
 pub mod model;
 pub mod train;
@@ -20,6 +22,8 @@ pub mod train;
 pub use backend::{BackendError, BackendKind};
 pub use convert::ConvertError;
 pub use distill::{DistillConfig, DistillData, QuantizedStudent};
+pub use fast::FastNet;
+pub use fedge_kernels::Threads;
 pub use infer::{Prediction, Predictor, PredictorError};
 pub use model::{Model, ModelKind};
 pub use train::{EvalMetrics, TrainOutput, Trainer};

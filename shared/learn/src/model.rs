@@ -2,7 +2,7 @@
 //! from Decentralized Data", and a small on-device student, written once for every backend.
 
 mod cnn;
-mod mlp;
+pub(crate) mod mlp;
 mod two_nn;
 
 use std::fmt;

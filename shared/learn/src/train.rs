@@ -18,6 +18,7 @@ use rand::seq::SliceRandom;
 use crate::backend::{BackendError, BackendKind};
 use crate::batch;
 use crate::convert::{self, ConvertError};
+use crate::fast::FastNet;
 use crate::model::{Model, ModelKind};
 
 /// What local training produced.
@@ -42,13 +43,16 @@ pub struct EvalMetrics {
     pub examples: usize,
 }
 
-/// One model instance on one device, reused across tasks.
+/// One model instance on one device, reused across tasks. On [`BackendKind::Cpu`] training and
+/// evaluation go through the fused kernels ([`FastNet`]), single-threaded unless
+/// [`Trainer::set_threads`] says otherwise; the burn model still initialises and distils.
 pub struct Trainer {
     kind: ModelKind,
     device: Device,
     model: Option<Model>,
     layout: Arc<ParamLayout>,
     backend: BackendKind,
+    fast: Option<FastNet>,
 }
 
 impl Trainer {
@@ -57,7 +61,23 @@ impl Trainer {
         let device = backend.device()?.autodiff();
         let model = Model::init(kind, num_classes, &device);
         let layout = convert::layout_of(&model).expect("a fresh model converts");
-        Ok(Self { kind, device, model: Some(model), layout, backend })
+        let fast = match backend {
+            BackendKind::Cpu => Some(
+                FastNet::new(kind, num_classes, layout.clone(), fedge_kernels::Threads::One)
+                    .expect("every model kind has a fast CPU mapping"),
+            ),
+            BackendKind::Flex | BackendKind::Wgpu => None,
+        };
+        Ok(Self { kind, device, model: Some(model), layout, backend, fast })
+    }
+
+    /// How many threads each training and evaluation step may use on the fast CPU path
+    /// (`Threads::One` by default: a simulator runs one trainer per core; a device with one
+    /// trainer gives it every core). No effect on burn backends.
+    pub fn set_threads(&mut self, threads: fedge_kernels::Threads) {
+        if let Some(fast) = &mut self.fast {
+            fast.set_threads(threads);
+        }
     }
 
     /// Fresh initial parameters, reproducible for a given `seed`.
@@ -129,6 +149,9 @@ impl Trainer {
         config: &TrainConfig,
         rng: &mut R,
     ) -> Result<TrainOutput, ConvertError> {
+        if let Some(fast) = &mut self.fast {
+            return fast.train(start, data, indices, config, rng);
+        }
         let (epochs, batch_size) = (config.epochs as usize, config.batch_size as usize);
         let learning_rate = config.learning_rate as f64;
         let model = self.model.take().expect("trainer holds its model between tasks");
@@ -172,6 +195,9 @@ impl Trainer {
         data: &Dataset,
         batch_size: usize,
     ) -> Result<EvalMetrics, ConvertError> {
+        if let Some(fast) = &mut self.fast {
+            return fast.evaluate(params, data);
+        }
         let model = self.model.take().expect("trainer holds its model between tasks");
         let model = match convert::load_params(model, params) {
             Ok(m) => m,

@@ -1,0 +1,175 @@
+//! The AVX-512 register tile: `tile[r][c] = sum_p a[p][r] * b[p][c]` for up to [`MR`] rows and
+//! [`NR`] columns, from packed panels (see [`super::packed`]).
+//!
+//! 2 x `rows` accumulators of 16 lanes stay in registers for the whole `kc` loop; each step
+//! loads one 32-wide row of the B panel and broadcasts `rows` values of the A panel into
+//! 2 x `rows` FMAs. The wrapper [`tile`] checks every length, so the unchecked loads inside
+//! never leave the panels.
+#![allow(unsafe_code)]
+
+/// Rows of a register tile (of the packed A panel).
+pub const MR: usize = 8;
+/// Columns of a register tile (of the packed B panel): two 16-lane vectors.
+pub const NR: usize = 32;
+
+/// Whether this CPU runs the AVX-512 tile (checked once, cached by std).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Computes the first `rows` rows of the tile from `kc` steps of the panels: `a` holds `kc`
+/// groups of [`MR`] values, step `p` of `b` is the [`NR`] values at `b[p * ldb..]` (a packed
+/// panel has `ldb = NR`; an unpacked row-major B its row stride). Rows past `rows` are left
+/// untouched.
+///
+/// # Panics
+/// If the panels are shorter than `kc` steps, `rows` exceeds [`MR`], or AVX-512 is absent
+/// (callers check [`available`] first).
+pub fn tile(kc: usize, rows: usize, a: &[f32], b: &[f32], ldb: usize, out: &mut [f32; MR * NR]) {
+    assert!(kc > 0 && a.len() >= kc * MR && rows <= MR && ldb >= NR, "bad tile arguments");
+    assert!(b.len() >= (kc - 1) * ldb + NR, "B panel shorter than kc steps");
+    assert!(available(), "the AVX-512 tile needs avx512f");
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! call {
+            ($($n:literal)*) => {
+                match rows {
+                    // SAFETY: avx512f is present (asserted above), and the panels hold at least
+                    // kc steps (asserted above: a has kc * MR values, b reaches
+                    // (kc - 1) * ldb + NR), which is all `kernel` reads; it writes only `out`,
+                    // a tile of MR x NR.
+                    $($n => unsafe { avx512::kernel::<$n>(kc, a.as_ptr(), b.as_ptr(), ldb, out) },)*
+                    _ => {}
+                }
+            };
+        }
+        call!(1 2 3 4 5 6 7 8);
+    }
+}
+
+/// Columns of a dot tile.
+pub const DOT_COLS: usize = 3;
+
+/// `out[i][j] = sum_p a[i * lda + p] * bt[cols[j] * ldb + p]` for `i < rows` and the three
+/// rows `cols` of `bt`, `p < k`: products whose inner dimension is contiguous in both operands
+/// (a skinny `A * B^T`, e.g. a dense layer's input gradient), without packing either.
+///
+/// # Panics
+/// If a row reaches past its slice, `rows` exceeds [`MR`], or AVX-512 is absent.
+#[allow(clippy::too_many_arguments, reason = "one tile over two strided operands")]
+pub fn dot_tile(
+    k: usize,
+    rows: usize,
+    a: &[f32],
+    lda: usize,
+    bt: &[f32],
+    ldb: usize,
+    cols: [usize; DOT_COLS],
+    out: &mut [[f32; DOT_COLS]; MR],
+) {
+    assert!((1..=MR).contains(&rows) && (rows - 1) * lda + k <= a.len(), "A rows past the slice");
+    assert!(cols.iter().all(|&j| j * ldb + k <= bt.len()), "B rows past the slice");
+    assert!(available(), "the AVX-512 tile needs avx512f");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let b = cols.map(|j| bt[j * ldb..].as_ptr());
+        macro_rules! call {
+            ($($n:literal)*) => {
+                match rows {
+                    // SAFETY: avx512f is present; every A row r < rows has k values from
+                    // a + r * lda and each of the three B rows k values from b[j] (asserted
+                    // above), which is all `dot` reads (the tail through masked loads that touch
+                    // only lanes < k); it writes only `out`.
+                    $($n => unsafe { avx512::dot::<$n>(k, a.as_ptr(), lda, b, out) },)*
+                    _ => {}
+                }
+            };
+        }
+        call!(1 2 3 4 5 6 7 8);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// # Safety
+    /// avx512f must be available; for r < ROWS, `a + r * lda` must be valid for `k` reads, and
+    /// so must each `b[j]`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot<const ROWS: usize>(
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: [*const f32; super::DOT_COLS],
+        out: &mut [[f32; super::DOT_COLS]; MR],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); super::DOT_COLS]; ROWS];
+        let mut p = 0;
+        while p < k {
+            let left = k - p;
+            let mask: __mmask16 = if left >= 16 { 0xffff } else { (1u16 << left) - 1 };
+            // SAFETY: lanes p .. p + min(16, k - p) of each row are inside it (the caller
+            // vouched for k values per row); masked-off lanes are not read.
+            let bv = b.map(|bj| unsafe { _mm512_maskz_loadu_ps(mask, bj.add(p)) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above, for row r < ROWS of A.
+                let av = unsafe { _mm512_maskz_loadu_ps(mask, a.add(r * lda + p)) };
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(av, bv, *acc);
+                }
+            }
+            p += 16;
+        }
+        for (o, acc) in out.iter_mut().zip(&acc) {
+            for (o, &acc) in o.iter_mut().zip(acc) {
+                *o = _mm512_reduce_add_ps(acc);
+            }
+        }
+    }
+
+    /// # Safety
+    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
+    /// `(kc - 1) * ldb + NR`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel<const ROWS: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        out: &mut [f32; MR * NR],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        for p in 0..kc {
+            // SAFETY: p < kc, so b + p * ldb .. + NR and a + p * MR .. + ROWS (ROWS <= MR) lie
+            // inside the panels the caller vouched for.
+            let (b0, b1, ap) = unsafe {
+                let bp = b.add(p * ldb);
+                (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)), a.add(p * MR))
+            };
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: r < ROWS <= MR (see above).
+                let x = _mm512_set1_ps(unsafe { *ap.add(r) });
+                acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: r < ROWS <= MR, so r * NR + 32 <= MR * NR: inside `out`.
+            unsafe {
+                let o = out.as_mut_ptr().add(r * NR);
+                _mm512_storeu_ps(o, acc[0]);
+                _mm512_storeu_ps(o.add(16), acc[1]);
+            }
+        }
+    }
+}

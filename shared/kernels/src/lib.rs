@@ -1,0 +1,21 @@
+//! Fedge's CPU training path: the forward pass, backward pass and SGD update of the small
+//! classifiers federated learning trains on devices (McMahan et al.'s CNN and 2NN), fused and
+//! over plain slices.
+//!
+//! burn stays the definition of the models, the GPU path and the reference; this crate is what
+//! makes a CPU training step fast (see `docs/benchmarks.md`). It knows nothing of burn, of
+//! Fedge's parameter format or of datasets: `fedge-learn` maps burn's parameters in and out.
+//!
+//! - [`gemm`]: the bounds-checked safe front for the `gemm` crate (the crate's only `unsafe`).
+//! - [`conv`]: whole-batch im2col / col2im (NHWC) and fused bias + ReLU + 2x2 max-pooling.
+//! - [`net`]: [`Net`], the layers, the loss, the fused step and evaluation.
+
+pub mod conv;
+pub mod gemm;
+pub mod net;
+
+pub use gemm::Threads;
+pub use net::{LayerSpec, Net, NetError, NetSpec, Scores};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,140 @@
+//! The fused step against finite differences of its own loss, on a small net with every layer
+//! kind.
+
+use rand::{RngExt, SeedableRng};
+
+use crate::{LayerSpec, Net, NetSpec, Threads};
+
+fn small() -> (NetSpec, Net) {
+    let spec = NetSpec {
+        height: 8,
+        width: 12,
+        channels: 2,
+        layers: vec![
+            LayerSpec::ConvReluPool { out_channels: 3, kernel: 3 },
+            LayerSpec::ConvReluPool { out_channels: 4, kernel: 3 },
+            LayerSpec::Dense { outputs: 5, relu: true },
+            LayerSpec::Dense { outputs: 3, relu: false },
+        ],
+    };
+    let mut net = Net::new(&spec, Threads::One).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for i in 0..net.num_layers() {
+        let (w, b) = net.layer(i);
+        let w: Vec<f32> = (0..w.len()).map(|_| rng.random_range(-0.6f32..0.6)).collect();
+        let b: Vec<f32> = (0..b.len()).map(|_| rng.random_range(0.0f32..0.3)).collect();
+        net.set_layer(i, &w, &b).unwrap();
+    }
+    (spec, net)
+}
+
+fn mean_loss(net: &mut Net, images: &[f32], labels: &[u8]) -> f64 {
+    let s = net.score(images, labels, 2).unwrap();
+    s.loss_sum / s.examples as f64
+}
+
+#[test]
+fn the_fused_update_is_minus_lr_times_the_gradient() {
+    let (_, mut net) = small();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let labels = [0u8, 2, 1];
+    let images: Vec<f32> = (0..labels.len() * net.input_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let before: Vec<(Vec<f32>, Vec<f32>)> =
+        (0..net.num_layers()).map(|i| (net.layer(i).0.to_vec(), net.layer(i).1.to_vec())).collect();
+    let loss0 = mean_loss(&mut net, &images, &labels);
+    let lr = 1e-3;
+    let step_loss = net.train_step(&images, &labels, lr).unwrap();
+    assert!((step_loss as f64 - loss0).abs() < 1e-5, "{step_loss} vs {loss0}");
+    let after: Vec<(Vec<f32>, Vec<f32>)> =
+        (0..net.num_layers()).map(|i| (net.layer(i).0.to_vec(), net.layer(i).1.to_vec())).collect();
+    // Restore, then check a sample of coordinates of every tensor by central differences.
+    let mut checked = 0;
+    for layer in 0..net.num_layers() {
+        for which in 0..2 {
+            let len = if which == 0 { before[layer].0.len() } else { before[layer].1.len() };
+            for idx in (0..len).step_by(len.div_ceil(6)) {
+                let grad = |t: &(Vec<f32>, Vec<f32>)| if which == 0 { t.0[idx] } else { t.1[idx] };
+                let analytic = (grad(&before[layer]) - grad(&after[layer])) as f64 / lr as f64;
+                let eps = 5e-4f32;
+                let mut at = |delta: f32| {
+                    let (mut w, mut b) = before[layer].clone();
+                    if which == 0 {
+                        w[idx] += delta
+                    } else {
+                        b[idx] += delta
+                    }
+                    for (i, (w0, b0)) in before.iter().enumerate() {
+                        net.set_layer(i, w0, b0).unwrap();
+                    }
+                    net.set_layer(layer, &w, &b).unwrap();
+                    mean_loss(&mut net, &images, &labels)
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (analytic - numeric).abs() <= 2e-3 + 2e-2 * numeric.abs(),
+                    "layer {layer} {} [{idx}]: analytic {analytic} numeric {numeric}",
+                    if which == 0 { "weight" } else { "bias" }
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 35, "{checked}");
+}
+
+#[test]
+fn bad_batches_are_errors() {
+    let (_, mut net) = small();
+    let images = vec![0.0; net.input_len() * 2];
+    assert!(net.train_step(&images, &[0], 0.1).is_err());
+    assert!(net.train_step(&images, &[0, 3], 0.1).is_err());
+    assert!(net.score(&images[1..], &[0, 1], 4).is_err());
+    assert!(net.set_layer(0, &[1.0], &[0.0; 3]).is_err());
+    let bad = NetSpec {
+        height: 7,
+        width: 7,
+        channels: 1,
+        layers: vec![LayerSpec::ConvReluPool { out_channels: 2, kernel: 3 }],
+    };
+    assert!(Net::new(&bad, Threads::One).is_err());
+}
+
+#[test]
+fn training_is_deterministic_and_lowers_the_loss() {
+    let (_, mut a) = small();
+    let (_, mut b) = small();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let labels: Vec<u8> = (0..12).map(|i| (i % 3) as u8).collect();
+    let images: Vec<f32> = (0..labels.len() * a.input_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let first = mean_loss(&mut a, &images, &labels);
+    for _ in 0..40 {
+        let la = a.train_step(&images, &labels, 0.05).unwrap();
+        let lb = b.train_step(&images, &labels, 0.05).unwrap();
+        assert_eq!(la.to_bits(), lb.to_bits());
+    }
+    let last = mean_loss(&mut a, &images, &labels);
+    assert!(last < first * 0.9, "{first} -> {last}");
+    for i in 0..a.num_layers() {
+        assert_eq!(a.layer(i).0, b.layer(i).0);
+    }
+}
+
+#[test]
+fn chunking_the_batch_changes_nothing_but_rounding() {
+    let (_, mut whole) = small();
+    let (_, mut chunked) = small();
+    chunked.set_chunk_bytes(1); // one image per chunk
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+    let labels: Vec<u8> = (0..7).map(|i| (i % 3) as u8).collect();
+    let images: Vec<f32> = (0..labels.len() * whole.input_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    for step in 0..20 {
+        let a = whole.train_step(&images, &labels, 0.05).unwrap();
+        let b = chunked.train_step(&images, &labels, 0.05).unwrap();
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "step {step}: loss {a} vs {b}");
+    }
+    for i in 0..whole.num_layers() {
+        for (x, y) in whole.layer(i).0.iter().zip(chunked.layer(i).0) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "layer {i}: {x} vs {y}");
+        }
+    }
+}
