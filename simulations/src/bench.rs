@@ -49,6 +49,9 @@ pub struct BenchConfig {
     pub threads: Vec<usize>,
     /// Seconds per measurement.
     pub seconds: f64,
+    /// Measurements of each figure, alternating PyTorch and ours; the best of each is kept
+    /// (the machine's speed drifts; the best is the least disturbed).
+    pub repeat: usize,
     /// Our backend (`cpu`, or `flex` for burn's own).
     pub backend: BackendKind,
     /// PyTorch: a Python with torch and the path of `torch_step.py`; `None` skips it.
@@ -143,13 +146,21 @@ pub fn run(config: &BenchConfig, mut each: impl FnMut(&Row)) -> anyhow::Result<V
     for &threads in &config.threads {
         for &kind in &config.models {
             for &batch in &config.batches {
-                let torch = match &config.torch {
-                    Some((python, script)) => Some(torch(python, script, kind, batch, threads, config.seconds)?),
-                    None => None,
-                };
-                let fedge = measure(kind, config.backend, batch, threads, 1, config.seconds)?;
-                let fedge_workers =
-                    if threads > 1 { measure(kind, config.backend, batch, 1, threads, config.seconds)? } else { fedge };
+                let (mut torch_best, mut fedge, mut fedge_workers) = (None::<f64>, 0.0f64, 0.0f64);
+                for _ in 0..config.repeat.max(1) {
+                    if let Some((python, script)) = &config.torch {
+                        let t = torch(python, script, kind, batch, threads, config.seconds)?;
+                        torch_best = Some(torch_best.map_or(t, |b| b.max(t)));
+                    }
+                    fedge = fedge.max(measure(kind, config.backend, batch, threads, 1, config.seconds)?);
+                    if threads > 1 {
+                        fedge_workers = fedge_workers.max(measure(kind, config.backend, batch, 1, threads, config.seconds)?);
+                    }
+                }
+                let torch = torch_best;
+                if threads <= 1 {
+                    fedge_workers = fedge;
+                }
                 let row = Row {
                     model: kind.to_string(),
                     batch,

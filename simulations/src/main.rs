@@ -64,8 +64,11 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2])]
         threads: Vec<usize>,
         /// Seconds per measurement.
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Measurements of each figure (alternating PyTorch and ours); the best is kept.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         /// Our backend: cpu (fused kernels) or flex (burn).
         #[arg(long, default_value = "cpu")]
         backend: BackendKind,
@@ -366,6 +369,7 @@ fn real_main() -> anyhow::Result<()> {
             batches,
             threads,
             seconds,
+            repeat,
             backend,
             torch_python,
             torch_script,
@@ -389,7 +393,8 @@ fn real_main() -> anyhow::Result<()> {
             if torch.is_none() && !no_torch {
                 eprintln!("PyTorch not found (bash ../shared/bench/setup-torch.sh); measuring Fedge only");
             }
-            let config = fedge_sim::bench::BenchConfig { models, batches, threads, seconds, backend, torch };
+            anyhow::ensure!((1..=100).contains(&repeat), "--repeat must be 1..=100");
+            let config = fedge_sim::bench::BenchConfig { models, batches, threads, seconds, repeat, backend, torch };
             if !json {
                 println!("model batch threads   torch/s   fedge/s  ratio  fedge workers/s  ratio");
             }

@@ -239,6 +239,8 @@ fn bench_train_prints_a_row_per_configuration() {
         "1,2",
         "--seconds",
         "0.01",
+        "--repeat",
+        "1",
     ]);
     assert!(ok, "{stderr}");
     let rows: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
