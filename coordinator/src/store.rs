@@ -24,10 +24,9 @@ use fedge_core::codec;
 use fedge_core::params::ContentHash;
 use fedge_core::registry::ModelRecord;
 use fedge_core::wire::{DeviceId, Message, RoundLine, TrainResult};
+use fedge_engine::{EngineConfig, Evaluation};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use thiserror::Error;
-
-use crate::engine::{EngineConfig, Evaluation};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
