@@ -467,7 +467,7 @@ async fn a_restarted_coordinator_resumes_from_its_last_model_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_download_resumes_from_the_bytes_on_disk_and_refuses_damage() {
-    use fedge_edge::download::fetch_model;
+    use fedge_edge::download::{DownloadError, fetch_model};
 
     let dir = tempfile::tempdir().unwrap();
     let ca = CertDir::init(&dir.path().join("fleet"), &["localhost".into()]).unwrap();
@@ -503,7 +503,7 @@ async fn a_model_download_resumes_from_the_bytes_on_disk_and_refuses_damage() {
     let mut bad = head.clone();
     bad[99_000] ^= 0x20;
     std::fs::write(&part, &bad).unwrap();
-    assert!(matches!(fetch_model(&link, 0, Some(&state)).await, Err(ClientError::BadModel { .. })));
+    assert!(matches!(fetch_model(&link, 0, Some(&state)).await, Err(DownloadError::BadModel { .. })));
     assert!(!part.exists(), "the damaged part is gone");
     let d = fetch_model(&link, 0, Some(&state)).await.unwrap();
     assert_eq!((d.resumed_from, d.fetched, d.params.content_hash()), (0, total_len, hash));
