@@ -6,7 +6,6 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
-use fedge_coordinator::EngineConfig;
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::inference::{InferenceConfig, Teacher};
 use fedge_coordinator::server::Coordinator;
@@ -22,6 +21,7 @@ use fedge_core::wire::{Capabilities, ErrorCode, InferRequest, Message, SessionPu
 use fedge_edge::cloud::{Cloud, CloudTarget};
 use fedge_edge::hybrid::{CalibrationSet, HybridConfig, HybridPredictor, Request, Source};
 use fedge_edge::transport::{DeviceTls, Link};
+use fedge_engine::EngineConfig;
 use fedge_learn::{BackendKind, ModelKind, Predictor, Trainer};
 use fedge_net::ModelKey;
 

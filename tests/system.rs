@@ -5,8 +5,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedge_coordinator::EngineConfig;
-use fedge_coordinator::RoundOutcome;
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::server::Coordinator;
 use fedge_coordinator::transport::Listener;
@@ -17,6 +15,8 @@ use fedge_core::wire::{Capabilities, ErrorCode, Message, OperatorCommand, TrainC
 use fedge_edge::EdgeTrainer;
 use fedge_edge::client::{ClientError, DeviceStatus, EdgeClient};
 use fedge_edge::transport::{DeviceTls, Link};
+use fedge_engine::EngineConfig;
+use fedge_engine::RoundOutcome;
 use fedge_learn::{BackendKind, ModelKind, Trainer};
 use tokio::task::JoinHandle;
 
@@ -169,7 +169,7 @@ async fn five_devices_three_rounds_over_quic() {
     assert_eq!(version, 3);
     let after = evaluator.evaluate(&global, &data.test, 500).unwrap().accuracy;
     assert!(after > before + 0.3 && after > 0.7, "accuracy {before} -> {after}");
-    coordinator.record_evaluation(3, fedge_coordinator::engine::Evaluation { accuracy: after, loss: 0.0 });
+    coordinator.record_evaluation(3, fedge_engine::Evaluation { accuracy: after, loss: 0.0 });
     match operator.request(&Message::Operator(OperatorCommand::Status)).await.unwrap() {
         Message::Status(st) => {
             assert_eq!((st.model_version, st.rounds.len(), st.rounds_left), (3, 3, 0));
@@ -467,7 +467,7 @@ async fn a_restarted_coordinator_resumes_from_its_last_model_version() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_download_resumes_from_the_bytes_on_disk_and_refuses_damage() {
-    use fedge_edge::download::fetch_model;
+    use fedge_edge::download::{DownloadError, fetch_model};
 
     let dir = tempfile::tempdir().unwrap();
     let ca = CertDir::init(&dir.path().join("fleet"), &["localhost".into()]).unwrap();
@@ -503,7 +503,7 @@ async fn a_model_download_resumes_from_the_bytes_on_disk_and_refuses_damage() {
     let mut bad = head.clone();
     bad[99_000] ^= 0x20;
     std::fs::write(&part, &bad).unwrap();
-    assert!(matches!(fetch_model(&link, 0, Some(&state)).await, Err(ClientError::BadModel { .. })));
+    assert!(matches!(fetch_model(&link, 0, Some(&state)).await, Err(DownloadError::BadModel { .. })));
     assert!(!part.exists(), "the damaged part is gone");
     let d = fetch_model(&link, 0, Some(&state)).await.unwrap();
     assert_eq!((d.resumed_from, d.fetched, d.params.content_hash()), (0, total_len, hash));
@@ -519,9 +519,9 @@ async fn a_model_download_resumes_from_the_bytes_on_disk_and_refuses_damage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn central_dp_ledger_is_shown_stamped_enforced_and_survives_a_restart() {
-    use fedge_coordinator::CentralDp;
     use fedge_coordinator::store::Store;
     use fedge_core::privacy::epsilon;
+    use fedge_engine::CentralDp;
 
     let dir = tempfile::tempdir().unwrap();
     let ca = CertDir::init(&dir.path().join("fleet"), &["localhost".into()]).unwrap();

@@ -2,6 +2,7 @@
 
 mod data;
 mod hybrid;
+mod layering;
 mod simulation;
 mod system;
 mod transport;

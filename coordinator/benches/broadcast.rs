@@ -17,12 +17,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_coordinator::EngineConfig;
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::server::Coordinator;
 use fedge_coordinator::transport::Listener;
 use fedge_core::wire::{Capabilities, Hello, Message, PROTOCOL_VERSION};
 use fedge_core::{ModelParams, ParamLayout, TensorSpec};
+use fedge_engine::EngineConfig;
 
 const CNN_PARAMS: usize = 1_663_370;
 

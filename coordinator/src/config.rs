@@ -5,10 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedge_core::privacy::AdaptiveClipConfig;
-use fedge_core::wire::{LocalDp, TrainConfig};
+use fedge_engine::{EngineConfig, TrainingKeys};
 use serde::{Deserialize, Serialize};
-
-use crate::engine::{CentralDp, EngineConfig};
 
 /// The coordinator's configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,8 +116,24 @@ impl Default for ServeConfig {
 }
 
 impl ServeConfig {
+    /// The training and privacy keys, as the engine reads them.
+    pub fn training_keys(&self) -> TrainingKeys {
+        TrainingKeys {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            adaptive_clip: self.adaptive_clip,
+            local_epsilon: self.local_epsilon,
+            delta: self.delta,
+            target_epsilon: self.target_epsilon,
+        }
+    }
+
     /// The round engine's part.
     pub fn engine(&self) -> EngineConfig {
+        let keys = self.training_keys();
         EngineConfig {
             fraction: self.fraction,
             min_train_clients: self.min_train_clients,
@@ -127,39 +141,9 @@ impl ServeConfig {
             accept_failures: self.accept_failures,
             max_failures: self.max_failures,
             round_timeout: Duration::from_secs(self.round_timeout_secs),
-            train: TrainConfig {
-                epochs: self.epochs,
-                batch_size: self.batch_size,
-                learning_rate: self.lr,
-                clip_norm: self.clip_norm,
-                local_dp: self.local_epsilon.map(|epsilon| LocalDp { epsilon, delta: self.delta }),
-            },
+            train: keys.train(),
             seed: self.seed,
-            privacy: privacy_of(
-                self.noise_multiplier,
-                self.clip_norm,
-                self.adaptive_clip,
-                self.delta,
-                self.target_epsilon,
-            ),
+            privacy: keys.central_dp(),
         }
     }
-}
-
-/// Central DP settings from a configuration file's flat keys (none without a noise multiplier).
-/// A missing clip norm becomes 0, which validation refuses with a clear message.
-pub fn privacy_of(
-    noise_multiplier: Option<f64>,
-    clip_norm: Option<f32>,
-    adaptive: Option<AdaptiveClipConfig>,
-    delta: f64,
-    target_epsilon: Option<f64>,
-) -> Option<CentralDp> {
-    noise_multiplier.map(|z| CentralDp {
-        noise_multiplier: z,
-        clip_norm: clip_norm.map_or(0.0, f64::from),
-        adaptive,
-        delta,
-        target_epsilon,
-    })
 }

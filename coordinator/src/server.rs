@@ -24,16 +24,16 @@ use fedge_core::wire::{
     Capabilities, DeviceId, DeviceLine, ErrorCode, InferRequest, Message, ModelLine, OperatorCommand, PrivacyBudget,
     RoundLine, SessionPurpose, Status, TrainTask,
 };
+use fedge_engine::strategy::{self, Strategy};
+use fedge_engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
+use fedge_engine::{Evaluation, ResumeError, RoundOutcome, StoredRound};
 use tokio::sync::Notify;
 
 use crate::blobs::{BlobError, BlobStore};
 use crate::certs::{ModelSigner, Role};
-use crate::engine::{ConfigError, EngineConfig, EngineEvent, RoundEngine, RoundReport, StartError};
-use crate::engine::{Evaluation, ResumeError, RoundOutcome, StoredRound};
 use crate::inference::{InferError, InferenceConfig, InferenceCounts, InferenceService, RateLimiter, Teacher};
 use crate::metrics::Metrics;
 use crate::store::{RoundRecord, Settings, Store, StoreError};
-use crate::strategy::{self, Strategy};
 use crate::transport::{Listener, Peer, answer_hello};
 
 /// Why a coordinator could not start from its state.
@@ -167,7 +167,7 @@ struct Inference {
 impl Coordinator {
     /// A coordinator whose model version 0 is `initial`, with state in memory only.
     pub fn new(config: EngineConfig, initial: ModelParams) -> Result<Arc<Self>, ConfigError> {
-        let strategy = strategy::for_config(&config, strategy::os_noise_rng());
+        let strategy = strategy::for_config(&config, os_noise_rng());
         let engine = RoundEngine::new(config, strategy, initial)?;
         Ok(Self::from_engine(engine, None, BTreeMap::new()))
     }
@@ -188,7 +188,7 @@ impl Coordinator {
                 {
                     p.clip_norm = last.clip_norm;
                 }
-                let strategy = strategy::for_config(&config, strategy::os_noise_rng());
+                let strategy = strategy::for_config(&config, os_noise_rng());
                 let mut engine = RoundEngine::restore(config, strategy, r.params, r.version, r.last_round)?;
                 for (version, evaluation) in r.evaluations {
                     engine.handle_evaluation(version, evaluation);
@@ -200,7 +200,7 @@ impl Coordinator {
             }
             None => {
                 store.save_model(0, 0, &initial)?;
-                let strategy = strategy::for_config(&config, strategy::os_noise_rng());
+                let strategy = strategy::for_config(&config, os_noise_rng());
                 (RoundEngine::new(config, strategy, initial)?, 0, None, Vec::new())
             }
         };
@@ -1132,4 +1132,11 @@ enum Reply {
     Message(Message),
     Encoded(Arc<Vec<u8>>),
     Chunk(Vec<u8>, Arc<Vec<u8>>, std::ops::Range<usize>),
+}
+
+/// Noise for a real coordinator: ChaCha20 seeded from the operating system, so the noise
+/// cannot be replayed from a configuration file.
+fn os_noise_rng() -> Box<dyn rand::Rng + Send> {
+    use rand::SeedableRng;
+    Box::new(rand_chacha::ChaCha20Rng::from_rng(&mut rand::rng()))
 }

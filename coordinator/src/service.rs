@@ -8,11 +8,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use fedge_core::dataset::DatasetName;
+use fedge_engine::Evaluation;
 use fedge_learn::{BackendKind, ModelKind, Trainer};
 
 use crate::certs::{CertDir, CertError};
 use crate::config::ServeConfig;
-use crate::engine::Evaluation;
 use crate::server::{Coordinator, ServerError};
 use crate::store::{Store, StoreError};
 use crate::transport::{Listener, TransportError};
@@ -123,7 +123,7 @@ pub async fn run(
                     let (version, global) = coordinator.global();
                     let evaluate = version == r.model_version;
                     let Some(mut w) = work.take() else { return };
-                    let round = (r.round, r.outcome == crate::RoundOutcome::Aggregated);
+                    let round = (r.round, r.outcome == fedge_engine::RoundOutcome::Aggregated);
                     let done = tokio::task::spawn_blocking(move || {
                         let evaluation = evaluate.then(|| w.evaluator.evaluate(&global, &w.test, 500));
                         let distilled = w.distil_if_due(round, &global);

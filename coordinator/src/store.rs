@@ -24,10 +24,9 @@ use fedge_core::codec;
 use fedge_core::params::ContentHash;
 use fedge_core::registry::ModelRecord;
 use fedge_core::wire::{DeviceId, Message, RoundLine, TrainResult};
+use fedge_engine::{EngineConfig, Evaluation};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use thiserror::Error;
-
-use crate::engine::{EngineConfig, Evaluation};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -70,16 +69,14 @@ fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
-fn record_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<{ 1 << 20 }>()
-}
-
+// Records are encoded by the codec (the one place that knows the byte format), read back
+// under its record limit.
 fn encode_record<T: Encode>(value: &T) -> Vec<u8> {
-    bincode::encode_to_vec(value, record_config()).expect("encoding into a Vec cannot fail")
+    codec::encode_value(value)
 }
 
 fn decode_record<T: Decode<()>>(bytes: &[u8], what: &'static str) -> Result<T, StoreError> {
-    bincode::decode_from_slice(bytes, record_config()).map(|(v, _)| v).map_err(|_| StoreError::Record(what))
+    codec::decode_record(bytes).map_err(|_| StoreError::Record(what))
 }
 
 /// The round settings an operator changed with `round start --fraction/--min-clients/

@@ -16,6 +16,7 @@ use fedge_core::wire::{DeviceId, ErrorCode, Message};
 use thiserror::Error;
 
 use crate::deploy::{DeployError, Deployed};
+use crate::download::DownloadError;
 use crate::trainer::{EdgeTrainer, TrainError};
 use crate::transport::{ConnectError, Link};
 use fedge_net::ModelKey;
@@ -26,25 +27,12 @@ pub enum ClientError {
     /// The connection failed or closed.
     #[error(transparent)]
     Link(#[from] ConnectError),
-    /// The coordinator sent a model whose hash does not match.
-    #[error("model version {version} failed verification: expected {expected}, got {got}")]
-    BadModel {
-        /// The version.
-        version: u64,
-        /// Hash announced.
-        expected: String,
-        /// Hash computed.
-        got: String,
-    },
     /// Local training failed.
     #[error(transparent)]
     Train(#[from] TrainError),
-    /// A download chunk made no sense.
-    #[error("bad model chunk: {0}")]
-    BadChunk(String),
-    /// The state folder could not be written.
-    #[error("state folder: {0}")]
-    Storage(String),
+    /// The model could not be downloaded or failed verification.
+    #[error(transparent)]
+    Download(#[from] DownloadError),
 }
 
 /// What the device holds, for status displays and tests.

@@ -15,8 +15,33 @@ use fedge_core::codec::{self, MAX_MESSAGE_BYTES};
 use fedge_core::params::ContentHash;
 use fedge_core::wire::Message;
 
-use crate::client::ClientError;
+use thiserror::Error;
+
 use crate::transport::{ConnectError, Link};
+
+/// Why a model download failed.
+#[derive(Debug, Error)]
+pub enum DownloadError {
+    /// The connection failed or closed.
+    #[error(transparent)]
+    Link(#[from] ConnectError),
+    /// The coordinator sent a model whose hash does not match.
+    #[error("model version {version} failed verification: expected {expected}, got {got}")]
+    BadModel {
+        /// The version.
+        version: u64,
+        /// Hash announced.
+        expected: String,
+        /// Hash computed.
+        got: String,
+    },
+    /// A download chunk made no sense.
+    #[error("bad model chunk: {0}")]
+    BadChunk(String),
+    /// The state folder could not be written.
+    #[error("state folder: {0}")]
+    Storage(String),
+}
 
 /// Bytes asked for per chunk.
 pub const CHUNK_BYTES: u32 = 1 << 20;
@@ -65,12 +90,12 @@ fn remove_other_parts(dir: &Path, keep: u64) {
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
-    move |e| ClientError::Storage(format!("{}: {e}", path.display()))
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError + '_ {
+    move |e| DownloadError::Storage(format!("{}: {e}", path.display()))
 }
 
 /// Fetches model `version` in chunks, continuing a part file in `dir` if there is one.
-pub async fn fetch_model(link: &Link, version: u64, dir: Option<&Path>) -> Result<Download, ClientError> {
+pub async fn fetch_model(link: &Link, version: u64, dir: Option<&Path>) -> Result<Download, DownloadError> {
     let mut part = match dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(io(d))?;
@@ -94,10 +119,10 @@ pub async fn fetch_model(link: &Link, version: u64, dir: Option<&Path>) -> Resul
             _ => return Err(ConnectError::Unexpected.into()),
         };
         if total_len > MAX_MESSAGE_BYTES as u64 || offset + chunk.len() as u64 > total_len {
-            return Err(ClientError::BadChunk(format!("{} bytes at {offset} of {total_len}", chunk.len())));
+            return Err(DownloadError::BadChunk(format!("{} bytes at {offset} of {total_len}", chunk.len())));
         }
         if announced.is_some_and(|a| a != (hash, total_len)) {
-            return Err(ClientError::BadChunk("the model changed during the download".into()));
+            return Err(DownloadError::BadChunk("the model changed during the download".into()));
         }
         announced = Some((hash, total_len));
         if let Some((path, part_hash, _)) = &part
@@ -129,7 +154,7 @@ pub async fn fetch_model(link: &Link, version: u64, dir: Option<&Path>) -> Resul
             break;
         }
         if chunk.is_empty() {
-            return Err(ClientError::BadChunk(format!("empty chunk at {offset} of {total_len}")));
+            return Err(DownloadError::BadChunk(format!("empty chunk at {offset} of {total_len}")));
         }
     }
     let (hash, _) = announced.expect("at least one chunk arrived");
@@ -151,7 +176,7 @@ pub async fn fetch_model(link: &Link, version: u64, dir: Option<&Path>) -> Resul
             if let Some(f) = &file {
                 let _ = std::fs::remove_file(f);
             }
-            Err(ClientError::BadModel { version, expected: hash.to_string(), got })
+            Err(DownloadError::BadModel { version, expected: hash.to_string(), got })
         }
     }
 }

@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 
 use fedge_core::config_file::{ConfigFileError, parse_toml, read_toml};
 
-use fedge_coordinator::EngineConfig;
 use fedge_core::dataset::DatasetName;
 use fedge_core::partition::Partition;
 use fedge_core::privacy::AdaptiveClipConfig;
-use fedge_core::wire::{LocalDp, TrainConfig};
+use fedge_engine::{EngineConfig, TrainingKeys};
 use fedge_learn::{BackendKind, DistillConfig, ModelKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -228,8 +227,24 @@ impl SimConfig {
         }
     }
 
+    /// The training and privacy keys, as the engine reads them.
+    pub fn training_keys(&self) -> TrainingKeys {
+        TrainingKeys {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            adaptive_clip: self.adaptive_clip,
+            local_epsilon: self.local_epsilon,
+            delta: self.delta,
+            target_epsilon: self.target_epsilon,
+        }
+    }
+
     /// The round engine's configuration.
     pub fn engine_config(&self) -> EngineConfig {
+        let keys = self.training_keys();
         EngineConfig {
             fraction: self.fraction,
             min_train_clients: self.min_train_clients,
@@ -238,21 +253,9 @@ impl SimConfig {
             max_failures: None,
             // Virtual time: rounds never wait on a wall clock.
             round_timeout: std::time::Duration::from_secs(3600),
-            train: TrainConfig {
-                epochs: self.epochs,
-                batch_size: self.batch_size,
-                learning_rate: self.lr,
-                clip_norm: self.clip_norm,
-                local_dp: self.local_epsilon.map(|epsilon| LocalDp { epsilon, delta: self.delta }),
-            },
+            train: keys.train(),
             seed: self.seed,
-            privacy: fedge_coordinator::config::privacy_of(
-                self.noise_multiplier,
-                self.clip_norm,
-                self.adaptive_clip,
-                self.delta,
-                self.target_epsilon,
-            ),
+            privacy: keys.central_dp(),
         }
     }
 }

@@ -12,16 +12,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_coordinator::engine::Evaluation;
-use fedge_coordinator::engine::StartError;
-use fedge_coordinator::strategy::{self, Strategy};
-use fedge_coordinator::{EngineEvent, RoundEngine, RoundOutcome, RoundReport};
 use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::dataset::Dataset;
 use fedge_core::partition::PartitionReport;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, Message};
+use fedge_engine::strategy::{self, Strategy};
+use fedge_engine::{EngineEvent, Evaluation, RoundEngine, RoundOutcome, RoundReport, StartError};
 use fedge_learn::Trainer;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::RngExt;

@@ -14,6 +14,7 @@ use bincode::{Decode, Encode};
 use thiserror::Error;
 
 use crate::params::{ContentHash, ModelParams, ParamLayout, TensorSpec, extend_f32s_from_le_bytes, f32s_to_le_bytes};
+use crate::registry::ModelRecord;
 use crate::wire::Message;
 
 /// Largest message accepted: 256 MiB, room for a 64M-parameter model.
@@ -68,6 +69,24 @@ pub fn decode_value<T: Decode<()>>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(value)
 }
 
+/// Largest durable record read back with [`decode_record`] (the coordinator's stored
+/// settings and round records): 1 MiB.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+fn record_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_little_endian().with_variable_int_encoding().with_limit::<MAX_RECORD_BYTES>()
+}
+
+/// Decodes a durable record written by [`encode_value`] (the same byte format) that must span
+/// `bytes` exactly, under the smaller [`MAX_RECORD_BYTES`] limit.
+pub fn decode_record<T: Decode<()>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (value, used) = bincode::decode_from_slice(bytes, record_config())?;
+    if used != bytes.len() {
+        return Err(DecodeError::Trailing(bytes.len() - used));
+    }
+    Ok(value)
+}
+
 /// Decodes one message that must span `bytes` exactly.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     decode_value(bytes)
@@ -83,6 +102,33 @@ pub fn model_chunk_prefix(version: u64, hash: ContentHash, total_len: u64, offse
     out.pop();
     bincode::encode_into_std_write(len as u64, &mut out, config()).expect("encoding into a Vec cannot fail");
     out
+}
+
+/// Domain separation for model signatures.
+const SIGNING_DOMAIN: &[u8] = b"fedge model record v1\0";
+
+// The canonical signing payload is a byte format, so it lives here rather than in
+// `registry.rs` (which the codec, through `wire`, depends on).
+impl ModelRecord {
+    /// The bytes the signature covers: the domain tag and every field fixed at registration.
+    pub fn signing_payload(&self) -> Vec<u8> {
+        let fixed = (
+            self.version,
+            self.role,
+            self.architecture.as_str(),
+            self.format,
+            self.parent,
+            self.round,
+            self.epsilon.map(f64::to_bits),
+            self.parameters,
+            self.size_bytes,
+            self.sha256.0,
+            self.created_at,
+        );
+        let mut out = SIGNING_DOMAIN.to_vec();
+        out.extend(encode_value(&fixed));
+        out
+    }
 }
 
 const CHUNK: usize = 16 * 1024;
@@ -257,5 +303,74 @@ mod tests {
             b[p] = byte;
             let _ = decode(&b);
         }
+    }
+}
+
+#[cfg(test)]
+mod signing_tests {
+    use super::*;
+    use crate::registry::{BlobFormat, ModelRole};
+
+    fn record() -> ModelRecord {
+        ModelRecord {
+            version: 7,
+            role: ModelRole::Student,
+            architecture: "mlp".into(),
+            format: BlobFormat::Int8,
+            parent: Some(6),
+            round: 6,
+            accuracy: Some(0.9),
+            latency_us: None,
+            epsilon: Some(1.5),
+            parameters: 50_890,
+            size_bytes: 51_570,
+            sha256: ContentHash::of_bytes(b"blob"),
+            created_at: 1_800_000_000,
+            signature: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn the_payload_covers_every_fixed_field_but_not_accuracy_or_signature() {
+        let r = record();
+        let base = r.signing_payload();
+        assert!(base.starts_with(SIGNING_DOMAIN));
+        let changed = [
+            ModelRecord { version: 8, ..r.clone() },
+            ModelRecord { role: ModelRole::Global, ..r.clone() },
+            ModelRecord { architecture: "2nn".into(), ..r.clone() },
+            ModelRecord { format: BlobFormat::F32, ..r.clone() },
+            ModelRecord { parent: None, ..r.clone() },
+            ModelRecord { round: 5, ..r.clone() },
+            ModelRecord { epsilon: Some(1.6), ..r.clone() },
+            ModelRecord { size_bytes: 1, ..r.clone() },
+            ModelRecord { sha256: ContentHash::of_bytes(b"other"), ..r.clone() },
+            ModelRecord { created_at: 1, ..r.clone() },
+        ];
+        for c in changed {
+            assert_ne!(c.signing_payload(), base, "{c:?}");
+        }
+        assert_eq!(
+            ModelRecord { accuracy: None, latency_us: Some(3.0), signature: vec![], ..r }.signing_payload(),
+            base
+        );
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_are_bounded() {
+        let record = (7u64, vec![1u64, 2, 3], 0.25f64);
+        let bytes = encode_value(&record);
+        assert_eq!(decode_record::<(u64, Vec<u64>, f64)>(&bytes).unwrap(), record);
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(matches!(decode_record::<(u64, Vec<u64>, f64)>(&trailing), Err(DecodeError::Trailing(1))));
+        let big = encode_value(&vec![0u8; MAX_RECORD_BYTES + 1]);
+        assert!(decode_record::<Vec<u8>>(&big).is_err(), "over the record limit");
+        assert!(decode_value::<Vec<u8>>(&big).is_ok(), "within the message limit");
     }
 }

@@ -5,7 +5,9 @@
 //! What is signed ([`ModelRecord::signing_payload`]) is every field fixed when the model is
 //! registered, in a canonical encoding behind a domain tag: a device that verifies it knows the
 //! blob (by its SHA-256) came from its coordinator, as that version, of that architecture,
-//! with that epsilon. Accuracy of global models arrives later and is not signed.
+//! with that epsilon. Accuracy of global models arrives later and is not signed. That encoding
+//! is defined in [`crate::codec`], the one module that knows the byte format (so this module
+//! stays below the codec: `codec` -> `wire` -> `registry`, never back).
 
 use crate::params::ContentHash;
 
@@ -63,9 +65,6 @@ pub struct ModelRecord {
     pub signature: Vec<u8>,
 }
 
-/// Domain separation for model signatures.
-const SIGNING_DOMAIN: &[u8] = b"fedge model record v1\0";
-
 impl ModelRecord {
     /// An unsigned record of `blob` (its size and SHA-256), made now by the caller's clock
     /// (`created_at`); lineage, round and metrics empty for the caller to fill in.
@@ -93,75 +92,5 @@ impl ModelRecord {
             created_at: 0,
             signature: Vec::new(),
         }
-    }
-
-    /// The bytes the signature covers: the domain tag and every field fixed at registration.
-    pub fn signing_payload(&self) -> Vec<u8> {
-        let fixed = (
-            self.version,
-            self.role,
-            self.architecture.as_str(),
-            self.format,
-            self.parent,
-            self.round,
-            self.epsilon.map(f64::to_bits),
-            self.parameters,
-            self.size_bytes,
-            self.sha256.0,
-            self.created_at,
-        );
-        let mut out = SIGNING_DOMAIN.to_vec();
-        out.extend(crate::codec::encode_value(&fixed));
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record() -> ModelRecord {
-        ModelRecord {
-            version: 7,
-            role: ModelRole::Student,
-            architecture: "mlp".into(),
-            format: BlobFormat::Int8,
-            parent: Some(6),
-            round: 6,
-            accuracy: Some(0.9),
-            latency_us: None,
-            epsilon: Some(1.5),
-            parameters: 50_890,
-            size_bytes: 51_570,
-            sha256: ContentHash::of_bytes(b"blob"),
-            created_at: 1_800_000_000,
-            signature: vec![1, 2, 3],
-        }
-    }
-
-    #[test]
-    fn the_payload_covers_every_fixed_field_but_not_accuracy_or_signature() {
-        let r = record();
-        let base = r.signing_payload();
-        assert!(base.starts_with(SIGNING_DOMAIN));
-        let changed = [
-            ModelRecord { version: 8, ..r.clone() },
-            ModelRecord { role: ModelRole::Global, ..r.clone() },
-            ModelRecord { architecture: "2nn".into(), ..r.clone() },
-            ModelRecord { format: BlobFormat::F32, ..r.clone() },
-            ModelRecord { parent: None, ..r.clone() },
-            ModelRecord { round: 5, ..r.clone() },
-            ModelRecord { epsilon: Some(1.6), ..r.clone() },
-            ModelRecord { size_bytes: 1, ..r.clone() },
-            ModelRecord { sha256: ContentHash::of_bytes(b"other"), ..r.clone() },
-            ModelRecord { created_at: 1, ..r.clone() },
-        ];
-        for c in changed {
-            assert_ne!(c.signing_payload(), base, "{c:?}");
-        }
-        assert_eq!(
-            ModelRecord { accuracy: None, latency_us: Some(3.0), signature: vec![], ..r }.signing_payload(),
-            base
-        );
     }
 }

@@ -90,10 +90,3 @@ pub fn for_config(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + S
         None => Box::new(FedAvg::default()),
     }
 }
-
-/// Noise for a real coordinator: ChaCha20 seeded from the operating system, so the noise
-/// cannot be replayed from a configuration file.
-pub fn os_noise_rng() -> Box<dyn rand::Rng + Send> {
-    use rand::SeedableRng;
-    Box::new(rand_chacha::ChaCha20Rng::from_rng(&mut rand::rng()))
-}

@@ -1,0 +1,206 @@
+//! How rounds are run: [`EngineConfig`] and its central-DP part [`CentralDp`], checked by
+//! `validate`, and [`TrainingKeys`], the training and privacy keys that the coordinator's and
+//! the simulator's configuration files both spell out flat, assembled here once.
+
+use std::time::Duration;
+
+use fedge_core::privacy::{AdaptiveClipConfig, PrivacyError};
+use fedge_core::wire::{LocalDp, TrainConfig};
+use thiserror::Error;
+
+/// How rounds are run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Fraction C of available devices sampled per round, in (0, 1].
+    pub fraction: f64,
+    /// Fewest results a round needs to aggregate (and fewest devices sampled).
+    pub min_train_clients: usize,
+    /// Over-commitment: sample this fraction more devices than the round needs and close it
+    /// as soon as the needed number has answered (Bonawitz et al. 2019 select 130% for 100%).
+    /// 0 samples exactly the devices needed.
+    pub over_commit: f64,
+    /// Whether a round with some failed devices may still aggregate.
+    pub accept_failures: bool,
+    /// With `accept_failures`, the most failed or late devices a round may have and still
+    /// aggregate (`None`: no bound beyond the quorum).
+    pub max_failures: Option<usize>,
+    /// How long a round waits for results.
+    pub round_timeout: Duration,
+    /// What devices are asked to do.
+    pub train: TrainConfig,
+    /// Seed of device sampling.
+    pub seed: u64,
+    /// Central differential privacy, if on.
+    pub privacy: Option<CentralDp>,
+}
+
+/// Central DP (DP-FedAvg): devices clip to `clip_norm`, the coordinator adds N(0, (z C)^2) to
+/// the sum of deltas. The strategy must be a [`crate::strategy::DpFedAvg`] with the same
+/// settings (see [`crate::strategy::for_config`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CentralDp {
+    /// Noise multiplier z (noise std / clip norm on the sum).
+    pub noise_multiplier: f64,
+    /// Clip norm C (the starting value with adaptive clipping).
+    pub clip_norm: f64,
+    /// Adaptive clipping, if on.
+    pub adaptive: Option<AdaptiveClipConfig>,
+    /// Delta epsilon is reported at.
+    pub delta: f64,
+    /// Budget: a round that would take epsilon past it does not start.
+    pub target_epsilon: Option<f64>,
+}
+
+impl CentralDp {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), PrivacyError> {
+        fedge_core::privacy::rdp::check_step(1.0, self.noise_multiplier)?;
+        fedge_core::privacy::rdp::check_delta(self.delta)?;
+        if !(self.clip_norm > 0.0 && self.clip_norm.is_finite()) {
+            return Err(PrivacyError::ClipNorm(self.clip_norm));
+        }
+        if let Some(a) = &self.adaptive {
+            a.validate()?;
+        }
+        if let Some(e) = self.target_epsilon
+            && !(e > 0.0 && e.is_finite())
+        {
+            return Err(PrivacyError::Epsilon(e));
+        }
+        Ok(())
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            fraction: 0.1,
+            min_train_clients: 1,
+            over_commit: 0.0,
+            accept_failures: true,
+            max_failures: None,
+            round_timeout: Duration::from_secs(600),
+            train: TrainConfig::sgd(5, 10, 0.05),
+            seed: 0,
+            privacy: None,
+        }
+    }
+}
+
+/// An impossible configuration.
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    /// Fraction outside (0, 1].
+    #[error("fraction must be in (0, 1], got {0}")]
+    Fraction(f64),
+    /// Zero quorum.
+    #[error("min_train_clients must be at least 1")]
+    MinClients,
+    /// Negative or absurd over-commitment.
+    #[error("over_commit must be in [0, 10], got {0}")]
+    OverCommit(f64),
+    /// Zero epochs or batch size, or a bad learning rate or clip norm.
+    #[error("invalid training config: {0}")]
+    Train(String),
+    /// Bad privacy settings.
+    #[error("invalid privacy settings: {0}")]
+    Privacy(String),
+}
+
+impl EngineConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return Err(ConfigError::Fraction(self.fraction));
+        }
+        if self.min_train_clients == 0 {
+            return Err(ConfigError::MinClients);
+        }
+        if !(0.0..=10.0).contains(&self.over_commit) {
+            return Err(ConfigError::OverCommit(self.over_commit));
+        }
+        let t = &self.train;
+        if t.epochs == 0 {
+            return Err(ConfigError::Train("epochs must be at least 1".into()));
+        }
+        if t.batch_size == 0 {
+            return Err(ConfigError::Train("batch size must be at least 1".into()));
+        }
+        if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
+            return Err(ConfigError::Train(format!("learning rate must be positive, got {}", t.learning_rate)));
+        }
+        if let Some(c) = t.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(ConfigError::Train(format!("clip norm must be positive, got {c}")));
+        }
+        if let Some(l) = t.local_dp {
+            if t.clip_norm.is_none() {
+                return Err(ConfigError::Privacy("local DP needs a clip norm".into()));
+            }
+            if !(l.epsilon > 0.0 && l.epsilon.is_finite()) {
+                return Err(ConfigError::Privacy(PrivacyError::Epsilon(l.epsilon).to_string()));
+            }
+            fedge_core::privacy::rdp::check_delta(l.delta).map_err(|e| ConfigError::Privacy(e.to_string()))?;
+            if self.privacy.is_some() {
+                return Err(ConfigError::Privacy("choose central or local DP, not both".into()));
+            }
+        }
+        if let Some(p) = &self.privacy {
+            p.validate().map_err(|e| ConfigError::Privacy(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The training and privacy keys that `coordinator.toml` and the simulator's configuration
+/// files share. The files spell them flat (each file keeps its own defaults and its own
+/// `deny_unknown_fields` errors with line numbers, which `serde(flatten)` would lose); this is
+/// the one place that turns them into what the engine runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingKeys {
+    /// `epochs`: local epochs.
+    pub epochs: u32,
+    /// `batch_size`: local batch size.
+    pub batch_size: u32,
+    /// `lr`: local learning rate.
+    pub lr: f32,
+    /// `clip_norm`: the L2 bound devices clip their deltas to (the starting value with
+    /// adaptive clipping).
+    pub clip_norm: Option<f32>,
+    /// `noise_multiplier`: central DP, the coordinator adds N(0, (z C)^2) to the sum of deltas.
+    pub noise_multiplier: Option<f64>,
+    /// `adaptive_clip`: central DP, move the clip norm towards a quantile of update norms.
+    pub adaptive_clip: Option<AdaptiveClipConfig>,
+    /// `local_epsilon`: local DP, each device makes its own upload (epsilon, delta)-DP.
+    pub local_epsilon: Option<f64>,
+    /// `delta`: the delta of every (epsilon, delta) reported or enforced.
+    pub delta: f64,
+    /// `target_epsilon`: central DP budget.
+    pub target_epsilon: Option<f64>,
+}
+
+impl TrainingKeys {
+    /// What devices are asked to do.
+    pub fn train(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.lr,
+            clip_norm: self.clip_norm,
+            local_dp: self.local_epsilon.map(|epsilon| LocalDp { epsilon, delta: self.delta }),
+        }
+    }
+
+    /// Central DP settings (none without a noise multiplier). A missing clip norm becomes 0,
+    /// which validation refuses with a clear message.
+    pub fn central_dp(&self) -> Option<CentralDp> {
+        self.noise_multiplier.map(|z| CentralDp {
+            noise_multiplier: z,
+            clip_norm: self.clip_norm.map_or(0.0, f64::from),
+            adaptive: self.adaptive_clip,
+            delta: self.delta,
+            target_epsilon: self.target_epsilon,
+        })
+    }
+}

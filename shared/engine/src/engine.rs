@@ -1,0 +1,480 @@
+//! The round engine: a sans-IO state machine for federated training rounds.
+//!
+//! Inputs are `handle_*` calls (a device joined or left, a result arrived, a device failed,
+//! time passed) with `now` passed in; outputs are [`EngineEvent`]s taken with
+//! [`RoundEngine::poll_event`], and the next deadline with [`RoundEngine::poll_timeout`]. The
+//! engine never blocks, never reads a clock and never touches a socket, so the simulator (with a
+//! virtual clock) and the network server drive the very same code.
+//!
+//! A round: [`RoundEngine::start_round`] samples `max(ceil(C * available), min_train_clients)`
+//! devices and emits one [`EngineEvent::Assign`] each. Results are checked (right round and
+//! model version, selected device, first upload only, right shape, finite) and streamed into
+//! the strategy. The round closes when every selected device has answered or failed, or at the
+//! deadline; with at least `min_train_clients` results (and no failure unless
+//! `accept_failures`) the strategy aggregates and the model version advances. Otherwise the
+//! round fails and the model stays as it was.
+//!
+//! With central DP ([`crate::CentralDp`]) the engine also keeps the privacy ledger: each
+//! aggregated round is one subsampled Gaussian step with `q = devices sampled / devices
+//! available`, and a round that would take epsilon past the budget does not start.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use fedge_core::ModelParams;
+use fedge_core::privacy::{LedgerEntry, PrivacyError, PrivacyLedger};
+use fedge_core::rng::{SeededRng, derive_rng, stream};
+use fedge_core::wire::{DeviceId, TrainResult, TrainTask};
+use rand::seq::IndexedRandom;
+
+use crate::config::{ConfigError, EngineConfig};
+use crate::error::{ReconfigureError, RejectReason, ResumeError, StartError};
+use crate::event::{EngineEvent, Evaluation, OpenRoundInfo, RoundOutcome, RoundReport, StoredRound};
+use crate::strategy::{Contribution, Strategy};
+
+#[derive(Debug)]
+struct OpenRound {
+    round: u64,
+    deadline: Duration,
+    target: usize,
+    chosen: BTreeSet<DeviceId>,
+    pending: BTreeSet<DeviceId>,
+    selected: usize,
+    results: usize,
+    failures: usize,
+    samples: u64,
+    loss_sum: f64,
+    population: usize,
+    clip: Option<f64>,
+}
+
+/// The round engine. See the module docs.
+pub struct RoundEngine<S: Strategy> {
+    config: EngineConfig,
+    strategy: S,
+    global: ModelParams,
+    version: u64,
+    /// The next version number to hand out (global models and registered students share one
+    /// sequence).
+    next_version: u64,
+    last_round: u64,
+    available: BTreeSet<DeviceId>,
+    open: Option<OpenRound>,
+    events: VecDeque<EngineEvent>,
+    evaluations: BTreeMap<u64, Evaluation>,
+    rng: SeededRng,
+    ledger: Option<PrivacyLedger>,
+}
+
+impl<S: Strategy> RoundEngine<S> {
+    /// An engine starting from `initial` as model version 0.
+    pub fn new(config: EngineConfig, strategy: S, initial: ModelParams) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let rng = derive_rng(config.seed, &[stream::SAMPLING]);
+        let ledger = match &config.privacy {
+            Some(p) => Some(PrivacyLedger::new(p.delta).map_err(|e| ConfigError::Privacy(e.to_string()))?),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            strategy,
+            global: initial,
+            version: 0,
+            next_version: 1,
+            last_round: 0,
+            available: BTreeSet::new(),
+            open: None,
+            events: VecDeque::new(),
+            evaluations: BTreeMap::new(),
+            rng,
+            ledger,
+        })
+    }
+
+    /// An engine resuming from stored state: `global` is model `version`, `last_round` rounds
+    /// have closed, no round is open.
+    pub fn restore(
+        config: EngineConfig,
+        strategy: S,
+        global: ModelParams,
+        version: u64,
+        last_round: u64,
+    ) -> Result<Self, ConfigError> {
+        let mut e = Self::new(config, strategy, global)?;
+        e.version = version;
+        e.next_version = version + 1;
+        e.last_round = last_round;
+        Ok(e)
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> &ModelParams {
+        &self.global
+    }
+
+    /// The current model version (0 before any aggregation).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The open round, if any.
+    pub fn current_round(&self) -> Option<u64> {
+        self.open.as_ref().map(|o| o.round)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Changes the configuration for the rounds to come; refused while a round is open (the
+    /// open round keeps the settings it started with) or if the result is invalid.
+    pub fn reconfigure(&mut self, change: impl FnOnce(&mut EngineConfig)) -> Result<(), ReconfigureError> {
+        if let Some(o) = &self.open {
+            return Err(ReconfigureError::Busy(o.round));
+        }
+        let mut next = self.config.clone();
+        change(&mut next);
+        next.validate()?;
+        self.config = next;
+        Ok(())
+    }
+
+    /// Evaluations reported so far, by model version.
+    pub fn evaluations(&self) -> &BTreeMap<u64, Evaluation> {
+        &self.evaluations
+    }
+
+    /// A device can be sampled from now on.
+    pub fn handle_device_available(&mut self, device: DeviceId) {
+        self.available.insert(device);
+    }
+
+    /// A device went away; if it was training in the open round, that counts as a failure.
+    pub fn handle_device_gone(&mut self, now: Duration, device: DeviceId) {
+        self.available.remove(&device);
+        self.handle_train_failure(now, device);
+    }
+
+    /// Samples devices and opens the next round, emitting one `Assign` per device.
+    ///
+    /// The round needs `k = max(ceil(C * available), min_train_clients)` results; with
+    /// over-commitment `o` it samples `ceil(k * (1 + o))` devices (at most all of them) and
+    /// closes once `k` have answered.
+    pub fn start_round(&mut self, now: Duration) -> Result<u64, StartError> {
+        if let Some(o) = &self.open {
+            return Err(StartError::Busy(o.round));
+        }
+        let n = self.available.len();
+        let needed = self.config.min_train_clients;
+        if n < needed {
+            return Err(StartError::NotEnoughDevices { available: n, needed });
+        }
+        let (k, sampled) = self.sample_sizes(n);
+        let round = self.last_round + 1;
+        if let (Some(p), Some(ledger)) = (&self.config.privacy, &self.ledger)
+            && let Some(target) = p.target_epsilon
+        {
+            let q = sampled as f64 / n as f64;
+            let would = ledger.preview(q, p.noise_multiplier, 1).map(|e| e.epsilon).unwrap_or(f64::INFINITY);
+            if would > target {
+                return Err(StartError::Budget {
+                    round,
+                    spent: ledger.epsilon(),
+                    would,
+                    target,
+                    delta: ledger.delta(),
+                });
+            }
+        }
+        let pool: Vec<DeviceId> = self.available.iter().copied().collect();
+        let mut chosen: Vec<DeviceId> = pool.sample(&mut self.rng, sampled).copied().collect();
+        chosen.sort_unstable();
+        let task = self.open(now, round, &chosen, k, n);
+        for &device in &chosen {
+            self.events.push_back(EngineEvent::Assign { device, task: task.clone() });
+        }
+        Ok(round)
+    }
+
+    /// Results needed and devices sampled when `n` devices are available.
+    fn sample_sizes(&self, n: usize) -> (usize, usize) {
+        let k = ((self.config.fraction * n as f64).ceil() as usize).max(self.config.min_train_clients).min(n);
+        let sampled = ((k as f64 * (1.0 + self.config.over_commit)).ceil() as usize).clamp(k, n);
+        (k, sampled)
+    }
+
+    /// Whether `rounds` more rounds at today's sampling rate fit the privacy budget. Without
+    /// central DP, a budget or any device available, there is nothing to check (each round
+    /// is checked again when it starts).
+    pub fn check_budget(&self, rounds: u64) -> Result<(), StartError> {
+        let (Some(p), Some(ledger)) = (&self.config.privacy, &self.ledger) else { return Ok(()) };
+        let Some(target) = p.target_epsilon else { return Ok(()) };
+        let n = self.available.len();
+        if n == 0 || rounds == 0 {
+            return Ok(());
+        }
+        let q = self.sample_sizes(n).1 as f64 / n as f64;
+        let would = ledger.preview(q, p.noise_multiplier, rounds).map(|e| e.epsilon).unwrap_or(f64::INFINITY);
+        if would <= target {
+            return Ok(());
+        }
+        let fits = ledger.rounds_within(q, p.noise_multiplier, target, rounds).unwrap_or(0);
+        Err(StartError::TooManyRounds { rounds, fits, spent: ledger.epsilon(), would, target, delta: ledger.delta() })
+    }
+
+    /// The clip norm devices are asked for now (central DP).
+    pub fn clip_norm(&self) -> Option<f64> {
+        self.strategy.clip_norm()
+    }
+
+    fn open(&mut self, now: Duration, round: u64, chosen: &[DeviceId], target: usize, population: usize) -> TrainTask {
+        self.last_round = round;
+        self.strategy.begin_round(round, &self.global, target);
+        let clip = self.strategy.clip_norm();
+        let mut config = self.config.train;
+        if let Some(c) = clip {
+            config.clip_norm = Some(c as f32);
+        }
+        self.open = Some(OpenRound {
+            round,
+            deadline: now + self.config.round_timeout,
+            target,
+            pending: chosen.iter().copied().collect(),
+            chosen: chosen.iter().copied().collect(),
+            selected: chosen.len(),
+            results: 0,
+            failures: 0,
+            samples: 0,
+            loss_sum: 0.0,
+            population: population.max(chosen.len()).max(1),
+            clip,
+        });
+        TrainTask { round, model_version: self.version, model_hash: self.global.content_hash(), config }
+    }
+
+    /// The open round, for a driver to make durable.
+    pub fn open_round(&self) -> Option<OpenRoundInfo> {
+        self.open.as_ref().map(|o| OpenRoundInfo {
+            round: o.round,
+            model_version: self.version,
+            chosen: o.chosen.iter().copied().collect(),
+            target: o.target,
+            results: o.results,
+            deadline: o.deadline,
+            population: o.population,
+        })
+    }
+
+    /// Hands out a version number for a model made outside the rounds (a distilled student);
+    /// the next global model takes the number after it.
+    pub fn allocate_version(&mut self) -> u64 {
+        let v = self.next_version;
+        self.next_version += 1;
+        v
+    }
+
+    /// After a restart: version numbers up to `version` are taken (by registered models).
+    pub fn reserve_versions_through(&mut self, version: u64) {
+        self.next_version = self.next_version.max(version + 1);
+    }
+
+    /// The privacy ledger (central DP only).
+    pub fn privacy_ledger(&self) -> Option<&PrivacyLedger> {
+        self.ledger.as_ref()
+    }
+
+    /// Rebuilds the privacy ledger from stored entries after a restart.
+    pub fn restore_ledger(&mut self, entries: impl IntoIterator<Item = LedgerEntry>) -> Result<(), PrivacyError> {
+        if let Some(p) = &self.config.privacy {
+            self.ledger = Some(PrivacyLedger::from_entries(p.delta, entries)?);
+        }
+        Ok(())
+    }
+
+    /// Reopens round `round` (trained from `model_version`) after a restart: the same devices
+    /// `chosen` (needing `target` results), the updates `accepted` before the restart folded in
+    /// again, and an `Assign` for every device that had not answered. The deadline starts again from `now`: devices
+    /// need time to reconnect. If the stored updates already complete the round, it closes at
+    /// once.
+    pub fn resume_round(
+        &mut self,
+        now: Duration,
+        stored: StoredRound<'_>,
+        accepted: &[(DeviceId, TrainResult)],
+    ) -> Result<(), ResumeError> {
+        let StoredRound { round, model_version, chosen, target, population } = stored;
+        if let Some(o) = &self.open {
+            return Err(ResumeError::Busy(o.round));
+        }
+        if round != self.last_round + 1 {
+            return Err(ResumeError::Sequence { stored: round, last: self.last_round });
+        }
+        if model_version != self.version {
+            return Err(ResumeError::Version { stored: model_version, current: self.version });
+        }
+        let task = self.open(now, round, chosen, target.clamp(1, chosen.len().max(1)), population);
+        for (device, result) in accepted {
+            if let Err(reason) = self.handle_train_result(now, *device, result) {
+                // Leave no half-resumed round behind.
+                self.open = None;
+                self.last_round = round - 1;
+                self.events.clear();
+                return Err(ResumeError::Update { device: *device, reason });
+            }
+        }
+        if let Some(o) = &self.open {
+            for &device in &o.pending {
+                self.events.push_back(EngineEvent::Assign { device, task: task.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// What [`Self::handle_train_result`] would refuse, checked without changing anything, so
+    /// that a driver can make an acceptable result durable before it counts.
+    pub fn check_train_result(&self, device: DeviceId, result: &TrainResult) -> Result<(), RejectReason> {
+        let version = self.version;
+        let Some(open) = self.open.as_ref().filter(|o| o.round == result.round && result.model_version == version)
+        else {
+            return Err(RejectReason::Stale {
+                got_round: result.round,
+                got_version: result.model_version,
+                round: self.current_round().unwrap_or(0),
+                version,
+            });
+        };
+        if !open.chosen.contains(&device) {
+            return Err(RejectReason::NotSelected(device));
+        }
+        if !open.pending.contains(&device) {
+            return Err(RejectReason::Duplicate(device));
+        }
+        let contribution =
+            Contribution { delta: &result.delta, num_samples: result.num_samples, clipped: result.clipped };
+        self.strategy.check(contribution).map_err(RejectReason::Invalid)
+    }
+
+    /// A device's result arrived. Accepted results are streamed into the strategy at once.
+    pub fn handle_train_result(
+        &mut self,
+        now: Duration,
+        device: DeviceId,
+        result: &TrainResult,
+    ) -> Result<(), RejectReason> {
+        self.check_train_result(device, result)?;
+        let contribution =
+            Contribution { delta: &result.delta, num_samples: result.num_samples, clipped: result.clipped };
+        self.strategy.accumulate(contribution).map_err(RejectReason::Invalid)?;
+        let open = self.open.as_mut().expect("checked: a round is open");
+        open.pending.remove(&device);
+        open.results += 1;
+        open.samples += result.num_samples;
+        if result.train_loss.is_finite() {
+            open.loss_sum += result.train_loss as f64 * result.num_samples as f64;
+        }
+        self.close_if_done(now);
+        Ok(())
+    }
+
+    /// A selected device reported that it could not train (or vanished). Unknown devices and
+    /// devices not pending in the open round are ignored.
+    pub fn handle_train_failure(&mut self, now: Duration, device: DeviceId) {
+        if let Some(open) = self.open.as_mut()
+            && open.pending.remove(&device)
+        {
+            open.failures += 1;
+            self.close_if_done(now);
+        }
+    }
+
+    /// Time passed: closes the open round if its deadline is reached.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.open.as_ref().is_some_and(|o| now >= o.deadline) {
+            self.close(now);
+        }
+    }
+
+    /// The evaluation of model `version` the driver was asked for.
+    pub fn handle_evaluation(&mut self, version: u64, evaluation: Evaluation) {
+        self.evaluations.insert(version, evaluation);
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_event(&mut self) -> Option<EngineEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.open.as_ref().map(|o| o.deadline)
+    }
+
+    fn close_if_done(&mut self, now: Duration) {
+        if self.open.as_ref().is_some_and(|o| o.pending.is_empty() || o.results >= o.target) {
+            self.close(now);
+        }
+    }
+
+    fn close(&mut self, now: Duration) {
+        let Some(open) = self.open.take() else { return };
+        // Enough results: devices still training were over-committed, not late.
+        let (stragglers, surplus) = if open.results >= open.target {
+            (Vec::new(), open.pending.len())
+        } else {
+            (open.pending.iter().copied().collect::<Vec<DeviceId>>(), 0)
+        };
+        let failures = open.failures + stragglers.len();
+        let outcome = if open.results < self.config.min_train_clients {
+            RoundOutcome::Failed(format!(
+                "{} results, {} needed ({} failed, {} past the deadline)",
+                open.results,
+                self.config.min_train_clients,
+                open.failures,
+                stragglers.len()
+            ))
+        } else if failures > 0 && !self.config.accept_failures {
+            RoundOutcome::Failed(format!("{failures} devices failed and failures are not accepted"))
+        } else if let Some(bound) = self.config.max_failures.filter(|&b| failures > b) {
+            RoundOutcome::Failed(format!("{failures} devices failed, at most {bound} accepted"))
+        } else {
+            match self.strategy.aggregate_train(open.round, &self.global, failures) {
+                Ok(next) => {
+                    self.global = next;
+                    self.version = self.next_version;
+                    self.next_version += 1;
+                    RoundOutcome::Aggregated
+                }
+                Err(e) => RoundOutcome::Failed(format!("aggregation failed: {e}")),
+            }
+        };
+        // A released model is one subsampled Gaussian step; a failed round releases nothing.
+        let privacy = match (&outcome, &self.config.privacy, self.ledger.as_mut()) {
+            (RoundOutcome::Aggregated, Some(p), Some(ledger)) => {
+                let q = open.selected as f64 / open.population as f64;
+                let clip = open.clip.unwrap_or(p.clip_norm);
+                ledger.record(open.round, q, p.noise_multiplier, clip).ok()
+            }
+            _ => None,
+        };
+        let train_loss = if open.samples > 0 { open.loss_sum / open.samples as f64 } else { f64::NAN };
+        self.events.push_back(EngineEvent::RoundClosed(RoundReport {
+            round: open.round,
+            model_version: self.version,
+            model_hash: self.global.content_hash(),
+            selected: open.selected,
+            results: open.results,
+            failures: open.failures,
+            stragglers,
+            surplus,
+            samples: open.samples,
+            train_loss,
+            closed_at: now,
+            outcome,
+            privacy,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests;
