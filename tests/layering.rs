@@ -98,22 +98,22 @@ impl Graph {
     }
 
     /// Every package `name` needs to build and run (normal dependencies, transitively), each
-    /// with the path that reaches it.
+    /// with the path that reaches it. Walked by package id, so two versions of one crate are
+    /// both followed.
     fn closure(&self, name: &str) -> BTreeMap<String, Vec<String>> {
-        let mut seen = BTreeMap::new();
-        let mut stack = vec![(self.id_of(name).to_string(), vec![name.to_string()])];
+        let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut stack = vec![(self.id_of(name), vec![name.to_string()])];
         while let Some((id, path)) = stack.pop() {
-            for dep in self.normal.get(&id).into_iter().flatten() {
-                let dep_name = self.names[dep].clone();
-                if !seen.contains_key(&dep_name) {
+            for dep in self.normal.get(id).into_iter().flatten() {
+                if let std::collections::btree_map::Entry::Vacant(slot) = seen.entry(dep.as_str()) {
                     let mut p = path.clone();
-                    p.push(dep_name.clone());
-                    seen.insert(dep_name, p.clone());
-                    stack.push((dep.clone(), p));
+                    p.push(self.names[dep].clone());
+                    slot.insert(p.clone());
+                    stack.push((dep.as_str(), p));
                 }
             }
         }
-        seen
+        seen.into_values().map(|p| (p.last().expect("a path ends in its crate").clone(), p)).collect()
     }
 }
 
