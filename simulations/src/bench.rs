@@ -154,7 +154,8 @@ pub fn run(config: &BenchConfig, mut each: impl FnMut(&Row)) -> anyhow::Result<V
                     }
                     fedge = fedge.max(measure(kind, config.backend, batch, threads, 1, config.seconds)?);
                     if threads > 1 {
-                        fedge_workers = fedge_workers.max(measure(kind, config.backend, batch, 1, threads, config.seconds)?);
+                        fedge_workers =
+                            fedge_workers.max(measure(kind, config.backend, batch, 1, threads, config.seconds)?);
                     }
                 }
                 let torch = torch_best;
