@@ -20,12 +20,11 @@ use fedge_core::dataset::Dataset;
 use fedge_core::wire::TrainConfig;
 use fedge_core::{ModelParams, ParamLayout};
 use fedge_kernels::{LayerSpec, Net, NetSpec, Threads};
-use rand::seq::SliceRandom;
 
 use crate::batch::{MEAN, STD};
 use crate::convert::ConvertError;
 use crate::model::ModelKind;
-use crate::train::{EvalMetrics, TrainOutput};
+use crate::train::{EvalMetrics, TrainOutput, minibatches};
 
 /// Examples per forward pass when evaluating (bounds the column buffers: 64 CNN images need
 /// about 40 MB).
@@ -192,26 +191,12 @@ impl FastNet {
         rng: &mut R,
     ) -> Result<TrainOutput, ConvertError> {
         self.load(start)?;
-        let (epochs, batch_size) = (config.epochs as usize, config.batch_size as usize);
-        let mut order = indices.to_vec();
-        let (mut steps, mut last_epoch_loss, mut last_epoch_batches) = (0, 0.0f64, 0usize);
-        for _ in 0..epochs {
-            order.shuffle(rng);
-            last_epoch_loss = 0.0;
-            last_epoch_batches = 0;
-            for chunk in order.chunks(batch_size.max(1)) {
-                self.gather(data, chunk)?;
-                let loss = self
-                    .net
-                    .train_step(&self.images, &self.labels, config.learning_rate)
-                    .map_err(|e| ConvertError::Layout(e.to_string()))?;
-                last_epoch_loss += loss as f64;
-                last_epoch_batches += 1;
-                steps += 1;
-            }
-        }
-        let mean_loss =
-            if last_epoch_batches == 0 { 0.0 } else { (last_epoch_loss / last_epoch_batches as f64) as f32 };
+        let (steps, mean_loss) = minibatches(indices, config, rng, |chunk| {
+            self.gather(data, chunk)?;
+            self.net
+                .train_step(&self.images, &self.labels, config.learning_rate)
+                .map_err(|e| ConvertError::Layout(e.to_string()))
+        })?;
         Ok(TrainOutput { params: self.store(), mean_loss, steps })
     }
 

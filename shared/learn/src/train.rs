@@ -152,10 +152,9 @@ impl Trainer {
         if let Some(fast) = &mut self.fast {
             return fast.train(start, data, indices, config, rng);
         }
-        let (epochs, batch_size) = (config.epochs as usize, config.batch_size as usize);
         let learning_rate = config.learning_rate as f64;
         let model = self.model.take().expect("trainer holds its model between tasks");
-        let mut model = match convert::load_params(model, start) {
+        let model = match convert::load_params(model, start) {
             Ok(m) => m,
             Err(e) => {
                 self.model = Some(Model::init(self.kind, self.num_classes(), &self.device));
@@ -164,31 +163,25 @@ impl Trainer {
         };
         let mut optim = SgdConfig::new().init();
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
-        let mut order = indices.to_vec();
-        let (mut steps, mut last_epoch_loss, mut last_epoch_batches) = (0, 0.0f64, 0usize);
-        for _ in 0..epochs {
-            order.shuffle(rng);
-            last_epoch_loss = 0.0;
-            last_epoch_batches = 0;
-            for chunk in order.chunks(batch_size.max(1)) {
-                let x = batch::images(data, chunk, &self.device);
-                let y = batch::labels(data, chunk, &self.device);
-                let loss = loss_fn.forward(model.forward(x), y);
-                last_epoch_loss += loss.clone().into_scalar::<f32>() as f64;
-                last_epoch_batches += 1;
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                model = optim.step(learning_rate, model, grads);
-                steps += 1;
-            }
-        }
+        let mut model = Some(model);
+        let (steps, mean_loss) = minibatches(indices, config, rng, |chunk| {
+            let m = model.take().expect("the model is put back after every step");
+            let x = batch::images(data, chunk, &self.device);
+            let y = batch::labels(data, chunk, &self.device);
+            let loss = loss_fn.forward(m.forward(x), y);
+            let value = loss.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            model = Some(optim.step(learning_rate, m, grads));
+            Ok::<f32, ConvertError>(value)
+        })?;
+        let model = model.expect("the model is put back after every step");
         let params = convert::params_of(&model)?;
         self.model = Some(model);
-        let mean_loss =
-            if last_epoch_batches == 0 { 0.0 } else { (last_epoch_loss / last_epoch_batches as f64) as f32 };
         Ok(TrainOutput { params, mean_loss, steps })
     }
 
-    /// Accuracy and mean loss of `params` on all of `data`, in batches of `batch_size`.
+    /// Accuracy and mean loss of `params` on all of `data`, in batches of `batch_size` (the fast
+    /// CPU path uses its own chunks of 64, which bound its column buffers).
     pub fn evaluate(
         &mut self,
         params: &ModelParams,
@@ -210,6 +203,32 @@ impl Trainer {
         self.model = Some(model);
         Ok(metrics)
     }
+}
+
+/// The minibatch schedule every training path follows: `config.epochs` passes over `indices`,
+/// shuffled with `rng` at the start of each, in chunks of `config.batch_size`; `step` trains on
+/// one chunk and returns its mean loss. Returns the steps taken and the mean of the last epoch's
+/// chunk losses.
+pub(crate) fn minibatches<R: rand::Rng + ?Sized, E>(
+    indices: &[usize],
+    config: &TrainConfig,
+    rng: &mut R,
+    mut step: impl FnMut(&[usize]) -> Result<f32, E>,
+) -> Result<(usize, f32), E> {
+    let mut order = indices.to_vec();
+    let (mut steps, mut last_epoch_loss, mut last_epoch_batches) = (0, 0.0f64, 0usize);
+    for _ in 0..config.epochs {
+        order.shuffle(rng);
+        last_epoch_loss = 0.0;
+        last_epoch_batches = 0;
+        for chunk in order.chunks((config.batch_size as usize).max(1)) {
+            last_epoch_loss += step(chunk)? as f64;
+            last_epoch_batches += 1;
+            steps += 1;
+        }
+    }
+    let mean = if last_epoch_batches == 0 { 0.0 } else { (last_epoch_loss / last_epoch_batches as f64) as f32 };
+    Ok((steps, mean))
 }
 
 /// Accuracy and mean loss of an inference model on all of `data`.
