@@ -96,29 +96,35 @@ pub fn measure(
     step(&mut t, 5)?;
     let per = t0.elapsed().as_secs_f64() / 5.0;
     let n = ((seconds / per) as usize).clamp(5, 100_000);
-    let started = Instant::now();
-    if workers <= 1 {
+    let elapsed = if workers <= 1 {
+        let started = Instant::now();
         step(&mut t, n)?;
+        started.elapsed().as_secs_f64()
     } else {
-        std::thread::scope(|s| -> anyhow::Result<()> {
+        // The clock starts once every worker has built its model (not part of a step).
+        let ready = std::sync::Barrier::new(workers + 1);
+        std::thread::scope(|s| -> anyhow::Result<f64> {
             let handles: Vec<_> = (0..workers)
                 .map(|w| {
-                    let (data, start, config) = (&data, &start, &config);
+                    let (data, start, config, ready) = (&data, &start, &config, &ready);
                     s.spawn(move || -> anyhow::Result<()> {
-                        let mut t = Trainer::new(kind, 10, backend)?;
+                        let trainer = Trainer::new(kind, 10, backend);
+                        ready.wait();
                         let many: Vec<usize> = (0..batch).cycle().take(batch * n).collect();
-                        t.train(start, data, &many, config, &mut derive_rng(3, &[w as u64]))?;
+                        trainer?.train(start, data, &many, config, &mut derive_rng(3, &[w as u64]))?;
                         Ok(())
                     })
                 })
                 .collect();
+            ready.wait();
+            let started = Instant::now();
             for h in handles {
                 h.join().map_err(|_| anyhow::anyhow!("a benchmark worker panicked"))??;
             }
-            Ok(())
-        })?;
-    }
-    Ok((workers.max(1) * n * batch) as f64 / started.elapsed().as_secs_f64())
+            Ok(started.elapsed().as_secs_f64())
+        })?
+    };
+    Ok((workers.max(1) * n * batch) as f64 / elapsed)
 }
 
 fn torch(

@@ -390,6 +390,11 @@ fn real_main() -> anyhow::Result<()> {
                     (None, None) => fedge_sim::bench::default_torch(),
                 }
             };
+            // torch_step.py knows the CNN and the 2NN only (anything else it trains as a 2NN).
+            anyhow::ensure!(
+                torch.is_none() || models.iter().all(|m| matches!(m, ModelKind::Cnn | ModelKind::TwoNn)),
+                "PyTorch's reference has the cnn and the 2nn only; measure mlp with --no-torch"
+            );
             if torch.is_none() && !no_torch {
                 eprintln!("PyTorch not found (bash ../shared/bench/setup-torch.sh); measuring Fedge only");
             }

@@ -252,4 +252,7 @@ fn bench_train_prints_a_row_per_configuration() {
     }
     let (ok, _, stderr) = sim(&["bench-train", "--no-torch", "--seconds", "0"]);
     assert!(!ok && stderr.contains("--seconds"), "{stderr}");
+    // PyTorch's script has no MLP: comparing it with its 2NN would be a wrong baseline.
+    let (ok, _, stderr) = sim(&["bench-train", "--models", "mlp", "--torch-python", "python3", "--seconds", "0.01"]);
+    assert!(!ok && stderr.contains("--no-torch"), "{stderr}");
 }

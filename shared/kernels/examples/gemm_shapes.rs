@@ -1,4 +1,6 @@
-//! GFLOP/s of the GEMM shapes a CNN step at batch 10 runs (a profiling aid).
+//! GFLOP/s of the GEMM shapes a CNN step at batch 10 runs, `fedge_kernels::gemm::matmul` beside
+//! matrixmultiply (ndarray's GEMM) on the same operands: a profiling aid.
+//! `cargo run -p fedge-kernels --example gemm_shapes`
 use fedge_kernels::Threads;
 use fedge_kernels::gemm::{Accumulate, MatMut, MatRef, matmul};
 use std::time::Instant;
@@ -70,7 +72,7 @@ fn main() {
         }
         let s2 = t.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "{name:12} {m:5}x{n:5}x{k:5}  gemm {:8.3} ms {:6.1} GFLOP/s   matrixmultiply {:8.3} ms {:6.1} GFLOP/s",
+            "{name:12} {m:5}x{n:5}x{k:5}  fedge {:8.3} ms {:6.1} GFLOP/s   matrixmultiply {:8.3} ms {:6.1} GFLOP/s",
             s * 1e3,
             2.0 * (m * n * k) as f64 / s / 1e9,
             s2 * 1e3,

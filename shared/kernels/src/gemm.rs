@@ -2,8 +2,8 @@
 //!
 //! On CPUs with AVX-512 it runs our own cache-blocked GEMM ([`packed`]) around an AVX-512
 //! register tile ([`microkernel`]): the `gemm` crate measured 28 GFLOP/s on a 1024^3 product
-//! on this project's 2-core Xeon where the tile reaches several times that, and 5-30 GFLOP/s
-//! on the CNN's skinny shapes (see `examples/gemm_shapes.rs`). Elsewhere it calls the `gemm`
+//! on this project's 2-core Xeon where ours measured 60-98, and 5-30 GFLOP/s on the CNN's
+//! skinny shapes where ours measured 30-98 (`examples/gemm_shapes.rs`, docs/benchmarks.md). Elsewhere it calls the `gemm`
 //! crate, which dispatches to AVX2/FMA or NEON at run time.
 //!
 //! `unsafe` lives in this module (the `gemm` crate's raw-pointer entry point) and in

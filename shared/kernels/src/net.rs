@@ -130,6 +130,8 @@ struct Workspace {
     cols_grad: Vec<f32>,
     /// Activation gradients, ping-ponged between layers.
     grad: [Vec<f32>; 2],
+    /// Column sums of a layer's output gradient (its bias gradient).
+    bias_grad: Vec<f32>,
 }
 
 /// Loss and accuracy counts over a set of examples.
@@ -427,7 +429,7 @@ impl Net {
                         -learning_rate,
                         threads,
                     )?;
-                    sgd_bias(&mut l.bias, grad, learning_rate);
+                    sgd_bias(&mut l.bias, grad, learning_rate, &mut ws.bias_grad);
                 }
                 Shape::Conv { g, out_channels } => {
                     let per = l.shape.output();
@@ -466,7 +468,7 @@ impl Net {
                             -learning_rate,
                             threads,
                         )?;
-                        sgd_bias(&mut l.bias, conv_grad, learning_rate);
+                        sgd_bias(&mut l.bias, conv_grad, learning_rate, &mut ws.bias_grad);
                     }
                 }
             }
@@ -530,10 +532,11 @@ fn chunks(batch: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// `bias -= lr * column sums of grad` (rows of `bias.len()`).
-fn sgd_bias(bias: &mut [f32], grad: &[f32], learning_rate: f32) {
-    let mut sums = vec![0.0f32; bias.len()];
+fn sgd_bias(bias: &mut [f32], grad: &[f32], learning_rate: f32, sums: &mut Vec<f32>) {
+    sums.clear();
+    sums.resize(bias.len(), 0.0);
     for row in grad.chunks_exact(bias.len()) {
         sums.iter_mut().zip(row).for_each(|(s, g)| *s += g);
     }
-    bias.iter_mut().zip(&sums).for_each(|(b, s)| *b -= learning_rate * s);
+    bias.iter_mut().zip(sums.iter()).for_each(|(b, s)| *b -= learning_rate * s);
 }

@@ -23,6 +23,9 @@ pub enum ConvertError {
     /// The layout itself is invalid.
     #[error(transparent)]
     Params(#[from] ParamsError),
+    /// The examples do not fit the model (image size, a label past the last class).
+    #[error("the data do not fit the model: {0}")]
+    Data(String),
 }
 
 #[derive(Default)]

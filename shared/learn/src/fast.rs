@@ -61,6 +61,8 @@ enum Mapping {
 /// A model of one architecture on the fast CPU path.
 pub struct FastNet {
     net: Net,
+    /// Input image rows and columns.
+    image: (usize, usize),
     layout: Arc<ParamLayout>,
     mappings: Vec<Mapping>,
     /// 256-entry lookup: byte pixel -> standardised input.
@@ -120,7 +122,16 @@ impl FastNet {
         for (v, p) in pixel.iter_mut().enumerate() {
             *p = (v as f32 / 255.0 - MEAN) / STD;
         }
-        Ok(Self { net, layout, mappings, pixel, images: Vec::new(), labels: Vec::new(), buf: Vec::new() })
+        Ok(Self {
+            net,
+            image: (spec.height, spec.width),
+            layout,
+            mappings,
+            pixel,
+            images: Vec::new(),
+            labels: Vec::new(),
+            buf: Vec::new(),
+        })
     }
 
     /// How many threads each GEMM may use.
@@ -164,12 +175,10 @@ impl FastNet {
     }
 
     fn gather(&mut self, data: &Dataset, indices: &[usize]) -> Result<(), ConvertError> {
-        if data.pixels() != self.net.input_len() {
-            return Err(ConvertError::Layout(format!(
-                "{}x{} images for a model of {} inputs",
-                data.rows,
-                data.cols,
-                self.net.input_len()
+        if (data.rows, data.cols) != self.image {
+            return Err(ConvertError::Data(format!(
+                "{}x{} images for a model of {}x{} inputs",
+                data.rows, data.cols, self.image.0, self.image.1
             )));
         }
         self.images.clear();
@@ -193,9 +202,7 @@ impl FastNet {
         self.load(start)?;
         let (steps, mean_loss) = minibatches(indices, config, rng, |chunk| {
             self.gather(data, chunk)?;
-            self.net
-                .train_step(&self.images, &self.labels, config.learning_rate)
-                .map_err(|e| ConvertError::Layout(e.to_string()))
+            self.net.train_step(&self.images, &self.labels, config.learning_rate).map_err(data_error)
         })?;
         Ok(TrainOutput { params: self.store(), mean_loss, steps })
     }
@@ -207,16 +214,19 @@ impl FastNet {
         let all: Vec<usize> = (0..data.len()).collect();
         for chunk in all.chunks(EVAL_CHUNK) {
             self.gather(data, chunk)?;
-            let s = self
-                .net
-                .score(&self.images, &self.labels, EVAL_CHUNK)
-                .map_err(|e| ConvertError::Layout(e.to_string()))?;
+            let s = self.net.score(&self.images, &self.labels, EVAL_CHUNK).map_err(data_error)?;
             correct += s.correct;
             loss_sum += s.loss_sum;
         }
         let n = data.len().max(1) as f64;
         Ok(EvalMetrics { accuracy: correct as f64 / n, loss: loss_sum / n, examples: data.len() })
     }
+}
+
+/// A batch the kernels refused: its images or labels do not fit the model (the shapes of the
+/// parameters were checked when they were loaded).
+fn data_error(e: fedge_kernels::NetError) -> ConvertError {
+    ConvertError::Data(e.to_string())
 }
 
 /// Copies a weight between burn's layout and the kernels' (`to_kernel` picks the direction).

@@ -134,3 +134,22 @@ fn seeded_training_is_bit_reproducible_and_threads_agree() {
     let c = run(&mut t);
     assert!(a.params.delta_from(&c.params).unwrap().l2_norm() < 1e-4 * a.params.delta_from(&start).unwrap().l2_norm());
 }
+
+#[test]
+fn data_that_does_not_fit_is_a_clear_error_and_the_trainer_stays_usable() {
+    let data = embedded::mnist_subset().unwrap();
+    let mut t = Trainer::new(ModelKind::Cnn, 10, BackendKind::Cpu).unwrap();
+    let start = t.initial_params(1);
+    let cfg = TrainConfig::sgd(1, 2, 0.05);
+    let mut bad = data.train.clone();
+    bad.labels[0] = 10;
+    let err = t.train(&start, &bad, &[0, 1], &cfg, &mut derive_rng(0, &[])).unwrap_err();
+    assert!(matches!(err, fedge_learn::ConvertError::Data(_)) && err.to_string().contains("label 10"), "{err}");
+    let mut small = data.test.clone();
+    small.rows = 14;
+    small.cols = 56;
+    small.images.truncate(small.len() * 14 * 56);
+    let err = t.evaluate(&start, &small, 100).unwrap_err();
+    assert!(matches!(err, fedge_learn::ConvertError::Data(_)), "{err}");
+    assert!(t.train(&start, &data.train, &[0, 1], &cfg, &mut derive_rng(0, &[])).is_ok());
+}

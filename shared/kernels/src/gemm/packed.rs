@@ -35,6 +35,8 @@ pub(super) fn sgemm(
 ) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     let n_panels = n.div_ceil(NR);
+    // Each tile call writes the rows it computes before they are merged; never cleared.
+    let mut tile = [0.0f32; MR * NR];
     PACKS.with(|packs| {
         let (ap, bp) = &mut *packs.borrow_mut();
         // Inner blocks of equal depth (800 = 4 x 200, not 3 x 256 + 32).
@@ -65,7 +67,6 @@ pub(super) fn sgemm(
                     };
                     for (ip, apanel) in ap.chunks_exact(kc * MR).enumerate() {
                         let (i0, rows) = (ic + ip * MR, MR.min(mc - ip * MR));
-                        let mut tile = [0.0f32; MR * NR];
                         microkernel::tile(kc, rows, apanel, bpanel, ldb, &mut tile);
                         let merge = |c: &mut f32, t: f32| match (pc, alpha) {
                             (0, None) => *c = beta * t,
