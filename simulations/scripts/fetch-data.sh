@@ -10,7 +10,12 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 
-apt-get download dataset-fashion-mnist
+# A fresh machine may have no package lists yet: read them once (as root) and try again.
+if ! apt-get download dataset-fashion-mnist; then
+  [ "$(id -u)" = 0 ] || { echo "apt-get download failed; run 'apt-get update' as root first" >&2; exit 1; }
+  apt-get update -q
+  apt-get download dataset-fashion-mnist
+fi
 dpkg -x dataset-fashion-mnist_*.deb deb
 mkdir -p "$OUT/fashion-mnist"
 cp deb/usr/share/datasets/fashion-mnist/*-ubyte.gz "$OUT/fashion-mnist/"

@@ -41,7 +41,7 @@ pub fn run(
     c.distill_every = c.distill_every.or(Some(c.rounds));
     let out = crate::run(&c, None, obs)?;
     let student_params = out.student.as_ref().expect("distillation was on");
-    let data = c.dataset.load(&c.data_dir)?;
+    let data = crate::run::load_data(&c)?;
     let test = &data.test;
     let predictor = |kind, params| {
         Predictor::new(kind, params, c.backend)

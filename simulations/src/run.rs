@@ -36,8 +36,21 @@ pub enum SimError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The dataset could not be loaded.
-    #[error("dataset: {0}")]
+    #[error(transparent)]
     Dataset(#[from] fedge_core::dataset::DatasetError),
+    /// The dataset's files are not in the data folder.
+    #[error(
+        "{dataset} not found ({cause}); get it with `fedge-sim fetch-data --out {}` (see docs/data.md), or point --data-dir (data_dir in a config) at a folder holding {dataset}/",
+        dir.display()
+    )]
+    MissingData {
+        /// The dataset.
+        dataset: fedge_core::dataset::DatasetName,
+        /// The data folder searched.
+        dir: PathBuf,
+        /// Which file was missing.
+        cause: fedge_core::dataset::DatasetError,
+    },
     /// The partition is impossible.
     #[error("partition: {0}")]
     Partition(#[from] fedge_core::partition::PartitionError),
@@ -224,12 +237,24 @@ impl Observer for Quiet {
     fn line(&mut self, _text: &str) {}
 }
 
+/// Loads the configured dataset; missing files become [`SimError::MissingData`], which says how
+/// to get them.
+pub(crate) fn load_data(config: &SimConfig) -> Result<fedge_core::dataset::TrainTest, SimError> {
+    use fedge_core::dataset::DatasetError;
+    config.dataset.load(&config.data_dir).map_err(|e| match e {
+        DatasetError::Io { ref cause, .. } if cause.kind() == std::io::ErrorKind::NotFound => {
+            SimError::MissingData { dataset: config.dataset, dir: config.data_dir.clone(), cause: e }
+        }
+        e => SimError::Dataset(e),
+    })
+}
+
 /// Runs a simulation; writes `rounds.csv`, `summary.json` and `partition.json` under `out` if
 /// given.
 pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Result<SimOutput, SimError> {
     let started = Instant::now();
     config.validate()?;
-    let data = config.dataset.load(&config.data_dir)?;
+    let data = load_data(config)?;
     let num_classes = data.train.num_classes;
     // Distillation holds out the tail of the training images as an unlabelled proxy set.
     let proxy: Vec<usize> = match config.distill_every {

@@ -60,6 +60,7 @@ fn bad_input_fails_in_one_line() {
     let unknown = cfg("unknown.toml", "rounds = 2\nlearning_rate = 0.1\n");
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
+    let fetch_hint = format!("get it with `fedge-sim fetch-data --out {}`", empty.display());
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--config".into(), unknown], "line 2: unknown field `learning_rate`"),
         (vec!["--config".into(), dir.path().join("nope.toml").to_str().unwrap().into()], "cannot read config"),
@@ -69,6 +70,10 @@ fn bad_input_fails_in_one_line() {
         (
             vec!["--dataset".into(), "mnist".into(), "--data-dir".into(), empty.to_str().unwrap().into()],
             "train-images-idx3-ubyte[.gz]: no such file",
+        ),
+        (
+            vec!["--dataset".into(), "mnist".into(), "--data-dir".into(), empty.to_str().unwrap().into()],
+            &fetch_hint,
         ),
         (vec!["--backend".into(), "wgpu".into()], "not compiled in"),
     ];
@@ -80,6 +85,7 @@ fn bad_input_fails_in_one_line() {
         assert!(!ok, "{extra:?} should fail");
         assert!(stderr.contains(want), "{extra:?}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{extra:?}: not one line: {stderr}");
+        assert!(stderr.matches("idx3-ubyte").count() <= 1, "{extra:?}: names the file twice: {stderr}");
     }
 }
 
