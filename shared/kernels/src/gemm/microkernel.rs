@@ -54,6 +54,57 @@ pub fn tile(kc: usize, rows: usize, a: &[f32], b: &[f32], ldb: usize, out: &mut 
     }
 }
 
+/// How a tile lands in C: `c = beta * t`, `c = alpha * c + beta * t`, or `c += beta * t`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Merge {
+    /// `c = beta * t`.
+    Overwrite(f32),
+    /// `c = alpha * c + beta * t`: `Scale(alpha, beta)`.
+    Scale(f32, f32),
+    /// `c += beta * t`.
+    Add(f32),
+}
+
+/// The tile of [`tile`] merged straight into `rows x cols` of a row-major C at `c` (row stride
+/// `ldc`) from the registers, with no scratch tile: columns past `cols` are not touched.
+///
+/// # Panics
+/// As [`tile`], and if `cols` is 0 or exceeds [`NR`] or C is shorter than
+/// `(rows - 1) * ldc + cols`.
+#[allow(clippy::too_many_arguments, reason = "one tile: two panels and a strided destination")]
+pub fn tile_into(
+    kc: usize,
+    rows: usize,
+    cols: usize,
+    a: &[f32],
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    merge: Merge,
+) {
+    assert!(kc > 0 && a.len() >= kc * MR && (1..=MR).contains(&rows) && ldb >= NR, "bad tile arguments");
+    assert!(b.len() >= (kc - 1) * ldb + NR, "B panel shorter than kc steps");
+    assert!((1..=NR).contains(&cols) && ldc >= cols && c.len() >= (rows - 1) * ldc + cols, "C too short");
+    assert!(available(), "the AVX-512 tile needs avx512f");
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! call {
+            ($($n:literal)*) => {
+                match rows {
+                    // SAFETY: avx512f is present and the panels hold kc steps (asserted above,
+                    // as for `tile`); C holds `cols` values from c + r * ldc for every r < rows
+                    // (asserted above), and `kernel_into` reads and writes only those lanes
+                    // (masked loads and stores).
+                    $($n => unsafe { avx512::kernel_into::<$n>(kc, a.as_ptr(), b.as_ptr(), ldb, c.as_mut_ptr(), ldc, cols, merge) },)*
+                    _ => {}
+                }
+            };
+        }
+        call!(1 2 3 4 5 6 7 8);
+    }
+}
+
 /// Columns of a dot tile.
 pub const DOT_COLS: usize = 3;
 
@@ -138,16 +189,52 @@ mod avx512 {
     }
 
     /// # Safety
-    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
-    /// `(kc - 1) * ldb + NR`.
+    /// As [`kernel`]; and for r < ROWS, `c + r * ldc` must be valid for `cols <= NR` reads and
+    /// writes.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel<const ROWS: usize>(
+    #[allow(clippy::too_many_arguments, reason = "one tile: two panels and a strided destination")]
+    pub(super) unsafe fn kernel_into<const ROWS: usize>(
         kc: usize,
         a: *const f32,
         b: *const f32,
         ldb: usize,
-        out: &mut [f32; MR * NR],
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        merge: super::Merge,
     ) {
+        // SAFETY: the caller's contract includes `accumulate`'s.
+        let acc = unsafe { accumulate::<ROWS>(kc, a, b, ldb) };
+        let lanes = |n: usize| -> __mmask16 { if n >= 16 { 0xffff } else { (1u16 << n) - 1 } };
+        let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
+        let (alpha, beta) = match merge {
+            super::Merge::Overwrite(beta) => (0.0, beta),
+            super::Merge::Scale(alpha, beta) => (alpha, beta),
+            super::Merge::Add(beta) => (1.0, beta),
+        };
+        let (alpha_v, beta_v) = (_mm512_set1_ps(alpha), _mm512_set1_ps(beta));
+        let read_c = !matches!(merge, super::Merge::Overwrite(_));
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, (&acc, &mask)) in acc.iter().zip(&masks).enumerate() {
+                // SAFETY: r < ROWS and the mask keeps lanes h * 16 + l < cols, all inside the
+                // caller's row of C; masked-off lanes are neither read nor written.
+                unsafe {
+                    let o = c.add(r * ldc + h * 16);
+                    let t = _mm512_mul_ps(acc, beta_v);
+                    let v = if read_c { _mm512_fmadd_ps(alpha_v, _mm512_maskz_loadu_ps(mask, o), t) } else { t };
+                    _mm512_mask_storeu_ps(o, mask, v);
+                }
+            }
+        }
+    }
+
+    /// The `kc` steps of the tile, in registers.
+    ///
+    /// # Safety
+    /// As [`kernel`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn accumulate<const ROWS: usize>(kc: usize, a: *const f32, b: *const f32, ldb: usize) -> [[__m512; 2]; ROWS] {
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
         for p in 0..kc {
             // SAFETY: p < kc, so b + p * ldb .. + NR and a + p * MR .. + ROWS (ROWS <= MR) lie
@@ -163,6 +250,22 @@ mod avx512 {
                 acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
             }
         }
+        acc
+    }
+
+    /// # Safety
+    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
+    /// `(kc - 1) * ldb + NR`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn kernel<const ROWS: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        out: &mut [f32; MR * NR],
+    ) {
+        // SAFETY: the caller's contract is `accumulate`'s.
+        let acc = unsafe { accumulate::<ROWS>(kc, a, b, ldb) };
         for (r, acc) in acc.iter().enumerate() {
             // SAFETY: r < ROWS <= MR, so r * NR + 32 <= MR * NR: inside `out`.
             unsafe {
