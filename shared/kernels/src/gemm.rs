@@ -176,23 +176,13 @@ pub fn matmul(
         let chunk = m.div_ceil(threads.max(1)).next_multiple_of(2 * microkernel::MR);
         if packed::dot_suits(lhs, rhs) {
             packed::dot(&mut dst.data[..m * n], lhs, rhs, alpha, beta);
-        } else if rhs.row_stride == 1 && rhs.col_stride != 1 && lhs.col_stride == 1 && n > m {
-            // B is the transpose of a row-major matrix bigger than A: compute C^T = B^T A^T,
-            // so the big operand is packed by sequential rows, and write C transposed.
-            packed::sgemm(&mut dst.data[..m * n], true, rhs.t(), lhs.t(), alpha, beta);
-        } else if lhs.row_stride == 1 && lhs.col_stride != 1 && rhs.col_stride == 1 && m * k > (4 * n * k).max(1 << 20)
-        {
-            // A is the transpose of a row-major matrix much bigger than B (a weight gradient
-            // X^T dY over many pixels): packing A would gather it row by row across the whole
-            // matrix, so compute C^T = B^T A^T, where it is packed as rows, and write C transposed.
-            packed::sgemm(&mut dst.data[..m * n], true, rhs.t(), lhs.t(), alpha, beta);
         } else if threads > 1 && m > chunk && 2 * m * n * k >= 4_000_000 {
             dst.data[..m * n].par_chunks_mut(chunk * n).enumerate().for_each(|(c, d)| {
                 let lhs = MatRef { data: &lhs.data[c * chunk * lhs.row_stride..], rows: d.len() / n, ..lhs };
-                packed::sgemm(d, false, lhs, rhs, alpha, beta);
+                packed::sgemm(d, lhs, rhs, alpha, beta);
             });
         } else {
-            packed::sgemm(&mut dst.data[..m * n], false, lhs, rhs, alpha, beta);
+            packed::sgemm(&mut dst.data[..m * n], lhs, rhs, alpha, beta);
         }
         return Ok(());
     }

@@ -3,7 +3,8 @@
 //!
 //! 2 x `rows` accumulators of 16 lanes stay in registers for the whole `kc` loop; each step
 //! loads one 32-wide row of the B panel and broadcasts `rows` values of the A panel into
-//! 2 x `rows` FMAs. The wrapper [`tile`] checks every length, so the unchecked loads inside
+//! 2 x `rows` FMAs; at the end they are merged into C with masked stores. The wrapper
+//! [`tile_into`] checks every length, so the unchecked loads inside
 //! never leave the panels.
 #![allow(unsafe_code)]
 
@@ -24,36 +25,6 @@ pub fn available() -> bool {
     }
 }
 
-/// Computes the first `rows` rows of the tile from `kc` steps of the panels: `a` holds `kc`
-/// groups of [`MR`] values, step `p` of `b` is the [`NR`] values at `b[p * ldb..]` (a packed
-/// panel has `ldb = NR`; an unpacked row-major B its row stride). Rows past `rows` are left
-/// untouched.
-///
-/// # Panics
-/// If the panels are shorter than `kc` steps, `rows` exceeds [`MR`], or AVX-512 is absent
-/// (callers check [`available`] first).
-pub fn tile(kc: usize, rows: usize, a: &[f32], b: &[f32], ldb: usize, out: &mut [f32; MR * NR]) {
-    assert!(kc > 0 && a.len() >= kc * MR && rows <= MR && ldb >= NR, "bad tile arguments");
-    assert!(b.len() >= (kc - 1) * ldb + NR, "B panel shorter than kc steps");
-    assert!(available(), "the AVX-512 tile needs avx512f");
-    #[cfg(target_arch = "x86_64")]
-    {
-        macro_rules! call {
-            ($($n:literal)*) => {
-                match rows {
-                    // SAFETY: avx512f is present (asserted above), and the panels hold at least
-                    // kc steps (asserted above: a has kc * MR values, b reaches
-                    // (kc - 1) * ldb + NR), which is all `kernel` reads; it writes only `out`,
-                    // a tile of MR x NR.
-                    $($n => unsafe { avx512::kernel::<$n>(kc, a.as_ptr(), b.as_ptr(), ldb, out) },)*
-                    _ => {}
-                }
-            };
-        }
-        call!(1 2 3 4 5 6 7 8);
-    }
-}
-
 /// How a tile lands in C: `c = beta * t`, `c = alpha * c + beta * t`, or `c += beta * t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Merge {
@@ -65,12 +36,16 @@ pub enum Merge {
     Add(f32),
 }
 
-/// The tile of [`tile`] merged straight into `rows x cols` of a row-major C at `c` (row stride
-/// `ldc`) from the registers, with no scratch tile: columns past `cols` are not touched.
+/// Computes the first `rows` rows and `cols` columns of the tile from `kc` steps of the panels
+/// and merges them into a row-major C at `c` (row stride `ldc`) straight from the registers.
+/// `a` holds `kc` groups of [`MR`] values; step `p` of `b` is the [`NR`] values at `b[p * ldb..]`
+/// (a packed panel has `ldb = NR`; an unpacked row-major B its row stride). Rows past `rows`
+/// and columns past `cols` of C are not touched.
 ///
 /// # Panics
-/// As [`tile`], and if `cols` is 0 or exceeds [`NR`] or C is shorter than
-/// `(rows - 1) * ldc + cols`.
+/// If the panels are shorter than `kc` steps, `rows` is 0 or exceeds [`MR`], `cols` is 0 or
+/// exceeds [`NR`], C is shorter than `(rows - 1) * ldc + cols`, or AVX-512 is absent (callers
+/// check [`available`] first).
 #[allow(clippy::too_many_arguments, reason = "one tile: two panels and a strided destination")]
 pub fn tile_into(
     kc: usize,
@@ -151,7 +126,7 @@ pub fn dot_tile(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::MR;
 
     /// # Safety
     /// avx512f must be available; for r < ROWS, `a + r * lda` must be valid for `k` reads, and
@@ -189,8 +164,9 @@ mod avx512 {
     }
 
     /// # Safety
-    /// As [`kernel`]; and for r < ROWS, `c + r * ldc` must be valid for `cols <= NR` reads and
-    /// writes.
+    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
+    /// `(kc - 1) * ldb + NR`; for r < ROWS, `c + r * ldc` must be valid for `cols <= NR` reads
+    /// and writes.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments, reason = "one tile: two panels and a strided destination")]
     pub(super) unsafe fn kernel_into<const ROWS: usize>(
@@ -231,10 +207,16 @@ mod avx512 {
     /// The `kc` steps of the tile, in registers.
     ///
     /// # Safety
-    /// As [`kernel`].
+    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
+    /// `(kc - 1) * ldb + NR`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn accumulate<const ROWS: usize>(kc: usize, a: *const f32, b: *const f32, ldb: usize) -> [[__m512; 2]; ROWS] {
+    unsafe fn accumulate<const ROWS: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+    ) -> [[__m512; 2]; ROWS] {
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
         for p in 0..kc {
             // SAFETY: p < kc, so b + p * ldb .. + NR and a + p * MR .. + ROWS (ROWS <= MR) lie
@@ -251,28 +233,5 @@ mod avx512 {
             }
         }
         acc
-    }
-
-    /// # Safety
-    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
-    /// `(kc - 1) * ldb + NR`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel<const ROWS: usize>(
-        kc: usize,
-        a: *const f32,
-        b: *const f32,
-        ldb: usize,
-        out: &mut [f32; MR * NR],
-    ) {
-        // SAFETY: the caller's contract is `accumulate`'s.
-        let acc = unsafe { accumulate::<ROWS>(kc, a, b, ldb) };
-        for (r, acc) in acc.iter().enumerate() {
-            // SAFETY: r < ROWS <= MR, so r * NR + 32 <= MR * NR: inside `out`.
-            unsafe {
-                let o = out.as_mut_ptr().add(r * NR);
-                _mm512_storeu_ps(o, acc[0]);
-                _mm512_storeu_ps(o.add(16), acc[1]);
-            }
-        }
     }
 }

@@ -3,7 +3,8 @@
 //! For each block of `KC` steps of the inner dimension, B's rows are packed into 32-column
 //! panels (zero-padded) that stay in L1/L2 while every row panel of A passes over them; A is
 //! packed `MC` rows at a time into 8-row panels. Each tile is merged into C with the caller's
-//! scaling: the first inner block applies `alpha` (or overwrites), later blocks add.
+//! scaling straight from the registers: the first inner block applies `alpha` (or overwrites),
+//! later blocks add.
 //! Single-threaded; [`super::matmul`] splits C's rows over threads.
 
 use std::cell::RefCell;
@@ -23,20 +24,11 @@ thread_local! {
 }
 
 /// `dst = alpha * dst + beta * lhs * rhs`, or `beta * lhs * rhs` when `alpha` is `None`, with
-/// `dst` row-major (`transposed_dst == false`: element `(i, j)` at `i * n + j`) or column-major
-/// (`j * m + i`). Shapes and bounds were checked by the caller; `k > 0`.
-pub(super) fn sgemm(
-    dst: &mut [f32],
-    transposed_dst: bool,
-    lhs: MatRef<'_>,
-    rhs: MatRef<'_>,
-    alpha: Option<f32>,
-    beta: f32,
-) {
+/// `dst` row-major (element `(i, j)` at `i * n + j`). Shapes and bounds were checked by the
+/// caller; `k > 0`.
+pub(super) fn sgemm(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, alpha: Option<f32>, beta: f32) {
     let (m, n, k) = (lhs.rows, rhs.cols, lhs.cols);
     let n_panels = n.div_ceil(NR);
-    // Each tile call writes the rows it computes before they are merged; never cleared.
-    let mut tile = [0.0f32; MR * NR];
     PACKS.with(|packs| {
         let (ap, bp) = &mut *packs.borrow_mut();
         // Inner blocks of equal depth (800 = 4 x 200, not 3 x 256 + 32).
@@ -67,29 +59,14 @@ pub(super) fn sgemm(
                     };
                     for (ip, apanel) in ap.chunks_exact(kc * MR).enumerate() {
                         let (i0, rows) = (ic + ip * MR, MR.min(mc - ip * MR));
-                        if !transposed_dst {
-                            // Straight from the registers into C.
-                            let merge = match (pc, alpha) {
-                                (0, None) => Merge::Overwrite(beta),
-                                (0, Some(a)) => Merge::Scale(a, beta),
-                                _ => Merge::Add(beta),
-                            };
-                            let c = &mut dst[i0 * n + j0..];
-                            microkernel::tile_into(kc, rows, cols, apanel, bpanel, ldb, c, n, merge);
-                            continue;
-                        }
-                        microkernel::tile(kc, rows, apanel, bpanel, ldb, &mut tile);
-                        let merge = |c: &mut f32, t: f32| match (pc, alpha) {
-                            (0, None) => *c = beta * t,
-                            (0, Some(a)) => *c = a * *c + beta * t,
-                            _ => *c += beta * t,
+                        // Straight from the registers into C.
+                        let merge = match (pc, alpha) {
+                            (0, None) => Merge::Overwrite(beta),
+                            (0, Some(a)) => Merge::Scale(a, beta),
+                            _ => Merge::Add(beta),
                         };
-                        for j in 0..cols {
-                            let c = &mut dst[(j0 + j) * m + i0..][..rows];
-                            for (r, c) in c.iter_mut().enumerate() {
-                                merge(c, tile[r * NR + j]);
-                            }
-                        }
+                        let c = &mut dst[i0 * n + j0..];
+                        microkernel::tile_into(kc, rows, cols, apanel, bpanel, ldb, c, n, merge);
                     }
                 }
             }
