@@ -47,7 +47,8 @@ fn missing_and_malformed_files_name_the_file() {
     let err = DatasetName::Mnist.load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("train-images-idx3-ubyte") && err.contains("not an IDX file"), "{err}");
     // A gzip'd file cut short.
-    let gz = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/core/data/t10k-labels-idx1-ubyte.gz")).unwrap();
+    let gz =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/core/data/t10k-labels-idx1-ubyte.gz")).unwrap();
     std::fs::write(mnist.join("train-images-idx3-ubyte"), b"").unwrap();
     std::fs::remove_file(mnist.join("train-images-idx3-ubyte")).unwrap();
     std::fs::write(mnist.join("train-images-idx3-ubyte.gz"), &gz[..gz.len() / 2]).unwrap();

@@ -331,7 +331,7 @@ async fn http(addr: SocketAddr, method: &str, path: &str, kind: &str, body: &[u8
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: fedge\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
@@ -402,6 +402,69 @@ async fn the_local_inference_server_answers_json_raw_and_png_with_corrections() 
     assert_eq!(s["metrics"]["requests"].as_u64(), Some(3));
     let (code, body) = http(web, "GET", "/metrics", "text/plain", b"").await;
     assert!(code == 200 && body.contains("fedge_edge_inference_latency_seconds_bucket"), "{body}");
+
+    // What a web page in the device's browser could send: no Content-Type (a body is not taken
+    // as JSON), or a Host that is a DNS name (rebinding).
+    let json = serde_json::json!({ "pixels": image }).to_string();
+    let head = format!(
+        "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        json.len()
+    );
+    let answer = raw(web, &[head.as_bytes(), json.as_bytes()].concat()).await;
+    assert!(answer.starts_with("HTTP/1.1 415") && answer.contains("no Content-Type"), "{answer}");
+    let head = "GET /status HTTP/1.1\r\nHost: evil.example:80\r\nConnection: close\r\n\r\n";
+    let answer = raw(web, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("evil.example"), "{answer}");
+    let head = "GET /healthz HTTP/1.1\r\nHost: localhost:1234\r\nConnection: close\r\n\r\n";
+    assert!(raw(web, head.as_bytes()).await.starts_with("HTTP/1.1 200"));
+}
+
+/// Sends `bytes` on a new connection and reads to its end.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_inference_server_bounds_slow_and_excess_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fleet();
+    let (_c, addr) = coordinator(&f, InferenceConfig::default(), burn_teacher());
+    let state = f.dir.path().join("edge");
+    f.deploy(&state, 1, &models().students[0]);
+    let p = Arc::new(f.predictor(&state, addr, PolicyKind::Speculative, 1.0, 5000));
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web = tcp.local_addr().unwrap();
+    let options = fedge_edge::http::ServeOptions {
+        header_timeout: Duration::from_millis(500),
+        request_timeout: Duration::from_secs(5),
+        max_connections: 2,
+    };
+    tokio::spawn(fedge_edge::http::serve_with(tcp, p, options));
+
+    // Two connections that send half a request and stall hold both slots...
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(web).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n").await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...so a third is closed at once, unanswered.
+    let head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let third = tokio::time::timeout(Duration::from_secs(2), raw(web, head)).await.expect("closed at once");
+    assert!(third.is_empty(), "{third}");
+    // The stalled ones are dropped once their header time is up, and the slots are free again.
+    for mut s in stalled {
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("closed").ok();
+    }
+    let answer = raw(web, head).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

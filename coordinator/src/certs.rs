@@ -82,7 +82,13 @@ pub enum CertError {
     /// `issued.json` is damaged.
     #[error("issued.json: {0}")]
     Index(String),
+    /// A validity outside 1 to [`MAX_DAYS`] days (0 would issue an already-expired certificate).
+    #[error("validity must be 1 to {MAX_DAYS} days, got {0}")]
+    BadDays(i64),
 }
+
+/// The longest validity `issue` grants: 100 years.
+pub const MAX_DAYS: i64 = 36_500;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct IssuedIndex {
@@ -141,11 +147,46 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
     move |cause| CertError::Io { path: path.to_path_buf(), cause }
 }
 
-fn write(path: &Path, text: &str) -> Result<(), CertError> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(io(parent))?;
+/// Writes `text` to `path` atomically: a temporary file beside it (mode 0600 from its creation
+/// when `secret`, so a private key is never readable by others, not even for a moment), synced,
+/// then renamed over `path`, and the folder synced. A crash leaves the old file or the new one,
+/// never half of one.
+fn write_file(path: &Path, text: &str, secret: bool) -> Result<(), CertError> {
+    use std::io::Write;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if secret { 0o600 } else { 0o644 });
     }
-    std::fs::write(path, text).map_err(io(path))
+    let mut file = options.open(&tmp).map_err(io(&tmp))?;
+    if secret {
+        // A leftover temporary file keeps its old mode through `open`: narrow it first.
+        restrict(&file).map_err(io(&tmp))?;
+    }
+    file.write_all(text.as_bytes()).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Ok(dir) = std::fs::File::open(parent) {
+        dir.sync_all().map_err(io(parent))?;
+    }
+    Ok(())
+}
+
+/// A certificate, CRL or index: readable by all, written atomically.
+fn write(path: &Path, text: &str) -> Result<(), CertError> {
+    write_file(path, text, false)
+}
+
+/// A private key: mode 0600 from creation on, written atomically.
+fn write_secret(path: &Path, text: &str) -> Result<(), CertError> {
+    write_file(path, text, true)
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
@@ -205,8 +246,7 @@ impl CertDir {
         let ca_cert = ca.self_signed(&ca_key)?;
         let me = Self { dir: dir.to_path_buf() };
         write(&dir.join("ca.pem"), &ca_cert.pem())?;
-        write(&dir.join("ca.key"), &ca_key.serialize_pem())?;
-        restrict(&dir.join("ca.key"));
+        write_secret(&dir.join("ca.key"), &ca_key.serialize_pem())?;
 
         let issuer = Issuer::new(ca, ca_key);
         let mut names = server_names.to_vec();
@@ -218,12 +258,10 @@ impl CertDir {
         let server_key = KeyPair::generate()?;
         let server_cert = server.signed_by(&server_key, &issuer)?;
         write(&dir.join("server.pem"), &server_cert.pem())?;
-        write(&dir.join("server.key"), &server_key.serialize_pem())?;
-        restrict(&dir.join("server.key"));
+        write_secret(&dir.join("server.key"), &server_key.serialize_pem())?;
 
         let signing = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-        write(&dir.join("model-signing.key"), &signing.serialize_pem())?;
-        restrict(&dir.join("model-signing.key"));
+        write_secret(&dir.join("model-signing.key"), &signing.serialize_pem())?;
         write(&dir.join("model-signing.pub"), &format!("{}\n", hex(signing.public_key_raw())))?;
 
         me.save_index(&IssuedIndex::default())?;
@@ -280,15 +318,15 @@ impl CertDir {
 
     fn save_index(&self, index: &IssuedIndex) -> Result<(), CertError> {
         let text = serde_json::to_string_pretty(index).map_err(|e| CertError::Index(e.to_string()))?;
-        // Write-then-rename: a crash never leaves a half-written index.
-        let tmp = self.dir.join("issued.json.tmp");
-        write(&tmp, &text)?;
-        std::fs::rename(&tmp, self.dir.join("issued.json")).map_err(io(&tmp))
+        write(&self.dir.join("issued.json"), &text)
     }
 
     /// Issues a client certificate (valid `days`) for a device id or operator name.
     pub fn issue(&self, role: Role, name: &str, days: i64) -> Result<Issued, CertError> {
         check_name(name)?;
+        if !(1..=MAX_DAYS).contains(&days) {
+            return Err(CertError::BadDays(days));
+        }
         let cn = format!("{}:{name}", role.prefix());
         let mut index = self.load_index()?;
         if index.certs.contains_key(&cn) {
@@ -302,8 +340,7 @@ impl CertDir {
         let folder = self.dir.join(format!("{}s", role.prefix()));
         let issued = Issued { cert: folder.join(format!("{name}.pem")), key: folder.join(format!("{name}.key")) };
         write(&issued.cert, &cert.pem())?;
-        write(&issued.key, &key.serialize_pem())?;
-        restrict(&issued.key);
+        write_secret(&issued.key, &key.serialize_pem())?;
         index.certs.insert(cn, IssuedRecord { serial_hex: hex(serial.as_ref()), revoked_at_unix: None });
         self.save_index(&index)?;
         Ok(issued)
@@ -378,13 +415,15 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 #[cfg(unix)]
-fn restrict(path: &Path) {
+fn restrict(file: &std::fs::File) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
 }
 
 #[cfg(not(unix))]
-fn restrict(_path: &Path) {}
+fn restrict(_file: &std::fs::File) -> std::io::Result<()> {
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {
@@ -412,6 +451,58 @@ mod tests {
         ca.revoke(Role::Device, "dev-7").unwrap();
         assert_ne!(std::fs::read(ca.crl_pem()).unwrap(), before);
         assert!(identity_of(&der(&ca.server().cert)).is_err(), "the server certificate is no client identity");
+    }
+
+    #[test]
+    fn validity_out_of_range_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertDir::init(dir.path(), &[]).unwrap();
+        for days in [0, -1, MAX_DAYS + 1, i64::MAX] {
+            let err = ca.issue(Role::Device, "d", days).unwrap_err();
+            assert!(matches!(err, CertError::BadDays(d) if d == days), "{err}");
+            assert!(err.to_string().contains("1 to 36500 days"), "{err}");
+        }
+        assert!(!dir.path().join("devices/d.pem").exists(), "nothing issued");
+        ca.issue(Role::Device, "d", 1).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_private_and_nothing_half_written_is_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertDir::init(dir.path(), &[]).unwrap();
+        let dev = ca.issue(Role::Device, "d", 30).unwrap();
+        // A stale temporary key file left world-readable by an earlier crash is narrowed too.
+        let stale = dir.path().join("operators/.o.key.tmp");
+        std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+        std::fs::write(&stale, "old").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let op = ca.issue(Role::Operator, "o", 30).unwrap();
+        ca.revoke(Role::Device, "d").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for key in ["ca.key", "server.key", "model-signing.key"] {
+            assert_eq!(mode(&dir.path().join(key)), 0o600, "{key}");
+        }
+        assert_eq!(mode(&dev.key), 0o600);
+        assert_eq!(mode(&op.key), 0o600);
+        assert_eq!(mode(&ca.crl_pem()), 0o644);
+        let leftovers: Vec<_> =
+            walk(dir.path()).into_iter().filter(|p| p.to_string_lossy().ends_with(".tmp")).collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
     }
 
     #[test]

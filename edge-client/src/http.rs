@@ -10,6 +10,16 @@
 //!   for it.
 //! - `GET /status`: policy, calibration, whether the coordinator is reachable, and the metrics.
 //! - `GET /metrics`: the same metrics for Prometheus.
+//!
+//! A web page open in the device's browser can send requests to loopback, so the server
+//! answers only what such a page cannot forge without the browser asking first: a request must
+//! name its body's type (`application/json`, `application/octet-stream` and `image/png` all need
+//! a CORS preflight, which this server never grants; a missing type is refused, not taken as
+//! JSON), and its `Host` must be `localhost` or an IP address (a DNS name pointing at 127.0.0.1,
+//! DNS rebinding, is refused). Each connection must send its headers within
+//! [`ServeOptions::header_timeout`] and finish each request within
+//! [`ServeOptions::request_timeout`], and at most [`ServeOptions::max_connections`] are open at
+//! once (more are closed at accept).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +28,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -54,12 +65,114 @@ pub fn router(predictor: Arc<HybridPredictor>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(only_local_hosts))
         .with_state(app)
 }
 
-/// Serves `router(predictor)` on `listener` until the task is dropped.
+/// Limits of the inference server's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Time a connection has to send a request's headers (also how long an idle keep-alive
+    /// connection stays open).
+    pub header_timeout: Duration,
+    /// Time a request has from its headers to its answer (the body included; a correction's
+    /// long poll waits at most 30 s).
+    pub request_timeout: Duration,
+    /// Connections open at once; more are closed as they are accepted.
+    pub max_connections: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self { header_timeout: Duration::from_secs(10), request_timeout: Duration::from_secs(60), max_connections: 64 }
+    }
+}
+
+/// Serves `router(predictor)` on `listener` with the default [`ServeOptions`] until the task
+/// is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, predictor: Arc<HybridPredictor>) -> std::io::Result<()> {
-    axum::serve(listener, router(predictor)).await
+    serve_with(listener, predictor, ServeOptions::default()).await
+}
+
+/// Serves `router(predictor)` on `listener` within `options` until the task is dropped.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    predictor: Arc<HybridPredictor>,
+    options: ServeOptions,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower_service::Service;
+
+    let app = router(predictor);
+    let slots = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors and the like: wait a moment rather than spin.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: axum::extract::Request<hyper::body::Incoming>| {
+                let mut app = app.clone();
+                async move {
+                    let request = request.map(axum::body::Body::new);
+                    match tokio::time::timeout(options.request_timeout, app.call(request)).await {
+                        Ok(response) => response,
+                        Err(_) => Ok(error(StatusCode::REQUEST_TIMEOUT, "the request took too long")),
+                    }
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(options.header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+/// Refuses a request whose `Host` is neither `localhost` nor an IP address (see the module docs).
+async fn only_local_hosts(request: axum::extract::Request, next: Next) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    if host_allowed(host) {
+        next.run(request).await
+    } else {
+        error(StatusCode::FORBIDDEN, format!("host `{host}` refused: use localhost or an IP address"))
+    }
+}
+
+/// Whether `host` (a `Host` header: name or address, optional port) is `localhost` or an IP
+/// address.
+fn host_allowed(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        match rest.split_once(']') {
+            Some((v6, port)) if port.is_empty() || port.strip_prefix(':').is_some_and(valid_port) => {
+                return v6.parse::<std::net::Ipv6Addr>().is_ok();
+            }
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if valid_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+fn valid_port(port: &str) -> bool {
+    port.parse::<u16>().is_ok()
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -81,7 +194,12 @@ struct PredictQuery {
 }
 
 async fn predict(State(app): State<App>, Query(q): Query<PredictQuery>, headers: HeaderMap, body: Bytes) -> Response {
-    let kind = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    let Some(kind) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "no Content-Type: send application/json, application/octet-stream or image/png",
+        );
+    };
     let request = if kind.starts_with("application/json") {
         match serde_json::from_slice::<JsonRequest>(&body) {
             Ok(r) => Request { pixels: r.pixels, private: r.private || q.private },
@@ -183,4 +301,27 @@ async fn status(State(app): State<App>) -> Response {
 async fn metrics(State(app): State<App>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.predictor.metrics().encode())
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_localhost_and_addresses_are_hosts() {
+        for ok in ["localhost", "LOCALHOST:8080", "127.0.0.1", "127.0.0.1:9000", "10.1.2.3:80", "[::1]", "[::1]:8080"] {
+            assert!(super::host_allowed(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:80",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "[::1",
+            "[::1]x",
+            "127.0.0.1:99999",
+            "[evil]:80",
+        ] {
+            assert!(!super::host_allowed(bad), "{bad}");
+        }
+    }
 }

