@@ -16,6 +16,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bincode::{Decode, Encode};
@@ -155,6 +156,27 @@ pub struct Restored {
     pub rounds: Vec<RoundLine>,
 }
 
+/// A global model version encoded once: the `Model` message the store keeps as the version's
+/// blob and devices download, with the parameters' hash. Cheap to clone (the bytes are shared).
+#[derive(Debug, Clone)]
+pub struct EncodedModel {
+    /// The model version.
+    pub version: u64,
+    /// The parameters' content hash (what names the blob).
+    pub hash: ContentHash,
+    /// The encoded `Model` message.
+    pub bytes: Arc<Vec<u8>>,
+}
+
+impl EncodedModel {
+    /// Encodes `params` as model `version`.
+    pub fn new(version: u64, params: &ModelParams) -> Self {
+        let hash = params.content_hash();
+        let bytes = codec::encode(&Message::Model { version, hash, params: params.clone() });
+        Self { version, hash, bytes: Arc::new(bytes) }
+    }
+}
+
 /// The coordinator's state folder.
 pub struct Store {
     db: Database,
@@ -186,16 +208,14 @@ impl Store {
         self.dir.join("blobs").join(format!("{hash}.bin"))
     }
 
-    /// Writes the blob of `params` (as model `version`) unless it exists; synced before return.
-    fn write_blob(&self, version: u64, params: &ModelParams) -> Result<ContentHash, StoreError> {
-        let hash = params.content_hash();
-        let path = self.blob_path(&hash);
+    /// Writes the blob of an encoded model version unless it exists; synced before return.
+    fn write_blob(&self, model: &EncodedModel) -> Result<(), StoreError> {
+        let path = self.blob_path(&model.hash);
         if !path.exists() {
-            let bytes = codec::encode(&Message::Model { version, hash, params: params.clone() });
             let tmp = path.with_extension("tmp");
             let io = |cause| StoreError::Io { path: tmp.clone(), cause };
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
+            f.write_all(&model.bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
             // The rename itself must survive a power cut: sync the folder.
@@ -203,7 +223,7 @@ impl Store {
                 let _ = d.sync_all();
             }
         }
-        Ok(hash)
+        Ok(())
     }
 
     /// The state folder.
@@ -268,7 +288,9 @@ impl Store {
 
     /// Records model `version` (after round `round`) outside any round: the initial model.
     pub fn save_model(&self, version: u64, round: u64, params: &ModelParams) -> Result<(), StoreError> {
-        let hash = self.write_blob(version, params)?;
+        let model = EncodedModel::new(version, params);
+        self.write_blob(&model)?;
+        let hash = model.hash;
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             tx.open_table(MODELS).map_err(db_err)?.insert(version, &hash.0[..]).map_err(db_err)?;
@@ -324,17 +346,28 @@ impl Store {
         aggregated: Option<(u64, &ModelParams)>,
         rounds_left: u64,
     ) -> Result<(), StoreError> {
+        let model = aggregated.map(|(version, params)| EncodedModel::new(version, params));
+        self.close_round_encoded(line, model.as_ref(), rounds_left)
+    }
+
+    /// [`Store::close_round`] with the new model version already encoded (the coordinator
+    /// encodes each version once, for the store and for its downloads alike).
+    pub fn close_round_encoded(
+        &self,
+        line: &RoundLine,
+        aggregated: Option<&EncodedModel>,
+        rounds_left: u64,
+    ) -> Result<(), StoreError> {
         let round = line.round;
-        let model = match aggregated {
-            Some((version, params)) => Some((version, self.write_blob(version, params)?)),
-            None => None,
-        };
+        if let Some(model) = aggregated {
+            self.write_blob(model)?;
+        }
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut meta = tx.open_table(META).map_err(db_err)?;
-            if let Some((version, hash)) = model {
-                tx.open_table(MODELS).map_err(db_err)?.insert(version, &hash.0[..]).map_err(db_err)?;
-                meta.insert("version", version).map_err(db_err)?;
+            if let Some(model) = aggregated {
+                tx.open_table(MODELS).map_err(db_err)?.insert(model.version, &model.hash.0[..]).map_err(db_err)?;
+                meta.insert("version", model.version).map_err(db_err)?;
             }
             meta.insert("last_round", round).map_err(db_err)?;
             meta.insert("rounds_left", rounds_left).map_err(db_err)?;
@@ -455,7 +488,6 @@ impl Store {
 mod tests {
     use super::*;
     use fedge_core::{ParamLayout, TensorSpec};
-    use std::sync::Arc;
 
     fn params(x: f32) -> ModelParams {
         let layout = Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![3] }]).unwrap());
