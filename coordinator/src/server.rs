@@ -15,12 +15,13 @@
 //!
 //! # The parts
 //! The coordinator's memory is one `State` made of parts that say what they own:
-//! [`rounds::RoundDriver`] (the engine, the tasks handed out, the rounds closed, the version
-//! published), [`registry::Registry`] (deployable models, promotions, the signer, the blob
-//! store), [`fleet::Fleet`] (devices known, connected, what they run) and
-//! [`downloads::DownloadCache`] (the model versions kept for devices and their encoded bytes).
-//! The protocols are [`sessions`] (device and operator sessions), the inference glue is
-//! [`teacher`], what operators see is [`views`].
+//! `RoundDriver` in `server/rounds.rs` (the engine, the tasks handed out, the rounds closed,
+//! the version published), `Registry` in `server/registry.rs` (deployable models, promotions,
+//! the signer, the blob store), `Fleet` in `server/fleet.rs` (devices known, connected, what
+//! they run) and `DownloadCache` in `server/downloads.rs` (the model versions kept for
+//! devices and their encoded bytes). The protocols are in `server/sessions.rs` (device and
+//! operator sessions), the inference glue in `server/teacher.rs`, what operators see in
+//! `server/views.rs`.
 //!
 //! # Locks and disk I/O
 //! `State` sits behind one `Mutex`, the *state lock*, held only for work in memory: no disk

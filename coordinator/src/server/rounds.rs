@@ -39,8 +39,8 @@ pub(super) struct RoundDriver {
 
 /// What the driver must make durable before it publishes it.
 enum Step {
-    /// A round closed.
-    Close(Close),
+    /// A round closed (boxed: its report is large).
+    Close(Box<Close>),
     /// A round opened.
     Begin(Begin),
 }
@@ -114,7 +114,14 @@ impl RoundDriver {
                     let params = aggregated.then(|| Arc::new(self.engine.global().clone()));
                     let line = line_of(&report);
                     let rounds_left = self.rounds_left;
-                    return Some(Step::Close(Close { report, line, version, params, rounds_left, register: None }));
+                    return Some(Step::Close(Box::new(Close {
+                        report,
+                        line,
+                        version,
+                        params,
+                        rounds_left,
+                        register: None,
+                    })));
                 }
             }
         }
@@ -192,8 +199,8 @@ impl Coordinator {
 
     /// Makes a closed round durable (the new version encoded once, for the store and for
     /// downloads), then publishes it.
-    fn close_round(&self, c: Close) {
-        let Close { report, line, version, params, rounds_left, register } = c;
+    fn close_round(&self, c: Box<Close>) {
+        let Close { report, line, version, params, rounds_left, register } = *c;
         let encoded = params.as_ref().map(|p| EncodedModel::new(version, p));
         if let Some(store) = &self.store
             && let Err(e) = store.close_round_encoded(&line, encoded.as_ref(), rounds_left)
