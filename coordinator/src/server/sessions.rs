@@ -36,10 +36,10 @@ impl Coordinator {
             return;
         };
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
-            let request = match fedge_net::read_message_sized(&mut recv).await {
-                Ok((m, n)) => {
-                    self.metrics.received(n);
-                    m
+            let (request, received) = match fedge_net::read_message_bytes(&mut recv).await {
+                Ok((m, bytes)) => {
+                    self.metrics.received(bytes.len() + 4);
+                    (m, bytes)
                 }
                 Err(e) => {
                     let code = match e {
@@ -78,7 +78,7 @@ impl Coordinator {
                         message: "an inference session does not train: connect for training".into(),
                     })
                 }
-                Message::TrainResult(result) => Reply::Message(self.handle_train_result(id, result)),
+                Message::TrainResult(result) => Reply::Message(self.handle_train_result(id, result, &received)),
                 other => {
                     self.prepare_download(&other).await;
                     self.answer(id, other)
@@ -155,14 +155,15 @@ impl Coordinator {
         self.settle(&order);
     }
 
-    /// Device `id` uploaded `result`: checked, then made durable (the state lock released),
-    /// then counted, then acknowledged: an `Ack` means the update survives a crash.
-    fn handle_train_result(&self, id: DeviceId, result: TrainResult) -> Message {
+    /// Device `id` uploaded `result` (`received`: its frame as it arrived): checked, then
+    /// made durable as received (the state lock released), then counted, then acknowledged:
+    /// an `Ack` means the update survives a crash.
+    fn handle_train_result(&self, id: DeviceId, result: TrainResult, received: &[u8]) -> Message {
         let order = self.ordered();
         let checked = self.lock().rounds.engine.check_train_result(id, &result);
         let reply = match checked {
             Err(e) => Err((e.code(), e.to_string())),
-            Ok(()) => match self.store.as_ref().map(|st| st.save_update(result.round, id, &result)) {
+            Ok(()) => match self.store.as_ref().map(|st| st.save_update_bytes(result.round, id, received)) {
                 Some(Err(e)) => Err((ErrorCode::Unavailable, format!("cannot record the update: {e}"))),
                 // Nothing changed the round since the check: changes hold the order lock.
                 _ => {
