@@ -83,8 +83,9 @@ impl DownloadCache {
         }
     }
 
-    /// The encoded version `v`: encoded ahead by [`Coordinator::prepare_download`]; encoded
-    /// here (under the lock) only if it was dropped and published again in between.
+    /// The encoded version `v`. Versions are encoded when published or ahead of the request
+    /// by [`Coordinator::prepare_download`], so the encoding here (under the lock) is only a
+    /// fallback that the request paths do not reach.
     fn encoded_or_encode(&mut self, v: u64) -> Option<EncodedModel> {
         if let Some(kept) = self.encoded.get(&v) {
             return Some(kept.clone());
