@@ -7,13 +7,16 @@
 //! [`certs`] makes and reads the fleet's certificates; [`transport`] admits only peers with a
 //! valid, unrevoked client certificate and tells who they are; [`server`] is the async shell
 //! that drives the engine from the network; [`inference`] answers the hard cases devices
-//! escalate with the teacher, batched, under a per-device rate limit.
+//! escalate with the teacher, batched, under a per-device rate limit. [`operator`] is the
+//! operator's client and [`print`] what the operator commands print.
 
 pub mod blobs;
 pub mod certs;
 pub mod config;
 pub mod inference;
 pub mod metrics;
+pub mod operator;
+pub mod print;
 pub mod server;
 pub mod service;
 pub mod store;

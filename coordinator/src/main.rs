@@ -1,5 +1,8 @@
 //! `fedge-coordinator`: the coordinator binary: `serve` (rounds over QUIC), `round`
 //! (operator commands), `certs` (the fleet's certificates).
+//!
+//! Argument parsing and dispatch only: the service is `fedge_coordinator::service`, the
+//! operator's client `fedge_coordinator::operator`, what it prints `fedge_coordinator::print`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -10,7 +13,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::config::ServeConfig;
-use fedge_core::wire::{Message, OperatorCommand, RoundLine, Status};
+use fedge_coordinator::operator::{Operator, OperatorError, OperatorTarget};
+use fedge_coordinator::print;
+use fedge_core::wire::{Message, OperatorCommand};
 
 #[derive(Parser)]
 #[command(name = "fedge-coordinator", version, about = "Fedge coordinator")]
@@ -299,110 +304,19 @@ fn real_main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn operator_client(op: &OperatorArgs) -> anyhow::Result<fedge_net::Client> {
-    let dir = &op.certs_dir;
-    let config = fedge_net::client_config(
-        &dir.join("ca.pem"),
-        &dir.join("operators").join(format!("{}.pem", op.operator)),
-        &dir.join("operators").join(format!("{}.key", op.operator)),
-    )?;
-    Ok(fedge_net::Client::connect(op.coordinator, &op.server_name, config).await?)
-}
-
-async fn ask(client: &fedge_net::Client, command: OperatorCommand) -> anyhow::Result<Status> {
-    match client.request(&Message::Operator(command)).await? {
-        Message::Status(s) => Ok(s),
-        Message::Error { code, message } => anyhow::bail!("coordinator refused ({code:?}): {message}"),
-        other => anyhow::bail!("unexpected answer: {other:?}"),
+impl OperatorArgs {
+    fn target(&self) -> OperatorTarget {
+        OperatorTarget {
+            coordinator: self.coordinator,
+            server_name: self.server_name.clone(),
+            certs_dir: self.certs_dir.clone(),
+            operator: self.operator.clone(),
+        }
     }
-}
-
-fn rounds_json(rounds: &[RoundLine]) -> serde_json::Value {
-    rounds
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "round": r.round, "model_version": r.model_version, "selected": r.selected,
-                "devices_reporting": r.results, "failures": r.failures, "stragglers": r.stragglers,
-                "surplus": r.surplus, "samples": r.samples, "train_loss": r.train_loss, "accuracy": r.accuracy,
-                "failed_reason": r.failed_reason,
-                "privacy": r.privacy.map(|p| serde_json::json!({
-                    "sampling_rate": p.sampling_rate, "noise_multiplier": p.noise_multiplier,
-                    "clip_norm": p.clip_norm, "epsilon": p.epsilon,
-                })),
-            })
-        })
-        .collect()
-}
-
-fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) {
-    let _ = writeln!(
-        out,
-        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}  {:>8}",
-        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy", "epsilon"
-    );
-    for r in rounds {
-        let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
-        let _ = writeln!(
-            out,
-            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}  {:>8}{}",
-            r.round,
-            r.model_version,
-            r.results,
-            r.selected,
-            r.failures,
-            r.stragglers,
-            r.samples,
-            r.train_loss,
-            acc,
-            r.privacy.map_or("-".into(), |p| format!("{:.4}", p.epsilon)),
-            r.failed_reason.as_ref().map_or(String::new(), |w| format!("  not aggregated: {w}"))
-        );
-    }
-}
-
-fn print_status(s: &Status, json: bool) {
-    let mut out = std::io::stdout().lock();
-    if json {
-        let rounds = rounds_json(&s.rounds);
-        let v = serde_json::json!({
-            "model_version": s.model_version, "model_hash": s.model_hash.to_string(),
-            "current_round": s.current_round, "rounds_left": s.rounds_left,
-            "devices_connected": s.devices_connected, "devices_known": s.devices_known, "rounds": rounds,
-            "privacy": s.privacy.map(|p| serde_json::json!({
-                "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
-                "epsilon": p.epsilon, "target_epsilon": p.target_epsilon,
-            })),
-        });
-        let _ = writeln!(out, "{v:#}");
-        return;
-    }
-    let _ = writeln!(
-        out,
-        "model v{} ({}...)  round {}  rounds left {}  devices {} connected / {} known",
-        s.model_version,
-        &s.model_hash.to_string()[..12],
-        s.current_round.map_or("-".into(), |r| r.to_string()),
-        s.rounds_left,
-        s.devices_connected.len(),
-        s.devices_known
-    );
-    if let Some(p) = s.privacy {
-        let _ = writeln!(
-            out,
-            "central DP: epsilon {:.4} spent at delta {:e}{}  (z = {}, clip {:.4})",
-            p.epsilon,
-            p.delta,
-            p.target_epsilon.map_or(String::new(), |t| format!(" of a budget of {t}")),
-            p.noise_multiplier,
-            p.clip_norm
-        );
-    }
-    print_rounds(&mut out, &s.rounds);
 }
 
 async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
-    let client = operator_client(&op).await?;
+    let client = Operator::connect(&op.target()).await?;
     match command {
         RoundCommand::Start { rounds, fraction, min_clients, deadline } => {
             let command = OperatorCommand::StartRounds {
@@ -411,7 +325,7 @@ async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
                 min_train_clients: min_clients,
                 deadline_secs: deadline,
             };
-            let s = ask(&client, command).await?;
+            let s = client.status(command).await?;
             println!(
                 "{} rounds queued; model v{}, {} devices connected",
                 s.rounds_left + u64::from(s.current_round.is_some()),
@@ -420,17 +334,17 @@ async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
             );
         }
         RoundCommand::List { json } => {
-            let s = ask(&client, OperatorCommand::Status).await?;
+            let s = client.status(OperatorCommand::Status).await?;
             let mut out = std::io::stdout().lock();
-            if json {
-                let _ = writeln!(out, "{:#}", rounds_json(&s.rounds));
+            let _ = if json {
+                writeln!(out, "{:#}", print::rounds_json(&s.rounds))
             } else {
-                print_rounds(&mut out, &s.rounds);
-            }
+                print::print_rounds(&mut out, &s.rounds)
+            };
         }
         RoundCommand::Status { json, watch } => loop {
-            let s = ask(&client, OperatorCommand::Status).await?;
-            print_status(&s, json);
+            let s = client.status(OperatorCommand::Status).await?;
+            let _ = print::print_status(&mut std::io::stdout().lock(), &s, json);
             if !watch {
                 break;
             }
@@ -442,109 +356,25 @@ async fn round(command: RoundCommand, op: OperatorArgs) -> anyhow::Result<()> {
 }
 
 async fn list(command: OperatorCommand, json: bool, only: Option<u64>, op: OperatorArgs) -> anyhow::Result<()> {
-    let client = operator_client(&op).await?;
-    let answer = client.request(&Message::Operator(command)).await?;
+    let client = Operator::connect(&op.target()).await?;
+    let answer = client.request(command).await;
     client.close().await;
     let mut out = std::io::stdout().lock();
-    match answer {
+    match answer? {
         Message::Devices(devices) => {
-            if json {
-                let v: Vec<_> = devices
-                    .iter()
-                    .map(|d| {
-                        let caps = d.capabilities.as_ref().map(|c| {
-                            serde_json::json!({"backend": c.backend, "memory_mb": c.memory_mb, "charging": c.charging,
-                                "unmetered": c.unmetered, "num_samples": c.num_samples})
-                        });
-                        serde_json::json!({"id": d.id, "connected": d.connected, "capabilities": caps, "running": d.running})
-                    })
-                    .collect();
-                let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
-            } else {
-                let _ = writeln!(
-                    out,
-                    "{:<24} {:>9}  {:>7}  {:>8}  {:>9}",
-                    "device", "connected", "backend", "memory", "samples"
-                );
-                for d in devices {
-                    let (backend, mem, samples) =
-                        d.capabilities.as_ref().map_or(("-".into(), "-".into(), "-".into()), |c| {
-                            (c.backend.clone(), format!("{} MiB", c.memory_mb), c.num_samples.to_string())
-                        });
-                    let connected = if d.connected { "yes" } else { "no" };
-                    let _ = writeln!(out, "{:<24} {connected:>9}  {backend:>7}  {mem:>8}  {samples:>9}", d.id);
-                }
-            }
+            let _ = print::print_devices(&mut out, &devices, json);
         }
-        Message::Models(mut models) => {
-            if let Some(v) = only {
+        Message::Models(mut models) => match only {
+            Some(v) => {
                 models.retain(|m| m.version == v);
                 anyhow::ensure!(!models.is_empty(), "no model version {v}");
+                let _ = print::print_model(&mut out, &models[0], json);
             }
-            let as_json = |m: &fedge_core::wire::ModelLine| {
-                serde_json::json!({
-                    "version": m.version, "role": m.role, "architecture": m.architecture, "parent": m.parent,
-                    "round": m.round, "accuracy": m.accuracy, "epsilon": m.epsilon, "parameters": m.parameters,
-                    "size_bytes": m.size_bytes, "sha256": m.hash.to_string(), "created_at": m.created_at,
-                    "signed": m.signed, "promoted": m.promoted, "devices_running": m.devices_running,
-                })
-            };
-            if json && only.is_some() {
-                let _ = writeln!(out, "{:#}", as_json(&models[0]));
-            } else if json {
-                let v: Vec<_> = models.iter().map(as_json).collect();
-                let _ = writeln!(out, "{:#}", serde_json::Value::from(v));
-            } else if only.is_some() {
-                for (k, v) in as_json(&models[0]).as_object().expect("an object") {
-                    let _ = writeln!(out, "{k:<16} {v}");
-                }
-            } else {
-                let _ = writeln!(
-                    out,
-                    "{:>7}  {:<7}  {:<4}  {:>6}  {:>5}  {:>8}  {:>8}  {:>10}  {:>8}  {:<12}  {:>7}  deployed",
-                    "version",
-                    "role",
-                    "arch",
-                    "parent",
-                    "round",
-                    "accuracy",
-                    "epsilon",
-                    "bytes",
-                    "latency",
-                    "sha256",
-                    "signed"
-                );
-                for m in models {
-                    let acc = m.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
-                    let eps = m.epsilon.map_or("-".into(), |e| format!("{e:.4}"));
-                    let role = match m.role {
-                        fedge_core::registry::ModelRole::Global => "global",
-                        fedge_core::registry::ModelRole::Student => "student",
-                    };
-                    let parent = m.parent.map_or("-".into(), |p| p.to_string());
-                    let deployed = if m.promoted {
-                        format!("PROMOTED, {} devices", m.devices_running)
-                    } else if m.devices_running > 0 {
-                        format!("{} devices", m.devices_running)
-                    } else {
-                        String::new()
-                    };
-                    let _ = writeln!(
-                        out,
-                        "{:>7}  {role:<7}  {:<4}  {parent:>6}  {:>5}  {acc:>8}  {eps:>8}  {:>10}  {:>8}  {:<12}  {:>7}  {deployed}",
-                        m.version,
-                        m.architecture,
-                        m.round,
-                        m.size_bytes,
-                        m.latency_us.map_or("-".into(), |l| format!("{l:.1} us")),
-                        &m.hash.to_string()[..12],
-                        if m.signed { "yes" } else { "no" },
-                    );
-                }
+            None => {
+                let _ = print::print_models(&mut out, &models, json);
             }
-        }
-        Message::Error { code, message } => anyhow::bail!("coordinator refused ({code:?}): {message}"),
-        other => anyhow::bail!("unexpected answer: {other:?}"),
+        },
+        other => return Err(OperatorError::Unexpected(Box::new(other)).into()),
     }
     Ok(())
 }

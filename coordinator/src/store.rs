@@ -16,6 +16,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bincode::{Decode, Encode};
@@ -155,6 +156,27 @@ pub struct Restored {
     pub rounds: Vec<RoundLine>,
 }
 
+/// A global model version encoded once: the `Model` message the store keeps as the version's
+/// blob and devices download, with the parameters' hash. Cheap to clone (the bytes are shared).
+#[derive(Debug, Clone)]
+pub struct EncodedModel {
+    /// The model version.
+    pub version: u64,
+    /// The parameters' content hash (what names the blob).
+    pub hash: ContentHash,
+    /// The encoded `Model` message.
+    pub bytes: Arc<Vec<u8>>,
+}
+
+impl EncodedModel {
+    /// Encodes `params` as model `version`.
+    pub fn new(version: u64, params: &ModelParams) -> Self {
+        let hash = params.content_hash();
+        let bytes = codec::encode(&Message::Model { version, hash, params: params.clone() });
+        Self { version, hash, bytes: Arc::new(bytes) }
+    }
+}
+
 /// The coordinator's state folder.
 pub struct Store {
     db: Database,
@@ -186,16 +208,14 @@ impl Store {
         self.dir.join("blobs").join(format!("{hash}.bin"))
     }
 
-    /// Writes the blob of `params` (as model `version`) unless it exists; synced before return.
-    fn write_blob(&self, version: u64, params: &ModelParams) -> Result<ContentHash, StoreError> {
-        let hash = params.content_hash();
-        let path = self.blob_path(&hash);
+    /// Writes the blob of an encoded model version unless it exists; synced before return.
+    fn write_blob(&self, model: &EncodedModel) -> Result<(), StoreError> {
+        let path = self.blob_path(&model.hash);
         if !path.exists() {
-            let bytes = codec::encode(&Message::Model { version, hash, params: params.clone() });
             let tmp = path.with_extension("tmp");
             let io = |cause| StoreError::Io { path: tmp.clone(), cause };
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
+            f.write_all(&model.bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(|cause| StoreError::Io { path: path.clone(), cause })?;
             // The rename itself must survive a power cut: sync the folder.
@@ -203,7 +223,7 @@ impl Store {
                 let _ = d.sync_all();
             }
         }
-        Ok(hash)
+        Ok(())
     }
 
     /// The state folder.
@@ -268,7 +288,9 @@ impl Store {
 
     /// Records model `version` (after round `round`) outside any round: the initial model.
     pub fn save_model(&self, version: u64, round: u64, params: &ModelParams) -> Result<(), StoreError> {
-        let hash = self.write_blob(version, params)?;
+        let model = EncodedModel::new(version, params);
+        self.write_blob(&model)?;
+        let hash = model.hash;
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             tx.open_table(MODELS).map_err(db_err)?.insert(version, &hash.0[..]).map_err(db_err)?;
@@ -309,10 +331,23 @@ impl Store {
     /// Makes `device`'s accepted update in `round` durable. When this returns, the update
     /// survives a crash and may be acknowledged.
     pub fn save_update(&self, round: u64, device: DeviceId, result: &TrainResult) -> Result<(), StoreError> {
-        let bytes = codec::encode(&Message::TrainResult(result.clone()));
+        self.save_update_bytes(round, device, &codec::encode(&Message::TrainResult(result.clone())))
+    }
+
+    /// [`Store::save_update`] for an update kept as it arrived: `bytes` is the encoded
+    /// `TrainResult` message exactly as the device sent it (it must decode to one; the
+    /// coordinator passes the frame it decoded and accepted).
+    pub fn save_update_bytes(&self, round: u64, device: DeviceId, bytes: &[u8]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(UPDATES).map_err(db_err)?.insert((round, device), bytes.as_slice()).map_err(db_err)?;
+        tx.open_table(UPDATES).map_err(db_err)?.insert((round, device), bytes).map_err(db_err)?;
         tx.commit().map_err(db_err)
+    }
+
+    /// The stored bytes of `device`'s update in `round`, if there is one.
+    pub fn update_bytes(&self, round: u64, device: DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let updates = tx.open_table(UPDATES).map_err(db_err)?;
+        Ok(updates.get((round, device)).map_err(db_err)?.map(|v| v.value().to_vec()))
     }
 
     /// Closes round `line.round` in one transaction: records the new model version if it
@@ -324,17 +359,28 @@ impl Store {
         aggregated: Option<(u64, &ModelParams)>,
         rounds_left: u64,
     ) -> Result<(), StoreError> {
+        let model = aggregated.map(|(version, params)| EncodedModel::new(version, params));
+        self.close_round_encoded(line, model.as_ref(), rounds_left)
+    }
+
+    /// [`Store::close_round`] with the new model version already encoded (the coordinator
+    /// encodes each version once, for the store and for its downloads alike).
+    pub fn close_round_encoded(
+        &self,
+        line: &RoundLine,
+        aggregated: Option<&EncodedModel>,
+        rounds_left: u64,
+    ) -> Result<(), StoreError> {
         let round = line.round;
-        let model = match aggregated {
-            Some((version, params)) => Some((version, self.write_blob(version, params)?)),
-            None => None,
-        };
+        if let Some(model) = aggregated {
+            self.write_blob(model)?;
+        }
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut meta = tx.open_table(META).map_err(db_err)?;
-            if let Some((version, hash)) = model {
-                tx.open_table(MODELS).map_err(db_err)?.insert(version, &hash.0[..]).map_err(db_err)?;
-                meta.insert("version", version).map_err(db_err)?;
+            if let Some(model) = aggregated {
+                tx.open_table(MODELS).map_err(db_err)?.insert(model.version, &model.hash.0[..]).map_err(db_err)?;
+                meta.insert("version", model.version).map_err(db_err)?;
             }
             meta.insert("last_round", round).map_err(db_err)?;
             meta.insert("rounds_left", rounds_left).map_err(db_err)?;
@@ -452,113 +498,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use fedge_core::{ParamLayout, TensorSpec};
-    use std::sync::Arc;
-
-    fn params(x: f32) -> ModelParams {
-        let layout = Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![3] }]).unwrap());
-        ModelParams::new(layout, vec![x, x + 1.0, x + 2.0]).unwrap()
-    }
-
-    #[test]
-    fn state_survives_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path()).unwrap();
-            assert!(s.latest().unwrap().is_none());
-            assert_eq!(s.device_id("a").unwrap(), 0);
-            assert_eq!(s.device_id("b").unwrap(), 1);
-            s.save_model(0, 0, &params(0.0)).unwrap();
-            s.save_model(1, 1, &params(1.0)).unwrap();
-            s.save_model(2, 3, &params(2.0)).unwrap();
-        }
-        let s = Store::open(dir.path()).unwrap();
-        let r = s.latest().unwrap().unwrap();
-        assert_eq!((r.version, r.last_round), (2, 3));
-        assert_eq!(r.params, params(2.0));
-        assert_eq!(s.models().unwrap().len(), 3);
-        assert_eq!(s.device_id("b").unwrap(), 1);
-        assert_eq!(s.device_id("c").unwrap(), 2);
-    }
-
-    #[test]
-    fn a_damaged_blob_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        s.save_model(1, 1, &params(5.0)).unwrap();
-        let blob = s.blob_path(&params(5.0).content_hash());
-        let mut bytes = std::fs::read(&blob).unwrap();
-        let n = bytes.len();
-        bytes[n - 2] ^= 0x40;
-        std::fs::write(&blob, bytes).unwrap();
-        assert!(matches!(s.latest(), Err(StoreError::Corrupt(_))));
-    }
-
-    fn line(round: u64, model_version: u64) -> RoundLine {
-        RoundLine {
-            round,
-            model_version,
-            selected: 3,
-            results: 2,
-            failures: 1,
-            stragglers: 0,
-            surplus: 0,
-            samples: 14,
-            train_loss: 0.5,
-            accuracy: None,
-            failed_reason: None,
-            privacy: Some(fedge_core::privacy::LedgerEntry {
-                round,
-                sampling_rate: 0.5,
-                noise_multiplier: 1.0,
-                clip_norm: 2.0,
-                epsilon: 0.1 * round as f64,
-            }),
-        }
-    }
-
-    fn update(round: u64, x: f32) -> TrainResult {
-        TrainResult { round, model_version: 1, num_samples: 7, train_loss: 0.25, delta: params(x), clipped: false }
-    }
-
-    #[test]
-    fn an_open_round_and_its_updates_survive_reopening_until_it_closes() {
-        let dir = tempfile::tempdir().unwrap();
-        let record = RoundRecord { round: 2, model_version: 1, chosen: vec![3, 5, 8], target: 3, population: 4 };
-        {
-            let s = Store::open(dir.path()).unwrap();
-            s.save_model(1, 1, &params(1.0)).unwrap();
-            s.set_rounds_left(4).unwrap();
-            s.save_settings(&Settings { fraction: 0.5, min_train_clients: 2, round_timeout_ms: 9000 }).unwrap();
-            s.begin_round(&record, 3).unwrap();
-            s.save_update(2, 5, &update(2, 0.5)).unwrap();
-            s.save_update(2, 3, &update(2, 0.25)).unwrap();
-            s.save_evaluation(1, Evaluation { accuracy: 0.75, loss: 0.5 }).unwrap();
-        }
-        let s = Store::open(dir.path()).unwrap();
-        let r = s.latest().unwrap().unwrap();
-        assert_eq!((r.version, r.last_round, r.rounds_left), (1, 1, 3));
-        assert_eq!(r.settings.unwrap().round_timeout_ms, 9000);
-        assert_eq!(r.evaluations, vec![(1, Evaluation { accuracy: 0.75, loss: 0.5 })]);
-        let open = r.open.unwrap();
-        assert_eq!(open.record, record);
-        assert_eq!(open.accepted, vec![(3, update(2, 0.25)), (5, update(2, 0.5))]);
-
-        // Closing records the new version and forgets the round and its updates, atomically.
-        s.close_round(&line(2, 2), Some((2, &params(2.0))), 3).unwrap();
-        let r = s.latest().unwrap().unwrap();
-        assert_eq!((r.version, r.last_round, r.rounds_left), (2, 2, 3));
-        assert_eq!(r.params, params(2.0));
-        assert!(r.open.is_none());
-        // A failed round advances the round count, not the version.
-        s.begin_round(&RoundRecord { round: 3, ..record }, 2).unwrap();
-        s.save_update(3, 8, &update(3, 0.0)).unwrap();
-        s.close_round(&line(3, 2), None, 2).unwrap();
-        let r = s.latest().unwrap().unwrap();
-        assert_eq!((r.version, r.last_round, r.rounds_left), (2, 3, 2));
-        assert_eq!(r.rounds, vec![line(2, 2), line(3, 2)]);
-        assert!(r.open.is_none());
-    }
-}
+mod tests;

@@ -210,3 +210,46 @@ async fn sigkill_mid_round_loses_no_acknowledged_update() {
     assert_eq!(status[0]["model_version"], 1);
     assert_eq!(status[0]["devices_reporting"], 3);
 }
+
+/// Issue 13, one path for each update: an acknowledged update is stored as the very bytes the
+/// device sent (the encoded `TrainResult` frame), not decoded and encoded again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_is_stored_as_the_bytes_the_device_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("fleet");
+    let ca = CertDir::init(&certs, &["localhost".into()]).unwrap();
+    let names = ["dev-0", "dev-1"];
+    for name in names {
+        ca.issue(Role::Device, name, 1).unwrap();
+    }
+    ca.issue(Role::Operator, "admin", 1).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\ncerts_dir = {certs:?}\nstate_dir = {state:?}\nfraction = 1.0\nmin_train_clients = 2\n\
+             accept_failures = false\nround_timeout_secs = 300\n"
+        ),
+    )
+    .unwrap();
+    let coordinator = Coordinator::start(&config, &dir.path().join("coordinator.log"));
+    let mut links = Vec::new();
+    for name in names {
+        links.push(join(addr, &ca, name, &coordinator).await);
+    }
+    operator(&certs, addr, &["round", "start", "--rounds", "1"]);
+    let task = task_of(&links[0]).await;
+    let sent = Message::TrainResult(update(&task, &model(&links[0], task.model_version).await, 0));
+    let reply = links[0].request(&sent).await.unwrap();
+    assert_eq!(reply, Message::Ack { round: task.round }, "{}", coordinator.log());
+    coordinator.kill();
+    drop(links);
+
+    let store = fedge_coordinator::store::Store::open(&state).unwrap();
+    let id = store.devices().unwrap().into_iter().find(|(name, _)| name == "dev-0").unwrap().1;
+    let stored = store.update_bytes(task.round, id).unwrap().expect("the acknowledged update is stored");
+    assert_eq!(stored, fedge_core::codec::encode(&sent));
+}

@@ -57,6 +57,13 @@ pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message, Frame
 
 /// Reads one frame and decodes it; also says how many bytes the frame took.
 pub async fn read_message_sized(recv: &mut quinn::RecvStream) -> Result<(Message, usize), FrameError> {
+    let (msg, bytes) = read_message_bytes(recv).await?;
+    Ok((msg, bytes.len() + 4))
+}
+
+/// Reads one frame and decodes it; also returns the frame's bytes as received (the encoded
+/// message, without its length prefix), for a receiver that keeps them as they came.
+pub async fn read_message_bytes(recv: &mut quinn::RecvStream) -> Result<(Message, Vec<u8>), FrameError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| FrameError::Closed(e.to_string()))?;
     let len = u32::from_le_bytes(len) as usize;
@@ -65,5 +72,5 @@ pub async fn read_message_sized(recv: &mut quinn::RecvStream) -> Result<(Message
     }
     let mut buf = vec![0u8; len];
     recv.read_exact(&mut buf).await.map_err(|e| FrameError::Closed(e.to_string()))?;
-    Ok((codec::decode(&buf)?, len + 4))
+    Ok((codec::decode(&buf)?, buf))
 }

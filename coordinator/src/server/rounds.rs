@@ -1,0 +1,301 @@
+//! The round driver: drains the engine's events, starts the rounds the operator asked for,
+//! and makes each round's start and close durable before anyone hears of it (see the
+//! parent module's "Locks and disk I/O"). Also the deadline timer, driven by the engine's
+//! `poll_timeout`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use fedge_core::ModelParams;
+use fedge_core::wire::{DeviceId, RoundLine, TrainTask};
+use fedge_engine::strategy::Strategy;
+use fedge_engine::{EngineEvent, RoundEngine, RoundOutcome, RoundReport, StartError};
+use tokio::sync::Notify;
+
+use super::registry::GlobalPlan;
+use super::{Coordinator, Ordered};
+use crate::metrics::Metrics;
+use crate::store::{EncodedModel, RoundRecord};
+
+/// The rounds: the engine, the tasks waiting for their devices, the rounds closed.
+pub(super) struct RoundDriver {
+    /// The round engine. Changed only under the order lock.
+    pub(super) engine: RoundEngine<Box<dyn Strategy>>,
+    /// The model version published: the latest whose round close is durable. Between a
+    /// close and its write the engine is ahead of it; devices and operators are told this one.
+    version: u64,
+    /// Tasks of the open round, by device, once the round's start is durable.
+    pub(super) tasks: BTreeMap<DeviceId, TrainTask>,
+    /// When each task was handed out (for the update latency metric).
+    pub(super) assigned_at: BTreeMap<DeviceId, Duration>,
+    /// Rounds closed in this run (what [`Coordinator::wait_for_rounds`] counts).
+    pub(super) reports: Vec<RoundReport>,
+    /// Every round closed, earlier runs included (what operators see).
+    pub(super) history: Vec<RoundLine>,
+    /// Rounds asked for that have not started.
+    pub(super) rounds_left: u64,
+}
+
+/// What the driver must make durable before it publishes it.
+enum Step {
+    /// A round closed (boxed: its report is large).
+    Close(Box<Close>),
+    /// A round opened.
+    Begin(Begin),
+}
+
+/// A round closed by the engine, not yet published.
+struct Close {
+    report: RoundReport,
+    line: RoundLine,
+    /// The model version after the round.
+    version: u64,
+    /// The new parameters, if the round aggregated.
+    params: Option<Arc<ModelParams>>,
+    rounds_left: u64,
+    /// The new version's registry record to write, if it is to be registered.
+    register: Option<GlobalPlan>,
+}
+
+/// A round opened by the engine, its tasks held back until it is recorded.
+struct Begin {
+    record: RoundRecord,
+    rounds_left: u64,
+    tasks: Vec<(DeviceId, TrainTask)>,
+}
+
+impl RoundDriver {
+    pub(super) fn new(engine: RoundEngine<Box<dyn Strategy>>) -> Self {
+        Self {
+            version: engine.version(),
+            engine,
+            tasks: BTreeMap::new(),
+            assigned_at: BTreeMap::new(),
+            reports: Vec::new(),
+            history: Vec::new(),
+            rounds_left: 0,
+        }
+    }
+
+    /// Takes back what a previous run stored.
+    pub(super) fn restore(&mut self, rounds_left: u64, history: Vec<RoundLine>) {
+        self.rounds_left = rounds_left;
+        self.history = history;
+    }
+
+    /// The published model version (what devices and operators are told).
+    pub(super) fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The privacy spent up to the round that produced `version`, if recorded.
+    pub(super) fn epsilon_of(&self, version: u64) -> Option<f64> {
+        self.history.iter().rev().find(|r| r.model_version == version).and_then(|r| r.privacy).map(|p| p.epsilon)
+    }
+
+    /// Drains the engine's events until one needs a write, and starts the next round when
+    /// one is wanted and possible. `changed` is set when anything happened.
+    fn poll_step(&mut self, now: Duration, metrics: &Metrics, changed: &mut bool) -> Option<Step> {
+        while let Some(ev) = self.engine.poll_event() {
+            *changed = true;
+            match ev {
+                // A resumed round's tasks: the round is already recorded.
+                EngineEvent::Assign { device, task } => {
+                    self.tasks.insert(device, task);
+                    self.assigned_at.insert(device, now);
+                }
+                EngineEvent::RoundClosed(report) => {
+                    self.tasks.clear();
+                    self.assigned_at.clear();
+                    let aggregated = report.outcome == RoundOutcome::Aggregated;
+                    metrics.round_closed(aggregated);
+                    let version = self.engine.version();
+                    let params = aggregated.then(|| Arc::new(self.engine.global().clone()));
+                    let line = line_of(&report);
+                    let rounds_left = self.rounds_left;
+                    return Some(Step::Close(Box::new(Close {
+                        report,
+                        line,
+                        version,
+                        params,
+                        rounds_left,
+                        register: None,
+                    })));
+                }
+            }
+        }
+        if self.rounds_left == 0 || self.engine.current_round().is_some() {
+            return None;
+        }
+        match self.engine.start_round(now) {
+            Ok(_) => {
+                self.rounds_left -= 1;
+                *changed = true;
+                // Starting a round emits its `Assign`s and nothing else.
+                let mut tasks = Vec::new();
+                while let Some(ev) = self.engine.poll_event() {
+                    if let EngineEvent::Assign { device, task } = ev {
+                        tasks.push((device, task));
+                    }
+                }
+                let open = self.engine.open_round().expect("a round just opened");
+                let record = RoundRecord {
+                    round: open.round,
+                    model_version: open.model_version,
+                    chosen: open.chosen,
+                    target: open.target as u64,
+                    population: open.population as u64,
+                };
+                Some(Step::Begin(Begin { record, rounds_left: self.rounds_left, tasks }))
+            }
+            Err(StartError::NotEnoughDevices { .. }) | Err(StartError::Busy(_)) => None,
+            Err(e) => {
+                // Out of privacy budget: the remaining rounds are dropped, loudly.
+                eprintln!("{e}; {} rounds cancelled", self.rounds_left);
+                self.rounds_left = 0;
+                *changed = true;
+                None
+            }
+        }
+    }
+}
+
+impl Coordinator {
+    /// Runs the round driver to rest after a transition: each close and start is decided
+    /// under the state lock, written with it released, and published under it again.
+    pub(super) fn settle(&self, _order: &Ordered<'_>) {
+        let mut changed = false;
+        loop {
+            let step = {
+                let mut s = self.lock();
+                let now = self.now();
+                let mut step = s.rounds.poll_step(now, &self.metrics, &mut changed);
+                if let Some(Step::Close(c)) = &mut step
+                    && let Some(params) = &c.params
+                {
+                    let epsilon = c.report.privacy.map(|p| p.epsilon);
+                    c.register = s.registry.plan_global(c.version, c.report.round, epsilon, params.numel() as u64);
+                }
+                step
+            };
+            match step {
+                None => break,
+                Some(Step::Close(c)) => self.close_round(c),
+                Some(Step::Begin(b)) => self.begin_round(b),
+            }
+        }
+        {
+            let s = self.lock();
+            self.metrics.model_version.set(s.rounds.version() as i64);
+            self.metrics.devices_connected.set(s.fleet.connected.len() as i64);
+            self.metrics.devices_known.set(s.fleet.ids.len() as i64);
+        }
+        if changed {
+            self.changed.notify_waiters();
+            self.deadlines.notify_one();
+        }
+    }
+
+    /// Makes a closed round durable (the new version encoded once, for the store and for
+    /// downloads), then publishes it.
+    fn close_round(&self, c: Box<Close>) {
+        let Close { report, line, version, params, rounds_left, register } = *c;
+        let encoded = params.as_ref().map(|p| EncodedModel::new(version, p));
+        if let Some(store) = &self.store
+            && let Err(e) = store.close_round_encoded(&line, encoded.as_ref(), rounds_left)
+        {
+            eprintln!("cannot record the close of round {}: {e}", report.round);
+        }
+        let record = match (register, &encoded) {
+            (Some(plan), Some(model)) => plan.write(model, self.store.as_ref()),
+            _ => None,
+        };
+        let mut s = self.lock();
+        if let (Some(params), Some(model)) = (params, encoded) {
+            s.downloads.publish(params, model.clone());
+            if let Some(record) = record {
+                s.registry.records.insert(version, record);
+                s.downloads.keep_blob(version, model.bytes);
+            }
+        }
+        // Keep the last few versions for devices still fetching them.
+        s.downloads.prune();
+        s.rounds.reports.push(report);
+        s.rounds.history.push(line);
+        s.rounds.version = version;
+    }
+
+    /// Records an opened round, then hands out its tasks.
+    fn begin_round(&self, b: Begin) {
+        let Begin { record, rounds_left, tasks } = b;
+        if let Some(store) = &self.store
+            && let Err(e) = store.begin_round(&record, rounds_left)
+        {
+            eprintln!("cannot record the start of round {}: {e}", record.round);
+        }
+        let mut s = self.lock();
+        let now = self.now();
+        for (device, task) in tasks {
+            s.rounds.tasks.insert(device, task);
+            s.rounds.assigned_at.insert(device, now);
+        }
+    }
+
+    /// The deadline passed: times the open round out.
+    fn handle_deadline(&self) {
+        let order = self.ordered();
+        {
+            let mut s = self.lock();
+            let now = self.now();
+            s.rounds.engine.handle_timeout(now);
+        }
+        self.settle(&order);
+    }
+}
+
+/// The deadline timer: sleeps until the open round's deadline (the engine's `poll_timeout`),
+/// woken early by `wake` when a transition may have changed it; returns when the coordinator
+/// is gone.
+pub(super) async fn drive_deadlines(me: Weak<Coordinator>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(c) = me.upgrade() else { return };
+            let deadline = c.lock().rounds.engine.poll_timeout();
+            deadline.map(|at| tokio::time::Instant::from_std(c.started + at))
+        };
+        match next {
+            Some(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = wake.notified() => continue,
+            },
+            None => {
+                wake.notified().await;
+                continue;
+            }
+        }
+        let Some(c) = me.upgrade() else { return };
+        c.handle_deadline();
+    }
+}
+
+/// The operator's view of a closed round (accuracy is filled in when shown).
+fn line_of(r: &RoundReport) -> RoundLine {
+    RoundLine {
+        round: r.round,
+        model_version: r.model_version,
+        selected: r.selected as u64,
+        results: r.results as u64,
+        failures: r.failures as u64,
+        stragglers: r.stragglers.len() as u64,
+        surplus: r.surplus as u64,
+        samples: r.samples,
+        train_loss: r.train_loss,
+        accuracy: None,
+        failed_reason: match &r.outcome {
+            RoundOutcome::Aggregated => None,
+            RoundOutcome::Failed(why) => Some(why.clone()),
+        },
+        privacy: r.privacy,
+    }
+}

@@ -1,0 +1,309 @@
+//! The sessions: a device's (hello, task requests, model and blob downloads, result
+//! uploads, inference requests) and an operator's (round commands, listings, promotion), one
+//! request and one answer per QUIC stream.
+//!
+//! Requests that only read are answered under the state lock alone; an upload, a connection
+//! and a disconnection are durable transitions under the order lock (see the parent module).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedge_core::wire::{DeviceId, ErrorCode, Message, OperatorCommand, SessionPurpose, TrainResult};
+
+use super::Coordinator;
+use super::downloads::{Reply, not_kept};
+use crate::store::Settings;
+use crate::transport::{Peer, answer_hello};
+
+/// How long an idle device waits before asking for work again.
+const RETRY_MS: u32 = 50;
+
+impl Coordinator {
+    pub(super) async fn device_session(self: Arc<Self>, peer: Peer) {
+        let version = self.lock().rounds.version();
+        let hello = match answer_hello(&peer, version).await {
+            Ok(hello) => hello,
+            Err(e) => {
+                self.metrics.rejected(e.code());
+                eprintln!("{}: {e}", peer.identity.id);
+                // Let the refusal reach the device before the connection goes.
+                let _ = tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
+                return;
+            }
+        };
+        let training = hello.purpose == SessionPurpose::Train;
+        let Some(id) = self.handle_connected(&peer.identity.id, training.then_some(hello.capabilities)) else {
+            return;
+        };
+        while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
+            let (request, received) = match fedge_net::read_message_bytes(&mut recv).await {
+                Ok((m, bytes)) => {
+                    self.metrics.received(bytes.len() + 4);
+                    (m, bytes)
+                }
+                Err(e) => {
+                    let code = match e {
+                        fedge_net::FrameError::TooLarge(_) => ErrorCode::TooLarge,
+                        _ => ErrorCode::Malformed,
+                    };
+                    self.metrics.rejected(code);
+                    eprintln!("device {}: bad frame: {e}", peer.identity.id);
+                    let reply = Message::Error { code, message: e.to_string() };
+                    let _ = fedge_net::write_message(&mut send, &reply).await;
+                    continue;
+                }
+            };
+            let reply = match request {
+                Message::InferRequest(r) => {
+                    // Answered on its own task: the teacher's batch window must not hold up
+                    // this device's other requests.
+                    let (me, name) = (self.clone(), peer.identity.id.clone());
+                    tokio::spawn(async move {
+                        let reply = match me.infer(&name, r).await {
+                            Ok(a) => Message::InferAnswer(a),
+                            Err(e) => Message::Error { code: e.code(), message: e.to_string() },
+                        };
+                        let bytes = fedge_core::codec::encode(&reply);
+                        me.metrics.sent(bytes.len() + 4);
+                        if fedge_net::write_encoded(&mut send, &bytes).await.is_ok() {
+                            let _ = send.finish();
+                        }
+                    });
+                    continue;
+                }
+                Message::TaskRequest { .. } | Message::TrainResult(_) if !training => {
+                    self.metrics.rejected(ErrorCode::Unauthorized);
+                    Reply::Message(Message::Error {
+                        code: ErrorCode::Unauthorized,
+                        message: "an inference session does not train: connect for training".into(),
+                    })
+                }
+                Message::TrainResult(result) => Reply::Message(self.handle_train_result(id, result, &received)),
+                other => {
+                    self.prepare_download(&other).await;
+                    self.answer(id, other)
+                }
+            };
+            let written = match reply {
+                Reply::Message(m) => {
+                    let bytes = fedge_core::codec::encode(&m);
+                    self.metrics.sent(bytes.len() + 4);
+                    fedge_net::write_encoded(&mut send, &bytes).await
+                }
+                Reply::Encoded(bytes) => {
+                    self.metrics.sent(bytes.len() + 4);
+                    fedge_net::write_encoded(&mut send, &bytes).await
+                }
+                Reply::Chunk(prefix, model, range) => {
+                    self.metrics.sent(prefix.len() + range.len() + 4);
+                    fedge_net::write_parts(&mut send, &prefix, &model[range]).await
+                }
+            };
+            if written.is_err() {
+                break;
+            }
+            let _ = send.finish();
+        }
+        if training {
+            self.handle_disconnected(id);
+        }
+    }
+
+    /// Device `name` said hello (with its capabilities if it came to train): its numeric id,
+    /// registered on first sight; `None` if that cannot be recorded.
+    fn handle_connected(&self, name: &str, training: Option<fedge_core::wire::Capabilities>) -> Option<DeviceId> {
+        let order = self.ordered();
+        let known = {
+            let s = self.lock();
+            s.fleet.ids.get(name).copied().ok_or(s.fleet.ids.len() as DeviceId)
+        };
+        let id = match (known, &self.store) {
+            (Ok(id), _) => id,
+            (Err(_), Some(store)) => match store.device_id(name) {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("device {name}: cannot register: {e}");
+                    return None;
+                }
+            },
+            (Err(next), None) => next,
+        };
+        {
+            let mut s = self.lock();
+            s.fleet.ids.insert(name.to_string(), id);
+            if let Some(capabilities) = training {
+                s.fleet.connected.insert(id);
+                s.fleet.capabilities.insert(id, capabilities);
+                s.rounds.engine.handle_device_available(id);
+            }
+        }
+        self.settle(&order);
+        Some(id)
+    }
+
+    /// Training device `id`'s session ended.
+    fn handle_disconnected(&self, id: DeviceId) {
+        let order = self.ordered();
+        {
+            let mut s = self.lock();
+            s.fleet.connected.remove(&id);
+            s.rounds.tasks.remove(&id);
+            s.rounds.assigned_at.remove(&id);
+            let now = self.now();
+            s.rounds.engine.handle_device_gone(now, id);
+        }
+        self.settle(&order);
+    }
+
+    /// Device `id` uploaded `result` (`received`: its frame as it arrived): checked, then
+    /// made durable as received (the state lock released), then counted, then acknowledged:
+    /// an `Ack` means the update survives a crash.
+    fn handle_train_result(&self, id: DeviceId, result: TrainResult, received: &[u8]) -> Message {
+        let order = self.ordered();
+        let checked = self.lock().rounds.engine.check_train_result(id, &result);
+        let reply = match checked {
+            Err(e) => Err((e.code(), e.to_string())),
+            Ok(()) => match self.store.as_ref().map(|st| st.save_update_bytes(result.round, id, received)) {
+                Some(Err(e)) => Err((ErrorCode::Unavailable, format!("cannot record the update: {e}"))),
+                // Nothing changed the round since the check: changes hold the order lock.
+                _ => {
+                    let mut s = self.lock();
+                    let now = self.now();
+                    match s.rounds.engine.handle_train_result(now, id, &result) {
+                        Ok(()) => {
+                            s.rounds.tasks.remove(&id);
+                            let since = s.rounds.assigned_at.remove(&id).unwrap_or(now);
+                            self.metrics.update_accepted(now.saturating_sub(since));
+                            Ok(result.round)
+                        }
+                        Err(e) => Err((e.code(), e.to_string())),
+                    }
+                }
+            },
+        };
+        self.settle(&order);
+        match reply {
+            Ok(round) => Message::Ack { round },
+            Err((code, message)) => {
+                self.metrics.rejected(code);
+                eprintln!("device {id}: update refused ({code:?}): {message}");
+                Message::Error { code, message }
+            }
+        }
+    }
+
+    /// The answer to a request that only reads, from device `id`, under the state lock.
+    fn answer(&self, id: DeviceId, request: Message) -> Reply {
+        let mut s = self.lock();
+        let reply = match request {
+            Message::TaskRequest { running } => {
+                s.fleet.running.insert(id, running);
+                match s.rounds.tasks.get(&id) {
+                    Some(task) => Message::TrainTask(task.clone()),
+                    None => Message::NoTask {
+                        retry_after_ms: RETRY_MS,
+                        model_version: s.rounds.version(),
+                        deployed: s.registry.promotions.last().copied(),
+                    },
+                }
+            }
+            Message::DeployedRequest { version } => match s.registry.records.get(&version) {
+                Some(record) => Message::Deployed(record.clone()),
+                None => not_kept(version),
+            },
+            Message::BlobChunkRequest { version, offset, max_len } => {
+                s.blob_chunk(version, offset, max_len, &self.metrics)
+            }
+            Message::ModelRequest { version } => return s.model_download(version),
+            Message::ModelChunkRequest { version, offset, max_len } => return s.model_chunk(version, offset, max_len),
+            Message::Ping { nonce } => Message::Pong { nonce },
+            Message::Operator(_) => {
+                self.metrics.rejected(ErrorCode::Unauthorized);
+                Message::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: "a device certificate cannot run operator commands".into(),
+                }
+            }
+            _ => {
+                self.metrics.rejected(ErrorCode::Malformed);
+                Message::Error { code: ErrorCode::Malformed, message: "unexpected message from a device".into() }
+            }
+        };
+        Reply::Message(reply)
+    }
+
+    pub(super) async fn operator_session(self: Arc<Self>, peer: Peer) {
+        while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
+            let reply = match fedge_net::read_message(&mut recv).await {
+                Ok(Message::Operator(OperatorCommand::StartRounds {
+                    rounds,
+                    fraction,
+                    min_train_clients,
+                    deadline_secs,
+                })) => self.handle_start_rounds(rounds, fraction, min_train_clients, deadline_secs),
+                Ok(Message::Operator(OperatorCommand::Status)) => Message::Status(self.status()),
+                Ok(Message::Operator(OperatorCommand::Devices)) => Message::Devices(self.devices()),
+                Ok(Message::Operator(OperatorCommand::Models)) => Message::Models(self.models()),
+                Ok(Message::Operator(OperatorCommand::Promote { version })) => match self.promote(version) {
+                    Ok(()) => Message::Models(self.models()),
+                    Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+                },
+                Ok(Message::Operator(OperatorCommand::Rollback)) => match self.rollback() {
+                    Ok(_) => Message::Models(self.models()),
+                    Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+                },
+                Ok(_) => {
+                    Message::Error { code: ErrorCode::Unauthorized, message: "operators send operator commands".into() }
+                }
+                Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
+            };
+            if fedge_net::write_message(&mut send, &reply).await.is_err() {
+                break;
+            }
+            let _ = send.finish();
+        }
+    }
+
+    /// `round start`: new settings (kept across restarts), a budget check, more rounds.
+    fn handle_start_rounds(
+        &self,
+        rounds: u64,
+        fraction: Option<f64>,
+        min_train_clients: Option<u64>,
+        deadline_secs: Option<u64>,
+    ) -> Message {
+        let order = self.ordered();
+        let (changed, settings) = {
+            let mut s = self.lock();
+            let changed = s.rounds.engine.reconfigure(|c| {
+                if let Some(f) = fraction {
+                    c.fraction = f;
+                }
+                if let Some(k) = min_train_clients {
+                    c.min_train_clients = k as usize;
+                }
+                if let Some(d) = deadline_secs {
+                    c.round_timeout = Duration::from_secs(d);
+                }
+            });
+            (changed, Settings::of(s.rounds.engine.config()))
+        };
+        if changed.is_ok()
+            && let Some(store) = &self.store
+            && let Err(e) = store.save_settings(&settings)
+        {
+            eprintln!("cannot record the new settings: {e}");
+        }
+        let changed = changed
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.lock().rounds.engine.check_budget(rounds).map_err(|e| e.to_string()));
+        match changed {
+            Ok(()) => {
+                self.add_rounds(&order, rounds);
+                drop(order);
+                Message::Status(self.status())
+            }
+            Err(message) => Message::Error { code: ErrorCode::Malformed, message },
+        }
+    }
+}
