@@ -140,14 +140,26 @@ async fn five_devices_three_rounds_over_quic() {
     )
     .await
     .unwrap();
-    // Impossible settings are refused and start nothing.
-    let bad =
-        OperatorCommand::StartRounds { rounds: 3, fraction: Some(0.0), min_train_clients: None, deadline_secs: None };
-    match operator.request(&Message::Operator(bad)).await.unwrap() {
-        Message::Error { message, .. } => assert!(message.contains("fraction"), "{message}"),
-        other => panic!("{other:?}"),
+    // Impossible settings are refused in one line and start nothing (and, out of range, used to
+    // overflow and panic, or queue rounds that could never start).
+    let start = |rounds, fraction, min_train_clients, deadline_secs| {
+        Message::Operator(OperatorCommand::StartRounds { rounds, fraction, min_train_clients, deadline_secs })
+    };
+    for (bad, want) in [
+        (start(3, Some(0.0), None, None), "fraction"),
+        (start(3, None, None, Some(u64::MAX)), "round deadline must be"),
+        (start(3, None, None, Some(0)), "round deadline must be"),
+        (start(3, None, Some(u64::MAX), None), "min_train_clients must be 1 to"),
+        (start(u64::MAX, None, None, None), "rounds must be 0 to"),
+    ] {
+        match operator.request(&bad).await.unwrap() {
+            Message::Error { message, .. } => {
+                assert!(message.contains(want) && !message.contains('\n'), "{message}")
+            }
+            other => panic!("{bad:?}: {other:?}"),
+        }
+        assert_eq!(coordinator.status().rounds_left, 0);
     }
-    assert_eq!(coordinator.status().rounds_left, 0);
     let start = OperatorCommand::StartRounds {
         rounds: 3,
         fraction: Some(1.0),
@@ -249,6 +261,39 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut out = String::new();
     stream.read_to_string(&mut out).await.unwrap();
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_device_restart_leaves_it_connected_and_the_fleet_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let train = Arc::new(embedded::mnist_subset().unwrap().train);
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 1,
+        round_timeout: Duration::from_secs(60),
+        train: one_epoch(None),
+        ..EngineConfig::default()
+    };
+    let coordinator = Coordinator::new(config, initial).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    ca.issue(Role::Device, "dev-0", 1).unwrap();
+    let (old, _) = join(addr, &ca, "dev-0", 100).await;
+    // The device restarts: the new process says hello before the old connection is gone,
+    // then the old one ends.
+    let (new, _) = join(addr, &ca, "dev-0", 100).await;
+    old.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(coordinator.connected(), 1, "the newest session counts");
+    assert!(coordinator.devices().iter().any(|d| d.id == "dev-0" && d.connected), "{:?}", coordinator.devices());
+    let (_status, client) = spawn_client(new, &train, (0..100).collect(), 7, 0);
+    coordinator.start_rounds(1);
+    tokio::time::timeout(Duration::from_secs(60), coordinator.wait_for_rounds(1)).await.expect("the round runs");
+    let r = &coordinator.reports()[0];
+    assert_eq!((&r.outcome, r.results), (&RoundOutcome::Aggregated, 1), "{r:?}");
+    client.abort();
+    server.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,7 +264,7 @@ impl Coordinator {
     fn add_rounds(&self, order: &Ordered<'_>, rounds: u64) {
         let left = {
             let mut s = self.lock();
-            s.rounds.rounds_left += rounds;
+            s.rounds.rounds_left = s.rounds.rounds_left.saturating_add(rounds);
             s.rounds.rounds_left
         };
         if let Some(store) = &self.store

@@ -18,12 +18,25 @@ pub(super) struct Fleet {
     pub(super) capabilities: BTreeMap<DeviceId, Capabilities>,
     /// The deployed version each device last said it runs.
     pub(super) running: BTreeMap<DeviceId, Option<u64>>,
+    /// Each connected device's newest training session: its number and connection. Only that
+    /// session's end disconnects the device; an older one, superseded when the device came
+    /// back (a quick restart), is closed and its end changes nothing.
+    pub(super) sessions: BTreeMap<DeviceId, (u64, quinn::Connection)>,
+    /// The number the next training session gets.
+    pub(super) next_session: u64,
 }
 
 impl Fleet {
     /// A fleet of the devices `ids` (none connected).
     pub(super) fn new(ids: BTreeMap<String, DeviceId>) -> Self {
-        Self { ids, connected: BTreeSet::new(), capabilities: BTreeMap::new(), running: BTreeMap::new() }
+        Self {
+            ids,
+            connected: BTreeSet::new(),
+            capabilities: BTreeMap::new(),
+            running: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            next_session: 0,
+        }
     }
 
     /// How many connected devices run each deployed version.

@@ -15,6 +15,9 @@ use super::downloads::{Reply, not_kept};
 use crate::store::Settings;
 use crate::transport::{Peer, answer_hello};
 
+/// Most rounds an operator may have queued at once.
+pub const MAX_QUEUED_ROUNDS: u64 = 1_000_000;
+
 /// How long an idle device waits before asking for work again.
 const RETRY_MS: u32 = 50;
 
@@ -32,7 +35,8 @@ impl Coordinator {
             }
         };
         let training = hello.purpose == SessionPurpose::Train;
-        let Some(id) = self.handle_connected(&peer.identity.id, training.then_some(hello.capabilities)) else {
+        let session = training.then(|| (hello.capabilities, peer.connection.clone()));
+        let Some((id, session)) = self.handle_connected(&peer.identity.id, session) else {
             return;
         };
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
@@ -104,14 +108,20 @@ impl Coordinator {
             }
             let _ = send.finish();
         }
-        if training {
-            self.handle_disconnected(id);
+        if let Some(session) = session {
+            self.handle_disconnected(id, session);
         }
     }
 
-    /// Device `name` said hello (with its capabilities if it came to train): its numeric id,
-    /// registered on first sight; `None` if that cannot be recorded.
-    fn handle_connected(&self, name: &str, training: Option<fedge_core::wire::Capabilities>) -> Option<DeviceId> {
+    /// Device `name` said hello (with its capabilities and connection if it came to train):
+    /// its numeric id, registered on first sight, and the training session's number; `None` if
+    /// that cannot be recorded. A training session supersedes the device's older one, which
+    /// is closed.
+    fn handle_connected(
+        &self,
+        name: &str,
+        training: Option<(fedge_core::wire::Capabilities, quinn::Connection)>,
+    ) -> Option<(DeviceId, Option<u64>)> {
         let order = self.ordered();
         let known = {
             let s = self.lock();
@@ -128,24 +138,39 @@ impl Coordinator {
             },
             (Err(next), None) => next,
         };
-        {
+        let (session, superseded) = {
             let mut s = self.lock();
             s.fleet.ids.insert(name.to_string(), id);
-            if let Some(capabilities) = training {
-                s.fleet.connected.insert(id);
-                s.fleet.capabilities.insert(id, capabilities);
-                s.rounds.engine.handle_device_available(id);
+            match training {
+                Some((capabilities, connection)) => {
+                    let session = s.fleet.next_session;
+                    s.fleet.next_session += 1;
+                    let old = s.fleet.sessions.insert(id, (session, connection));
+                    s.fleet.connected.insert(id);
+                    s.fleet.capabilities.insert(id, capabilities);
+                    s.rounds.engine.handle_device_available(id);
+                    (Some(session), old.map(|(_, c)| c))
+                }
+                None => (None, None),
             }
-        }
+        };
         self.settle(&order);
-        Some(id)
+        if let Some(old) = superseded {
+            old.close(quinn::VarInt::from_u32(0), b"superseded by a newer session of this device");
+        }
+        Some((id, session))
     }
 
-    /// Training device `id`'s session ended.
-    fn handle_disconnected(&self, id: DeviceId) {
+    /// Training session `session` of device `id` ended: the device is gone unless a newer
+    /// session of it is live.
+    fn handle_disconnected(&self, id: DeviceId, session: u64) {
         let order = self.ordered();
         {
             let mut s = self.lock();
+            if s.fleet.sessions.get(&id).is_none_or(|(newest, _)| *newest != session) {
+                return;
+            }
+            s.fleet.sessions.remove(&id);
             s.fleet.connected.remove(&id);
             s.rounds.tasks.remove(&id);
             s.rounds.assigned_at.remove(&id);
@@ -273,6 +298,16 @@ impl Coordinator {
         deadline_secs: Option<u64>,
     ) -> Message {
         let order = self.ordered();
+        let queued = self.lock().rounds.rounds_left;
+        if rounds > MAX_QUEUED_ROUNDS.saturating_sub(queued) {
+            return Message::Error {
+                code: ErrorCode::Malformed,
+                message: format!(
+                    "rounds must be 0 to {}: {queued} already queued, at most {MAX_QUEUED_ROUNDS} in all",
+                    MAX_QUEUED_ROUNDS.saturating_sub(queued)
+                ),
+            };
+        }
         let (changed, settings) = {
             let mut s = self.lock();
             let changed = s.rounds.engine.reconfigure(|c| {
@@ -280,7 +315,7 @@ impl Coordinator {
                     c.fraction = f;
                 }
                 if let Some(k) = min_train_clients {
-                    c.min_train_clients = k as usize;
+                    c.min_train_clients = usize::try_from(k).unwrap_or(usize::MAX);
                 }
                 if let Some(d) = deadline_secs {
                     c.round_timeout = Duration::from_secs(d);

@@ -87,15 +87,23 @@ impl Default for EngineConfig {
     }
 }
 
+/// The largest quorum a configuration may ask for.
+pub const MAX_MIN_CLIENTS: usize = 1_000_000;
+/// The longest round deadline: a week.
+pub const MAX_ROUND_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// An impossible configuration.
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {
     /// Fraction outside (0, 1].
     #[error("fraction must be in (0, 1], got {0}")]
     Fraction(f64),
-    /// Zero quorum.
-    #[error("min_train_clients must be at least 1")]
-    MinClients,
+    /// A quorum of none, or past [`MAX_MIN_CLIENTS`] (a round that could never start).
+    #[error("min_train_clients must be 1 to {MAX_MIN_CLIENTS}, got {0}")]
+    MinClients(usize),
+    /// A round deadline of zero or past [`MAX_ROUND_TIMEOUT`].
+    #[error("the round deadline must be 1 ms to {} s, got {} ms", MAX_ROUND_TIMEOUT.as_secs(), .0.as_millis())]
+    RoundTimeout(Duration),
     /// Negative or absurd over-commitment.
     #[error("over_commit must be in [0, 10], got {0}")]
     OverCommit(f64),
@@ -113,8 +121,11 @@ impl EngineConfig {
         if !(self.fraction > 0.0 && self.fraction <= 1.0) {
             return Err(ConfigError::Fraction(self.fraction));
         }
-        if self.min_train_clients == 0 {
-            return Err(ConfigError::MinClients);
+        if !(1..=MAX_MIN_CLIENTS).contains(&self.min_train_clients) {
+            return Err(ConfigError::MinClients(self.min_train_clients));
+        }
+        if self.round_timeout.is_zero() || self.round_timeout > MAX_ROUND_TIMEOUT {
+            return Err(ConfigError::RoundTimeout(self.round_timeout));
         }
         if !(0.0..=10.0).contains(&self.over_commit) {
             return Err(ConfigError::OverCommit(self.over_commit));
@@ -202,5 +213,26 @@ impl TrainingKeys {
             delta: self.delta,
             target_epsilon: self.target_epsilon,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_and_deadline_out_of_range_are_refused() {
+        let with = |min_train_clients, round_timeout| {
+            EngineConfig { min_train_clients, round_timeout, ..EngineConfig::default() }.validate()
+        };
+        let hour = Duration::from_secs(3600);
+        assert_eq!(with(0, hour), Err(ConfigError::MinClients(0)));
+        assert_eq!(with(usize::MAX, hour), Err(ConfigError::MinClients(usize::MAX)));
+        assert_eq!(with(1, Duration::ZERO), Err(ConfigError::RoundTimeout(Duration::ZERO)));
+        let forever = Duration::from_secs(u64::MAX);
+        assert_eq!(with(1, forever), Err(ConfigError::RoundTimeout(forever)));
+        assert!(with(1, forever).unwrap_err().to_string().contains("1 ms to 604800 s"));
+        assert_eq!(with(MAX_MIN_CLIENTS, MAX_ROUND_TIMEOUT), Ok(()));
+        assert_eq!(with(1, Duration::from_millis(1)), Ok(()));
     }
 }
