@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub max_failures: Option<usize>,
     /// Seconds a round waits for results.
     pub round_timeout_secs: u64,
+    /// The most samples one device's result may claim (a larger claim weighs this much).
+    pub max_samples_per_device: u64,
     /// Local epochs.
     pub epochs: u32,
     /// Local batch size.
@@ -95,6 +97,7 @@ impl Default for ServeConfig {
             accept_failures: true,
             max_failures: None,
             round_timeout_secs: 60,
+            max_samples_per_device: fedge_engine::config::DEFAULT_MAX_SAMPLES_PER_RESULT,
             epochs: 1,
             batch_size: 10,
             lr: 0.05,
@@ -144,6 +147,7 @@ impl ServeConfig {
             train: keys.train(),
             seed: self.seed,
             privacy: keys.central_dp(),
+            max_samples_per_result: self.max_samples_per_device,
         }
     }
 }

@@ -256,6 +256,7 @@ impl SimConfig {
             train: keys.train(),
             seed: self.seed,
             privacy: keys.central_dp(),
+            ..EngineConfig::default()
         }
     }
 }

@@ -58,10 +58,21 @@ impl WeightedMean {
     /// Folds in `update` with `weight`. Rejects the update, leaving the sum untouched, if its
     /// layout differs, its weight is invalid or any value is not finite.
     pub fn add(&mut self, update: &ModelParams, weight: f64) -> Result<(), AggregateError> {
+        self.add_scaled(update, weight, 1.0)
+    }
+
+    /// Folds in `scale * update` with `weight` (the total weight grows by `weight` alone): an
+    /// update clipped on the server counts as many samples as before, pointing the same way,
+    /// no longer. Refuses as [`Self::add`] does, and a negative or non-finite `scale`.
+    pub fn add_scaled(&mut self, update: &ModelParams, weight: f64, scale: f64) -> Result<(), AggregateError> {
         self.check(update, weight)?;
-        if weight > 0.0 {
+        if !(scale.is_finite() && scale >= 0.0) {
+            return Err(AggregateError::InvalidWeight(scale));
+        }
+        let w = weight * scale;
+        if w > 0.0 {
             for (s, &v) in self.sum.iter_mut().zip(update.data()) {
-                *s += weight * v as f64;
+                *s += w * v as f64;
             }
         }
         self.total_weight += weight;

@@ -32,6 +32,9 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Central differential privacy, if on.
     pub privacy: Option<CentralDp>,
+    /// The most samples one result may claim: a larger `num_samples` weighs this much (one
+    /// device certificate must not be able to outweigh the fleet by saying it has 10^18).
+    pub max_samples_per_result: u64,
 }
 
 /// Central DP (DP-FedAvg): devices clip to `clip_norm`, the coordinator adds N(0, (z C)^2) to
@@ -83,9 +86,13 @@ impl Default for EngineConfig {
             train: TrainConfig::sgd(5, 10, 0.05),
             seed: 0,
             privacy: None,
+            max_samples_per_result: DEFAULT_MAX_SAMPLES_PER_RESULT,
         }
     }
 }
+
+/// The default bound on one result's claimed sample count.
+pub const DEFAULT_MAX_SAMPLES_PER_RESULT: u64 = 100_000;
 
 /// The largest quorum a configuration may ask for.
 pub const MAX_MIN_CLIENTS: usize = 1_000_000;
@@ -101,6 +108,9 @@ pub enum ConfigError {
     /// A quorum of none, or past [`MAX_MIN_CLIENTS`] (a round that could never start).
     #[error("min_train_clients must be 1 to {MAX_MIN_CLIENTS}, got {0}")]
     MinClients(usize),
+    /// A per-result sample bound of zero.
+    #[error("max_samples_per_result must be at least 1")]
+    MaxSamples,
     /// A round deadline of zero or past [`MAX_ROUND_TIMEOUT`].
     #[error("the round deadline must be 1 ms to {} s, got {} ms", MAX_ROUND_TIMEOUT.as_secs(), .0.as_millis())]
     RoundTimeout(Duration),
@@ -123,6 +133,9 @@ impl EngineConfig {
         }
         if !(1..=MAX_MIN_CLIENTS).contains(&self.min_train_clients) {
             return Err(ConfigError::MinClients(self.min_train_clients));
+        }
+        if self.max_samples_per_result == 0 {
+            return Err(ConfigError::MaxSamples);
         }
         if self.round_timeout.is_zero() || self.round_timeout > MAX_ROUND_TIMEOUT {
             return Err(ConfigError::RoundTimeout(self.round_timeout));

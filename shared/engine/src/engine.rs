@@ -350,9 +350,24 @@ impl<S: Strategy> RoundEngine<S> {
         if !open.pending.contains(&device) {
             return Err(RejectReason::Duplicate(device));
         }
-        let contribution =
-            Contribution { delta: &result.delta, num_samples: result.num_samples, clipped: result.clipped };
-        self.strategy.check(contribution).map_err(RejectReason::Invalid)
+        self.strategy.check(self.contribution(result, false)).map_err(RejectReason::Invalid)
+    }
+
+    /// What a result counts for: its sample claim bounded by `max_samples_per_result`, and
+    /// (when `clip` and the configuration sets a clip norm without central DP, whose strategy
+    /// clips itself) the factor that brings its delta within the clip norm, whatever the
+    /// device says it did.
+    fn contribution<'a>(&self, result: &'a TrainResult, clip: bool) -> Contribution<'a> {
+        let num_samples = result.num_samples.min(self.config.max_samples_per_result);
+        let clip_scale = match (clip, self.config.train.clip_norm, &self.config.privacy) {
+            (true, Some(c), None) => {
+                // A non-finite delta has a NaN norm: scale 1, and the strategy refuses it.
+                let norm = result.delta.l2_norm();
+                if norm > f64::from(c) { f64::from(c) / norm } else { 1.0 }
+            }
+            _ => 1.0,
+        };
+        Contribution { delta: &result.delta, num_samples, clipped: result.clipped, clip_scale }
     }
 
     /// A device's result arrived. Accepted results are streamed into the strategy at once.
@@ -363,15 +378,15 @@ impl<S: Strategy> RoundEngine<S> {
         result: &TrainResult,
     ) -> Result<(), RejectReason> {
         self.check_train_result(device, result)?;
-        let contribution =
-            Contribution { delta: &result.delta, num_samples: result.num_samples, clipped: result.clipped };
+        let contribution = self.contribution(result, true);
+        let samples = contribution.num_samples;
         self.strategy.accumulate(contribution).map_err(RejectReason::Invalid)?;
         let open = self.open.as_mut().expect("checked: a round is open");
         open.pending.remove(&device);
         open.results += 1;
-        open.samples += result.num_samples;
+        open.samples = open.samples.saturating_add(samples);
         if result.train_loss.is_finite() {
-            open.loss_sum += result.train_loss as f64 * result.num_samples as f64;
+            open.loss_sum += result.train_loss as f64 * samples as f64;
         }
         self.close_if_done(now);
         Ok(())
@@ -439,6 +454,9 @@ impl<S: Strategy> RoundEngine<S> {
             RoundOutcome::Failed(format!("{failures} devices failed, at most {bound} accepted"))
         } else {
             match self.strategy.aggregate_train(open.round, &self.global, failures) {
+                Ok(next) if next.check_finite().is_err() => {
+                    RoundOutcome::Failed("the aggregate has a non-finite value; the model is unchanged".into())
+                }
                 Ok(next) => {
                     self.global = next;
                     self.version = self.next_version;

@@ -19,6 +19,9 @@ pub struct Contribution<'a> {
     pub num_samples: u64,
     /// Whether the device's clipping scaled the delta down.
     pub clipped: bool,
+    /// The factor the engine's own clipping scales the delta by (1.0 when it is within the
+    /// clip norm or none is set): the server never trusts a device to have clipped.
+    pub clip_scale: f64,
 }
 
 /// How a round's results become the next global model. Results are streamed in one at a time

@@ -373,3 +373,41 @@ fn central_dp_keeps_a_ledger_sets_the_clip_and_enforces_the_budget() {
     assert!(err.to_string().contains("past the target"), "{err}");
     assert!(b.poll_event().is_none(), "a refused round assigns nothing");
 }
+
+#[test]
+fn one_device_cannot_take_over_or_break_the_model() {
+    // A claim of u64::MAX samples (twice: the sum would overflow) weighs the configured bound.
+    let mut e = engine(3, EngineConfig { max_samples_per_result: 100, ..cfg(1.0, 3) });
+    e.start_round(S).unwrap();
+    let tasks = assigned(&mut e);
+    e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [1.0, 0.0], 100)).unwrap();
+    e.handle_train_result(S, tasks[1].0, &result(&tasks[1].1, [0.0, 1.0], u64::MAX)).unwrap();
+    e.handle_train_result(S, tasks[2].0, &result(&tasks[2].1, [0.0, 1.0], u64::MAX)).unwrap();
+    let r = closed(&mut e);
+    assert_eq!((r.outcome, r.samples), (RoundOutcome::Aggregated, 300));
+    let g = e.global().data().to_vec();
+    assert!((g[0] - 1.0 / 3.0).abs() < 1e-6 && (g[1] - 2.0 / 3.0).abs() < 1e-6, "{g:?}");
+
+    // With a clip norm the server clips, whatever the device says it did: a delta of norm
+    // 5e30 moves the model by at most the clip norm (weighted like any other).
+    let clip = TrainConfig { clip_norm: Some(1.0), ..TrainConfig::sgd(1, 10, 0.1) };
+    let mut e = engine(2, EngineConfig { train: clip, ..cfg(1.0, 2) });
+    e.start_round(S).unwrap();
+    let tasks = assigned(&mut e);
+    e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [3e30, 4e30], 10)).unwrap();
+    e.handle_train_result(S, tasks[1].0, &result(&tasks[1].1, [0.0, 0.0], 10)).unwrap();
+    assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated);
+    let g = e.global().data().to_vec();
+    assert!((g[0] - 0.3).abs() < 1e-6 && (g[1] - 0.4).abs() < 1e-6, "{g:?}");
+
+    // Without clipping, deltas near f32::MAX that would carry the model past it are refused
+    // as a whole: the round fails, the model stays usable.
+    let mut e = RoundEngine::new(cfg(1.0, 1), FedAvg::default(), params([f32::MAX, 0.0])).unwrap();
+    e.handle_device_available(0);
+    e.start_round(S).unwrap();
+    let tasks = assigned(&mut e);
+    e.handle_train_result(S, 0, &result(&tasks[0].1, [f32::MAX, 0.0], 10)).unwrap();
+    let r = closed(&mut e);
+    assert!(matches!(&r.outcome, RoundOutcome::Failed(m) if m.contains("non-finite")), "{r:?}");
+    assert_eq!((e.version(), e.global().data()), (0, &[f32::MAX, 0.0][..]));
+}

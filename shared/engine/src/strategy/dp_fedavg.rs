@@ -135,8 +135,9 @@ mod tests {
         let mut s = DpFedAvg::new(1e-9, 1.0, None, Box::new(derive_rng(1, &[])));
         s.begin_round(1, &global, 4);
         // Norm 5 -> clipped to norm 1 by the coordinator; sample counts do not weigh.
-        s.accumulate(Contribution { delta: &p(&[3.0, 4.0]), num_samples: 1000, clipped: false }).unwrap();
-        s.accumulate(Contribution { delta: &p(&[0.5, 0.0]), num_samples: 1, clipped: false }).unwrap();
+        s.accumulate(Contribution { delta: &p(&[3.0, 4.0]), num_samples: 1000, clipped: false, clip_scale: 1.0 })
+            .unwrap();
+        s.accumulate(Contribution { delta: &p(&[0.5, 0.0]), num_samples: 1, clipped: false, clip_scale: 1.0 }).unwrap();
         let next = s.aggregate_train(1, &global, 0).unwrap();
         // (0.6 + 0.5, 0.8) / 4: the denominator is the 4 results wanted, not the 2 that came.
         assert!((next.data()[0] - 1.1 / 4.0).abs() < 1e-6 && (next.data()[1] - 0.2).abs() < 1e-6, "{next:?}");
@@ -151,7 +152,7 @@ mod tests {
         let (z, c, m) = (1.3, 0.5, 10);
         let mut s = DpFedAvg::new(z, c, None, Box::new(derive_rng(2, &[])));
         s.begin_round(1, &global, m);
-        s.accumulate(Contribution { delta: &zero, num_samples: 1, clipped: false }).unwrap();
+        s.accumulate(Contribution { delta: &zero, num_samples: 1, clipped: false, clip_scale: 1.0 }).unwrap();
         let next = s.aggregate_train(1, &global, 0).unwrap();
         let v: Vec<f64> = next.data().iter().map(|&x| x as f64).collect();
         let var = v.iter().map(|x| x * x).sum::<f64>() / d as f64;
@@ -171,7 +172,7 @@ mod tests {
         for round in 1..=30 {
             s.begin_round(round, &global, 20);
             for _ in 0..20 {
-                s.accumulate(Contribution { delta: &small, num_samples: 1, clipped: false }).unwrap();
+                s.accumulate(Contribution { delta: &small, num_samples: 1, clipped: false, clip_scale: 1.0 }).unwrap();
             }
             s.aggregate_train(round, &global, 0).unwrap();
         }

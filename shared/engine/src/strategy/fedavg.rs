@@ -36,7 +36,7 @@ impl Strategy for FedAvg {
 
     fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
         let acc = self.acc.as_mut().ok_or(AggregateError::Empty)?;
-        acc.add(c.delta, c.num_samples as f64)
+        acc.add_scaled(c.delta, c.num_samples as f64, c.clip_scale)
     }
 
     fn aggregate_train(
@@ -65,8 +65,10 @@ mod tests {
         let global = p(&[1.0, 1.0]);
         let mut s = FedAvg::default();
         s.begin_round(1, &global, 2);
-        s.accumulate(Contribution { delta: &p(&[1.0, 0.0]), num_samples: 30, clipped: false }).unwrap();
-        s.accumulate(Contribution { delta: &p(&[-1.0, 4.0]), num_samples: 10, clipped: false }).unwrap();
+        s.accumulate(Contribution { delta: &p(&[1.0, 0.0]), num_samples: 30, clipped: false, clip_scale: 1.0 })
+            .unwrap();
+        s.accumulate(Contribution { delta: &p(&[-1.0, 4.0]), num_samples: 10, clipped: false, clip_scale: 1.0 })
+            .unwrap();
         let next = s.aggregate_train(1, &global, 0).unwrap();
         assert_eq!(next.data(), &[1.5, 2.0]);
         // Nothing accumulated: an error, not a silent copy of the global model.
