@@ -297,6 +297,46 @@ async fn a_quick_device_restart_leaves_it_connected_and_the_fleet_training() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_revoked_on_a_running_coordinator_is_cut_off_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let coordinator = Coordinator::new(EngineConfig::default(), initial).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    ca.issue(Role::Device, "dev-0", 1).unwrap();
+    ca.issue(Role::Device, "dev-1", 1).unwrap();
+    let (link, _) = join(addr, &ca, "dev-0", 100).await;
+    let (other, _) = join(addr, &ca, "dev-1", 100).await;
+    let ask = Message::TaskRequest { running: None };
+    assert!(link.request(&ask).await.is_ok());
+    // `certs revoke` while the coordinator runs: the live connection (kept open by
+    // keep-alives) is closed within seconds, and the certificate is refused from then on.
+    ca.revoke(Role::Device, "dev-0").unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(10), async {
+        while link.request(&ask).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the revoked device still gets answers");
+    let tls = DeviceTls {
+        ca: ca.ca_pem(),
+        cert: ca.dir().join("devices/dev-0.pem"),
+        key: ca.dir().join("devices/dev-0.key"),
+    };
+    let again = async {
+        let link = Link::connect(addr, "localhost", &tls).await?;
+        let caps =
+            Capabilities { backend: "flex".into(), memory_mb: 256, charging: true, unmetered: true, num_samples: 1 };
+        link.hello(caps).await
+    };
+    assert!(tokio::time::timeout(Duration::from_secs(10), again).await.unwrap().is_err(), "refused on reconnect");
+    // The other device is untouched.
+    assert!(other.request(&ask).await.is_ok());
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_goes_silent_does_not_hold_the_round_past_its_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();

@@ -319,6 +319,38 @@ impl Coordinator {
     pub async fn serve(self: Arc<Self>, listener: Listener) {
         // A weak handle: the timer must not keep a stopped coordinator (and its store) alive.
         let timer = tokio::spawn(rounds::drive_deadlines(Arc::downgrade(&self), self.deadlines.clone()));
+        let listener = Arc::new(listener);
+        // Revocation and expiry reach live connections within a second (`certs revoke` on a
+        // running coordinator: no restart needed).
+        let enforcer = tokio::spawn({
+            // Weak: once the accept loop is gone (stopped or aborted), so is the endpoint.
+            let listener = Arc::downgrade(&listener);
+            async move {
+                let mut complained = false;
+                loop {
+                    tokio::time::sleep(ENFORCE_EVERY).await;
+                    let Some(listener) = listener.upgrade() else { return };
+                    match listener.enforce() {
+                        Ok(done) => {
+                            complained = false;
+                            if done.reloaded || done.revoked + done.expired > 0 {
+                                eprintln!(
+                                    "certificates: {}{} revoked and {} expired connection(s) closed",
+                                    if done.reloaded { "revocation list reloaded; " } else { "" },
+                                    done.revoked,
+                                    done.expired
+                                );
+                            }
+                        }
+                        Err(e) if !complained => {
+                            complained = true;
+                            eprintln!("certificates: keeping the last revocation list: {e}");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        });
         while let Some(peer) = listener.accept().await {
             match peer {
                 Ok(peer) => {
@@ -335,8 +367,12 @@ impl Coordinator {
             }
         }
         timer.abort();
+        enforcer.abort();
     }
 }
+
+/// How often revocation and expiry are applied to live connections.
+const ENFORCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Drop for Coordinator {
     fn drop(&mut self) {

@@ -1,9 +1,16 @@
 //! The coordinator's network edge: a QUIC listener that admits only peers whose client
 //! certificate chains to the fleet CA and is not revoked, and says who they are.
 //!
+//! Revocation and expiry hold for live connections too, not only at the handshake:
+//! [`Listener::enforce`] (the coordinator calls it every second) re-reads the CRL when it
+//! changed, gives new handshakes the new list, and closes every open connection whose
+//! certificate is revoked or has expired.
+//!
 //! This and `main.rs` are the only coordinator code that touches quinn or tokio.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use fedge_core::wire::{ErrorCode, Hello, Message, PROTOCOL_VERSION, Welcome};
 use fedge_net::TlsError;
@@ -55,6 +62,29 @@ pub struct Peer {
 /// A QUIC endpoint accepting mutually authenticated connections.
 pub struct Listener {
     endpoint: quinn::Endpoint,
+    certs: CertDir,
+    /// Admitted connections with their certificate's serial and end of validity.
+    live: Mutex<Vec<Live>>,
+    /// The CRL as last applied, and the serials it revokes.
+    crl: Mutex<(Vec<u8>, BTreeSet<Vec<u8>>)>,
+}
+
+struct Live {
+    connection: quinn::Connection,
+    serial: Vec<u8>,
+    /// Unix seconds.
+    not_after: i64,
+}
+
+/// What one [`Listener::enforce`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Enforced {
+    /// Whether a changed CRL was loaded.
+    pub reloaded: bool,
+    /// Connections closed because their certificate is revoked.
+    pub revoked: usize,
+    /// Connections closed because their certificate expired.
+    pub expired: usize,
 }
 
 impl Listener {
@@ -62,9 +92,52 @@ impl Listener {
     /// Must be called within a tokio runtime.
     pub fn bind(addr: SocketAddr, certs: &CertDir) -> Result<Self, TransportError> {
         let server = certs.server();
+        let crl = std::fs::read(certs.crl_pem()).unwrap_or_default();
+        let revoked = revoked_serials(&crl);
         let config = fedge_net::server_config(&certs.ca_pem(), &server.cert, &server.key, Some(&certs.crl_pem()))?;
         let endpoint = quinn::Endpoint::server(config, addr).map_err(|cause| TransportError::Bind { addr, cause })?;
-        Ok(Self { endpoint })
+        Ok(Self { endpoint, certs: certs.clone(), live: Mutex::new(Vec::new()), crl: Mutex::new((crl, revoked)) })
+    }
+
+    /// Applies revocation and expiry to what is already connected: when the CRL file changed,
+    /// loads it for new handshakes; then closes each open connection whose certificate it
+    /// revokes or whose validity has ended. A CRL that cannot be read or parsed keeps the last
+    /// one in force (and is an error).
+    pub fn enforce(&self) -> Result<Enforced, TransportError> {
+        let mut done = Enforced::default();
+        let path = self.certs.crl_pem();
+        let bytes = std::fs::read(&path)
+            .map_err(|e| TransportError::Tls(TlsError::Read { path: path.clone(), reason: e.to_string() }))?;
+        let revoked = {
+            let mut crl = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+            if crl.0 != bytes {
+                let server = self.certs.server();
+                let config = fedge_net::server_config(&self.certs.ca_pem(), &server.cert, &server.key, Some(&path))?;
+                self.endpoint.set_server_config(Some(config));
+                *crl = (bytes.clone(), revoked_serials(&bytes));
+                done.reloaded = true;
+            }
+            crl.1.clone()
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|l| {
+            if l.connection.close_reason().is_some() {
+                return false;
+            }
+            if revoked.contains(&l.serial) {
+                l.connection.close(2u32.into(), b"certificate revoked");
+                done.revoked += 1;
+                false
+            } else if l.not_after <= now {
+                l.connection.close(3u32.into(), b"certificate expired");
+                done.expired += 1;
+                false
+            } else {
+                true
+            }
+        });
+        Ok(done)
     }
 
     /// The bound address (useful with port 0).
@@ -86,7 +159,14 @@ impl Listener {
             .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
             .and_then(|chain| chain.first().map(|c| identity_of(c.as_ref())));
         match identity {
-            Some(Ok(identity)) => Some(Ok(Peer { identity, connection })),
+            Some(Ok(identity)) => {
+                if let Some((serial, not_after)) = leaf_validity(&connection) {
+                    let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+                    live.retain(|l| l.connection.close_reason().is_none());
+                    live.push(Live { connection: connection.clone(), serial, not_after });
+                }
+                Some(Ok(Peer { identity, connection }))
+            }
             Some(Err(cause)) => {
                 connection.close(1u32.into(), b"no fedge identity");
                 Some(Err(TransportError::Identity { remote, cause }))
@@ -164,4 +244,23 @@ pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, Hell
     fedge_net::write_message(&mut send, &reply).await?;
     let _ = send.finish();
     outcome.map_err(|(e, _)| e)
+}
+
+/// The serial and end of validity (unix seconds) of a connection's client certificate.
+fn leaf_validity(connection: &quinn::Connection) -> Option<(Vec<u8>, i64)> {
+    let chain = connection.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    Some((cert.raw_serial().to_vec(), cert.validity().not_after.timestamp()))
+}
+
+/// The serials a PEM CRL revokes (none if it does not parse: rustls has already refused to
+/// load such a list).
+fn revoked_serials(pem: &[u8]) -> BTreeSet<Vec<u8>> {
+    let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(pem) else {
+        return BTreeSet::new();
+    };
+    let Ok((_, crl)) = x509_parser::parse_x509_crl(&pem.contents) else {
+        return BTreeSet::new();
+    };
+    crl.iter_revoked_certificates().map(|r| r.raw_serial().to_vec()).collect()
 }
