@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod devices;
+mod distill;
 pub mod hybrid;
 pub mod pool;
 pub mod run;

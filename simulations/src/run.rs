@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use fedge_core::ModelParams;
 use fedge_core::codec;
-use fedge_core::dataset::Dataset;
 use fedge_core::partition::PartitionReport;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, Message};
@@ -30,6 +29,7 @@ use thiserror::Error;
 
 use crate::clock::{Fleet, RoundTrace, drive_round};
 use crate::config::{ConfigError, SimConfig};
+use crate::distill::Distiller;
 use crate::pool::Pool;
 
 /// Why a simulation could not run.
@@ -482,71 +482,6 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     }
     let student = distiller.as_ref().filter(|_| distilled.is_some()).and_then(|d| d.int8.clone());
     Ok(SimOutput { rounds: rows, summary, partition, global: engine.global().clone(), student, traces })
-}
-
-/// What one distillation produced.
-#[derive(Debug, Clone, Copy)]
-struct Distilled {
-    accuracy: f64,
-    f32_accuracy: f64,
-    bytes: u64,
-    parameters: usize,
-    teacher_latency_us: f64,
-    student_latency_us: f64,
-}
-
-/// The coordinator-side pipeline, in process: teacher logits on the proxy set, distillation
-/// into the student (warm-started from the previous student), int8 quantisation, evaluation of
-/// the quantised student as devices would run it.
-struct Distiller {
-    student: Trainer,
-    params: ModelParams,
-    proxy: Vec<usize>,
-    config: fedge_learn::DistillConfig,
-    rng: fedge_core::rng::SeededRng,
-    /// The last student, quantised and dequantised.
-    int8: Option<ModelParams>,
-}
-
-impl Distiller {
-    fn new(config: &SimConfig, num_classes: usize, proxy: Vec<usize>) -> Result<Self, SimError> {
-        let mut student = Trainer::new(config.student_model, num_classes, config.backend)?;
-        let params = student.initial_params(derive_rng(config.seed, &[stream::INIT, 1]).random());
-        Ok(Self {
-            student,
-            params,
-            proxy,
-            config: config.distill,
-            rng: derive_rng(config.seed, &[stream::DISTILL]),
-            int8: None,
-        })
-    }
-
-    fn teacher_bytes(&self, teacher: &ModelParams) -> u64 {
-        let msg = Message::Model { version: 0, hash: teacher.content_hash(), params: teacher.clone() };
-        codec::encode(&msg).len() as u64
-    }
-
-    fn distill(
-        &mut self,
-        evaluator: &mut Trainer,
-        teacher: &ModelParams,
-        train: &Dataset,
-        test: &Dataset,
-    ) -> Result<Distilled, SimError> {
-        let data = fedge_learn::DistillData { train, proxy: &self.proxy, test };
-        let q = self.student.distil_to_int8(evaluator, teacher, &self.params, data, &self.config, &mut self.rng)?;
-        self.params = q.params;
-        self.int8 = Some(q.int8);
-        Ok(Distilled {
-            accuracy: q.accuracy,
-            f32_accuracy: q.f32_accuracy,
-            bytes: q.blob.len() as u64,
-            parameters: self.params.numel(),
-            teacher_latency_us: q.teacher_latency_us,
-            student_latency_us: q.student_latency_us,
-        })
-    }
 }
 
 fn format_row(row: &RoundRow, rounds: u64, secs: f64, report: &fedge_engine::RoundReport) -> String {
