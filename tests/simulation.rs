@@ -35,7 +35,7 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
     assert_ne!(a.0, c.0);
     assert_eq!(
         String::from_utf8(a.0).unwrap().lines().next().unwrap(),
-        "round,accuracy,loss,train_loss,model_version,selected,results,failures,samples,aggregated,clip_norm,epsilon"
+        "round,accuracy,loss,train_loss,model_version,selected,results,failures,samples,aggregated,virtual_start_s,virtual_duration_s,clip_norm,epsilon"
     );
 }
 
@@ -178,4 +178,131 @@ fn distillation_gives_a_small_int8_student_close_to_the_teacher() {
     // the full figures); int8 within half a point of the f32 student.
     assert!(student > teacher - 0.015, "student {student} vs teacher {teacher}");
     assert!((student - s.student_f32_accuracy.unwrap()).abs() < 0.005);
+}
+
+/// Issue 13: a device too slow for the deadline misses the round in simulation exactly as the
+/// round engine decides when the coordinator's deadline timer drives it: results due by the
+/// deadline, then `handle_timeout` at the deadline, then the late one. With a quorum of 1 the
+/// round aggregates without the slow device; with a quorum of every device it fails.
+#[test]
+fn issue_13_a_slow_device_misses_the_deadline_as_the_engine_decides() {
+    use fedge_core::codec;
+    use fedge_core::wire::{DeviceId, Message, TrainResult};
+    use fedge_engine::{EngineEvent, RoundEngine, RoundOutcome, RoundReport, strategy};
+    use fedge_sim::devices::SpeedModel;
+    use std::time::Duration;
+
+    for quorum in [1, 10] {
+        let c = SimConfig {
+            devices: 10,
+            fraction: 1.0,
+            rounds: 2,
+            epochs: 1,
+            workers: 2,
+            min_train_clients: quorum,
+            round_timeout_s: 30.0,
+            speed: SpeedModel { straggler_fraction: 0.1, straggler_slowdown: 100.0, ..SpeedModel::default() },
+            ..SimConfig::default()
+        };
+        let speeds = c.speed.draw(c.devices, c.seed);
+        let slow: Vec<DeviceId> = (0..c.devices as DeviceId).filter(|&d| speeds[d as usize].straggler).collect();
+        assert_eq!(slow.len(), 1);
+        let out = fedge_sim::run(&c, None, &mut Quiet).unwrap();
+        assert_eq!(out.traces.len(), 2);
+
+        // The same events, fed to a fresh engine directly.
+        let layout = out.global.layout().clone();
+        let initial = fedge_core::ModelParams::zeros(layout.clone());
+        let model_bytes =
+            codec::encode(&Message::Model { version: 0, hash: initial.content_hash(), params: initial.clone() }).len()
+                as u64;
+        let config = c.engine_config();
+        let noise = Box::new(fedge_core::rng::derive_rng(c.seed, &[fedge_core::rng::stream::SERVER_NOISE]));
+        let strategy = strategy::for_config(&config, noise);
+        let mut engine = RoundEngine::new(config, strategy, initial).unwrap();
+        for d in 0..c.devices as DeviceId {
+            engine.handle_device_available(d);
+        }
+        let mut now = Duration::ZERO;
+        for trace in &out.traces {
+            assert_eq!(trace.start, now);
+            let round = engine.start_round(now).unwrap();
+            let mut due = Vec::new();
+            while let Some(EngineEvent::Assign { device, task }) = engine.poll_event() {
+                let samples = out.partition.sizes[device as usize] as u64;
+                let at = now + speeds[device as usize].round_trip(model_bytes, samples);
+                let result = TrainResult {
+                    round,
+                    model_version: task.model_version,
+                    num_samples: samples,
+                    train_loss: 0.5,
+                    delta: fedge_core::ModelParams::zeros(layout.clone()),
+                    clipped: false,
+                };
+                due.push((at, device, result));
+            }
+            let deadline = engine.poll_timeout().unwrap();
+            assert_eq!(deadline, trace.deadline);
+            assert_eq!(deadline, now + Duration::from_secs(30));
+            // The coordinator: results as they come until the deadline, then its timer fires.
+            for (at, device, result) in due.iter().filter(|d| d.0 <= deadline) {
+                engine.handle_train_result(*at, *device, result).unwrap();
+            }
+            engine.handle_timeout(deadline);
+            for (at, device, result) in due.iter().filter(|d| d.0 > deadline) {
+                assert!(engine.handle_train_result(*at, *device, result).is_err(), "late: refused");
+                assert_eq!(*device, slow[0]);
+            }
+            let Some(EngineEvent::RoundClosed(direct)) = engine.poll_event() else { panic!("round closed") };
+            // Everything but what the (different) deltas and losses change.
+            let strip = |r: &RoundReport| RoundReport { model_hash: direct.model_hash, train_loss: 0.0, ..r.clone() };
+            assert_eq!(strip(&trace.report), strip(&direct));
+            assert_eq!(trace.report.stragglers, slow);
+            assert_eq!((trace.report.results, trace.report.closed_at), (9, deadline));
+            assert_eq!(trace.report.outcome == RoundOutcome::Aggregated, quorum == 1, "{:?}", trace.report.outcome);
+            // The simulator delivered the same arrivals, in time order, the slow one refused.
+            let mut want: Vec<(Duration, DeviceId)> = due.iter().map(|d| (d.0, d.1)).collect();
+            want.sort();
+            let got: Vec<(Duration, DeviceId)> = trace.arrivals.iter().map(|a| (a.at, a.device)).collect();
+            assert_eq!(got, want);
+            assert!(trace.arrivals.iter().all(|a| a.accepted == (a.device != slow[0])));
+            now = direct.closed_at;
+        }
+        let row = &out.rounds[1];
+        assert_eq!((row.results, row.failures, row.virtual_start_s, row.virtual_duration_s), (9, 1, 30.0, 30.0));
+        assert_eq!(out.summary.virtual_seconds, 60.0);
+    }
+}
+
+/// Issue 13: virtual time is a function of the seed and the speed model only.
+#[test]
+fn issue_13_virtual_durations_are_seeded_and_follow_the_speed_model() {
+    use fedge_sim::devices::SpeedModel;
+    let c = SimConfig {
+        devices: 20,
+        fraction: 0.5,
+        rounds: 2,
+        epochs: 1,
+        workers: 2,
+        speed: SpeedModel { compute_sigma: 0.8, bandwidth_sigma: 0.5, ..SpeedModel::default() },
+        ..SimConfig::default()
+    };
+    let times = |c: &SimConfig| {
+        let o = fedge_sim::run(c, None, &mut Quiet).unwrap();
+        for t in &o.traces {
+            // Everyone answered in time: the round closed with the last arrival.
+            assert_eq!(t.report.closed_at, t.arrivals.iter().map(|a| a.at).max().unwrap());
+            assert!(t.arrivals.windows(2).all(|w| w[0].at <= w[1].at), "delivered in time order");
+        }
+        let rows: Vec<(f64, f64)> = o.rounds.iter().map(|r| (r.virtual_start_s, r.virtual_duration_s)).collect();
+        (rows, o.summary.virtual_seconds)
+    };
+    let a = times(&c);
+    assert_eq!(a, times(&SimConfig { workers: 1, ..c.clone() }), "same seed, same virtual times");
+    assert_eq!(a.0[1].0, a.0[0].1, "round 2 starts when round 1 closed");
+    assert_ne!(a, times(&SimConfig { seed: 1, ..c.clone() }));
+    let slower = times(&SimConfig { speed: SpeedModel { compute_samples_per_s: 100.0, ..c.speed }, ..c.clone() });
+    assert!(slower.1 > a.1 + 10.0, "{slower:?} vs {a:?}");
+    let wider = times(&SimConfig { speed: SpeedModel { upload_mbps: 50.0, ..c.speed }, ..c.clone() });
+    assert!(wider.1 < a.1, "{wider:?} vs {a:?}");
 }

@@ -13,6 +13,8 @@ use fedge_learn::{BackendKind, DistillConfig, ModelKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::devices::SpeedModel;
+
 /// Which partitioner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +88,11 @@ pub struct SimConfig {
     pub min_train_clients: usize,
     /// Probability that a selected device drops out of a round.
     pub dropout: f64,
+    /// Virtual seconds a round waits for results before the engine closes it with what it
+    /// has (or fails it).
+    pub round_timeout_s: f64,
+    /// How fast the virtual devices compute and transfer (the `[speed]` table).
+    pub speed: SpeedModel,
     /// Worker threads, each owning one model (0: one per core).
     pub workers: usize,
     /// `flex` (CPU) or `wgpu` (GPU, when built with the `wgpu` feature).
@@ -129,6 +136,8 @@ impl Default for SimConfig {
             target_epsilon: None,
             min_train_clients: 1,
             dropout: 0.0,
+            round_timeout_s: 3600.0,
+            speed: SpeedModel::default(),
             workers: 0,
             backend: BackendKind::Cpu,
             eval_every: 1,
@@ -175,6 +184,10 @@ impl SimConfig {
         if !(self.dropout >= 0.0 && self.dropout < 1.0) {
             return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
         }
+        if !(self.round_timeout_s > 0.0 && self.round_timeout_s <= 1e9) {
+            return bad(format!("round_timeout_s must be in (0, 1e9] seconds, got {}", self.round_timeout_s));
+        }
+        self.speed.validate().map_err(ConfigError::Invalid)?;
         if self.eval_every == 0 {
             return bad("eval_every must be at least 1".into());
         }
@@ -251,8 +264,10 @@ impl SimConfig {
             over_commit: 0.0,
             accept_failures: true,
             max_failures: None,
-            // Virtual time: rounds never wait on a wall clock.
-            round_timeout: std::time::Duration::from_secs(3600),
+            // Virtual time: rounds never wait on a wall clock. Validated to be in (0, 1e9]
+            // (a NaN is refused before this is used).
+            round_timeout: std::time::Duration::try_from_secs_f64(self.round_timeout_s)
+                .unwrap_or(std::time::Duration::from_secs(3600)),
             train: keys.train(),
             seed: self.seed,
             privacy: keys.central_dp(),
@@ -303,6 +318,19 @@ mod tests {
             ("partition = \"dirichlet\"\nalpha = 0.0", "alpha must be positive"),
             ("dropout = 1.0", "dropout must be in [0, 1)"),
             ("devices = \"many\"", "line 1: invalid type"),
+            ("round_timeout_s = 0.0", "round_timeout_s must be in (0, 1e9] seconds, got 0"),
+            ("round_timeout_s = nan", "round_timeout_s must be in (0, 1e9] seconds, got NaN"),
+            (
+                "[speed]\ncompute_samples_per_s = -5.0",
+                "speed.compute_samples_per_s must be positive and finite, got -5",
+            ),
+            ("[speed]\nupload_mbps = nan", "speed.upload_mbps must be positive and finite, got NaN"),
+            ("[speed]\ndownload_mbps = inf", "speed.download_mbps must be positive and finite, got inf"),
+            ("[speed]\nlatency_ms = -1.0", "speed.latency_ms must be zero or positive and finite, got -1"),
+            ("[speed]\ncompute_sigma = -0.5", "speed.compute_sigma must be in [0, 10], got -0.5"),
+            ("[speed]\nstraggler_fraction = 2.0", "speed.straggler_fraction must be in [0, 1], got 2"),
+            ("[speed]\nstraggler_slowdown = 0.5", "speed.straggler_slowdown must be at least 1 and finite, got 0.5"),
+            ("[speed]\nupload = 5.0", "line 2: unknown field `upload`"),
         ];
         for (toml, want) in cases {
             let got = err(toml);

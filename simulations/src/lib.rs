@@ -2,13 +2,18 @@
 //!
 //! It drives the real round engine ([`fedge_engine::RoundEngine`], the coordinator's too) and the
 //! edge client's real trainer ([`fedge_edge::EdgeTrainer`]) with a virtual clock and in-memory
-//! links: [`config`] says what to run, [`pool`] runs device tasks on a few worker threads that
-//! each own one model, [`run`] is the loop and its outputs.
+//! links: [`config`] says what to run, [`devices`] how fast each virtual device computes and
+//! transfers, [`pool`] runs device tasks on a few worker threads that each own one model,
+//! [`clock`] runs one round in virtual time (results reach the engine in arrival order, the
+//! engine's deadline enforced), [`run`] is the loop and its outputs.
 
 pub mod bench;
+pub mod clock;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod devices;
+mod distill;
 pub mod hybrid;
 pub mod pool;
 pub mod run;

@@ -285,6 +285,33 @@ struct RunArgs {
     /// Central DP budget: stop before a round that would pass it.
     #[arg(long)]
     target_epsilon: Option<f64>,
+    /// Virtual seconds a round waits for results.
+    #[arg(long)]
+    round_timeout_s: Option<f64>,
+    /// Median device training speed, examples per second (speed.compute_samples_per_s).
+    #[arg(long)]
+    compute_samples_per_s: Option<f64>,
+    /// Log-normal sigma of the devices' training speed.
+    #[arg(long)]
+    compute_sigma: Option<f64>,
+    /// Median download bandwidth, megabits per second.
+    #[arg(long)]
+    download_mbps: Option<f64>,
+    /// Median upload bandwidth, megabits per second.
+    #[arg(long)]
+    upload_mbps: Option<f64>,
+    /// Log-normal sigma of the devices' bandwidths.
+    #[arg(long)]
+    bandwidth_sigma: Option<f64>,
+    /// One-way latency of each transfer, milliseconds.
+    #[arg(long)]
+    latency_ms: Option<f64>,
+    /// Fraction of devices that are stragglers.
+    #[arg(long)]
+    straggler_fraction: Option<f64>,
+    /// How many times slower a straggler is.
+    #[arg(long)]
+    straggler_slowdown: Option<f64>,
 }
 
 impl RunArgs {
@@ -298,6 +325,12 @@ impl RunArgs {
         }
         set!(devices, fraction, rounds, epochs, batch_size, lr, model, dataset, data_dir, partition);
         set!(shards_per_device, alpha, seed, min_train_clients, dropout, workers, backend, eval_every);
+        set!(round_timeout_s);
+        macro_rules! speed {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.speed.$f = v; } )* };
+        }
+        speed!(compute_samples_per_s, compute_sigma, download_mbps, upload_mbps, bandwidth_sigma, latency_ms);
+        speed!(straggler_fraction, straggler_slowdown);
         if self.clip_norm.is_some() {
             c.clip_norm = self.clip_norm;
         }
@@ -508,12 +541,13 @@ fn real_main() -> anyhow::Result<()> {
             } else if !args.quiet {
                 let _ = writeln!(
                     stdout,
-                    "final accuracy {:.2}% after {} rounds ({} devices, {} parameters) in {:.1}s; wrote {}",
+                    "final accuracy {:.2}% after {} rounds ({} devices, {} parameters) in {:.1}s ({:.1} virtual s); wrote {}",
                     s.final_accuracy * 100.0,
                     s.rounds,
                     s.devices,
                     s.parameters,
                     s.wall_seconds,
+                    s.virtual_seconds,
                     out.display()
                 );
             }

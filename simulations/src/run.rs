@@ -3,8 +3,10 @@
 //!
 //! Each round the engine samples devices; their tasks go to the worker pool; each result is
 //! encoded and decoded through the wire codec (exactly what would cross the network) and handed
-//! back to the engine in selection order, so a seeded run is reproducible byte for byte
-//! whatever the thread timing. After each round the global model is evaluated on the test split.
+//! back to the engine in virtual-time order, the engine's deadline enforced ([`crate::clock`]),
+//! so a seeded run is reproducible byte for byte whatever the thread timing. A round starts
+//! when the previous one closed. After each round the global model is evaluated on the test
+//! split.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -14,20 +16,21 @@ use std::time::{Duration, Instant};
 
 use fedge_core::ModelParams;
 use fedge_core::codec;
-use fedge_core::dataset::Dataset;
 use fedge_core::partition::PartitionReport;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, Message};
 use fedge_engine::strategy::{self, Strategy};
-use fedge_engine::{EngineEvent, Evaluation, RoundEngine, RoundOutcome, RoundReport, StartError};
+use fedge_engine::{Evaluation, RoundEngine, RoundOutcome, StartError};
 use fedge_learn::Trainer;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::RngExt;
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::clock::{Fleet, RoundTrace, drive_round};
 use crate::config::{ConfigError, SimConfig};
-use crate::pool::{Job, Pool};
+use crate::distill::Distiller;
+use crate::pool::Pool;
 
 /// Why a simulation could not run.
 #[derive(Debug, Error)]
@@ -94,6 +97,10 @@ pub struct RoundRow {
     pub samples: u64,
     /// Whether the round aggregated.
     pub aggregated: bool,
+    /// Virtual time the round started, seconds since the run began.
+    pub virtual_start_s: f64,
+    /// Virtual seconds from the round's start to its close.
+    pub virtual_duration_s: f64,
     /// Central DP: the clip norm of the round (it moves with adaptive clipping).
     pub clip_norm: Option<f64>,
     /// Central DP: epsilon spent by the run so far, at the configured delta.
@@ -127,6 +134,8 @@ pub struct Summary {
     pub wall_seconds: f64,
     /// Wall-clock seconds per round (training + evaluation).
     pub round_seconds: Vec<f64>,
+    /// Virtual seconds from the first round's start to the last one's close.
+    pub virtual_seconds: f64,
     /// Bytes of device updates that crossed the (in-memory) wire.
     pub upload_bytes: u64,
     /// Central DP: epsilon of the whole run at `config.delta` (record-level for the devices'
@@ -167,6 +176,8 @@ pub struct SimOutput {
     pub global: ModelParams,
     /// With `distill_every`: the last student as devices run it (int8, dequantised).
     pub student: Option<ModelParams>,
+    /// Each round on the virtual clock: start, deadline, arrivals, the engine's report.
+    pub traces: Vec<RoundTrace>,
 }
 
 /// Where run output goes besides the files.
@@ -338,10 +349,21 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     let train_for_distill = train.clone();
     let pool = Pool::new(workers, config.model, num_classes, config.backend, train, config.seed)?;
 
+    let speeds = config.speed.draw(config.devices, config.seed);
+    let model_bytes = codec::encode(&Message::Model {
+        version: 0,
+        hash: engine.global().content_hash(),
+        params: engine.global().clone(),
+    })
+    .len() as u64;
+    let fleet = Fleet { speeds: &speeds, model_bytes, data: &device_data, dropout: config.dropout, seed: config.seed };
+
     let mut rows = Vec::new();
+    let mut traces = Vec::new();
     let mut round_seconds = Vec::new();
     let mut upload_bytes = 0u64;
     let (mut last_eval, mut best, mut rounds_to_target) = (None::<Evaluation>, 0.0f64, None);
+    // The virtual clock: each round starts when the previous one closed.
     let mut now = Duration::ZERO;
     for r in 1..=config.rounds {
         let round_started = Instant::now();
@@ -353,58 +375,10 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             }
             Err(e) => return Err(ConfigError::Invalid(format!("cannot start round {r}: {e}")).into()),
         };
-        let global = Arc::new(engine.global().clone());
-        let mut dropout_rng = derive_rng(config.seed, &[stream::DROPOUT, round]);
-        let mut pending = 0usize;
-        let mut dropped = Vec::new();
-        let mut selected = 0;
-        while let Some(EngineEvent::Assign { device, task }) = engine.poll_event() {
-            selected += 1;
-            if config.dropout > 0.0 && dropout_rng.random::<f64>() < config.dropout {
-                dropped.push(device);
-                continue;
-            }
-            let indices = device_data[&device].clone();
-            pool.submit(Job { seq: pending, device, task, global: global.clone(), indices });
-            pending += 1;
-        }
-        obs.round_started(round, selected);
-        for d in dropped {
-            engine.handle_train_failure(now, d);
-            obs.device_done();
-        }
-        // Apply results in selection order: a reorder buffer keeps the run deterministic.
-        let mut waiting = BTreeMap::new();
-        let mut next = 0;
-        while next < pending {
-            let done = pool.next_done();
-            obs.device_done();
-            waiting.insert(done.seq, done);
-            while let Some(done) = waiting.remove(&next) {
-                next += 1;
-                // Virtual clock: one tick per delivered result.
-                now += Duration::from_millis(1);
-                match done.outcome {
-                    Ok(outcome) => {
-                        let bytes = codec::encode(&Message::TrainResult(outcome.result));
-                        upload_bytes += bytes.len() as u64;
-                        match codec::decode(&bytes) {
-                            Ok(Message::TrainResult(result)) => {
-                                if let Err(e) = engine.handle_train_result(now, done.device, &result) {
-                                    obs.line(&format!("round {round}: device {} rejected: {e}", done.device));
-                                }
-                            }
-                            _ => engine.handle_train_failure(now, done.device),
-                        }
-                    }
-                    Err(e) => {
-                        obs.line(&format!("round {round}: device {} failed: {e}", done.device));
-                        engine.handle_train_failure(now, done.device);
-                    }
-                }
-            }
-        }
-        let report = closed_report(&mut engine);
+        let (trace, bytes) = drive_round(&mut engine, &pool, &fleet, round, now, obs);
+        upload_bytes += bytes;
+        now = trace.report.closed_at;
+        let report = &trace.report;
         let evaluate = r % config.eval_every == 0 || r == config.rounds;
         let eval = if evaluate {
             let m = evaluator.evaluate(engine.global(), &data.test, 500)?;
@@ -443,16 +417,19 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             failures: report.failures + report.stragglers.len(),
             samples: report.samples,
             aggregated: report.outcome == RoundOutcome::Aggregated,
+            virtual_start_s: seconds(trace.start),
+            virtual_duration_s: seconds(trace.duration()),
             clip_norm: report.privacy.map(|p| p.clip_norm),
             epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
         };
-        obs.line(&format_row(&row, config.rounds, secs, &report.outcome));
+        obs.line(&format_row(&row, config.rounds, secs, report));
         if let Some((w, path)) = csv_out.as_mut() {
             w.serialize(&row)
                 .and_then(|_| w.flush().map_err(Into::into))
                 .map_err(|e| SimError::Output { path: path.clone(), cause: std::io::Error::other(e.to_string()) })?;
         }
         rows.push(row);
+        traces.push(trace);
         if let (Some(t), Some(e)) = (config.target_accuracy, eval)
             && e.accuracy >= t
             && rounds_to_target.is_none()
@@ -486,6 +463,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         model_hash: engine.global().content_hash().to_string(),
         wall_seconds: started.elapsed().as_secs_f64(),
         round_seconds,
+        virtual_seconds: seconds(now),
         upload_bytes,
         epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
         sampling_rate,
@@ -503,103 +481,41 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         write_json(&dir.join("summary.json"), &summary)?;
     }
     let student = distiller.as_ref().filter(|_| distilled.is_some()).and_then(|d| d.int8.clone());
-    Ok(SimOutput { rounds: rows, summary, partition, global: engine.global().clone(), student })
+    Ok(SimOutput { rounds: rows, summary, partition, global: engine.global().clone(), student, traces })
 }
 
-/// What one distillation produced.
-#[derive(Debug, Clone, Copy)]
-struct Distilled {
-    accuracy: f64,
-    f32_accuracy: f64,
-    bytes: u64,
-    parameters: usize,
-    teacher_latency_us: f64,
-    student_latency_us: f64,
-}
-
-/// The coordinator-side pipeline, in process: teacher logits on the proxy set, distillation
-/// into the student (warm-started from the previous student), int8 quantisation, evaluation of
-/// the quantised student as devices would run it.
-struct Distiller {
-    student: Trainer,
-    params: ModelParams,
-    proxy: Vec<usize>,
-    config: fedge_learn::DistillConfig,
-    rng: fedge_core::rng::SeededRng,
-    /// The last student, quantised and dequantised.
-    int8: Option<ModelParams>,
-}
-
-impl Distiller {
-    fn new(config: &SimConfig, num_classes: usize, proxy: Vec<usize>) -> Result<Self, SimError> {
-        let mut student = Trainer::new(config.student_model, num_classes, config.backend)?;
-        let params = student.initial_params(derive_rng(config.seed, &[stream::INIT, 1]).random());
-        Ok(Self {
-            student,
-            params,
-            proxy,
-            config: config.distill,
-            rng: derive_rng(config.seed, &[stream::DISTILL]),
-            int8: None,
-        })
-    }
-
-    fn teacher_bytes(&self, teacher: &ModelParams) -> u64 {
-        let msg = Message::Model { version: 0, hash: teacher.content_hash(), params: teacher.clone() };
-        codec::encode(&msg).len() as u64
-    }
-
-    fn distill(
-        &mut self,
-        evaluator: &mut Trainer,
-        teacher: &ModelParams,
-        train: &Dataset,
-        test: &Dataset,
-    ) -> Result<Distilled, SimError> {
-        let data = fedge_learn::DistillData { train, proxy: &self.proxy, test };
-        let q = self.student.distil_to_int8(evaluator, teacher, &self.params, data, &self.config, &mut self.rng)?;
-        self.params = q.params;
-        self.int8 = Some(q.int8);
-        Ok(Distilled {
-            accuracy: q.accuracy,
-            f32_accuracy: q.f32_accuracy,
-            bytes: q.blob.len() as u64,
-            parameters: self.params.numel(),
-            teacher_latency_us: q.teacher_latency_us,
-            student_latency_us: q.student_latency_us,
-        })
-    }
-}
-
-fn closed_report(engine: &mut RoundEngine<Box<dyn Strategy>>) -> RoundReport {
-    match engine.poll_event() {
-        Some(EngineEvent::RoundClosed(r)) => r,
-        Some(other) => unreachable!("no task is assigned while a round is open: {other:?}"),
-        None => unreachable!("every selected device answered or failed, so the round closed"),
-    }
-}
-
-fn format_row(row: &RoundRow, rounds: u64, secs: f64, outcome: &RoundOutcome) -> String {
+fn format_row(row: &RoundRow, rounds: u64, secs: f64, report: &fedge_engine::RoundReport) -> String {
     let eval = match (row.accuracy, row.loss) {
         (Some(a), Some(l)) => format!("accuracy {:6.2}%  loss {l:.4}", a * 100.0),
         _ => "accuracy    -     loss   -   ".to_string(),
     };
-    let mut status = match outcome {
+    let mut status = match &report.outcome {
         RoundOutcome::Aggregated => String::new(),
         RoundOutcome::Failed(why) => format!("  (not aggregated: {why})"),
     };
     if let Some(e) = row.epsilon {
         status = format!("  epsilon {e:.4}{status}");
     }
+    if !report.stragglers.is_empty() {
+        status = format!("  {} late{status}", report.stragglers.len());
+    }
     format!(
-        "round {:>w$}/{rounds}  {eval}  train_loss {:.4}  devices {}/{}  v{}  {secs:.2}s{status}",
+        "round {:>w$}/{rounds}  {eval}  train_loss {:.4}  devices {}/{}  v{}  virtual {:.1}s+{:.1}s  {secs:.2}s{status}",
         row.round,
         row.train_loss,
         row.results,
         row.selected,
         row.model_version,
+        row.virtual_start_s,
+        row.virtual_duration_s,
         w = rounds.to_string().len()
     )
+}
+
+/// Seconds, as the nearest `f64` to the exact decimal (`as_secs_f64` can print 2.1939859999999998
+/// for 2.193986).
+fn seconds(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1e9
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), SimError> {

@@ -73,6 +73,10 @@ fn bad_input_fails_in_one_line() {
         ),
         (vec!["--dataset".into(), "mnist".into(), "--data-dir".into(), empty.to_str().unwrap().into()], &fetch_hint),
         (vec!["--backend".into(), "wgpu".into()], "not compiled in"),
+        (vec!["--upload-mbps=-1".into()], "speed.upload_mbps must be positive and finite, got -1"),
+        (vec!["--compute-samples-per-s".into(), "NaN".into()], "speed.compute_samples_per_s must be positive"),
+        (vec!["--round-timeout-s".into(), "0".into()], "round_timeout_s must be in (0, 1e9] seconds"),
+        (vec!["--straggler-fraction".into(), "1.5".into()], "speed.straggler_fraction must be in [0, 1]"),
     ];
     for (extra, want) in cases {
         let mut args = vec!["run".to_string(), "--out".into(), dir.path().join("o").to_str().unwrap().into()];

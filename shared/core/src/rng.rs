@@ -52,6 +52,8 @@ pub mod stream {
     pub const SERVER_NOISE: u64 = 7;
     /// Batch order of server-side distillation.
     pub const DISTILL: u64 = 8;
+    /// Simulated devices' compute and network speeds (drawn once per run).
+    pub const DEVICE_SPEED: u64 = 9;
 }
 
 #[cfg(test)]

@@ -1,0 +1,176 @@
+//! The virtual clock: one round from its start to its close, in virtual time.
+//!
+//! Each selected device's result is due at the round's start plus its round trip
+//! ([`crate::devices::DeviceSpeed::round_trip`]). Results are handed to the engine in order of
+//! arrival (ties in selection order), each at its arrival time; before a result that arrives
+//! after the engine's deadline ([`RoundEngine::poll_timeout`]) the engine is told the time
+//! reached the deadline ([`RoundEngine::handle_timeout`]), so it closes the round with what it
+//! has, or fails it, exactly as the coordinator's deadline timer makes it do on the network.
+//! Results arriving after the close are still handed over, at their arrival times, and the
+//! engine refuses them as it refuses a late upload (stale round): the simulator decides
+//! nothing itself.
+//!
+//! Simplification: late results are delivered before the next round starts (at the close),
+//! so a device still uploading a late result may be sampled again at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedge_core::codec;
+use fedge_core::rng::{derive_rng, stream};
+use fedge_core::wire::{DeviceId, Message};
+use fedge_engine::strategy::Strategy;
+use fedge_engine::{EngineEvent, RoundEngine, RoundReport};
+use rand::RngExt;
+
+use crate::devices::DeviceSpeed;
+use crate::pool::{Job, Pool};
+use crate::run::Observer;
+
+/// One result as the engine saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Arrival {
+    /// The device.
+    pub device: DeviceId,
+    /// Virtual time it reached the coordinator.
+    pub at: Duration,
+    /// Whether the engine counted it (late and invalid results are refused).
+    pub accepted: bool,
+}
+
+/// One round on the virtual clock, as it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundTrace {
+    /// When the round started.
+    pub start: Duration,
+    /// The engine's deadline for it.
+    pub deadline: Duration,
+    /// Selected devices that dropped out (reported as failures at the start).
+    pub dropped: Vec<DeviceId>,
+    /// Results (and training failures, `accepted: false`) in the order they were delivered.
+    pub arrivals: Vec<Arrival>,
+    /// The engine's report; `closed_at` is the virtual time it closed.
+    pub report: RoundReport,
+}
+
+impl RoundTrace {
+    /// Virtual time from the start to the close.
+    pub fn duration(&self) -> Duration {
+        self.report.closed_at.saturating_sub(self.start)
+    }
+}
+
+/// What the clock needs of the fleet.
+pub(crate) struct Fleet<'a> {
+    /// Every device's speeds, by id.
+    pub speeds: &'a [DeviceSpeed],
+    /// Bytes of the encoded global model (each transfer's size).
+    pub model_bytes: u64,
+    /// Each device's example indices.
+    pub data: &'a BTreeMap<DeviceId, Arc<Vec<usize>>>,
+    /// Probability that a selected device drops out.
+    pub dropout: f64,
+    /// The run's seed (dropouts).
+    pub seed: u64,
+}
+
+/// Runs the open round `round`, started at `start`, to its close: its tasks go to the pool,
+/// its results come back to the engine in virtual-time order. Returns the trace and the bytes
+/// uploaded.
+pub(crate) fn drive_round(
+    engine: &mut RoundEngine<Box<dyn Strategy>>,
+    pool: &Pool,
+    fleet: &Fleet<'_>,
+    round: u64,
+    start: Duration,
+    obs: &mut dyn Observer,
+) -> (RoundTrace, u64) {
+    let deadline = engine.poll_timeout().expect("the round is open");
+    let global = Arc::new(engine.global().clone());
+    let mut dropout_rng = derive_rng(fleet.seed, &[stream::DROPOUT, round]);
+    let mut planned = Vec::new();
+    let mut dropped = Vec::new();
+    let mut selected = 0;
+    while let Some(EngineEvent::Assign { device, task }) = engine.poll_event() {
+        selected += 1;
+        if fleet.dropout > 0.0 && dropout_rng.random::<f64>() < fleet.dropout {
+            dropped.push(device);
+            continue;
+        }
+        let indices = fleet.data[&device].clone();
+        let samples = indices.len() as u64 * u64::from(task.config.epochs);
+        let at = start.saturating_add(fleet.speeds[device as usize].round_trip(fleet.model_bytes, samples));
+        planned.push((at, device, task, indices));
+    }
+    // Arrival order; the sort is stable, so ties stay in selection order.
+    planned.sort_by_key(|p| p.0);
+    let due: Vec<(Duration, DeviceId)> = planned.iter().map(|p| (p.0, p.1)).collect();
+    for (seq, (_, device, task, indices)) in planned.into_iter().enumerate() {
+        pool.submit(Job { seq, device, task, global: global.clone(), indices });
+    }
+    obs.round_started(round, selected);
+    for &d in &dropped {
+        engine.handle_train_failure(start, d);
+        obs.device_done();
+    }
+    // Deliver in arrival order: a reorder buffer keeps the run deterministic whatever the
+    // workers' timing.
+    let mut arrivals = Vec::with_capacity(due.len());
+    let mut upload_bytes = 0u64;
+    let mut waiting = BTreeMap::new();
+    let mut next = 0;
+    while next < due.len() {
+        let done = pool.next_done();
+        obs.device_done();
+        waiting.insert(done.seq, done);
+        while let Some(done) = waiting.remove(&next) {
+            let (at, device) = due[next];
+            next += 1;
+            if let Some(deadline) = engine.poll_timeout().filter(|&d| at > d) {
+                engine.handle_timeout(deadline);
+            }
+            let open = engine.current_round() == Some(round);
+            let accepted = match done.outcome {
+                Ok(outcome) => {
+                    let bytes = codec::encode(&Message::TrainResult(outcome.result));
+                    upload_bytes += bytes.len() as u64;
+                    match codec::decode(&bytes) {
+                        Ok(Message::TrainResult(result)) => match engine.handle_train_result(at, device, &result) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                // After the close every result is refused as stale: the
+                                // round's report counts those devices as stragglers.
+                                if open {
+                                    obs.line(&format!("round {round}: device {device} rejected: {e}"));
+                                }
+                                false
+                            }
+                        },
+                        _ => {
+                            engine.handle_train_failure(at, device);
+                            false
+                        }
+                    }
+                }
+                Err(e) => {
+                    obs.line(&format!("round {round}: device {device} failed: {e}"));
+                    engine.handle_train_failure(at, device);
+                    false
+                }
+            };
+            arrivals.push(Arrival { device, at, accepted });
+        }
+    }
+    // Every selected device answered or failed, so the round has closed; the deadline is the
+    // backstop should it not have.
+    if engine.current_round() == Some(round) {
+        engine.handle_timeout(deadline);
+    }
+    let report = match engine.poll_event() {
+        Some(EngineEvent::RoundClosed(r)) => r,
+        Some(other) => unreachable!("no task is assigned while a round is open: {other:?}"),
+        None => unreachable!("the round closed by its deadline at the latest"),
+    };
+    (RoundTrace { start, deadline, dropped, arrivals, report }, upload_bytes)
+}
