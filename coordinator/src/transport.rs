@@ -6,7 +6,7 @@
 //! changed, gives new handshakes the new list, and closes every open connection whose
 //! certificate is revoked or has expired.
 //!
-//! This and `main.rs` are the only coordinator code that touches quinn or tokio.
+//! This is the only coordinator module that names quinn or rustls.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -57,6 +57,24 @@ pub struct Peer {
     pub identity: Identity,
     /// The QUIC connection.
     pub connection: quinn::Connection,
+}
+
+impl Peer {
+    /// A handle that can end this peer's connection later.
+    pub fn closer(&self) -> Closer {
+        Closer(self.connection.clone())
+    }
+}
+
+/// Ends a peer's connection (the fleet keeps one per device to close a superseded session).
+#[derive(Debug, Clone)]
+pub struct Closer(quinn::Connection);
+
+impl Closer {
+    /// Closes the connection, telling the peer `reason`.
+    pub fn close(&self, reason: &str) {
+        self.0.close(4u32.into(), reason.as_bytes());
+    }
 }
 
 /// A QUIC endpoint accepting mutually authenticated connections.

@@ -184,8 +184,11 @@ impl SimConfig {
         if !(self.dropout >= 0.0 && self.dropout < 1.0) {
             return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
         }
-        if !(self.round_timeout_s > 0.0 && self.round_timeout_s <= 1e9) {
-            return bad(format!("round_timeout_s must be in (0, 1e9] seconds, got {}", self.round_timeout_s));
+        if !(self.round_timeout_s >= 0.001 && self.round_timeout_s <= 604_800.0) {
+            return bad(format!(
+                "round_timeout_s must be 0.001 to 604800 seconds (a week), got {}",
+                self.round_timeout_s
+            ));
         }
         self.speed.validate().map_err(ConfigError::Invalid)?;
         if self.eval_every == 0 {
@@ -264,7 +267,7 @@ impl SimConfig {
             over_commit: 0.0,
             accept_failures: true,
             max_failures: None,
-            // Virtual time: rounds never wait on a wall clock. Validated to be in (0, 1e9]
+            // Virtual time: rounds never wait on a wall clock. Validated to be in [0.001, 604800]
             // (a NaN is refused before this is used).
             round_timeout: std::time::Duration::try_from_secs_f64(self.round_timeout_s)
                 .unwrap_or(std::time::Duration::from_secs(3600)),
@@ -318,8 +321,8 @@ mod tests {
             ("partition = \"dirichlet\"\nalpha = 0.0", "alpha must be positive"),
             ("dropout = 1.0", "dropout must be in [0, 1)"),
             ("devices = \"many\"", "line 1: invalid type"),
-            ("round_timeout_s = 0.0", "round_timeout_s must be in (0, 1e9] seconds, got 0"),
-            ("round_timeout_s = nan", "round_timeout_s must be in (0, 1e9] seconds, got NaN"),
+            ("round_timeout_s = 0.0", "round_timeout_s must be 0.001 to 604800 seconds (a week), got 0"),
+            ("round_timeout_s = nan", "round_timeout_s must be 0.001 to 604800 seconds (a week), got NaN"),
             (
                 "[speed]\ncompute_samples_per_s = -5.0",
                 "speed.compute_samples_per_s must be positive and finite, got -5",

@@ -35,7 +35,7 @@ impl Coordinator {
             }
         };
         let training = hello.purpose == SessionPurpose::Train;
-        let session = training.then(|| (hello.capabilities, peer.connection.clone()));
+        let session = training.then(|| (hello.capabilities, peer.closer()));
         let Some((id, session)) = self.handle_connected(&peer.identity.id, session) else {
             return;
         };
@@ -120,7 +120,7 @@ impl Coordinator {
     fn handle_connected(
         &self,
         name: &str,
-        training: Option<(fedge_core::wire::Capabilities, quinn::Connection)>,
+        training: Option<(fedge_core::wire::Capabilities, crate::transport::Closer)>,
     ) -> Option<(DeviceId, Option<u64>)> {
         let order = self.ordered();
         let known = {
@@ -156,7 +156,7 @@ impl Coordinator {
         };
         self.settle(&order);
         if let Some(old) = superseded {
-            old.close(quinn::VarInt::from_u32(0), b"superseded by a newer session of this device");
+            old.close("superseded by a newer session of this device");
         }
         Some((id, session))
     }
