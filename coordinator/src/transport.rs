@@ -80,6 +80,9 @@ impl Closer {
 /// A QUIC endpoint accepting mutually authenticated connections.
 pub struct Listener {
     endpoint: quinn::Endpoint,
+    /// Finished handshakes, from the [`handshakes`] task.
+    handshaken: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Handshaken>>,
+    handshaker: tokio::task::JoinHandle<()>,
     certs: CertDir,
     /// Admitted connections with their certificate's serial and end of validity.
     live: Mutex<Vec<Live>>,
@@ -114,7 +117,16 @@ impl Listener {
         let revoked = revoked_serials(&crl);
         let config = fedge_net::server_config(&certs.ca_pem(), &server.cert, &server.key, Some(&certs.crl_pem()))?;
         let endpoint = quinn::Endpoint::server(config, addr).map_err(|cause| TransportError::Bind { addr, cause })?;
-        Ok(Self { endpoint, certs: certs.clone(), live: Mutex::new(Vec::new()), crl: Mutex::new((crl, revoked)) })
+        let (done, handshaken) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
+        let handshaker = tokio::spawn(handshakes(endpoint.clone(), done));
+        Ok(Self {
+            endpoint,
+            handshaken: tokio::sync::Mutex::new(handshaken),
+            handshaker,
+            certs: certs.clone(),
+            live: Mutex::new(Vec::new()),
+            crl: Mutex::new((crl, revoked)),
+        })
     }
 
     /// Applies revocation and expiry to what is already connected: when the CRL file changed,
@@ -163,14 +175,12 @@ impl Listener {
         self.endpoint.local_addr()
     }
 
-    /// Waits for the next connection attempt and completes its handshake. `None` once the
-    /// endpoint is closed; `Some(Err(_))` for a refused peer (the listener keeps going).
+    /// The next admitted peer (handshakes run concurrently, see [`handshakes`]). `None` once
+    /// the endpoint is closed; `Some(Err(_))` for a refused peer (the listener keeps going).
     pub async fn accept(&self) -> Option<Result<Peer, TransportError>> {
-        let incoming = self.endpoint.accept().await?;
-        let remote = incoming.remote_address();
-        let connection = match incoming.await {
-            Ok(c) => c,
-            Err(e) => return Some(Err(TransportError::Handshake { remote, reason: e.to_string() })),
+        let (remote, connection) = match self.handshaken.lock().await.recv().await? {
+            Ok(done) => done,
+            Err(e) => return Some(Err(e)),
         };
         let identity = connection
             .peer_identity()
@@ -199,6 +209,57 @@ impl Listener {
     /// Stops accepting and closes every connection.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // The handshake task holds an endpoint handle: without it the endpoint goes with us.
+        self.handshaker.abort();
+    }
+}
+
+/// Handshakes in progress at most; past half of it, new peers must first prove their address
+/// (QUIC retry), and when it is full they are refused.
+pub const MAX_HANDSHAKES: usize = 256;
+/// The longest a handshake may take.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+type Handshaken = Result<(SocketAddr, quinn::Connection), TransportError>;
+
+/// Accepts connection attempts and runs each handshake on its own task, bounded in time and in
+/// number, so a peer that sends a first packet and goes quiet delays nobody else.
+async fn handshakes(endpoint: quinn::Endpoint, done: tokio::sync::mpsc::Sender<Handshaken>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    while let Some(incoming) = endpoint.accept().await {
+        let free = slots.available_permits();
+        if free == 0 {
+            incoming.refuse();
+            continue;
+        }
+        if free < MAX_HANDSHAKES / 2 && !incoming.remote_address_validated() && incoming.may_retry() {
+            // Under load: a stateless retry costs us nothing until the peer proves its address.
+            let _ = incoming.retry();
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let done = done.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(connection)) => Ok((remote, connection)),
+                Ok(Err(e)) => Err(TransportError::Handshake { remote, reason: e.to_string() }),
+                Err(_) => Err(TransportError::Handshake {
+                    remote,
+                    reason: format!("no complete handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+                }),
+            };
+            drop(slot);
+            let _ = done.send(result).await;
+        });
     }
 }
 
