@@ -191,6 +191,19 @@ impl Listener {
                 if let Some((serial, not_after)) = leaf_validity(&connection) {
                     let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
                     live.retain(|l| l.connection.close_reason().is_none());
+                    // One certificate, a few connections (a device's training and inference
+                    // sessions, a restart overlapping the old one): not thousands.
+                    if live.iter().filter(|l| l.serial == serial).count() >= MAX_CONNECTIONS_PER_CERTIFICATE {
+                        drop(live);
+                        connection.close(6u32.into(), b"too many connections with this certificate");
+                        return Some(Err(TransportError::Handshake {
+                            remote,
+                            reason: format!(
+                                "{}: more than {MAX_CONNECTIONS_PER_CERTIFICATE} connections with one certificate",
+                                identity.id
+                            ),
+                        }));
+                    }
                     live.push(Live { connection: connection.clone(), serial, not_after });
                 }
                 Some(Ok(Peer { identity, connection }))
@@ -218,6 +231,9 @@ impl Drop for Listener {
         self.handshaker.abort();
     }
 }
+
+/// Open connections one certificate may hold.
+pub const MAX_CONNECTIONS_PER_CERTIFICATE: usize = 4;
 
 /// Handshakes in progress at most; past half of it, new peers must first prove their address
 /// (QUIC retry), and when it is full they are refused.
@@ -298,6 +314,22 @@ impl HelloError {
 /// Runs the opening exchange of a device connection: reads its `Hello` on the first stream,
 /// checks protocol version and role, and answers `Welcome` (or a typed `Error`).
 pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {
+    match tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(peer, model_version)).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            peer.connection.close(5u32.into(), b"no Hello in time");
+            Err(HelloError::Frame(fedge_net::FrameError::Closed(format!(
+                "no Hello within {} s",
+                HELLO_TIMEOUT.as_secs()
+            ))))
+        }
+    }
+}
+
+/// The longest a connected device may take to say Hello.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn hello_exchange(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {
     let (mut send, mut recv) =
         peer.connection.accept_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
     let refuse = |code, message: String| Message::Error { code, message };

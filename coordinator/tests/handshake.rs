@@ -95,3 +95,46 @@ async fn a_silent_half_open_peer_does_not_hold_up_other_devices() {
     }
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holds_a_few_connections_not_many() {
+    use fedge_coordinator::transport::MAX_CONNECTIONS_PER_CERTIFICATE as MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let dev = ca.issue(Role::Device, "dev-0", 1).unwrap();
+    let other = ca.issue(Role::Device, "dev-1", 1).unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        let mut peers = Vec::new();
+        while let Some(peer) = listener.accept().await {
+            let _ = tx.send(peer.as_ref().map(|p| p.identity.id.clone()).map_err(|e| e.to_string()));
+            if let Ok(p) = peer {
+                peers.push(p);
+            }
+        }
+    });
+    let connect = |d: &fedge_coordinator::certs::Issued| {
+        let config = fedge_net::client_config(&ca.ca_pem(), &d.cert, &d.key).unwrap();
+        fedge_net::Client::connect(addr, "localhost", config)
+    };
+    let mut held = Vec::new();
+    for _ in 0..MAX {
+        held.push(connect(&dev).await.unwrap());
+        assert_eq!(rx.recv().await.unwrap(), Ok("dev-0".to_string()));
+    }
+    let extra = connect(&dev).await.unwrap();
+    let refused = rx.recv().await.unwrap().unwrap_err();
+    assert!(refused.contains("connections with one certificate"), "{refused}");
+    let reason = tokio::time::timeout(Duration::from_secs(5), extra.connection.closed()).await.unwrap();
+    assert!(reason.to_string().contains("too many connections"), "{reason}");
+    // Another certificate is not affected, and a closed connection frees its place.
+    let _other = connect(&other).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap(), Ok("dev-1".to_string()));
+    held.pop().unwrap().connection.close(0u32.into(), b"bye");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _again = connect(&dev).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap(), Ok("dev-0".to_string()));
+    server.abort();
+}

@@ -57,6 +57,9 @@ fn roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    // Fedge speaks on bidirectional streams only: a peer may open no unidirectional stream
+    // (whose data would otherwise sit in memory, never read).
+    t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(std::time::Duration::from_secs(10)).expect("10 s is a valid idle timeout"),
     ));
