@@ -24,6 +24,10 @@ pub const MAX_CHUNK_BYTES: u32 = 4 << 20;
 
 /// How many global versions are kept for devices still fetching them.
 const KEEP_VERSIONS: usize = 4;
+/// How many registered versions' blobs are kept in memory: the least recently used goes first
+/// (a device asking for every old version in turn cannot make us hold them all; an evicted
+/// one is read from disk again when asked for).
+pub(super) const KEEP_BLOBS: usize = 8;
 
 /// What devices can download, in memory.
 pub(super) struct DownloadCache {
@@ -31,14 +35,17 @@ pub(super) struct DownloadCache {
     models: BTreeMap<u64, Arc<ModelParams>>,
     /// Their `Model` messages, encoded once and sent to every device.
     encoded: BTreeMap<u64, EncodedModel>,
-    /// Registered versions' blobs: kept when registered in this run or first sent.
-    blobs: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Registered versions' blobs (kept when registered in this run or first sent), each with
+    /// when it was last used; at most [`KEEP_BLOBS`].
+    blobs: BTreeMap<u64, (Arc<Vec<u8>>, u64)>,
+    /// The clock of `blobs`' last uses.
+    uses: u64,
 }
 
 impl DownloadCache {
     /// A cache holding global version `version`.
     pub(super) fn new(version: u64, params: Arc<ModelParams>) -> Self {
-        Self { models: BTreeMap::from([(version, params)]), encoded: BTreeMap::new(), blobs: BTreeMap::new() }
+        Self { models: BTreeMap::from([(version, params)]), encoded: BTreeMap::new(), blobs: BTreeMap::new(), uses: 0 }
     }
 
     /// The parameters of global version `v`, if kept.
@@ -69,9 +76,27 @@ impl DownloadCache {
         }
     }
 
-    /// The blob of registered version `v`.
+    /// The blob of registered version `v`, now the most recently used; the least recently
+    /// used goes when more than [`KEEP_BLOBS`] are kept.
     pub(super) fn keep_blob(&mut self, v: u64, blob: Arc<Vec<u8>>) {
-        self.blobs.insert(v, blob);
+        self.uses += 1;
+        self.blobs.insert(v, (blob, self.uses));
+        while self.blobs.len() > KEEP_BLOBS {
+            let Some(oldest) = self.blobs.iter().min_by_key(|(_, (_, used))| *used).map(|(v, _)| *v) else { break };
+            self.blobs.remove(&oldest);
+        }
+    }
+
+    /// Whether registered version `v`'s blob is in memory; marks it used.
+    pub(super) fn use_blob(&mut self, v: u64) -> bool {
+        self.uses += 1;
+        match self.blobs.get_mut(&v) {
+            Some((_, used)) => {
+                *used = self.uses;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Forgets all but the last few global versions.
@@ -149,7 +174,7 @@ impl State {
 
     /// A chunk of registered version `version`'s blob.
     pub(super) fn blob_chunk(&self, version: u64, offset: u64, max_len: u32, metrics: &Metrics) -> Message {
-        let Some(blob) = self.downloads.blobs.get(&version) else { return not_kept(version) };
+        let Some((blob, _)) = self.downloads.blobs.get(&version) else { return not_kept(version) };
         match chunk(blob.len(), offset, max_len) {
             Some(range) => {
                 metrics.sent(range.len());
@@ -197,8 +222,8 @@ impl Coordinator {
     /// it is not there yet. A failure is logged; the device is then told the version is not kept.
     async fn cache_blob(&self, v: u64) {
         let (hash, format, blobs) = {
-            let s = self.lock();
-            if s.downloads.blobs.contains_key(&v) {
+            let mut s = self.lock();
+            if s.downloads.use_blob(v) {
                 return;
             }
             match (s.registry.records.get(&v), &s.registry.blob_store) {
@@ -225,6 +250,25 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blobs_kept_are_bounded_and_the_least_recently_used_goes() {
+        let layout = Arc::new(
+            fedge_core::ParamLayout::new(vec![fedge_core::TensorSpec { name: "w".into(), shape: vec![1] }]).unwrap(),
+        );
+        let mut cache = DownloadCache::new(0, Arc::new(ModelParams::new(layout, vec![0.0]).unwrap()));
+        for v in 0..KEEP_BLOBS as u64 {
+            cache.keep_blob(v, Arc::new(vec![v as u8]));
+        }
+        assert!(cache.use_blob(0), "v0 used again: now the most recent");
+        for v in 100..103 {
+            cache.keep_blob(v, Arc::new(vec![1]));
+        }
+        assert_eq!(cache.blobs.len(), KEEP_BLOBS);
+        let kept: Vec<u64> = cache.blobs.keys().copied().collect();
+        assert_eq!(kept, vec![0, 4, 5, 6, 7, 100, 101, 102]);
+        assert!(!cache.use_blob(1));
+    }
 
     #[test]
     fn chunks_cover_a_download_and_stop_at_its_end() {
