@@ -64,6 +64,18 @@ pub enum StoreError {
     /// A stored record cannot be read.
     #[error("stored {0} is unreadable")]
     Record(&'static str),
+    /// Model blobs without the database that numbers them: starting fresh would reuse version
+    /// numbers for other content (devices cache by version).
+    #[error(
+        "{} holds {blobs} model blob(s) but its state.redb is missing or empty: refusing to start a new fleet at v0 beside them (version numbers would be reused); restore state.redb from a backup, or move the folder away to start anew",
+        dir.display()
+    )]
+    LostDatabase {
+        /// The state folder.
+        dir: PathBuf,
+        /// Blobs found.
+        blobs: usize,
+    },
 }
 
 fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
@@ -188,7 +200,19 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let io = |cause| StoreError::Io { path: dir.to_path_buf(), cause };
         std::fs::create_dir_all(dir.join("blobs")).map_err(io)?;
-        let db = Database::create(dir.join("state.redb")).map_err(db_err)?;
+        let db_path = dir.join("state.redb");
+        let empty = std::fs::metadata(&db_path).map_or(true, |m| m.len() == 0);
+        if empty {
+            let blobs = std::fs::read_dir(dir.join("blobs"))
+                .map_err(io)?
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "bin"))
+                .count();
+            if blobs > 0 {
+                return Err(StoreError::LostDatabase { dir: dir.to_path_buf(), blobs });
+            }
+        }
+        let db = Database::create(db_path).map_err(db_err)?;
         let tx = db.begin_write().map_err(db_err)?;
         {
             tx.open_table(META).map_err(db_err)?;

@@ -117,3 +117,27 @@ fn an_update_is_kept_as_the_bytes_given() {
     assert_eq!(s.update_bytes(2, 5).unwrap(), Some(bytes));
     assert_eq!(s.update_bytes(2, 6).unwrap(), None);
 }
+
+#[test]
+fn blobs_without_their_database_are_not_a_fresh_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.save_model(0, 0, &params(0.0)).unwrap();
+        s.save_model(1, 1, &params(1.0)).unwrap();
+    }
+    let db = dir.path().join("state.redb");
+    // Truncated to nothing, then gone: both refused, naming the way out; nothing is created.
+    std::fs::write(&db, b"").unwrap();
+    for _ in 0..2 {
+        let err = Store::open(dir.path()).map(|_| ()).unwrap_err();
+        assert!(matches!(err, StoreError::LostDatabase { blobs: 2, .. }), "{err}");
+        assert!(err.to_string().contains("move the folder away"), "{err}");
+        std::fs::remove_file(&db).ok();
+        assert!(!db.exists());
+    }
+    // An empty folder is a fresh start.
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::write(fresh.path().join("state.redb"), b"").unwrap();
+    assert!(Store::open(fresh.path()).unwrap().latest().unwrap().is_none());
+}
