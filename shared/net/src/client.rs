@@ -46,13 +46,15 @@ impl Client {
         endpoint.set_default_client_config(config);
         let connecting =
             endpoint.connect(addr, server_name).map_err(|e| ClientError::Connect { addr, reason: e.to_string() })?;
-        let connection = connecting.await.map_err(|e| ClientError::Connect { addr, reason: e.to_string() })?;
+        let connection =
+            connecting.await.map_err(|e| ClientError::Connect { addr, reason: crate::frame::explain(&e) })?;
         Ok(Self { endpoint, connection })
     }
 
     /// Sends `msg` on a new stream and reads the answer.
     pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
-        let (mut send, mut recv) = self.connection.open_bi().await.map_err(|e| FrameError::Closed(e.to_string()))?;
+        let (mut send, mut recv) =
+            self.connection.open_bi().await.map_err(|e| FrameError::Closed(crate::frame::explain(&e)))?;
         write_message(&mut send, msg).await?;
         let _ = send.finish();
         Ok(read_message(&mut recv).await?)

@@ -22,6 +22,61 @@ pub enum FrameError {
     Decode(#[from] DecodeError),
 }
 
+/// Why a stream or connection ended, in words a person can act on. quinn's "connection lost"
+/// keeps its cause in the error's source: a certificate the other side refused is named from
+/// the TLS alert QUIC carries ("the peer refused this certificate: revoked"), a close by the
+/// peer with its reason, anything else as the error and its causes.
+pub fn explain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        match err.downcast_ref::<quinn::ConnectionError>() {
+            Some(quinn::ConnectionError::ConnectionClosed(close)) => {
+                let code = u64::from(close.error_code);
+                let alert = code.checked_sub(0x100).filter(|a| *a < 0x100).and_then(|a| certificate_alert(a as u8));
+                if let Some(why) = alert {
+                    let detail = String::from_utf8_lossy(&close.reason);
+                    return if detail.is_empty() {
+                        format!("the peer refused this certificate: {why}")
+                    } else {
+                        format!("the peer refused this certificate: {why} ({detail})")
+                    };
+                }
+            }
+            Some(quinn::ConnectionError::ApplicationClosed(close)) if !close.reason.is_empty() => {
+                return format!("closed by the peer: {}", String::from_utf8_lossy(&close.reason));
+            }
+            _ => {}
+        }
+        cause = err.source();
+    }
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(err) = cause {
+        let more = err.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = err.source();
+    }
+    text
+}
+
+/// The certificate problem a TLS alert names (RFC 8446 section 6), if it names one.
+fn certificate_alert(alert: u8) -> Option<&'static str> {
+    Some(match alert {
+        42 => "bad certificate",
+        43 => "unsupported certificate",
+        44 => "revoked",
+        45 => "expired",
+        46 => "not valid (unknown or not yet valid)",
+        48 => "signed by an unknown CA",
+        49 => "access denied",
+        51 => "its signature does not verify (issued by another CA?)",
+        116 => "a client certificate is required",
+        _ => return None,
+    })
+}
+
 /// Writes one message as a frame.
 pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), FrameError> {
     write_encoded(send, &codec::encode(msg)).await
@@ -33,8 +88,8 @@ pub async fn write_encoded(send: &mut quinn::SendStream, bytes: &[u8]) -> Result
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(FrameError::TooLarge(bytes.len()));
     }
-    send.write_all(&(bytes.len() as u32).to_le_bytes()).await.map_err(|e| FrameError::Closed(e.to_string()))?;
-    send.write_all(bytes).await.map_err(|e| FrameError::Closed(e.to_string()))
+    send.write_all(&(bytes.len() as u32).to_le_bytes()).await.map_err(|e| FrameError::Closed(explain(&e)))?;
+    send.write_all(bytes).await.map_err(|e| FrameError::Closed(explain(&e)))
 }
 
 /// Writes one frame whose bytes come in two parts (an encoded prefix and bytes held
@@ -44,7 +99,7 @@ pub async fn write_parts(send: &mut quinn::SendStream, head: &[u8], tail: &[u8])
     if len > MAX_MESSAGE_BYTES {
         return Err(FrameError::TooLarge(len));
     }
-    let closed = |e: quinn::WriteError| FrameError::Closed(e.to_string());
+    let closed = |e: quinn::WriteError| FrameError::Closed(explain(&e));
     send.write_all(&(len as u32).to_le_bytes()).await.map_err(closed)?;
     send.write_all(head).await.map_err(closed)?;
     send.write_all(tail).await.map_err(closed)
@@ -65,12 +120,12 @@ pub async fn read_message_sized(recv: &mut quinn::RecvStream) -> Result<(Message
 /// message, without its length prefix), for a receiver that keeps them as they came.
 pub async fn read_message_bytes(recv: &mut quinn::RecvStream) -> Result<(Message, Vec<u8>), FrameError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.map_err(|e| FrameError::Closed(e.to_string()))?;
+    recv.read_exact(&mut len).await.map_err(|e| FrameError::Closed(explain(&e)))?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_MESSAGE_BYTES {
         return Err(FrameError::TooLarge(len));
     }
     let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await.map_err(|e| FrameError::Closed(e.to_string()))?;
+    recv.read_exact(&mut buf).await.map_err(|e| FrameError::Closed(explain(&e)))?;
     Ok((codec::decode(&buf)?, buf))
 }
