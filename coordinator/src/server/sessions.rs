@@ -82,7 +82,9 @@ impl Coordinator {
                         message: "an inference session does not train: connect for training".into(),
                     })
                 }
-                Message::TrainResult(result) => Reply::Message(self.handle_train_result(id, result, &received)),
+                Message::TrainResult(result) => {
+                    Reply::Message(self.handle_train_result(id, &peer.identity.id, result, &received))
+                }
                 other => {
                     self.prepare_download(&other).await;
                     self.answer(id, other)
@@ -180,10 +182,10 @@ impl Coordinator {
         self.settle(&order);
     }
 
-    /// Device `id` uploaded `result` (`received`: its frame as it arrived): checked, then
+    /// Device `id` (certificate id `name`) uploaded `result` (`received`: its frame as it arrived): checked, then
     /// made durable as received (the state lock released), then counted, then acknowledged:
     /// an `Ack` means the update survives a crash.
-    fn handle_train_result(&self, id: DeviceId, result: TrainResult, received: &[u8]) -> Message {
+    fn handle_train_result(&self, id: DeviceId, name: &str, result: TrainResult, received: &[u8]) -> Message {
         let order = self.ordered();
         let checked = self.lock().rounds.engine.check_train_result(id, &result);
         let reply = match checked {
@@ -211,7 +213,7 @@ impl Coordinator {
             Ok(round) => Message::Ack { round },
             Err((code, message)) => {
                 self.metrics.rejected(code);
-                eprintln!("device {id}: update refused ({code:?}): {message}");
+                eprintln!("device {name}: update refused ({code:?}): {message}");
                 Message::Error { code, message }
             }
         }

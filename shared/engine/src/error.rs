@@ -83,10 +83,12 @@ pub enum RejectReason {
         version: u64,
     },
     /// The device was not selected for this round.
-    #[error("device {0} was not selected for this round")]
+    // The refusal goes to the device itself: no internal number in it (the coordinator's logs
+    // name the device by its certificate id).
+    #[error("this device was not selected for this round")]
     NotSelected(DeviceId),
     /// The device already answered this round; the first answer stands.
-    #[error("device {0} already answered this round")]
+    #[error("this device already answered this round; the first answer stands")]
     Duplicate(DeviceId),
     /// Wrong shape or non-finite values.
     #[error("invalid update: {0}")]
