@@ -216,9 +216,9 @@ fn issue_13_a_slow_device_misses_the_deadline_as_the_engine_decides() {
         let model_bytes =
             codec::encode(&Message::Model { version: 0, hash: initial.content_hash(), params: initial.clone() }).len()
                 as u64;
-        let config = c.engine_config();
+        let config = c.engine_config().unwrap();
         let noise = Box::new(fedge_core::rng::derive_rng(c.seed, &[fedge_core::rng::stream::SERVER_NOISE]));
-        let strategy = strategy::for_config(&config, noise);
+        let strategy = strategy::build(&config, noise);
         let mut engine = RoundEngine::new(config, strategy, initial).unwrap();
         for d in 0..c.devices as DeviceId {
             engine.handle_device_available(d);

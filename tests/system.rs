@@ -21,13 +21,13 @@ use fedge_learn::{BackendKind, ModelKind, Trainer};
 use tokio::task::JoinHandle;
 
 /// One local epoch of SGD in minibatches of 10, clipped to `clip_norm` if given.
-fn one_epoch(clip_norm: Option<f32>) -> TrainConfig {
+pub(crate) fn one_epoch(clip_norm: Option<f32>) -> TrainConfig {
     TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm, local_dp: None }
 }
 
 /// Waits until the device sessions of a stopped coordinator have noticed their closed
 /// connections and let go of it (so its store can be opened again).
-async fn released(coordinator: &Arc<Coordinator>) {
+pub(crate) async fn released(coordinator: &Arc<Coordinator>) {
     tokio::time::timeout(Duration::from_secs(30), async {
         while Arc::strong_count(coordinator) > 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -38,14 +38,14 @@ async fn released(coordinator: &Arc<Coordinator>) {
 }
 
 /// Serves `coordinator` on a free loopback port.
-fn serve(coordinator: &Arc<Coordinator>, ca: &CertDir) -> (SocketAddr, JoinHandle<()>) {
+pub(crate) fn serve(coordinator: &Arc<Coordinator>, ca: &CertDir) -> (SocketAddr, JoinHandle<()>) {
     let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), ca).unwrap();
     let addr = listener.local_addr().unwrap();
     (addr, tokio::spawn(coordinator.clone().serve(listener)))
 }
 
 /// Connects with the device certificate `name` (already issued by `ca`) and says Hello.
-async fn join(addr: SocketAddr, ca: &CertDir, name: &str, num_samples: u64) -> (Link, Welcome) {
+pub(crate) async fn join(addr: SocketAddr, ca: &CertDir, name: &str, num_samples: u64) -> (Link, Welcome) {
     let tls = DeviceTls {
         ca: ca.ca_pem(),
         cert: ca.dir().join(format!("devices/{name}.pem")),
@@ -57,10 +57,10 @@ async fn join(addr: SocketAddr, ca: &CertDir, name: &str, num_samples: u64) -> (
     (link, welcome)
 }
 
-type ClientTask = JoinHandle<Result<(), ClientError>>;
+pub(crate) type ClientTask = JoinHandle<Result<(), ClientError>>;
 
 /// Runs a 2NN edge client over `link` on examples `indices` of `train`.
-fn spawn_client(
+pub(crate) fn spawn_client(
     link: Link,
     train: &Arc<Dataset>,
     indices: Vec<usize>,

@@ -4,5 +4,6 @@ mod data;
 mod hybrid;
 mod layering;
 mod simulation;
+mod strategies;
 mod system;
 mod transport;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedge_core::privacy::AdaptiveClipConfig;
-use fedge_engine::{EngineConfig, TrainingKeys};
+use fedge_engine::{ConfigError, EngineConfig, StrategyOptions, TrainingKeys};
 use serde::{Deserialize, Serialize};
 
 /// The coordinator's configuration file.
@@ -78,6 +78,11 @@ pub struct ServeConfig {
     pub blob_store: Option<String>,
     /// Inference on escalated requests: batching window, batch size, per-device rate limit.
     pub inference: crate::inference::InferenceConfig,
+    /// Aggregation strategy by name (`fedavg`, `fedadam`, `trimmed-mean`, ...; see
+    /// docs/operations.md).
+    pub strategy: String,
+    /// The strategy's parameters (the `[strategy_options]` table).
+    pub strategy_options: StrategyOptions,
 }
 
 impl Default for ServeConfig {
@@ -114,6 +119,8 @@ impl Default for ServeConfig {
             auto_promote: true,
             blob_store: None,
             inference: crate::inference::InferenceConfig::default(),
+            strategy: "fedavg".into(),
+            strategy_options: StrategyOptions::default(),
         }
     }
 }
@@ -134,10 +141,10 @@ impl ServeConfig {
         }
     }
 
-    /// The round engine's part.
-    pub fn engine(&self) -> EngineConfig {
+    /// The round engine's part, checked.
+    pub fn engine(&self) -> Result<EngineConfig, ConfigError> {
         let keys = self.training_keys();
-        EngineConfig {
+        let mut c = EngineConfig {
             fraction: self.fraction,
             min_train_clients: self.min_train_clients,
             over_commit: self.over_commit,
@@ -148,6 +155,29 @@ impl ServeConfig {
             seed: self.seed,
             privacy: keys.central_dp(),
             max_samples_per_result: self.max_samples_per_device,
-        }
+            ..EngineConfig::default()
+        };
+        c.set_strategy(&self.strategy, &self.strategy_options)?;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedge_core::config_file::parse_toml;
+    use fedge_engine::StrategyConfig;
+
+    #[test]
+    fn the_strategy_is_chosen_by_name_with_its_options() {
+        let c: ServeConfig =
+            parse_toml("strategy = \"trimmed-mean\"\n[strategy_options]\ntrim_fraction = 0.1").unwrap();
+        assert_eq!(c.engine().unwrap().strategy, StrategyConfig::TrimmedMean { fraction: 0.1 });
+        assert_eq!(ServeConfig::default().engine().unwrap().strategy, StrategyConfig::FedAvg { server_lr: 1.0 });
+        let bad = |toml: &str| parse_toml::<ServeConfig>(toml).unwrap().engine().unwrap_err().to_string();
+        assert!(bad("strategy = \"krumm\"").contains("unknown strategy `krumm`"));
+        assert!(bad("strategy = \"fedyogi\"\n[strategy_options]\nbeta2 = 2.0").contains("beta2 must be in [0, 1)"));
+        assert_eq!(parse_toml::<ServeConfig>("[strategy_options]\nmu = 1.0").unwrap_err().0, 2);
     }
 }

@@ -246,7 +246,7 @@ fn real_main() -> anyhow::Result<()> {
                 anyhow::ensure!(c.noise_multiplier.is_some(), "--target-epsilon needs central DP (noise_multiplier)");
                 c.target_epsilon = target_epsilon;
             }
-            c.engine().validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            c.engine().map_err(|e| anyhow::anyhow!("{e}"))?;
             return tokio::runtime::Runtime::new()?
                 .block_on(async {
                     fedge_coordinator::service::run(

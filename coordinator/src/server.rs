@@ -135,7 +135,7 @@ struct Ordered<'a> {
 impl Coordinator {
     /// A coordinator whose model version 0 is `initial`, with state in memory only.
     pub fn new(config: EngineConfig, initial: ModelParams) -> Result<Arc<Self>, ConfigError> {
-        let strategy = strategy::for_config(&config, os_noise_rng());
+        let strategy = strategy::build(&config, os_noise_rng());
         let engine = RoundEngine::new(config, strategy, initial)?;
         Ok(Self::from_engine(engine, None, BTreeMap::new()))
     }
@@ -156,8 +156,21 @@ impl Coordinator {
                 {
                     p.clip_norm = last.clip_norm;
                 }
-                let strategy = strategy::for_config(&config, os_noise_rng());
+                let strategy = strategy::build(&config, os_noise_rng());
                 let mut engine = RoundEngine::restore(config, strategy, r.params, r.version, r.last_round)?;
+                // The strategy's moments or centre come back with the version they were saved
+                // with; state of another strategy (the configuration changed) is dropped, loudly.
+                if let Some(saved) = r.server_state.filter(|s| s.version == r.version) {
+                    let (name, strategy) = (saved.strategy.clone(), engine.config().strategy.name());
+                    let state =
+                        fedge_engine::strategy::ServerState { strategy: saved.strategy, vectors: saved.vectors };
+                    if let Err(e) = engine.restore_server_state(state) {
+                        eprintln!(
+                            "the {name} state saved with version {} is not restored into {strategy}: {e}",
+                            r.version
+                        );
+                    }
+                }
                 for (version, evaluation) in r.evaluations {
                     engine.handle_evaluation(version, evaluation);
                 }
@@ -168,7 +181,7 @@ impl Coordinator {
             }
             None => {
                 store.save_model(0, 0, &initial)?;
-                let strategy = strategy::for_config(&config, os_noise_rng());
+                let strategy = strategy::build(&config, os_noise_rng());
                 (RoundEngine::new(config, strategy, initial)?, 0, None, Vec::new())
             }
         };

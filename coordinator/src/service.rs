@@ -82,7 +82,8 @@ pub async fn run(
     };
     let initial = evaluator.initial_params(c.seed);
     let store = Store::open(&c.state_dir)?;
-    let coordinator = Coordinator::with_store(c.engine(), initial, store)?;
+    let engine = c.engine().map_err(|e| ServiceError::Config(e.to_string()))?;
+    let coordinator = Coordinator::with_store(engine, initial, store)?;
     coordinator.set_signer(signer, &c.model);
     if let Some(url) = &c.blob_store {
         coordinator.set_blob_store(crate::blobs::BlobStore::from_url(url)?);

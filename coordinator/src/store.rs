@@ -41,6 +41,9 @@ const REGISTRY: TableDefinition<u64, &[u8]> = TableDefinition::new("registry");
 
 const OPEN_ROUND: &str = "open_round";
 const SETTINGS: &str = "settings";
+/// The strategy's server state saved with the latest model version (encoded
+/// [`StoredServerState`]).
+const SERVER_STATE: &str = "server_state";
 /// Promotion history (encoded `Vec<u64>`, last = promoted now).
 const PROMOTIONS: &str = "promotions";
 
@@ -138,6 +141,18 @@ pub struct RoundRecord {
     pub population: u64,
 }
 
+/// What the aggregation strategy carries between rounds (optimiser moments, a centre), saved
+/// in the transaction that records the model version it belongs to.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct StoredServerState {
+    /// The model version it was saved with.
+    pub version: u64,
+    /// The strategy that saved it.
+    pub strategy: String,
+    /// Its vectors.
+    pub vectors: Vec<Vec<f32>>,
+}
+
 /// A round that was open when the coordinator stopped.
 #[derive(Debug, Clone)]
 pub struct OpenRound {
@@ -166,6 +181,8 @@ pub struct Restored {
     pub evaluations: Vec<(u64, Evaluation)>,
     /// Every closed round, oldest first.
     pub rounds: Vec<RoundLine>,
+    /// The strategy's state saved with the latest model version, if any.
+    pub server_state: Option<StoredServerState>,
 }
 
 /// A global model version encoded once: the `Model` message the store keeps as the version's
@@ -384,15 +401,17 @@ impl Store {
         rounds_left: u64,
     ) -> Result<(), StoreError> {
         let model = aggregated.map(|(version, params)| EncodedModel::new(version, params));
-        self.close_round_encoded(line, model.as_ref(), rounds_left)
+        self.close_round_encoded(line, model.as_ref(), None, rounds_left)
     }
 
     /// [`Store::close_round`] with the new model version already encoded (the coordinator
     /// encodes each version once, for the store and for its downloads alike).
+    /// `server_state`, when given, is saved with the new version in the same transaction.
     pub fn close_round_encoded(
         &self,
         line: &RoundLine,
         aggregated: Option<&EncodedModel>,
+        server_state: Option<&StoredServerState>,
         rounds_left: u64,
     ) -> Result<(), StoreError> {
         let round = line.round;
@@ -409,10 +428,23 @@ impl Store {
             meta.insert("last_round", round).map_err(db_err)?;
             meta.insert("rounds_left", rounds_left).map_err(db_err)?;
             tx.open_table(ROUNDS).map_err(db_err)?.insert(round, encode_record(line).as_slice()).map_err(db_err)?;
-            tx.open_table(RECORDS).map_err(db_err)?.remove(OPEN_ROUND).map_err(db_err)?;
+            let mut records = tx.open_table(RECORDS).map_err(db_err)?;
+            records.remove(OPEN_ROUND).map_err(db_err)?;
+            if let (Some(_), Some(state)) = (aggregated, server_state) {
+                records.insert(SERVER_STATE, encode_record(state).as_slice()).map_err(db_err)?;
+            }
+            drop(records);
             let mut updates = tx.open_table(UPDATES).map_err(db_err)?;
             updates.retain_in((round, 0)..=(round, u64::MAX), |_, _| false).map_err(db_err)?;
         }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Forgets the saved strategy state (the next start begins the strategy afresh, as after
+    /// a change of strategy).
+    pub fn forget_server_state(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(RECORDS).map_err(db_err)?.remove(SERVER_STATE).map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
@@ -446,6 +478,13 @@ impl Store {
             Some(v) => Some(decode_record::<Settings>(v.value(), "settings")?),
             None => None,
         };
+        let server_state = match records.get(SERVER_STATE).map_err(db_err)? {
+            // One or two model-sized vectors: the message size limit, not the record one.
+            Some(v) => Some(
+                codec::decode_value::<StoredServerState>(v.value()).map_err(|_| StoreError::Record("server state"))?,
+            ),
+            None => None,
+        };
         let open = match records.get(OPEN_ROUND).map_err(db_err)? {
             Some(v) => {
                 let record: RoundRecord = decode_record(v.value(), "open round")?;
@@ -472,7 +511,17 @@ impl Store {
         for row in tx.open_table(ROUNDS).map_err(db_err)?.iter().map_err(db_err)? {
             rounds.push(decode_record::<RoundLine>(row.map_err(db_err)?.1.value(), "round")?);
         }
-        Ok(Some(Restored { version, last_round, params, rounds_left, settings, open, evaluations, rounds }))
+        Ok(Some(Restored {
+            version,
+            last_round,
+            params,
+            rounds_left,
+            settings,
+            open,
+            evaluations,
+            rounds,
+            server_state,
+        }))
     }
 
     /// Stored model versions and their hashes, oldest first.

@@ -8,7 +8,7 @@ use fedge_core::config_file::{ConfigFileError, parse_toml, read_toml};
 use fedge_core::dataset::DatasetName;
 use fedge_core::partition::Partition;
 use fedge_core::privacy::AdaptiveClipConfig;
-use fedge_engine::{EngineConfig, TrainingKeys};
+use fedge_engine::{EngineConfig, StrategyOptions, TrainingKeys};
 use fedge_learn::{BackendKind, DistillConfig, ModelKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -110,6 +110,11 @@ pub struct SimConfig {
     pub proxy_examples: usize,
     /// How to distil.
     pub distill: DistillConfig,
+    /// Aggregation strategy by name (`fedavg`, `fedadam`, `trimmed-mean`, ...; see
+    /// docs/simulations.md).
+    pub strategy: String,
+    /// The strategy's parameters (the `[strategy_options]` table).
+    pub strategy_options: StrategyOptions,
 }
 
 impl Default for SimConfig {
@@ -146,6 +151,8 @@ impl Default for SimConfig {
             student_model: ModelKind::Mlp,
             proxy_examples: 0,
             distill: DistillConfig::default(),
+            strategy: "fedavg".into(),
+            strategy_options: StrategyOptions::default(),
         }
     }
 }
@@ -224,7 +231,7 @@ impl SimConfig {
         if self.min_train_clients > self.devices {
             return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));
         }
-        self.engine_config().validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.engine_config()?;
         match self.partition() {
             Partition::Dirichlet { alpha } if !(alpha.is_finite() && alpha > 0.0) => {
                 bad(format!("alpha must be positive, got {alpha}"))
@@ -258,10 +265,10 @@ impl SimConfig {
         }
     }
 
-    /// The round engine's configuration.
-    pub fn engine_config(&self) -> EngineConfig {
+    /// The round engine's configuration, checked.
+    pub fn engine_config(&self) -> Result<EngineConfig, ConfigError> {
         let keys = self.training_keys();
-        EngineConfig {
+        let mut c = EngineConfig {
             fraction: self.fraction,
             min_train_clients: self.min_train_clients,
             over_commit: 0.0,
@@ -275,13 +282,18 @@ impl SimConfig {
             seed: self.seed,
             privacy: keys.central_dp(),
             ..EngineConfig::default()
-        }
+        };
+        let invalid = |e: fedge_engine::ConfigError| ConfigError::Invalid(e.to_string());
+        c.set_strategy(&self.strategy, &self.strategy_options).map_err(invalid)?;
+        c.validate().map_err(invalid)?;
+        Ok(c)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedge_engine::StrategyConfig;
 
     fn err(toml: &str) -> String {
         match SimConfig::from_toml(toml) {
@@ -299,6 +311,11 @@ mod tests {
             (7, ModelKind::Cnn, PartitionKind::Shards, Some(1.5))
         );
         assert_eq!(c.rounds, SimConfig::default().rounds);
+        let c =
+            SimConfig::from_toml("strategy = \"fedadam\"\n[strategy_options]\nserver_lr = 0.03\ntau = 0.01").unwrap();
+        let e = c.engine_config().unwrap();
+        assert_eq!(e.strategy, StrategyConfig::parse("fedadam", &c.strategy_options).unwrap());
+        assert!(matches!(e.strategy, StrategyConfig::FedOpt { server_lr: 0.03, tau: 0.01, .. }));
     }
 
     #[test]
@@ -334,6 +351,14 @@ mod tests {
             ("[speed]\nstraggler_fraction = 2.0", "speed.straggler_fraction must be in [0, 1], got 2"),
             ("[speed]\nstraggler_slowdown = 0.5", "speed.straggler_slowdown must be at least 1 and finite, got 0.5"),
             ("[speed]\nupload = 5.0", "line 2: unknown field `upload`"),
+            ("strategy = \"fedsgd\"", "unknown strategy `fedsgd`; choose one of fedavg, fedavgm"),
+            ("strategy = \"krum\"\n[strategy_options]\ntrim_fraction = 0.1", "`trim_fraction` does not apply to krum"),
+            (
+                "strategy = \"trimmed-mean\"\n[strategy_options]\ntrim_fraction = 0.6",
+                "trim_fraction must be in [0, 0.5)",
+            ),
+            ("[strategy_options]\ntrim = 0.1", "line 2: unknown field `trim`"),
+            ("strategy = \"median\"\nclip_norm = 1.0\nnoise_multiplier = 1.0", "median combines the updates jointly"),
         ];
         for (toml, want) in cases {
             let got = err(toml);

@@ -17,6 +17,7 @@ mod distill;
 pub mod hybrid;
 pub mod pool;
 pub mod run;
+pub mod strategy_args;
 
 pub use config::{ConfigError, SimConfig};
 pub use run::{SimError, SimOutput, run};

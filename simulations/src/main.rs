@@ -312,6 +312,8 @@ struct RunArgs {
     /// How many times slower a straggler is.
     #[arg(long)]
     straggler_slowdown: Option<f64>,
+    #[command(flatten)]
+    strategy: fedge_sim::strategy_args::StrategyArgs,
 }
 
 impl RunArgs {
@@ -326,6 +328,7 @@ impl RunArgs {
         set!(devices, fraction, rounds, epochs, batch_size, lr, model, dataset, data_dir, partition);
         set!(shards_per_device, alpha, seed, min_train_clients, dropout, workers, backend, eval_every);
         set!(round_timeout_s);
+        self.strategy.apply(&mut c);
         macro_rules! speed {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.speed.$f = v; } )* };
         }

@@ -110,6 +110,8 @@ pub struct RoundRow {
 /// `summary.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// The aggregation strategy.
+    pub strategy: String,
     /// Test accuracy of the final model.
     pub final_accuracy: f64,
     /// Test loss of the final model.
@@ -327,9 +329,9 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     let mut distilled = None;
     let initial = evaluator.initial_params(derive_rng(config.seed, &[stream::INIT]).random());
     let parameters = initial.numel();
-    let engine_config = config.engine_config();
+    let engine_config = config.engine_config()?;
     let noise = Box::new(derive_rng(config.seed, &[stream::SERVER_NOISE]));
-    let strategy: Box<dyn Strategy> = strategy::for_config(&engine_config, noise);
+    let strategy: Box<dyn Strategy> = strategy::build(&engine_config, noise);
     let mut engine =
         RoundEngine::new(engine_config, strategy, initial).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     let device_data: BTreeMap<DeviceId, Arc<Vec<usize>>> = assignment
@@ -451,6 +453,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     };
     let sampling_rate = engine.privacy_ledger().and_then(|l| l.entries().last().map(|e| e.sampling_rate));
     let summary = Summary {
+        strategy: config.strategy.clone(),
         final_accuracy: final_eval.accuracy,
         final_loss: final_eval.loss,
         best_accuracy: best,

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use super::registry::GlobalPlan;
 use super::{Coordinator, Ordered};
 use crate::metrics::Metrics;
-use crate::store::{EncodedModel, RoundRecord};
+use crate::store::{EncodedModel, RoundRecord, StoredServerState};
 
 /// The rounds: the engine, the tasks waiting for their devices, the rounds closed.
 pub(super) struct RoundDriver {
@@ -56,6 +56,8 @@ struct Close {
     rounds_left: u64,
     /// The new version's registry record to write, if it is to be registered.
     register: Option<GlobalPlan>,
+    /// The strategy's state after the round, saved with the new version.
+    server_state: Option<StoredServerState>,
 }
 
 /// A round opened by the engine, its tasks held back until it is recorded.
@@ -112,6 +114,11 @@ impl RoundDriver {
                     metrics.round_closed(aggregated);
                     let version = self.engine.version();
                     let params = aggregated.then(|| Arc::new(self.engine.global().clone()));
+                    let server_state = self.engine.server_state().filter(|_| aggregated).map(|s| StoredServerState {
+                        version,
+                        strategy: s.strategy,
+                        vectors: s.vectors,
+                    });
                     let line = line_of(&report);
                     let rounds_left = self.rounds_left;
                     return Some(Step::Close(Box::new(Close {
@@ -121,6 +128,7 @@ impl RoundDriver {
                         params,
                         rounds_left,
                         register: None,
+                        server_state,
                     })));
                 }
             }
@@ -200,10 +208,10 @@ impl Coordinator {
     /// Makes a closed round durable (the new version encoded once, for the store and for
     /// downloads), then publishes it.
     fn close_round(&self, c: Box<Close>) {
-        let Close { report, line, version, params, rounds_left, register } = *c;
+        let Close { report, line, version, params, rounds_left, register, server_state } = *c;
         let encoded = params.as_ref().map(|p| EncodedModel::new(version, p));
         if let Some(store) = &self.store
-            && let Err(e) = store.close_round_encoded(&line, encoded.as_ref(), rounds_left)
+            && let Err(e) = store.close_round_encoded(&line, encoded.as_ref(), server_state.as_ref(), rounds_left)
         {
             eprintln!("cannot record the close of round {}: {e}", report.round);
         }

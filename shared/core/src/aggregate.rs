@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::params::{ModelParams, ParamLayout, ParamsError};
 
 /// Why an update could not be aggregated.
-#[derive(Debug, Error, PartialEq)]
+#[derive(Debug, Clone, Error, PartialEq)]
 pub enum AggregateError {
     /// The update's layout is not the model's.
     #[error("update does not match the model layout")]
@@ -28,6 +28,19 @@ pub enum AggregateError {
     /// A privacy mechanism could not be applied as configured.
     #[error("privacy: {0}")]
     Privacy(String),
+    /// A rule that needs more results than the round has (Krum needs 2f + 3).
+    #[error("{rule} needs at least {needed} results, got {got}")]
+    TooFew {
+        /// The rule.
+        rule: &'static str,
+        /// Results it needs.
+        needed: usize,
+        /// Results the round has.
+        got: usize,
+    },
+    /// Stored server state (optimiser moments, a centre) does not fit the model.
+    #[error("server state does not fit the model: {0}")]
+    State(String),
 }
 
 impl From<ParamsError> for AggregateError {

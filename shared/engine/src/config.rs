@@ -8,6 +8,9 @@ use fedge_core::privacy::{AdaptiveClipConfig, PrivacyError};
 use fedge_core::wire::{LocalDp, TrainConfig};
 use thiserror::Error;
 
+use crate::strategy::choice::DEFAULT_MAX_BUFFER_MB;
+use crate::strategy::{StrategyConfig, StrategyOptions};
+
 /// How rounds are run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
@@ -35,6 +38,11 @@ pub struct EngineConfig {
     /// The most samples one result may claim: a larger `num_samples` weighs this much (one
     /// device certificate must not be able to outweigh the fleet by saying it has 10^18).
     pub max_samples_per_result: u64,
+    /// How results become the next model.
+    pub strategy: StrategyConfig,
+    /// The most memory, in MiB, a strategy that holds the round's updates may use: a round
+    /// whose sampled devices could need more does not start.
+    pub max_buffer_mb: u64,
 }
 
 /// Central DP (DP-FedAvg): devices clip to `clip_norm`, the coordinator adds N(0, (z C)^2) to
@@ -87,6 +95,8 @@ impl Default for EngineConfig {
             seed: 0,
             privacy: None,
             max_samples_per_result: DEFAULT_MAX_SAMPLES_PER_RESULT,
+            strategy: StrategyConfig::default(),
+            max_buffer_mb: DEFAULT_MAX_BUFFER_MB,
         }
     }
 }
@@ -123,6 +133,10 @@ pub enum ConfigError {
     /// Bad privacy settings.
     #[error("invalid privacy settings: {0}")]
     Privacy(String),
+    /// An unknown strategy, a parameter it does not read or out of range, or a strategy that
+    /// cannot run with the privacy settings.
+    #[error("invalid strategy: {0}")]
+    Strategy(String),
 }
 
 impl EngineConfig {
@@ -172,7 +186,30 @@ impl EngineConfig {
         }
         if let Some(p) = &self.privacy {
             p.validate().map_err(|e| ConfigError::Privacy(e.to_string()))?;
+            if self.strategy.is_robust() {
+                return Err(ConfigError::Strategy(format!(
+                    "{} combines the updates jointly, so one device can move its result by more than clip_norm / m, \
+                     the bound central DP's accountant assumes; with central DP use fedavg, fedprox or a server optimiser \
+                     (fedavgm, fedadagrad, fedadam, fedyogi), or use local DP",
+                    self.strategy.name()
+                )));
+            }
         }
+        if !(1..=1 << 24).contains(&self.max_buffer_mb) {
+            return Err(ConfigError::Strategy(format!(
+                "max_buffer_mb must be 1 to {}, got {}",
+                1u64 << 24,
+                self.max_buffer_mb
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets the strategy called `name` with `options` (and the buffer bound they give),
+    /// refusing an unknown name or a bad parameter in one line.
+    pub fn set_strategy(&mut self, name: &str, options: &StrategyOptions) -> Result<(), ConfigError> {
+        self.strategy = StrategyConfig::parse(name, options).map_err(ConfigError::Strategy)?;
+        self.max_buffer_mb = options.max_buffer_mb.unwrap_or(DEFAULT_MAX_BUFFER_MB);
         Ok(())
     }
 }

@@ -172,6 +172,17 @@ impl<S: Strategy> RoundEngine<S> {
         }
         let (k, sampled) = self.sample_sizes(n);
         let round = self.last_round + 1;
+        if self.strategy.holds_updates() {
+            let mb = (sampled as u64).saturating_mul(self.global.numel() as u64 * 4).div_ceil(1 << 20);
+            if mb > self.config.max_buffer_mb {
+                return Err(StartError::Buffer {
+                    strategy: self.strategy.name(),
+                    updates: sampled,
+                    mb,
+                    max_mb: self.config.max_buffer_mb,
+                });
+            }
+        }
         if let (Some(p), Some(ledger)) = (&self.config.privacy, &self.ledger)
             && let Some(target) = p.target_epsilon
         {
@@ -221,6 +232,28 @@ impl<S: Strategy> RoundEngine<S> {
         }
         let fits = ledger.rounds_within(q, p.noise_multiplier, target, rounds).unwrap_or(0);
         Err(StartError::TooManyRounds { rounds, fits, spent: ledger.epsilon(), would, target, delta: ledger.delta() })
+    }
+
+    /// What the strategy carries between rounds (optimiser moments, a centre), to save with
+    /// the current model version.
+    pub fn server_state(&self) -> Option<crate::strategy::ServerState> {
+        self.strategy.server_state()
+    }
+
+    /// Restores state saved with the current model version after a restart; refused (and
+    /// nothing changed) when it does not fit the strategy or the model.
+    pub fn restore_server_state(
+        &mut self,
+        state: crate::strategy::ServerState,
+    ) -> Result<(), fedge_core::aggregate::AggregateError> {
+        let d = self.global.numel();
+        if let Some(v) = state.vectors.iter().find(|v| !v.is_empty() && v.len() != d) {
+            return Err(fedge_core::aggregate::AggregateError::State(format!(
+                "a vector of {} values for a model of {d}",
+                v.len()
+            )));
+        }
+        self.strategy.restore_server_state(state)
     }
 
     /// The clip norm devices are asked for now (central DP).

@@ -31,6 +31,20 @@ pub enum StartError {
         /// Devices the quorum needs.
         needed: usize,
     },
+    /// The strategy would hold more of the round's updates in memory than allowed.
+    #[error(
+        "{strategy} holds every update of a round: {updates} sampled devices need {mb} MiB, more than max_buffer_mb = {max_mb}; sample fewer devices or raise max_buffer_mb"
+    )]
+    Buffer {
+        /// The strategy.
+        strategy: &'static str,
+        /// Devices sampled.
+        updates: usize,
+        /// MiB their updates would take.
+        mb: u64,
+        /// The bound.
+        max_mb: u64,
+    },
     /// Asked for more rounds than the privacy budget allows.
     #[error(
         "privacy budget: {rounds} rounds would take epsilon from {spent:.4} to {would:.4}, past the target {target} (delta {delta:e}); {fits} rounds fit"

@@ -12,7 +12,9 @@
 //!   privacy keys both configuration files share;
 //! - [`event`]: what the engine emits and reports, and the open round as a driver stores it;
 //! - [`error`]: why it refuses;
-//! - [`strategy`]: FedAvg and DP-FedAvg behind the [`Strategy`] trait.
+//! - [`strategy`]: FedAvg, DP-FedAvg, FedProx, the server optimisers (FedAvgM, FedAdagrad,
+//!   FedAdam, FedYogi) and the robust rules (median, trimmed mean, Krum, Multi-Krum, norm
+//!   bounding, centered clipping) behind the [`Strategy`] trait, chosen by name.
 //!
 //! Architecture invariant (checked by `tests/layering.rs` in the `tests` crate): this crate
 //! depends on fedge-core and pure crates only; never on tokio, quinn, rustls or burn.
@@ -27,4 +29,4 @@ pub use config::{CentralDp, ConfigError, EngineConfig, TrainingKeys};
 pub use engine::RoundEngine;
 pub use error::{ReconfigureError, RejectReason, ResumeError, StartError};
 pub use event::{EngineEvent, Evaluation, OpenRoundInfo, RoundOutcome, RoundReport, StoredRound};
-pub use strategy::{DpFedAvg, FedAvg, Strategy};
+pub use strategy::{DpFedAvg, FedAvg, Strategy, StrategyConfig, StrategyOptions};

@@ -1,11 +1,59 @@
 //! Aggregation strategies, in Flower's vocabulary: a strategy folds the round's training
-//! results into the next global model. One file per algorithm, each citing its paper.
+//! results into the next global model. One file per algorithm, each citing its paper;
+//! [`choice`] names them and checks their parameters, [`build`] makes the one a configuration
+//! asks for.
+//!
+//! - averaging: [`FedAvg`], [`DpFedAvg`] (central DP), [`FedProx`] (the proximal term runs on
+//!   the devices);
+//! - server optimisers on the averaged delta ([`FedOpt`]): [`FedAvgM`], [`FedAdagrad`],
+//!   [`FedAdam`], [`FedYogi`];
+//! - robust rules: [`Median`], [`TrimmedMean`], [`Krum`] (and Multi-Krum), [`NormBound`],
+//!   [`CenteredClip`].
+//!
+//! Memory: FedAvg, DP-FedAvg, FedProx, the server optimisers and norm bounding with a fixed
+//! bound stream (one model, plus one or two moment vectors for the optimisers). The median,
+//! the trimmed mean, Krum, centered clipping and norm bounding at the median norm hold every
+//! update of the round, `4 d` bytes each; the engine refuses to start a round whose sampled
+//! devices could need more than `max_buffer_mb`.
+//!
+//! With central DP: the server optimisers and FedProx post-process (or precede) DP-FedAvg's
+//! noised mean, so the accountant's charge is unchanged. The robust rules combine updates
+//! jointly (a median, a selection, a radius set by the round), so one device can move their
+//! output by more than `C / m`, the sensitivity the accountant assumes: they are refused with
+//! central DP. With local DP every rule is post-processing of private uploads and allowed.
 
+mod buffer;
+mod centered_clip;
+pub mod choice;
 mod dp_fedavg;
+mod fedadagrad;
+mod fedadam;
 mod fedavg;
+mod fedavgm;
+mod fedopt;
+mod fedprox;
+mod fedyogi;
+mod krum;
+mod median;
+mod norm_bound;
+#[cfg(test)]
+mod testing;
+mod trimmed_mean;
 
+pub use centered_clip::CenteredClip;
+pub use choice::{FedOptKind, StrategyConfig, StrategyOptions};
 pub use dp_fedavg::DpFedAvg;
+pub use fedadagrad::FedAdagrad;
+pub use fedadam::FedAdam;
 pub use fedavg::FedAvg;
+pub use fedavgm::FedAvgM;
+pub use fedopt::{FedOpt, ServerOptimizer};
+pub use fedprox::FedProx;
+pub use fedyogi::FedYogi;
+pub use krum::Krum;
+pub use median::Median;
+pub use norm_bound::NormBound;
+pub use trimmed_mean::TrimmedMean;
 
 use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
@@ -39,6 +87,28 @@ pub trait Strategy: Send {
         None
     }
 
+    /// FedProx's mu devices must apply this round, when the strategy sets it.
+    fn proximal_mu(&self) -> Option<f32> {
+        None
+    }
+
+    /// Whether the strategy holds every update of the round (it cannot stream).
+    fn holds_updates(&self) -> bool {
+        false
+    }
+
+    /// State the strategy carries from round to round (optimiser moments, a centre), to be
+    /// saved with each model version; `None` when it carries none.
+    fn server_state(&self) -> Option<ServerState> {
+        None
+    }
+
+    /// Restores state saved by [`Self::server_state`] after a restart. Refuses state saved
+    /// by another strategy.
+    fn restore_server_state(&mut self, state: ServerState) -> Result<(), AggregateError> {
+        Err(AggregateError::State(format!("{} keeps no state; this state is {}'s", self.name(), state.strategy)))
+    }
+
     /// What [`Self::accumulate`] would refuse, checked without folding anything in (so a
     /// driver can make a result durable before it counts).
     fn check(&self, contribution: Contribution<'_>) -> Result<(), AggregateError>;
@@ -66,6 +136,18 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     fn clip_norm(&self) -> Option<f64> {
         (**self).clip_norm()
     }
+    fn proximal_mu(&self) -> Option<f32> {
+        (**self).proximal_mu()
+    }
+    fn holds_updates(&self) -> bool {
+        (**self).holds_updates()
+    }
+    fn server_state(&self) -> Option<ServerState> {
+        (**self).server_state()
+    }
+    fn restore_server_state(&mut self, state: ServerState) -> Result<(), AggregateError> {
+        (**self).restore_server_state(state)
+    }
     fn check(&self, contribution: Contribution<'_>) -> Result<(), AggregateError> {
         (**self).check(contribution)
     }
@@ -82,14 +164,60 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     }
 }
 
-/// The strategy an engine configuration calls for: [`DpFedAvg`] under central DP (noise drawn
-/// from `noise_rng`), else [`FedAvg`].
-pub fn for_config(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>) -> Box<dyn Strategy> {
-    match &config.privacy {
-        Some(p) => {
-            let adaptive = p.adaptive.and_then(|a| fedge_core::privacy::AdaptiveClip::new(a, p.clip_norm).ok());
-            Box::new(DpFedAvg::new(p.noise_multiplier, p.clip_norm, adaptive, noise_rng))
+/// What a strategy carries between rounds, as saved with a model version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerState {
+    /// The strategy that saved it.
+    pub strategy: String,
+    /// Its vectors (moments, a centre), each empty before first use or one model long.
+    pub vectors: Vec<Vec<f32>>,
+}
+
+impl ServerState {
+    /// The vectors, if `strategy` saved them and there are `count`.
+    pub fn take(self, strategy: &str, count: usize) -> Result<Vec<Vec<f32>>, AggregateError> {
+        if self.strategy != strategy {
+            return Err(AggregateError::State(format!("saved by {}, not {strategy}", self.strategy)));
         }
-        None => Box::new(FedAvg::default()),
+        if self.vectors.len() != count {
+            return Err(AggregateError::State(format!("{} vectors, {strategy} keeps {count}", self.vectors.len())));
+        }
+        Ok(self.vectors)
+    }
+}
+
+/// The strategy an engine configuration calls for, noise for central DP drawn from
+/// `noise_rng`. [`crate::EngineConfig::validate`] has refused the combinations this cannot
+/// build faithfully (a robust rule under central DP).
+pub fn build(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>) -> Box<dyn Strategy> {
+    let averaging = |server_lr: f64, noise_rng| -> Box<dyn Strategy> {
+        match &config.privacy {
+            Some(p) => {
+                let adaptive = p.adaptive.and_then(|a| fedge_core::privacy::AdaptiveClip::new(a, p.clip_norm).ok());
+                Box::new(DpFedAvg::new(p.noise_multiplier, p.clip_norm, adaptive, noise_rng))
+            }
+            None => Box::new(FedAvg::with_server_lr(server_lr as f32)),
+        }
+    };
+    match config.strategy {
+        StrategyConfig::FedAvg { server_lr } => averaging(server_lr, noise_rng),
+        StrategyConfig::FedAvgM { server_lr, momentum } => {
+            Box::new(FedOpt::new(averaging(1.0, noise_rng), FedAvgM::new(server_lr, momentum)))
+        }
+        StrategyConfig::FedOpt { kind, server_lr, beta1, beta2, tau } => {
+            let inner = averaging(1.0, noise_rng);
+            match kind {
+                FedOptKind::Adagrad => Box::new(FedOpt::new(inner, FedAdagrad::new(server_lr, beta1, tau))),
+                FedOptKind::Adam => Box::new(FedOpt::new(inner, FedAdam::new(server_lr, beta1, beta2, tau))),
+                FedOptKind::Yogi => Box::new(FedOpt::new(inner, FedYogi::new(server_lr, beta1, beta2, tau))),
+            }
+        }
+        StrategyConfig::FedProx { mu } => Box::new(FedProx::new(averaging(1.0, noise_rng), mu)),
+        StrategyConfig::Median => Box::new(Median::default()),
+        StrategyConfig::TrimmedMean { fraction } => Box::new(TrimmedMean::new(fraction)),
+        StrategyConfig::Krum { byzantine, select: None } => Box::new(Krum::single(byzantine)),
+        StrategyConfig::Krum { byzantine, select: Some(select) } => Box::new(Krum::multi(byzantine, select)),
+        StrategyConfig::NormBound { bound } => Box::new(NormBound::new(bound)),
+        StrategyConfig::CenteredClip { radius, iters } => Box::new(CenteredClip::new(radius, iters)),
     }
 }

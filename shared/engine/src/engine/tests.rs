@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::config::CentralDp;
-use crate::strategy::FedAvg;
+use crate::strategy::{FedAvg, StrategyOptions};
 use fedge_core::wire::{ErrorCode, LocalDp, TrainConfig};
 use fedge_core::{ParamLayout, TensorSpec};
 use std::sync::Arc;
@@ -321,7 +321,7 @@ fn central_dp_keeps_a_ledger_sets_the_clip_and_enforces_the_budget() {
     let privacy =
         CentralDp { noise_multiplier: 1.0, clip_norm: 0.5, adaptive: None, delta: 1e-5, target_epsilon: None };
     let config = EngineConfig { privacy: Some(privacy.clone()), ..cfg(0.25, 1) };
-    let strategy = crate::strategy::for_config(&config, Box::new(derive_rng(1, &[])));
+    let strategy = crate::strategy::build(&config, Box::new(derive_rng(1, &[])));
     let mut e = RoundEngine::new(config.clone(), strategy, params([0.0, 0.0])).unwrap();
     for d in 0..8 {
         e.handle_device_available(d);
@@ -351,7 +351,7 @@ fn central_dp_keeps_a_ledger_sets_the_clip_and_enforces_the_budget() {
     assert!(eps[2] < four && four < five);
     let target = (four + five) / 2.0;
     let budget = EngineConfig { privacy: Some(CentralDp { target_epsilon: Some(target), ..privacy }), ..config };
-    let strategy = crate::strategy::for_config(&budget, Box::new(derive_rng(1, &[])));
+    let strategy = crate::strategy::build(&budget, Box::new(derive_rng(1, &[])));
     let mut b = RoundEngine::new(budget, strategy, params([0.0, 0.0])).unwrap();
     for d in 0..8 {
         b.handle_device_available(d);
@@ -410,4 +410,74 @@ fn one_device_cannot_take_over_or_break_the_model() {
     let r = closed(&mut e);
     assert!(matches!(&r.outcome, RoundOutcome::Failed(m) if m.contains("non-finite")), "{r:?}");
     assert_eq!((e.version(), e.global().data()), (0, &[f32::MAX, 0.0][..]));
+}
+
+fn with_strategy(name: &str, options: StrategyOptions, base: EngineConfig) -> Result<EngineConfig, ConfigError> {
+    let mut c = base;
+    c.set_strategy(name, &options)?;
+    c.validate()?;
+    Ok(c)
+}
+
+#[test]
+fn a_robust_rule_outvotes_an_attacker_that_takes_fedavg_over() {
+    // Four honest devices send (1, 1); one sends (-1000, 1000) with an honest-looking claim.
+    let run = |name: &str| {
+        let config = with_strategy(name, StrategyOptions::default(), cfg(1.0, 5)).unwrap();
+        let strategy = crate::strategy::build(&config, Box::new(derive_rng(1, &[])));
+        let mut e = RoundEngine::new(config, strategy, params([0.0, 0.0])).unwrap();
+        (0..5).for_each(|d| e.handle_device_available(d));
+        e.start_round(S).unwrap();
+        for (i, (device, task)) in assigned(&mut e).into_iter().enumerate() {
+            let delta = if i == 2 { [-1000.0, 1000.0] } else { [1.0, 1.0] };
+            e.handle_train_result(S, device, &result(&task, delta, 10)).unwrap();
+        }
+        assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated, "{name}");
+        e.global().data().to_vec()
+    };
+    assert_eq!(run("fedavg"), [-199.2, 200.8]);
+    for name in ["median", "trimmed-mean", "krum", "multi-krum"] {
+        assert_eq!(run(name), [1.0, 1.0], "{name}");
+    }
+    // Norm bounding brings the attacker to the median norm, sqrt 2: (-1, 1) beside four (1, 1).
+    assert_eq!(run("norm-bound"), [0.6, 1.0]);
+    // Centered clipping bounds its pull to the radius (the median distance) over n.
+    let g = run("centered-clip");
+    assert!(g[0] > 0.5 && g[0] < 1.0 && g[1] >= 1.0 && g[1] < 1.5, "{g:?}");
+}
+
+#[test]
+fn strategies_are_chosen_by_name_and_checked_against_privacy_and_memory() {
+    let dp = CentralDp { noise_multiplier: 1.0, clip_norm: 1.0, adaptive: None, delta: 1e-5, target_epsilon: None };
+    let private = EngineConfig { privacy: Some(dp), ..cfg(1.0, 1) };
+    let e = with_strategy("median", StrategyOptions::default(), private.clone()).unwrap_err();
+    assert!(e.to_string().starts_with("invalid strategy: median combines the updates jointly"), "{e}");
+    for name in ["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox"] {
+        let c = with_strategy(name, StrategyOptions::default(), private.clone()).unwrap();
+        // Under central DP the averaging inside is DP-FedAvg's: the clip is set.
+        let s = crate::strategy::build(&c, Box::new(derive_rng(1, &[])));
+        let want = if name == "fedavg" { "dp-fedavg" } else { name };
+        assert_eq!((s.name(), s.clip_norm()), (want, Some(1.0)));
+    }
+    let bad = with_strategy("krum", StrategyOptions { tau: Some(1.0), ..StrategyOptions::default() }, cfg(1.0, 1));
+    assert!(matches!(bad, Err(ConfigError::Strategy(m)) if m.contains("`tau` does not apply to krum")));
+
+    // 3 devices x 2 floats x 4 bytes fit 1 MiB; a 300,000-value model does not (3.4 MiB).
+    let small =
+        with_strategy("median", StrategyOptions { max_buffer_mb: Some(1), ..StrategyOptions::default() }, cfg(1.0, 1))
+            .unwrap();
+    let build = |c: &EngineConfig, initial: ModelParams| {
+        let mut e =
+            RoundEngine::new(c.clone(), crate::strategy::build(c, Box::new(derive_rng(1, &[]))), initial).unwrap();
+        (0..3).for_each(|d| e.handle_device_available(d));
+        e
+    };
+    assert!(build(&small, params([0.0, 0.0])).start_round(S).is_ok());
+    let big_layout = Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![300_000] }]).unwrap());
+    let err = build(&small, ModelParams::zeros(big_layout.clone())).start_round(S).unwrap_err();
+    assert_eq!(err, StartError::Buffer { strategy: "median", updates: 3, mb: 4, max_mb: 1 });
+    assert!(err.to_string().contains("raise max_buffer_mb"));
+    // A streaming rule has no such bound.
+    let fedavg = with_strategy("fedavg", StrategyOptions::default(), cfg(1.0, 1)).unwrap();
+    assert!(build(&fedavg, ModelParams::zeros(big_layout)).start_round(S).is_ok());
 }

@@ -21,6 +21,13 @@ impl Default for FedAvg {
     }
 }
 
+impl FedAvg {
+    /// FedAvg stepping `server_learning_rate` times the mean delta.
+    pub fn with_server_lr(server_learning_rate: f32) -> Self {
+        Self { server_learning_rate, acc: None }
+    }
+}
+
 impl Strategy for FedAvg {
     fn name(&self) -> &'static str {
         "fedavg"

@@ -1,0 +1,70 @@
+//! `fedge-sim run`'s strategy options: `--strategy NAME` and the parameters of
+//! [`fedge_engine::StrategyOptions`], each overriding the configuration file's key.
+
+use clap::Args;
+use fedge_engine::StrategyOptions;
+
+use crate::config::SimConfig;
+
+/// The strategy and its parameters on the command line.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StrategyArgs {
+    /// Aggregation strategy: fedavg, fedavgm, fedadagrad, fedadam, fedyogi, fedprox, median,
+    /// trimmed-mean, krum, multi-krum, norm-bound, centered-clip.
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Server learning rate (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
+    #[arg(long)]
+    pub server_lr: Option<f64>,
+    /// Server momentum (fedavgm).
+    #[arg(long)]
+    pub server_momentum: Option<f64>,
+    /// First-moment decay beta1 (fedadagrad, fedadam, fedyogi).
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// Second-moment decay beta2 (fedadam, fedyogi).
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Adaptivity tau (fedadagrad, fedadam, fedyogi).
+    #[arg(long)]
+    pub tau: Option<f64>,
+    /// FedProx's proximal weight mu.
+    #[arg(long)]
+    pub proximal_mu: Option<f64>,
+    /// Fraction trimmed from each side (trimmed-mean; default 0.2).
+    #[arg(long)]
+    pub trim_fraction: Option<f64>,
+    /// Byzantine devices to tolerate (krum, multi-krum; default the most the round allows).
+    #[arg(long)]
+    pub byzantine: Option<usize>,
+    /// Updates multi-krum averages (default n - f).
+    #[arg(long)]
+    pub krum_select: Option<usize>,
+    /// L2 bound on each update (norm-bound; default the round's median norm).
+    #[arg(long)]
+    pub norm_bound: Option<f64>,
+    /// Centered clipping radius (default the median distance to the centre).
+    #[arg(long)]
+    pub clip_radius: Option<f64>,
+    /// Centered clipping iterations (default 3).
+    #[arg(long)]
+    pub clip_iters: Option<u32>,
+    /// Memory bound, MiB, for the rules that hold a round's updates.
+    #[arg(long)]
+    pub max_buffer_mb: Option<u64>,
+}
+
+impl StrategyArgs {
+    /// Writes the options given onto `c`.
+    pub fn apply(&self, c: &mut SimConfig) {
+        if let Some(s) = &self.strategy {
+            c.strategy.clone_from(s);
+        }
+        let o: &mut StrategyOptions = &mut c.strategy_options;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if self.$f.is_some() { o.$f = self.$f; } )* };
+        }
+        set!(server_lr, server_momentum, beta1, beta2, tau, proximal_mu, trim_fraction, byzantine, krum_select);
+        set!(norm_bound, clip_radius, clip_iters, max_buffer_mb);
+    }
+}
