@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 /// One local epoch of SGD in minibatches of 10, clipped to `clip_norm` if given.
 pub(crate) fn one_epoch(clip_norm: Option<f32>) -> TrainConfig {
-    TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm, local_dp: None }
+    TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm, local_dp: None, proximal_mu: None }
 }
 
 /// Waits until the device sessions of a stopped coordinator have noticed their closed

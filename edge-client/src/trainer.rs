@@ -27,6 +27,9 @@ pub enum TrainError {
     /// The task's local DP parameters are invalid (or lack a clip norm).
     #[error("local DP: {0}")]
     LocalDp(String),
+    /// The task's FedProx mu is negative, NaN or infinite.
+    #[error("invalid task: proximal mu must be finite and not negative, got {0}")]
+    ProximalMu(f32),
     /// Training produced NaN or infinite weights (diverged).
     #[error("training diverged (non-finite weights); try a smaller learning rate")]
     Diverged,
@@ -79,6 +82,11 @@ impl EdgeTrainer {
         if indices.is_empty() {
             return Err(TrainError::NoData);
         }
+        if let Some(mu) = task.config.proximal_mu
+            && !(mu.is_finite() && mu >= 0.0)
+        {
+            return Err(TrainError::ProximalMu(mu));
+        }
         // Local DP: sensitivity 2C (any two deltas in the ball of radius C differ by at most 2C),
         // noise from the analytic Gaussian mechanism. Checked before training wastes time.
         let noise_std = match (task.config.local_dp, task.config.clip_norm) {
@@ -127,7 +135,14 @@ mod tests {
             round: 4,
             model_version: 3,
             model_hash: global.content_hash(),
-            config: TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm: clip, local_dp },
+            config: TrainConfig {
+                epochs: 1,
+                batch_size: 10,
+                learning_rate: 0.05,
+                clip_norm: clip,
+                local_dp,
+                proximal_mu: None,
+            },
         }
     }
 
@@ -178,7 +193,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_model_or_no_data_is_refused() {
+    fn wrong_model_no_data_or_bad_proximal_mu_is_refused() {
         let data = embedded::mnist_subset().unwrap();
         let mut t = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
         let global = t.learner().initial_params(1);
@@ -189,5 +204,12 @@ mod tests {
         assert!(matches!(err, TrainError::ModelMismatch { .. }));
         let err = t.run_task(&task(&global, None, None), &global, &data.train, &[], &mut r, &mut n).unwrap_err();
         assert!(matches!(err, TrainError::NoData));
+        for bad in [-1.0, f32::NAN, f32::INFINITY] {
+            let mut prox = task(&global, None, None);
+            prox.config.proximal_mu = Some(bad);
+            let err = t.run_task(&prox, &global, &data.train, &[1, 2], &mut r, &mut n).unwrap_err();
+            assert!(matches!(err, TrainError::ProximalMu(_)), "{bad}: {err}");
+            assert!(err.to_string().contains("proximal mu"), "{err}");
+        }
     }
 }

@@ -222,6 +222,7 @@ mod tests {
                     learning_rate: 0.1,
                     clip_norm: Some(1.0),
                     local_dp: None,
+                    proximal_mu: Some(0.01),
                 },
             }),
             Message::Error { code: ErrorCode::StaleModel, message: "old".into() },

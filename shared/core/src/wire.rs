@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -27,12 +27,16 @@ pub struct TrainConfig {
     /// analytic Gaussian mechanism so that the delta alone is (epsilon, delta)-DP (needs
     /// `clip_norm`).
     pub local_dp: Option<LocalDp>,
+    /// FedProx's mu (Li et al. 2020): the local objective gains `mu/2 * ||w - w_global||^2`,
+    /// which keeps the device near the model the task started from. `None` or 0 = plain local
+    /// SGD; must be finite and not negative.
+    pub proximal_mu: Option<f32>,
 }
 
 impl TrainConfig {
-    /// Plain minibatch SGD: no clipping, no noise.
+    /// Plain minibatch SGD: no clipping, no noise, no proximal term.
     pub fn sgd(epochs: u32, batch_size: u32, learning_rate: f32) -> Self {
-        Self { epochs, batch_size, learning_rate, clip_norm: None, local_dp: None }
+        Self { epochs, batch_size, learning_rate, clip_norm: None, local_dp: None, proximal_mu: None }
     }
 }
 

@@ -127,7 +127,7 @@ pub enum ConfigError {
     /// Negative or absurd over-commitment.
     #[error("over_commit must be in [0, 10], got {0}")]
     OverCommit(f64),
-    /// Zero epochs or batch size, or a bad learning rate or clip norm.
+    /// Zero epochs or batch size, or a bad learning rate, clip norm or proximal mu.
     #[error("invalid training config: {0}")]
     Train(String),
     /// Bad privacy settings.
@@ -171,6 +171,11 @@ impl EngineConfig {
             && !(c.is_finite() && c > 0.0)
         {
             return Err(ConfigError::Train(format!("clip norm must be positive, got {c}")));
+        }
+        if let Some(mu) = t.proximal_mu
+            && !(mu.is_finite() && mu >= 0.0)
+        {
+            return Err(ConfigError::Train(format!("proximal mu must be finite and not negative, got {mu}")));
         }
         if let Some(l) = t.local_dp {
             if t.clip_norm.is_none() {
@@ -250,6 +255,7 @@ impl TrainingKeys {
             learning_rate: self.lr,
             clip_norm: self.clip_norm,
             local_dp: self.local_epsilon.map(|epsilon| LocalDp { epsilon, delta: self.delta }),
+            proximal_mu: None,
         }
     }
 
@@ -284,5 +290,21 @@ mod tests {
         assert!(with(1, forever).unwrap_err().to_string().contains("1 ms to 604800 s"));
         assert_eq!(with(MAX_MIN_CLIENTS, MAX_ROUND_TIMEOUT), Ok(()));
         assert_eq!(with(1, Duration::from_millis(1)), Ok(()));
+    }
+
+    #[test]
+    fn proximal_mu_must_be_finite_and_not_negative() {
+        let with = |proximal_mu| {
+            let d = EngineConfig::default();
+            EngineConfig { train: TrainConfig { proximal_mu, ..d.train }, ..d }.validate()
+        };
+        for bad in [-0.1, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let err = with(Some(bad)).unwrap_err();
+            assert!(matches!(err, ConfigError::Train(_)), "{bad}: {err}");
+            assert!(err.to_string().contains("proximal mu"), "{err}");
+        }
+        for ok in [None, Some(0.0), Some(0.01), Some(1.0)] {
+            assert_eq!(with(ok), Ok(()), "{ok:?}");
+        }
     }
 }

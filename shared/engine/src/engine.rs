@@ -269,6 +269,9 @@ impl<S: Strategy> RoundEngine<S> {
         if let Some(c) = clip {
             config.clip_norm = Some(c as f32);
         }
+        if let Some(mu) = self.strategy.proximal_mu() {
+            config.proximal_mu = Some(mu);
+        }
         self.open = Some(OpenRound {
             round,
             deadline: now + self.config.round_timeout,

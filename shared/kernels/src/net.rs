@@ -8,6 +8,12 @@
 //! gradient to its input and then updates its own weights in the same GEMM that computes their
 //! gradient (`W := W - lr * X^T dY`): no gradient tensor is ever stored.
 //!
+//! A proximal step (FedProx, [`Net::train_step_proximal`]) also pulls every parameter towards
+//! an anchor ([`Net::set_anchor`]): `W := W - lr * (grad + mu * (W - anchor))`, both terms at
+//! the pre-step weights. Each layer applies `mu`'s part after it has passed the gradient to its
+//! input and before its weight GEMM, which reads only activations and output gradients, so the
+//! step is exactly that formula (up to float rounding) at one extra pass over the parameters.
+//!
 //! Activations are NHWC. Weights are `[fan_in, fan_out]` row-major: a convolution's rows are
 //! `(ky * k + kx) * c_in + ci` (the im2col order of [`crate::conv`]), a dense layer after a
 //! convolution reads its input in NHWC order.
@@ -72,6 +78,9 @@ pub enum NetError {
         /// Values given.
         got: usize,
     },
+    /// A proximal step before [`Net::set_anchor`].
+    #[error("a proximal step needs an anchor (Net::set_anchor)")]
+    NoAnchor,
     /// A GEMM refused its operands (a bug: shapes are checked when the net is built).
     #[error(transparent)]
     Matmul(#[from] MatmulError),
@@ -112,6 +121,9 @@ struct Layer {
     shape: Shape,
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// The proximal anchor of `weight` and `bias` (empty until [`Net::set_anchor`]).
+    anchor_weight: Vec<f32>,
+    anchor_bias: Vec<f32>,
 }
 
 /// Buffers for batches of up to `capacity` examples.
@@ -192,6 +204,8 @@ impl Net {
             layers.push(Layer {
                 weight: vec![0.0; shape.fan_in() * shape.fan_out()],
                 bias: vec![0.0; shape.fan_out()],
+                anchor_weight: Vec::new(),
+                anchor_bias: Vec::new(),
                 shape,
             });
         }
@@ -253,6 +267,18 @@ impl Net {
         l.weight.copy_from_slice(weight);
         l.bias.copy_from_slice(bias);
         Ok(())
+    }
+
+    /// Makes the current parameters the anchor that [`Net::train_step_proximal`] pulls towards
+    /// (FedProx: the model the task started from). Copies them; after the first call the
+    /// buffers are reused.
+    pub fn set_anchor(&mut self) {
+        for l in &mut self.layers {
+            l.anchor_weight.clear();
+            l.anchor_weight.extend_from_slice(&l.weight);
+            l.anchor_bias.clear();
+            l.anchor_bias.extend_from_slice(&l.bias);
+        }
     }
 
     /// `(rows, cols)` of layer `i`'s weight matrix.
@@ -365,6 +391,29 @@ impl Net {
     /// One SGD step on a minibatch: `images` (`labels.len()` NHWC images, `input_len()` values
     /// each) and their labels. Returns the batch's mean cross-entropy before the update.
     pub fn train_step(&mut self, images: &[f32], labels: &[u8], learning_rate: f32) -> Result<f32, NetError> {
+        self.train_step_proximal(images, labels, learning_rate, 0.0)
+    }
+
+    /// One SGD step on the loss plus the proximal term `mu/2 * ||params - anchor||^2` (FedProx):
+    /// every weight and bias becomes `w - lr * (grad + mu * (w - anchor))`, with the gradient and
+    /// the proximal term both at the pre-step `w`. The anchor is what [`Net::set_anchor`] last
+    /// copied; `mu = 0` is exactly [`Net::train_step`] and needs none. Returns the batch's mean
+    /// cross-entropy (without the proximal term) before the update.
+    pub fn train_step_proximal(
+        &mut self,
+        images: &[f32],
+        labels: &[u8],
+        learning_rate: f32,
+        mu: f32,
+    ) -> Result<f32, NetError> {
+        if mu != 0.0
+            && self
+                .layers
+                .iter()
+                .any(|l| l.anchor_weight.len() != l.weight.len() || l.anchor_bias.len() != l.bias.len())
+        {
+            return Err(NetError::NoAnchor);
+        }
         let batch = self.check_batch(images, labels)?;
         if batch == 0 {
             return Ok(0.0);
@@ -388,12 +437,13 @@ impl Net {
                 g[y as usize] -= 1.0 / batch as f32;
             }
         }
-        self.backward(batch, learning_rate)?;
+        self.backward(batch, learning_rate, learning_rate * mu)?;
         Ok((loss / batch as f64) as f32)
     }
 
-    /// Backward from the logits' gradient in `grad[0]`, updating every layer's parameters.
-    fn backward(&mut self, batch: usize, learning_rate: f32) -> Result<(), NetError> {
+    /// Backward from the logits' gradient in `grad[0]`, updating every layer's parameters
+    /// (with the proximal pull `prox = lr * mu` towards the anchor when it is not 0).
+    fn backward(&mut self, batch: usize, learning_rate: f32, prox: f32) -> Result<(), NetError> {
         let threads = self.threads;
         let ws = &mut self.ws;
         let mut cur = 0; // which grad buffer holds d(loss)/d(output of layer i)
@@ -421,6 +471,7 @@ impl Net {
                             threads,
                         )?;
                     }
+                    proximal(l, prox);
                     matmul(
                         MatMut::new(&mut l.weight, inputs, outputs),
                         MatRef::new(input, batch, inputs).t(),
@@ -454,6 +505,7 @@ impl Net {
                             conv::col2im(g, nb, &ws.cols_grad, &mut next[b0 * g.image()..]);
                         }
                     }
+                    proximal(l, prox);
                     for (b0, nb) in chunks(batch, chunk(g, self.chunk_bytes)) {
                         let rows = nb * g.h * g.w;
                         let conv_grad = &mut ws.conv[..rows * out_channels];
@@ -529,6 +581,18 @@ fn chunk(g: Geometry, bytes: usize) -> usize {
 /// `(first, count)` of consecutive chunks of at most `per` covering `0..batch`.
 fn chunks(batch: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..batch).step_by(per).map(move |b0| (b0, per.min(batch - b0)))
+}
+
+/// The proximal part of a step: every weight and bias `w -= prox * (w - anchor)`, where
+/// `prox = lr * mu` (nothing when it is 0). Called before the layer's gradient update, while
+/// its parameters are still the pre-step ones.
+fn proximal(l: &mut Layer, prox: f32) {
+    if prox == 0.0 {
+        return;
+    }
+    for (w, a) in [(&mut l.weight, &l.anchor_weight), (&mut l.bias, &l.anchor_bias)] {
+        w.iter_mut().zip(a).for_each(|(w, a)| *w -= prox * (*w - a));
+    }
 }
 
 /// `bias -= lr * column sums of grad` (rows of `bias.len()`).

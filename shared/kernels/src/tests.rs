@@ -138,3 +138,73 @@ fn chunking_the_batch_changes_nothing_but_rounding() {
         }
     }
 }
+
+/// Every layer's weight and bias, copied.
+fn params(net: &Net) -> Vec<(Vec<f32>, Vec<f32>)> {
+    (0..net.num_layers()).map(|i| (net.layer(i).0.to_vec(), net.layer(i).1.to_vec())).collect()
+}
+
+#[test]
+fn a_proximal_step_adds_minus_lr_mu_times_the_distance_to_the_anchor() {
+    let (_, mut plain) = small();
+    let (_, mut prox) = small();
+    let w = params(&prox);
+    // Anchor 2 away from every weight and bias (alternating sides), then back to the weights:
+    // both nets step from the same w with w - anchor far from 0.
+    for (i, (wi, bi)) in w.iter().enumerate() {
+        let shift = |v: &Vec<f32>| -> Vec<f32> {
+            v.iter().enumerate().map(|(j, x)| if j % 2 == 0 { x - 2.0 } else { x + 2.0 }).collect()
+        };
+        prox.set_layer(i, &shift(wi), &shift(bi)).unwrap();
+    }
+    prox.set_anchor();
+    let anchor = params(&prox);
+    for (i, (wi, bi)) in w.iter().enumerate() {
+        prox.set_layer(i, wi, bi).unwrap();
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let labels = [1u8, 0, 2, 2];
+    let images: Vec<f32> = (0..labels.len() * prox.input_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let (lr, mu) = (0.5f32, 1.0f32);
+    let l0 = plain.train_step(&images, &labels, lr).unwrap();
+    let l1 = prox.train_step_proximal(&images, &labels, lr, mu).unwrap();
+    assert_eq!(l0.to_bits(), l1.to_bits(), "the reported loss is the cross-entropy alone");
+    let (after_plain, after_prox) = (params(&plain), params(&prox));
+    let mut checked = 0;
+    for layer in 0..w.len() {
+        let tensors = |t: &Vec<(Vec<f32>, Vec<f32>)>| [t[layer].0.clone(), t[layer].1.clone()];
+        let (w, a, p, q) = (tensors(&w), tensors(&anchor), tensors(&after_plain), tensors(&after_prox));
+        for which in 0..2 {
+            for j in 0..w[which].len() {
+                // (w - lr*g - lr*mu*(w - a)) - (w - lr*g) = -lr*mu*(w - a)
+                let want = -(lr as f64) * mu as f64 * (w[which][j] as f64 - a[which][j] as f64);
+                let got = q[which][j] as f64 - p[which][j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs(),
+                    "layer {layer} {} [{j}]: {got} vs {want}",
+                    if which == 0 { "weight" } else { "bias" }
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 300, "{checked}");
+}
+
+#[test]
+fn mu_zero_is_the_plain_step_and_mu_needs_an_anchor() {
+    let (_, mut plain) = small();
+    let (_, mut zero) = small();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    let labels = [2u8, 1, 0];
+    let images: Vec<f32> = (0..labels.len() * plain.input_len()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    assert_eq!(zero.train_step_proximal(&images, &labels, 0.1, 0.5), Err(crate::NetError::NoAnchor));
+    for _ in 0..3 {
+        let a = plain.train_step(&images, &labels, 0.1).unwrap();
+        let b = zero.train_step_proximal(&images, &labels, 0.1, 0.0).unwrap();
+        assert_eq!(a.to_bits(), b.to_bits());
+    }
+    for (x, y) in params(&plain).iter().zip(params(&zero)) {
+        assert!(x.0.iter().zip(&y.0).chain(x.1.iter().zip(&y.1)).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+}

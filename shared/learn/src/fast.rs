@@ -24,7 +24,7 @@ use fedge_kernels::{LayerSpec, Net, NetSpec, Threads};
 use crate::batch::{MEAN, STD};
 use crate::convert::ConvertError;
 use crate::model::ModelKind;
-use crate::train::{EvalMetrics, TrainOutput, minibatches};
+use crate::train::{EvalMetrics, TrainOutput, minibatches, proximal_mu};
 
 /// Examples per forward pass when evaluating (bounds the column buffers: 64 CNN images need
 /// about 40 MB).
@@ -190,7 +190,8 @@ impl FastNet {
         Ok(())
     }
 
-    /// Trains from `start` as [`crate::Trainer::train`] does (same shuffles and batches).
+    /// Trains from `start` as [`crate::Trainer::train`] does (same shuffles and batches, the same
+    /// proximal term towards `start` when `config.proximal_mu` is set and not 0).
     pub fn train<R: rand::Rng + ?Sized>(
         &mut self,
         start: &ModelParams,
@@ -200,9 +201,13 @@ impl FastNet {
         rng: &mut R,
     ) -> Result<TrainOutput, ConvertError> {
         self.load(start)?;
+        let mu = proximal_mu(config).unwrap_or(0.0);
+        if mu != 0.0 {
+            self.net.set_anchor();
+        }
         let (steps, mean_loss) = minibatches(indices, config, rng, |chunk| {
             self.gather(data, chunk)?;
-            self.net.train_step(&self.images, &self.labels, config.learning_rate).map_err(data_error)
+            self.net.train_step_proximal(&self.images, &self.labels, config.learning_rate, mu).map_err(data_error)
         })?;
         Ok(TrainOutput { params: self.store(), mean_loss, steps })
     }

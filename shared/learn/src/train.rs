@@ -2,14 +2,16 @@
 //!
 //! A [`Trainer`] owns one model instance on one device and is reused task after task: the
 //! simulator gives each worker thread one, never one per virtual device. Training is plain
-//! minibatch SGD on cross-entropy, as in McMahan et al. 2017.
+//! minibatch SGD on cross-entropy, as in McMahan et al. 2017, or with FedProx's proximal term
+//! `mu/2 * ||w - w_start||^2` added (Li et al. 2020) when the task sets
+//! [`TrainConfig::proximal_mu`]: every step is then `w - lr * (grad + mu * (w - w_start))`.
 
 use std::sync::Arc;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsParams, SgdConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use fedge_core::dataset::Dataset;
 use fedge_core::wire::TrainConfig;
 use fedge_core::{ModelParams, ParamLayout};
@@ -140,7 +142,9 @@ impl Trainer {
     }
 
     /// Trains from `start` on examples `indices` of `data`: `config.epochs` passes of minibatch
-    /// SGD, shuffling each epoch with `rng`. Clipping and noise are the caller's business.
+    /// SGD, shuffling each epoch with `rng`, with the proximal term towards `start` when
+    /// `config.proximal_mu` is set and not 0 (the caller checks it is finite and not negative).
+    /// Clipping and noise are the caller's business.
     pub fn train<R: rand::Rng + ?Sized>(
         &mut self,
         start: &ModelParams,
@@ -163,13 +167,28 @@ impl Trainer {
         };
         let mut optim = SgdConfig::new().init();
         let loss_fn = CrossEntropyLossConfig::new().init(&self.device);
+        // FedProx: the start's tensors, flat and constant, for the term mu/2 * ||w - start||^2.
+        let proximal = proximal_mu(config).map(|mu| {
+            let anchor: Vec<Tensor<1>> = start
+                .tensors()
+                .map(|(_, v)| Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &self.device))
+                .collect();
+            (mu, anchor)
+        });
         let mut model = Some(model);
         let (steps, mean_loss) = minibatches(indices, config, rng, |chunk| {
             let m = model.take().expect("the model is put back after every step");
             let x = batch::images(data, chunk, &self.device);
             let y = batch::labels(data, chunk, &self.device);
-            let loss = loss_fn.forward(m.forward(x), y);
+            let mut loss = loss_fn.forward(m.forward(x), y);
             let value = loss.clone().into_scalar::<f32>();
+            if let Some((mu, anchor)) = &proximal {
+                let mut term = ProximalTerm { anchor, index: 0, sum: None };
+                m.visit(&mut term);
+                if let Some(sum) = term.sum {
+                    loss = loss + sum.mul_scalar(mu / 2.0);
+                }
+            }
             let grads = GradientsParams::from_grads(loss.backward(), &m);
             model = Some(optim.step(learning_rate, m, grads));
             Ok::<f32, ConvertError>(value)
@@ -202,6 +221,33 @@ impl Trainer {
         let metrics = evaluate_model(&model.valid(), data, batch_size);
         self.model = Some(model);
         Ok(metrics)
+    }
+}
+
+/// FedProx's mu of `config` when the proximal term is on (set and not 0).
+pub(crate) fn proximal_mu(config: &TrainConfig) -> Option<f32> {
+    config.proximal_mu.filter(|&mu| mu != 0.0)
+}
+
+/// Sums `||w - anchor||^2` over a model's float parameters as a burn tensor, so that autodiff
+/// adds `mu * (w - anchor)` to each gradient when `mu/2` times it joins the loss. `anchor`
+/// holds the flattened tensors in the order burn visits them (the [`ModelParams`] order).
+struct ProximalTerm<'a> {
+    anchor: &'a [Tensor<1>],
+    index: usize,
+    sum: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for ProximalTerm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let Some(anchor) = self.anchor.get(self.index) else { return };
+        self.index += 1;
+        let w: Tensor<1> = param.val().reshape(anchor.dims());
+        let sq = (w - anchor.clone()).square().sum();
+        self.sum = Some(match self.sum.take() {
+            Some(sum) => sum + sq,
+            None => sq,
+        });
     }
 }
 

@@ -1,6 +1,7 @@
 //! The fast CPU path (`BackendKind::Cpu`, fedge-kernels) against burn's autodiff (`Flex`), the
 //! reference: the same gradients, updates, losses and evaluations up to float rounding, for
-//! every layer of every model, and exact parameter round trips.
+//! every layer of every model, and exact parameter round trips; FedProx's proximal term on both
+//! paths against the formula `w - lr * (grad + mu * (w - w_start))`.
 
 use fedge_core::ModelParams;
 use fedge_core::dataset::embedded;
@@ -152,4 +153,99 @@ fn data_that_does_not_fit_is_a_clear_error_and_the_trainer_stays_usable() {
     let err = t.evaluate(&start, &small, 100).unwrap_err();
     assert!(matches!(err, fedge_learn::ConvertError::Data(_)), "{err}");
     assert!(t.train(&start, &data.train, &[0, 1], &cfg, &mut derive_rng(0, &[])).is_ok());
+}
+
+/// FedProx with `mu` on top of plain SGD.
+fn prox(epochs: u32, batch_size: u32, lr: f32, mu: f32) -> TrainConfig {
+    TrainConfig { proximal_mu: Some(mu), ..TrainConfig::sgd(epochs, batch_size, lr) }
+}
+
+#[test]
+fn a_proximal_step_adds_minus_lr_mu_times_the_distance_to_the_start() {
+    let data = embedded::mnist_subset().unwrap();
+    let idx: Vec<usize> = (200..216).collect();
+    let (lr, mu) = (0.1f32, 2.0f32);
+    for backend in [BackendKind::Flex, BackendKind::Cpu] {
+        for kind in KINDS {
+            let mut t = Trainer::new(kind, 10, backend).unwrap();
+            let mut run = |start: &ModelParams, cfg: &TrainConfig| {
+                t.train(start, &data.train, &idx, cfg, &mut derive_rng(9, &[])).unwrap().params
+            };
+            // Full-batch steps (one per epoch). The first starts at the anchor, where the term
+            // is 0: w1 = w0 - lr * g(w0) with or without it.
+            let w0 = Trainer::new(kind, 10, backend).unwrap().initial_params(8);
+            let w1 = run(&w0, &TrainConfig::sgd(1, 16, lr));
+            assert_eq!(run(&w0, &prox(1, 16, lr, mu)), w1, "{backend:?} {kind}");
+            // The second: w2 = w1 - lr * g(w1) - lr * mu * (w1 - w0).
+            let plain = run(&w1, &TrainConfig::sgd(1, 16, lr));
+            let with_term = run(&w0, &prox(2, 16, lr, mu));
+            let got = with_term.delta_from(&plain).unwrap();
+            let want: Vec<f64> = w1
+                .data()
+                .iter()
+                .zip(w0.data())
+                .map(|(a, b)| -(lr as f64) * mu as f64 * (*a as f64 - *b as f64))
+                .collect();
+            let want_norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let err = got.data().iter().zip(&want).map(|(g, w)| (*g as f64 - w).powi(2)).sum::<f64>().sqrt();
+            // Only the order of the batch's sum differs between the two second steps.
+            assert!(want_norm > 1e-3, "{backend:?} {kind}: {want_norm}");
+            assert!(err <= 1e-3 * want_norm, "{backend:?} {kind}: off by {err:e} of {want_norm:e}");
+        }
+    }
+}
+
+#[test]
+fn proximal_training_follows_burn() {
+    let data = embedded::mnist_subset().unwrap();
+    let idx: Vec<usize> = (0..100).collect();
+    for kind in KINDS {
+        let mut burn = Trainer::new(kind, 10, BackendKind::Flex).unwrap();
+        let mut fast = Trainer::new(kind, 10, BackendKind::Cpu).unwrap();
+        let start = burn.initial_params(5);
+        // Ten steps, mu large enough to move the weights well away from plain SGD's.
+        let cfg = prox(1, 10, 0.05, 1.0);
+        let a = burn.train(&start, &data.train, &idx, &cfg, &mut derive_rng(6, &[])).unwrap();
+        let b = fast.train(&start, &data.train, &idx, &cfg, &mut derive_rng(6, &[])).unwrap();
+        assert_eq!(a.steps, b.steps);
+        let dist = a.params.delta_from(&b.params).unwrap().l2_norm();
+        let moved = a.params.delta_from(&start).unwrap().l2_norm();
+        assert!(dist < 1e-4 * moved, "{kind}: paths {dist:e} apart after moving {moved:e}");
+        assert!((a.mean_loss - b.mean_loss).abs() < 1e-4, "{kind}: {} vs {}", a.mean_loss, b.mean_loss);
+        let plain = fast.train(&start, &data.train, &idx, &TrainConfig::sgd(1, 10, 0.05), &mut derive_rng(6, &[]));
+        let effect = plain.unwrap().params.delta_from(&b.params).unwrap().l2_norm();
+        assert!(effect > 100.0 * dist, "{kind}: the term moved the weights {effect:e}, the paths differ {dist:e}");
+    }
+}
+
+#[test]
+fn a_larger_mu_stays_closer_to_the_start() {
+    let data = embedded::mnist_subset().unwrap();
+    let idx: Vec<usize> = (0..300).collect();
+    for backend in [BackendKind::Flex, BackendKind::Cpu] {
+        let mut t = Trainer::new(ModelKind::TwoNn, 10, backend).unwrap();
+        let start = t.initial_params(4);
+        let mut moved = |mu| {
+            let out = t.train(&start, &data.train, &idx, &prox(1, 10, 0.05, mu), &mut derive_rng(3, &[])).unwrap();
+            out.params.delta_from(&start).unwrap().l2_norm()
+        };
+        let (free, held) = (moved(0.0), moved(1.0));
+        assert!(held < 0.9 * free, "{backend:?}: ||delta|| {held} with mu = 1, {free} with mu = 0");
+    }
+}
+
+#[test]
+fn no_mu_and_mu_zero_train_bit_identically() {
+    let data = embedded::mnist_subset().unwrap();
+    let idx: Vec<usize> = (0..50).collect();
+    for backend in [BackendKind::Flex, BackendKind::Cpu] {
+        for kind in KINDS {
+            let mut t = Trainer::new(kind, 10, backend).unwrap();
+            let start = t.initial_params(6);
+            let mut run = |cfg: &TrainConfig| t.train(&start, &data.train, &idx, cfg, &mut derive_rng(5, &[])).unwrap();
+            let (none, zero) = (run(&TrainConfig::sgd(1, 10, 0.05)), run(&prox(1, 10, 0.05, 0.0)));
+            assert_eq!(none.params.content_hash(), zero.params.content_hash(), "{backend:?} {kind}");
+            assert_eq!(none.mean_loss.to_bits(), zero.mean_loss.to_bits(), "{backend:?} {kind}");
+        }
+    }
 }

@@ -477,6 +477,16 @@ fn strategies_are_chosen_by_name_and_checked_against_privacy_and_memory() {
     let err = build(&small, ModelParams::zeros(big_layout.clone())).start_round(S).unwrap_err();
     assert_eq!(err, StartError::Buffer { strategy: "median", updates: 3, mb: 4, max_mb: 1 });
     assert!(err.to_string().contains("raise max_buffer_mb"));
+    // FedProx's mu reaches the devices in their tasks; other strategies send none.
+    let prox =
+        with_strategy("fedprox", StrategyOptions { proximal_mu: Some(0.5), ..StrategyOptions::default() }, cfg(1.0, 1))
+            .unwrap();
+    let mut e = build(&prox, params([0.0, 0.0]));
+    e.start_round(S).unwrap();
+    assert!(assigned(&mut e).iter().all(|(_, t)| t.config.proximal_mu == Some(0.5)));
+    let mut e = build(&with_strategy("median", StrategyOptions::default(), cfg(1.0, 1)).unwrap(), params([0.0, 0.0]));
+    e.start_round(S).unwrap();
+    assert!(assigned(&mut e).iter().all(|(_, t)| t.config.proximal_mu.is_none()));
     // A streaming rule has no such bound.
     let fedavg = with_strategy("fedavg", StrategyOptions::default(), cfg(1.0, 1)).unwrap();
     assert!(build(&fedavg, ModelParams::zeros(big_layout)).start_round(S).is_ok());
