@@ -24,6 +24,7 @@ use fedge_engine::strategy::Strategy;
 use fedge_engine::{EngineEvent, RoundEngine, RoundReport};
 use rand::RngExt;
 
+use crate::attack::Attack;
 use crate::devices::DeviceSpeed;
 use crate::pool::{Job, Pool};
 use crate::run::Observer;
@@ -52,6 +53,8 @@ pub struct RoundTrace {
     pub arrivals: Vec<Arrival>,
     /// The engine's report; `closed_at` is the virtual time it closed.
     pub report: RoundReport,
+    /// Selected devices that are attackers (dropouts included).
+    pub attackers: usize,
 }
 
 impl RoundTrace {
@@ -73,6 +76,8 @@ pub(crate) struct Fleet<'a> {
     pub dropout: f64,
     /// The run's seed (dropouts).
     pub seed: u64,
+    /// Byzantine devices, if the run has any.
+    pub attack: Option<&'a Attack>,
 }
 
 /// Runs the open round `round`, started at `start`, to its close: its tasks go to the pool,
@@ -92,22 +97,28 @@ pub(crate) fn drive_round(
     let mut planned = Vec::new();
     let mut dropped = Vec::new();
     let mut selected = 0;
+    let mut attackers = 0;
     while let Some(EngineEvent::Assign { device, task }) = engine.poll_event() {
         selected += 1;
+        attackers += usize::from(fleet.attack.is_some_and(|a| a.is_attacker(device)));
         if fleet.dropout > 0.0 && dropout_rng.random::<f64>() < fleet.dropout {
             dropped.push(device);
             continue;
         }
-        let indices = fleet.data[&device].clone();
+        // A label-flip attacker trains on its copy of its examples, labels flipped.
+        let (data, indices) = match fleet.attack.and_then(|a| a.flipped_data(device)) {
+            Some((data, indices)) => (Some(data), indices),
+            None => (None, fleet.data[&device].clone()),
+        };
         let samples = indices.len() as u64 * u64::from(task.config.epochs);
         let at = start.saturating_add(fleet.speeds[device as usize].round_trip(fleet.model_bytes, samples));
-        planned.push((at, device, task, indices));
+        planned.push((at, device, task, indices, data));
     }
     // Arrival order; the sort is stable, so ties stay in selection order.
     planned.sort_by_key(|p| p.0);
     let due: Vec<(Duration, DeviceId)> = planned.iter().map(|p| (p.0, p.1)).collect();
-    for (seq, (_, device, task, indices)) in planned.into_iter().enumerate() {
-        pool.submit(Job { seq, device, task, global: global.clone(), indices });
+    for (seq, (_, device, task, indices, data)) in planned.into_iter().enumerate() {
+        pool.submit(Job { seq, device, task, global: global.clone(), indices, data });
     }
     obs.round_started(round, selected);
     for &d in &dropped {
@@ -120,10 +131,30 @@ pub(crate) fn drive_round(
     let mut upload_bytes = 0u64;
     let mut waiting = BTreeMap::new();
     let mut next = 0;
+    // Attackers see the whole round before anything is delivered (little-is-enough needs all
+    // their updates together); delivery order and times are unchanged.
+    if let Some(attack) = fleet.attack {
+        while waiting.len() < due.len() {
+            let done = pool.next_done();
+            obs.device_done();
+            waiting.insert(done.seq, done);
+        }
+        let mut deltas: Vec<_> = waiting
+            .values_mut()
+            .filter(|d| attack.is_attacker(d.device))
+            .filter_map(|d| {
+                let device = d.device;
+                d.outcome.as_mut().ok().map(|o| (device, &mut o.result.delta))
+            })
+            .collect();
+        attack.apply(round, selected, attackers, &mut deltas);
+    }
     while next < due.len() {
-        let done = pool.next_done();
-        obs.device_done();
-        waiting.insert(done.seq, done);
+        if !waiting.contains_key(&next) {
+            let done = pool.next_done();
+            obs.device_done();
+            waiting.insert(done.seq, done);
+        }
         while let Some(done) = waiting.remove(&next) {
             let (at, device) = due[next];
             next += 1;
@@ -172,5 +203,5 @@ pub(crate) fn drive_round(
         Some(other) => unreachable!("no task is assigned while a round is open: {other:?}"),
         None => unreachable!("the round closed by its deadline at the latest"),
     };
-    (RoundTrace { start, deadline, dropped, arrivals, report }, upload_bytes)
+    (RoundTrace { start, deadline, dropped, arrivals, report, attackers }, upload_bytes)
 }

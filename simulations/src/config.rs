@@ -13,6 +13,7 @@ use fedge_learn::{BackendKind, DistillConfig, ModelKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::attack::AttackKind;
 use crate::devices::SpeedModel;
 
 /// Which partitioner.
@@ -115,6 +116,18 @@ pub struct SimConfig {
     pub strategy: String,
     /// The strategy's parameters (the `[strategy_options]` table).
     pub strategy_options: StrategyOptions,
+    /// Byzantine attack of the `attackers` devices ([`crate::attack`]): `sign-flip`, `scale`,
+    /// `noise`, `label-flip` or `little-is-enough`.
+    pub attack: Option<AttackKind>,
+    /// Fraction of the devices that attack, in [0, 1) (`round(attackers * devices)` of them).
+    pub attackers: f64,
+    /// `sign-flip` sends `-attack_scale * delta` (default 1), `scale` `attack_scale * delta`
+    /// (default 10).
+    pub attack_scale: Option<f64>,
+    /// Standard deviation of a `noise` attacker's update, per coordinate.
+    pub attack_noise_std: f64,
+    /// `little-is-enough`: z instead of the paper's z_max for the round.
+    pub attack_z: Option<f64>,
 }
 
 impl Default for SimConfig {
@@ -153,6 +166,11 @@ impl Default for SimConfig {
             distill: DistillConfig::default(),
             strategy: "fedavg".into(),
             strategy_options: StrategyOptions::default(),
+            attack: None,
+            attackers: 0.0,
+            attack_scale: None,
+            attack_noise_std: crate::attack::DEFAULT_NOISE_STD,
+            attack_z: None,
         }
     }
 }
@@ -232,6 +250,7 @@ impl SimConfig {
             return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));
         }
         self.engine_config()?;
+        crate::attack::validate(self).map_err(ConfigError::Invalid)?;
         match self.partition() {
             Partition::Dirichlet { alpha } if !(alpha.is_finite() && alpha > 0.0) => {
                 bad(format!("alpha must be positive, got {alpha}"))
@@ -319,6 +338,22 @@ mod tests {
     }
 
     #[test]
+    fn attack_keys_parse_from_a_file() {
+        let c = SimConfig::from_toml(
+            "attack = \"little-is-enough\"\nattackers = 0.2\nattack_z = 1.5\nattack_scale = 3.0\nattack_noise_std = 0.5",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.attack, Some(AttackKind::LittleIsEnough));
+        assert_eq!((c.attackers, c.attack_z, c.attack_scale, c.attack_noise_std), (0.2, Some(1.5), Some(3.0), 0.5));
+        for (name, kind) in AttackKind::ALL {
+            let c = SimConfig::from_toml(&format!("attack = \"{name}\"\nattackers = 0.3")).unwrap();
+            assert_eq!(c.attack, Some(kind));
+            c.validate().unwrap();
+        }
+    }
+
+    #[test]
     fn bad_configs_name_the_problem_in_one_line() {
         let cases = [
             ("devices = 10\ncolour = 3", "line 2: unknown field `colour`"),
@@ -359,6 +394,17 @@ mod tests {
             ),
             ("[strategy_options]\ntrim = 0.1", "line 2: unknown field `trim`"),
             ("strategy = \"median\"\nclip_norm = 1.0\nnoise_multiplier = 1.0", "median combines the updates jointly"),
+            ("attack = \"evil\"\nattackers = 0.2", "line 1: unknown variant `evil`, expected one of `sign-flip`"),
+            ("attack = \"scale\"", "attack `scale` needs attackers > 0"),
+            ("attackers = 0.2", "attackers = 0.2 needs an attack"),
+            ("attack = \"noise\"\nattackers = 1.0", "attackers must be in [0, 1), got 1"),
+            ("attack = \"noise\"\nattackers = nan", "attackers must be in [0, 1), got NaN"),
+            ("attack = \"noise\"\nattackers = -0.1", "attackers must be in [0, 1), got -0.1"),
+            ("devices = 10\nattack = \"noise\"\nattackers = 0.01", "rounds to no attacker"),
+            ("attack = \"scale\"\nattackers = 0.2\nattack_scale = inf", "attack_scale must be finite, got inf"),
+            ("attack = \"noise\"\nattackers = 0.2\nattack_noise_std = -1.0", "attack_noise_std must be zero"),
+            ("attack = \"noise\"\nattackers = 0.2\nattack_noise_std = nan", "attack_noise_std must be zero"),
+            ("attack = \"little-is-enough\"\nattackers = 0.2\nattack_z = nan", "attack_z must be finite"),
         ];
         for (toml, want) in cases {
             let got = err(toml);

@@ -5,8 +5,10 @@
 //! links: [`config`] says what to run, [`devices`] how fast each virtual device computes and
 //! transfers, [`pool`] runs device tasks on a few worker threads that each own one model,
 //! [`clock`] runs one round in virtual time (results reach the engine in arrival order, the
-//! engine's deadline enforced), [`run`] is the loop and its outputs.
+//! engine's deadline enforced), [`run`] is the loop and its outputs, [`attack`] makes a seeded subset of the
+//! devices Byzantine.
 
+pub mod attack;
 pub mod bench;
 pub mod clock;
 pub mod config;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fedge_core::dataset::DatasetName;
 use fedge_learn::{BackendKind, ModelKind};
+use fedge_sim::attack::AttackKind;
 use fedge_sim::config::{PartitionKind, SimConfig};
 use fedge_sim::run::{Console, Observer, Quiet};
 
@@ -314,6 +315,25 @@ struct RunArgs {
     straggler_slowdown: Option<f64>,
     #[command(flatten)]
     strategy: fedge_sim::strategy_args::StrategyArgs,
+    /// Byzantine attack of the --attackers devices: sign-flip (send -scale x delta), scale
+    /// (send scale x delta), noise (send N(0, std^2)), label-flip (train on labels
+    /// classes-1-y) or little-is-enough (colluding mu - z sigma, Baruch et al. 2019); see
+    /// docs/simulations.md.
+    // A string, parsed in config(), so that a bad name fails in one line.
+    #[arg(long, value_name = "KIND")]
+    attack: Option<String>,
+    /// Fraction of the devices that attack, in [0, 1) (round(fraction x devices), chosen from the seed).
+    #[arg(long)]
+    attackers: Option<f64>,
+    /// Attack scale: sign-flip sends -scale x delta [default 1], scale sends scale x delta [default 10].
+    #[arg(long)]
+    attack_scale: Option<f64>,
+    /// Standard deviation of a noise attacker's update per coordinate [default 1].
+    #[arg(long)]
+    attack_noise_std: Option<f64>,
+    /// little-is-enough: z instead of the paper's z_max for the round.
+    #[arg(long)]
+    attack_z: Option<f64>,
 }
 
 impl RunArgs {
@@ -329,6 +349,7 @@ impl RunArgs {
         set!(shards_per_device, alpha, seed, min_train_clients, dropout, workers, backend, eval_every);
         set!(round_timeout_s);
         self.strategy.apply(&mut c);
+        set!(round_timeout_s, attackers, attack_noise_std);
         macro_rules! speed {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.speed.$f = v; } )* };
         }
@@ -351,6 +372,15 @@ impl RunArgs {
         }
         if self.target_epsilon.is_some() {
             c.target_epsilon = self.target_epsilon;
+        }
+        if let Some(kind) = &self.attack {
+            c.attack = Some(kind.parse::<AttackKind>().map_err(anyhow::Error::msg)?);
+        }
+        if self.attack_scale.is_some() {
+            c.attack_scale = self.attack_scale;
+        }
+        if self.attack_z.is_some() {
+            c.attack_z = self.attack_z;
         }
         c.validate()?;
         Ok(c)

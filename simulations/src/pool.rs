@@ -28,6 +28,8 @@ pub struct Job {
     pub global: Arc<ModelParams>,
     /// The device's examples.
     pub indices: Arc<Vec<usize>>,
+    /// The dataset `indices` point into when not the pool's (a label-flip attacker's copy).
+    pub data: Option<Arc<Dataset>>,
 }
 
 /// A finished job.
@@ -81,7 +83,7 @@ impl Pool {
                             let outcome = trainer.run_task(
                                 &job.task,
                                 &job.global,
-                                &data,
+                                job.data.as_deref().unwrap_or(&data),
                                 &job.indices,
                                 &mut train_rng,
                                 &mut noise_rng,

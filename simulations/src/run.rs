@@ -27,6 +27,7 @@ use rand::RngExt;
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::attack::{Attack, AttackSummary};
 use crate::clock::{Fleet, RoundTrace, drive_round};
 use crate::config::{ConfigError, SimConfig};
 use crate::distill::Distiller;
@@ -105,6 +106,8 @@ pub struct RoundRow {
     pub clip_norm: Option<f64>,
     /// Central DP: epsilon spent by the run so far, at the configured delta.
     pub epsilon: Option<f64>,
+    /// Selected devices that are attackers (0 without `attack`).
+    pub attackers: usize,
 }
 
 /// `summary.json`.
@@ -163,6 +166,8 @@ pub struct Summary {
     pub student_latency_us: Option<f64>,
     /// The configuration that ran.
     pub config: SimConfig,
+    /// With `attack`: its kind, the configured fraction and the attacking devices.
+    pub attack: Option<AttackSummary>,
 }
 
 /// Everything a run produced.
@@ -347,6 +352,10 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let attack = Attack::from_config(config, &data.train, &device_data);
+    if let Some(a) = &attack {
+        obs.line(&format!("attack {}: {} of {} devices are attackers", a.kind(), a.attackers().len(), config.devices));
+    }
     let train = Arc::new(data.train);
     let train_for_distill = train.clone();
     let pool = Pool::new(workers, config.model, num_classes, config.backend, train, config.seed)?;
@@ -358,7 +367,14 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         params: engine.global().clone(),
     })
     .len() as u64;
-    let fleet = Fleet { speeds: &speeds, model_bytes, data: &device_data, dropout: config.dropout, seed: config.seed };
+    let fleet = Fleet {
+        speeds: &speeds,
+        model_bytes,
+        data: &device_data,
+        dropout: config.dropout,
+        seed: config.seed,
+        attack: attack.as_ref(),
+    };
 
     let mut rows = Vec::new();
     let mut traces = Vec::new();
@@ -423,6 +439,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             virtual_duration_s: seconds(trace.duration()),
             clip_norm: report.privacy.map(|p| p.clip_norm),
             epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
+            attackers: trace.attackers,
         };
         obs.line(&format_row(&row, config.rounds, secs, report));
         if let Some((w, path)) = csv_out.as_mut() {
@@ -479,6 +496,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         teacher_latency_us: distilled.as_ref().map(|d| d.teacher_latency_us),
         student_latency_us: distilled.as_ref().map(|d| d.student_latency_us),
         config: config.clone(),
+        attack: attack.as_ref().map(|a| a.summary(config.attackers)),
     };
     if let Some(dir) = out {
         write_json(&dir.join("summary.json"), &summary)?;
@@ -498,6 +516,9 @@ fn format_row(row: &RoundRow, rounds: u64, secs: f64, report: &fedge_engine::Rou
     };
     if let Some(e) = row.epsilon {
         status = format!("  epsilon {e:.4}{status}");
+    }
+    if row.attackers > 0 {
+        status = format!("  {} attackers{status}", row.attackers);
     }
     if !report.stragglers.is_empty() {
         status = format!("  {} late{status}", report.stragglers.len());

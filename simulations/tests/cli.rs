@@ -77,6 +77,31 @@ fn bad_input_fails_in_one_line() {
         (vec!["--compute-samples-per-s".into(), "NaN".into()], "speed.compute_samples_per_s must be positive"),
         (vec!["--round-timeout-s".into(), "0".into()], "round_timeout_s must be 0.001 to 604800 seconds (a week)"),
         (vec!["--straggler-fraction".into(), "1.5".into()], "speed.straggler_fraction must be in [0, 1]"),
+        (
+            vec!["--attack".into(), "evil".into(), "--attackers".into(), "0.2".into()],
+            "unknown attack `evil` (expected sign-flip, scale, noise, label-flip, little-is-enough)",
+        ),
+        (
+            vec!["--attack".into(), "noise".into(), "--attackers".into(), "1".into()],
+            "attackers must be in [0, 1), got 1",
+        ),
+        (vec!["--attack".into(), "scale".into()], "attack `scale` needs attackers > 0"),
+        (vec!["--attackers".into(), "0.3".into()], "attackers = 0.3 needs an attack"),
+        (
+            vec!["--attack".into(), "noise".into(), "--attackers".into(), "0.3".into(), "--attack-noise-std=-1".into()],
+            "attack_noise_std must be zero or positive and finite, got -1",
+        ),
+        (
+            vec![
+                "--attack".into(),
+                "scale".into(),
+                "--attackers".into(),
+                "0.3".into(),
+                "--attack-scale".into(),
+                "inf".into(),
+            ],
+            "attack_scale must be finite, got inf",
+        ),
     ];
     for (extra, want) in cases {
         let mut args = vec!["run".to_string(), "--out".into(), dir.path().join("o").to_str().unwrap().into()];

@@ -54,6 +54,10 @@ pub mod stream {
     pub const DISTILL: u64 = 8;
     /// Simulated devices' compute and network speeds (drawn once per run).
     pub const DEVICE_SPEED: u64 = 9;
+    /// Which simulated devices are Byzantine attackers (drawn once per run).
+    pub const ATTACKERS: u64 = 10;
+    /// A simulated attacker's noise update: followed by round and device.
+    pub const ATTACK_NOISE: u64 = 11;
 }
 
 #[cfg(test)]
