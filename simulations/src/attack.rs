@@ -165,9 +165,16 @@ pub struct Attack {
     z: Option<f64>,
     seed: u64,
     attackers: BTreeSet<DeviceId>,
-    /// `label-flip`: the attackers' examples with flipped labels, and each attacker's indices
-    /// into them (a copy of the attackers' examples only, made once per run).
-    flipped: Option<(Arc<Dataset>, BTreeMap<DeviceId, Arc<Vec<usize>>>)>,
+    /// `label-flip`: the attackers' examples with flipped labels.
+    flipped: Option<Flipped>,
+}
+
+/// A copy of the attackers' examples only (made once per run) with flipped labels, and each
+/// attacker's indices into it.
+#[derive(Debug, Clone)]
+struct Flipped {
+    data: Arc<Dataset>,
+    indices: BTreeMap<DeviceId, Arc<Vec<usize>>>,
 }
 
 /// An attack as the run's summary records it.
@@ -222,8 +229,8 @@ impl Attack {
 
     /// For a `label-flip` attacker, the dataset with its flipped examples and its indices there.
     pub fn flipped_data(&self, device: DeviceId) -> Option<(Arc<Dataset>, Arc<Vec<usize>>)> {
-        let (data, indices) = self.flipped.as_ref()?;
-        Some((data.clone(), indices.get(&device)?.clone()))
+        let f = self.flipped.as_ref()?;
+        Some((f.data.clone(), f.indices.get(&device)?.clone()))
     }
 
     /// For the summary, with the configured `fraction`.
@@ -305,7 +312,7 @@ fn flip_labels(
     train: &Dataset,
     device_data: &BTreeMap<DeviceId, Arc<Vec<usize>>>,
     attackers: &BTreeSet<DeviceId>,
-) -> (Arc<Dataset>, BTreeMap<DeviceId, Arc<Vec<usize>>>) {
+) -> Flipped {
     let mut data = Dataset {
         rows: train.rows,
         cols: train.cols,
@@ -323,7 +330,7 @@ fn flip_labels(
         }
         indices.insert(device, Arc::new((start..data.labels.len()).collect()));
     }
-    (Arc::new(data), indices)
+    Flipped { data: Arc::new(data), indices }
 }
 
 #[cfg(test)]

@@ -137,7 +137,7 @@ fn label_flip_copies_only_the_attackers_examples_with_flipped_labels() {
     let devices: BTreeMap<DeviceId, Arc<Vec<usize>>> =
         [(0, vec![0, 1]), (1, vec![5, 3]), (2, vec![2, 4])].into_iter().map(|(d, i)| (d, Arc::new(i))).collect();
     let attackers: BTreeSet<DeviceId> = [1, 2].into_iter().collect();
-    let (data, indices) = flip_labels(&train, &devices, &attackers);
+    let Flipped { data, indices } = flip_labels(&train, &devices, &attackers);
     assert_eq!(data.len(), 4, "device 0's examples are not copied");
     assert_eq!(data.labels, vec![2, 0, 7, 5]);
     assert_eq!(data.images, vec![10, 11, 6, 7, 4, 5, 8, 9]);
