@@ -54,7 +54,7 @@ for name in sorted(os.listdir(out)):
         continue
     s = json.load(open(path))
     # ds-part-attack-frac-strategy; names hold dashes, so split from known pieces.
-    for strat in strategies:
+    for strat in sorted(strategies, key=len, reverse=True):  # multi-krum before krum
         if name.endswith("-" + strat):
             head = name[: -len(strat) - 1]
             break
