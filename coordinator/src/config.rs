@@ -78,6 +78,9 @@ pub struct ServeConfig {
     pub blob_store: Option<String>,
     /// Inference on escalated requests: batching window, batch size, per-device rate limit.
     pub inference: crate::inference::InferenceConfig,
+    /// The longest step one round may move the global model (L2 norm of the change); a round
+    /// whose aggregate goes further fails and the model stays. Absent: no bound.
+    pub max_step_norm: Option<f64>,
     /// Aggregation strategy by name (`fedavg`, `fedadam`, `trimmed-mean`, ...; see
     /// docs/operations.md).
     pub strategy: String,
@@ -119,6 +122,7 @@ impl Default for ServeConfig {
             auto_promote: true,
             blob_store: None,
             inference: crate::inference::InferenceConfig::default(),
+            max_step_norm: None,
             strategy: "fedavg".into(),
             strategy_options: StrategyOptions::default(),
         }
@@ -155,6 +159,7 @@ impl ServeConfig {
             seed: self.seed,
             privacy: keys.central_dp(),
             max_samples_per_result: self.max_samples_per_device,
+            max_step_norm: self.max_step_norm,
             ..EngineConfig::default()
         };
         c.set_strategy(&self.strategy, &self.strategy_options)?;

@@ -111,6 +111,9 @@ pub struct SimConfig {
     pub proxy_examples: usize,
     /// How to distil.
     pub distill: DistillConfig,
+    /// The longest step one round may move the global model (L2 norm); a round whose aggregate
+    /// goes further fails and the model stays. None: no bound.
+    pub max_step_norm: Option<f64>,
     /// Aggregation strategy by name (`fedavg`, `fedadam`, `trimmed-mean`, ...; see
     /// docs/simulations.md).
     pub strategy: String,
@@ -164,6 +167,7 @@ impl Default for SimConfig {
             student_model: ModelKind::Mlp,
             proxy_examples: 0,
             distill: DistillConfig::default(),
+            max_step_norm: None,
             strategy: "fedavg".into(),
             strategy_options: StrategyOptions::default(),
             attack: None,
@@ -300,6 +304,7 @@ impl SimConfig {
             train: keys.train(),
             seed: self.seed,
             privacy: keys.central_dp(),
+            max_step_norm: self.max_step_norm,
             ..EngineConfig::default()
         };
         let invalid = |e: fedge_engine::ConfigError| ConfigError::Invalid(e.to_string());
@@ -386,6 +391,7 @@ mod tests {
             ("[speed]\nstraggler_fraction = 2.0", "speed.straggler_fraction must be in [0, 1], got 2"),
             ("[speed]\nstraggler_slowdown = 0.5", "speed.straggler_slowdown must be at least 1 and finite, got 0.5"),
             ("[speed]\nupload = 5.0", "line 2: unknown field `upload`"),
+            ("max_step_norm = -1.0", "max_step_norm must be positive and finite, got -1"),
             ("strategy = \"fedsgd\"", "unknown strategy `fedsgd`; choose one of fedavg, fedavgm"),
             ("strategy = \"krum\"\n[strategy_options]\ntrim_fraction = 0.1", "`trim_fraction` does not apply to krum"),
             (

@@ -38,6 +38,10 @@ pub struct EngineConfig {
     /// The most samples one result may claim: a larger `num_samples` weighs this much (one
     /// device certificate must not be able to outweigh the fleet by saying it has 10^18).
     pub max_samples_per_result: u64,
+    /// The longest step (L2 norm of the change) one round may move the global model; a round
+    /// whose aggregate moves it further fails and the model stays (`None`: no bound beyond
+    /// finiteness). A backstop against whatever got past the strategy.
+    pub max_step_norm: Option<f64>,
     /// How results become the next model.
     pub strategy: StrategyConfig,
     /// The most memory, in MiB, a strategy that holds the round's updates may use: a round
@@ -95,6 +99,7 @@ impl Default for EngineConfig {
             seed: 0,
             privacy: None,
             max_samples_per_result: DEFAULT_MAX_SAMPLES_PER_RESULT,
+            max_step_norm: None,
             strategy: StrategyConfig::default(),
             max_buffer_mb: DEFAULT_MAX_BUFFER_MB,
         }
@@ -118,6 +123,9 @@ pub enum ConfigError {
     /// A quorum of none, or past [`MAX_MIN_CLIENTS`] (a round that could never start).
     #[error("min_train_clients must be 1 to {MAX_MIN_CLIENTS}, got {0}")]
     MinClients(usize),
+    /// A step bound that is not positive and finite.
+    #[error("max_step_norm must be positive and finite, got {0}")]
+    MaxStepNorm(f64),
     /// A per-result sample bound of zero.
     #[error("max_samples_per_result must be at least 1")]
     MaxSamples,
@@ -199,6 +207,11 @@ impl EngineConfig {
                     self.strategy.name()
                 )));
             }
+        }
+        if let Some(m) = self.max_step_norm
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(ConfigError::MaxStepNorm(m));
         }
         if !(1..=1 << 24).contains(&self.max_buffer_mb) {
             return Err(ConfigError::Strategy(format!(

@@ -489,18 +489,31 @@ impl<S: Strategy> RoundEngine<S> {
         } else if let Some(bound) = self.config.max_failures.filter(|&b| failures > b) {
             RoundOutcome::Failed(format!("{failures} devices failed, at most {bound} accepted"))
         } else {
-            match self.strategy.aggregate_train(open.round, &self.global, failures) {
+            // A round that fails leaves the strategy's state (moments, centre) as it was.
+            let saved = self.strategy.server_state();
+            let outcome = match self.strategy.aggregate_train(open.round, &self.global, failures) {
                 Ok(next) if next.check_finite().is_err() => {
                     RoundOutcome::Failed("the aggregate has a non-finite value; the model is unchanged".into())
                 }
-                Ok(next) => {
-                    self.global = next;
-                    self.version = self.next_version;
-                    self.next_version += 1;
-                    RoundOutcome::Aggregated
-                }
+                Ok(next) => match (self.config.max_step_norm, next.delta_from(&self.global)) {
+                    (Some(bound), Ok(step)) if step.l2_norm() > bound => RoundOutcome::Failed(format!(
+                        "the aggregate would move the model by {:.4e}, more than max_step_norm {bound}; the model is unchanged",
+                        step.l2_norm()
+                    )),
+                    _ => {
+                        self.global = next;
+                        self.version = self.next_version;
+                        self.next_version += 1;
+                        RoundOutcome::Aggregated
+                    }
+                },
                 Err(e) => RoundOutcome::Failed(format!("aggregation failed: {e}")),
+            };
+            if let (RoundOutcome::Failed(_), Some(state)) = (&outcome, saved) {
+                // The state was the strategy's own a moment ago: it fits.
+                let _ = self.strategy.restore_server_state(state);
             }
+            outcome
         };
         // A released model is one subsampled Gaussian step; a failed round releases nothing.
         let privacy = match (&outcome, &self.config.privacy, self.ledger.as_mut()) {

@@ -491,3 +491,29 @@ fn strategies_are_chosen_by_name_and_checked_against_privacy_and_memory() {
     let fedavg = with_strategy("fedavg", StrategyOptions::default(), cfg(1.0, 1)).unwrap();
     assert!(build(&fedavg, ModelParams::zeros(big_layout)).start_round(S).is_ok());
 }
+
+#[test]
+fn a_step_past_max_step_norm_fails_the_round_and_leaves_the_strategy_as_it_was() {
+    let mut config = EngineConfig { max_step_norm: Some(1.0), ..cfg(1.0, 1) };
+    config.set_strategy("fedavgm", &StrategyOptions::default()).unwrap();
+    let strategy = crate::strategy::build(&config, Box::new(derive_rng(1, &[])));
+    let mut e = RoundEngine::new(config.clone(), strategy, params([0.0, 0.0])).unwrap();
+    e.handle_device_available(0);
+    let round = |e: &mut RoundEngine<Box<dyn Strategy>>, delta| {
+        e.start_round(S).unwrap();
+        let (device, task) = assigned(e).remove(0);
+        e.handle_train_result(S, device, &result(&task, delta, 10)).unwrap();
+        closed(e)
+    };
+    // A step of norm 5: refused, the model and version stay.
+    let r = round(&mut e, [3.0, 4.0]);
+    assert!(matches!(&r.outcome, RoundOutcome::Failed(m) if m.contains("more than max_step_norm 1")), "{r:?}");
+    assert_eq!((e.version(), e.global().data()), (0, &[0.0, 0.0][..]));
+    // The momentum did not keep the refused step: the next round moves by its own delta only.
+    assert_eq!(round(&mut e, [0.5, 0.0]).outcome, RoundOutcome::Aggregated);
+    assert_eq!(e.global().data(), &[0.5, 0.0]);
+    assert_eq!(
+        EngineConfig { max_step_norm: Some(f64::NAN), ..cfg(1.0, 1) }.validate().unwrap_err().to_string(),
+        "max_step_norm must be positive and finite, got NaN"
+    );
+}
