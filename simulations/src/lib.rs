@@ -6,7 +6,7 @@
 //! transfers, [`pool`] runs device tasks on a few worker threads that each own one model,
 //! [`clock`] runs one round in virtual time (results reach the engine in arrival order, the
 //! engine's deadline enforced), [`run`] is the loop and its outputs, [`attack`] makes a seeded subset of the
-//! devices Byzantine.
+//! devices Byzantine, [`plot`] draws runs' accuracy, loss and epsilon per round.
 
 pub mod attack;
 pub mod bench;
@@ -17,6 +17,7 @@ pub mod demo;
 pub mod devices;
 mod distill;
 pub mod hybrid;
+pub mod plot;
 pub mod pool;
 pub mod run;
 pub mod strategy_args;

@@ -21,8 +21,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a simulation (FedAvg over virtual devices) and write rounds.csv and summary.json.
+    /// Run a simulation (FedAvg over virtual devices) and write rounds.csv, summary.json and
+    /// accuracy.svg/.png (test accuracy, loss and DP epsilon per round).
     Run(Box<RunArgs>),
+    /// Overlay one metric of several runs (their rounds.csv and summary.json) in one SVG or PNG
+    /// with a legend, e.g. `fedge-sim plot runs/fedavg runs/fedprox --out cmp.png`.
+    Plot(fedge_sim::plot::PlotArgs),
     /// Start a coordinator and N edge processes on loopback with fresh certificates, run R
     /// rounds through operator commands over QUIC, print each round, stop everything.
     Demo {
@@ -205,7 +209,7 @@ struct RunArgs {
     /// TOML config (see simulations/configs/); flags below override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Output folder for rounds.csv, summary.json, partition.json [default: runs/<model>-<dataset>-<partition>-s<seed>].
+    /// Output folder for rounds.csv, summary.json, partition.json, accuracy.svg and accuracy.png [default: runs/<model>-<dataset>-<partition>-s<seed>].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Print only the summary as JSON on stdout.
@@ -438,6 +442,11 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Privacy { command } => privacy(command),
+        Command::Plot(args) => {
+            let out = args.run()?;
+            let _ = writeln!(std::io::stdout().lock(), "wrote {}", out.display());
+            Ok(())
+        }
         Command::FetchData { out } => {
             if fedge_sim::data::is_complete(&out) {
                 println!("{} already holds MNIST and Fashion-MNIST", out.display());

@@ -267,8 +267,8 @@ pub(crate) fn load_data(config: &SimConfig) -> Result<fedge_core::dataset::Train
     })
 }
 
-/// Runs a simulation; writes `rounds.csv`, `summary.json` and `partition.json` under `out` if
-/// given.
+/// Runs a simulation; writes `rounds.csv`, `summary.json`, `partition.json` and the plots
+/// `accuracy.svg` and `accuracy.png` ([`crate::plot`]) under `out` if given.
 pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Result<SimOutput, SimError> {
     let started = Instant::now();
     config.validate()?;
@@ -500,6 +500,10 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     };
     if let Some(dir) = out {
         write_json(&dir.join("summary.json"), &summary)?;
+        // The run's result is in the files above: a plot that fails only warns.
+        if let Err(e) = crate::plot::write_run_plots(dir, &rows, &summary) {
+            eprintln!("warning: no accuracy plot: {e}");
+        }
     }
     let student = distiller.as_ref().filter(|_| distilled.is_some()).and_then(|d| d.int8.clone());
     Ok(SimOutput { rounds: rows, summary, partition, global: engine.global().clone(), student, traces })
