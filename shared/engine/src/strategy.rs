@@ -22,7 +22,7 @@
 //! output by more than `C / m`, the sensitivity the accountant assumes: they are refused with
 //! central DP. With local DP every rule is post-processing of private uploads and allowed.
 
-mod buffer;
+pub mod buffer;
 mod centered_clip;
 pub mod choice;
 mod dp_fedavg;
@@ -40,6 +40,7 @@ mod norm_bound;
 mod testing;
 mod trimmed_mean;
 
+pub use buffer::{Buffered, BufferedRule};
 pub use centered_clip::CenteredClip;
 pub use choice::{FedOptKind, StrategyConfig, StrategyOptions};
 pub use dp_fedavg::DpFedAvg;
@@ -47,7 +48,7 @@ pub use fedadagrad::FedAdagrad;
 pub use fedadam::FedAdam;
 pub use fedavg::FedAvg;
 pub use fedavgm::FedAvgM;
-pub use fedopt::{FedOpt, ServerOptimizer};
+pub use fedopt::{Adaptive, FedOpt, SecondMoment, ServerOptimizer};
 pub use fedprox::FedProx;
 pub use fedyogi::FedYogi;
 pub use krum::Krum;
@@ -207,17 +208,19 @@ pub fn build(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>)
         StrategyConfig::FedOpt { kind, server_lr, beta1, beta2, tau } => {
             let inner = averaging(1.0, noise_rng);
             match kind {
-                FedOptKind::Adagrad => Box::new(FedOpt::new(inner, FedAdagrad::new(server_lr, beta1, tau))),
+                FedOptKind::Adagrad => Box::new(FedOpt::new(inner, FedAdagrad::new(server_lr, beta1, 0.0, tau))),
                 FedOptKind::Adam => Box::new(FedOpt::new(inner, FedAdam::new(server_lr, beta1, beta2, tau))),
                 FedOptKind::Yogi => Box::new(FedOpt::new(inner, FedYogi::new(server_lr, beta1, beta2, tau))),
             }
         }
         StrategyConfig::FedProx { mu } => Box::new(FedProx::new(averaging(1.0, noise_rng), mu)),
-        StrategyConfig::Median => Box::new(Median::default()),
-        StrategyConfig::TrimmedMean { fraction } => Box::new(TrimmedMean::new(fraction)),
-        StrategyConfig::Krum { byzantine, select: None } => Box::new(Krum::single(byzantine)),
-        StrategyConfig::Krum { byzantine, select: Some(select) } => Box::new(Krum::multi(byzantine, select)),
+        StrategyConfig::Median => Box::new(Buffered::new(Median)),
+        StrategyConfig::TrimmedMean { fraction } => Box::new(Buffered::new(TrimmedMean::new(fraction))),
+        StrategyConfig::Krum { byzantine, select: None } => Box::new(Buffered::new(Krum::single(byzantine))),
+        StrategyConfig::Krum { byzantine, select: Some(select) } => {
+            Box::new(Buffered::new(Krum::multi(byzantine, select)))
+        }
         StrategyConfig::NormBound { bound } => Box::new(NormBound::new(bound)),
-        StrategyConfig::CenteredClip { radius, iters } => Box::new(CenteredClip::new(radius, iters)),
+        StrategyConfig::CenteredClip { radius, iters } => Box::new(Buffered::new(CenteredClip::new(radius, iters))),
     }
 }

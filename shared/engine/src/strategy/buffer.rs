@@ -8,11 +8,11 @@ use std::sync::Arc;
 use fedge_core::aggregate::AggregateError;
 use fedge_core::{ModelParams, ParamLayout};
 
-use super::Contribution;
+use super::{Contribution, ServerState, Strategy};
 
 /// The accepted updates of the open round, each already scaled by the engine's clip.
 #[derive(Debug, Default)]
-pub(crate) struct UpdateBuffer {
+pub struct UpdateBuffer {
     layout: Option<Arc<ParamLayout>>,
     updates: Vec<Vec<f32>>,
     samples: Vec<u64>,
@@ -132,4 +132,80 @@ pub(crate) fn median_f64(v: &mut [f64]) -> f64 {
     let (lower, mid, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
     let mid = *mid;
     if n % 2 == 1 { mid } else { (lower.iter().copied().fold(f64::NEG_INFINITY, f64::max) + mid) / 2.0 }
+}
+
+/// A rule that needs every update of the round at once (median, trimmed mean, Krum, centered
+/// clipping): [`Buffered`] holds the updates and asks the rule for the round's step.
+pub trait BufferedRule: Send + std::fmt::Debug {
+    /// The strategy's name.
+    fn name(&self) -> &'static str;
+
+    /// The round's step from the held updates (at least one, all finite, one model long).
+    fn step(&mut self, buffer: &UpdateBuffer) -> Result<Vec<f32>, AggregateError>;
+
+    /// The step was taken (the next model is finite): state the rule carries may move on.
+    fn taken(&mut self, _step: &[f32]) {}
+
+    /// State carried between rounds, if any.
+    fn server_state(&self) -> Option<ServerState> {
+        None
+    }
+
+    /// Restores [`Self::server_state`]'s state.
+    fn restore_server_state(&mut self, state: ServerState) -> Result<(), AggregateError> {
+        Err(AggregateError::State(format!("{} keeps no state; this state is {}'s", self.name(), state.strategy)))
+    }
+}
+
+/// A [`BufferedRule`] as a [`Strategy`]: the round's updates held in an [`UpdateBuffer`].
+#[derive(Debug)]
+pub struct Buffered<R> {
+    rule: R,
+    buffer: UpdateBuffer,
+}
+
+impl<R: BufferedRule> Buffered<R> {
+    /// `rule` over the round's held updates.
+    pub fn new(rule: R) -> Self {
+        Self { rule, buffer: UpdateBuffer::default() }
+    }
+}
+
+impl<R: BufferedRule> Strategy for Buffered<R> {
+    fn name(&self) -> &'static str {
+        self.rule.name()
+    }
+
+    fn begin_round(&mut self, _round: u64, global: &ModelParams, _expected: usize) {
+        self.buffer.begin(global);
+    }
+
+    fn holds_updates(&self) -> bool {
+        true
+    }
+
+    fn server_state(&self) -> Option<ServerState> {
+        self.rule.server_state()
+    }
+
+    fn restore_server_state(&mut self, state: ServerState) -> Result<(), AggregateError> {
+        self.rule.restore_server_state(state)
+    }
+
+    fn check(&self, c: Contribution<'_>) -> Result<(), AggregateError> {
+        self.buffer.check(c)
+    }
+
+    fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
+        self.buffer.push(c)
+    }
+
+    fn aggregate_train(&mut self, _: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
+        self.buffer.need(self.rule.name(), 1)?;
+        let step = self.rule.step(&self.buffer)?;
+        let next = self.buffer.finish(global, &step)?;
+        next.check_finite()?;
+        self.rule.taken(&step);
+        Ok(next)
+    }
 }

@@ -11,72 +11,55 @@
 //! server state: it is saved with every model version and restored after a restart. Holds every
 //! update of the round ([`super::buffer`]).
 
-use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
 
-use super::buffer::{UpdateBuffer, median_f64, sq_dist};
-use super::{Contribution, ServerState, Strategy};
+use super::ServerState;
+use super::buffer::{BufferedRule, UpdateBuffer, median_f64, sq_dist};
 
 /// Centered clipping around the previous step.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct CenteredClip {
     radius: Option<f64>,
     iters: u32,
     centre: Vec<f32>,
-    buffer: UpdateBuffer,
 }
 
 impl CenteredClip {
     /// Clips to `radius` (`None`: the median distance) for `iters` iterations.
     pub fn new(radius: Option<f64>, iters: u32) -> Self {
-        Self { radius, iters: iters.max(1), centre: Vec::new(), buffer: UpdateBuffer::default() }
+        Self { radius, iters: iters.max(1), centre: Vec::new() }
     }
 }
 
-impl Strategy for CenteredClip {
+impl BufferedRule for CenteredClip {
     fn name(&self) -> &'static str {
         "centered-clip"
     }
 
-    fn begin_round(&mut self, _round: u64, global: &ModelParams, _expected: usize) {
-        self.buffer.begin(global);
-        if self.centre.len() != global.numel() {
-            self.centre = vec![0.0; global.numel()];
-        }
-    }
-
-    fn holds_updates(&self) -> bool {
-        true
-    }
-
-    fn check(&self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.check(c)
-    }
-
-    fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.push(c)
-    }
-
-    fn aggregate_train(&mut self, _: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
-        let n = self.buffer.need("centered-clip", 1)?;
-        let mut v: Vec<f64> = self.centre.iter().map(|&c| f64::from(c)).collect();
+    fn step(&mut self, buffer: &UpdateBuffer) -> Result<Vec<f32>, AggregateError> {
+        let updates = buffer.updates();
+        let n = updates.len();
+        let d = updates[0].len();
+        let mut v: Vec<f64> = match self.centre.len() == d {
+            true => self.centre.iter().map(|&c| f64::from(c)).collect(),
+            false => vec![0.0; d],
+        };
         for _ in 0..self.iters {
             let centre: Vec<f32> = v.iter().map(|&c| c as f32).collect();
-            let dists: Vec<f64> = self.buffer.updates().iter().map(|u| sq_dist(u, &centre).sqrt()).collect();
+            let dists: Vec<f64> = updates.iter().map(|u| sq_dist(u, &centre).sqrt()).collect();
             let tau = self.radius.unwrap_or_else(|| median_f64(&mut dists.clone()));
-            let mut moved = vec![0.0f64; v.len()];
-            for (u, &dist) in self.buffer.updates().iter().zip(&dists) {
+            let mut moved = vec![0.0f64; d];
+            for (u, &dist) in updates.iter().zip(&dists) {
                 let w = if dist > tau { tau / dist } else { 1.0 } / n as f64;
                 moved.iter_mut().zip(u).zip(&centre).for_each(|((m, &x), &c)| *m += w * f64::from(x - c));
             }
             v.iter_mut().zip(&moved).for_each(|(c, m)| *c += m);
         }
-        let step: Vec<f32> = v.iter().map(|&c| c as f32).collect();
-        let next = self.buffer.finish(global, &step)?;
-        // A round that fails leaves the centre as it was.
-        next.check_finite()?;
-        self.centre = step;
-        Ok(next)
+        Ok(v.iter().map(|&c| c as f32).collect())
+    }
+
+    fn taken(&mut self, step: &[f32]) {
+        self.centre = step.to_vec();
     }
 
     fn server_state(&self) -> Option<ServerState> {
@@ -93,6 +76,8 @@ impl Strategy for CenteredClip {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Strategy;
+    use super::super::buffer::Buffered;
     use super::super::testing::{Case, check, contribution, params};
     use super::*;
 
@@ -104,7 +89,7 @@ mod tests {
             ("all equal within", &[&[0.5, 0.0], &[0.5, 0.0]], Ok(&[0.5, 0.0])),
             ("no update", &[], Err(AggregateError::Empty)),
         ];
-        check(|| CenteredClip::new(Some(1.0), 1), cases);
+        check(|| Buffered::new(CenteredClip::new(Some(1.0), 1)), cases);
     }
 
     #[test]
@@ -114,14 +99,14 @@ mod tests {
             ("median distance", &[&[1.0], &[2.0], &[100.0]], Ok(&[5.0 / 3.0])),
             ("ties", &[&[2.0], &[2.0], &[-2.0]], Ok(&[2.0 / 3.0])),
         ];
-        check(|| CenteredClip::new(None, 1), cases);
+        check(|| Buffered::new(CenteredClip::new(None, 1)), cases);
     }
 
     #[test]
     fn iterations_and_history_move_the_centre_towards_the_majority() {
         let global = params(&[0.0]);
-        let mut s = CenteredClip::new(None, 5);
-        let round = |s: &mut CenteredClip, r| {
+        let mut s = Buffered::new(CenteredClip::new(None, 5));
+        let round = |s: &mut Buffered<CenteredClip>, r| {
             s.begin_round(r, &global, 5);
             for v in [1.0, 1.1, 0.9, 1.0, -50.0] {
                 s.accumulate(contribution(&params(&[v]), 1)).unwrap();
@@ -135,9 +120,9 @@ mod tests {
             "{first} {second}"
         );
         // The centre survives a restart.
-        let mut restored = CenteredClip::new(None, 5);
+        let mut restored = Buffered::new(CenteredClip::new(None, 5));
         restored.restore_server_state(s.server_state().unwrap()).unwrap();
-        let mut again = CenteredClip::new(None, 5);
+        let mut again = Buffered::new(CenteredClip::new(None, 5));
         again.restore_server_state(s.server_state().unwrap()).unwrap();
         assert_eq!(round(&mut restored, 3), round(&mut s, 3));
         assert!(again.restore_server_state(ServerState { strategy: "fedadam".into(), vectors: vec![] }).is_err());

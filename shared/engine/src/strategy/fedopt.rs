@@ -94,24 +94,75 @@ impl<O: ServerOptimizer> Strategy for FedOpt<O> {
     }
 }
 
-/// `[m, v]` as a fixed pair, for optimisers with two moments.
-pub(crate) fn pair(moments: Vec<Vec<f32>>) -> Result<[Vec<f32>; 2], AggregateError> {
-    moments.try_into().map_err(|_| AggregateError::State("expected two moment vectors".into()))
+/// How an adaptive optimiser moves its second moment `v` with the squared delta `g2`: the one
+/// line in which FedAdagrad, FedAdam and FedYogi differ (Reddi et al. 2021, Algorithm 2).
+pub trait SecondMoment: Send + std::fmt::Debug + Clone {
+    /// The strategy's name.
+    const NAME: &'static str;
+    /// The new `v` from `v`, `g2 = Delta^2` and `beta2`.
+    fn update(v: f32, g2: f32, beta2: f32) -> f32;
+}
+
+/// Reddi et al.'s adaptive server optimiser: `m <- beta1 m + (1 - beta1) Delta`, `v` by `S`,
+/// `w <- w + eta m / (sqrt(v) + tau)`, `v` starting at `tau^2`, no bias correction.
+#[derive(Debug, Clone)]
+pub struct Adaptive<S> {
+    server_lr: f32,
+    beta1: f32,
+    beta2: f32,
+    tau: f32,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    rule: std::marker::PhantomData<S>,
+}
+
+impl<S: SecondMoment> Adaptive<S> {
+    /// Step size eta, moment decays beta1 and beta2 (unused by FedAdagrad), adaptivity tau.
+    pub fn new(server_lr: f64, beta1: f64, beta2: f64, tau: f64) -> Self {
+        let f = |x: f64| x as f32;
+        Self {
+            server_lr: f(server_lr),
+            beta1: f(beta1),
+            beta2: f(beta2),
+            tau: f(tau),
+            m: Vec::new(),
+            v: Vec::new(),
+            rule: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<S: SecondMoment> ServerOptimizer for Adaptive<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn step(&mut self, delta: &mut [f32]) {
+        sized(&mut self.m, delta.len(), 0.0);
+        sized(&mut self.v, delta.len(), self.tau * self.tau);
+        let (b1, b2, eta, tau) = (self.beta1, self.beta2, self.server_lr, self.tau);
+        for ((d, m), v) in delta.iter_mut().zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+            *v = S::update(*v, *d * *d, b2);
+            *m = b1 * *m + (1.0 - b1) * *d;
+            *d = eta * *m / (v.sqrt() + tau);
+        }
+    }
+
+    fn moments(&self) -> Vec<Vec<f32>> {
+        vec![self.m.clone(), self.v.clone()]
+    }
+
+    fn set_moments(&mut self, moments: Vec<Vec<f32>>) -> Result<(), AggregateError> {
+        [self.m, self.v] =
+            moments.try_into().map_err(|_| AggregateError::State("expected two moment vectors".into()))?;
+        Ok(())
+    }
 }
 
 /// Resizes moment `m` to `d` values of `init` when it does not fit (first use).
 pub(crate) fn sized(m: &mut Vec<f32>, d: usize, init: f32) {
     if m.len() != d {
         *m = vec![init; d];
-    }
-}
-
-/// Reddi et al.'s adaptive step for one coordinate: with first moment `m` (updated here with
-/// `beta1`) and second moment `v` (already updated), `eta m / (sqrt(v) + tau)`.
-pub(crate) fn adaptive_step(delta: &mut [f32], m: &mut [f32], v: &[f32], beta1: f32, eta: f32, tau: f32) {
-    for ((d, m), &v) in delta.iter_mut().zip(m.iter_mut()).zip(v) {
-        *m = beta1 * *m + (1.0 - beta1) * *d;
-        *d = eta * *m / (v.sqrt() + tau);
     }
 }
 
@@ -134,7 +185,7 @@ mod tests {
         // eta m / (sqrt(v) + tau): v = tau^2 + 9 (Adagrad), 0.99 tau^2 + 0.01 * 9 (Adam),
         // tau^2 + 0.01 * 9 (Yogi: v < Delta^2, so v grows).
         let adagrad = [0.009_996_667, -0.1 * 0.1 / ((1e-6f64 + 1.0).sqrt() + 1e-3) as f32];
-        check(|| opt(FedAdagrad::new(0.1, 0.9, 1e-3)), &[("adagrad", two, Ok(&adagrad))]);
+        check(|| opt(FedAdagrad::new(0.1, 0.9, 0.0, 1e-3)), &[("adagrad", two, Ok(&adagrad))]);
         let adam = [0.009_966_723, -0.01 * 0.1 / ((0.99e-6f64 + 0.01).sqrt() + 1e-3) as f32];
         check(|| opt(FedAdam::new(0.01, 0.9, 0.99, 1e-3)), &[("adam", two, Ok(&adam))]);
         let yogi = [0.009_966_722, -0.01 * 0.1 / ((1e-6f64 + 0.01).sqrt() + 1e-3) as f32];

@@ -1,62 +1,30 @@
 //! FedYogi: Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2, after Zaheer et
-//! al. 2018's Yogi. With the round's mean delta `Delta`: `m <- beta1 m + (1 - beta1) Delta`,
-//! `v <- v - (1 - beta2) Delta^2 sign(v - Delta^2)`, `w <- w + eta m / (sqrt(v) + tau)`, `v`
-//! starting at `tau^2` (defaults eta 0.01, beta1 0.9, beta2 0.99, tau 1e-3). Unlike Adam's, `v`
-//! grows or shrinks additively, so one large round does not swamp it.
+//! al. 2018's Yogi: the [`Adaptive`] server optimiser with
+//! `v <- v - (1 - beta2) Delta^2 sign(v - Delta^2)` (defaults eta 0.01, beta1 0.9, beta2 0.99,
+//! tau 1e-3). Unlike Adam's, `v` grows or shrinks additively, so one large round does not
+//! swamp it.
 
-use fedge_core::aggregate::AggregateError;
+use super::fedopt::{Adaptive, SecondMoment};
 
-use super::fedopt::{ServerOptimizer, adaptive_step, pair, sized};
+/// Yogi's second moment: additive steps towards Delta^2.
+#[derive(Debug, Clone, Copy)]
+pub struct YogiMoment;
+
+impl SecondMoment for YogiMoment {
+    const NAME: &'static str = "fedyogi";
+
+    fn update(v: f32, g2: f32, beta2: f32) -> f32 {
+        // sign(0) = 0: v stays when it equals Delta^2.
+        let sign = if v > g2 {
+            1.0
+        } else if v < g2 {
+            -1.0
+        } else {
+            0.0
+        };
+        v - (1.0 - beta2) * g2 * sign
+    }
+}
 
 /// Yogi on the server.
-#[derive(Debug, Clone)]
-pub struct FedYogi {
-    server_lr: f32,
-    beta1: f32,
-    beta2: f32,
-    tau: f32,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl FedYogi {
-    /// Step size eta, moment decays beta1 and beta2, adaptivity tau.
-    pub fn new(server_lr: f64, beta1: f64, beta2: f64, tau: f64) -> Self {
-        let f = |x: f64| x as f32;
-        Self { server_lr: f(server_lr), beta1: f(beta1), beta2: f(beta2), tau: f(tau), m: Vec::new(), v: Vec::new() }
-    }
-}
-
-impl ServerOptimizer for FedYogi {
-    fn name(&self) -> &'static str {
-        "fedyogi"
-    }
-
-    fn step(&mut self, delta: &mut [f32]) {
-        sized(&mut self.m, delta.len(), 0.0);
-        sized(&mut self.v, delta.len(), self.tau * self.tau);
-        let b2 = self.beta2;
-        self.v.iter_mut().zip(delta.iter()).for_each(|(v, d)| {
-            let g2 = d * d;
-            // sign(0) = 0: v stays when it equals Delta^2.
-            let sign = if *v > g2 {
-                1.0
-            } else if *v < g2 {
-                -1.0
-            } else {
-                0.0
-            };
-            *v -= (1.0 - b2) * g2 * sign;
-        });
-        adaptive_step(delta, &mut self.m, &self.v, self.beta1, self.server_lr, self.tau);
-    }
-
-    fn moments(&self) -> Vec<Vec<f32>> {
-        vec![self.m.clone(), self.v.clone()]
-    }
-
-    fn set_moments(&mut self, moments: Vec<Vec<f32>>) -> Result<(), AggregateError> {
-        [self.m, self.v] = pair(moments)?;
-        Ok(())
-    }
-}
+pub type FedYogi = Adaptive<YogiMoment>;

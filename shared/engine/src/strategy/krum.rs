@@ -8,84 +8,63 @@
 //! the most the round tolerates, `floor((n - 3) / 2)`. Holds every update of the round
 //! ([`super::buffer`]) and computes the `n (n - 1) / 2` pairwise distances: `O(n^2 d)` time.
 
-use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
 
-use super::buffer::{UpdateBuffer, sq_dist};
-use super::{Contribution, Strategy};
+use super::buffer::{BufferedRule, UpdateBuffer, sq_dist};
 
 /// Krum (`select: None`) or Multi-Krum.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Krum {
     byzantine: Option<usize>,
     select: Option<Option<usize>>,
-    buffer: UpdateBuffer,
 }
 
 impl Krum {
     /// Krum tolerating `byzantine` devices (`None`: as many as the round allows).
     pub fn single(byzantine: Option<usize>) -> Self {
-        Self { byzantine, select: None, buffer: UpdateBuffer::default() }
+        Self { byzantine, select: None }
     }
 
     /// Multi-Krum averaging `select` updates (`None`: n - f).
     pub fn multi(byzantine: Option<usize>, select: Option<usize>) -> Self {
-        Self { byzantine, select: Some(select), buffer: UpdateBuffer::default() }
-    }
-
-    /// Each update's score, for `f` Byzantine devices.
-    fn scores(&self, f: usize) -> Vec<f64> {
-        let u = self.buffer.updates();
-        let n = u.len();
-        let mut dist = vec![0.0f64; n * n];
-        for i in 0..n {
-            for j in i + 1..n {
-                let d = sq_dist(&u[i], &u[j]);
-                dist[i * n + j] = d;
-                dist[j * n + i] = d;
-            }
-        }
-        let neighbours = n - f - 2;
-        (0..n)
-            .map(|i| {
-                let mut row: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| dist[i * n + j]).collect();
-                row.sort_unstable_by(f64::total_cmp);
-                row[..neighbours].iter().sum()
-            })
-            .collect()
+        Self { byzantine, select: Some(select) }
     }
 }
 
-impl Strategy for Krum {
+/// Each update's score for `f` Byzantine devices: the sum of its squared distances to its
+/// `n - f - 2` nearest neighbours.
+fn scores(u: &[Vec<f32>], f: usize) -> Vec<f64> {
+    let n = u.len();
+    let mut dist = vec![0.0f64; n * n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let d = sq_dist(&u[i], &u[j]);
+            dist[i * n + j] = d;
+            dist[j * n + i] = d;
+        }
+    }
+    let neighbours = n - f - 2;
+    (0..n)
+        .map(|i| {
+            let mut row: Vec<f64> = (0..n).filter(|&j| j != i).map(|j| dist[i * n + j]).collect();
+            row.sort_unstable_by(f64::total_cmp);
+            row[..neighbours].iter().sum()
+        })
+        .collect()
+}
+
+impl BufferedRule for Krum {
     fn name(&self) -> &'static str {
         if self.select.is_some() { "multi-krum" } else { "krum" }
     }
 
-    fn begin_round(&mut self, _round: u64, global: &ModelParams, _expected: usize) {
-        self.buffer.begin(global);
-    }
-
-    fn holds_updates(&self) -> bool {
-        true
-    }
-
-    fn check(&self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.check(c)
-    }
-
-    fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.push(c)
-    }
-
-    fn aggregate_train(&mut self, _: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
+    fn step(&mut self, buffer: &UpdateBuffer) -> Result<Vec<f32>, AggregateError> {
         let rule = self.name();
-        let got = self.buffer.need(rule, 1)?;
-        let f = match self.byzantine {
-            Some(f) => f,
-            None => got.saturating_sub(3) / 2,
-        };
-        let n = self.buffer.need(rule, 2 * f + 3)?;
-        let scores = self.scores(f);
+        let got = buffer.updates().len();
+        let f = self.byzantine.unwrap_or(got.saturating_sub(3) / 2);
+        let n = buffer.need(rule, 2 * f + 3)?;
+        let updates = buffer.updates();
+        let scores = scores(updates, f);
         let mut order: Vec<usize> = (0..n).collect();
         // Stable: equal scores keep arrival order.
         order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
@@ -93,19 +72,17 @@ impl Strategy for Krum {
             None => 1,
             Some(select) => select.unwrap_or(n - f).min(n),
         };
-        let chosen = &order[..m];
-        let d = self.buffer.updates()[0].len();
-        let mut step = vec![0.0f64; d];
-        for &i in chosen {
-            step.iter_mut().zip(&self.buffer.updates()[i]).for_each(|(s, &v)| *s += f64::from(v));
+        let mut step = vec![0.0f64; updates[0].len()];
+        for &i in &order[..m] {
+            step.iter_mut().zip(&updates[i]).for_each(|(s, &v)| *s += f64::from(v));
         }
-        let step: Vec<f32> = step.iter().map(|s| (s / m as f64) as f32).collect();
-        self.buffer.finish(global, &step)
+        Ok(step.iter().map(|s| (s / m as f64) as f32).collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::buffer::Buffered;
     use super::super::testing::{Case, check};
     use super::*;
 
@@ -123,11 +100,14 @@ mod tests {
             ),
             ("no update", &[], Err(AggregateError::Empty)),
         ];
-        check(|| Krum::single(Some(1)), cases);
+        check(|| Buffered::new(Krum::single(Some(1))), cases);
         // Default f = floor((n - 3) / 2) = 1 for n = 5 or 6.
-        check(|| Krum::single(None), &[("default f", &[&[0.0], &[1.0], &[-1.0], &[5.0], &[100.0]], Ok(&[0.0]))]);
         check(
-            || Krum::single(None),
+            || Buffered::new(Krum::single(None)),
+            &[("default f", &[&[0.0], &[1.0], &[-1.0], &[5.0], &[100.0]], Ok(&[0.0]))],
+        );
+        check(
+            || Buffered::new(Krum::single(None)),
             &[("two results", &[&[0.0], &[1.0]], Err(AggregateError::TooFew { rule: "krum", needed: 3, got: 2 }))],
         );
     }
@@ -137,11 +117,11 @@ mod tests {
         let five: &[&[f32]] = &[&[0.0, 0.0], &[1.0, 0.0], &[-1.0, 0.0], &[0.0, 3.0], &[50.0, 50.0]];
         // f = 1: m = n - f = 4 lowest scores averaged. Scores (2 neighbours): 0: 1+1=2, 1: 1+4=5,
         // 2: 1+4=5, 3: 9+10=19, 4: far. Mean of the first four: (0, 0.75).
-        check(|| Krum::multi(Some(1), None), &[("n - f", five, Ok(&[0.0, 0.75]))]);
+        check(|| Buffered::new(Krum::multi(Some(1), None)), &[("n - f", five, Ok(&[0.0, 0.75]))]);
         // m = 3: the three lowest, (0, 0).
-        check(|| Krum::multi(Some(1), Some(3)), &[("m = 3", five, Ok(&[0.0, 0.0]))]);
+        check(|| Buffered::new(Krum::multi(Some(1), Some(3))), &[("m = 3", five, Ok(&[0.0, 0.0]))]);
         check(
-            || Krum::multi(Some(2), None),
+            || Buffered::new(Krum::multi(Some(2), None)),
             &[("fewer than 2f + 3", five, Err(AggregateError::TooFew { rule: "multi-krum", needed: 7, got: 5 }))],
         );
     }

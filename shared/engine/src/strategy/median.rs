@@ -4,48 +4,27 @@
 //! values for an even count). Each device has one vote, whatever its sample count (a claim
 //! the server cannot check). Holds every update of the round ([`super::buffer`]).
 
-use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
 
-use super::buffer::{UpdateBuffer, median_of};
-use super::{Contribution, Strategy};
+use super::buffer::{BufferedRule, UpdateBuffer, median_of};
 
 /// Coordinate-wise median of the updates.
-#[derive(Debug, Default)]
-pub struct Median {
-    buffer: UpdateBuffer,
-}
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Median;
 
-impl Strategy for Median {
+impl BufferedRule for Median {
     fn name(&self) -> &'static str {
         "median"
     }
 
-    fn begin_round(&mut self, _round: u64, global: &ModelParams, _expected: usize) {
-        self.buffer.begin(global);
-    }
-
-    fn holds_updates(&self) -> bool {
-        true
-    }
-
-    fn check(&self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.check(c)
-    }
-
-    fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.push(c)
-    }
-
-    fn aggregate_train(&mut self, _: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
-        self.buffer.need("median", 1)?;
-        let step = self.buffer.per_coordinate(median_of);
-        self.buffer.finish(global, &step)
+    fn step(&mut self, buffer: &UpdateBuffer) -> Result<Vec<f32>, AggregateError> {
+        Ok(buffer.per_coordinate(median_of))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::buffer::Buffered;
     use super::super::testing::{Case, check};
     use super::*;
 
@@ -63,6 +42,6 @@ mod tests {
             ("one update", &[&[4.0, 4.0]], Ok(&[4.0, 4.0])),
             ("no update", &[], Err(AggregateError::Empty)),
         ];
-        check(Median::default, cases);
+        check(|| Buffered::new(Median), cases);
     }
 }

@@ -4,61 +4,42 @@
 //! averaged (beta < 1/2, so at least one value stays). One vote per device. Holds every update
 //! of the round ([`super::buffer`]).
 
-use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
 
-use super::buffer::UpdateBuffer;
-use super::{Contribution, Strategy};
+use super::buffer::{BufferedRule, UpdateBuffer};
 
 /// Coordinate-wise beta-trimmed mean of the updates.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct TrimmedMean {
     fraction: f64,
-    buffer: UpdateBuffer,
 }
 
 impl TrimmedMean {
     /// Trims `fraction` (in [0, 1/2)) of the values from each side.
     pub fn new(fraction: f64) -> Self {
-        Self { fraction: fraction.clamp(0.0, 0.499_999), buffer: UpdateBuffer::default() }
+        Self { fraction: fraction.clamp(0.0, 0.499_999) }
     }
 }
 
-impl Strategy for TrimmedMean {
+impl BufferedRule for TrimmedMean {
     fn name(&self) -> &'static str {
         "trimmed-mean"
     }
 
-    fn begin_round(&mut self, _round: u64, global: &ModelParams, _expected: usize) {
-        self.buffer.begin(global);
-    }
-
-    fn holds_updates(&self) -> bool {
-        true
-    }
-
-    fn check(&self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.check(c)
-    }
-
-    fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        self.buffer.push(c)
-    }
-
-    fn aggregate_train(&mut self, _: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
-        let n = self.buffer.need("trimmed-mean", 1)?;
+    fn step(&mut self, buffer: &UpdateBuffer) -> Result<Vec<f32>, AggregateError> {
+        let n = buffer.updates().len();
         let k = (self.fraction * n as f64).floor() as usize;
-        let step = self.buffer.per_coordinate(|v| {
+        Ok(buffer.per_coordinate(|v| {
             v.sort_unstable_by(f32::total_cmp);
             let kept = &v[k..n - k];
             (kept.iter().map(|&x| f64::from(x)).sum::<f64>() / kept.len() as f64) as f32
-        });
-        self.buffer.finish(global, &step)
+        }))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::buffer::Buffered;
     use super::super::testing::{Case, check};
     use super::*;
 
@@ -77,7 +58,7 @@ mod tests {
             ("too few to trim", &[&[1.0], &[2.0], &[3.0], &[10.0]], Ok(&[4.0])),
             ("no update", &[], Err(AggregateError::Empty)),
         ];
-        check(|| TrimmedMean::new(0.2), cases);
+        check(|| Buffered::new(TrimmedMean::new(0.2)), cases);
     }
 
     #[test]
@@ -86,8 +67,8 @@ mod tests {
             // n = 6, beta = 0.4: two from each side, the middle two averaged.
             ("middle two", &[&[9.0], &[-9.0], &[1.0], &[2.0], &[8.0], &[-8.0]], Ok(&[1.5])),
         ];
-        check(|| TrimmedMean::new(0.4), cases);
+        check(|| Buffered::new(TrimmedMean::new(0.4)), cases);
         // beta = 0: the plain (unweighted) mean.
-        check(|| TrimmedMean::new(0.0), &[("mean", &[&[1.0], &[2.0], &[6.0]], Ok(&[3.0]))]);
+        check(|| Buffered::new(TrimmedMean::new(0.0)), &[("mean", &[&[1.0], &[2.0], &[6.0]], Ok(&[3.0]))]);
     }
 }
