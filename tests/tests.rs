@@ -1,6 +1,7 @@
 //! Fedge's integration tests: one binary, one module per area.
 
 mod data;
+mod hostile;
 mod hybrid;
 mod layering;
 mod simulation;
