@@ -4,6 +4,7 @@ mod data;
 mod hostile;
 mod hybrid;
 mod layering;
+mod recovery;
 mod simulation;
 mod strategies;
 mod system;
