@@ -436,12 +436,19 @@ async fn bad_input_over_the_wire_gets_typed_errors_and_harms_nothing() {
     // NaN, wrong shape, stale version.
     let mut nan = initial.clone();
     nan.data_mut()[7] = f32::NAN;
-    let wrong_shape = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let wrong_shape = {
+        use fedge_core::params::{ParamLayout, TensorSpec};
+        let layout = ParamLayout::new(vec![TensorSpec { name: "fc.weight".into(), shape: vec![10, 10] }]).unwrap();
+        ModelParams::zeros(Arc::new(layout))
+    };
+    // Larger than the model: refused by its frame's length, before it is read.
+    let larger = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap().initial_params(1);
     let zero = ModelParams::zeros(initial.layout().clone());
     let stale = TrainResult { model_version: 9, ..result(zero.clone()) };
     for (msg, want) in [
         (Message::TrainResult(result(nan)), ErrorCode::InvalidUpdate),
         (Message::TrainResult(result(wrong_shape)), ErrorCode::InvalidUpdate),
+        (Message::TrainResult(result(larger)), ErrorCode::TooLarge),
         (Message::TrainResult(stale), ErrorCode::StaleModel),
         (
             Message::Welcome(fedge_core::wire::Welcome {

@@ -192,6 +192,11 @@ impl InferenceService {
         Self { tx, shape, counts, observe: None }
     }
 
+    /// The image size the teacher takes (rows, cols).
+    pub fn input_shape(&self) -> (usize, usize) {
+        self.shape
+    }
+
     /// Calls `observe(batch size, time from request to answer)` for every answered request
     /// (metrics).
     pub fn with_observer(mut self, observe: Arc<dyn Fn(usize, Duration) + Send + Sync>) -> Self {

@@ -125,6 +125,23 @@ pub struct Coordinator {
     started: Instant,
     metrics: Arc<Metrics>,
     inference: OnceLock<Inference>,
+    /// The largest `TrainResult` frame a device may send: a delta of the model, encoded, plus
+    /// [`fedge_net::SMALL_FRAME_BYTES`] of slack.
+    train_result_limit: usize,
+}
+
+/// The encoded size of a `TrainResult` carrying a delta shaped like `model`, plus
+/// [`fedge_net::SMALL_FRAME_BYTES`] of slack (every model version has the same layout).
+fn train_result_limit(model: &ModelParams) -> usize {
+    let result = fedge_core::wire::TrainResult {
+        round: u64::MAX,
+        model_version: u64::MAX,
+        num_samples: u64::MAX,
+        train_loss: f32::MAX,
+        delta: ModelParams::zeros(model.layout().clone()),
+        clipped: false,
+    };
+    fedge_core::codec::encode(&fedge_core::wire::Message::TrainResult(result)).len() + fedge_net::SMALL_FRAME_BYTES
 }
 
 /// Proof that the order lock is held (see the module documentation).
@@ -229,6 +246,7 @@ impl Coordinator {
         ids: BTreeMap<String, DeviceId>,
     ) -> Arc<Self> {
         let first = Arc::new(engine.global().clone());
+        let train_result_limit = train_result_limit(&first);
         let downloads = DownloadCache::new(engine.version(), first);
         Arc::new(Self {
             state: Mutex::new(State {
@@ -244,6 +262,7 @@ impl Coordinator {
             started: Instant::now(),
             metrics: Arc::new(Metrics::default()),
             inference: OnceLock::new(),
+            train_result_limit,
         })
     }
 

@@ -303,7 +303,7 @@ impl HelloError {
     /// The wire code the peer was (or would have been) told.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Frame(fedge_net::FrameError::TooLarge(_)) => ErrorCode::TooLarge,
+            Self::Frame(fedge_net::FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
             Self::Frame(_) | Self::Unexpected => ErrorCode::Malformed,
             Self::Version(_) => ErrorCode::UnsupportedVersion,
             Self::NotADevice(_) | Self::NotAnOperator(_) => ErrorCode::Unauthorized,
@@ -333,7 +333,8 @@ async fn hello_exchange(peer: &Peer, model_version: u64) -> Result<Hello, HelloE
     let (mut send, mut recv) =
         peer.connection.accept_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
     let refuse = |code, message: String| Message::Error { code, message };
-    let outcome = match fedge_net::read_message(&mut recv).await? {
+    let (hello, _) = fedge_net::read_message_limited(&mut recv, |_| fedge_net::SMALL_FRAME_BYTES).await?;
+    let outcome = match hello {
         Message::Hello(h) if h.protocol_version != PROTOCOL_VERSION => {
             Err((HelloError::Version(h.protocol_version), ErrorCode::UnsupportedVersion))
         }

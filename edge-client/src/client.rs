@@ -87,6 +87,37 @@ pub fn save_model(dir: &Path, version: u64, params: &ModelParams) -> std::io::Re
     std::fs::rename(&tmp, dir.join("model.bin"))
 }
 
+/// Writes `status` as `dir/status.json` (what `fedge-edge status` shows): to a temporary
+/// file, synced, then renamed into place, so a crash leaves the previous status whole.
+pub fn save_status(dir: &Path, status: &DeviceStatus) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let v = serde_json::json!({
+        "model_version": status.model_version,
+        "model_hash": status.model_hash.map(|h| h.to_string()),
+        "last_round": status.last_round,
+        "results_acknowledged": status.acked,
+        "deployed_version": status.deployed_version,
+        "deploy_error": status.deploy_error,
+    });
+    let tmp = dir.join("status.json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(format!("{v:#}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join("status.json"))
+}
+
+/// The acknowledged-results count and last round kept in `dir/status.json` by an earlier run
+/// (zero and none if there is no readable file).
+pub fn load_acknowledged(dir: &Path) -> (u64, Option<u64>) {
+    let Some(v) =
+        std::fs::read(dir.join("status.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return (0, None);
+    };
+    (v["results_acknowledged"].as_u64().unwrap_or(0), v["last_round"].as_u64())
+}
+
 /// Reads `dir/model.bin` if present and intact (hash checked).
 pub fn load_model(dir: &Path) -> Option<(u64, ModelParams)> {
     let bytes = std::fs::read(dir.join("model.bin")).ok()?;
@@ -94,6 +125,13 @@ pub fn load_model(dir: &Path) -> Option<(u64, ModelParams)> {
         Message::Model { version, hash, params } if params.content_hash() == hash => Some((version, params)),
         _ => None,
     }
+}
+
+/// How long to wait before sending a result again after the `attempt`-th (from 0)
+/// `Unavailable`: 200 ms doubling to 5 s. The round's deadline bounds the retries: after it
+/// the coordinator answers `StaleModel` and the result is dropped.
+pub fn upload_retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis((200u64 << attempt.min(5)).min(5_000))
 }
 
 impl EdgeClient {
@@ -168,10 +206,18 @@ impl EdgeClient {
         Ok(())
     }
 
-    /// Keeps every verified model in `dir/model.bin` and starts from the one there, if any.
+    /// Keeps every verified model in `dir/model.bin` and starts from the one there, if any;
+    /// keeps the count of acknowledged results in `dir/status.json` (written on every
+    /// acknowledgement) and continues it.
     pub fn with_state_dir(mut self, dir: PathBuf) -> Self {
         if let Some((version, params)) = load_model(&dir) {
             self.set_model(version, params);
+        }
+        let (acked, last_round) = load_acknowledged(&dir);
+        {
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            st.acked = acked;
+            st.last_round = last_round;
         }
         self.state_dir = Some(dir);
         self.load_deployed();
@@ -232,23 +278,45 @@ impl EdgeClient {
         st.model_hash = Some(hash);
     }
 
-    /// Uploads the unacknowledged result, keeping it if the link fails again.
+    /// Uploads the unacknowledged result, keeping it if the link fails again. While the
+    /// coordinator answers `Unavailable` (it could not make the update durable; nothing was
+    /// recorded) the result is sent again after a back-off ([`upload_retry_delay`]), until it
+    /// is acknowledged or refused for good (the round closed: `StaleModel`).
     async fn upload(&mut self) -> Result<(), ClientError> {
         let Some(msg) = self.unacked.as_ref() else { return Ok(()) };
         let round = match msg {
             Message::TrainResult(r) => r.round,
             _ => 0,
         };
-        match self.link.request(msg).await? {
-            // A duplicate means the coordinator already holds this result (its ack was lost).
-            Message::Ack { .. } | Message::Error { code: ErrorCode::Duplicate, .. } => {
-                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                st.last_round = Some(round);
-                st.acked += 1;
+        let mut attempt = 0u32;
+        loop {
+            match self.link.request(msg).await? {
+                // A duplicate means the coordinator already holds this result (its ack was lost).
+                Message::Ack { .. } | Message::Error { code: ErrorCode::Duplicate, .. } => {
+                    let status = {
+                        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                        st.last_round = Some(round);
+                        st.acked += 1;
+                        st.clone()
+                    };
+                    if let Some(dir) = &self.state_dir
+                        && let Err(e) = save_status(dir, &status)
+                    {
+                        eprintln!("cannot record the acknowledgement in {}: {e}", dir.display());
+                    }
+                }
+                Message::Error { code: ErrorCode::Unavailable, message } => {
+                    let delay = upload_retry_delay(attempt);
+                    attempt = attempt.saturating_add(1);
+                    eprintln!("round {round}: result not stored yet ({message}); sending it again in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+                // Not retryable: a stale round, an update refused as invalid.
+                Message::Error { code, message } => eprintln!("round {round}: result refused ({code:?}): {message}"),
+                _ => return Err(ConnectError::Unexpected.into()),
             }
-            // Not retryable now: a stale round, or the coordinator could not store it.
-            Message::Error { code, message } => eprintln!("round {round}: result refused ({code:?}): {message}"),
-            _ => return Err(ConnectError::Unexpected.into()),
+            break;
         }
         self.unacked = None;
         Ok(())

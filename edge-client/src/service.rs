@@ -127,18 +127,8 @@ fn keep_inference_status(dir: std::path::PathBuf, predictor: &Arc<HybridPredicto
 }
 
 fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
-    let _ = std::fs::create_dir_all(dir);
-    let v = serde_json::json!({
-        "model_version": status.model_version,
-        "model_hash": status.model_hash.map(|h| h.to_string()),
-        "last_round": status.last_round,
-        "results_acknowledged": status.acked,
-        "deployed_version": status.deployed_version,
-        "deploy_error": status.deploy_error,
-    });
-    let tmp = dir.join("status.json.tmp");
-    if std::fs::write(&tmp, format!("{v:#}\n")).is_ok() {
-        let _ = std::fs::rename(&tmp, dir.join("status.json"));
+    if let Err(e) = crate::client::save_status(dir, status) {
+        eprintln!("cannot write {}: {e}", dir.join("status.json").display());
     }
 }
 
@@ -204,6 +194,7 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
     let mut client: Option<EdgeClient> = None;
     let mut failures = 0u32;
     loop {
+        let setback;
         let attempt = async {
             let link = Link::connect(c.coordinator, &c.server_name, &tls).await?;
             let welcome = link.hello(caps.clone()).await?;
@@ -259,22 +250,70 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
                 };
                 saver.abort();
                 save_status(&c.state_dir, &status.lock().unwrap_or_else(|p| p.into_inner()).clone());
-                if let Err(e) = outcome {
-                    eprintln!("disconnected: {e}");
-                }
+                setback = match outcome {
+                    Err(e) => {
+                        eprintln!("disconnected: {e}");
+                        let setback = Setback::of(&e.to_string());
+                        if setback == Setback::CertificateRefused {
+                            failures = 1;
+                        }
+                        setback
+                    }
+                    Ok(()) => Setback::Network,
+                };
             }
             Err(e) => {
                 failures += 1;
-                eprintln!("cannot reach the coordinator: {e}");
+                setback = Setback::of(&e.to_string());
+                match setback {
+                    Setback::CertificateRefused => eprintln!("the coordinator refused this device: {e}"),
+                    Setback::Network => eprintln!("cannot reach the coordinator: {e}"),
+                }
             }
         }
-        // Exponential backoff with jitter: 100 ms doubling to 10 s, +-25%.
-        let base = (100u64 << failures.min(7)).min(10_000) as f64;
+        // Exponential backoff with jitter (+-25%): see `retry_delay`.
+        let base = retry_delay(failures, setback).as_millis() as f64;
         let jitter: f64 = rand::rng().random_range(0.75..1.25);
+        let wait = Duration::from_millis((base * jitter) as u64);
+        if setback == Setback::CertificateRefused {
+            eprintln!("next attempt in {} s (a certificate refusal needs an operator)", wait.as_secs());
+        }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis((base * jitter) as u64)) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = &mut shutdown => return Ok(()),
         }
+    }
+}
+
+/// What the last connection attempt ran into, which sets how long to wait before the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setback {
+    /// The network or the coordinator was away: try again soon.
+    Network,
+    /// The coordinator refused this device's certificate (revoked, expired, unknown CA): only
+    /// an operator can change that, so try again rarely.
+    CertificateRefused,
+}
+
+impl Setback {
+    /// The setback an error (as [`fedge_net::frame::explain`] words it) says.
+    pub fn of(error: &str) -> Self {
+        if error.contains("refused this certificate") || error.contains("closed by the peer: certificate") {
+            Self::CertificateRefused
+        } else {
+            Self::Network
+        }
+    }
+}
+
+/// The wait (before jitter) after `failures` failed attempts in a row (at least 1) that ended
+/// with `setback`: 100 ms doubling to 10 s after a network error; 30 s doubling to 10 min
+/// after a certificate refusal.
+pub fn retry_delay(failures: u32, setback: Setback) -> Duration {
+    let n = failures.saturating_sub(1);
+    match setback {
+        Setback::Network => Duration::from_millis((100u64 << n.min(7)).min(10_000)),
+        Setback::CertificateRefused => Duration::from_secs((30u64 << n.min(5)).min(600)),
     }
 }
 
@@ -286,5 +325,34 @@ impl Drop for AbortOnDrop {
         for t in &self.0 {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_refusal_waits_longer_than_a_network_error() {
+        let refused = "cannot connect to 127.0.0.1:1: the peer refused this certificate: revoked";
+        let revoked = "stream closed: closed by the peer: certificate revoked";
+        assert_eq!(Setback::of(refused), Setback::CertificateRefused);
+        assert_eq!(Setback::of(revoked), Setback::CertificateRefused);
+        assert_eq!(Setback::of("stream closed: connection lost: timed out"), Setback::Network);
+        for failures in 1..20 {
+            let cert = retry_delay(failures, Setback::CertificateRefused);
+            let net = retry_delay(failures, Setback::Network);
+            assert!(cert > net, "after {failures} failures: {cert:?} vs {net:?}");
+            assert!(cert >= Duration::from_secs(30) && cert <= Duration::from_secs(600), "{cert:?}");
+            assert!(net <= Duration::from_secs(10), "{net:?}");
+        }
+        // Even the longest network wait (with +25% jitter) is shorter than the first wait
+        // after a refusal (with -25%).
+        assert!(
+            retry_delay(100, Setback::Network).mul_f64(1.25)
+                < retry_delay(1, Setback::CertificateRefused).mul_f64(0.75)
+        );
+        assert_eq!(retry_delay(1, Setback::Network), Duration::from_millis(100));
+        assert_eq!(retry_delay(100, Setback::CertificateRefused), Duration::from_secs(600));
     }
 }

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedge_core::codec::FrameKind;
 use fedge_core::wire::{DeviceId, ErrorCode, Message, OperatorCommand, SessionPurpose, TrainResult};
 
 use super::Coordinator;
@@ -40,14 +41,15 @@ impl Coordinator {
             return;
         };
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
-            let (request, received) = match fedge_net::read_message_bytes(&mut recv).await {
+            let read = fedge_net::read_message_limited(&mut recv, |kind| self.device_frame_limit(kind)).await;
+            let (request, received) = match read {
                 Ok((m, bytes)) => {
                     self.metrics.received(bytes.len() + 4);
                     (m, bytes)
                 }
                 Err(e) => {
                     let code = match e {
-                        fedge_net::FrameError::TooLarge(_) => ErrorCode::TooLarge,
+                        fedge_net::FrameError::TooLarge { .. } => ErrorCode::TooLarge,
                         _ => ErrorCode::Malformed,
                     };
                     self.metrics.rejected(code);
@@ -112,6 +114,20 @@ impl Coordinator {
         }
         if let Some(session) = session {
             self.handle_disconnected(id, session);
+        }
+    }
+
+    /// The largest frame a device may send of `kind`: a `TrainResult` as large as a delta of
+    /// the model (plus slack), an `InferRequest` as large as the teacher's image (plus slack),
+    /// anything else [`fedge_net::SMALL_FRAME_BYTES`].
+    fn device_frame_limit(&self, kind: FrameKind) -> usize {
+        let small = fedge_net::SMALL_FRAME_BYTES;
+        match kind {
+            FrameKind::TrainResult => self.train_result_limit,
+            FrameKind::InferRequest => {
+                small + self.inference.get().map_or(0, |i| i.input_shape().0 * i.input_shape().1)
+            }
+            _ => small,
         }
     }
 
@@ -261,7 +277,8 @@ impl Coordinator {
 
     pub(super) async fn operator_session(self: Arc<Self>, peer: Peer) {
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
-            let reply = match fedge_net::read_message(&mut recv).await {
+            let read = fedge_net::read_message_limited(&mut recv, |_| fedge_net::SMALL_FRAME_BYTES).await;
+            let reply = match read.map(|(m, _)| m) {
                 Ok(Message::Operator(OperatorCommand::StartRounds {
                     rounds,
                     fraction,
@@ -281,6 +298,9 @@ impl Coordinator {
                 },
                 Ok(_) => {
                     Message::Error { code: ErrorCode::Unauthorized, message: "operators send operator commands".into() }
+                }
+                Err(e @ fedge_net::FrameError::TooLarge { .. }) => {
+                    Message::Error { code: ErrorCode::TooLarge, message: e.to_string() }
                 }
                 Err(e) => Message::Error { code: ErrorCode::Malformed, message: e.to_string() },
             };

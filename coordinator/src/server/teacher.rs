@@ -14,6 +14,13 @@ pub(super) struct Inference {
     limiter: Mutex<RateLimiter>,
 }
 
+impl Inference {
+    /// The image size the teacher takes (rows, cols).
+    pub(super) fn input_shape(&self) -> (usize, usize) {
+        self.service.input_shape()
+    }
+}
+
 impl Coordinator {
     /// Answers devices' inference requests with `teacher` on the current global model, batched
     /// and rate-limited as `config` says. Call once, within a tokio runtime; a second call is

@@ -92,6 +92,42 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     decode_value(bytes)
 }
 
+/// What a frame holds, told from its first byte before the rest has arrived: enough for a
+/// reader to choose the frame's size limit before reading (or allocating for) its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// `TrainResult`: as large as the model's delta.
+    TrainResult,
+    /// `InferRequest`: as large as its image.
+    InferRequest,
+    /// `Model`: a whole model.
+    Model,
+    /// `ModelChunk` or `BlobChunk`: at most the chunk asked for.
+    Chunk,
+    /// Operator answers (`Status`, `Devices`, `Models`): grow with history and fleet.
+    Listing,
+    /// Any other message: small, fixed-size fields.
+    Small,
+    /// No message starts with this byte.
+    Unknown,
+}
+
+impl FrameKind {
+    /// The kind of message whose encoding starts with `first` (bincode writes the variant
+    /// index first, as a varint: one byte, for the fewer than 251 variants).
+    pub fn of_first_byte(first: u8) -> Self {
+        match first {
+            1 => Self::TrainResult,
+            20 => Self::InferRequest,
+            12 => Self::Model,
+            10 | 14 => Self::Chunk,
+            17..=19 => Self::Listing,
+            0 | 2..=9 | 11 | 13 | 15 | 16 | 21..=23 => Self::Small,
+            _ => Self::Unknown,
+        }
+    }
+}
+
 /// The encoding of `Message::ModelChunk { version, hash, total_len, offset, bytes }` up to (not
 /// including) `bytes` itself, for a chunk of `len` bytes: a sender writes this prefix and then
 /// the bytes straight from a buffer it already holds, with no copy into a message.
@@ -187,6 +223,49 @@ mod tests {
     use crate::params::ContentHash;
     use crate::wire::{ErrorCode, TrainConfig, TrainResult, TrainTask};
     use proptest::prelude::*;
+
+    #[test]
+    fn frame_kinds_match_the_encoding() {
+        use crate::wire::{InferRequest, OperatorCommand};
+        let kind = |m: &Message| FrameKind::of_first_byte(encode(m)[0]);
+        let result = TrainResult {
+            round: 1,
+            model_version: 0,
+            num_samples: 1,
+            train_loss: 0.0,
+            delta: params(2),
+            clipped: false,
+        };
+        assert_eq!(kind(&Message::TrainResult(result)), FrameKind::TrainResult);
+        let infer = InferRequest { rows: 1, cols: 1, pixels: vec![0] };
+        assert_eq!(kind(&Message::InferRequest(infer)), FrameKind::InferRequest);
+        let model = Message::Model { version: 1, hash: ContentHash([0; 32]), params: params(2) };
+        assert_eq!(kind(&model), FrameKind::Model);
+        let chunk =
+            Message::ModelChunk { version: 1, hash: ContentHash([0; 32]), total_len: 1, offset: 0, bytes: vec![] };
+        assert_eq!(kind(&chunk), FrameKind::Chunk);
+        let blob = Message::BlobChunk { version: 1, total_len: 1, offset: 0, bytes: vec![] };
+        assert_eq!(kind(&blob), FrameKind::Chunk);
+        assert_eq!(kind(&Message::Devices(vec![])), FrameKind::Listing);
+        assert_eq!(kind(&Message::Models(vec![])), FrameKind::Listing);
+        for small in [
+            Message::TaskRequest { running: None },
+            Message::Error { code: ErrorCode::Malformed, message: String::new() },
+            Message::Ack { round: 1 },
+            Message::Operator(OperatorCommand::Status),
+            Message::ModelRequest { version: None },
+            Message::ModelChunkRequest { version: 1, offset: 0, max_len: 1 },
+            Message::DeployedRequest { version: 1 },
+            Message::BlobChunkRequest { version: 1, offset: 0, max_len: 1 },
+            Message::Ping { nonce: 1 },
+            Message::Pong { nonce: 1 },
+            Message::NoTask { retry_after_ms: 1, model_version: 0, deployed: None },
+        ] {
+            assert_eq!(kind(&small), FrameKind::Small, "{small:?}");
+        }
+        assert_eq!(FrameKind::of_first_byte(24), FrameKind::Unknown);
+        assert_eq!(FrameKind::of_first_byte(0xff), FrameKind::Unknown);
+    }
 
     fn params(n: usize) -> ModelParams {
         let layout = ParamLayout::new(vec![

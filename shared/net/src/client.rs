@@ -51,13 +51,19 @@ impl Client {
         Ok(Self { endpoint, connection })
     }
 
-    /// Sends `msg` on a new stream and reads the answer.
+    /// Sends `msg` on a new stream and reads the answer (also when the peer stopped reading
+    /// the request early, for example refusing it as too large).
     pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
         let (mut send, mut recv) =
             self.connection.open_bi().await.map_err(|e| FrameError::Closed(crate::frame::explain(&e)))?;
-        write_message(&mut send, msg).await?;
+        // A peer that refuses a request (too large) stops our sending and still answers why:
+        // read its answer before reporting a failed write.
+        let written = write_message(&mut send, msg).await;
         let _ = send.finish();
-        Ok(read_message(&mut recv).await?)
+        match (read_message(&mut recv).await, written) {
+            (Ok(answer), _) => Ok(answer),
+            (Err(_), Err(e)) | (Err(e), Ok(())) => Err(e.into()),
+        }
     }
 
     /// Closes the connection and waits until the peer has been told.

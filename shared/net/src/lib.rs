@@ -19,7 +19,8 @@ pub const ALPN: &[u8] = b"fedge/1";
 
 pub use client::{Client, ClientError};
 pub use frame::{
-    FrameError, read_message, read_message_bytes, read_message_sized, write_encoded, write_message, write_parts,
+    FrameError, SMALL_FRAME_BYTES, read_message, read_message_bytes, read_message_limited, read_message_sized,
+    write_encoded, write_message, write_parts,
 };
 pub use signing::{ModelKey, SignatureError};
 pub use tls::{TlsError, client_config, server_config};
