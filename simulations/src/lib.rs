@@ -19,7 +19,9 @@ mod distill;
 pub mod hybrid;
 pub mod plot;
 pub mod pool;
+pub mod privacy_args;
 pub mod run;
+pub mod run_args;
 pub mod strategy_args;
 
 pub use config::{ConfigError, SimConfig};
