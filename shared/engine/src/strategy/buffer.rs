@@ -143,7 +143,8 @@ pub trait BufferedRule: Send + std::fmt::Debug {
     /// The round's step from the held updates (at least one, all finite, one model long).
     fn step(&mut self, buffer: &UpdateBuffer) -> Result<Vec<f32>, AggregateError>;
 
-    /// The step was taken (the next model is finite): state the rule carries may move on.
+    /// The step was proposed as the round's: state the rule carries may move on (the engine
+    /// restores it if it then refuses the step).
     fn taken(&mut self, _step: &[f32]) {}
 
     /// State carried between rounds, if any.
@@ -204,7 +205,8 @@ impl<R: BufferedRule> Strategy for Buffered<R> {
         self.buffer.need(self.rule.name(), 1)?;
         let step = self.rule.step(&self.buffer)?;
         let next = self.buffer.finish(global, &step)?;
-        next.check_finite()?;
+        // Should the engine fail the round (a non-finite model, a step past max_step_norm), it
+        // restores the rule's state from the copy it saved before aggregating.
         self.rule.taken(&step);
         Ok(next)
     }

@@ -71,15 +71,11 @@ impl<O: ServerOptimizer> Strategy for FedOpt<O> {
     ) -> Result<ModelParams, AggregateError> {
         let averaged = self.inner.aggregate_train(round, global, failures)?;
         let mut delta = averaged.delta_from(global)?;
-        let before = self.optimizer.moments();
         self.optimizer.step(delta.data_mut());
+        // A round the engine then fails (a non-finite model, a step past max_step_norm) gets
+        // the moments back from the server state it saved before aggregating.
         let mut next = global.clone();
         next.add_scaled(&delta, 1.0)?;
-        if let Err(e) = next.check_finite() {
-            // A round that fails leaves the moments as they were.
-            self.optimizer.set_moments(before)?;
-            return Err(e.into());
-        }
         Ok(next)
     }
 
