@@ -46,6 +46,8 @@ pub struct Metrics {
     pub devices_known: Gauge,
     /// Current model version.
     pub model_version: Gauge,
+    /// 1 once a durable write failed and the coordinator stopped.
+    pub storage_failed: Gauge,
 }
 
 impl Default for Metrics {
@@ -81,6 +83,7 @@ impl Default for Metrics {
         let devices_connected = Gauge::default();
         let devices_known = Gauge::default();
         let model_version = Gauge::default();
+        let storage_failed = Gauge::default();
         registry.register("rounds", "Rounds closed, by outcome (aggregated or failed)", rounds.clone());
         registry.register(
             "updates_accepted",
@@ -98,6 +101,11 @@ impl Default for Metrics {
         registry.register("devices_connected", "Devices connected now", devices_connected.clone());
         registry.register("devices_known", "Devices ever registered", devices_known.clone());
         registry.register("model_version", "Current global model version", model_version.clone());
+        registry.register(
+            "storage_failed",
+            "1 once a durable write failed: the coordinator stopped acknowledging and exits",
+            storage_failed.clone(),
+        );
         Self {
             registry,
             rounds,
@@ -112,6 +120,7 @@ impl Default for Metrics {
             devices_connected,
             devices_known,
             model_version,
+            storage_failed,
         }
     }
 }

@@ -48,6 +48,15 @@
 //! restart never finds a round opened on a model version that was not stored. Uploads still
 //! wait for each other's fsync (redb serialises write transactions anyway).
 //!
+//! # Storage failures
+//! A durable write that fails (a full disk, an I/O error: after one, redb refuses every later
+//! write) stops the coordinator instead of being logged and ignored: it is recorded once
+//! (`Coordinator::storage_failure`), said loudly, nothing is acknowledged from then on
+//! (devices keep their results and send them again later), no round opens or closes, and
+//! [`Coordinator::serve`] returns, so `fedge-coordinator serve` exits with an error. A version
+//! whose close was not durable is never published, so a restarted coordinator cannot hand its
+//! number to other content.
+//!
 //! Round deadlines are driven by the engine's own `poll_timeout`: a timer task sleeps until
 //! the open round's deadline and is woken early whenever a transition may have changed it.
 
@@ -128,6 +137,10 @@ pub struct Coordinator {
     /// The largest `TrainResult` frame a device may send: a delta of the model, encoded, plus
     /// [`fedge_net::SMALL_FRAME_BYTES`] of slack.
     train_result_limit: usize,
+    /// Set once, by the first durable write that failed: the coordinator has stopped.
+    storage_failure: OnceLock<String>,
+    /// Wakes [`Coordinator::serve`] to stop after a storage failure.
+    halted: Notify,
 }
 
 /// The encoded size of a `TrainResult` carrying a delta shaped like `model`, plus
@@ -263,12 +276,33 @@ impl Coordinator {
             metrics: Arc::new(Metrics::default()),
             inference: OnceLock::new(),
             train_result_limit,
+            storage_failure: OnceLock::new(),
+            halted: Notify::new(),
         })
     }
 
     /// The coordinator's metrics (serve them with [`crate::metrics::serve`]).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// Why the coordinator stopped, if a durable write failed (see the module documentation).
+    pub fn storage_failure(&self) -> Option<&str> {
+        self.storage_failure.get().map(String::as_str)
+    }
+
+    /// Records the first storage failure, says it loudly and stops the coordinator: nothing is
+    /// acknowledged and no round moves from now on, and [`Self::serve`] returns.
+    fn storage_failed(&self, what: std::fmt::Arguments<'_>, e: &StoreError) {
+        let why = format!("{what}: {e}");
+        if self.storage_failure.set(why.clone()).is_ok() {
+            eprintln!(
+                "STORAGE FAILED: {why}. The coordinator stops: nothing more is acknowledged and no round opens or closes; every update acknowledged so far is on disk. Free or repair the storage, then start it again."
+            );
+            self.metrics.storage_failed.set(1);
+            self.halted.notify_one();
+            self.changed.notify_waiters();
+        }
     }
 
     fn now(&self) -> Duration {
@@ -302,7 +336,7 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.set_rounds_left(left)
         {
-            eprintln!("cannot record the rounds asked for: {e}");
+            self.storage_failed(format_args!("cannot record the rounds asked for"), &e);
         }
         self.settle(order);
     }
@@ -341,13 +375,14 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.save_evaluation(version, evaluation)
         {
-            eprintln!("cannot record the evaluation of v{version}: {e}");
+            self.storage_failed(format_args!("cannot record the evaluation of v{version}"), &e);
         }
         self.lock().rounds.engine.handle_evaluation(version, evaluation);
     }
 
-    /// Serves `listener` until it is closed: admits devices, answers their requests, and
-    /// times rounds out at the engine's deadlines.
+    /// Serves `listener` until it is closed or the storage fails (see
+    /// [`Self::storage_failure`]): admits devices, answers their requests, and times rounds out
+    /// at the engine's deadlines.
     pub async fn serve(self: Arc<Self>, listener: Listener) {
         // A weak handle: the timer must not keep a stopped coordinator (and its store) alive.
         let timer = tokio::spawn(rounds::drive_deadlines(Arc::downgrade(&self), self.deadlines.clone()));
@@ -383,7 +418,16 @@ impl Coordinator {
                 }
             }
         });
-        while let Some(peer) = listener.accept().await {
+        let mut halted = false;
+        loop {
+            let peer = tokio::select! {
+                peer = listener.accept() => peer,
+                () = self.halted.notified() => {
+                    halted = true;
+                    None
+                }
+            };
+            let Some(peer) = peer else { break };
             match peer {
                 Ok(peer) => {
                     let me = self.clone();
@@ -400,6 +444,10 @@ impl Coordinator {
         }
         timer.abort();
         enforcer.abort();
+        if halted {
+            // Acknowledgements decided before the failure still reach their devices.
+            listener.shut_down("the coordinator's storage failed", Duration::from_millis(500)).await;
+        }
     }
 }
 

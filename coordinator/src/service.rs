@@ -35,6 +35,9 @@ pub enum ServiceError {
     /// The state folder cannot be opened.
     #[error("failed to open the state folder: {0}")]
     Store(#[from] StoreError),
+    /// A durable write failed while serving: the coordinator stopped.
+    #[error("the coordinator stopped: storage failed: {0}")]
+    StorageFailed(String),
     /// The stored state cannot be resumed.
     #[error("failed to start from the stored state: {0}")]
     Resume(#[from] ServerError),
@@ -95,7 +98,7 @@ pub async fn run(
     }
     let listener = Listener::bind(c.listen, &certs)?;
     ready(listener.local_addr().map_err(|source| ServiceError::Io { context: "no local address".into(), source })?);
-    let server = tokio::spawn(coordinator.clone().serve(listener));
+    let mut server = tokio::spawn(coordinator.clone().serve(listener));
     let metrics = match c.metrics_listen {
         Some(addr) => {
             let tcp = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServiceError::Io {
@@ -191,13 +194,20 @@ pub async fn run(
             }
         })
     };
-    shutdown.await;
+    // The server stops by itself only when the storage failed.
+    tokio::select! {
+        () = shutdown => {}
+        _ = &mut server => {}
+    }
     eval.abort();
     server.abort();
     if let Some(m) = metrics {
         m.abort();
     }
-    Ok(())
+    match coordinator.storage_failure() {
+        Some(why) => Err(ServiceError::StorageFailed(why.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// The teacher behind the coordinator's inference endpoint: the global model on the CPU

@@ -223,6 +223,14 @@ impl Listener {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
     }
+
+    /// Gives answers already being written `grace` to leave, then closes every connection with
+    /// `reason` (what the peers are told) and waits up to a second for them to hear it.
+    pub async fn shut_down(&self, reason: &str, grace: std::time::Duration) {
+        tokio::time::sleep(grace).await;
+        self.endpoint.close(0u32.into(), reason.as_bytes());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
 }
 
 impl Drop for Listener {

@@ -233,13 +233,30 @@ impl EdgeClient {
         Ok(self.link.request(msg).await?)
     }
 
-    async fn ensure_model(&mut self, version: u64) -> Result<Arc<ModelParams>, ClientError> {
+    /// The global model `version`, held or fetched. With `expected` (a task's hash), the model
+    /// held is kept only if its content hash is that one, not merely its version number (a
+    /// coordinator restored from an old backup could name other content by the same number),
+    /// and a fetched model must have it.
+    async fn ensure_model(
+        &mut self,
+        version: u64,
+        expected: Option<ContentHash>,
+    ) -> Result<Arc<ModelParams>, ClientError> {
+        let held_hash = self.status.lock().unwrap_or_else(|p| p.into_inner()).model_hash;
         if let Some((v, p)) = &self.model
             && *v == version
+            && expected.is_none_or(|h| held_hash == Some(h))
         {
             return Ok(p.clone());
         }
         let d = crate::download::fetch_model(&self.link, version, self.state_dir.as_deref()).await?;
+        if let Some(expected) = expected
+            && d.hash != expected
+        {
+            return Err(
+                DownloadError::BadModel { version, expected: expected.to_string(), got: d.hash.to_string() }.into()
+            );
+        }
         {
             let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
             st.bytes_downloaded += d.fetched;
@@ -331,7 +348,7 @@ impl EdgeClient {
             let running = self.deployed.as_ref().map(|d| d.record.version);
             match self.request(&Message::TaskRequest { running }).await? {
                 Message::TrainTask(task) => {
-                    let global = self.ensure_model(task.model_version).await?;
+                    let global = self.ensure_model(task.model_version, Some(task.model_hash)).await?;
                     let mut trainer = self.trainer.take().expect("trainer is home between tasks");
                     let (data, indices, seed) = (self.data.clone(), self.indices.clone(), self.seed);
                     let t = task.clone();
@@ -354,7 +371,7 @@ impl EdgeClient {
                 }
                 Message::NoTask { retry_after_ms, model_version, deployed } => {
                     if self.model.as_ref().is_none_or(|(v, _)| *v != model_version) {
-                        self.ensure_model(model_version).await?;
+                        self.ensure_model(model_version, None).await?;
                     }
                     if let Some(v) = deployed {
                         self.follow_promotion(v).await?;

@@ -116,8 +116,8 @@ impl Registry {
 
 impl GlobalPlan {
     /// The version's record over its encoded bytes, signed when a signer is set and stored;
-    /// `None` (logged) when it cannot be stored.
-    pub(super) fn write(self, model: &EncodedModel, store: Option<&Store>) -> Option<ModelRecord> {
+    /// the store's error when it cannot be stored.
+    pub(super) fn write(self, model: &EncodedModel, store: Option<&Store>) -> Result<ModelRecord, StoreError> {
         let v = self.version;
         let mut record = ModelRecord {
             parent: self.parent,
@@ -138,13 +138,10 @@ impl GlobalPlan {
         {
             eprintln!("cannot sign global model v{v}: {e}");
         }
-        if let Some(store) = store
-            && let Err(e) = store.save_registered(&record)
-        {
-            eprintln!("cannot register global model v{v}: {e}");
-            return None;
+        if let Some(store) = store {
+            store.save_registered(&record)?;
         }
-        Some(record)
+        Ok(record)
     }
 }
 
@@ -169,9 +166,12 @@ impl Coordinator {
         let v = plan.version;
         let model = encoded.unwrap_or_else(|| EncodedModel::new(v, &params));
         let record = plan.write(&model, self.store.as_ref());
+        if let Err(e) = &record {
+            self.storage_failed(format_args!("cannot register global model v{v}"), e);
+        }
         let mut s = self.lock();
         s.downloads.keep_encoded(model.clone());
-        if let Some(record) = record {
+        if let Ok(record) = record {
             s.registry.records.insert(v, record);
             s.downloads.keep_blob(v, model.bytes);
         }
@@ -212,7 +212,9 @@ impl Coordinator {
             signer.sign(&mut record).map_err(|e| RegistryError::Sign(e.to_string()))?;
         }
         if let Some(store) = &self.store {
-            store.save_registered(&record)?;
+            store
+                .save_registered(&record)
+                .inspect_err(|e| self.storage_failed(format_args!("cannot register student v{version}"), e))?;
         }
         {
             let mut s = self.lock();
@@ -239,7 +241,9 @@ impl Coordinator {
             history
         };
         if let Some(store) = &self.store {
-            store.save_promotions(&history)?;
+            store
+                .save_promotions(&history)
+                .inspect_err(|e| self.storage_failed(format_args!("cannot record the promotion of v{version}"), e))?;
         }
         self.lock().registry.promotions = history;
         Ok(())
@@ -260,7 +264,9 @@ impl Coordinator {
         }
         history.pop();
         if let Some(store) = &self.store {
-            store.save_promotions(&history)?;
+            store
+                .save_promotions(&history)
+                .inspect_err(|e| self.storage_failed(format_args!("cannot record the rollback"), e))?;
         }
         let back = *history.last().expect("two or more before the pop");
         self.lock().registry.promotions = history;
@@ -280,7 +286,9 @@ impl Coordinator {
             record.clone()
         };
         if let Some(store) = &self.store {
-            store.save_registered(&record)?;
+            store
+                .save_registered(&record)
+                .inspect_err(|e| self.storage_failed(format_args!("cannot record the latency of v{version}"), e))?;
         }
         Ok(())
     }

@@ -175,6 +175,10 @@ impl Coordinator {
     pub(super) fn settle(&self, _order: &Ordered<'_>) {
         let mut changed = false;
         loop {
+            // After a storage failure nothing moves (see the module documentation of `server`).
+            if self.storage_failure().is_some() {
+                break;
+            }
             let step = {
                 let mut s = self.lock();
                 let now = self.now();
@@ -213,10 +217,21 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.close_round_encoded(&line, encoded.as_ref(), server_state.as_ref(), rounds_left)
         {
-            eprintln!("cannot record the close of round {}: {e}", report.round);
+            // Not durable, so never published: a restart must not find v{version} named by
+            // another model.
+            self.storage_failed(format_args!("cannot record the close of round {} (v{version})", report.round), &e);
+            return;
         }
         let record = match (register, &encoded) {
-            (Some(plan), Some(model)) => plan.write(model, self.store.as_ref()),
+            (Some(plan), Some(model)) => match plan.write(model, self.store.as_ref()) {
+                Ok(record) => Some(record),
+                Err(e) => {
+                    // The version itself is durable and is published; its registry record
+                    // is not, and nothing more moves.
+                    self.storage_failed(format_args!("cannot register global model v{version}"), &e);
+                    None
+                }
+            },
             _ => None,
         };
         let mut s = self.lock();
@@ -240,7 +255,9 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.begin_round(&record, rounds_left)
         {
-            eprintln!("cannot record the start of round {}: {e}", record.round);
+            // No task is handed out for a round the store does not know.
+            self.storage_failed(format_args!("cannot record the start of round {}", record.round), &e);
+            return;
         }
         let mut s = self.lock();
         let now = self.now();

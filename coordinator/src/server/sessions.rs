@@ -203,11 +203,18 @@ impl Coordinator {
     /// an `Ack` means the update survives a crash.
     fn handle_train_result(&self, id: DeviceId, name: &str, result: TrainResult, received: &[u8]) -> Message {
         let order = self.ordered();
-        let checked = self.lock().rounds.engine.check_train_result(id, &result);
+        let checked = match self.storage_failure() {
+            // The device keeps it and sends it again once the coordinator runs again.
+            Some(why) => Err((ErrorCode::Unavailable, format!("the coordinator's storage failed ({why})"))),
+            None => self.lock().rounds.engine.check_train_result(id, &result).map_err(|e| (e.code(), e.to_string())),
+        };
         let reply = match checked {
-            Err(e) => Err((e.code(), e.to_string())),
+            Err(refused) => Err(refused),
             Ok(()) => match self.store.as_ref().map(|st| st.save_update_bytes(result.round, id, received)) {
-                Some(Err(e)) => Err((ErrorCode::Unavailable, format!("cannot record the update: {e}"))),
+                Some(Err(e)) => {
+                    self.storage_failed(format_args!("cannot record an update of round {}", result.round), &e);
+                    Err((ErrorCode::Unavailable, format!("cannot record the update: {e}")))
+                }
                 // Nothing changed the round since the check: changes hold the order lock.
                 _ => {
                     let mut s = self.lock();
@@ -349,7 +356,7 @@ impl Coordinator {
             && let Some(store) = &self.store
             && let Err(e) = store.save_settings(&settings)
         {
-            eprintln!("cannot record the new settings: {e}");
+            self.storage_failed(format_args!("cannot record the new settings"), &e);
         }
         let changed = changed
             .map_err(|e| e.to_string())
