@@ -137,6 +137,13 @@ impl ModelSigner {
         Ok(())
     }
 
+    /// Fills in `promotion.signature` over its signing payload.
+    pub fn sign_promotion(&self, promotion: &mut fedge_core::registry::Promotion) -> Result<(), CertError> {
+        use rcgen::SigningKey;
+        promotion.signature = self.key.sign(&promotion.signing_payload())?;
+        Ok(())
+    }
+
     /// The raw public key.
     pub fn public_key(&self) -> Vec<u8> {
         self.key.public_key_raw().to_vec()

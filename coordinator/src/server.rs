@@ -218,6 +218,7 @@ impl Coordinator {
         let ids = store.devices()?.into_iter().collect();
         let records: BTreeMap<u64, ModelRecord> = store.registry()?.into_iter().map(|r| (r.version, r)).collect();
         let promotions = store.promotions()?;
+        let latest = store.promotion()?;
         let blob_store = BlobStore::local(&store.dir().join("registry"))?;
         let me = Self::from_engine(engine, Some(store), ids);
         {
@@ -227,7 +228,7 @@ impl Coordinator {
                 if let Some(&last) = records.keys().next_back() {
                     s.rounds.engine.reserve_versions_through(last);
                 }
-                s.registry.restore(records, promotions, blob_store);
+                s.registry.restore(records, promotions, latest, blob_store);
                 s.rounds.restore(rounds_left, history);
                 if let Some(open) = open {
                     let r = &open.record;

@@ -23,7 +23,7 @@ use bincode::{Decode, Encode};
 use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::params::ContentHash;
-use fedge_core::registry::ModelRecord;
+use fedge_core::registry::{ModelRecord, Promotion};
 use fedge_core::wire::{DeviceId, Message, RoundLine, TrainResult};
 use fedge_engine::{EngineConfig, Evaluation};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -46,6 +46,8 @@ const SETTINGS: &str = "settings";
 const SERVER_STATE: &str = "server_state";
 /// Promotion history (encoded `Vec<u64>`, last = promoted now).
 const PROMOTIONS: &str = "promotions";
+/// The latest signed promotion (encoded `Promotion`), written with the history.
+const PROMOTION: &str = "promotion";
 
 /// Storage failures.
 #[derive(Debug, Error)]
@@ -317,12 +319,25 @@ impl Store {
         }
     }
 
-    /// Replaces the promotion history.
-    pub fn save_promotions(&self, history: &[u64]) -> Result<(), StoreError> {
+    /// The latest promotion, numbered and signed, if any was made.
+    pub fn promotion(&self) -> Result<Option<Promotion>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let records = tx.open_table(RECORDS).map_err(db_err)?;
+        match records.get(PROMOTION).map_err(db_err)? {
+            Some(v) => decode_record(v.value(), "promotion").map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the promotion history and the latest promotion, in one transaction.
+    pub fn save_promotions(&self, history: &[u64], latest: &Promotion) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
+            let mut records = tx.open_table(RECORDS).map_err(db_err)?;
             let bytes = encode_record(&history.to_vec());
-            tx.open_table(RECORDS).map_err(db_err)?.insert(PROMOTIONS, bytes.as_slice()).map_err(db_err)?;
+            records.insert(PROMOTIONS, bytes.as_slice()).map_err(db_err)?;
+            let bytes = encode_record(latest);
+            records.insert(PROMOTION, bytes.as_slice()).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
     }

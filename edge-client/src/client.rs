@@ -11,6 +11,7 @@ use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::dataset::Dataset;
 use fedge_core::params::ContentHash;
+use fedge_core::registry::Promotion;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, ErrorCode, Message};
 use thiserror::Error;
@@ -73,8 +74,11 @@ pub struct EdgeClient {
     model_key: Option<ModelKey>,
     /// The verified deployed model.
     deployed: Option<Arc<Deployed>>,
-    /// A promoted version already refused on this connection (not retried until a reconnect).
+    /// A promotion already refused on this connection, by number (not retried until a
+    /// reconnect).
     refused: Option<u64>,
+    /// The last promotion followed (verified), kept in the deploy folder.
+    followed: Option<Promotion>,
 }
 
 /// Writes `params` as `dir/model.bin` (write-then-rename: a crash leaves the previous model,
@@ -150,6 +154,7 @@ impl EdgeClient {
             model_key: None,
             deployed: None,
             refused: None,
+            followed: None,
         }
     }
 
@@ -166,9 +171,9 @@ impl EdgeClient {
     }
 
     fn load_deployed(&mut self) {
-        if let (Some(dir), Some(key)) = (self.deploy_dir(), &self.model_key)
-            && let Some(d) = crate::deploy::load_current(&dir, key)
-        {
+        let (Some(dir), Some(key)) = (self.deploy_dir(), &self.model_key) else { return };
+        self.followed = crate::deploy::load_promotion(&dir, key);
+        if let Some(d) = crate::deploy::load_current(&dir, key) {
             self.status.lock().unwrap_or_else(|p| p.into_inner()).deployed_version = Some(d.record.version);
             self.deployed = Some(Arc::new(d));
         }
@@ -179,28 +184,43 @@ impl EdgeClient {
         self.deployed.clone()
     }
 
-    /// Moves to promoted version `v` if it verifies; otherwise says why and keeps the current.
-    async fn follow_promotion(&mut self, v: u64) -> Result<(), ClientError> {
-        if self.deployed.as_ref().is_some_and(|d| d.record.version == v) || self.refused == Some(v) {
+    /// Follows promotion `p` (signed, and numbered higher than the last one followed) to its
+    /// version if that verifies; otherwise says why and keeps running what it had.
+    async fn follow_promotion(&mut self, p: Promotion) -> Result<(), ClientError> {
+        let v = p.version;
+        let running = self.deployed.as_ref().is_some_and(|d| d.record.version == v);
+        if self.refused == Some(p.sequence) || (running && self.followed.as_ref() == Some(&p)) {
             return Ok(());
         }
         let result = match &self.model_key {
             None => Err(DeployError::NoKey),
-            Some(key) => crate::deploy::fetch(&self.link, v, key, self.deploy_dir().as_deref()).await,
+            Some(key) => match crate::deploy::check_promotion(&p, self.followed.as_ref(), key) {
+                Err(e) => Err(e),
+                Ok(()) if running => Ok(None),
+                Ok(()) => crate::deploy::fetch(&self.link, v, key, self.deploy_dir().as_deref()).await.map(Some),
+            },
         };
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match result {
-            Ok(d) => {
-                st.deployed_version = Some(v);
+            Ok(fetched) => {
+                if let Some(dir) = self.deploy_dir()
+                    && let Err(e) = crate::deploy::save_promotion(&dir, &p)
+                {
+                    eprintln!("cannot keep promotion #{} on disk: {e}", p.sequence);
+                }
+                self.followed = Some(p);
                 st.deploy_error = None;
-                self.deployed = Some(Arc::new(d));
-                eprintln!("now running deployed model v{v}");
+                if let Some(d) = fetched {
+                    st.deployed_version = Some(v);
+                    self.deployed = Some(Arc::new(d));
+                    eprintln!("now running deployed model v{v}");
+                }
             }
             Err(DeployError::Link(e)) => return Err(e.into()),
             Err(e) => {
                 eprintln!("refused deployed model v{v}: {e}; still running {:?}", st.deployed_version);
                 st.deploy_error = Some(format!("v{v}: {e}"));
-                self.refused = Some(v);
+                self.refused = Some(p.sequence);
             }
         }
         Ok(())

@@ -9,6 +9,11 @@
 //! old version or the new one, never half. The previous version stays on disk (a rollback to
 //! it needs no download); older ones are deleted. Anything that fails is refused, said in the
 //! log and the status, and the device keeps running what it had.
+//!
+//! Which version to run comes as a signed, numbered [`Promotion`]: a device follows one only
+//! when its signature verifies and its number is higher than the last one it followed
+//! (`promotion`, kept beside the models), so an old instruction replayed cannot move it back
+//! to an older model (a rollback attack); a rollback is a new promotion with a new number.
 
 use std::path::{Path, PathBuf};
 
@@ -16,7 +21,7 @@ use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::params::ContentHash;
 use fedge_core::quant::QuantizedModel;
-use fedge_core::registry::{BlobFormat, ModelRecord};
+use fedge_core::registry::{BlobFormat, ModelRecord, Promotion};
 use fedge_core::wire::Message;
 use fedge_net::{ModelKey, SignatureError};
 use thiserror::Error;
@@ -57,6 +62,49 @@ pub enum DeployError {
     /// The state folder could not be written.
     #[error("state folder: {0}")]
     Storage(String),
+    /// A promotion numbered no higher than one already followed: replayed or out of date.
+    #[error(
+        "promotion #{sequence} (v{version}) is not newer than #{followed} (v{followed_version}) already followed: refusing to move back (a replayed or stale instruction; a rollback is a new, higher-numbered promotion)"
+    )]
+    Stale {
+        /// The promotion's number.
+        sequence: u64,
+        /// The version it names.
+        version: u64,
+        /// The number followed last.
+        followed: u64,
+        /// The version that one named.
+        followed_version: u64,
+    },
+}
+
+/// Whether to follow `p` after `followed` (the last promotion followed, verified): its signature
+/// must verify with `key` and its number must be higher (or the same promotion again).
+pub fn check_promotion(p: &Promotion, followed: Option<&Promotion>, key: &ModelKey) -> Result<(), DeployError> {
+    key.verify_promotion(p)?;
+    match followed {
+        Some(f) if p.sequence < f.sequence || (p.sequence == f.sequence && p.version != f.version) => {
+            Err(DeployError::Stale {
+                sequence: p.sequence,
+                version: p.version,
+                followed: f.sequence,
+                followed_version: f.version,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The last promotion followed, kept in `dir/promotion`, if it is there and verifies.
+pub fn load_promotion(dir: &Path, key: &ModelKey) -> Option<Promotion> {
+    let p: Promotion = codec::decode_value(&std::fs::read(dir.join("promotion")).ok()?).ok()?;
+    key.verify_promotion(&p).ok().map(|()| p)
+}
+
+/// Keeps `p` as the last promotion followed (written to a temporary file, synced, renamed).
+pub fn save_promotion(dir: &Path, p: &Promotion) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_synced(&dir.join("promotion"), &codec::encode_value(p))
 }
 
 /// A verified deployed model.
@@ -256,6 +304,47 @@ mod tests {
         };
         record.signature = pair.sign(&record.signing_payload()).as_ref().to_vec();
         (record, blob, key, pair)
+    }
+
+    #[test]
+    fn only_a_signed_promotion_numbered_higher_than_the_last_followed_is_followed() {
+        let (_, _, key, pair) = signed();
+        let promotion = |sequence, version| {
+            let mut p = Promotion { sequence, version, signature: Vec::new() };
+            p.signature = pair.sign(&p.signing_payload()).as_ref().to_vec();
+            p
+        };
+        let (first, second) = (promotion(10, 5), promotion(20, 7));
+        assert!(check_promotion(&first, None, &key).is_ok());
+        assert!(check_promotion(&second, Some(&first), &key).is_ok());
+        // The same promotion again (a restart, the next check-in) is fine.
+        assert!(check_promotion(&second, Some(&second), &key).is_ok());
+        // Replayed: the older instruction cannot take the device back to v5.
+        let stale = check_promotion(&first, Some(&second), &key).unwrap_err();
+        assert!(matches!(stale, DeployError::Stale { sequence: 10, version: 5, followed: 20, followed_version: 7 }));
+        assert!(stale.to_string().contains("refusing to move back"), "{stale}");
+        // One number naming two versions is not believed either.
+        assert!(matches!(check_promotion(&promotion(20, 5), Some(&second), &key), Err(DeployError::Stale { .. })));
+        // A rollback is a new promotion: a higher number, back to v5.
+        assert!(check_promotion(&promotion(30, 5), Some(&second), &key).is_ok());
+        // Unsigned, forged (the number raised after signing) or signed by another key: refused.
+        let unsigned = Promotion { signature: Vec::new(), ..promotion(40, 5) };
+        assert!(matches!(
+            check_promotion(&unsigned, Some(&second), &key),
+            Err(DeployError::Signature(SignatureError::UnsignedPromotion { sequence: 40, version: 5 }))
+        ));
+        let raised = Promotion { sequence: 50, ..promotion(40, 5) };
+        assert!(matches!(
+            check_promotion(&raised, Some(&second), &key),
+            Err(DeployError::Signature(SignatureError::BadPromotion { .. }))
+        ));
+        let (_, _, other_key, _) = signed();
+        assert!(check_promotion(&promotion(60, 5), None, &other_key).is_err());
+        // Kept on disk and read back only while it verifies.
+        let dir = tempfile::tempdir().unwrap();
+        save_promotion(dir.path(), &second).unwrap();
+        assert_eq!(load_promotion(dir.path(), &key), Some(second));
+        assert_eq!(load_promotion(dir.path(), &other_key), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole};
+use fedge_core::registry::{BlobFormat, ModelRecord, ModelRole, Promotion};
 
 use super::{Coordinator, Ordered};
 use crate::blobs::{BlobError, BlobStore};
@@ -23,6 +23,8 @@ pub(super) struct Registry {
     pub(super) records: BTreeMap<u64, ModelRecord>,
     /// Promotion history; the last is what devices should run.
     pub(super) promotions: Vec<u64>,
+    /// The latest promotion, numbered and signed: what `NoTask` carries to devices.
+    pub(super) latest: Option<Promotion>,
     /// Signs registered models (none: models are registered unsigned and devices refuse them).
     pub(super) signer: Option<Arc<ModelSigner>>,
     /// Where registry blobs live (none: in memory only).
@@ -56,6 +58,9 @@ pub enum RegistryError {
     /// No such registered version.
     #[error("no registered model v{0}")]
     Unknown(u64),
+    /// Not a model for devices.
+    #[error("v{0} is a global (teacher) model, not a distilled student: devices run students")]
+    NotDeployable(u64),
     /// Nothing to roll back to.
     #[error("nothing to roll back to: {0} promotion(s) so far")]
     NoPrevious(usize),
@@ -83,9 +88,16 @@ pub(super) struct GlobalPlan {
 
 impl Registry {
     /// Takes back what a previous run stored.
-    pub(super) fn restore(&mut self, records: BTreeMap<u64, ModelRecord>, promotions: Vec<u64>, blobs: BlobStore) {
+    pub(super) fn restore(
+        &mut self,
+        records: BTreeMap<u64, ModelRecord>,
+        promotions: Vec<u64>,
+        latest: Option<Promotion>,
+        blobs: BlobStore,
+    ) {
         self.records = records;
         self.promotions = promotions;
+        self.latest = latest;
         self.blob_store = Some(blobs);
     }
 
@@ -149,7 +161,21 @@ impl Coordinator {
     /// Signs models registered from now on with `signer`, and names the global model's
     /// architecture in the registry.
     pub fn set_signer(&self, signer: ModelSigner, architecture: &str) {
-        let _order = self.ordered();
+        let order = self.ordered();
+        self.set_signer_ordered(&order, signer, architecture);
+        // A state kept by a version before numbered promotions: number the current one.
+        let history = {
+            let s = self.lock();
+            (s.registry.latest.is_none() && !s.registry.promotions.is_empty()).then(|| s.registry.promotions.clone())
+        };
+        if let Some(history) = history
+            && let Err(e) = self.record_promotion(&order, history)
+        {
+            eprintln!("cannot number the current promotion: {e}");
+        }
+    }
+
+    fn set_signer_ordered(&self, _order: &Ordered<'_>, signer: ModelSigner, architecture: &str) {
         // The model this run starts from is a version too.
         let (plan, params, encoded) = {
             let mut s = self.lock();
@@ -228,11 +254,13 @@ impl Coordinator {
         Ok(record)
     }
 
-    fn promote_ordered(&self, _order: &Ordered<'_>, version: u64) -> Result<(), RegistryError> {
+    fn promote_ordered(&self, order: &Ordered<'_>, version: u64) -> Result<(), RegistryError> {
         let history = {
             let s = self.lock();
-            if !s.registry.records.contains_key(&version) {
-                return Err(RegistryError::Unknown(version));
+            match s.registry.records.get(&version) {
+                None => return Err(RegistryError::Unknown(version)),
+                Some(r) if r.role != ModelRole::Student => return Err(RegistryError::NotDeployable(version)),
+                Some(_) => {}
             }
             let mut history = s.registry.promotions.clone();
             if history.last() != Some(&version) {
@@ -240,12 +268,36 @@ impl Coordinator {
             }
             history
         };
-        if let Some(store) = &self.store {
-            store
-                .save_promotions(&history)
-                .inspect_err(|e| self.storage_failed(format_args!("cannot record the promotion of v{version}"), e))?;
+        self.record_promotion(order, history)
+    }
+
+    /// Makes the last of `history` what devices should run: the next numbered promotion, signed,
+    /// recorded with the history, then published.
+    fn record_promotion(&self, _order: &Ordered<'_>, history: Vec<u64>) -> Result<(), RegistryError> {
+        let (mut latest, signer) = {
+            let s = self.lock();
+            let version = *history.last().expect("a promotion names a version");
+            // Numbered by the clock (milliseconds since the epoch), and always past the last
+            // number: a coordinator restored from an old backup still issues numbers above
+            // everything devices followed before.
+            let last = s.registry.latest.as_ref().map_or(0, |p| p.sequence);
+            let sequence = last.saturating_add(1).max(unix_now_ms());
+            (Promotion { sequence, version, signature: Vec::new() }, s.registry.signer.clone())
+        };
+        if let Some(signer) = &signer {
+            signer.sign_promotion(&mut latest).map_err(|e| RegistryError::Sign(e.to_string()))?;
         }
-        self.lock().registry.promotions = history;
+        if let Some(store) = &self.store {
+            store.save_promotions(&history, &latest).inspect_err(|e| {
+                self.storage_failed(
+                    format_args!("cannot record promotion #{} (v{})", latest.sequence, latest.version),
+                    e,
+                )
+            })?;
+        }
+        let mut s = self.lock();
+        s.registry.promotions = history;
+        s.registry.latest = Some(latest);
         Ok(())
     }
 
@@ -255,21 +307,17 @@ impl Coordinator {
         self.promote_ordered(&order, version)
     }
 
-    /// Goes back to the version promoted before the current one; returns it.
+    /// Goes back to the version promoted before the current one; returns it. Devices follow it
+    /// because it is a new promotion (the next number, signed), not an old one replayed.
     pub fn rollback(&self) -> Result<u64, RegistryError> {
-        let _order = self.ordered();
+        let order = self.ordered();
         let mut history = self.lock().registry.promotions.clone();
         if history.len() < 2 {
             return Err(RegistryError::NoPrevious(history.len()));
         }
         history.pop();
-        if let Some(store) = &self.store {
-            store
-                .save_promotions(&history)
-                .inspect_err(|e| self.storage_failed(format_args!("cannot record the rollback"), e))?;
-        }
         let back = *history.last().expect("two or more before the pop");
-        self.lock().registry.promotions = history;
+        self.record_promotion(&order, history)?;
         Ok(back)
     }
 
@@ -293,6 +341,11 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The latest promotion (numbered and signed), if any.
+    pub fn promotion(&self) -> Option<Promotion> {
+        self.lock().registry.latest.clone()
+    }
+
     /// The promoted version, if any.
     pub fn promoted(&self) -> Option<u64> {
         self.lock().registry.promotions.last().copied()
@@ -302,4 +355,11 @@ impl Coordinator {
 /// Seconds since the Unix epoch (0 for a clock before it).
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

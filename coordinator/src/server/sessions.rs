@@ -253,7 +253,7 @@ impl Coordinator {
                     None => Message::NoTask {
                         retry_after_ms: RETRY_MS,
                         model_version: s.rounds.version(),
-                        deployed: s.registry.promotions.last().copied(),
+                        deployed: s.registry.latest.clone(),
                     },
                 }
             }

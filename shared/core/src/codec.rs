@@ -14,7 +14,7 @@ use bincode::{Decode, Encode};
 use thiserror::Error;
 
 use crate::params::{ContentHash, ModelParams, ParamLayout, TensorSpec, extend_f32s_from_le_bytes, f32s_to_le_bytes};
-use crate::registry::ModelRecord;
+use crate::registry::{ModelRecord, Promotion};
 use crate::wire::Message;
 
 /// Largest message accepted: 256 MiB, room for a 64M-parameter model.
@@ -163,6 +163,18 @@ impl ModelRecord {
         );
         let mut out = SIGNING_DOMAIN.to_vec();
         out.extend(encode_value(&fixed));
+        out
+    }
+}
+
+/// Domain separation for promotion signatures.
+const PROMOTION_DOMAIN: &[u8] = b"fedge promotion v1\0";
+
+impl Promotion {
+    /// The bytes the signature covers: the domain tag, the sequence number and the version.
+    pub fn signing_payload(&self) -> Vec<u8> {
+        let mut out = PROMOTION_DOMAIN.to_vec();
+        out.extend(encode_value(&(self.sequence, self.version)));
         out
     }
 }

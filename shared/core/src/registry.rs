@@ -94,3 +94,20 @@ impl ModelRecord {
         }
     }
 }
+
+/// The instruction to run registered `version`, numbered (each `promote` and each `rollback`
+/// takes a higher number than any before it) and signed by the model-signing key over
+/// [`Self::signing_payload`]. A device moves only to a promotion numbered higher than the last
+/// one it followed, so an old instruction replayed (a coordinator restored from an old backup,
+/// a stale mirror) cannot take it back to an older model: only a new, signed rollback can.
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct Promotion {
+    /// Strictly increasing over the fleet's promotions: the coordinator's clock in milliseconds
+    /// since the Unix epoch, or one more than the previous number if that is higher.
+    pub sequence: u64,
+    /// The registered version devices should run.
+    pub version: u64,
+    /// Ed25519 signature of [`Self::signing_payload`] by the model-signing key (empty when the
+    /// coordinator has no signing key: devices then refuse it).
+    pub signature: Vec<u8>,
+}

@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -213,8 +213,8 @@ pub enum Message {
         retry_after_ms: u32,
         /// The current global model version.
         model_version: u64,
-        /// The promoted (deployable) version, if any.
-        deployed: Option<u64>,
+        /// The latest promotion (the version devices should run, numbered and signed), if any.
+        deployed: Option<crate::registry::Promotion>,
     },
     /// Device to coordinator: the registry record of deployable `version`.
     DeployedRequest {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use fedge_core::registry::ModelRecord;
+use fedge_core::registry::{ModelRecord, Promotion};
 use thiserror::Error;
 
 /// Why a model's signature does not hold.
@@ -18,6 +18,22 @@ pub enum SignatureError {
     /// The signature does not verify.
     #[error("model v{0} has a bad signature")]
     Bad(u64),
+    /// A promotion carries no signature.
+    #[error("promotion #{sequence} (v{version}) is unsigned")]
+    UnsignedPromotion {
+        /// Its sequence number.
+        sequence: u64,
+        /// The version it names.
+        version: u64,
+    },
+    /// A promotion's signature does not verify.
+    #[error("promotion #{sequence} (v{version}) has a bad signature")]
+    BadPromotion {
+        /// Its sequence number.
+        sequence: u64,
+        /// The version it names.
+        version: u64,
+    },
 }
 
 /// An Ed25519 public key that model records must be signed with.
@@ -53,9 +69,23 @@ impl ModelKey {
         if record.signature.is_empty() {
             return Err(SignatureError::Unsigned(record.version));
         }
+        self.holds(&record.signing_payload(), &record.signature).map_err(|()| SignatureError::Bad(record.version))
+    }
+
+    /// Checks `promotion.signature` over its signing payload.
+    pub fn verify_promotion(&self, promotion: &Promotion) -> Result<(), SignatureError> {
+        let (sequence, version) = (promotion.sequence, promotion.version);
+        if promotion.signature.is_empty() {
+            return Err(SignatureError::UnsignedPromotion { sequence, version });
+        }
+        self.holds(&promotion.signing_payload(), &promotion.signature)
+            .map_err(|()| SignatureError::BadPromotion { sequence, version })
+    }
+
+    fn holds(&self, payload: &[u8], signature: &[u8]) -> Result<(), ()> {
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &self.0)
-            .verify(&record.signing_payload(), &record.signature)
-            .map_err(|_| SignatureError::Bad(record.version))
+            .verify(payload, signature)
+            .map_err(|_| ())
     }
 }
 
