@@ -173,9 +173,11 @@ impl EdgeClient {
     fn load_deployed(&mut self) {
         let (Some(dir), Some(key)) = (self.deploy_dir(), &self.model_key) else { return };
         self.followed = crate::deploy::load_promotion(&dir, key);
-        if let Some(d) = crate::deploy::load_current(&dir, key) {
-            self.status.lock().unwrap_or_else(|p| p.into_inner()).deployed_version = Some(d.record.version);
-            self.deployed = Some(Arc::new(d));
+        if let Some(c) = crate::deploy::load_current(&dir, key) {
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            st.deployed_version = Some(c.deployed.record.version);
+            st.deploy_error = c.fallback;
+            self.deployed = Some(Arc::new(c.deployed));
         }
     }
 

@@ -156,10 +156,28 @@ fn record_path(dir: &Path, v: u64) -> PathBuf {
 
 /// Reads version `v` from `dir` and verifies it again.
 pub fn load(dir: &Path, v: u64, key: &ModelKey) -> Option<Deployed> {
-    let record: ModelRecord = codec::decode_value(&std::fs::read(record_path(dir, v)).ok()?).ok()?;
-    let blob = std::fs::read(blob_path(dir, v)).ok()?;
-    (record.version == v).then_some(())?;
-    verify(&record, &blob, key).ok()
+    load_checked(dir, v, key).ok()
+}
+
+/// Reads version `v` from `dir` and verifies it again; why not, if it fails.
+fn load_checked(dir: &Path, v: u64, key: &ModelKey) -> Result<Deployed, String> {
+    let read = |path: PathBuf| std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()));
+    let record: ModelRecord =
+        codec::decode_value(&read(record_path(dir, v))?).map_err(|e| format!("record of v{v} unreadable: {e}"))?;
+    if record.version != v {
+        return Err(format!("the record in v{v}.record names v{}", record.version));
+    }
+    let blob = read(blob_path(dir, v))?;
+    verify(&record, &blob, key).map_err(|e| e.to_string())
+}
+
+/// The deployed model to run, and whether it is a fallback.
+pub struct Current {
+    /// The verified model.
+    pub deployed: Deployed,
+    /// Set when the version `current` names failed verification and the previous version
+    /// kept beside it runs instead: what failed, in words.
+    pub fallback: Option<String>,
 }
 
 /// The version `dir/current` names (not verified: a cheap check for a change).
@@ -167,10 +185,33 @@ pub fn current_version(dir: &Path) -> Option<u64> {
     std::fs::read_to_string(dir.join("current")).ok()?.trim().parse().ok()
 }
 
-/// The version `dir/current` names, verified.
-pub fn load_current(dir: &Path, key: &ModelKey) -> Option<Deployed> {
+/// The version `dir/current` names, verified; if it fails verification (a tampered or damaged
+/// file), the previous verified version kept beside it, saying so (logged, and in
+/// [`Current::fallback`]). `None` when no version there verifies.
+pub fn load_current(dir: &Path, key: &ModelKey) -> Option<Current> {
     let v: u64 = std::fs::read_to_string(dir.join("current")).ok()?.trim().parse().ok()?;
-    load(dir, v, key)
+    let why = match load_checked(dir, v, key) {
+        Ok(deployed) => return Some(Current { deployed, fallback: None }),
+        Err(why) => why,
+    };
+    // The other versions kept (install keeps the one replaced), newest first.
+    let mut kept: Vec<u64> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix('v')?.strip_suffix(".record")?.parse().ok())
+        .filter(|&k| k != v)
+        .collect();
+    kept.sort_unstable_by(|a, b| b.cmp(a));
+    let Some(deployed) = kept.into_iter().find_map(|k| load(dir, k, key)) else {
+        eprintln!("the deployed model v{v} failed verification ({why}) and no earlier verified version is kept");
+        return None;
+    };
+    let fallback = format!(
+        "the deployed model v{v} failed verification ({why}); running the previous verified version v{}",
+        deployed.record.version
+    );
+    eprintln!("{fallback}");
+    Some(Current { deployed, fallback: Some(fallback) })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -400,11 +441,22 @@ mod tests {
         r7.signature = pair.sign(&r7.signing_payload()).as_ref().to_vec();
         install(dir.path(), &verify(&r6, &blob, &key).unwrap(), &blob).unwrap();
         install(dir.path(), &verify(&r7, &blob, &key).unwrap(), &blob).unwrap();
-        assert_eq!(load_current(dir.path(), &key).unwrap().record.version, 7);
+        let current = load_current(dir.path(), &key).unwrap();
+        assert_eq!((current.deployed.record.version, current.fallback), (7, None));
         assert!(load(dir.path(), 6, &key).is_some(), "the previous version is kept");
         assert!(load(dir.path(), 5, &key).is_none(), "older ones are deleted");
-        // A damaged file on disk is not loaded.
-        std::fs::write(blob_path(dir.path(), 7), b"garbage").unwrap();
+        // A tampered blob is not loaded: the previous verified version runs, and says why.
+        let mut tampered = blob.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        std::fs::write(blob_path(dir.path(), 7), &tampered).unwrap();
+        let current = load_current(dir.path(), &key).unwrap();
+        assert_eq!(current.deployed.record.version, 6);
+        let why = current.fallback.unwrap();
+        assert!(why.contains("v7 failed verification") && why.contains("hashes to"), "{why}");
+        assert!(why.contains("previous verified version v6"), "{why}");
+        // A record whose signature was tampered with too; and nothing left that verifies.
+        std::fs::write(blob_path(dir.path(), 6), b"garbage").unwrap();
         assert!(load_current(dir.path(), &key).is_none());
     }
 }

@@ -227,6 +227,9 @@ pub struct HybridAnswer {
 struct Loaded {
     model: LocalModel,
     calibration: Calibration,
+    /// The version `deployed/current` named when it was loaded (another one than the model's
+    /// when that version failed verification and the previous one runs instead).
+    current: Option<u64>,
 }
 
 /// Answers requests under a policy, with the deployed model of a state folder.
@@ -304,15 +307,15 @@ impl HybridPredictor {
     pub fn refresh(&self) -> Result<Option<Calibration>, PredictError> {
         let dir = self.state_dir.join("deployed");
         let on_disk = crate::deploy::current_version(&dir);
-        let running = self.loaded().map(|l| l.model.version());
-        if on_disk.is_some() && on_disk == running {
+        let loaded_for = self.loaded().and_then(|l| l.current);
+        if on_disk.is_some() && on_disk == loaded_for {
             return Ok(None);
         }
         let model = LocalModel::load(&self.state_dir, &self.key)?;
         let calibration = calibrate(&model, &self.set, &self.config)?;
         self.metrics.calibrated_for(calibration.model_version, calibration.threshold, calibration.target_rate);
         *self.local.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(Arc::new(Loaded { model, calibration: calibration.clone() }));
+            Some(Arc::new(Loaded { model, calibration: calibration.clone(), current: on_disk }));
         self.drifting.store(false, Ordering::Relaxed);
         Ok(Some(calibration))
     }

@@ -126,23 +126,33 @@ pub struct LocalModel {
     predictor: Predictor,
     version: u64,
     architecture: String,
+    fallback: Option<String>,
 }
 
 impl LocalModel {
-    /// Loads `state_dir/deployed/current`, checking its signature with `key` and its hash.
+    /// Loads `state_dir/deployed/current`, checking its signature with `key` and its hash; if
+    /// that version fails verification, the previous verified version kept beside it (see
+    /// [`Self::fallback`]).
     pub fn load(state_dir: &Path, key: &ModelKey) -> Result<Self, PredictError> {
         let dir = state_dir.join("deployed");
-        let d =
+        let current =
             crate::deploy::load_current(&dir, key).ok_or_else(|| PredictError::NoModel(dir.display().to_string()))?;
+        let (d, fallback) = (current.deployed, current.fallback);
         let kind: ModelKind = d.record.architecture.parse().map_err(PredictError::Model)?;
         let predictor =
             Predictor::new(kind, &d.params, BackendKind::Flex).map_err(|e| PredictError::Model(e.to_string()))?;
-        Ok(Self { predictor, version: d.record.version, architecture: d.record.architecture })
+        Ok(Self { predictor, version: d.record.version, architecture: d.record.architecture, fallback })
     }
 
     /// Its registry version.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// Set when the version promoted last failed verification on disk and this model is the
+    /// previous verified version: what failed, in words.
+    pub fn fallback(&self) -> Option<&str> {
+        self.fallback.as_deref()
     }
 
     /// Its architecture.
