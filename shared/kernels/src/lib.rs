@@ -13,9 +13,11 @@
 pub mod conv;
 pub mod gemm;
 pub mod net;
+pub mod winograd;
 
 pub use gemm::Threads;
 pub use net::{LayerSpec, Net, NetError, NetSpec, Scores};
+pub use winograd::ConvAlgorithm;
 
 #[cfg(test)]
 mod tests;

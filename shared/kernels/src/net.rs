@@ -20,7 +20,9 @@
 
 use crate::conv::Geometry;
 use crate::gemm::Threads;
+use crate::winograd::ConvAlgorithm;
 
+mod conv_winograd;
 mod layer;
 mod spec;
 mod step;
@@ -38,6 +40,7 @@ pub struct Net {
     layers: Vec<Layer>,
     threads: Threads,
     chunk_bytes: usize,
+    conv_algorithm: ConvAlgorithm,
     ws: Workspace,
 }
 
@@ -92,6 +95,7 @@ impl Net {
             layers,
             threads,
             chunk_bytes: CHUNK_BYTES,
+            conv_algorithm: ConvAlgorithm::default(),
             ws: Workspace::default(),
         })
     }
@@ -106,6 +110,18 @@ impl Net {
     pub fn set_chunk_bytes(&mut self, bytes: usize) {
         self.chunk_bytes = bytes.max(1);
         self.ws = Workspace::default();
+    }
+
+    /// How the convolutions compute (default [`ConvAlgorithm::Winograd`] where it applies;
+    /// the results agree to float rounding).
+    pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
+        self.conv_algorithm = algorithm;
+        self.ws = Workspace::default();
+    }
+
+    /// How the convolutions compute.
+    pub fn conv_algorithm(&self) -> ConvAlgorithm {
+        self.conv_algorithm
     }
 
     /// Number of layers.
