@@ -1,18 +1,27 @@
 //! Samples/s of one CNN training step (McMahan et al.'s MNIST CNN, random data, one thread)
 //! with each convolution algorithm, alternating in one process, best of each: the A/B of
 //! `fedge_kernels::ConvAlgorithm`.
-//! `cargo run --release -p fedge-kernels --example cnn_step -- [batch ...] [--rounds N] [--seconds S]`
+//! `cargo run --release -p fedge-kernels --example cnn_step -- [batch ...] [--rounds N] [--seconds S] [--only im2col|winograd]`
 use fedge_kernels::{ConvAlgorithm, LayerSpec, Net, NetSpec, Threads};
 use std::time::Instant;
 
 fn main() {
     let mut batches = Vec::new();
     let (mut rounds, mut seconds) = (4usize, 1.0f64);
+    let mut algos = vec![ConvAlgorithm::Im2col, ConvAlgorithm::Winograd];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
+            // One algorithm only (for a profiler).
+            "--only" => {
+                algos = match args.next().as_deref() {
+                    Some("im2col") => vec![ConvAlgorithm::Im2col],
+                    Some("winograd") => vec![ConvAlgorithm::Winograd],
+                    _ => panic!("--only im2col|winograd"),
+                }
+            }
             b => batches.push(b.parse::<usize>().expect("a batch size")),
         }
     }
@@ -39,8 +48,9 @@ fn main() {
         (state >> 40) as f32 / (1u64 << 24) as f32
     };
     for batch in batches {
-        let mut nets: Vec<(ConvAlgorithm, Net, f64)> = [ConvAlgorithm::Im2col, ConvAlgorithm::Winograd]
-            .into_iter()
+        let mut nets: Vec<(ConvAlgorithm, Net, f64)> = algos
+            .iter()
+            .copied()
             .map(|algo| {
                 let mut net = Net::new(&spec, Threads::One).unwrap();
                 net.set_conv_algorithm(algo);

@@ -35,7 +35,8 @@ const R: usize = 5;
 /// Output tile side.
 const M: usize = 2;
 
-/// `B^T`: data into the transform domain.
+/// `B^T`: data into the transform domain (applied by `bt_rows`; the tests check it is this).
+#[cfg(test)]
 const BT: [[f32; ALPHA]; ALPHA] = [
     [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
     [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
@@ -55,7 +56,9 @@ const G: [[f32; R]; ALPHA] = [
     [0.0, 0.0, 0.0, 0.0, 1.0],
 ];
 
-/// `A^T`: products back to the 2x2 output tile.
+/// `A^T`: products back to the 2x2 output tile (applied by `at_rows` and, transposed,
+/// `a_rows`; the tests check they are this).
+#[cfg(test)]
 const AT: [[f32; ALPHA]; M] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 1.0]];
 
 /// Which way a convolution layer computes.
@@ -100,6 +103,81 @@ fn combine<'a>(dst: &mut [f32], coefs: &[f32], src: impl Fn(usize) -> &'a [f32])
     }
 }
 
+/// `out[r] = (B^T x)[r]` elementwise over six equal-length vectors `x` (the matrix written
+/// out with its shared terms: no multiplications by 0 or 1).
+#[inline(always)]
+fn bt_rows(x: [&[f32]; ALPHA], out: [&mut [f32]; ALPHA]) {
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let n = o0.len();
+    let (o1, o2, o3, o4, o5) = (&mut o1[..n], &mut o2[..n], &mut o3[..n], &mut o4[..n], &mut o5[..n]);
+    let [x0, x1, x2, x3, x4, x5] = x.map(|v| &v[..n]);
+    for i in 0..n {
+        let (a, b) = (x4[i] - 4.0 * x2[i], x3[i] - 4.0 * x1[i]);
+        let (c, e) = (x4[i] - x2[i], 2.0 * (x3[i] - x1[i]));
+        o0[i] = 4.0 * x0[i] - 5.0 * x2[i] + x4[i];
+        o1[i] = a + b;
+        o2[i] = a - b;
+        o3[i] = c + e;
+        o4[i] = c - e;
+        o5[i] = 4.0 * x1[i] - 5.0 * x3[i] + x5[i];
+    }
+}
+
+/// `(y0, y1) = A^T x` elementwise over six equal-length vectors `x`.
+#[inline(always)]
+fn at_rows(x: [&[f32]; ALPHA], y0: &mut [f32], y1: &mut [f32]) {
+    let n = y0.len();
+    let y1 = &mut y1[..n];
+    let [x0, x1, x2, x3, x4, x5] = x.map(|v| &v[..n]);
+    for i in 0..n {
+        y0[i] = x0[i] + (x1[i] + x2[i]) + (x3[i] + x4[i]);
+        y1[i] = (x1[i] - x2[i]) + 2.0 * (x3[i] - x4[i]) + x5[i];
+    }
+}
+
+/// `out = A (x0, x1)` elementwise: the six rows of `A` (`A^T` transposed) times two vectors.
+#[inline(always)]
+fn a_rows(x0: &[f32], x1: &[f32], out: [&mut [f32]; ALPHA]) {
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let n = o0.len();
+    let (o1, o2, o3, o4, o5) = (&mut o1[..n], &mut o2[..n], &mut o3[..n], &mut o4[..n], &mut o5[..n]);
+    let (x0, x1) = (&x0[..n], &x1[..n]);
+    for i in 0..n {
+        o0[i] = x0[i];
+        o1[i] = x0[i] + x1[i];
+        o2[i] = x0[i] - x1[i];
+        o3[i] = x0[i] + 2.0 * x1[i];
+        o4[i] = x0[i] - 2.0 * x1[i];
+        o5[i] = x1[i];
+    }
+}
+
+/// The six `c`-long rows of `v` at `[(a * 6 + bx) * rows + t]` for `bx` in `0..6`: one tile's
+/// row `a` of the transform domain, in the six GEMM operands.
+#[inline(always)]
+fn position_rows(v: &mut [f32], a: usize, rows: usize, t: usize, c: usize) -> [&mut [f32]; ALPHA] {
+    let at = |bx: usize| ((a * ALPHA + bx) * rows + t) * c;
+    v.get_disjoint_mut(std::array::from_fn::<_, ALPHA, _>(|bx| at(bx)..at(bx) + c))
+        .expect("six distinct rows inside the buffer")
+}
+
+/// The six consecutive `len`-long pieces of `s`.
+#[inline(always)]
+fn six(s: &[f32], len: usize) -> [&[f32]; ALPHA] {
+    std::array::from_fn(|j| &s[j * len..][..len])
+}
+
+/// The six consecutive `len`-long pieces of `s`, mutable.
+#[inline(always)]
+fn six_mut(s: &mut [f32], len: usize) -> [&mut [f32]; ALPHA] {
+    let mut rest = &mut s[..ALPHA * len];
+    std::array::from_fn(|_| {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        rest = tail;
+        head
+    })
+}
+
 /// `v[xi][t][..c] = (B^T d_t B)[xi]` for every tile `t` of `batch` NHWC maps `h x w x c` in
 /// `input` (tile `(b * h/2 + ty) * w/2 + tx`), `d_t` the 6x6 input around output pixels
 /// `(2ty.., 2tx..)`, zero outside the map. `scratch`: [`scratch_len`]`(c)` floats.
@@ -114,28 +192,26 @@ pub fn input_transform(h: usize, w: usize, c: usize, batch: usize, input: &[f32]
         for ty in 0..th {
             for tx in 0..tw {
                 let t = (b * th + ty) * tw + tx;
-                // The 6x6 neighbourhood, zero-padded: input rows 2ty-2.., columns 2tx-2...
-                let (x0, x1) = ((2 * tx).saturating_sub(2), (2 * tx + 4).min(w));
-                let at = x0 + 2 - 2 * tx; // where column x0 lands in the tile
-                let full = 2 * ty >= 2 && 2 * ty + 4 <= h && at == 0 && x1 - x0 == ALPHA;
-                if !full {
+                // The 6x6 neighbourhood: input rows 2ty-2.., columns 2tx-2..; a tile inside
+                // the map is read in place, one on the border gathered with zero padding.
+                let inside = ty >= 1 && tx >= 1 && 2 * ty + 4 <= h && 2 * tx + 4 <= w;
+                let d: [&[f32]; ALPHA] = if inside {
+                    std::array::from_fn(|dy| &image[((2 * ty + dy - 2) * w + 2 * tx - 2) * c..][..run])
+                } else {
+                    let (x0, x1) = ((2 * tx).saturating_sub(2), (2 * tx + 4).min(w));
+                    let at = x0 + 2 - 2 * tx; // where column x0 lands in the tile
                     tile.fill(0.0);
-                }
-                for dy in 0..ALPHA {
-                    let Some(iy) = (2 * ty + dy).checked_sub(2).filter(|&y| y < h) else { continue };
-                    let src = &image[(iy * w + x0) * c..(iy * w + x1) * c];
-                    tile[dy * run + at * c..][..src.len()].copy_from_slice(src);
-                }
-                // Columns of B^T d (rows of the tile, whole), then each row times B.
-                for (a, row) in tmp.chunks_exact_mut(run).enumerate() {
-                    combine(row, &BT[a], |dy| &tile[dy * run..][..run]);
-                }
-                for a in 0..ALPHA {
-                    let row = &tmp[a * run..][..run];
-                    for (bx, coefs) in BT.iter().enumerate() {
-                        let dst = &mut v[((a * ALPHA + bx) * rows + t) * c..][..c];
-                        combine(dst, coefs, |dx| &row[dx * c..][..c]);
+                    for dy in 0..ALPHA {
+                        let Some(iy) = (2 * ty + dy).checked_sub(2).filter(|&y| y < h) else { continue };
+                        let src = &image[(iy * w + x0) * c..(iy * w + x1) * c];
+                        tile[dy * run + at * c..][..src.len()].copy_from_slice(src);
                     }
+                    six(tile, run)
+                };
+                // B^T d over whole tile rows, then each of its rows times B.
+                bt_rows(d, six_mut(tmp, run));
+                for a in 0..ALPHA {
+                    bt_rows(six(&tmp[a * run..], c), position_rows(v, a, rows, t, c));
                 }
             }
         }
@@ -150,23 +226,19 @@ pub fn grad_transform(h: usize, w: usize, c: usize, batch: usize, grad: &[f32], 
     let rows = batch * th * tw;
     let z = &mut z[..POSITIONS * rows * c];
     let tmp = &mut scratch[..ALPHA * M * c];
-    let a_col = |a: usize| [AT[0][a], AT[1][a]]; // row a of A
     for b in 0..batch {
         let map = &grad[b * h * w * c..][..h * w * c];
         for ty in 0..th {
             for tx in 0..tw {
                 let t = (b * th + ty) * tw + tx;
-                // tmp[a][j] = sum_i A[a][i] dY[i][j]: two pixels of a row are contiguous.
-                let pix = |i: usize| &map[((2 * ty + i) * w + 2 * tx) * c..][..M * c];
-                for (a, row) in tmp.chunks_exact_mut(M * c).enumerate() {
-                    combine(row, &a_col(a), pix);
-                }
+                // A dY over the tile's two rows (two pixels each, contiguous), then each row of
+                // that times A^T.
+                let row = |i: usize| &map[((2 * ty + i) * w + 2 * tx) * c..][..M * c];
+                a_rows(row(0), row(1), six_mut(tmp, M * c));
                 for a in 0..ALPHA {
-                    let row = &tmp[a * M * c..][..M * c];
-                    for bx in 0..ALPHA {
-                        let dst = &mut z[((a * ALPHA + bx) * rows + t) * c..][..c];
-                        combine(dst, &a_col(bx), |j| &row[j * c..][..c]);
-                    }
+                    let r = &tmp[a * M * c..][..M * c];
+                    let (x0, x1) = r.split_at(c);
+                    a_rows(x0, x1, position_rows(z, a, rows, t, c));
                 }
             }
         }
@@ -186,19 +258,16 @@ pub fn output_transform(h: usize, w: usize, c: usize, batch: usize, m: &[f32], o
         for ty in 0..th {
             for tx in 0..tw {
                 let t = (b * th + ty) * tw + tx;
-                // tmp[i][bx] = sum_a A^T[i][a] m[a][bx]
-                for (i, coefs) in AT.iter().enumerate() {
-                    for bx in 0..ALPHA {
-                        let dst = &mut tmp[(i * ALPHA + bx) * c..][..c];
-                        combine(dst, coefs, |a| &m[((a * ALPHA + bx) * rows + t) * c..][..c]);
-                    }
+                // A^T m: column bx of the tile from the six operands' rows, into tmp[0..2][bx].
+                let (t0, t1) = tmp.split_at_mut(ALPHA * c);
+                for (bx, (y0, y1)) in t0.chunks_exact_mut(c).zip(t1.chunks_exact_mut(c)).enumerate() {
+                    let x = std::array::from_fn(|a| &m[((a * ALPHA + bx) * rows + t) * c..][..c]);
+                    at_rows(x, y0, y1);
                 }
+                // Then each of its two rows times A: two output pixels side by side.
                 for i in 0..M {
-                    let row = &tmp[i * ALPHA * c..][..ALPHA * c];
-                    for (j, coefs) in AT.iter().enumerate() {
-                        let dst = &mut map[((2 * ty + i) * w + 2 * tx + j) * c..][..c];
-                        combine(dst, coefs, |bx| &row[bx * c..][..c]);
-                    }
+                    let (y0, y1) = map[((2 * ty + i) * w + 2 * tx) * c..][..M * c].split_at_mut(c);
+                    at_rows(six(&tmp[i * ALPHA * c..], c), y0, y1);
                 }
             }
         }
@@ -305,6 +374,42 @@ mod tests {
         );
         for (i, (a, b)) in y.iter().zip(&want).enumerate() {
             assert!((*a as f64 - b).abs() < 1e-5, "{i}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn the_written_out_transforms_are_the_matrices() {
+        let x: Vec<Vec<f32>> = (0..ALPHA).map(|j| (0..3).map(|i| ((j * 3 + i) as f32 * 0.9).sin()).collect()).collect();
+        let xs: [&[f32]; ALPHA] = std::array::from_fn(|j| &x[j][..]);
+        let mut out = vec![vec![0.0f32; 3]; ALPHA];
+        let (o0, rest) = out.split_at_mut(1);
+        let (o1, rest) = rest.split_at_mut(1);
+        let (o2, rest) = rest.split_at_mut(1);
+        let (o3, rest) = rest.split_at_mut(1);
+        let (o4, o5) = rest.split_at_mut(1);
+        bt_rows(xs, [&mut o0[0], &mut o1[0], &mut o2[0], &mut o3[0], &mut o4[0], &mut o5[0]]);
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+        for r in 0..ALPHA {
+            for i in 0..3 {
+                let want: f32 = (0..ALPHA).map(|j| BT[r][j] * x[j][i]).sum();
+                assert!(close(out[r][i], want), "B^T row {r}");
+            }
+        }
+        let (mut y0, mut y1) = (vec![0.0f32; 3], vec![0.0f32; 3]);
+        at_rows(xs, &mut y0, &mut y1);
+        for i in 0..3 {
+            for (r, y) in [&y0, &y1].into_iter().enumerate() {
+                let want: f32 = (0..ALPHA).map(|j| AT[r][j] * x[j][i]).sum();
+                assert!(close(y[i], want), "A^T row {r}");
+            }
+        }
+        let mut flat = vec![0.0f32; ALPHA * 3];
+        a_rows(&x[0], &x[1], six_mut(&mut flat, 3));
+        for r in 0..ALPHA {
+            for i in 0..3 {
+                let want = AT[0][r] * x[0][i] + AT[1][r] * x[1][i];
+                assert!(close(flat[r * 3 + i], want), "A row {r}");
+            }
         }
     }
 
