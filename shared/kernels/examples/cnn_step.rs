@@ -1,29 +1,36 @@
 //! Samples/s of one CNN training step (McMahan et al.'s MNIST CNN, random data, one thread)
 //! with each convolution algorithm, alternating in one process, best of each: the A/B of
 //! `fedge_kernels::ConvAlgorithm`.
-//! `cargo run --release -p fedge-kernels --example cnn_step -- [batch ...] [--rounds N] [--seconds S] [--only im2col|winograd]`
+//! `cargo run --release -p fedge-kernels --example cnn_step -- [batch ...] [--rounds N] [--seconds S] [--variant ALGO[:CHUNK_BYTES] ...]`
 use fedge_kernels::{ConvAlgorithm, LayerSpec, Net, NetSpec, Threads};
 use std::time::Instant;
 
 fn main() {
     let mut batches = Vec::new();
     let (mut rounds, mut seconds) = (4usize, 1.0f64);
-    let mut algos = vec![ConvAlgorithm::Im2col, ConvAlgorithm::Winograd];
+    let mut variants: Vec<(ConvAlgorithm, Option<usize>)> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--rounds" => rounds = args.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--seconds" => seconds = args.next().and_then(|v| v.parse().ok()).expect("--seconds S"),
-            // One algorithm only (for a profiler).
-            "--only" => {
-                algos = match args.next().as_deref() {
-                    Some("im2col") => vec![ConvAlgorithm::Im2col],
-                    Some("winograd") => vec![ConvAlgorithm::Winograd],
-                    _ => panic!("--only im2col|winograd"),
-                }
+            // What to compare (default both algorithms): `im2col` or `winograd`, optionally
+            // with the chunk size, `winograd:4000000`. One alone suits a profiler.
+            "--variant" => {
+                let v = args.next().expect("--variant ALGO[:CHUNK_BYTES]");
+                let (algo, bytes) = v.split_once(':').map_or((&v[..], None), |(a, b)| (a, b.parse().ok()));
+                let algo = match algo {
+                    "im2col" => ConvAlgorithm::Im2col,
+                    "winograd" => ConvAlgorithm::Winograd,
+                    _ => panic!("--variant im2col|winograd[:CHUNK_BYTES]"),
+                };
+                variants.push((algo, bytes));
             }
             b => batches.push(b.parse::<usize>().expect("a batch size")),
         }
+    }
+    if variants.is_empty() {
+        variants = vec![(ConvAlgorithm::Im2col, None), (ConvAlgorithm::Winograd, None)];
     }
     if batches.is_empty() {
         batches = vec![10, 64];
@@ -48,13 +55,16 @@ fn main() {
         (state >> 40) as f32 / (1u64 << 24) as f32
     };
     for batch in batches {
-        let mut nets: Vec<(ConvAlgorithm, Net, f64)> = algos
+        let mut nets: Vec<(String, Net, f64)> = variants
             .iter()
-            .copied()
-            .map(|algo| {
+            .map(|&(algo, bytes)| {
                 let mut net = Net::new(&spec, Threads::One).unwrap();
                 net.set_conv_algorithm(algo);
-                (algo, net, 0.0)
+                if let Some(bytes) = bytes {
+                    net.set_chunk_bytes(bytes);
+                }
+                let name = format!("{algo:?}{}", bytes.map_or(String::new(), |b| format!(" chunk {b}")));
+                (name, net, 0.0)
             })
             .collect();
         for i in 0..nets[0].1.num_layers() {
@@ -80,8 +90,8 @@ fn main() {
             }
         }
         let base = nets[0].2;
-        for (algo, _, best) in &nets {
-            println!("batch {batch:>3} {algo:?}: {best:>7.0} samples/s ({:.2}x)", best / base);
+        for (name, _, best) in &nets {
+            println!("batch {batch:>3} {name}: {best:>7.0} samples/s ({:.2}x)", best / base);
         }
     }
 }
