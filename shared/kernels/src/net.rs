@@ -3,10 +3,13 @@
 //!
 //! One [`Net`] owns its parameters and every buffer a step needs, allocated for the largest
 //! batch seen and reused: a simulator worker keeps one for its whole life. A training step is
-//! forward (convolutions as one whole-batch im2col + GEMM each, bias, ReLU and pooling in one
-//! pass), the loss gradient, then backward layer by layer, where each layer first passes the
-//! gradient to its input and then updates its own weights in the same GEMM that computes their
-//! gradient (`W := W - lr * X^T dY`): no gradient tensor is ever stored.
+//! forward (convolutions as one whole-batch im2col + GEMM each, or Winograd's 36 GEMMs where it
+//! applies, see [`ConvAlgorithm`]; bias, ReLU and pooling in one pass), the loss gradient, then
+//! backward layer by layer, where each layer first passes the gradient to its input and then
+//! updates its own weights in the same GEMM that computes their gradient
+//! (`W := W - lr * X^T dY`): no gradient tensor is ever stored. (A Winograd layer sums its
+//! weight gradient over the batch in the transform domain, `36 x C_in x C_out`, and updates
+//! the weights from it once.)
 //!
 //! A proximal step (FedProx, [`Net::train_step_proximal`]) also pulls every parameter towards
 //! an anchor ([`Net::set_anchor`]): `W := W - lr * (grad + mu * (W - anchor))`, both terms at
