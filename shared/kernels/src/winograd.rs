@@ -86,9 +86,9 @@ pub fn tiles(h: usize, w: usize) -> usize {
     (h / M) * (w / M)
 }
 
-/// Scratch floats the data transforms need for `c` channels.
-pub fn scratch_len(c: usize) -> usize {
-    2 * POSITIONS * c
+/// Scratch floats the data transforms need for maps `w` wide with `c` channels.
+pub fn scratch_len(w: usize, c: usize) -> usize {
+    (ALPHA * (w + 4) + w).max(2 * ALPHA) * c
 }
 
 /// `dst = sum_j coefs[j] * src(j)`, terms with a zero coefficient skipped, in order of `j`.
@@ -180,38 +180,32 @@ fn six_mut(s: &mut [f32], len: usize) -> [&mut [f32]; ALPHA] {
 
 /// `v[xi][t][..c] = (B^T d_t B)[xi]` for every tile `t` of `batch` NHWC maps `h x w x c` in
 /// `input` (tile `(b * h/2 + ty) * w/2 + tx`), `d_t` the 6x6 input around output pixels
-/// `(2ty.., 2tx..)`, zero outside the map. `scratch`: [`scratch_len`]`(c)` floats.
+/// `(2ty.., 2tx..)`, zero outside the map. `scratch`: [`scratch_len`]`(w, c)` floats.
 pub fn input_transform(h: usize, w: usize, c: usize, batch: usize, input: &[f32], v: &mut [f32], scratch: &mut [f32]) {
     let (th, tw) = (h / M, w / M);
     let rows = batch * th * tw;
     let v = &mut v[..POSITIONS * rows * c];
-    let (tile, tmp) = scratch[..2 * POSITIONS * c].split_at_mut(POSITIONS * c);
-    let run = ALPHA * c; // one row of a tile
+    // `B^T d` along the columns is shared by the three tiles that overlap each column, so it is
+    // computed once per tile row over the whole width, into rows padded with two zero columns
+    // on each side (the tiles' reach past the map).
+    let (run, line) = ((w + 4) * c, w * c);
+    let (tmp, zeros) = scratch[..ALPHA * run + line].split_at_mut(ALPHA * run);
+    tmp.fill(0.0);
+    zeros.fill(0.0);
     for b in 0..batch {
         let image = &input[b * h * w * c..][..h * w * c];
         for ty in 0..th {
+            let d: [&[f32]; ALPHA] = std::array::from_fn(|dy| match (2 * ty + dy).checked_sub(2) {
+                Some(iy) if iy < h => &image[iy * line..][..line],
+                _ => &zeros[..],
+            });
+            let out: [&mut [f32]; ALPHA] = six_mut(tmp, run).map(|r| &mut r[2 * c..][..line]);
+            bt_rows(d, out);
             for tx in 0..tw {
                 let t = (b * th + ty) * tw + tx;
-                // The 6x6 neighbourhood: input rows 2ty-2.., columns 2tx-2..; a tile inside
-                // the map is read in place, one on the border gathered with zero padding.
-                let inside = ty >= 1 && tx >= 1 && 2 * ty + 4 <= h && 2 * tx + 4 <= w;
-                let d: [&[f32]; ALPHA] = if inside {
-                    std::array::from_fn(|dy| &image[((2 * ty + dy - 2) * w + 2 * tx - 2) * c..][..run])
-                } else {
-                    let (x0, x1) = ((2 * tx).saturating_sub(2), (2 * tx + 4).min(w));
-                    let at = x0 + 2 - 2 * tx; // where column x0 lands in the tile
-                    tile.fill(0.0);
-                    for dy in 0..ALPHA {
-                        let Some(iy) = (2 * ty + dy).checked_sub(2).filter(|&y| y < h) else { continue };
-                        let src = &image[(iy * w + x0) * c..(iy * w + x1) * c];
-                        tile[dy * run + at * c..][..src.len()].copy_from_slice(src);
-                    }
-                    six(tile, run)
-                };
-                // B^T d over whole tile rows, then each of its rows times B.
-                bt_rows(d, six_mut(tmp, run));
+                // Each row of the tile's B^T d (padded columns 2tx..2tx+6) times B.
                 for a in 0..ALPHA {
-                    bt_rows(six(&tmp[a * run..], c), position_rows(v, a, rows, t, c));
+                    bt_rows(six(&tmp[a * run + 2 * tx * c..], c), position_rows(v, a, rows, t, c));
                 }
             }
         }
@@ -220,7 +214,7 @@ pub fn input_transform(h: usize, w: usize, c: usize, batch: usize, input: &[f32]
 
 /// `z[xi][t][..c] = (A dY_t A^T)[xi]` for every 2x2 tile `dY_t` of `batch` NHWC maps
 /// `h x w x c` in `grad` (the weight gradient's transform of the output gradient).
-/// `scratch`: [`scratch_len`]`(c)` floats.
+/// `scratch`: [`scratch_len`]`(w, c)` floats.
 pub fn grad_transform(h: usize, w: usize, c: usize, batch: usize, grad: &[f32], z: &mut [f32], scratch: &mut [f32]) {
     let (th, tw) = (h / M, w / M);
     let rows = batch * th * tw;
@@ -247,7 +241,7 @@ pub fn grad_transform(h: usize, w: usize, c: usize, batch: usize, grad: &[f32], 
 
 /// The 2x2 output tiles `A^T m_t A` of the GEMM results `m` (`[xi][t][c]`, [`input_transform`]'s
 /// tile order) into `batch` NHWC maps `h x w x c`: every element of `out` is written once.
-/// `scratch`: [`scratch_len`]`(c)` floats.
+/// `scratch`: [`scratch_len`]`(w, c)` floats.
 pub fn output_transform(h: usize, w: usize, c: usize, batch: usize, m: &[f32], out: &mut [f32], scratch: &mut [f32]) {
     let (th, tw) = (h / M, w / M);
     let rows = batch * th * tw;
@@ -361,7 +355,7 @@ mod tests {
         let g: Vec<f32> = (0..R * R).map(|i| (i as f32 * 0.37).cos()).collect();
         let rows = tiles(h, w);
         let (mut v, mut u, mut y) = (vec![f32::NAN; POSITIONS * rows], vec![0.0; POSITIONS], vec![f32::NAN; h * w]);
-        let mut scratch = vec![0.0; scratch_len(1).max(filter_scratch_len(1))];
+        let mut scratch = vec![0.0; scratch_len(w, 1).max(filter_scratch_len(1))];
         input_transform(h, w, 1, 1, &x, &mut v, &mut scratch);
         filter_transform(1, &g, false, &mut u, &mut scratch);
         let m: Vec<f32> = (0..POSITIONS * rows).map(|i| v[i] * u[i / rows]).collect();

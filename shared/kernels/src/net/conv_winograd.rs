@@ -30,7 +30,7 @@ pub(super) fn reserve(b: &mut WinogradBuffers, g: Geometry, out_channels: usize,
     grow(&mut b.m, POSITIONS * rows * wide);
     grow(&mut b.u, POSITIONS * n);
     grow(&mut b.du, POSITIONS * n);
-    grow(&mut b.scratch, scratch_len(wide).max(filter_scratch_len(n)));
+    grow(&mut b.scratch, scratch_len(g.w, wide).max(filter_scratch_len(n)));
 }
 
 /// The layer's output for `batch` images of `input`: bias, ReLU and pooling into `output`, the
