@@ -108,8 +108,9 @@ impl Net {
         self.threads = threads;
     }
 
-    /// How many bytes of im2col columns a convolution builds at a time (default 2 MiB; the
-    /// results do not depend on it beyond float rounding).
+    /// How many bytes of im2col columns (or, for a Winograd layer, of transformed data and GEMM
+    /// results) a convolution builds at a time (default 2 MiB; the results do not depend on it
+    /// beyond float rounding).
     pub fn set_chunk_bytes(&mut self, bytes: usize) {
         self.chunk_bytes = bytes.max(1);
         self.ws = Workspace::default();

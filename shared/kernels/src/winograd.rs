@@ -73,7 +73,7 @@ pub enum ConvAlgorithm {
 
 /// Fewest input channels for Winograd. The transforms cost per channel, what the GEMMs save
 /// per channel pair, so a 1-channel input (the CNN's first layer) stays on im2col; the
-/// threshold itself is a judgement, not a measurement (only 1 and 32 channels were timed).
+/// threshold itself is a judgement, not a measurement (only the CNN's 32-channel layer was timed).
 const MIN_CHANNELS: usize = 4;
 
 /// Whether [`ConvAlgorithm::Winograd`] handles a layer of geometry `g` (5x5 kernel, even sides,
