@@ -16,7 +16,7 @@ use std::time::Instant;
 use fedge_core::dataset::Dataset;
 use fedge_core::rng::derive_rng;
 use fedge_core::wire::TrainConfig;
-use fedge_learn::{BackendKind, ModelKind, Threads, Trainer};
+use fedge_learn::{BackendKind, ConvAlgorithm, ModelKind, Threads, Trainer};
 use rand::RngExt;
 
 /// One configuration's figures.
@@ -36,6 +36,8 @@ pub struct Row {
     pub fedge_workers: f64,
     /// The backend we measured.
     pub backend: String,
+    /// How our convolutions computed (`Im2col` or `Winograd`).
+    pub conv: String,
 }
 
 /// What to measure.
@@ -54,6 +56,9 @@ pub struct BenchConfig {
     pub repeat: usize,
     /// Our backend (`cpu`, or `flex` for burn's own).
     pub backend: BackendKind,
+    /// Convolution algorithms of the fast CPU path: each is a row, measured in turn with
+    /// PyTorch in every repeat (an A/B in one run).
+    pub conv: Vec<ConvAlgorithm>,
     /// PyTorch: a Python with torch and the path of `torch_step.py`; `None` skips it.
     pub torch: Option<(PathBuf, PathBuf)>,
 }
@@ -73,6 +78,7 @@ fn random_data(n: usize, seed: u64) -> Dataset {
 pub fn measure(
     kind: ModelKind,
     backend: BackendKind,
+    conv: ConvAlgorithm,
     batch: usize,
     threads: usize,
     workers: usize,
@@ -83,6 +89,7 @@ pub fn measure(
     // Calibrate on one model: steps that take about `seconds`.
     let mut t = Trainer::new(kind, 10, backend)?;
     t.set_threads(if threads > 1 { Threads::Rayon(threads) } else { Threads::One });
+    t.set_conv_algorithm(conv);
     let start = t.initial_params(0);
     let idx: Vec<usize> = (0..batch).collect();
     let mut rng = derive_rng(2, &[]);
@@ -108,7 +115,10 @@ pub fn measure(
                 .map(|w| {
                     let (data, start, config, ready) = (&data, &start, &config, &ready);
                     s.spawn(move || -> anyhow::Result<()> {
-                        let trainer = Trainer::new(kind, 10, backend);
+                        let trainer = Trainer::new(kind, 10, backend).map(|mut t| {
+                            t.set_conv_algorithm(conv);
+                            t
+                        });
                         ready.wait();
                         let many: Vec<usize> = (0..batch).cycle().take(batch * n).collect();
                         trainer?.train(start, data, &many, config, &mut derive_rng(3, &[w as u64]))?;
@@ -152,33 +162,37 @@ pub fn run(config: &BenchConfig, mut each: impl FnMut(&Row)) -> anyhow::Result<V
     for &threads in &config.threads {
         for &kind in &config.models {
             for &batch in &config.batches {
-                let (mut torch_best, mut fedge, mut fedge_workers) = (None::<f64>, 0.0f64, 0.0f64);
+                let convs = if config.conv.is_empty() { &[ConvAlgorithm::default()][..] } else { &config.conv };
+                let mut torch_best = None::<f64>;
+                // Per algorithm: (one model, workers).
+                let mut fedge = vec![(0.0f64, 0.0f64); convs.len()];
                 for _ in 0..config.repeat.max(1) {
                     if let Some((python, script)) = &config.torch {
                         let t = torch(python, script, kind, batch, threads, config.seconds)?;
                         torch_best = Some(torch_best.map_or(t, |b| b.max(t)));
                     }
-                    fedge = fedge.max(measure(kind, config.backend, batch, threads, 1, config.seconds)?);
-                    if threads > 1 {
-                        fedge_workers =
-                            fedge_workers.max(measure(kind, config.backend, batch, 1, threads, config.seconds)?);
+                    for (&conv, (one, workers)) in convs.iter().zip(&mut fedge) {
+                        *one = one.max(measure(kind, config.backend, conv, batch, threads, 1, config.seconds)?);
+                        if threads > 1 {
+                            *workers =
+                                workers.max(measure(kind, config.backend, conv, batch, 1, threads, config.seconds)?);
+                        }
                     }
                 }
-                let torch = torch_best;
-                if threads <= 1 {
-                    fedge_workers = fedge;
+                for (&conv, &(one, workers)) in convs.iter().zip(&fedge) {
+                    let row = Row {
+                        model: kind.to_string(),
+                        batch,
+                        threads,
+                        torch: torch_best,
+                        fedge: one,
+                        fedge_workers: if threads <= 1 { one } else { workers },
+                        backend: config.backend.to_string(),
+                        conv: format!("{conv:?}"),
+                    };
+                    each(&row);
+                    rows.push(row);
                 }
-                let row = Row {
-                    model: kind.to_string(),
-                    batch,
-                    threads,
-                    torch,
-                    fedge,
-                    fedge_workers,
-                    backend: config.backend.to_string(),
-                };
-                each(&row);
-                rows.push(row);
             }
         }
     }

@@ -77,6 +77,10 @@ enum Command {
         /// Our backend: cpu (fused kernels) or flex (burn).
         #[arg(long, default_value = "cpu")]
         backend: BackendKind,
+        /// The cpu backend's convolution algorithms, each measured in turn in every repeat:
+        /// winograd (the default), im2col, or both (`im2col,winograd`: an A/B in one run).
+        #[arg(long, value_delimiter = ',', default_value = "winograd", value_parser = parse_conv)]
+        conv: Vec<fedge_learn::ConvAlgorithm>,
         /// Python with torch (default: ~/.cache/fedge-torch/bin/python when present).
         #[arg(long)]
         torch_python: Option<PathBuf>,
@@ -187,6 +191,7 @@ fn real_main() -> anyhow::Result<()> {
             seconds,
             repeat,
             backend,
+            conv,
             torch_python,
             torch_script,
             no_torch,
@@ -215,9 +220,10 @@ fn real_main() -> anyhow::Result<()> {
                 eprintln!("PyTorch not found (bash ../shared/bench/setup-torch.sh); measuring Fedge only");
             }
             anyhow::ensure!((1..=100).contains(&repeat), "--repeat must be 1..=100");
-            let config = fedge_sim::bench::BenchConfig { models, batches, threads, seconds, repeat, backend, torch };
+            let config =
+                fedge_sim::bench::BenchConfig { models, batches, threads, seconds, repeat, backend, conv, torch };
             if !json {
-                println!("model batch threads   torch/s   fedge/s  ratio  fedge workers/s  ratio");
+                println!("model batch threads   torch/s   fedge/s  ratio  fedge workers/s  ratio  conv");
             }
             fedge_sim::bench::run(&config, |r| {
                 if json {
@@ -226,7 +232,7 @@ fn real_main() -> anyhow::Result<()> {
                     let ratio = |x: f64| r.torch.map_or("-".to_string(), |t| format!("{:.2}x", x / t));
                     let torch = r.torch.map_or("-".to_string(), |t| format!("{t:.0}"));
                     println!(
-                        "{:<5} {:>5} {:>7} {:>9} {:>9} {:>6} {:>16} {:>6}",
+                        "{:<5} {:>5} {:>7} {:>9} {:>9} {:>6} {:>16} {:>6}  {}",
                         r.model,
                         r.batch,
                         r.threads,
@@ -234,7 +240,8 @@ fn real_main() -> anyhow::Result<()> {
                         format!("{:.0}", r.fedge),
                         ratio(r.fedge),
                         format!("{:.0}", r.fedge_workers),
-                        ratio(r.fedge_workers)
+                        ratio(r.fedge_workers),
+                        r.conv
                     );
                 }
                 let _ = std::io::stdout().flush();
@@ -321,5 +328,14 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `--conv`'s values.
+fn parse_conv(s: &str) -> Result<fedge_learn::ConvAlgorithm, String> {
+    match s {
+        "im2col" => Ok(fedge_learn::ConvAlgorithm::Im2col),
+        "winograd" => Ok(fedge_learn::ConvAlgorithm::Winograd),
+        _ => Err(format!("unknown convolution algorithm `{s}` (im2col, winograd)")),
     }
 }

@@ -281,7 +281,34 @@ fn bench_train_prints_a_row_per_configuration() {
         assert!(r["fedge"].as_f64().unwrap() > 0.0 && r["fedge_workers"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["torch"].is_null());
         assert_eq!(r["backend"], "cpu");
+        assert_eq!(r["conv"], "Winograd", "the default");
     }
+    // An A/B of the convolution algorithms: a row for each.
+    let (ok, stdout, stderr) = sim(&[
+        "bench-train",
+        "--no-torch",
+        "--json",
+        "--models",
+        "cnn",
+        "--batches",
+        "2",
+        "--threads",
+        "1",
+        "--conv",
+        "im2col,winograd",
+        "--seconds",
+        "0.01",
+        "--repeat",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+    let convs: Vec<String> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["conv"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(convs, ["Im2col", "Winograd"], "{stdout}");
+    let (ok, _, stderr) = sim(&["bench-train", "--no-torch", "--conv", "fft"]);
+    assert!(!ok && stderr.contains("unknown convolution algorithm"), "{stderr}");
     let (ok, _, stderr) = sim(&["bench-train", "--no-torch", "--seconds", "0"]);
     assert!(!ok && stderr.contains("--seconds"), "{stderr}");
     // PyTorch's script has no MLP: comparing it with its 2NN would be a wrong baseline.

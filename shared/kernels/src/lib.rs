@@ -8,14 +8,19 @@
 //!
 //! - [`gemm`]: the bounds-checked safe front for the `gemm` crate (the crate's only `unsafe`).
 //! - [`conv`]: whole-batch im2col / col2im (NHWC) and fused bias + ReLU + 2x2 max-pooling.
+//! - [`winograd`]: Winograd F(2x2, 5x5) transforms for 5x5 convolutions with several input
+//!   channels (36 small GEMMs instead of one im2col GEMM, 2.8x fewer multiplications), and
+//!   [`ConvAlgorithm`], the choice between the two.
 //! - [`net`]: [`Net`], the layers, the loss, the fused step and evaluation.
 
 pub mod conv;
 pub mod gemm;
 pub mod net;
+pub mod winograd;
 
 pub use gemm::Threads;
 pub use net::{LayerSpec, Net, NetError, NetSpec, Scores};
+pub use winograd::ConvAlgorithm;
 
 #[cfg(test)]
 mod tests;

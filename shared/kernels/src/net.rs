@@ -3,10 +3,13 @@
 //!
 //! One [`Net`] owns its parameters and every buffer a step needs, allocated for the largest
 //! batch seen and reused: a simulator worker keeps one for its whole life. A training step is
-//! forward (convolutions as one whole-batch im2col + GEMM each, bias, ReLU and pooling in one
-//! pass), the loss gradient, then backward layer by layer, where each layer first passes the
-//! gradient to its input and then updates its own weights in the same GEMM that computes their
-//! gradient (`W := W - lr * X^T dY`): no gradient tensor is ever stored.
+//! forward (convolutions as one whole-batch im2col + GEMM each, or Winograd's 36 GEMMs where it
+//! applies, see [`ConvAlgorithm`]; bias, ReLU and pooling in one pass), the loss gradient, then
+//! backward layer by layer, where each layer first passes the gradient to its input and then
+//! updates its own weights in the same GEMM that computes their gradient
+//! (`W := W - lr * X^T dY`): no gradient tensor is ever stored. (A Winograd layer sums its
+//! weight gradient over the batch in the transform domain, `36 x C_in x C_out`, and updates
+//! the weights from it once.)
 //!
 //! A proximal step (FedProx, [`Net::train_step_proximal`]) also pulls every parameter towards
 //! an anchor ([`Net::set_anchor`]): `W := W - lr * (grad + mu * (W - anchor))`, both terms at
@@ -20,7 +23,9 @@
 
 use crate::conv::Geometry;
 use crate::gemm::Threads;
+use crate::winograd::ConvAlgorithm;
 
+mod conv_winograd;
 mod layer;
 mod spec;
 mod step;
@@ -38,6 +43,7 @@ pub struct Net {
     layers: Vec<Layer>,
     threads: Threads,
     chunk_bytes: usize,
+    conv_algorithm: ConvAlgorithm,
     ws: Workspace,
 }
 
@@ -92,6 +98,7 @@ impl Net {
             layers,
             threads,
             chunk_bytes: CHUNK_BYTES,
+            conv_algorithm: ConvAlgorithm::default(),
             ws: Workspace::default(),
         })
     }
@@ -101,11 +108,24 @@ impl Net {
         self.threads = threads;
     }
 
-    /// How many bytes of im2col columns a convolution builds at a time (default 2 MiB; the
-    /// results do not depend on it beyond float rounding).
+    /// How many bytes of im2col columns (or, for a Winograd layer, of transformed data and GEMM
+    /// results) a convolution builds at a time (default 2 MiB; the results do not depend on it
+    /// beyond float rounding).
     pub fn set_chunk_bytes(&mut self, bytes: usize) {
         self.chunk_bytes = bytes.max(1);
         self.ws = Workspace::default();
+    }
+
+    /// How the convolutions compute (default [`ConvAlgorithm::Winograd`] where it applies;
+    /// the results agree to float rounding).
+    pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
+        self.conv_algorithm = algorithm;
+        self.ws = Workspace::default();
+    }
+
+    /// How the convolutions compute.
+    pub fn conv_algorithm(&self) -> ConvAlgorithm {
+        self.conv_algorithm
     }
 
     /// Number of layers.

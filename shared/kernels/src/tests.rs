@@ -208,3 +208,117 @@ fn mu_zero_is_the_plain_step_and_mu_needs_an_anchor() {
         assert!(x.0.iter().zip(&y.0).chain(x.1.iter().zip(&y.1)).all(|(p, q)| p.to_bits() == q.to_bits()));
     }
 }
+
+/// McMahan et al.'s MNIST CNN with random weights (scaled by fan-in) and small biases.
+fn cnn(algorithm: crate::ConvAlgorithm, seed: u64) -> Net {
+    let spec = NetSpec {
+        height: 28,
+        width: 28,
+        channels: 1,
+        layers: vec![
+            LayerSpec::ConvReluPool { out_channels: 32, kernel: 5 },
+            LayerSpec::ConvReluPool { out_channels: 64, kernel: 5 },
+            LayerSpec::Dense { outputs: 512, relu: true },
+            LayerSpec::Dense { outputs: 10, relu: false },
+        ],
+    };
+    let mut net = Net::new(&spec, Threads::One).unwrap();
+    net.set_conv_algorithm(algorithm);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for i in 0..net.num_layers() {
+        let (fan_in, _) = net.weight_shape(i);
+        let s = (6.0 / fan_in as f32).sqrt();
+        let (w, b) = net.layer(i);
+        let w: Vec<f32> = (0..w.len()).map(|_| rng.random_range(-s..s)).collect();
+        let b: Vec<f32> = (0..b.len()).map(|_| rng.random_range(-0.05f32..0.1)).collect();
+        net.set_layer(i, &w, &b).unwrap();
+    }
+    net
+}
+
+/// Largest `|a - b|` over the largest `|b|`: the error relative to the tensor's magnitude.
+fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+    let err = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    err / scale.max(f64::MIN_POSITIVE)
+}
+
+/// Winograd's results against im2col's, relative to each tensor's magnitude: F(2x2, 5x5) in f32
+/// measured at most a few 1e-6 here; the bound leaves a margin for other data.
+const WINOGRAD_TOLERANCE: f64 = 3e-5;
+
+#[test]
+fn winograd_matches_im2col_forward_and_after_a_step() {
+    use crate::ConvAlgorithm::{Im2col, Winograd};
+    let mut worst = [0.0f64; 3];
+    for (batch, chunk_bytes) in [(1, None), (3, None), (10, None), (10, Some(1)), (64, None), (64, Some(64 << 20))] {
+        for mu in [0.0f32, 0.5] {
+            let (mut slow, mut fast) = (cnn(Im2col, 20), cnn(Winograd, 20));
+            if let Some(bytes) = chunk_bytes {
+                // One image per chunk, or the whole batch in one.
+                fast.set_chunk_bytes(bytes);
+            }
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21 + batch as u64);
+            let labels: Vec<u8> = (0..batch).map(|_| rng.random_range(0..10u8)).collect();
+            let images: Vec<f32> = (0..batch * slow.input_len()).map(|_| rng.random_range(-1.0f32..2.0)).collect();
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            slow.logits(&images, &mut want).unwrap();
+            fast.logits(&images, &mut got).unwrap();
+            let e = relative_error(&got, &want);
+            assert!(e <= WINOGRAD_TOLERANCE, "batch {batch}: logits off by {e:e}");
+            worst[0] = worst[0].max(e);
+            let before = params(&slow);
+            if mu != 0.0 {
+                // Anchor away from the weights, so the proximal term is far from zero.
+                for net in [&mut slow, &mut fast] {
+                    for (i, (w, b)) in before.iter().enumerate() {
+                        let shift = |v: &Vec<f32>| -> Vec<f32> { v.iter().map(|x| x * 0.5 - 0.01).collect() };
+                        net.set_layer(i, &shift(w), &shift(b)).unwrap();
+                    }
+                    net.set_anchor();
+                    for (i, (w, b)) in before.iter().enumerate() {
+                        net.set_layer(i, w, b).unwrap();
+                    }
+                }
+            }
+            let lr = 0.1;
+            let l0 = slow.train_step_proximal(&images, &labels, lr, mu).unwrap();
+            let l1 = fast.train_step_proximal(&images, &labels, lr, mu).unwrap();
+            assert!(((l0 - l1) as f64).abs() <= WINOGRAD_TOLERANCE * l0.abs() as f64, "loss {l0} vs {l1}");
+            // The step (after - before) of every tensor: the first layer's depends on the
+            // second's input gradient, the second's on its weight gradient.
+            for (layer, ((s, f), b)) in params(&slow).iter().zip(params(&fast)).zip(&before).enumerate() {
+                for (which, (s, f, b)) in [(&s.0, &f.0, &b.0), (&s.1, &f.1, &b.1)].into_iter().enumerate() {
+                    let ds: Vec<f32> = s.iter().zip(b).map(|(x, y)| x - y).collect();
+                    let df: Vec<f32> = f.iter().zip(b).map(|(x, y)| x - y).collect();
+                    let e = relative_error(&df, &ds);
+                    assert!(
+                        e <= WINOGRAD_TOLERANCE,
+                        "batch {batch} mu {mu} layer {layer} {}: step off by {e:e}",
+                        ["weight", "bias"][which]
+                    );
+                    worst[1 + which] = worst[1 + which].max(e);
+                }
+            }
+        }
+    }
+    eprintln!("worst relative errors: logits {:e}, weight steps {:e}, bias steps {:e}", worst[0], worst[1], worst[2]);
+}
+
+#[test]
+fn winograd_is_bit_for_bit_repeatable() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(30);
+    let labels: Vec<u8> = (0..10).map(|_| rng.random_range(0..10u8)).collect();
+    let images: Vec<f32> = (0..labels.len() * 784).map(|_| rng.random_range(0.0f32..1.0)).collect();
+    let run = || {
+        let mut net = cnn(crate::ConvAlgorithm::Winograd, 31);
+        let losses: Vec<u32> = (0..3).map(|_| net.train_step(&images, &labels, 0.05).unwrap().to_bits()).collect();
+        (losses, params(&net))
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.0, b.0);
+    for (x, y) in a.1.iter().zip(&b.1) {
+        assert!(x.0.iter().zip(&y.0).chain(x.1.iter().zip(&y.1)).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+}

@@ -139,6 +139,11 @@ impl FastNet {
         self.net.set_threads(threads);
     }
 
+    /// How the convolutions compute (see `fedge_kernels::Net::set_conv_algorithm`).
+    pub fn set_conv_algorithm(&mut self, algorithm: fedge_kernels::ConvAlgorithm) {
+        self.net.set_conv_algorithm(algorithm);
+    }
+
     /// How many bytes of im2col columns a convolution builds at a time (see
     /// `fedge_kernels::Net::set_chunk_bytes`).
     pub fn set_chunk_bytes(&mut self, bytes: usize) {

@@ -23,7 +23,7 @@ pub use backend::{BackendError, BackendKind};
 pub use convert::ConvertError;
 pub use distill::{DistillConfig, DistillData, QuantizedStudent};
 pub use fast::FastNet;
-pub use fedge_kernels::Threads;
+pub use fedge_kernels::{ConvAlgorithm, Threads};
 pub use infer::{Prediction, Predictor, PredictorError};
 pub use model::{Model, ModelKind};
 pub use train::{EvalMetrics, TrainOutput, Trainer};

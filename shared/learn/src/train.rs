@@ -82,6 +82,15 @@ impl Trainer {
         }
     }
 
+    /// How the fast CPU path's convolutions compute (default Winograd where it applies; the
+    /// results agree to float rounding): an A/B switch for benchmarks. No effect on burn
+    /// backends.
+    pub fn set_conv_algorithm(&mut self, algorithm: fedge_kernels::ConvAlgorithm) {
+        if let Some(fast) = &mut self.fast {
+            fast.set_conv_algorithm(algorithm);
+        }
+    }
+
     /// Fresh initial parameters, reproducible for a given `seed`.
     pub fn initial_params(&mut self, seed: u64) -> ModelParams {
         Model::with_seeded(self.kind, self.num_classes(), &self.device, seed, |m| {

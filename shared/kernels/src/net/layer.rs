@@ -61,4 +61,21 @@ pub(super) struct Workspace {
     pub(super) grad: [Vec<f32>; 2],
     /// Column sums of a layer's output gradient (its bias gradient).
     pub(super) bias_grad: Vec<f32>,
+    /// The Winograd layers' transform-domain buffers (empty when none runs Winograd).
+    pub(super) wino: WinogradBuffers,
+}
+
+/// Buffers of a Winograd convolution ([`crate::winograd`]) for one chunk of a batch.
+#[derive(Default)]
+pub(super) struct WinogradBuffers {
+    /// Transformed data: `[xi][tile][channel]`.
+    pub(super) v: Vec<f32>,
+    /// GEMM results, or the transformed output gradient: `[xi][tile][channel]`.
+    pub(super) m: Vec<f32>,
+    /// Transformed kernels: `[xi][ci][co]`.
+    pub(super) u: Vec<f32>,
+    /// The weight gradient in the transform domain, summed over the chunks: `[xi][ci][co]`.
+    pub(super) du: Vec<f32>,
+    /// The transforms' scratch.
+    pub(super) scratch: Vec<f32>,
 }

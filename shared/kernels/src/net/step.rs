@@ -2,9 +2,10 @@
 //! training steps, scoring and logits.
 
 use super::layer::{Layer, Shape};
-use super::{Net, NetError, Scores};
+use super::{Net, NetError, Scores, conv_winograd};
 use crate::conv::{self, Geometry};
 use crate::gemm::{Accumulate, MatMut, MatRef, matmul};
+use crate::winograd::{self, ConvAlgorithm};
 
 impl Net {
     fn reserve(&mut self, batch: usize) {
@@ -22,8 +23,14 @@ impl Net {
             ws.acts[i + 1].resize(batch * l.shape.output(), 0.0);
             grad = grad.max(l.shape.output());
             if let Shape::Conv { g, out_channels } = l.shape {
-                let rows = chunk(g, self.chunk_bytes).min(batch) * g.h * g.w;
                 ws.winners[i].resize(batch * l.shape.output(), 0);
+                if winograd_applies(self.conv_algorithm, g) {
+                    let per_chunk = conv_winograd::chunk(g, out_channels, self.chunk_bytes).min(batch);
+                    conv_winograd::reserve(&mut ws.wino, g, out_channels, per_chunk);
+                    conv = conv.max(per_chunk * g.h * g.w * out_channels);
+                    continue;
+                }
+                let rows = chunk(g, self.chunk_bytes).min(batch) * g.h * g.w;
                 cols = cols.max(rows * g.patch());
                 conv = conv.max(rows * out_channels);
                 if i > 0 {
@@ -62,6 +69,21 @@ impl Net {
             let (before, after) = ws.acts.split_at_mut(i + 1);
             let (input, output) = (&before[i], &mut after[0]);
             match l.shape {
+                Shape::Conv { g, out_channels } if winograd_applies(self.conv_algorithm, g) => {
+                    let per_chunk = conv_winograd::chunk(g, out_channels, self.chunk_bytes);
+                    conv_winograd::forward(
+                        l,
+                        (g, out_channels),
+                        batch,
+                        per_chunk,
+                        input,
+                        output,
+                        &mut ws.winners[i],
+                        &mut ws.conv,
+                        &mut ws.wino,
+                        threads,
+                    )?;
+                }
                 Shape::Conv { g, out_channels } => {
                     let per = l.shape.output();
                     for (b0, nb) in chunks(batch, chunk(g, self.chunk_bytes)) {
@@ -203,6 +225,22 @@ impl Net {
                     )?;
                     sgd_bias(&mut l.bias, grad, learning_rate, &mut ws.bias_grad);
                 }
+                Shape::Conv { g, out_channels } if winograd_applies(self.conv_algorithm, g) => {
+                    let per_chunk = conv_winograd::chunk(g, out_channels, self.chunk_bytes);
+                    conv_winograd::backward(
+                        l,
+                        (g, out_channels),
+                        batch,
+                        per_chunk,
+                        (input, grad, &ws.winners[i]),
+                        (i > 0).then_some(&mut next[..]),
+                        &mut ws.conv,
+                        &mut ws.wino,
+                        &mut ws.bias_grad,
+                        (learning_rate, prox),
+                        threads,
+                    )?;
+                }
                 Shape::Conv { g, out_channels } => {
                     let per = l.shape.output();
                     let winners = &ws.winners[i];
@@ -299,15 +337,20 @@ fn chunk(g: Geometry, bytes: usize) -> usize {
     (bytes / (g.h * g.w * g.patch() * 4)).max(1)
 }
 
+/// Whether a convolution of geometry `g` runs Winograd under `algorithm`.
+fn winograd_applies(algorithm: ConvAlgorithm, g: Geometry) -> bool {
+    algorithm == ConvAlgorithm::Winograd && winograd::applies(g)
+}
+
 /// `(first, count)` of consecutive chunks of at most `per` covering `0..batch`.
-fn chunks(batch: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn chunks(batch: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..batch).step_by(per).map(move |b0| (b0, per.min(batch - b0)))
 }
 
 /// The proximal part of a step: every weight and bias `w -= prox * (w - anchor)`, where
 /// `prox = lr * mu` (nothing when it is 0). Called before the layer's gradient update, while
 /// its parameters are still the pre-step ones.
-fn proximal(l: &mut Layer, prox: f32) {
+pub(super) fn proximal(l: &mut Layer, prox: f32) {
     if prox == 0.0 {
         return;
     }
