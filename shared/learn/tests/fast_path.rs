@@ -67,9 +67,9 @@ fn one_step_gives_burns_gradients_for_every_tensor() {
 /// differently, so it breaks those ties its own way and its trajectory parts from burn's
 /// sooner (on this data at the 8th proximal step, and 200 steps end a few percent apart in
 /// loss, as far as two im2col runs whose learning rates differ by 2e-5). The trajectory tests
-/// therefore follow burn with each algorithm for as many steps as stay on one path; Winograd's
-/// single steps are checked against burn's gradients above and against im2col in
-/// fedge-kernels.
+/// therefore follow burn with each algorithm for as many steps as stay on one path, and the
+/// 200-step run gives Winograd's loss a wider bound; Winograd's single steps are checked
+/// against burn's gradients above and against im2col in fedge-kernels.
 const CONV_ALGORITHMS: [ConvAlgorithm; 2] = [ConvAlgorithm::Im2col, ConvAlgorithm::Winograd];
 
 #[test]
@@ -104,9 +104,6 @@ fn training_and_evaluation_follow_burn() {
             eb.accuracy
         );
         assert!((ea.loss - eb.loss).abs() < 1e-4, "{kind}: {} vs {}", ea.loss, eb.loss);
-        if conv == ConvAlgorithm::Winograd && kind == ModelKind::Cnn {
-            continue; // see CONV_ALGORITHMS
-        }
         // Longer runs: a max-pooling or ReLU decision that rounding tips the other way makes
         // the trajectories part (seen after ~30 CNN steps), so what must agree is where they
         // get to: test accuracy and loss.
@@ -116,8 +113,22 @@ fn training_and_evaluation_follow_burn() {
         let b = fast.train(&start, &data.train, &idx, &cfg, &mut derive_rng(7, &[])).unwrap();
         let (ea, eb) =
             (burn.evaluate(&a.params, &data.test, 500).unwrap(), fast.evaluate(&b.params, &data.test, 500).unwrap());
-        assert!((ea.accuracy - eb.accuracy).abs() <= 0.02, "{kind}: accuracy {} vs {}", ea.accuracy, eb.accuracy);
-        assert!((ea.loss - eb.loss).abs() <= 0.05 * ea.loss, "{kind}: loss {} vs {}", ea.loss, eb.loss);
+        // Winograd's CNN parts from burn's path within the first steps (see CONV_ALGORITHMS):
+        // measured 0.877 vs 0.887 accuracy and 5.6% apart in loss here (im2col: 1.5%), so its
+        // loss gets 8%.
+        let loss_tolerance = if kind == ModelKind::Cnn && conv == ConvAlgorithm::Winograd { 0.08 } else { 0.05 };
+        assert!(
+            (ea.accuracy - eb.accuracy).abs() <= 0.02,
+            "{kind} {conv:?}: accuracy {} vs {}",
+            ea.accuracy,
+            eb.accuracy
+        );
+        assert!(
+            (ea.loss - eb.loss).abs() <= loss_tolerance * ea.loss,
+            "{kind} {conv:?}: loss {} vs {}",
+            ea.loss,
+            eb.loss
+        );
     }
 }
 
