@@ -24,6 +24,26 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_little_endian().with_variable_int_encoding().with_limit::<MAX_MESSAGE_BYTES>()
 }
 
+/// Decodes from `bytes` under a limit that grows with them: the containers of a value decoded
+/// from `n` bytes may claim at most `max(64 KiB, 8 n)` rounded up to a power of four (8: a
+/// `Vec<u64>` of one-byte varints claims 8 bytes per byte read), never more than
+/// [`MAX_MESSAGE_BYTES`]. A container is allocated when its length is read, before its
+/// elements: under one fixed 256 MiB limit, a 53-byte message announcing a long vector made
+/// the decoder allocate hundreds of megabytes before finding the bytes missing (found by the
+/// `message` fuzz target).
+fn decode_from_slice_bounded<T: Decode<()>>(bytes: &[u8]) -> Result<(T, usize), BinDecodeError> {
+    let base = bincode::config::standard().with_little_endian().with_variable_int_encoding();
+    macro_rules! tiers {
+        ($($limit:literal),*) => {
+            $(if bytes.len().saturating_mul(8) <= $limit {
+                return bincode::decode_from_slice(bytes, base.with_limit::<$limit>());
+            })*
+        };
+    }
+    tiers!(65_536, 262_144, 1_048_576, 4_194_304, 16_777_216, 67_108_864);
+    bincode::decode_from_slice(bytes, config())
+}
+
 /// Why bytes could not be decoded.
 #[derive(Debug, Error)]
 pub enum DecodeError {
@@ -62,7 +82,7 @@ pub fn decode_value<T: Decode<()>>(bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
-    let (value, used) = bincode::decode_from_slice(bytes, config())?;
+    let (value, used) = decode_from_slice_bounded(bytes)?;
     if used != bytes.len() {
         return Err(DecodeError::Trailing(bytes.len() - used));
     }
@@ -235,6 +255,27 @@ mod tests {
     use crate::params::ContentHash;
     use crate::wire::{ErrorCode, TrainConfig, TrainResult, TrainTask};
     use proptest::prelude::*;
+
+    /// Fuzzing regression (`fuzz/`, target `message`): 53 bytes announcing a vector of
+    /// hundreds of megabytes are refused by the limit before anything is allocated (before the
+    /// fix the decoder allocated the announced length, then found the bytes missing).
+    #[test]
+    fn a_short_message_cannot_announce_a_large_allocation() {
+        let bytes = [
+            12, 2, 105, 249, 206, 31, 125, 223, 104, 180, 107, 130, 54, 107, 191, 107, 130, 54, 107, 191, 222, 103, 241,
+            63, 144, 1, 28, 161, 141, 54, 35, 4, 154, 53, 252, 126, 2, 64, 0, 131, 58, 0, 0, 240, 192, 0, 0, 128, 194,
+            252, 0, 128, 63,
+        ];
+        match decode(&bytes) {
+            Err(DecodeError::Malformed(BinDecodeError::LimitExceeded)) => {}
+            other => panic!("{other:?}"),
+        }
+        // A real message of every size still decodes (the limit grows with the input).
+        for n in [1, 100, 10_000, 3_000_000] {
+            let m = Message::Model { version: 1, hash: ContentHash([0; 32]), params: params(n) };
+            assert_eq!(decode(&encode(&m)).unwrap(), m);
+        }
+    }
 
     #[test]
     fn frame_kinds_match_the_encoding() {
