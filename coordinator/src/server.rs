@@ -182,7 +182,7 @@ impl Coordinator {
                     let state =
                         fedge_engine::strategy::ServerState { strategy: saved.strategy, vectors: saved.vectors };
                     if let Err(e) = engine.restore_server_state(state) {
-                        eprintln!(
+                        tracing::warn!(
                             "the {name} state saved with version {} is not restored into {strategy}: {e}",
                             r.version
                         );
@@ -227,7 +227,7 @@ impl Coordinator {
                         population: r.population as usize,
                     };
                     s.rounds.engine.resume_round(now, stored, &open.accepted)?;
-                    eprintln!(
+                    tracing::info!(
                         "resumed round {} with {} of {} updates already acknowledged",
                         r.round,
                         open.accepted.len(),
@@ -302,7 +302,7 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.set_rounds_left(left)
         {
-            eprintln!("cannot record the rounds asked for: {e}");
+            tracing::error!("cannot record the rounds asked for: {e}");
         }
         self.settle(order);
     }
@@ -341,7 +341,7 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.save_evaluation(version, evaluation)
         {
-            eprintln!("cannot record the evaluation of v{version}: {e}");
+            tracing::error!("cannot record the evaluation of v{version}: {e}");
         }
         self.lock().rounds.engine.handle_evaluation(version, evaluation);
     }
@@ -366,7 +366,7 @@ impl Coordinator {
                         Ok(done) => {
                             complained = false;
                             if done.reloaded || done.revoked + done.expired > 0 {
-                                eprintln!(
+                                tracing::info!(
                                     "certificates: {}{} revoked and {} expired connection(s) closed",
                                     if done.reloaded { "revocation list reloaded; " } else { "" },
                                     done.revoked,
@@ -376,7 +376,7 @@ impl Coordinator {
                         }
                         Err(e) if !complained => {
                             complained = true;
-                            eprintln!("certificates: keeping the last revocation list: {e}");
+                            tracing::warn!("certificates: keeping the last revocation list: {e}");
                         }
                         Err(_) => {}
                     }
@@ -394,7 +394,7 @@ impl Coordinator {
                 }
                 Err(e) => {
                     self.metrics.rejected_connection();
-                    eprintln!("refused a connection: {e}");
+                    tracing::warn!("refused a connection: {e}");
                 }
             }
         }

@@ -104,7 +104,7 @@ pub async fn run(
             })?;
             let bound =
                 tcp.local_addr().map_err(|source| ServiceError::Io { context: "no metrics address".into(), source })?;
-            println!("metrics on http://{bound}/metrics");
+            tracing::info!("metrics on http://{bound}/metrics");
             Some(tokio::spawn(crate::metrics::serve(tcp, coordinator.metrics())))
         }
         None => None,
@@ -132,7 +132,7 @@ pub async fn run(
                     })
                     .await;
                     let Ok((w, evaluation, distilled)) = done else {
-                        eprintln!("evaluation stopped: the evaluation thread failed");
+                        tracing::error!("evaluation stopped: the evaluation thread failed");
                         return;
                     };
                     work = Some(w);
@@ -144,7 +144,7 @@ pub async fn run(
                         Some(Err(e)) => format!("evaluation failed: {e}"),
                         None => String::from("(superseded before evaluation)"),
                     };
-                    println!(
+                    tracing::info!(
                         "round {} -> model v{}: {}/{} results, {} failed, {} late; {line}",
                         r.round,
                         r.model_version,
@@ -171,7 +171,7 @@ pub async fn run(
                         {
                             Ok(rec) => {
                                 let _ = coordinator.set_latency(version, d.teacher_latency_us);
-                                println!(
+                                tracing::info!(
                                     "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
                                     rec.version,
                                     rec.size_bytes,
@@ -181,9 +181,9 @@ pub async fn run(
                                     if auto_promote { ", promoted" } else { "" }
                                 )
                             }
-                            Err(e) => eprintln!("cannot register the student of v{version}: {e}"),
+                            Err(e) => tracing::error!("cannot register the student of v{version}: {e}"),
                         },
-                        Some(Err(e)) => eprintln!("distillation of v{version} failed: {e}"),
+                        Some(Err(e)) => tracing::error!("distillation of v{version} failed: {e}"),
                         None => {}
                     }
                 }

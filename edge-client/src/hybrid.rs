@@ -342,7 +342,7 @@ impl HybridPredictor {
             && let Some(rate) = self.metrics.decided(escalates(score, t))
             && !self.drifting.swap(true, Ordering::Relaxed)
         {
-            eprintln!(
+            tracing::warn!(
                 "inference: {:.1}% of recent answers are below the threshold calibrated for {:.1}%: live inputs differ from the calibration images",
                 rate * 100.0,
                 self.config.target_rate * 100.0
@@ -489,7 +489,7 @@ impl HybridPredictor {
                 tokio::time::sleep(every).await;
                 let Some(p) = me.upgrade() else { return };
                 match tokio::task::spawn_blocking(move || p.refresh()).await {
-                    Ok(Ok(Some(c))) => println!(
+                    Ok(Ok(Some(c))) => tracing::info!(
                         "inference: model v{} calibrated: threshold {:.4} for {:.0}% escalation ({:.1}% on {} held-out images)",
                         c.model_version,
                         c.threshold,
@@ -498,7 +498,7 @@ impl HybridPredictor {
                         c.examples
                     ),
                     Ok(Ok(None)) | Ok(Err(PredictError::NoModel(_))) => {}
-                    Ok(Err(e)) => eprintln!("inference: cannot load the deployed model: {e}"),
+                    Ok(Err(e)) => tracing::warn!("inference: cannot load the deployed model: {e}"),
                     Err(_) => return,
                 }
             }

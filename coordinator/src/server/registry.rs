@@ -136,12 +136,12 @@ impl GlobalPlan {
         if let Some(signer) = &self.signer
             && let Err(e) = signer.sign(&mut record)
         {
-            eprintln!("cannot sign global model v{v}: {e}");
+            tracing::error!("cannot sign global model v{v}: {e}");
         }
         if let Some(store) = store
             && let Err(e) = store.save_registered(&record)
         {
-            eprintln!("cannot register global model v{v}: {e}");
+            tracing::error!("cannot register global model v{v}: {e}");
             return None;
         }
         Some(record)

@@ -160,7 +160,7 @@ impl RoundDriver {
             Err(StartError::NotEnoughDevices { .. }) | Err(StartError::Busy(_)) => None,
             Err(e) => {
                 // Out of privacy budget: the remaining rounds are dropped, loudly.
-                eprintln!("{e}; {} rounds cancelled", self.rounds_left);
+                tracing::warn!("{e}; {} rounds cancelled", self.rounds_left);
                 self.rounds_left = 0;
                 *changed = true;
                 None
@@ -213,7 +213,7 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.close_round_encoded(&line, encoded.as_ref(), server_state.as_ref(), rounds_left)
         {
-            eprintln!("cannot record the close of round {}: {e}", report.round);
+            tracing::error!("cannot record the close of round {}: {e}", report.round);
         }
         let record = match (register, &encoded) {
             (Some(plan), Some(model)) => plan.write(model, self.store.as_ref()),
@@ -240,7 +240,7 @@ impl Coordinator {
         if let Some(store) = &self.store
             && let Err(e) = store.begin_round(&record, rounds_left)
         {
-            eprintln!("cannot record the start of round {}: {e}", record.round);
+            tracing::error!("cannot record the start of round {}: {e}", record.round);
         }
         let mut s = self.lock();
         let now = self.now();
