@@ -3,14 +3,12 @@
 
 use std::time::Duration;
 
-use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::server::Coordinator;
 use fedge_core::ModelParams;
 use fedge_core::wire::{ErrorCode, Message, TrainResult};
 use fedge_engine::EngineConfig;
-use fedge_learn::{BackendKind, ModelKind, Trainer};
 
-use crate::system::{join, serve};
+use fedge_tests::harness::{fleet, initial_2nn, issue_devices, join, serve};
 
 /// This process's resident memory, in bytes (`VmRSS` in /proc/self/status).
 fn rss_bytes() -> u64 {
@@ -42,9 +40,8 @@ async fn announce(link: &fedge_edge::transport::Link, len: u32, tag: u8) -> Mess
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frames_are_refused_at_once_without_memory_and_honest_devices_train() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
-    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let (_dir, ca) = fleet();
+    let initial = initial_2nn(1);
     let config = EngineConfig {
         fraction: 1.0,
         min_train_clients: 2,
@@ -53,9 +50,7 @@ async fn oversized_frames_are_refused_at_once_without_memory_and_honest_devices_
     };
     let coordinator = Coordinator::new(config, initial.clone()).unwrap();
     let (addr, server) = serve(&coordinator, &ca);
-    for name in ["flood", "honest"] {
-        ca.issue(Role::Device, name, 1).unwrap();
-    }
+    issue_devices(&ca, &["flood", "honest"]);
     let (flood, _) = join(addr, &ca, "flood", 10).await;
     let (honest, _) = join(addr, &ca, "honest", 10).await;
     coordinator.start_rounds(1);

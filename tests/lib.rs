@@ -1,4 +1,7 @@
-//! Helpers for Fedge's integration tests.
+//! Helpers for Fedge's integration tests: the real datasets' folder, and the fleet the system
+//! tests stand up (`harness`).
+
+pub mod harness;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_coordinator::transport::Listener;
-use fedge_core::dataset::embedded;
 use fedge_core::wire::{ErrorCode, Message, TrainTask, Welcome};
 use fedge_edge::EdgeTrainer;
 use fedge_edge::client::EdgeClient;
-use fedge_learn::{BackendKind, ModelKind, Trainer};
+use fedge_learn::{BackendKind, ModelKind};
 
-use crate::system::{join, one_epoch};
+use fedge_tests::harness::{
+    caps, device_tls, embedded_train, fleet, initial_2nn, issue_devices, join, one_epoch, serve,
+};
 
 /// A coordinator of one round, on `listener`: the first `TaskRequest` gets `task`, later ones
 /// `NoTask`; the first `unavailable` uploads get `Unavailable` (its store failing), later ones
@@ -63,7 +64,7 @@ fn fake_coordinator(
 /// A device of 100 examples over a new link to `addr`, starting from model v0 `initial`.
 async fn device(addr: std::net::SocketAddr, ca: &CertDir, initial: &fedge_core::ModelParams) -> EdgeClient {
     let (link, _) = join(addr, ca, "dev", 100).await;
-    let train = Arc::new(embedded::mnist_subset().unwrap().train);
+    let train = embedded_train();
     let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
     let mut client = EdgeClient::new(link, trainer, train, (0..100).collect(), 1);
     client.set_model(0, initial.clone());
@@ -87,10 +88,9 @@ async fn until_acked(mut client: EdgeClient, acked: u64) -> tokio::task::JoinHan
 }
 
 fn setup() -> (tempfile::TempDir, CertDir, fedge_core::ModelParams, TrainTask) {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
-    ca.issue(Role::Device, "dev", 1).unwrap();
-    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let (dir, ca) = fleet();
+    issue_devices(&ca, &["dev"]);
+    let initial = initial_2nn(1);
     let task = TrainTask { round: 1, model_version: 0, model_hash: initial.content_hash(), config: one_epoch(None) };
     (dir, ca, initial, task)
 }
@@ -139,24 +139,17 @@ async fn results_acknowledged_survives_a_device_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_reads_the_plain_reason_on_every_attempt() {
     use fedge_edge::service::{Setback, retry_delay};
-    use fedge_edge::transport::{DeviceTls, Link};
+    use fedge_edge::transport::Link;
 
-    let dir = tempfile::tempdir().unwrap();
-    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
-    let issued = ca.issue(Role::Device, "gone", 1).unwrap();
+    let (_dir, ca) = fleet();
+    issue_devices(&ca, &["gone"]);
     ca.revoke(Role::Device, "gone").unwrap();
-    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let initial = initial_2nn(1);
     let coordinator =
         fedge_coordinator::server::Coordinator::new(fedge_engine::EngineConfig::default(), initial).unwrap();
-    let (addr, server) = crate::system::serve(&coordinator, &ca);
-    let tls = DeviceTls { ca: ca.ca_pem(), cert: issued.cert.clone(), key: issued.key.clone() };
-    let caps = fedge_core::wire::Capabilities {
-        backend: "flex".into(),
-        memory_mb: 256,
-        charging: true,
-        unmetered: true,
-        num_samples: 1,
-    };
+    let (addr, server) = serve(&coordinator, &ca);
+    let tls = device_tls(&ca, "gone");
+    let caps = caps(1);
     let mut delays = Vec::new();
     for attempt in 1..=3 {
         let outcome = tokio::time::timeout(Duration::from_secs(20), async {

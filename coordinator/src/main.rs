@@ -215,6 +215,8 @@ fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // The command's answer when it fails: printed, not logged, so that it reaches the
+            // user whatever RUST_LOG or FEDGE_LOG_FORMAT say.
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
@@ -222,6 +224,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
+    fedge_log::init().context("cannot start logging")?;
     match Cli::parse().command {
         Command::Serve { config, listen, certs_dir, metrics, target_epsilon } => {
             let mut c = match config {

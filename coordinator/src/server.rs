@@ -195,7 +195,7 @@ impl Coordinator {
                     let state =
                         fedge_engine::strategy::ServerState { strategy: saved.strategy, vectors: saved.vectors };
                     if let Err(e) = engine.restore_server_state(state) {
-                        eprintln!(
+                        tracing::warn!(
                             "the {name} state saved with version {} is not restored into {strategy}: {e}",
                             r.version
                         );
@@ -241,7 +241,7 @@ impl Coordinator {
                         population: r.population as usize,
                     };
                     s.rounds.engine.resume_round(now, stored, &open.accepted)?;
-                    eprintln!(
+                    tracing::info!(
                         "resumed round {} with {} of {} updates already acknowledged",
                         r.round,
                         open.accepted.len(),
@@ -297,7 +297,7 @@ impl Coordinator {
     fn storage_failed(&self, what: std::fmt::Arguments<'_>, e: &StoreError) {
         let why = format!("{what}: {e}");
         if self.storage_failure.set(why.clone()).is_ok() {
-            eprintln!(
+            tracing::error!(
                 "STORAGE FAILED: {why}. The coordinator stops: nothing more is acknowledged and no round opens or closes; every update acknowledged so far is on disk. Free or repair the storage, then start it again."
             );
             self.metrics.storage_failed.set(1);
@@ -402,7 +402,7 @@ impl Coordinator {
                         Ok(done) => {
                             complained = false;
                             if done.reloaded || done.revoked + done.expired > 0 {
-                                eprintln!(
+                                tracing::info!(
                                     "certificates: {}{} revoked and {} expired connection(s) closed",
                                     if done.reloaded { "revocation list reloaded; " } else { "" },
                                     done.revoked,
@@ -412,7 +412,7 @@ impl Coordinator {
                         }
                         Err(e) if !complained => {
                             complained = true;
-                            eprintln!("certificates: keeping the last revocation list: {e}");
+                            tracing::warn!("certificates: keeping the last revocation list: {e}");
                         }
                         Err(_) => {}
                     }
@@ -439,7 +439,7 @@ impl Coordinator {
                 }
                 Err(e) => {
                     self.metrics.rejected_connection();
-                    eprintln!("refused a connection: {e}");
+                    tracing::warn!("refused a connection: {e}");
                 }
             }
         }

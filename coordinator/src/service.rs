@@ -79,7 +79,8 @@ pub async fn run(
             let proxy: Vec<usize> = (n - c.proxy_examples.clamp(1, n)..n).collect();
             let mut student = Trainer::new(student_kind, test.num_classes, BackendKind::Flex)?;
             let start = student.initial_params(c.seed ^ 0x5eed);
-            Some((every, student, start, proxy, std::sync::Arc::new(data.train)))
+            let student = fedge_learn::WarmStudent::new(student, start, proxy, c.distill);
+            Some((every, student, std::sync::Arc::new(data.train)))
         }
         None => None,
     };
@@ -107,17 +108,17 @@ pub async fn run(
             })?;
             let bound =
                 tcp.local_addr().map_err(|source| ServiceError::Io { context: "no metrics address".into(), source })?;
-            println!("metrics on http://{bound}/metrics");
+            tracing::info!("metrics on http://{bound}/metrics");
             Some(tokio::spawn(crate::metrics::serve(tcp, coordinator.metrics())))
         }
         None => None,
     };
-    let (distill_config, auto_promote, student_name) = (c.distill, c.auto_promote, c.student_model.clone());
+    let (auto_promote, student_name) = (c.auto_promote, c.student_model.clone());
     let eval = {
         let coordinator = coordinator.clone();
         // Evaluation and distillation take seconds of CPU: they run on a blocking thread, the
         // state moving there and back, so the runtime's workers keep serving devices.
-        let mut work = Some(Work { evaluator, distiller, test, config: distill_config });
+        let mut work = Some(Work { evaluator, distiller, test });
         tokio::spawn(async move {
             let mut seen = 0;
             loop {
@@ -135,7 +136,7 @@ pub async fn run(
                     })
                     .await;
                     let Ok((w, evaluation, distilled)) = done else {
-                        eprintln!("evaluation stopped: the evaluation thread failed");
+                        tracing::error!("evaluation stopped: the evaluation thread failed");
                         return;
                     };
                     work = Some(w);
@@ -147,7 +148,7 @@ pub async fn run(
                         Some(Err(e)) => format!("evaluation failed: {e}"),
                         None => String::from("(superseded before evaluation)"),
                     };
-                    println!(
+                    tracing::info!(
                         "round {} -> model v{}: {}/{} results, {} failed, {} late; {line}",
                         r.round,
                         r.model_version,
@@ -174,7 +175,7 @@ pub async fn run(
                         {
                             Ok(rec) => {
                                 let _ = coordinator.set_latency(version, d.teacher_latency_us);
-                                println!(
+                                tracing::info!(
                                     "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
                                     rec.version,
                                     rec.size_bytes,
@@ -184,9 +185,9 @@ pub async fn run(
                                     if auto_promote { ", promoted" } else { "" }
                                 )
                             }
-                            Err(e) => eprintln!("cannot register the student of v{version}: {e}"),
+                            Err(e) => tracing::error!("cannot register the student of v{version}: {e}"),
                         },
-                        Some(Err(e)) => eprintln!("distillation of v{version} failed: {e}"),
+                        Some(Err(e)) => tracing::error!("distillation of v{version} failed: {e}"),
                         None => {}
                     }
                 }
@@ -255,11 +256,10 @@ struct Work {
     evaluator: Trainer,
     distiller: Option<Distiller>,
     test: fedge_core::dataset::Dataset,
-    config: fedge_learn::DistillConfig,
 }
 
-/// Distillation every `every` rounds: the student trainer, its warm start, the proxy images.
-type Distiller = (u64, Trainer, fedge_core::ModelParams, Vec<usize>, std::sync::Arc<fedge_core::dataset::Dataset>);
+/// Distillation every `every` rounds: the student, the training split its proxy images are in.
+type Distiller = (u64, fedge_learn::WarmStudent, std::sync::Arc<fedge_core::dataset::Dataset>);
 
 impl Work {
     /// Distils `global` if `(round, aggregated)` is due a student.
@@ -268,31 +268,12 @@ impl Work {
         (round, aggregated): (u64, bool),
         global: &fedge_core::ModelParams,
     ) -> Option<Result<fedge_learn::QuantizedStudent, fedge_learn::ConvertError>> {
-        let (every, student, start, proxy, train) = self.distiller.as_mut()?;
+        let (every, student, train) = self.distiller.as_mut()?;
         if !aggregated || round % *every != 0 {
             return None;
         }
-        Some(distil(&mut self.evaluator, student, start, global, train, proxy, &self.test, &self.config))
+        // The batch order is drawn from the OS: nothing here needs to replay.
+        let mut rng = <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
+        Some(student.distil(&mut self.evaluator, global, train, &self.test, &mut rng))
     }
-}
-
-/// Distils `global` into the student (warm-started from `start`, which becomes the result),
-/// quantised to int8 and measured (the pipeline fedge-learn shares with the simulator). The
-/// batch order is drawn from the OS: nothing here needs to replay.
-#[allow(clippy::too_many_arguments)]
-fn distil(
-    teacher: &mut Trainer,
-    student: &mut Trainer,
-    start: &mut fedge_core::ModelParams,
-    global: &fedge_core::ModelParams,
-    train: &fedge_core::dataset::Dataset,
-    proxy: &[usize],
-    test: &fedge_core::dataset::Dataset,
-    config: &fedge_learn::DistillConfig,
-) -> Result<fedge_learn::QuantizedStudent, fedge_learn::ConvertError> {
-    let mut rng = <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
-    let data = fedge_learn::DistillData { train, proxy, test };
-    let q = student.distil_to_int8(teacher, global, start, data, config, &mut rng)?;
-    *start = q.params.clone();
-    Ok(q)
 }

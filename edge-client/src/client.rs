@@ -208,19 +208,19 @@ impl EdgeClient {
                 if let Some(dir) = self.deploy_dir()
                     && let Err(e) = crate::deploy::save_promotion(&dir, &p)
                 {
-                    eprintln!("cannot keep promotion #{} on disk: {e}", p.sequence);
+                    tracing::warn!("cannot keep promotion #{} on disk: {e}", p.sequence);
                 }
                 self.followed = Some(p);
                 st.deploy_error = None;
                 if let Some(d) = fetched {
                     st.deployed_version = Some(v);
                     self.deployed = Some(Arc::new(d));
-                    eprintln!("now running deployed model v{v}");
+                    tracing::info!("now running deployed model v{v}");
                 }
             }
             Err(DeployError::Link(e)) => return Err(e.into()),
             Err(e) => {
-                eprintln!("refused deployed model v{v}: {e}; still running {:?}", st.deployed_version);
+                tracing::warn!("refused deployed model v{v}: {e}; still running {:?}", st.deployed_version);
                 st.deploy_error = Some(format!("v{v}: {e}"));
                 self.refused = Some(p.sequence);
             }
@@ -287,7 +287,7 @@ impl EdgeClient {
         if let (Some(dir), Some(file)) = (&self.state_dir, &d.file)
             && let Err(e) = std::fs::rename(file, dir.join("model.bin"))
         {
-            eprintln!("cannot keep model v{version} on disk: {e}");
+            tracing::warn!("cannot keep model v{version} on disk: {e}");
         }
         let params = Arc::new(d.params);
         self.model = Some((version, params.clone()));
@@ -341,18 +341,20 @@ impl EdgeClient {
                     if let Some(dir) = &self.state_dir
                         && let Err(e) = save_status(dir, &status)
                     {
-                        eprintln!("cannot record the acknowledgement in {}: {e}", dir.display());
+                        tracing::warn!("cannot record the acknowledgement in {}: {e}", dir.display());
                     }
                 }
                 Message::Error { code: ErrorCode::Unavailable, message } => {
                     let delay = upload_retry_delay(attempt);
                     attempt = attempt.saturating_add(1);
-                    eprintln!("round {round}: result not stored yet ({message}); sending it again in {delay:?}");
+                    tracing::warn!("round {round}: result not stored yet ({message}); sending it again in {delay:?}");
                     tokio::time::sleep(delay).await;
                     continue;
                 }
                 // Not retryable: a stale round, an update refused as invalid.
-                Message::Error { code, message } => eprintln!("round {round}: result refused ({code:?}): {message}"),
+                Message::Error { code, message } => {
+                    tracing::warn!("round {round}: result refused ({code:?}): {message}")
+                }
                 _ => return Err(ConnectError::Unexpected.into()),
             }
             break;

@@ -174,7 +174,7 @@ async fn keep_connected(target: CloudTarget, slot: Arc<Mutex<Option<Arc<Link>>>>
             }
             Err(e) => {
                 if failures == 0 {
-                    eprintln!("inference: cannot reach the coordinator ({e}); answering locally");
+                    tracing::warn!("inference: cannot reach the coordinator ({e}); answering locally");
                 }
                 failures += 1;
             }

@@ -26,6 +26,7 @@ use fedge_core::wire::Message;
 use fedge_net::{ModelKey, SignatureError};
 use thiserror::Error;
 
+use crate::download::{Chunk, DownloadError, fetch_resumable};
 use crate::transport::{ConnectError, Link};
 
 /// Largest deployable blob accepted (students are tens of kilobytes).
@@ -105,6 +106,16 @@ pub fn load_promotion(dir: &Path, key: &ModelKey) -> Option<Promotion> {
 pub fn save_promotion(dir: &Path, p: &Promotion) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     write_synced(&dir.join("promotion"), &codec::encode_value(p))
+}
+
+impl From<DownloadError> for DeployError {
+    fn from(e: DownloadError) -> Self {
+        match e {
+            DownloadError::Link(e) => Self::Link(e),
+            DownloadError::Storage(s) => Self::Storage(s),
+            other => Self::Refused(other.to_string()),
+        }
+    }
 }
 
 /// A verified deployed model.
@@ -203,14 +214,14 @@ pub fn load_current(dir: &Path, key: &ModelKey) -> Option<Current> {
         .collect();
     kept.sort_unstable_by(|a, b| b.cmp(a));
     let Some(deployed) = kept.into_iter().find_map(|k| load(dir, k, key)) else {
-        eprintln!("the deployed model v{v} failed verification ({why}) and no earlier verified version is kept");
+        tracing::error!("the deployed model v{v} failed verification ({why}) and no earlier verified version is kept");
         return None;
     };
     let fallback = format!(
         "the deployed model v{v} failed verification ({why}); running the previous verified version v{}",
         deployed.record.version
     );
-    eprintln!("{fallback}");
+    tracing::warn!("{fallback}");
     Some(Current { deployed, fallback: Some(fallback) })
 }
 
@@ -277,43 +288,25 @@ pub async fn fetch(link: &Link, v: u64, key: &ModelKey, dir: Option<&Path>) -> R
     }
     // Resumable: the bytes go to `v<N>-<sha256>.part` as they arrive, and a later attempt
     // (after a dropped connection or a restart) continues from its length.
-    let part = dir.map(|d| d.join(format!("v{v}-{}.part", record.sha256)));
-    let mut blob = part.as_ref().and_then(|p| std::fs::read(p).ok()).unwrap_or_default();
-    if blob.len() as u64 > record.size_bytes {
-        blob.clear();
-    }
-    if let Some(p) = &part {
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| DeployError::Storage(e.to_string()))?;
-        }
-        std::fs::write(p, &blob).map_err(|e| DeployError::Storage(e.to_string()))?;
-    }
-    while (blob.len() as u64) < record.size_bytes {
-        let offset = blob.len() as u64;
+    let sha256 = record.sha256;
+    let ask = |offset| async move {
         let ask = Message::BlobChunkRequest { version: v, offset, max_len: crate::download::CHUNK_BYTES };
         match link.request(&ask).await? {
             Message::BlobChunk { version, total_len, offset: o, bytes }
-                if version == v && o == offset && total_len == record.size_bytes && !bytes.is_empty() =>
+                if version == v && o == offset && total_len == record.size_bytes =>
             {
-                if let Some(p) = &part {
-                    use std::io::Write;
-                    let mut f = std::fs::OpenOptions::new()
-                        .append(true)
-                        .open(p)
-                        .map_err(|e| DeployError::Storage(e.to_string()))?;
-                    f.write_all(&bytes).map_err(|e| DeployError::Storage(e.to_string()))?;
-                }
-                blob.extend_from_slice(&bytes);
+                Ok(Chunk { id: sha256, total_len, bytes })
             }
-            Message::Error { message, .. } => return Err(DeployError::Refused(message)),
-            other => return Err(DeployError::Refused(format!("bad blob chunk {other:?}"))),
+            Message::Error { message, .. } => Err(DeployError::Refused(message)),
+            other => Err(DeployError::Refused(format!("bad blob chunk {other:?}"))),
         }
-    }
-    blob.truncate(record.size_bytes as usize);
+    };
+    let blob = fetch_resumable(dir, &format!("v{v}-"), record.size_bytes, ask).await?;
     // Whatever the verdict, the part file has served: a bad one must not be resumed.
-    if let Some(p) = &part {
+    if let Some(p) = &blob.file {
         let _ = std::fs::remove_file(p);
     }
+    let blob = blob.bytes;
     let d = verify(&record, &blob, key)?;
     if let Some(dir) = dir {
         install(dir, &d, &blob).map_err(|e| DeployError::Storage(e.to_string()))?;

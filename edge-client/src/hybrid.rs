@@ -15,213 +15,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use fedge_core::hybrid::{ConfidenceMeasure, Policy, PolicyKind, Route, calibrate_threshold, escalates};
+use fedge_core::hybrid::{Policy, Route, escalates};
 use fedge_net::ModelKey;
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::cloud::{Cloud, CloudError};
+use crate::cloud::Cloud;
 use crate::metrics::{AnswerPath, InferenceMetrics};
 use crate::predict::{COLS, LocalModel, PredictError, ROWS, check_input};
 
-/// How the device answers (`[inference]` in `edge.toml`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HybridConfig {
-    /// `local-only`, `cascade`, `speculative` or `cloud-first`.
-    pub policy: PolicyKind,
-    /// How confidence is read: `max-softmax`, `margin` or `entropy`.
-    pub confidence: ConfidenceMeasure,
-    /// Share of requests the calibrated threshold sends to the cloud.
-    pub target_rate: f64,
-    /// Longest wait for the cloud's answer, milliseconds; then the local answer stands.
-    pub cloud_timeout_ms: u64,
-    /// Held-out images (from the test split of the device's dataset) calibrated on.
-    pub calibration_examples: usize,
-    /// Where `fedge-edge run` also serves local inference (JSON over HTTP), if anywhere.
-    pub listen: Option<std::net::SocketAddr>,
-}
+mod answer;
+mod calibration;
 
-impl Default for HybridConfig {
-    fn default() -> Self {
-        Self {
-            policy: PolicyKind::Cascade,
-            confidence: ConfidenceMeasure::MaxSoftmax,
-            target_rate: 0.1,
-            cloud_timeout_ms: 1000,
-            calibration_examples: 1000,
-            listen: None,
-        }
-    }
-}
-
-impl HybridConfig {
-    /// Checks the values.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(0.0..=1.0).contains(&self.target_rate) {
-            return Err(format!("inference target_rate must be in [0, 1], got {}", self.target_rate));
-        }
-        if self.cloud_timeout_ms == 0 || self.calibration_examples == 0 {
-            return Err("inference cloud_timeout_ms and calibration_examples must be at least 1".into());
-        }
-        Ok(())
-    }
-}
-
-/// The escalation threshold of one model version.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Calibration {
-    /// The model version it belongs to.
-    pub model_version: u64,
-    /// How confidence is read.
-    pub confidence: ConfidenceMeasure,
-    /// The rate it was calibrated for.
-    pub target_rate: f64,
-    /// Answers less confident than this escalate.
-    pub threshold: f32,
-    /// Held-out images it was calibrated on.
-    pub examples: usize,
-    /// The escalation rate on them.
-    pub calibration_rate: f64,
-}
-
-/// Held-out images (28x28 greyscale) to calibrate on.
-#[derive(Debug, Clone, Default)]
-pub struct CalibrationSet {
-    images: Vec<Vec<u8>>,
-}
-
-impl CalibrationSet {
-    /// `n` images of `data` drawn without replacement with `seed` (a test split is often
-    /// ordered; a random sample is not).
-    pub fn sample(data: &fedge_core::dataset::Dataset, n: usize, seed: u64) -> Self {
-        use rand::seq::SliceRandom;
-        let mut idx: Vec<usize> = (0..data.len()).collect();
-        idx.shuffle(&mut fedge_core::rng::derive_rng(seed, &[0xca1]));
-        idx.truncate(n);
-        Self { images: idx.into_iter().map(|i| data.image(i).to_vec()).collect() }
-    }
-
-    /// The images given.
-    pub fn from_images(images: Vec<Vec<u8>>) -> Self {
-        Self { images }
-    }
-
-    /// How many.
-    pub fn len(&self) -> usize {
-        self.images.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
-    }
-}
-
-/// Calibrates `model`'s threshold on `set` for `config`'s measure and rate.
-pub fn calibrate(model: &LocalModel, set: &CalibrationSet, config: &HybridConfig) -> Result<Calibration, PredictError> {
-    let mut scores = Vec::with_capacity(set.len());
-    for im in &set.images {
-        scores.push(config.confidence.score(&model.classify(im)?.probabilities));
-    }
-    let threshold = calibrate_threshold(&scores, config.target_rate)
-        .map_err(|e| PredictError::Input(format!("calibration: {e}")))?;
-    let rate = scores.iter().filter(|&&s| escalates(s, threshold)).count() as f64 / scores.len() as f64;
-    Ok(Calibration {
-        model_version: model.version(),
-        confidence: config.confidence,
-        target_rate: config.target_rate,
-        threshold,
-        examples: scores.len(),
-        calibration_rate: rate,
-    })
-}
-
-/// One request.
-#[derive(Debug, Clone, Default)]
-pub struct Request {
-    /// 28x28 greyscale pixels.
-    pub pixels: Vec<u8>,
-    /// The input must never leave the device.
-    pub private: bool,
-}
-
-/// Which model an answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Source {
-    /// The device's model.
-    Local,
-    /// The coordinator's teacher.
-    Cloud,
-}
-
-/// One model's view of an input.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Opinion {
-    /// The class.
-    pub class: usize,
-    /// Its probability.
-    pub confidence: f32,
-    /// Registry version (local) or global version (cloud) of the model.
-    pub model_version: u64,
-}
-
-/// The cloud's later answer to a speculative request.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Correction {
-    /// The request it answers.
-    pub id: u64,
-    /// The teacher's class.
-    pub class: usize,
-    /// Its probability.
-    pub confidence: f32,
-    /// Global version of the teacher.
-    pub model_version: u64,
-    /// Whether it differs from the local answer given (a correction proper).
-    pub differs: bool,
-    /// From the request to this answer, milliseconds.
-    pub latency_ms: f64,
-}
-
-/// An answer.
-#[derive(Debug, Serialize)]
-pub struct HybridAnswer {
-    /// Request number (corrections refer to it).
-    pub id: u64,
-    /// The class.
-    pub class: usize,
-    /// Its probability under the model that answered.
-    pub confidence: f32,
-    /// Which model answered.
-    pub answered_by: Source,
-    /// That model's version (registry version locally, global version in the cloud).
-    pub model_version: u64,
-    /// The local model's architecture, when it answered.
-    pub architecture: Option<String>,
-    /// Time to this answer, milliseconds.
-    pub latency_ms: f64,
-    /// The policy in force.
-    pub policy: PolicyKind,
-    /// Whether the input was sent to the coordinator.
-    pub escalated: bool,
-    /// False when the policy wanted the cloud's answer and this is not it (offline, private,
-    /// timeout, rate limit), or when a speculative correction is still to come.
-    pub verified: bool,
-    /// Why the cloud's answer is missing, when the policy wanted it.
-    pub fallback: Option<&'static str>,
-    /// The local model's view (when it ran).
-    pub local: Option<Opinion>,
-    /// The local confidence score under the calibrated measure, and the threshold.
-    pub score: Option<f32>,
-    /// The escalation threshold of the local model.
-    pub threshold: Option<f32>,
-    /// A speculative correction will follow.
-    pub correction_pending: bool,
-    /// Where it will come (speculative only).
-    #[serde(skip)]
-    pub correction: Option<oneshot::Receiver<Result<Correction, CloudError>>>,
-}
+pub use answer::{Correction, HybridAnswer, Opinion, Request, Source};
+pub use calibration::{Calibration, CalibrationSet, HybridConfig, calibrate};
 
 /// The running local model and its calibration.
 struct Loaded {
@@ -345,7 +151,7 @@ impl HybridPredictor {
             && let Some(rate) = self.metrics.decided(escalates(score, t))
             && !self.drifting.swap(true, Ordering::Relaxed)
         {
-            eprintln!(
+            tracing::warn!(
                 "inference: {:.1}% of recent answers are below the threshold calibrated for {:.1}%: live inputs differ from the calibration images",
                 rate * 100.0,
                 self.config.target_rate * 100.0
@@ -492,7 +298,7 @@ impl HybridPredictor {
                 tokio::time::sleep(every).await;
                 let Some(p) = me.upgrade() else { return };
                 match tokio::task::spawn_blocking(move || p.refresh()).await {
-                    Ok(Ok(Some(c))) => println!(
+                    Ok(Ok(Some(c))) => tracing::info!(
                         "inference: model v{} calibrated: threshold {:.4} for {:.0}% escalation ({:.1}% on {} held-out images)",
                         c.model_version,
                         c.threshold,
@@ -501,7 +307,7 @@ impl HybridPredictor {
                         c.examples
                     ),
                     Ok(Ok(None)) | Ok(Err(PredictError::NoModel(_))) => {}
-                    Ok(Err(e)) => eprintln!("inference: cannot load the deployed model: {e}"),
+                    Ok(Err(e)) => tracing::warn!("inference: cannot load the deployed model: {e}"),
                     Err(_) => return,
                 }
             }

@@ -151,6 +151,8 @@ fn main() -> std::process::ExitCode {
     match real_main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // The command's answer when it fails: printed, not logged, so that it reaches the
+            // user whatever RUST_LOG or FEDGE_LOG_FORMAT say.
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
@@ -212,6 +214,7 @@ fn describe(a: &fedge_edge::hybrid::HybridAnswer) -> String {
 }
 
 fn real_main() -> anyhow::Result<()> {
+    fedge_log::init().context("cannot start logging")?;
     match Cli::parse().command {
         Command::Run { config } => {
             let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;

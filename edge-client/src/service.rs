@@ -73,7 +73,7 @@ pub async fn serve_inference(
 ) -> Result<(), ServiceError> {
     let predictor = Arc::new(hybrid_predictor(c)?);
     match predictor.calibration() {
-        Some(cal) => println!(
+        Some(cal) => tracing::info!(
             "inference: model v{} ({}), threshold {:.4} for {:.0}% escalation ({:.1}% on {} held-out images)",
             cal.model_version,
             c.inference.policy,
@@ -82,7 +82,7 @@ pub async fn serve_inference(
             cal.calibration_rate * 100.0,
             cal.examples
         ),
-        None => println!("inference: no deployed model yet; the coordinator answers until one is"),
+        None => tracing::info!("inference: no deployed model yet; the coordinator answers until one is"),
     }
     let watcher = predictor.watch(Duration::from_millis(500));
     let _status = AbortOnDrop(vec![keep_inference_status(c.state_dir.clone(), &predictor)]);
@@ -128,7 +128,7 @@ fn keep_inference_status(dir: std::path::PathBuf, predictor: &Arc<HybridPredicto
 
 fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
     if let Err(e) = crate::client::save_status(dir, status) {
-        eprintln!("cannot write {}: {e}", dir.join("status.json").display());
+        tracing::warn!("cannot write {}: {e}", dir.join("status.json").display());
     }
 }
 
@@ -170,7 +170,7 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
             let tcp = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| ServiceError::Config(format!("cannot listen on {listen}: {e}")))?;
-            println!("local inference on http://{listen} ({} policy)", c.inference.policy);
+            tracing::info!("local inference on http://{listen} ({} policy)", c.inference.policy);
             let watcher = predictor.watch(Duration::from_millis(500));
             let status = keep_inference_status(c.state_dir.clone(), &predictor);
             Some(AbortOnDrop(vec![
@@ -178,7 +178,7 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
                 status,
                 tokio::spawn(async move {
                     if let Err(e) = crate::http::serve(tcp, predictor).await {
-                        eprintln!("inference server stopped: {e}");
+                        tracing::error!("inference server stopped: {e}");
                     }
                 }),
             ]))
@@ -203,9 +203,10 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
         match attempt.await {
             Ok((link, welcome)) => {
                 failures = 0;
-                println!(
+                tracing::info!(
                     "connected as {} ({n} local examples); coordinator at model v{}",
-                    welcome.device_id, welcome.model_version
+                    welcome.device_id,
+                    welcome.model_version
                 );
                 let cl = match client.as_mut() {
                     Some(cl) => {
@@ -252,7 +253,7 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
                 save_status(&c.state_dir, &status.lock().unwrap_or_else(|p| p.into_inner()).clone());
                 setback = match outcome {
                     Err(e) => {
-                        eprintln!("disconnected: {e}");
+                        tracing::warn!("disconnected: {e}");
                         let setback = Setback::of(&e.to_string());
                         if setback == Setback::CertificateRefused {
                             failures = 1;
@@ -266,8 +267,8 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
                 failures += 1;
                 setback = Setback::of(&e.to_string());
                 match setback {
-                    Setback::CertificateRefused => eprintln!("the coordinator refused this device: {e}"),
-                    Setback::Network => eprintln!("cannot reach the coordinator: {e}"),
+                    Setback::CertificateRefused => tracing::error!("the coordinator refused this device: {e}"),
+                    Setback::Network => tracing::warn!("cannot reach the coordinator: {e}"),
                 }
             }
         }
@@ -276,7 +277,7 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
         let jitter: f64 = rand::rng().random_range(0.75..1.25);
         let wait = Duration::from_millis((base * jitter) as u64);
         if setback == Setback::CertificateRefused {
-            eprintln!("next attempt in {} s (a certificate refusal needs an operator)", wait.as_secs());
+            tracing::info!("next attempt in {} s (a certificate refusal needs an operator)", wait.as_secs());
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

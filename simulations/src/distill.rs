@@ -6,7 +6,7 @@ use fedge_core::codec;
 use fedge_core::dataset::Dataset;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::Message;
-use fedge_learn::Trainer;
+use fedge_learn::{Trainer, WarmStudent};
 use rand::RngExt;
 
 use crate::config::SimConfig;
@@ -27,10 +27,7 @@ pub(crate) struct Distilled {
 /// into the student (warm-started from the previous student), int8 quantisation, evaluation of
 /// the quantised student as devices would run it.
 pub(crate) struct Distiller {
-    student: Trainer,
-    params: ModelParams,
-    proxy: Vec<usize>,
-    config: fedge_learn::DistillConfig,
+    student: WarmStudent,
     rng: fedge_core::rng::SeededRng,
     /// The last student, quantised and dequantised.
     pub int8: Option<ModelParams>,
@@ -41,10 +38,7 @@ impl Distiller {
         let mut student = Trainer::new(config.student_model, num_classes, config.backend)?;
         let params = student.initial_params(derive_rng(config.seed, &[stream::INIT, 1]).random());
         Ok(Self {
-            student,
-            params,
-            proxy,
-            config: config.distill,
+            student: WarmStudent::new(student, params, proxy, config.distill),
             rng: derive_rng(config.seed, &[stream::DISTILL]),
             int8: None,
         })
@@ -62,15 +56,13 @@ impl Distiller {
         train: &Dataset,
         test: &Dataset,
     ) -> Result<Distilled, SimError> {
-        let data = fedge_learn::DistillData { train, proxy: &self.proxy, test };
-        let q = self.student.distil_to_int8(evaluator, teacher, &self.params, data, &self.config, &mut self.rng)?;
-        self.params = q.params;
+        let q = self.student.distil(evaluator, teacher, train, test, &mut self.rng)?;
         self.int8 = Some(q.int8);
         Ok(Distilled {
             accuracy: q.accuracy,
             f32_accuracy: q.f32_accuracy,
             bytes: q.blob.len() as u64,
-            parameters: self.params.numel(),
+            parameters: self.student.params().numel(),
             teacher_latency_us: q.teacher_latency_us,
             student_latency_us: q.student_latency_us,
         })

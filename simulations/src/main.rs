@@ -125,6 +125,8 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // The command's answer when it fails: printed, not logged, so that it reaches the
+            // user whatever RUST_LOG or FEDGE_LOG_FORMAT say.
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -132,6 +134,7 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> anyhow::Result<()> {
+    fedge_log::init().context("cannot start logging")?;
     match Cli::parse().command {
         Command::Demo { devices, rounds, json, bench_inference } => {
             let rt = tokio::runtime::Runtime::new()?;
@@ -217,7 +220,7 @@ fn real_main() -> anyhow::Result<()> {
                 "PyTorch's reference has the cnn and the 2nn only; measure mlp with --no-torch"
             );
             if torch.is_none() && !no_torch {
-                eprintln!("PyTorch not found (bash ../shared/bench/setup-torch.sh); measuring Fedge only");
+                tracing::warn!("PyTorch not found (bash ../shared/bench/setup-torch.sh); measuring Fedge only");
             }
             anyhow::ensure!((1..=100).contains(&repeat), "--repeat must be 1..=100");
             let config =

@@ -324,7 +324,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         write_json(&dir.join("summary.json"), &summary)?;
         // The run's result is in the files above: a plot that fails only warns.
         if let Err(e) = crate::plot::write_run_plots(dir, &rows, &summary) {
-            eprintln!("warning: no accuracy plot: {e}");
+            tracing::warn!("no accuracy plot: {e}");
         }
     }
     let student = distiller.as_ref().filter(|_| distilled.is_some()).and_then(|d| d.int8.clone());

@@ -242,7 +242,7 @@ impl Coordinator {
         };
         match read {
             Ok(bytes) => self.lock().downloads.keep_blob(v, Arc::new(bytes)),
-            Err(e) => eprintln!("cannot read the blob of v{v}: {e}"),
+            Err(e) => tracing::error!("cannot read the blob of v{v}: {e}"),
         }
     }
 }

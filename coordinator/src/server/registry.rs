@@ -148,7 +148,7 @@ impl GlobalPlan {
         if let Some(signer) = &self.signer
             && let Err(e) = signer.sign(&mut record)
         {
-            eprintln!("cannot sign global model v{v}: {e}");
+            tracing::error!("cannot sign global model v{v}: {e}");
         }
         if let Some(store) = store {
             store.save_registered(&record)?;
@@ -171,7 +171,7 @@ impl Coordinator {
         if let Some(history) = history
             && let Err(e) = self.record_promotion(&order, history)
         {
-            eprintln!("cannot number the current promotion: {e}");
+            tracing::error!("cannot number the current promotion: {e}");
         }
     }
 

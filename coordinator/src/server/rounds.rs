@@ -160,7 +160,7 @@ impl RoundDriver {
             Err(StartError::NotEnoughDevices { .. }) | Err(StartError::Busy(_)) => None,
             Err(e) => {
                 // Out of privacy budget: the remaining rounds are dropped, loudly.
-                eprintln!("{e}; {} rounds cancelled", self.rounds_left);
+                tracing::warn!("{e}; {} rounds cancelled", self.rounds_left);
                 self.rounds_left = 0;
                 *changed = true;
                 None

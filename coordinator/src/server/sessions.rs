@@ -29,7 +29,7 @@ impl Coordinator {
             Ok(hello) => hello,
             Err(e) => {
                 self.metrics.rejected(e.code());
-                eprintln!("{}: {e}", peer.identity.id);
+                tracing::warn!("{}: {e}", peer.identity.id);
                 // Let the refusal reach the device before the connection goes.
                 let _ = tokio::time::timeout(Duration::from_secs(5), peer.connection.closed()).await;
                 return;
@@ -53,7 +53,7 @@ impl Coordinator {
                         _ => ErrorCode::Malformed,
                     };
                     self.metrics.rejected(code);
-                    eprintln!("device {}: bad frame: {e}", peer.identity.id);
+                    tracing::warn!("device {}: bad frame: {e}", peer.identity.id);
                     let reply = Message::Error { code, message: e.to_string() };
                     let _ = fedge_net::write_message(&mut send, &reply).await;
                     continue;
@@ -150,7 +150,7 @@ impl Coordinator {
             (Err(_), Some(store)) => match store.device_id(name) {
                 Ok(id) => id,
                 Err(e) => {
-                    eprintln!("device {name}: cannot register: {e}");
+                    tracing::error!("device {name}: cannot register: {e}");
                     return None;
                 }
             },
@@ -236,7 +236,7 @@ impl Coordinator {
             Ok(round) => Message::Ack { round },
             Err((code, message)) => {
                 self.metrics.rejected(code);
-                eprintln!("device {name}: update refused ({code:?}): {message}");
+                tracing::warn!("device {name}: update refused ({code:?}): {message}");
                 Message::Error { code, message }
             }
         }

@@ -74,6 +74,45 @@ pub struct QuantizedStudent {
     pub teacher_latency_us: f64,
 }
 
+/// A student distilled again and again, each time warm-started from the last: what the
+/// coordinator (every K rounds) and the simulator (`distill_every`) both keep between
+/// distillations.
+pub struct WarmStudent {
+    trainer: Trainer,
+    params: ModelParams,
+    proxy: Vec<usize>,
+    config: DistillConfig,
+}
+
+impl WarmStudent {
+    /// A student of `trainer`'s architecture starting from `params`, learning on the images
+    /// `proxy` of the training split it is given.
+    pub fn new(trainer: Trainer, params: ModelParams, proxy: Vec<usize>, config: DistillConfig) -> Self {
+        Self { trainer, params, proxy, config }
+    }
+
+    /// The student's current parameters (before quantisation).
+    pub fn params(&self) -> &ModelParams {
+        &self.params
+    }
+
+    /// [`Trainer::distil_to_int8`] of `teacher_params` into the student on its proxy images of
+    /// `train`, measured on `test`; the result is the warm start of the next one.
+    pub fn distil<R: rand::Rng + ?Sized>(
+        &mut self,
+        teacher: &mut Trainer,
+        teacher_params: &ModelParams,
+        train: &Dataset,
+        test: &Dataset,
+        rng: &mut R,
+    ) -> Result<QuantizedStudent, ConvertError> {
+        let data = DistillData { train, proxy: &self.proxy, test };
+        let q = self.trainer.distil_to_int8(teacher, teacher_params, &self.params, data, &self.config, rng)?;
+        self.params = q.params.clone();
+        Ok(q)
+    }
+}
+
 impl Trainer {
     /// The whole pipeline the coordinator and the simulator share: the teacher's logits on the
     /// proxy set, distillation of this (student) trainer's architecture from `start`, int8

@@ -21,7 +21,7 @@ pub mod train;
 
 pub use backend::{BackendError, BackendKind};
 pub use convert::ConvertError;
-pub use distill::{DistillConfig, DistillData, QuantizedStudent};
+pub use distill::{DistillConfig, DistillData, QuantizedStudent, WarmStudent};
 pub use fast::FastNet;
 pub use fedge_kernels::{ConvAlgorithm, Threads};
 pub use infer::{Prediction, Predictor, PredictorError};
