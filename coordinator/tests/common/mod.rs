@@ -2,6 +2,8 @@
 //! `fedge-coordinator serve` process, and raw device links that speak the protocol by hand.
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod relay;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
