@@ -112,6 +112,11 @@ impl Coordinator {
 
     /// SIGKILL: no shutdown code runs.
     pub fn kill(mut self) {
+        self.sigkill();
+    }
+
+    /// SIGKILL, keeping the handle (for its log).
+    pub fn sigkill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
