@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::relay::{Impairment, Relay, Way};
 use common::{Fleet, model, task_of, update};
 use fedge_core::ModelParams;
-use fedge_core::wire::Message;
+use fedge_core::wire::{ErrorCode, Message};
 use fedge_edge::transport::Link;
 use tokio::net::UdpSocket;
 
@@ -125,7 +125,12 @@ fn fleet(n: usize, min: usize) -> (Fleet, Vec<String>) {
 /// [`update`]): every weight moved by the sample-weighted mean of `0.001 * (i + 1)` over
 /// weights `10 * (i + 1)`.
 fn assert_round_of(v1: &ModelParams, v0: &ModelParams, n: usize) {
-    let (num, den) = (0..n).fold((0.0, 0.0), |(a, b), i| {
+    assert_round_with(v1, v0, &(0..n).collect::<Vec<_>>());
+}
+
+/// The same for the updates of `devices`.
+fn assert_round_with(v1: &ModelParams, v0: &ModelParams, devices: &[usize]) {
+    let (num, den) = devices.iter().fold((0.0, 0.0), |(a, b), &i| {
         let w = 10.0 * (i + 1) as f64;
         (a + w * 0.001 * (i + 1) as f64, b + w)
     });
@@ -286,4 +291,60 @@ async fn a_blackout_past_the_idle_timeout_loses_no_acknowledged_update() {
         "FIGURE blackout {blackout:?}: the upload into it failed after {died_after:.2?}; every connection closed; \
          round 1 closed with the 2 acknowledged updates; 4 devices rejoined in {rejoined:.2?}; round 2 completed"
     );
+}
+
+/// The same blackout while a fifth device, connected directly (not through the relay), has not
+/// answered yet: the round stays open across it. The two devices acknowledged before it lose
+/// their connections too; after it they reconnect, and the acknowledged update sent again is
+/// answered Duplicate (kept, not counted twice). When the direct device answers, the round
+/// closes with exactly dev-0, dev-1 and dev-4's updates. Fails if an acknowledged update was
+/// dropped with its connection (v1 would miss it, or the resend would be acknowledged again),
+/// if the resend is counted, or if the relayed connections survive the blackout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_updates_outlive_their_connections_across_a_blackout() {
+    let (fleet, names) = fleet(5, 3);
+    let coordinator = fleet.start();
+    let relay = Relay::start(fleet.addr, 4).await;
+    let mut links = Vec::new();
+    for name in &names[..4] {
+        links.push(common::join(relay.addr, &fleet.ca, name, &coordinator).await);
+    }
+    let direct = common::join(fleet.addr, &fleet.ca, &names[4], &coordinator).await;
+    fleet.operator(&["round", "start", "--rounds", "1"]);
+    let mut tasks = Vec::new();
+    for link in links.iter().chain([&direct]) {
+        tasks.push(task_of(link).await);
+    }
+    let v0 = model(&direct, 0).await;
+    let updates: Vec<_> = (0..5).map(|i| update(&tasks[i], &v0, i)).collect();
+    for i in 0..2 {
+        let reply = links[i].request(&Message::TrainResult(updates[i].clone())).await.unwrap();
+        assert_eq!(reply, Message::Ack { round: 1 }, "{}", coordinator.log());
+    }
+
+    relay.blackout(true);
+    let lost = links[2].request(&Message::TrainResult(updates[2].clone())).await;
+    assert!(lost.is_err(), "an upload went through the blackout: {lost:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await; // 12 s in all, as above
+    relay.blackout(false);
+    for (i, link) in links.iter().enumerate() {
+        assert!(link.connection.close_reason().is_some(), "dev-{i}'s connection survived the blackout");
+    }
+    assert!(direct.connection.close_reason().is_none());
+    drop(links);
+    let mut links = Vec::new();
+    for name in &names[..4] {
+        links.push(common::join(relay.addr, &fleet.ca, name, &coordinator).await);
+    }
+    match links[0].request(&Message::TrainResult(updates[0].clone())).await.unwrap() {
+        Message::Error { code, .. } => assert_eq!(code, ErrorCode::Duplicate, "{}", coordinator.log()),
+        other => panic!("an acknowledged update sent again: {other:?}\n{}", coordinator.log()),
+    }
+    let reply = direct.request(&Message::TrainResult(updates[4].clone())).await.unwrap();
+    assert_eq!(reply, Message::Ack { round: 1 }, "{}", coordinator.log());
+    wait_for(&direct, 1, Duration::from_secs(30), &coordinator).await;
+    assert_round_with(&model(&direct, 1).await, &v0, &[0, 1, 4]);
+    let rounds: serde_json::Value = serde_json::from_str(&fleet.operator(&["round", "list", "--json"])).unwrap();
+    assert_eq!((rounds[0]["round"].as_u64(), rounds[0]["devices_reporting"].as_u64()), (Some(1), Some(3)));
+    eprintln!("FIGURE blackout with a direct device pending: round 1 stayed open; Duplicate on resend; closed with 3");
 }
