@@ -2,6 +2,8 @@
 //! `fedge-coordinator serve` process, and raw device links that speak the protocol by hand.
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod relay;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -110,6 +112,11 @@ impl Coordinator {
 
     /// SIGKILL: no shutdown code runs.
     pub fn kill(mut self) {
+        self.sigkill();
+    }
+
+    /// SIGKILL, keeping the handle (for its log).
+    pub fn sigkill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
