@@ -6,8 +6,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use fedge_core::dataset::DatasetName;
+use fedge_core::registry::ModelRole;
 use fedge_engine::Evaluation;
 use fedge_learn::{BackendKind, ModelKind, Trainer};
 
@@ -113,13 +115,26 @@ pub async fn run(
         }
         None => None,
     };
-    let (auto_promote, student_name) = (c.auto_promote, c.student_model.clone());
+    let follow =
+        FollowUp { coordinator: coordinator.clone(), auto_promote: c.auto_promote, student: c.student_model.clone() };
     let eval = {
         let coordinator = coordinator.clone();
         // Evaluation and distillation take seconds of CPU: they run on a blocking thread, the
         // state moving there and back, so the runtime's workers keep serving devices.
         let mut work = Some(Work { evaluator, distiller, test });
         tokio::spawn(async move {
+            // A kill between a round's close and its follow-up left the latest version without
+            // its evaluation or its student: finish them first.
+            if let Some((version, round, evaluate)) = follow.interrupted(work.as_ref()) {
+                let (v, global) = coordinator.global();
+                if v == version {
+                    tracing::info!("finishing what a restart interrupted for v{version} (round {round})");
+                    let Some(line) = follow.run(&mut work, version, global, evaluate, (round, true)).await else {
+                        return;
+                    };
+                    tracing::info!("model v{version} (round {round}, before the restart): {line}");
+                }
+            }
             let mut seen = 0;
             loop {
                 coordinator.wait_for_rounds(seen + 1).await;
@@ -127,27 +142,8 @@ pub async fn run(
                 for r in &reports[seen..] {
                     let (version, global) = coordinator.global();
                     let evaluate = version == r.model_version;
-                    let Some(mut w) = work.take() else { return };
                     let round = (r.round, r.outcome == fedge_engine::RoundOutcome::Aggregated);
-                    let done = tokio::task::spawn_blocking(move || {
-                        let evaluation = evaluate.then(|| w.evaluator.evaluate(&global, &w.test, 500));
-                        let distilled = w.distil_if_due(round, &global);
-                        (w, evaluation, distilled)
-                    })
-                    .await;
-                    let Ok((w, evaluation, distilled)) = done else {
-                        tracing::error!("evaluation stopped: the evaluation thread failed");
-                        return;
-                    };
-                    work = Some(w);
-                    let line = match evaluation {
-                        Some(Ok(m)) => {
-                            coordinator.record_evaluation(version, Evaluation { accuracy: m.accuracy, loss: m.loss });
-                            format!("accuracy {:.2}% loss {:.4}", m.accuracy * 100.0, m.loss)
-                        }
-                        Some(Err(e)) => format!("evaluation failed: {e}"),
-                        None => String::from("(superseded before evaluation)"),
-                    };
+                    let Some(line) = follow.run(&mut work, version, global, evaluate, round).await else { return };
                     tracing::info!(
                         "round {} -> model v{}: {}/{} results, {} failed, {} late; {line}",
                         r.round,
@@ -157,39 +153,6 @@ pub async fn run(
                         r.failures,
                         r.stragglers.len()
                     );
-                    match distilled {
-                        Some(Ok(d)) => match coordinator
-                            .register_student(
-                                crate::server::NewStudent {
-                                    parent: version,
-                                    round: r.round,
-                                    architecture: student_name.clone(),
-                                    parameters: d.params.numel() as u64,
-                                    accuracy: Some(d.accuracy),
-                                    latency_us: Some(d.student_latency_us),
-                                    blob: d.blob,
-                                },
-                                auto_promote,
-                            )
-                            .await
-                        {
-                            Ok(rec) => {
-                                let _ = coordinator.set_latency(version, d.teacher_latency_us);
-                                tracing::info!(
-                                    "distilled v{version} into student v{} ({student_name}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
-                                    rec.version,
-                                    rec.size_bytes,
-                                    d.accuracy * 100.0,
-                                    d.student_latency_us,
-                                    d.teacher_latency_us,
-                                    if auto_promote { ", promoted" } else { "" }
-                                )
-                            }
-                            Err(e) => tracing::error!("cannot register the student of v{version}: {e}"),
-                        },
-                        Some(Err(e)) => tracing::error!("distillation of v{version} failed: {e}"),
-                        None => {}
-                    }
                 }
                 seen = reports.len();
             }
@@ -252,6 +215,99 @@ impl crate::inference::Teacher for BurnTeacher {
 
 /// The evaluation task's state: the evaluator, the student being distilled (every K rounds,
 /// warm-started from the last), the test split.
+/// What follows a round's close: evaluating the new version and distilling it when due.
+struct FollowUp {
+    coordinator: Arc<Coordinator>,
+    auto_promote: bool,
+    student: String,
+}
+
+impl FollowUp {
+    /// The latest global version, its round and whether it still needs its evaluation, when it
+    /// lacks the evaluation or (distillation due for its round) its student: what a kill
+    /// between the close and its follow-up left undone.
+    fn interrupted(&self, work: Option<&Work>) -> Option<(u64, u64, bool)> {
+        let (version, _) = self.coordinator.global();
+        let models = self.coordinator.models();
+        let line = models.iter().find(|m| m.version == version && m.role == ModelRole::Global)?;
+        if version == 0 {
+            return None;
+        }
+        let evaluate = line.accuracy.is_none();
+        let due = work.and_then(|w| w.distiller.as_ref()).is_some_and(|(every, ..)| line.round % every == 0);
+        let distilled = models.iter().any(|m| m.role == ModelRole::Student && m.parent == Some(version));
+        (evaluate || (due && !distilled)).then_some((version, line.round, evaluate))
+    }
+
+    /// Evaluates `version` (`global`) if `evaluate` and distils it if `round` is due, on a
+    /// blocking thread; records the evaluation, registers (and maybe promotes) the student.
+    /// The evaluation's line for the log; `None` when the evaluation thread failed.
+    async fn run(
+        &self,
+        work: &mut Option<Work>,
+        version: u64,
+        global: Arc<fedge_core::ModelParams>,
+        evaluate: bool,
+        round: (u64, bool),
+    ) -> Option<String> {
+        let mut w = work.take()?;
+        let done = tokio::task::spawn_blocking(move || {
+            let evaluation = evaluate.then(|| w.evaluator.evaluate(&global, &w.test, 500));
+            let distilled = w.distil_if_due(round, &global);
+            (w, evaluation, distilled)
+        })
+        .await;
+        let Ok((w, evaluation, distilled)) = done else {
+            tracing::error!("evaluation stopped: the evaluation thread failed");
+            return None;
+        };
+        *work = Some(w);
+        let line = match evaluation {
+            Some(Ok(m)) => {
+                self.coordinator.record_evaluation(version, Evaluation { accuracy: m.accuracy, loss: m.loss });
+                format!("accuracy {:.2}% loss {:.4}", m.accuracy * 100.0, m.loss)
+            }
+            Some(Err(e)) => format!("evaluation failed: {e}"),
+            None => String::from("(superseded before evaluation)"),
+        };
+        match distilled {
+            Some(Ok(d)) => self.register(version, round.0, d).await,
+            Some(Err(e)) => tracing::error!("distillation of v{version} failed: {e}"),
+            None => {}
+        }
+        Some(line)
+    }
+
+    /// Registers the student distilled from `version` (promoting it when set to).
+    async fn register(&self, version: u64, round: u64, d: fedge_learn::QuantizedStudent) {
+        let student = crate::server::NewStudent {
+            parent: version,
+            round,
+            architecture: self.student.clone(),
+            parameters: d.params.numel() as u64,
+            accuracy: Some(d.accuracy),
+            latency_us: Some(d.student_latency_us),
+            blob: d.blob,
+        };
+        match self.coordinator.register_student(student, self.auto_promote).await {
+            Ok(rec) => {
+                let _ = self.coordinator.set_latency(version, d.teacher_latency_us);
+                tracing::info!(
+                    "distilled v{version} into student v{} ({}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
+                    rec.version,
+                    self.student,
+                    rec.size_bytes,
+                    d.accuracy * 100.0,
+                    d.student_latency_us,
+                    d.teacher_latency_us,
+                    if self.auto_promote { ", promoted" } else { "" }
+                )
+            }
+            Err(e) => tracing::error!("cannot register the student of v{version}: {e}"),
+        }
+    }
+}
+
 struct Work {
     evaluator: Trainer,
     distiller: Option<Distiller>,

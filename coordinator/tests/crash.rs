@@ -102,3 +102,52 @@ async fn an_update_is_stored_as_the_bytes_the_device_sent() {
     let stored = store.update_bytes(task.round, id).unwrap().expect("the acknowledged update is stored");
     assert_eq!(stored, fedge_core::codec::encode(&sent));
 }
+
+/// Issue 14: a kill between a round's close and its follow-up (evaluation, distillation) no
+/// longer loses them for good: the restarted coordinator finds the latest version without its
+/// student (or evaluation) and finishes it. Killed right after the round's last update is
+/// acknowledged (its close is durable by then), long before a distillation can finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_right_after_a_close_still_gets_its_evaluation_and_student() {
+    let names = ["dev-0", "dev-1"];
+    let fleet = Fleet::new(&names, 2);
+    fleet.configure("distill_every = 1\nproxy_examples = 200\n[distill]\nepochs = 1\n");
+    let first = fleet.start();
+    let mut links = Vec::new();
+    for name in names {
+        links.push(fleet.join(name, &first).await);
+    }
+    fleet.operator(&["round", "start", "--rounds", "1"]);
+    let tasks = [task_of(&links[0]).await, task_of(&links[1]).await];
+    let initial = model(&links[0], 0).await;
+    for (i, task) in tasks.iter().enumerate() {
+        let reply = links[i].request(&Message::TrainResult(update(task, &initial, i))).await.unwrap();
+        assert_eq!(reply, Message::Ack { round: 1 }, "{}", first.log());
+    }
+    first.kill();
+    drop(links);
+    let before = fedge_coordinator::store::Store::open(&fleet.state).unwrap();
+    assert!(
+        before.registry().unwrap().iter().all(|r| r.role != fedge_core::registry::ModelRole::Student),
+        "the kill came after the student was registered: nothing to test"
+    );
+    drop(before);
+
+    let second = fleet.start();
+    let _link = fleet.join("dev-0", &second).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let models: serde_json::Value = serde_json::from_str(&fleet.operator(&["models", "list", "--json"])).unwrap();
+        let models = models.as_array().unwrap();
+        let v1 = models.iter().find(|m| m["version"] == 1 && m["role"] == "global");
+        let student = models.iter().find(|m| m["role"] == "student" && m["parent"] == 1);
+        if let (Some(v1), Some(student)) = (v1, student) {
+            assert!(v1["accuracy"].as_f64().is_some(), "{v1}");
+            assert!(student["signed"] == true && student["accuracy"].as_f64().is_some(), "{student}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no student of v1 after the restart\n{}", second.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(second.log().contains("finishing what a restart interrupted for v1"), "{}", second.log());
+}

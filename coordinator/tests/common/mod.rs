@@ -53,6 +53,13 @@ impl Fleet {
         Self { dir, certs, ca, addr, config, state, log }
     }
 
+    /// Adds `lines` to the coordinator's configuration.
+    pub fn configure(&self, lines: &str) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(lines);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// Starts `fedge-coordinator serve` on this fleet's configuration.
     pub fn start(&self) -> Coordinator {
         Coordinator::start(&self.config, &self.log)
