@@ -2,7 +2,8 @@
 //!
 //! Header: two zero bytes, a type byte (only `0x08`, unsigned byte, is supported), the number of
 //! dimensions, then each dimension as a big-endian `u32`; then the values, row-major. Sizes are
-//! checked against a cap before anything is allocated, and trailing bytes are an error.
+//! checked against a cap, the buffer grows with the bytes that arrive (never allocated to the
+//! announced size up front), and trailing bytes are an error.
 
 use std::io::Read;
 use std::path::Path;
@@ -64,7 +65,9 @@ pub fn read<R: Read>(mut r: R) -> Result<IdxArray, String> {
             .ok_or_else(|| format!("array too large (dims so far {dims:?} x {d})"))?;
         dims.push(d);
     }
-    let mut data = Vec::with_capacity(total);
+    // Grown as the bytes arrive, not allocated to the announced size: a 12-byte header
+    // announcing 1 GiB must not cost 1 GiB (found by the `idx` fuzz target).
+    let mut data = Vec::with_capacity(total.min(1 << 20));
     let read = r.by_ref().take(total as u64).read_to_end(&mut data).map_err(|e| format!("read error: {e}"))?;
     if read != total {
         return Err(format!("truncated data: expected {total} bytes for {dims:?}, found {read}"));
