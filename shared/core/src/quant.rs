@@ -110,7 +110,17 @@ impl QuantizedModel {
             return Err(QuantError::Shape("(tensor count)".into()));
         }
         let layout = Arc::new(ParamLayout::new(self.specs.clone())?);
-        let mut data = Vec::with_capacity(layout.numel());
+        // Sized by what is stored, not by what the layout announces (a few bytes of specs can
+        // announce gigabytes; found by the `record` fuzz target); each tensor is checked below.
+        let stored: usize = self
+            .tensors
+            .iter()
+            .map(|t| match t {
+                QTensor::F32(v) => v.len(),
+                QTensor::Int8 { values, .. } => values.len(),
+            })
+            .sum();
+        let mut data = Vec::with_capacity(stored.min(layout.numel()));
         for (spec, t) in self.specs.iter().zip(&self.tensors) {
             let n = spec.numel();
             match t {

@@ -47,3 +47,17 @@ fn a_short_message_announcing_a_long_vector_does_not_allocate_it() {
     assert!(decoded.is_err());
     assert!(largest <= 1 << 20, "allocated {largest} bytes for a {}-byte input", bytes.len());
 }
+
+#[test]
+fn a_quantised_model_announcing_a_huge_tensor_does_not_allocate_it() {
+    use fedge_core::TensorSpec;
+    use fedge_core::quant::{QTensor, QuantizedModel};
+    // Found by the `record` fuzz target: the specs announce 2^40 values, none are stored.
+    let q = QuantizedModel {
+        specs: vec![TensorSpec { name: "w".into(), shape: vec![1 << 20, 1 << 20] }],
+        tensors: vec![QTensor::F32(Vec::new())],
+    };
+    let (dequantized, allocated) = allocated_by(|| q.dequantize());
+    assert!(dequantized.is_err());
+    assert!(allocated <= 1 << 20, "allocated {allocated} bytes for an empty tensor");
+}
