@@ -2,6 +2,7 @@
 
 use super::*;
 use fedge_core::{ParamLayout, TensorSpec};
+use std::sync::Arc;
 
 fn params(x: f32) -> ModelParams {
     let layout = Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![3] }]).unwrap());
