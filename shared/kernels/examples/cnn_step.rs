@@ -2,7 +2,7 @@
 //! with each convolution algorithm, alternating in one process, best of each: the A/B of
 //! `fedge_kernels::ConvAlgorithm`.
 //! `cargo run --release -p fedge-kernels --example cnn_step -- [batch ...] [--rounds N] [--seconds S] [--variant ALGO[:CHUNK_BYTES] ...]`
-use fedge_kernels::{ConvAlgorithm, LayerSpec, Net, NetSpec, Threads};
+use fedge_kernels::{ConvAlgorithm, Net, NetSpec, Threads};
 use std::time::Instant;
 
 fn main() {
@@ -35,17 +35,7 @@ fn main() {
     if batches.is_empty() {
         batches = vec![10, 64];
     }
-    let spec = NetSpec {
-        height: 28,
-        width: 28,
-        channels: 1,
-        layers: vec![
-            LayerSpec::ConvReluPool { out_channels: 32, kernel: 5 },
-            LayerSpec::ConvReluPool { out_channels: 64, kernel: 5 },
-            LayerSpec::Dense { outputs: 512, relu: true },
-            LayerSpec::Dense { outputs: 10, relu: false },
-        ],
-    };
+    let spec = NetSpec::mnist_cnn(10);
     // A cheap deterministic generator: the data's values do not matter to the speed.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {

@@ -211,17 +211,7 @@ fn mu_zero_is_the_plain_step_and_mu_needs_an_anchor() {
 
 /// McMahan et al.'s MNIST CNN with random weights (scaled by fan-in) and small biases.
 fn cnn(algorithm: crate::ConvAlgorithm, seed: u64) -> Net {
-    let spec = NetSpec {
-        height: 28,
-        width: 28,
-        channels: 1,
-        layers: vec![
-            LayerSpec::ConvReluPool { out_channels: 32, kernel: 5 },
-            LayerSpec::ConvReluPool { out_channels: 64, kernel: 5 },
-            LayerSpec::Dense { outputs: 512, relu: true },
-            LayerSpec::Dense { outputs: 10, relu: false },
-        ],
-    };
+    let spec = NetSpec::mnist_cnn(10);
     let mut net = Net::new(&spec, Threads::One).unwrap();
     net.set_conv_algorithm(algorithm);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -36,12 +36,7 @@ pub fn spec(kind: ModelKind, classes: usize) -> NetSpec {
     let layers = match kind {
         ModelKind::TwoNn => vec![dense(200, true), dense(200, true), dense(classes, false)],
         ModelKind::Mlp => vec![dense(crate::model::mlp::HIDDEN, true), dense(classes, false)],
-        ModelKind::Cnn => vec![
-            LayerSpec::ConvReluPool { out_channels: 32, kernel: 5 },
-            LayerSpec::ConvReluPool { out_channels: 64, kernel: 5 },
-            dense(512, true),
-            dense(classes, false),
-        ],
+        ModelKind::Cnn => return NetSpec::mnist_cnn(classes),
     };
     NetSpec { height: 28, width: 28, channels: 1, layers }
 }

@@ -39,6 +39,24 @@ pub struct NetSpec {
     pub layers: Vec<LayerSpec>,
 }
 
+impl NetSpec {
+    /// McMahan et al.'s MNIST CNN on 28x28 grey images: two 5x5 convolutions (32 and 64
+    /// channels) each with ReLU and 2x2 max-pooling, a 512-unit ReLU layer, `classes` logits.
+    pub fn mnist_cnn(classes: usize) -> Self {
+        Self {
+            height: 28,
+            width: 28,
+            channels: 1,
+            layers: vec![
+                LayerSpec::ConvReluPool { out_channels: 32, kernel: 5 },
+                LayerSpec::ConvReluPool { out_channels: 64, kernel: 5 },
+                LayerSpec::Dense { outputs: 512, relu: true },
+                LayerSpec::Dense { outputs: classes, relu: false },
+            ],
+        }
+    }
+}
+
 /// Why a network could not be built or run.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NetError {
