@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::{Fleet, model, task_of, update};
 use fedge_core::wire::{ErrorCode, Message, TrainResult};
-use fedge_edge::transport::Link;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_round_loses_no_acknowledged_update() {
@@ -19,10 +18,7 @@ async fn sigkill_mid_round_loses_no_acknowledged_update() {
 
     // First life: all three devices are selected; two upload and are acknowledged.
     let first = fleet.start();
-    let mut links = Vec::new();
-    for name in names {
-        links.push(fleet.join(name, &first).await);
-    }
+    let links = fleet.join_all(&names, &first).await;
     fleet.operator(&["round", "start", "--rounds", "1"]);
     let mut tasks = Vec::new();
     for link in &links {
@@ -40,13 +36,7 @@ async fn sigkill_mid_round_loses_no_acknowledged_update() {
 
     // Second life, same state folder.
     let second = fleet.start();
-    let links: Vec<Link> = {
-        let mut v = Vec::new();
-        for name in names {
-            v.push(fleet.join(name, &second).await);
-        }
-        v
-    };
+    let links = fleet.join_all(&names, &second).await;
     assert!(second.log().contains("resumed round 1 with 2 of 3 updates"), "{}", second.log());
     // The acknowledged updates were kept: sending one again is a duplicate, not a second vote.
     match links[0].request(&Message::TrainResult(updates[0].clone())).await.unwrap() {
@@ -85,10 +75,7 @@ async fn an_update_is_stored_as_the_bytes_the_device_sent() {
     let names = ["dev-0", "dev-1"];
     let fleet = Fleet::new(&names, 2);
     let coordinator = fleet.start();
-    let mut links = Vec::new();
-    for name in names {
-        links.push(fleet.join(name, &coordinator).await);
-    }
+    let links = fleet.join_all(&names, &coordinator).await;
     fleet.operator(&["round", "start", "--rounds", "1"]);
     let task = task_of(&links[0]).await;
     let sent = Message::TrainResult(update(&task, &model(&links[0], task.model_version).await, 0));
@@ -113,10 +100,7 @@ async fn a_kill_right_after_a_close_still_gets_its_evaluation_and_student() {
     let fleet = Fleet::new(&names, 2);
     fleet.configure("distill_every = 1\nproxy_examples = 200\n[distill]\nepochs = 1\n");
     let first = fleet.start();
-    let mut links = Vec::new();
-    for name in names {
-        links.push(fleet.join(name, &first).await);
-    }
+    let links = fleet.join_all(&names, &first).await;
     fleet.operator(&["round", "start", "--rounds", "1"]);
     let tasks = [task_of(&links[0]).await, task_of(&links[1]).await];
     let initial = model(&links[0], 0).await;

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use common::{Fleet, model, update};
 use fedge_core::params::ContentHash;
 use fedge_core::wire::{ErrorCode, Message, TrainResult};
-use fedge_edge::transport::Link;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -23,14 +22,6 @@ const ROUNDS: u64 = 8;
 const KILLS: usize = 6;
 /// The kill points' seed; `FEDGE_CRASH_SEED` picks another (to look for a bad interleaving).
 const SEED: u64 = 14;
-
-async fn join_all(fleet: &Fleet, names: &[&str], coordinator: &common::Coordinator) -> Vec<Link> {
-    let mut links = Vec::new();
-    for name in names {
-        links.push(fleet.join(name, coordinator).await);
-    }
-    links
-}
 
 /// What the devices were told, compared with what the coordinator recorded. Fails if:
 /// an acknowledged update is lost by a kill (its round then either never closes, or the
@@ -72,7 +63,7 @@ async fn six_sigkills_over_eight_rounds_lose_no_acknowledged_update() {
 
     let started = Instant::now();
     let mut coordinator = fleet.start();
-    let mut links = join_all(&fleet, &names, &coordinator).await;
+    let mut links = fleet.join_all(&names, &coordinator).await;
     fleet.operator(&["round", "start", "--rounds", &ROUNDS.to_string()]);
     let v0 = model(&links[0], 0).await;
 
@@ -150,7 +141,7 @@ async fn six_sigkills_over_eight_rounds_lose_no_acknowledged_update() {
             if in_flight.contains(&sent) || after_ack.contains(&sent) {
                 drop(links);
                 coordinator = fleet.start();
-                links = join_all(&fleet, &names, &coordinator).await;
+                links = fleet.join_all(&names, &coordinator).await;
                 continue 'train;
             }
         }

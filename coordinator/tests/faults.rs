@@ -16,7 +16,6 @@ use common::relay::{Impairment, Relay, Way};
 use common::{Fleet, model, task_of, update};
 use fedge_core::ModelParams;
 use fedge_core::wire::{ErrorCode, Message};
-use fedge_edge::transport::Link;
 use tokio::net::UdpSocket;
 
 /// `n` packets numbered from 0 through `relay` (from a fresh client socket) to `sink`; the
@@ -140,18 +139,6 @@ fn assert_round_with(v1: &ModelParams, v0: &ModelParams, devices: &[usize]) {
     }
 }
 
-/// Polls through `link` until the coordinator announces `version`.
-async fn wait_for(link: &Link, version: u64, within: Duration, coordinator: &common::Coordinator) {
-    let deadline = Instant::now() + within;
-    loop {
-        match link.request(&Message::TaskRequest { running: None }).await {
-            Ok(Message::NoTask { model_version, .. }) if model_version == version => return,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
-            other => panic!("v{version} never came: {other:?}\n{}", coordinator.log()),
-        }
-    }
-}
-
 /// One 10-device round through a relay doing `impairment` both ways; how long the round took
 /// (from `round start` to v1 announced). Fails if a device's upload is not acknowledged, if
 /// the round does not close within two minutes, or if v1 is not exactly the weighted mean of
@@ -182,7 +169,7 @@ async fn round_through(impairment: Impairment, seed: u64) -> Duration {
         let reply = device.await.unwrap();
         assert!(matches!(reply, Ok(Message::Ack { round: 1 })), "dev-{i}: {reply:?}\n{}", coordinator.log());
     }
-    wait_for(&links[0], 1, Duration::from_secs(120), &coordinator).await;
+    common::wait_for_version(&links[0], 1, Duration::from_secs(120), &coordinator).await;
     let took = started.elapsed();
     relay.set_both(Impairment::default());
     let v1 = model(&links[0], 1).await;
@@ -268,7 +255,7 @@ async fn a_blackout_past_the_idle_timeout_loses_no_acknowledged_update() {
         links.push(common::join(relay.addr, &fleet.ca, name, &coordinator).await);
     }
     let rejoined = reconnect.elapsed();
-    wait_for(&links[0], 1, Duration::from_secs(30), &coordinator).await;
+    common::wait_for_version(&links[0], 1, Duration::from_secs(30), &coordinator).await;
     let v1 = model(&links[0], 1).await;
     assert_round_of(&v1, &v0, 2);
     let rounds: serde_json::Value = serde_json::from_str(&fleet.operator(&["round", "list", "--json"])).unwrap();
@@ -285,7 +272,7 @@ async fn a_blackout_past_the_idle_timeout_loses_no_acknowledged_update() {
         replies.push(link.request(&Message::TrainResult(update(&task, &v1, i))).await.unwrap());
     }
     assert!(replies.iter().all(|r| *r == Message::Ack { round: 2 }), "{replies:?}");
-    wait_for(&links[0], 2, Duration::from_secs(30), &coordinator).await;
+    common::wait_for_version(&links[0], 2, Duration::from_secs(30), &coordinator).await;
     assert_round_of(&model(&links[0], 2).await, &v1, 4);
     eprintln!(
         "FIGURE blackout {blackout:?}: the upload into it failed after {died_after:.2?}; every connection closed; \
@@ -342,7 +329,7 @@ async fn acknowledged_updates_outlive_their_connections_across_a_blackout() {
     }
     let reply = direct.request(&Message::TrainResult(updates[4].clone())).await.unwrap();
     assert_eq!(reply, Message::Ack { round: 1 }, "{}", coordinator.log());
-    wait_for(&direct, 1, Duration::from_secs(30), &coordinator).await;
+    common::wait_for_version(&direct, 1, Duration::from_secs(30), &coordinator).await;
     assert_round_with(&model(&direct, 1).await, &v0, &[0, 1, 4]);
     let rounds: serde_json::Value = serde_json::from_str(&fleet.operator(&["round", "list", "--json"])).unwrap();
     assert_eq!((rounds[0]["round"].as_u64(), rounds[0]["devices_reporting"].as_u64()), (Some(1), Some(3)));

@@ -6,40 +6,19 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Fleet, model, task_of, update};
 use fedge_core::params::ContentHash;
 use fedge_core::wire::{ErrorCode, Message};
 use fedge_edge::transport::Link;
 
-/// The device links of `names`, joined to `coordinator`.
-async fn links(fleet: &Fleet, names: &[&str], coordinator: &common::Coordinator) -> Vec<Link> {
-    let mut links = Vec::new();
-    for name in names {
-        links.push(fleet.join(name, coordinator).await);
-    }
-    links
-}
-
-/// Waits until the coordinator announces global version `version`; that model.
-async fn wait_for_version(link: &Link, version: u64, coordinator: &common::Coordinator) -> fedge_core::ModelParams {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
-            Message::NoTask { model_version, .. } if model_version == version => return model(link, version).await,
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
-            other => panic!("v{version} never came: {other:?}\n{}", coordinator.log()),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_that_cannot_be_written_stops_the_coordinator_and_the_restart_finishes_it() {
     let names = ["dev-0", "dev-1"];
     let fleet = Fleet::new(&names, 2);
     let mut first = fleet.start();
-    let links1 = links(&fleet, &names, &first).await;
+    let links1 = fleet.join_all(&names, &first).await;
     fleet.operator(&["round", "start", "--rounds", "1"]);
     let tasks = [task_of(&links1[0]).await, task_of(&links1[1]).await];
     let initial = model(&links1[0], 0).await;
@@ -69,8 +48,9 @@ async fn a_close_that_cannot_be_written_stops_the_coordinator_and_the_restart_fi
     std::fs::remove_file(&blobs).unwrap();
     std::fs::rename(&away, &blobs).unwrap();
     let second = fleet.start();
-    let links2 = links(&fleet, &names, &second).await;
-    let v1 = wait_for_version(&links2[0], 1, &second).await;
+    let links2 = fleet.join_all(&names, &second).await;
+    common::wait_for_version(&links2[0], 1, Duration::from_secs(30), &second).await;
+    let v1 = model(&links2[0], 1).await;
     assert!(second.log().contains("resumed round 1 with 2 of 2 updates"), "{}", second.log());
     let step = (10.0 * 0.001 + 20.0 * 0.002) / 30.0;
     for (a, b) in v1.data().iter().zip(initial.data()) {
@@ -121,7 +101,7 @@ async fn a_full_disk_stops_acknowledging_and_loses_no_acknowledged_update() {
     // rounds. (How far it gets depends on when redb can reuse freed pages; at 4 MiB it is the
     // second update of round 1 in every run seen here.)
     let mut first = fleet.start_limited(4 * 1024);
-    let links1 = links(&fleet, &names, &first).await;
+    let links1 = fleet.join_all(&names, &first).await;
     fleet.operator(&["round", "start", "--rounds", "1000"]);
     let initial = model(&links1[0], 0).await;
     let seen = train_until_refused(&links1, &initial).await;
@@ -135,7 +115,7 @@ async fn a_full_disk_stops_acknowledging_and_loses_no_acknowledged_update() {
     // Started again with room: every version a device was told still names the same model, and
     // every acknowledged update is there.
     let second = fleet.start();
-    let _links2 = links(&fleet, &names, &second).await;
+    let _links2 = fleet.join_all(&names, &second).await;
     let rounds: serde_json::Value = serde_json::from_str(&fleet.operator(&["round", "list", "--json"])).unwrap();
     let reporting: BTreeMap<u64, u64> = rounds
         .as_array()

@@ -75,6 +75,15 @@ impl Fleet {
         join(self.addr, &self.ca, name, coordinator).await
     }
 
+    /// The links of devices `names`, joined to `coordinator` in order.
+    pub async fn join_all(&self, names: &[&str], coordinator: &Coordinator) -> Vec<Link> {
+        let mut links = Vec::new();
+        for name in names {
+            links.push(self.join(name, coordinator).await);
+        }
+        links
+    }
+
     /// Runs an operator command against this fleet's coordinator; its standard output.
     pub fn operator(&self, args: &[&str]) -> String {
         operator(&self.certs, self.addr, args)
@@ -210,6 +219,19 @@ pub async fn model(link: &Link, version: u64) -> ModelParams {
             params
         }
         other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Polls through `link` until the coordinator announces global version `version` (panics with
+/// the coordinator's log after `within`).
+pub async fn wait_for_version(link: &Link, version: u64, within: Duration, coordinator: &Coordinator) {
+    let deadline = Instant::now() + within;
+    loop {
+        match link.request(&Message::TaskRequest { running: None }).await {
+            Ok(Message::NoTask { model_version, .. }) if model_version == version => return,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("v{version} never came: {other:?}\n{}", coordinator.log()),
+        }
     }
 }
 
