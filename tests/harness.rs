@@ -9,16 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedge_coordinator::certs::{CertDir, Role};
+use fedge_coordinator::listener::Listener;
 use fedge_coordinator::server::Coordinator;
 use fedge_coordinator::store::Store;
-use fedge_coordinator::transport::Listener;
 use fedge_core::ModelParams;
 use fedge_core::dataset::{Dataset, embedded};
 use fedge_core::params::ContentHash;
 use fedge_core::wire::{Capabilities, TrainConfig, Welcome};
 use fedge_edge::EdgeTrainer;
-use fedge_edge::client::{ClientError, DeviceStatus, EdgeClient};
-use fedge_edge::transport::{DeviceTls, Link};
+use fedge_edge::link::{DeviceTls, Link};
+use fedge_edge::work_loop::{DeviceStatus, EdgeClient, WorkLoopError};
 use fedge_engine::EngineConfig;
 use fedge_learn::{BackendKind, ModelKind, Trainer};
 use tokio::task::JoinHandle;
@@ -81,14 +81,14 @@ pub async fn join(addr: SocketAddr, ca: &CertDir, name: &str, num_samples: u64) 
 }
 
 /// Issues the operator certificate `name` and connects with it.
-pub async fn operator(addr: SocketAddr, ca: &CertDir, name: &str) -> fedge_net::Client {
+pub async fn operator(addr: SocketAddr, ca: &CertDir, name: &str) -> fedge_net::RequestClient {
     let cert = ca.issue(Role::Operator, name, 1).unwrap();
     let config = fedge_net::client_config(&ca.ca_pem(), &cert.cert, &cert.key).unwrap();
-    fedge_net::Client::connect(addr, "localhost", config).await.unwrap()
+    fedge_net::RequestClient::connect(addr, "localhost", config).await.unwrap()
 }
 
 /// A running edge client.
-pub type ClientTask = JoinHandle<Result<(), ClientError>>;
+pub type ClientTask = JoinHandle<Result<(), WorkLoopError>>;
 
 /// Runs a 2NN edge client over `link` on examples `indices` of `train`.
 pub fn spawn_client(

@@ -20,7 +20,7 @@ fn rss_bytes() -> u64 {
 /// Announces a frame of `len` bytes whose first byte says `tag` (1: `TrainResult`, 5:
 /// `TaskRequest`), pushes up to 1 MiB of its body on a task of its own, and returns the
 /// coordinator's answer, which must come without the rest of the body.
-async fn announce(link: &fedge_edge::transport::Link, len: u32, tag: u8) -> Message {
+async fn announce(link: &fedge_edge::link::Link, len: u32, tag: u8) -> Message {
     let (mut send, mut recv) = link.connection.open_bi().await.unwrap();
     let mut head = len.to_le_bytes().to_vec();
     head.push(tag);

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use fedge_coordinator::certs::{CertDir, Role};
-use fedge_coordinator::transport::Listener;
+use fedge_coordinator::listener::Listener;
 use fedge_core::wire::{ErrorCode, Message, TrainTask, Welcome};
 use fedge_edge::EdgeTrainer;
-use fedge_edge::client::EdgeClient;
+use fedge_edge::work_loop::EdgeClient;
 use fedge_learn::{BackendKind, ModelKind};
 
 use fedge_tests::harness::{
@@ -131,15 +131,15 @@ async fn results_acknowledged_survives_a_device_restart() {
     let second = device(addr, &ca, &initial).await.with_state_dir(state.clone());
     let status = second.status().lock().unwrap().clone();
     assert_eq!((status.acked, status.last_round), (1, Some(1)));
-    assert_eq!(fedge_edge::client::load_acknowledged(&state), (1, Some(1)));
+    assert_eq!(fedge_edge::work_loop::load_acknowledged(&state), (1, Some(1)));
     server.abort();
 }
 
 /// A revoked device is told why on every attempt, not only the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_reads_the_plain_reason_on_every_attempt() {
+    use fedge_edge::link::Link;
     use fedge_edge::service::{Setback, retry_delay};
-    use fedge_edge::transport::Link;
 
     let (_dir, ca) = fleet();
     issue_devices(&ca, &["gone"]);

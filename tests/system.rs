@@ -57,7 +57,7 @@ async fn five_devices_three_rounds_over_quic() {
 
     // A device certificate cannot run operator commands.
     let device_cert = ca.issue(Role::Device, "intruder", 1).unwrap();
-    let as_device = fedge_net::Client::connect(
+    let as_device = fedge_net::RequestClient::connect(
         addr,
         "localhost",
         fedge_net::client_config(&ca.ca_pem(), &device_cert.cert, &device_cert.key).unwrap(),

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fedge_coordinator::certs::{CertDir, Role};
-use fedge_coordinator::transport::{Listener, TransportError, answer_hello};
+use fedge_coordinator::listener::{Listener, ListenerError, answer_hello};
 use fedge_core::wire::{Capabilities, ErrorCode};
-use fedge_edge::transport::{ConnectError, DeviceTls, Link};
+use fedge_edge::link::{ConnectError, DeviceTls, Link};
 
 fn caps() -> Capabilities {
     Capabilities { backend: "flex".into(), memory_mb: 512, charging: true, unmetered: true, num_samples: 600 }
@@ -41,7 +41,7 @@ async fn serve(
                 }
                 Err(e) => {
                     let what = match e {
-                        TransportError::Handshake { .. } => "handshake",
+                        ListenerError::Handshake { .. } => "handshake",
                         _ => "other",
                     };
                     let _ = tx.send(Err(format!("{what}: {e}")));

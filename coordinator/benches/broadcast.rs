@@ -18,20 +18,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedge_coordinator::certs::{CertDir, Role};
+use fedge_coordinator::listener::Listener;
 use fedge_coordinator::server::Coordinator;
-use fedge_coordinator::transport::Listener;
 use fedge_core::wire::{Capabilities, Hello, Message, PROTOCOL_VERSION};
 use fedge_core::{ModelParams, ParamLayout, TensorSpec};
 use fedge_engine::EngineConfig;
 
 const CNN_PARAMS: usize = 1_663_370;
 
-async fn clients(ca: &CertDir, addr: std::net::SocketAddr, n: usize, prefix: &str) -> Vec<fedge_net::Client> {
+async fn clients(ca: &CertDir, addr: std::net::SocketAddr, n: usize, prefix: &str) -> Vec<fedge_net::RequestClient> {
     let mut out = Vec::new();
     for i in 0..n {
         let issued = ca.issue(Role::Device, &format!("{prefix}-{i}"), 1).unwrap();
         let config = fedge_net::client_config(&ca.ca_pem(), &issued.cert, &issued.key).unwrap();
-        out.push(fedge_net::Client::connect(addr, "localhost", config).await.unwrap());
+        out.push(fedge_net::RequestClient::connect(addr, "localhost", config).await.unwrap());
     }
     out
 }

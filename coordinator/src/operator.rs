@@ -15,7 +15,7 @@ pub enum OperatorError {
     Tls(#[from] fedge_net::TlsError),
     /// Connecting or the request failed.
     #[error(transparent)]
-    Client(#[from] fedge_net::ClientError),
+    Client(#[from] fedge_net::RequestError),
     /// The coordinator answered with an error.
     #[error("coordinator refused ({code:?}): {message}")]
     Refused {
@@ -44,7 +44,7 @@ pub struct OperatorTarget {
 
 /// An open operator connection.
 pub struct Operator {
-    client: fedge_net::Client,
+    client: fedge_net::RequestClient,
 }
 
 impl Operator {
@@ -56,7 +56,7 @@ impl Operator {
             &dir.join("operators").join(format!("{}.pem", target.operator)),
             &dir.join("operators").join(format!("{}.key", target.operator)),
         )?;
-        let client = fedge_net::Client::connect(target.coordinator, &target.server_name, config).await?;
+        let client = fedge_net::RequestClient::connect(target.coordinator, &target.server_name, config).await?;
         Ok(Self { client })
     }
 

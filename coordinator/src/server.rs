@@ -81,9 +81,9 @@ use tokio::sync::Notify;
 
 use crate::blobs::{BlobError, BlobStore};
 use crate::certs::Role;
+use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
-use crate::transport::Listener;
 
 pub use downloads::MAX_CHUNK_BYTES;
 pub use registry::{NewStudent, RegistryError};

@@ -15,9 +15,9 @@ use fedge_learn::{BackendKind, ModelKind, Trainer};
 
 use crate::certs::{CertDir, CertError};
 use crate::config::ServeConfig;
+use crate::listener::{Listener, ListenerError};
 use crate::server::{Coordinator, ServerError};
 use crate::store::{Store, StoreError};
-use crate::transport::{Listener, TransportError};
 
 /// Why the coordinator service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ pub enum ServiceError {
     Resume(#[from] ServerError),
     /// The QUIC endpoint cannot be bound.
     #[error(transparent)]
-    Transport(#[from] TransportError),
+    Transport(#[from] ListenerError),
     /// The blob store URL is unusable.
     #[error(transparent)]
     Blobs(#[from] crate::blobs::BlobError),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fedge_coordinator::certs::{CertDir, Role};
-use fedge_coordinator::transport::Listener;
+use fedge_coordinator::listener::Listener;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -79,7 +79,7 @@ async fn a_silent_half_open_peer_does_not_hold_up_other_devices() {
     let mut clients = Vec::new();
     for d in &devices {
         let config = fedge_net::client_config(&ca.ca_pem(), &d.cert, &d.key).unwrap();
-        clients.push(tokio::spawn(fedge_net::Client::connect(addr, "localhost", config)));
+        clients.push(tokio::spawn(fedge_net::RequestClient::connect(addr, "localhost", config)));
     }
     // Before, the accept loop awaited the silent peer's handshake until the idle timeout (10 s)
     // and nobody got in; now all 50 do while it is still pending.
@@ -98,7 +98,7 @@ async fn a_silent_half_open_peer_does_not_hold_up_other_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_certificate_holds_a_few_connections_not_many() {
-    use fedge_coordinator::transport::MAX_CONNECTIONS_PER_CERTIFICATE as MAX;
+    use fedge_coordinator::listener::MAX_CONNECTIONS_PER_CERTIFICATE as MAX;
     let dir = tempfile::tempdir().unwrap();
     let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
     let dev = ca.issue(Role::Device, "dev-0", 1).unwrap();
@@ -117,7 +117,7 @@ async fn one_certificate_holds_a_few_connections_not_many() {
     });
     let connect = |d: &fedge_coordinator::certs::Issued| {
         let config = fedge_net::client_config(&ca.ca_pem(), &d.cert, &d.key).unwrap();
-        fedge_net::Client::connect(addr, "localhost", config)
+        fedge_net::RequestClient::connect(addr, "localhost", config)
     };
     let mut held = Vec::new();
     for _ in 0..MAX {

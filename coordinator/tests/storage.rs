@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Fleet, model, task_of, update};
 use fedge_core::params::ContentHash;
 use fedge_core::wire::{ErrorCode, Message};
-use fedge_edge::transport::Link;
+use fedge_edge::link::Link;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_that_cannot_be_written_stops_the_coordinator_and_the_restart_finishes_it() {

@@ -13,14 +13,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedge_core::hybrid::{Observation, PolicyRow, policy_table};
+use fedge_core::escalation::{Observation, PolicyRow, policy_table};
 use fedge_core::wire::ErrorCode;
 use serde::Serialize;
 
 use crate::cloud::{Cloud, CloudError, CloudTarget};
 use crate::config::EdgeConfig;
+use crate::link::DeviceTls;
 use crate::predict::{COLS, LocalModel, ROWS};
-use crate::transport::DeviceTls;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -291,7 +291,7 @@ pub fn format_report(report: &BenchReport) -> String {
     }
     if !report.policies.is_empty() {
         out += "\n";
-        out += &fedge_core::hybrid::format_table(&report.policies);
+        out += &fedge_core::escalation::format_table(&report.policies);
         if report.rate_limited > 0 {
             out += &format!("({} requests waited out the coordinator's rate limit)\n", report.rate_limited);
         }

@@ -11,7 +11,7 @@ use fedge_core::wire::{Capabilities, ErrorCode, InferAnswer, InferRequest, Messa
 use thiserror::Error;
 use tokio::task::JoinHandle;
 
-use crate::transport::{DeviceTls, Link};
+use crate::link::{DeviceTls, Link};
 
 /// Why the cloud gave no answer.
 #[derive(Debug, Clone, Error, PartialEq)]
@@ -162,7 +162,7 @@ async fn keep_connected(target: CloudTarget, slot: Arc<Mutex<Option<Arc<Link>>>>
         let attempt = async {
             let link = Link::connect(target.addr, &target.server_name, &target.tls).await?;
             link.hello_for(caps.clone(), SessionPurpose::Inference).await?;
-            Ok::<_, crate::transport::ConnectError>(link)
+            Ok::<_, crate::link::ConnectError>(link)
         };
         match attempt.await {
             Ok(link) => {

@@ -27,7 +27,7 @@ use fedge_net::{ModelKey, SignatureError};
 use thiserror::Error;
 
 use crate::download::{Chunk, DownloadError, fetch_resumable};
-use crate::transport::{ConnectError, Link};
+use crate::link::{ConnectError, Link};
 
 /// Largest deployable blob accepted (students are tens of kilobytes).
 pub const MAX_BLOB_BYTES: u64 = 64 << 20;

@@ -17,7 +17,7 @@ use fedge_core::wire::Message;
 
 use thiserror::Error;
 
-use crate::transport::{ConnectError, Link};
+use crate::link::{ConnectError, Link};
 
 /// Why a model download failed.
 #[derive(Debug, Error)]

@@ -1,7 +1,7 @@
 //! Hybrid inference on the device: answer with the local (deployed, distilled) model, escalate
 //! what it is unsure of to the coordinator's teacher, keep answering when offline.
 //!
-//! The decisions are fedge-core's ([`fedge_core::hybrid`]); this is their shell: the local
+//! The decisions are fedge-core's ([`fedge_core::escalation`]); this is their shell: the local
 //! model and its calibration (per model version, redone when the deployed model changes), the
 //! [`Cloud`] session, speculative corrections, and the metrics of each path.
 //!
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use fedge_core::hybrid::{Policy, Route, escalates};
+use fedge_core::escalation::{Policy, Route, escalates};
 use fedge_net::ModelKey;
 use tokio::sync::oneshot;
 

@@ -15,17 +15,17 @@
 //! JSON over HTTP; [`bench`] measures it.
 
 pub mod bench;
-pub mod client;
 pub mod cloud;
 pub mod config;
 pub mod deploy;
 pub mod download;
 pub mod http;
 pub mod hybrid;
+pub mod link;
 pub mod metrics;
 pub mod predict;
 pub mod service;
 pub mod trainer;
-pub mod transport;
+pub mod work_loop;
 
 pub use trainer::{EdgeTrainer, TaskOutcome, TrainError};

@@ -53,7 +53,7 @@ enum Command {
         config: Option<PathBuf>,
         /// Override the policy: local-only, cascade, speculative or cloud-first (needs --config).
         #[arg(long, requires = "config")]
-        policy: Option<fedge_core::hybrid::PolicyKind>,
+        policy: Option<fedge_core::escalation::PolicyKind>,
         /// The input must not leave the device.
         #[arg(long)]
         private: bool,
@@ -84,7 +84,7 @@ enum Command {
         listen: Option<std::net::SocketAddr>,
         /// Override the policy.
         #[arg(long)]
-        policy: Option<fedge_core::hybrid::PolicyKind>,
+        policy: Option<fedge_core::escalation::PolicyKind>,
         /// Override the target escalation rate.
         #[arg(long)]
         target_rate: Option<f64>,
@@ -246,7 +246,7 @@ fn real_main() -> anyhow::Result<()> {
             }
             tokio::runtime::Runtime::new()?.block_on(async {
                 let predictor = fedge_edge::service::hybrid_predictor(&c)?;
-                if !private && c.inference.policy != fedge_core::hybrid::PolicyKind::LocalOnly {
+                if !private && c.inference.policy != fedge_core::escalation::PolicyKind::LocalOnly {
                     // A one-shot command starts offline: give the session a moment.
                     predictor.cloud().wait_online(std::time::Duration::from_secs(3)).await;
                 }

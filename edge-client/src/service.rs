@@ -15,11 +15,11 @@ use rand::RngExt;
 use std::sync::Arc;
 
 use crate::EdgeTrainer;
-use crate::client::{DeviceStatus, EdgeClient};
 use crate::cloud::{Cloud, CloudTarget};
 use crate::config::EdgeConfig;
 use crate::hybrid::{CalibrationSet, HybridPredictor};
-use crate::transport::{DeviceTls, Link};
+use crate::link::{DeviceTls, Link};
+use crate::work_loop::{DeviceStatus, EdgeClient};
 
 /// Why the device service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,7 @@ fn keep_inference_status(dir: std::path::PathBuf, predictor: &Arc<HybridPredicto
 }
 
 fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
-    if let Err(e) = crate::client::save_status(dir, status) {
+    if let Err(e) = crate::work_loop::save_status(dir, status) {
         tracing::warn!("cannot write {}: {e}", dir.join("status.json").display());
     }
 }
@@ -198,7 +198,7 @@ pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<()
         let attempt = async {
             let link = Link::connect(c.coordinator, &c.server_name, &tls).await?;
             let welcome = link.hello(caps.clone()).await?;
-            Ok::<_, crate::transport::ConnectError>((link, welcome))
+            Ok::<_, crate::link::ConnectError>((link, welcome))
         };
         match attempt.await {
             Ok((link, welcome)) => {

@@ -181,7 +181,7 @@ impl Default for SimConfig {
 
 /// A bad configuration, in one line.
 #[derive(Debug, Error, PartialEq)]
-pub enum ConfigError {
+pub enum SimConfigError {
     /// The file could not be read or parsed.
     #[error(transparent)]
     File(#[from] ConfigFileError),
@@ -192,7 +192,7 @@ pub enum ConfigError {
 
 impl SimConfig {
     /// Reads a TOML file; unknown keys are errors.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+    pub fn from_file(path: &Path) -> Result<Self, SimConfigError> {
         Ok(read_toml(path)?)
     }
 
@@ -202,8 +202,8 @@ impl SimConfig {
     }
 
     /// Checks every value, naming the first bad one.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+    pub fn validate(&self) -> Result<(), SimConfigError> {
+        let bad = |m: String| Err(SimConfigError::Invalid(m));
         if self.devices == 0 {
             return bad("devices must be at least 1".into());
         }
@@ -219,7 +219,7 @@ impl SimConfig {
                 self.round_timeout_s
             ));
         }
-        self.speed.validate().map_err(ConfigError::Invalid)?;
+        self.speed.validate().map_err(SimConfigError::Invalid)?;
         if self.eval_every == 0 {
             return bad("eval_every must be at least 1".into());
         }
@@ -236,10 +236,10 @@ impl SimConfig {
         }
         if let (Some(a), Some(z), Some(c)) = (self.adaptive_clip, self.noise_multiplier, self.clip_norm) {
             let m = ((self.fraction * self.devices as f64).ceil() as usize).max(self.min_train_clients);
-            let clip =
-                fedge_core::privacy::AdaptiveClip::new(a, c as f64).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            let clip = fedge_core::privacy::AdaptiveClip::new(a, c as f64)
+                .map_err(|e| SimConfigError::Invalid(e.to_string()))?;
             clip.delta_noise_multiplier(z, m)
-                .map_err(|e| ConfigError::Invalid(format!("{e} ({m} devices a round)")))?;
+                .map_err(|e| SimConfigError::Invalid(format!("{e} ({m} devices a round)")))?;
         }
         if self.distill_every == Some(0) {
             return bad("distill_every must be at least 1".into());
@@ -254,7 +254,7 @@ impl SimConfig {
             return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));
         }
         self.engine_config()?;
-        crate::attack::validate(self).map_err(ConfigError::Invalid)?;
+        crate::attack::validate(self).map_err(SimConfigError::Invalid)?;
         match self.partition() {
             Partition::Dirichlet { alpha } if !(alpha.is_finite() && alpha > 0.0) => {
                 bad(format!("alpha must be positive, got {alpha}"))
@@ -289,7 +289,7 @@ impl SimConfig {
     }
 
     /// The round engine's configuration, checked.
-    pub fn engine_config(&self) -> Result<EngineConfig, ConfigError> {
+    pub fn engine_config(&self) -> Result<EngineConfig, SimConfigError> {
         let keys = self.training_keys();
         let mut c = EngineConfig {
             fraction: self.fraction,
@@ -307,7 +307,7 @@ impl SimConfig {
             max_step_norm: self.max_step_norm,
             ..EngineConfig::default()
         };
-        let invalid = |e: fedge_engine::ConfigError| ConfigError::Invalid(e.to_string());
+        let invalid = |e: fedge_engine::ConfigError| SimConfigError::Invalid(e.to_string());
         c.set_strategy(&self.strategy, &self.strategy_options).map_err(invalid)?;
         c.validate().map_err(invalid)?;
         Ok(c)

@@ -71,7 +71,7 @@ pub enum DemoError {
     Tls(#[from] fedge_net::TlsError),
     /// An operator request failed.
     #[error(transparent)]
-    Request(#[from] fedge_net::ClientError),
+    Request(#[from] fedge_net::RequestError),
     /// The coordinator answered something other than a status.
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
@@ -121,7 +121,7 @@ fn spawn(exe: &Path, role: &str, config: &Path, log: &Path) -> Result<Child, Dem
         .map_err(io(format!("cannot start the {role} process")))
 }
 
-async fn status(client: &fedge_net::Client, cmd: OperatorCommand) -> Result<Status, DemoError> {
+async fn status(client: &fedge_net::RequestClient, cmd: OperatorCommand) -> Result<Status, DemoError> {
     match client.request(&Message::Operator(cmd)).await? {
         Message::Status(s) => Ok(s),
         other => Err(DemoError::Unexpected(format!("{other:?}"))),
@@ -186,7 +186,7 @@ pub async fn run_with(
     let config = fedge_net::client_config(&ca.ca_pem(), &op.cert, &op.key)?;
     let started = Instant::now();
     let client = loop {
-        match fedge_net::Client::connect(addr, "localhost", config.clone()).await {
+        match fedge_net::RequestClient::connect(addr, "localhost", config.clone()).await {
             Ok(c) => break c,
             Err(e) if started.elapsed() > Duration::from_secs(30) => {
                 let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();

@@ -16,7 +16,7 @@ pub mod data;
 pub mod demo;
 pub mod devices;
 mod distill;
-pub mod hybrid;
+pub mod hybrid_experiment;
 pub mod plot;
 pub mod pool;
 pub mod privacy_args;
@@ -24,5 +24,5 @@ pub mod run;
 pub mod run_args;
 pub mod strategy_args;
 
-pub use config::{ConfigError, SimConfig};
+pub use config::{SimConfig, SimConfigError};
 pub use run::{SimError, SimOutput, run};

@@ -253,7 +253,7 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Hybrid { run, rates, confidence } => {
             let config = run.config()?;
-            let measure: fedge_core::hybrid::ConfidenceMeasure =
+            let measure: fedge_core::escalation::ConfidenceMeasure =
                 serde_json::from_value(serde_json::Value::String(confidence.clone())).map_err(|_| {
                     anyhow::anyhow!("unknown confidence measure `{confidence}` (max-softmax, margin, entropy)")
                 })?;
@@ -264,13 +264,13 @@ fn real_main() -> anyhow::Result<()> {
                 console = Console::new(config.rounds);
                 &mut console
             };
-            let rows = fedge_sim::hybrid::run(&config, &rates, measure, obs)?;
+            let rows = fedge_sim::hybrid_experiment::run(&config, &rates, measure, obs)?;
             let mut stdout = std::io::stdout().lock();
             if run.json {
                 let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 let table: Vec<_> = rows.iter().map(|r| r.row.clone()).collect();
-                let _ = write!(stdout, "{}", fedge_core::hybrid::format_table(&table));
+                let _ = write!(stdout, "{}", fedge_core::escalation::format_table(&table));
                 if let Some(r) = rows.first() {
                     let _ = writeln!(
                         stdout,

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use crate::attack::Attack;
 use crate::clock::{Fleet, drive_round};
-use crate::config::{ConfigError, SimConfig};
+use crate::config::{SimConfig, SimConfigError};
 use crate::distill::Distiller;
 use crate::pool::Pool;
 
@@ -41,7 +41,7 @@ use report::{format_row, write_json};
 pub enum SimError {
     /// Bad configuration.
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] SimConfigError),
     /// The dataset could not be loaded.
     #[error(transparent)]
     Dataset(#[from] fedge_core::dataset::DatasetError),
@@ -160,7 +160,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     let noise = Box::new(derive_rng(config.seed, &[stream::SERVER_NOISE]));
     let strategy: Box<dyn Strategy> = strategy::build(&engine_config, noise);
     let mut engine =
-        RoundEngine::new(engine_config, strategy, initial).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        RoundEngine::new(engine_config, strategy, initial).map_err(|e| SimConfigError::Invalid(e.to_string()))?;
     let device_data: BTreeMap<DeviceId, Arc<Vec<usize>>> = assignment
         .into_iter()
         .enumerate()
@@ -213,7 +213,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
                 obs.line(&format!("stopping before round {r}: {e}"));
                 break;
             }
-            Err(e) => return Err(ConfigError::Invalid(format!("cannot start round {r}: {e}")).into()),
+            Err(e) => return Err(SimConfigError::Invalid(format!("cannot start round {r}: {e}")).into()),
         };
         let (trace, bytes) = drive_round(&mut engine, &pool, &fleet, round, now, obs);
         upload_bytes += bytes;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedge_coordinator::inference::InferenceConfig;
-use fedge_core::hybrid::PolicyKind;
+use fedge_core::escalation::PolicyKind;
 
 use super::{answered, burn_teacher, coordinator, fleet, models, online};
 

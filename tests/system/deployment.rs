@@ -7,7 +7,7 @@ use fedge_coordinator::server::Coordinator;
 use fedge_core::dataset::embedded;
 use fedge_core::wire::{Message, OperatorCommand};
 use fedge_edge::EdgeTrainer;
-use fedge_edge::client::EdgeClient;
+use fedge_edge::work_loop::EdgeClient;
 use fedge_engine::EngineConfig;
 use fedge_learn::{BackendKind, ModelKind, Trainer};
 use fedge_tests::harness::{

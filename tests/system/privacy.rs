@@ -53,7 +53,7 @@ async fn central_dp_ledger_is_shown_stamped_enforced_and_survives_a_restart() {
             Coordinator::with_store(config.clone(), initial.clone(), Store::open(&state).unwrap()).unwrap();
         let (addr, server) = serve(&coordinator, &ca);
         let clients = spawn_devices(addr, &ca, &names, &train).await;
-        let operator = fedge_net::Client::connect(addr, "localhost", op_config.clone()).await.unwrap();
+        let operator = fedge_net::RequestClient::connect(addr, "localhost", op_config.clone()).await.unwrap();
         // Asking for three rounds is refused up front, saying how far it would go.
         match operator.request(&start(3)).await.unwrap() {
             Message::Error { message, .. } => {
@@ -97,7 +97,7 @@ async fn central_dp_ledger_is_shown_stamped_enforced_and_survives_a_restart() {
     assert!((p.epsilon - two).abs() < 1e-12);
     let (addr, server) = serve(&coordinator, &ca);
     let clients = spawn_devices(addr, &ca, &names, &train).await;
-    let operator = fedge_net::Client::connect(addr, "localhost", op_config).await.unwrap();
+    let operator = fedge_net::RequestClient::connect(addr, "localhost", op_config).await.unwrap();
     match operator.request(&start(1)).await.unwrap() {
         Message::Error { message, .. } => assert!(message.contains("privacy budget"), "{message}"),
         other => panic!("{other:?}"),

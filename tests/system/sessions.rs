@@ -7,7 +7,7 @@ use std::time::Duration;
 use fedge_coordinator::certs::Role;
 use fedge_coordinator::server::Coordinator;
 use fedge_core::wire::{ErrorCode, Message};
-use fedge_edge::transport::Link;
+use fedge_edge::link::Link;
 use fedge_engine::{EngineConfig, RoundOutcome};
 use fedge_learn::{BackendKind, ModelKind, Trainer};
 use fedge_tests::harness::{

@@ -21,7 +21,7 @@ pub(super) struct Fleet {
     /// Each connected device's newest training session: its number and connection. Only that
     /// session's end disconnects the device; an older one, superseded when the device came
     /// back (a quick restart), is closed and its end changes nothing.
-    pub(super) sessions: BTreeMap<DeviceId, (u64, crate::transport::Closer)>,
+    pub(super) sessions: BTreeMap<DeviceId, (u64, crate::listener::Closer)>,
     /// The number the next training session gets.
     pub(super) next_session: u64,
 }

@@ -13,8 +13,8 @@ use fedge_core::wire::{DeviceId, ErrorCode, Message, OperatorCommand, SessionPur
 
 use super::Coordinator;
 use super::downloads::{Reply, not_kept};
+use crate::listener::{Peer, answer_hello};
 use crate::store::Settings;
-use crate::transport::{Peer, answer_hello};
 
 /// Most rounds an operator may have queued at once.
 pub const MAX_QUEUED_ROUNDS: u64 = 1_000_000;
@@ -138,7 +138,7 @@ impl Coordinator {
     fn handle_connected(
         &self,
         name: &str,
-        training: Option<(fedge_core::wire::Capabilities, crate::transport::Closer)>,
+        training: Option<(fedge_core::wire::Capabilities, crate::listener::Closer)>,
     ) -> Option<(DeviceId, Option<u64>)> {
         let order = self.ordered();
         let known = {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use fedge_coordinator::certs::{CertDir, Role};
 use fedge_core::ModelParams;
 use fedge_core::wire::{Capabilities, Message, TrainResult, TrainTask};
-use fedge_edge::transport::{DeviceTls, Link};
+use fedge_edge::link::{DeviceTls, Link};
 
 /// A fleet in a temporary folder: a CA with device certificates `names` and an operator
 /// `admin`, a free loopback port, and a coordinator configuration whose state is `state/`.
@@ -178,7 +178,7 @@ pub async fn join(addr: SocketAddr, ca: &CertDir, name: &str, coordinator: &Coor
         let attempt = async {
             let link = Link::connect(addr, "localhost", &tls(ca, name)).await?;
             link.hello(caps).await?;
-            Ok::<_, fedge_edge::transport::ConnectError>(link)
+            Ok::<_, fedge_edge::link::ConnectError>(link)
         };
         match tokio::time::timeout(Duration::from_secs(5), attempt).await {
             Ok(Ok(link)) => return link,

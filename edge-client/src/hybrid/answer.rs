@@ -1,7 +1,7 @@
 //! What a hybrid request and its answer are: the request, the model that answered, the
 //! local and cloud opinions, a speculative correction.
 
-use fedge_core::hybrid::PolicyKind;
+use fedge_core::escalation::PolicyKind;
 use serde::Serialize;
 use tokio::sync::oneshot;
 

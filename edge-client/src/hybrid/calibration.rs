@@ -1,7 +1,7 @@
 //! How the device answers (`HybridConfig`, `[inference]` in `edge.toml`) and the escalation
 //! threshold of each model version, calibrated on held-out images.
 
-use fedge_core::hybrid::{ConfidenceMeasure, PolicyKind, calibrate_threshold, escalates};
+use fedge_core::escalation::{ConfidenceMeasure, PolicyKind, calibrate_threshold, escalates};
 use serde::{Deserialize, Serialize};
 
 use crate::predict::{LocalModel, PredictError};

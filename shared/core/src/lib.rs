@@ -12,7 +12,7 @@ pub mod aggregate;
 pub mod codec;
 pub mod config_file;
 pub mod dataset;
-pub mod hybrid;
+pub mod escalation;
 pub mod params;
 pub mod partition;
 pub mod privacy;

@@ -9,18 +9,18 @@
 //! Architecture invariant: everything above this crate (the round engine, strategies, the
 //! trainer) sees messages, never sockets.
 
-pub mod client;
 pub mod frame;
+pub mod request;
 pub mod signing;
 pub mod tls;
 
 /// The application protocol negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"fedge/1";
 
-pub use client::{Client, ClientError};
 pub use frame::{
     FrameError, SMALL_FRAME_BYTES, read_message, read_message_bytes, read_message_limited, read_message_sized,
     write_encoded, write_message, write_parts,
 };
+pub use request::{RequestClient, RequestError};
 pub use signing::{ModelKey, SignatureError};
 pub use tls::{TlsError, client_config, server_config};

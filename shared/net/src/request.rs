@@ -10,7 +10,7 @@ use crate::frame::{FrameError, read_message, write_message};
 
 /// Why connecting or a request failed.
 #[derive(Debug, Error)]
-pub enum ClientError {
+pub enum RequestError {
     /// Local socket trouble.
     #[error("cannot open a local endpoint: {0}")]
     Endpoint(std::io::Error),
@@ -28,32 +28,32 @@ pub enum ClientError {
 }
 
 /// An open, mutually authenticated connection.
-pub struct Client {
+pub struct RequestClient {
     endpoint: quinn::Endpoint,
     /// The QUIC connection.
     pub connection: quinn::Connection,
 }
 
-impl Client {
+impl RequestClient {
     /// Connects to `addr`, whose certificate must name `server_name`.
     pub async fn connect(
         addr: SocketAddr,
         server_name: &str,
         config: quinn::ClientConfig,
-    ) -> Result<Self, ClientError> {
+    ) -> Result<Self, RequestError> {
         let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("valid address");
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(RequestError::Endpoint)?;
         endpoint.set_default_client_config(config);
         let connecting =
-            endpoint.connect(addr, server_name).map_err(|e| ClientError::Connect { addr, reason: e.to_string() })?;
+            endpoint.connect(addr, server_name).map_err(|e| RequestError::Connect { addr, reason: e.to_string() })?;
         let connection =
-            connecting.await.map_err(|e| ClientError::Connect { addr, reason: crate::frame::explain(&e) })?;
+            connecting.await.map_err(|e| RequestError::Connect { addr, reason: crate::frame::explain(&e) })?;
         Ok(Self { endpoint, connection })
     }
 
     /// Sends `msg` on a new stream and reads the answer (also when the peer stopped reading
     /// the request early, for example refusing it as too large).
-    pub async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+    pub async fn request(&self, msg: &Message) -> Result<Message, RequestError> {
         let (mut send, mut recv) =
             self.connection.open_bi().await.map_err(|e| FrameError::Closed(crate::frame::explain(&e)))?;
         // A peer that refuses a request (too large) stops our sending and still answers why:

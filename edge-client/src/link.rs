@@ -28,7 +28,7 @@ pub enum ConnectError {
     Tls(#[from] fedge_net::TlsError),
     /// Connecting or talking failed.
     #[error(transparent)]
-    Client(#[from] fedge_net::ClientError),
+    Client(#[from] fedge_net::RequestError),
     /// The coordinator refused.
     #[error("coordinator refused ({code:?}): {message}")]
     Refused {
@@ -44,7 +44,7 @@ pub enum ConnectError {
 
 /// An open connection to the coordinator.
 pub struct Link {
-    client: fedge_net::Client,
+    client: fedge_net::RequestClient,
     /// The QUIC connection.
     pub connection: quinn::Connection,
 }
@@ -53,7 +53,7 @@ impl Link {
     /// Connects to the coordinator at `addr`, whose certificate must name `server_name`.
     pub async fn connect(addr: SocketAddr, server_name: &str, tls: &DeviceTls) -> Result<Self, ConnectError> {
         let config = fedge_net::client_config(&tls.ca, &tls.cert, &tls.key)?;
-        let client = fedge_net::Client::connect(addr, server_name, config).await?;
+        let client = fedge_net::RequestClient::connect(addr, server_name, config).await?;
         let connection = client.connection.clone();
         Ok(Self { client, connection })
     }

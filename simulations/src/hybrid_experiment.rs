@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use fedge_core::hybrid::{ConfidenceMeasure, Observation, PolicyRow, policy_table};
+use fedge_core::escalation::{ConfidenceMeasure, Observation, PolicyRow, policy_table};
 use fedge_learn::Predictor;
 use serde::Serialize;
 
@@ -69,6 +69,6 @@ pub fn run(
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let (p50, p99) = (pct(0.5), pct(0.99));
     let table =
-        policy_table(&cal_scores, &eval, rates).map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
+        policy_table(&cal_scores, &eval, rates).map_err(|e| crate::config::SimConfigError::Invalid(e.to_string()))?;
     Ok(table.into_iter().map(|row| HybridRow { row, local_p50_ms: p50, local_p99_ms: p99 }).collect())
 }

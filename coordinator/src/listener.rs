@@ -20,7 +20,7 @@ use crate::certs::{CertDir, CertError, Identity, Role, identity_of};
 
 /// Why a peer was not admitted, or the listener could not start.
 #[derive(Debug, Error)]
-pub enum TransportError {
+pub enum ListenerError {
     /// TLS material unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -111,12 +111,12 @@ pub struct Enforced {
 impl Listener {
     /// Listens on `addr` with the server certificate, CA and revocation list of `certs`.
     /// Must be called within a tokio runtime.
-    pub fn bind(addr: SocketAddr, certs: &CertDir) -> Result<Self, TransportError> {
+    pub fn bind(addr: SocketAddr, certs: &CertDir) -> Result<Self, ListenerError> {
         let server = certs.server();
         let crl = std::fs::read(certs.crl_pem()).unwrap_or_default();
         let revoked = revoked_serials(&crl);
         let config = fedge_net::server_config(&certs.ca_pem(), &server.cert, &server.key, Some(&certs.crl_pem()))?;
-        let endpoint = quinn::Endpoint::server(config, addr).map_err(|cause| TransportError::Bind { addr, cause })?;
+        let endpoint = quinn::Endpoint::server(config, addr).map_err(|cause| ListenerError::Bind { addr, cause })?;
         let (done, handshaken) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
         let handshaker = tokio::spawn(handshakes(endpoint.clone(), done));
         Ok(Self {
@@ -133,11 +133,11 @@ impl Listener {
     /// loads it for new handshakes; then closes each open connection whose certificate it
     /// revokes or whose validity has ended. A CRL that cannot be read or parsed keeps the last
     /// one in force (and is an error).
-    pub fn enforce(&self) -> Result<Enforced, TransportError> {
+    pub fn enforce(&self) -> Result<Enforced, ListenerError> {
         let mut done = Enforced::default();
         let path = self.certs.crl_pem();
         let bytes = std::fs::read(&path)
-            .map_err(|e| TransportError::Tls(TlsError::Read { path: path.clone(), reason: e.to_string() }))?;
+            .map_err(|e| ListenerError::Tls(TlsError::Read { path: path.clone(), reason: e.to_string() }))?;
         let revoked = {
             let mut crl = self.crl.lock().unwrap_or_else(|p| p.into_inner());
             if crl.0 != bytes {
@@ -177,7 +177,7 @@ impl Listener {
 
     /// The next admitted peer (handshakes run concurrently, see [`handshakes`]). `None` once
     /// the endpoint is closed; `Some(Err(_))` for a refused peer (the listener keeps going).
-    pub async fn accept(&self) -> Option<Result<Peer, TransportError>> {
+    pub async fn accept(&self) -> Option<Result<Peer, ListenerError>> {
         let (remote, connection) = match self.handshaken.lock().await.recv().await? {
             Ok(done) => done,
             Err(e) => return Some(Err(e)),
@@ -196,7 +196,7 @@ impl Listener {
                     if live.iter().filter(|l| l.serial == serial).count() >= MAX_CONNECTIONS_PER_CERTIFICATE {
                         drop(live);
                         connection.close(6u32.into(), b"too many connections with this certificate");
-                        return Some(Err(TransportError::Handshake {
+                        return Some(Err(ListenerError::Handshake {
                             remote,
                             reason: format!(
                                 "{}: more than {MAX_CONNECTIONS_PER_CERTIFICATE} connections with one certificate",
@@ -210,11 +210,11 @@ impl Listener {
             }
             Some(Err(cause)) => {
                 connection.close(1u32.into(), b"no fedge identity");
-                Some(Err(TransportError::Identity { remote, cause }))
+                Some(Err(ListenerError::Identity { remote, cause }))
             }
             None => {
                 connection.close(1u32.into(), b"no client certificate");
-                Some(Err(TransportError::Handshake { remote, reason: "no client certificate".into() }))
+                Some(Err(ListenerError::Handshake { remote, reason: "no client certificate".into() }))
             }
         }
     }
@@ -249,7 +249,7 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// The longest a handshake may take.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-type Handshaken = Result<(SocketAddr, quinn::Connection), TransportError>;
+type Handshaken = Result<(SocketAddr, quinn::Connection), ListenerError>;
 
 /// Accepts connection attempts and runs each handshake on its own task, bounded in time and in
 /// number, so a peer that sends a first packet and goes quiet delays nobody else.
@@ -275,8 +275,8 @@ async fn handshakes(endpoint: quinn::Endpoint, done: tokio::sync::mpsc::Sender<H
             let remote = incoming.remote_address();
             let result = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                 Ok(Ok(connection)) => Ok((remote, connection)),
-                Ok(Err(e)) => Err(TransportError::Handshake { remote, reason: e.to_string() }),
-                Err(_) => Err(TransportError::Handshake {
+                Ok(Err(e)) => Err(ListenerError::Handshake { remote, reason: e.to_string() }),
+                Err(_) => Err(ListenerError::Handshake {
                     remote,
                     reason: format!("no complete handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
                 }),

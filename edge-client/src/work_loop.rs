@@ -18,13 +18,13 @@ use thiserror::Error;
 
 use crate::deploy::{DeployError, Deployed};
 use crate::download::DownloadError;
+use crate::link::{ConnectError, Link};
 use crate::trainer::{EdgeTrainer, TrainError};
-use crate::transport::{ConnectError, Link};
 use fedge_net::ModelKey;
 
 /// Why the loop stopped.
 #[derive(Debug, Error)]
-pub enum ClientError {
+pub enum WorkLoopError {
     /// The connection failed or closed.
     #[error(transparent)]
     Link(#[from] ConnectError),
@@ -188,7 +188,7 @@ impl EdgeClient {
 
     /// Follows promotion `p` (signed, and numbered higher than the last one followed) to its
     /// version if that verifies; otherwise says why and keeps running what it had.
-    async fn follow_promotion(&mut self, p: Promotion) -> Result<(), ClientError> {
+    async fn follow_promotion(&mut self, p: Promotion) -> Result<(), WorkLoopError> {
         let v = p.version;
         let running = self.deployed.as_ref().is_some_and(|d| d.record.version == v);
         if self.refused == Some(p.sequence) || (running && self.followed.as_ref() == Some(&p)) {
@@ -251,7 +251,7 @@ impl EdgeClient {
         self.status.clone()
     }
 
-    async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+    async fn request(&self, msg: &Message) -> Result<Message, WorkLoopError> {
         Ok(self.link.request(msg).await?)
     }
 
@@ -263,7 +263,7 @@ impl EdgeClient {
         &mut self,
         version: u64,
         expected: Option<ContentHash>,
-    ) -> Result<Arc<ModelParams>, ClientError> {
+    ) -> Result<Arc<ModelParams>, WorkLoopError> {
         let held_hash = self.status.lock().unwrap_or_else(|p| p.into_inner()).model_hash;
         if let Some((v, p)) = &self.model
             && *v == version
@@ -321,7 +321,7 @@ impl EdgeClient {
     /// coordinator answers `Unavailable` (it could not make the update durable; nothing was
     /// recorded) the result is sent again after a back-off ([`upload_retry_delay`]), until it
     /// is acknowledged or refused for good (the round closed: `StaleModel`).
-    async fn upload(&mut self) -> Result<(), ClientError> {
+    async fn upload(&mut self) -> Result<(), WorkLoopError> {
         let Some(msg) = self.unacked.as_ref() else { return Ok(()) };
         let round = match msg {
             Message::TrainResult(r) => r.round,
@@ -366,7 +366,7 @@ impl EdgeClient {
     /// Works until the connection closes (then returns the link error) or a model fails
     /// verification. Call again after [`Self::reconnect`]; a result whose upload was cut off
     /// is sent again first.
-    pub async fn run(&mut self, device: DeviceId) -> Result<(), ClientError> {
+    pub async fn run(&mut self, device: DeviceId) -> Result<(), WorkLoopError> {
         self.upload().await?;
         loop {
             let running = self.deployed.as_ref().map(|d| d.record.version);
