@@ -369,13 +369,19 @@ async fn hello_exchange(peer: &Peer, model_version: u64) -> Result<Hello, HelloE
 /// The serial and end of validity (unix seconds) of a connection's client certificate.
 fn leaf_validity(connection: &quinn::Connection) -> Option<(Vec<u8>, i64)> {
     let chain = connection.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    certificate_validity(chain.first()?.as_ref())
+}
+
+/// The serial and end of validity (unix seconds) of a DER certificate; `None` if it does not
+/// parse. (Fuzzed: `fuzz/fuzz_targets/certs.rs`.)
+pub fn certificate_validity(der: &[u8]) -> Option<(Vec<u8>, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     Some((cert.raw_serial().to_vec(), cert.validity().not_after.timestamp()))
 }
 
 /// The serials a PEM CRL revokes (none if it does not parse: rustls has already refused to
-/// load such a list).
-fn revoked_serials(pem: &[u8]) -> BTreeSet<Vec<u8>> {
+/// load such a list). (Fuzzed: `fuzz/fuzz_targets/certs.rs`.)
+pub fn revoked_serials(pem: &[u8]) -> BTreeSet<Vec<u8>> {
     let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(pem) else {
         return BTreeSet::new();
     };
