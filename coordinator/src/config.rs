@@ -22,7 +22,7 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// `2nn` or `cnn`.
     pub model: String,
-    /// Seed of the initial model and of device sampling.
+    /// Seed of the initial model, of device sampling and of bucketing.
     pub seed: u64,
     /// Dataset whose test split evaluates each new model: `embedded`, `mnist`, `fashion-mnist`.
     pub eval_dataset: String,
