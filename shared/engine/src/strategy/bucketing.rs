@@ -91,9 +91,10 @@ pub(crate) fn bucket_in_place(buffer: &mut UpdateBuffer, order: &[usize], size: 
         let Some((mut first, first_samples)) = members.next() else { break };
         let rest: Vec<(Vec<f32>, u64)> = members.collect();
         if !rest.is_empty() {
-            // Weights w_i / W in f64; equal when the bucket claims no samples at all.
+            // Weights w_i / W in f64 (W summed in f64, so a saturated total cannot tip the
+            // weights past 1); equal when the bucket claims no samples at all.
             let weight = |s: u64| if total == 0 { 1.0 } else { s as f64 };
-            let whole = if total == 0 { (rest.len() + 1) as f64 } else { total as f64 };
+            let whole = weight(first_samples) + rest.iter().map(|(_, s)| weight(*s)).sum::<f64>();
             sum.clear();
             sum.extend(first.iter().map(|&v| weight(first_samples) * f64::from(v)));
             for (u, s) in &rest {
@@ -247,6 +248,13 @@ mod tests {
         bucket_in_place(&mut b, &[0, 1, 2, 3], 2);
         assert_eq!(b.samples(), [0, u64::MAX]);
         assert_eq!(b.updates(), [vec![2.0], vec![5.0]]);
+        // Two claims of u64::MAX: the total saturates, the mean stays the mean.
+        b.begin(&params(&[0.0]));
+        for u in [&[1.0f32][..], &[3.0]] {
+            b.push(contribution(&params(u), u64::MAX)).unwrap();
+        }
+        bucket_in_place(&mut b, &[1, 0], 2);
+        assert_eq!((b.samples(), b.updates()), (&[u64::MAX][..], &[vec![2.0]][..]));
     }
 
     #[test]
