@@ -22,7 +22,7 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     /// `2nn` or `cnn`.
     pub model: String,
-    /// Seed of the initial model and of device sampling.
+    /// Seed of the initial model, of device sampling and of bucketing.
     pub seed: u64,
     /// Dataset whose test split evaluates each new model: `embedded`, `mnist`, `fashion-mnist`.
     pub eval_dataset: String,
@@ -178,7 +178,7 @@ mod tests {
     fn the_strategy_is_chosen_by_name_with_its_options() {
         let c: ServeConfig =
             parse_toml("strategy = \"trimmed-mean\"\n[strategy_options]\ntrim_fraction = 0.1").unwrap();
-        assert_eq!(c.engine().unwrap().strategy, StrategyConfig::TrimmedMean { fraction: 0.1 });
+        assert_eq!(c.engine().unwrap().strategy, StrategyConfig::TrimmedMean { fraction: 0.1, bucket_size: 1 });
         assert_eq!(ServeConfig::default().engine().unwrap().strategy, StrategyConfig::FedAvg { server_lr: 1.0 });
         let bad = |toml: &str| parse_toml::<ServeConfig>(toml).unwrap().engine().unwrap_err().to_string();
         assert!(bad("strategy = \"krumm\"").contains("unknown strategy `krumm`"));

@@ -6,7 +6,9 @@
 #
 # Build first: cargo build -p fedge-sim (the dev profile is optimised). Runs already in OUT_DIR
 # are kept, so an interrupted sweep resumes. Everything below can be narrowed from the
-# environment, e.g. DATASETS=mnist PARTITIONS=iid FRACTIONS="0 0.2".
+# environment, e.g. DATASETS=mnist PARTITIONS=iid FRACTIONS="0 0.2". Each STRATEGIES entry is
+# NAME or NAME:flag=value,... (e.g. centered-clip:bucket-size=2, as noniid-optimisers.sh spells
+# them); the table's column is named by the entry.
 set -euo pipefail
 OUT=${1:-runs/robust-sweep}
 SIM=${SIM:-target/debug/fedge-sim}
@@ -21,6 +23,9 @@ SEED=${SEED:-1}
 # 100 devices, 20 a round, one local epoch in batches of 10; Dirichlet(0.3) for non-IID.
 COMMON=(--devices 100 --fraction 0.2 --rounds "$ROUNDS" --epochs 1 --batch-size 10 --lr 0.05
         --eval-every "$ROUNDS" --alpha 0.3 --seed "$SEED" --quiet)
+# An entry's run directory suffix: centered-clip:bucket-size=2 -> centered-clip_bucket-size_2
+# (a plain name is its own suffix, so earlier sweeps' runs are still found).
+dir_name() { echo "$1" | tr ':,=' '_._'; }
 mkdir -p "$OUT"
 start=$(date +%s)
 runs=0
@@ -30,12 +35,17 @@ for ds in $DATASETS; do
       attacks=$ATTACKS
       [ "$frac" = 0 ] && attacks=none
       for attack in $attacks; do
-        for strategy in $STRATEGIES; do
-          dir="$OUT/$ds-$part-$attack-$frac-$strategy"
-          [ -f "$dir/summary.json" ] && continue
+        for entry in $STRATEGIES; do
+          name=${entry%%:*}
           extra=()
-          [ "$attack" != none ] && extra=(--attack "$attack" --attackers "$frac")
-          "$SIM" run --dataset "$ds" --data-dir "$DATA_DIR" --partition "$part" --strategy "$strategy" \
+          if [ "$entry" != "$name" ]; then
+            IFS=, read -ra kv <<< "${entry#*:}"
+            for f in "${kv[@]}"; do extra+=("--${f%%=*}" "${f#*=}"); done
+          fi
+          dir="$OUT/$ds-$part-$attack-$frac-$(dir_name "$entry")"
+          [ -f "$dir/summary.json" ] && continue
+          [ "$attack" != none ] && extra+=(--attack "$attack" --attackers "$frac")
+          "$SIM" run --dataset "$ds" --data-dir "$DATA_DIR" --partition "$part" --strategy "$name" \
             "${COMMON[@]}" "${extra[@]}" --out "$dir" >&2
           runs=$((runs + 1))
         done
@@ -47,16 +57,18 @@ echo "$runs runs in $(( $(date +%s) - start )) s" >&2
 python3 - "$OUT" "$STRATEGIES" <<'PY'
 import json, os, sys
 out, strategies = sys.argv[1], sys.argv[2].split()
+# Each entry's directory suffix, as dir_name writes it.
+suffix = {e: e.translate(str.maketrans(":,=", "_._")) for e in strategies}
 rows = {}
 for name in sorted(os.listdir(out)):
     path = os.path.join(out, name, "summary.json")
     if not os.path.exists(path):
         continue
     s = json.load(open(path))
-    # ds-part-attack-frac-strategy; names hold dashes, so split from known pieces.
-    for strat in sorted(strategies, key=len, reverse=True):  # multi-krum before krum
-        if name.endswith("-" + strat):
-            head = name[: -len(strat) - 1]
+    # ds-part-attack-frac-entry; names hold dashes, so split from known pieces.
+    for strat in sorted(strategies, key=lambda e: len(suffix[e]), reverse=True):  # multi-krum before krum
+        if name.endswith("-" + suffix[strat]):
+            head = name[: -len(suffix[strat]) - 1]
             break
     else:
         continue

@@ -399,6 +399,8 @@ mod tests {
                 "trim_fraction must be in [0, 0.5)",
             ),
             ("[strategy_options]\ntrim = 0.1", "line 2: unknown field `trim`"),
+            ("[strategy_options]\nbucket_size = 2", "`bucket_size` does not apply to fedavg"),
+            ("strategy = \"median\"\n[strategy_options]\nbucket_size = 0", "bucket_size must be 1 to 1000, got 0"),
             ("strategy = \"median\"\nclip_norm = 1.0\nnoise_multiplier = 1.0", "median combines the updates jointly"),
             ("attack = \"evil\"\nattackers = 0.2", "line 1: unknown variant `evil`, expected one of `sign-flip`"),
             ("attack = \"scale\"", "attack `scale` needs attackers > 0"),

@@ -31,7 +31,7 @@ pub struct EngineConfig {
     pub round_timeout: Duration,
     /// What devices are asked to do.
     pub train: TrainConfig,
-    /// Seed of device sampling.
+    /// Seed of device sampling and of the robust rules' buckets (with the round).
     pub seed: u64,
     /// Central differential privacy, if on.
     pub privacy: Option<CentralDp>,

@@ -8,13 +8,15 @@
 //! - server optimisers on the averaged delta ([`FedOpt`]): [`FedAvgM`], [`FedAdagrad`],
 //!   [`FedAdam`], [`FedYogi`];
 //! - robust rules: [`Median`], [`TrimmedMean`], [`Krum`] (and Multi-Krum), [`NormBound`],
-//!   [`CenteredClip`].
+//!   [`CenteredClip`], each optionally on bucket means ([`Bucketing`], Karimireddy et al.
+//!   2022) instead of the raw updates.
 //!
 //! Memory: FedAvg, DP-FedAvg, FedProx, the server optimisers and norm bounding with a fixed
 //! bound stream (one model, plus one or two moment vectors for the optimisers). The median,
 //! the trimmed mean, Krum, centered clipping and norm bounding at the median norm hold every
-//! update of the round, `4 d` bytes each; the engine refuses to start a round whose sampled
-//! devices could need more than `max_buffer_mb`.
+//! update of the round, `4 d` bytes each (so does norm bounding with a bound when it buckets);
+//! the engine refuses to start a round whose sampled devices could need more than
+//! `max_buffer_mb`. Bucketing holds nothing more: it averages the held updates in place.
 //!
 //! With central DP: the server optimisers and FedProx post-process (or precede) DP-FedAvg's
 //! noised mean, so the accountant's charge is unchanged. The robust rules combine updates
@@ -22,6 +24,7 @@
 //! output by more than `C / m`, the sensitivity the accountant assumes: they are refused with
 //! central DP. With local DP every rule is post-processing of private uploads and allowed.
 
+pub mod bucketing;
 pub mod buffer;
 mod centered_clip;
 pub mod choice;
@@ -40,6 +43,7 @@ mod norm_bound;
 mod testing;
 mod trimmed_mean;
 
+pub use bucketing::Bucketing;
 pub use buffer::{Buffered, BufferedRule};
 pub use centered_clip::CenteredClip;
 pub use choice::{FedOptKind, StrategyConfig, StrategyOptions};
@@ -188,8 +192,9 @@ impl ServerState {
 }
 
 /// The strategy an engine configuration calls for, noise for central DP drawn from
-/// `noise_rng`. [`crate::EngineConfig::validate`] has refused the combinations this cannot
-/// build faithfully (a robust rule under central DP).
+/// `noise_rng`, a robust rule's buckets permuted from the configuration's seed and the round.
+/// [`crate::EngineConfig::validate`] has refused the combinations this cannot build
+/// faithfully (a robust rule under central DP).
 pub fn build(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>) -> Box<dyn Strategy> {
     let averaging = |server_lr: f64, noise_rng| -> Box<dyn Strategy> {
         match &config.privacy {
@@ -200,6 +205,7 @@ pub fn build(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>)
             None => Box::new(FedAvg::with_server_lr(server_lr as f32)),
         }
     };
+    let buckets = |size| Bucketing::new(size, config.seed);
     match config.strategy {
         StrategyConfig::FedAvg { server_lr } => averaging(server_lr, noise_rng),
         StrategyConfig::FedAvgM { server_lr, momentum } => {
@@ -214,13 +220,21 @@ pub fn build(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>)
             }
         }
         StrategyConfig::FedProx { mu } => Box::new(FedProx::new(averaging(1.0, noise_rng), mu)),
-        StrategyConfig::Median => Box::new(Buffered::new(Median)),
-        StrategyConfig::TrimmedMean { fraction } => Box::new(Buffered::new(TrimmedMean::new(fraction))),
-        StrategyConfig::Krum { byzantine, select: None } => Box::new(Buffered::new(Krum::single(byzantine))),
-        StrategyConfig::Krum { byzantine, select: Some(select) } => {
-            Box::new(Buffered::new(Krum::multi(byzantine, select)))
+        StrategyConfig::Median { bucket_size } => Box::new(Buffered::bucketed(Median, buckets(bucket_size))),
+        StrategyConfig::TrimmedMean { fraction, bucket_size } => {
+            Box::new(Buffered::bucketed(TrimmedMean::new(fraction), buckets(bucket_size)))
         }
-        StrategyConfig::NormBound { bound } => Box::new(NormBound::new(bound)),
-        StrategyConfig::CenteredClip { radius, iters } => Box::new(Buffered::new(CenteredClip::new(radius, iters))),
+        StrategyConfig::Krum { byzantine, select: None, bucket_size } => {
+            Box::new(Buffered::bucketed(Krum::single(byzantine), buckets(bucket_size)))
+        }
+        StrategyConfig::Krum { byzantine, select: Some(select), bucket_size } => {
+            Box::new(Buffered::bucketed(Krum::multi(byzantine, select), buckets(bucket_size)))
+        }
+        StrategyConfig::NormBound { bound, bucket_size } => {
+            Box::new(NormBound::new(bound).with_bucketing(buckets(bucket_size)))
+        }
+        StrategyConfig::CenteredClip { radius, iters, bucket_size } => {
+            Box::new(Buffered::bucketed(CenteredClip::new(radius, iters), buckets(bucket_size)))
+        }
     }
 }

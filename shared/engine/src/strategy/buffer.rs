@@ -1,5 +1,7 @@
 //! The round's updates held in memory, for the rules that cannot stream (median, trimmed
-//! mean, Krum, centered clipping): `n` updates of `d` values take `4 n d` bytes. The engine
+//! mean, Krum, centered clipping, and norm bounding at the median norm or with buckets): `n`
+//! updates of `d` values take `4 n d` bytes (bucketing replaces them in place by
+//! `ceil(n / s)` means once the round is in). The engine
 //! refuses to start a round whose sampled devices could take more than the configured bound
 //! (`max_buffer_mb`), so the memory is known before the first update arrives.
 
@@ -8,6 +10,7 @@ use std::sync::Arc;
 use fedge_core::aggregate::AggregateError;
 use fedge_core::{ModelParams, ParamLayout};
 
+use super::bucketing::Bucketing;
 use super::{Contribution, ServerState, Strategy};
 
 /// The accepted updates of the open round, each already scaled by the engine's clip.
@@ -62,6 +65,12 @@ impl UpdateBuffer {
     /// Their sample counts.
     pub fn samples(&self) -> &[u64] {
         &self.samples
+    }
+
+    /// The held updates and their sample counts, for [`super::bucketing`] to replace by bucket
+    /// means (kept the same length as each other).
+    pub(super) fn held_mut(&mut self) -> (&mut Vec<Vec<f32>>, &mut Vec<u64>) {
+        (&mut self.updates, &mut self.samples)
     }
 
     /// Fails with [`AggregateError::TooFew`] unless at least `needed` updates are held.
@@ -158,17 +167,24 @@ pub trait BufferedRule: Send + std::fmt::Debug {
     }
 }
 
-/// A [`BufferedRule`] as a [`Strategy`]: the round's updates held in an [`UpdateBuffer`].
+/// A [`BufferedRule`] as a [`Strategy`]: the round's updates held in an [`UpdateBuffer`],
+/// optionally bucketed ([`super::bucketing`]) before the rule sees them.
 #[derive(Debug)]
 pub struct Buffered<R> {
     rule: R,
     buffer: UpdateBuffer,
+    bucketing: Bucketing,
 }
 
 impl<R: BufferedRule> Buffered<R> {
     /// `rule` over the round's held updates.
     pub fn new(rule: R) -> Self {
-        Self { rule, buffer: UpdateBuffer::default() }
+        Self::bucketed(rule, Bucketing::OFF)
+    }
+
+    /// `rule` over the bucket means of the round's held updates.
+    pub fn bucketed(rule: R, bucketing: Bucketing) -> Self {
+        Self { rule, buffer: UpdateBuffer::default(), bucketing }
     }
 }
 
@@ -201,7 +217,8 @@ impl<R: BufferedRule> Strategy for Buffered<R> {
         self.buffer.push(c)
     }
 
-    fn aggregate_train(&mut self, _: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
+    fn aggregate_train(&mut self, round: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
+        self.bucketing.apply(round, &mut self.buffer);
         self.buffer.need(self.rule.name(), 1)?;
         let step = self.rule.step(&self.buffer)?;
         let next = self.buffer.finish(global, &step)?;

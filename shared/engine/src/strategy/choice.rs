@@ -23,6 +23,10 @@ pub const NAMES: [&str; 12] = [
 /// The default bound on the memory a rule that holds the round's updates may use.
 pub const DEFAULT_MAX_BUFFER_MB: u64 = 4096;
 
+/// The largest `bucket_size` accepted (a bucket that size already averages a whole round of
+/// any sane cohort into one input).
+pub const MAX_BUCKET_SIZE: usize = 1000;
+
 /// A strategy's parameters as a configuration file or the command line gives them; `None`
 /// takes the strategy's default. A key the chosen strategy does not read is refused, so a typo
 /// of the strategy's name cannot silently drop a setting.
@@ -57,6 +61,10 @@ pub struct StrategyOptions {
     /// The most memory, in MiB, the round's held updates may take (median, trimmed-mean,
     /// krum, multi-krum, norm-bound without a bound, centered-clip; default 4096).
     pub max_buffer_mb: Option<u64>,
+    /// Bucketing (Karimireddy, He and Jaggi 2022): the rule sees the sample-weighted means of
+    /// buckets of this many randomly permuted updates (median, trimmed-mean, krum, multi-krum,
+    /// norm-bound, centered-clip; 1 to 1000, default 1: no bucketing).
+    pub bucket_size: Option<usize>,
 }
 
 /// A strategy and its parameters, checked.
@@ -93,11 +101,16 @@ pub enum StrategyConfig {
         mu: f64,
     },
     /// Coordinate-wise median.
-    Median,
+    Median {
+        /// Updates averaged per bucket (1: none).
+        bucket_size: usize,
+    },
     /// Coordinate-wise trimmed mean.
     TrimmedMean {
         /// Fraction trimmed from each side.
         fraction: f64,
+        /// Updates averaged per bucket (1: none).
+        bucket_size: usize,
     },
     /// Krum (`select: None`) or Multi-Krum.
     Krum {
@@ -105,11 +118,15 @@ pub enum StrategyConfig {
         byzantine: Option<usize>,
         /// Multi-Krum: updates averaged (`Some(None)`: n - f). `None`: Krum.
         select: Option<Option<usize>>,
+        /// Updates averaged per bucket (1: none); `byzantine` and `select` then count buckets.
+        bucket_size: usize,
     },
     /// Norm bounding.
     NormBound {
         /// The bound (`None`: the round's median norm).
         bound: Option<f64>,
+        /// Updates averaged per bucket (1: none).
+        bucket_size: usize,
     },
     /// Centered clipping.
     CenteredClip {
@@ -117,6 +134,8 @@ pub enum StrategyConfig {
         radius: Option<f64>,
         /// Iterations.
         iters: u32,
+        /// Updates averaged per bucket (1: none).
+        bucket_size: usize,
     },
 }
 
@@ -142,7 +161,7 @@ impl StrategyConfig {
     /// not read, or a value out of range is refused in one line.
     pub fn parse(name: &str, options: &StrategyOptions) -> Result<Self, String> {
         let o = options;
-        let given: [(&str, bool); 13] = [
+        let given: [(&str, bool); 14] = [
             ("server_lr", o.server_lr.is_some()),
             ("server_momentum", o.server_momentum.is_some()),
             ("beta1", o.beta1.is_some()),
@@ -156,6 +175,7 @@ impl StrategyConfig {
             ("clip_radius", o.clip_radius.is_some()),
             ("clip_iters", o.clip_iters.is_some()),
             ("max_buffer_mb", o.max_buffer_mb.is_some()),
+            ("bucket_size", o.bucket_size.is_some()),
         ];
         let Some(reads) = keys_read_by(name) else {
             return Err(format!("unknown strategy `{name}`; choose one of {}", NAMES.join(", ")));
@@ -182,6 +202,10 @@ impl StrategyConfig {
         {
             return Err(format!("max_buffer_mb must be 1 to {}, got {mb}", 1u64 << 24));
         }
+        let bucket_size = match o.bucket_size.unwrap_or(1) {
+            s @ 1..=MAX_BUCKET_SIZE => s,
+            s => return Err(format!("bucket_size must be 1 to {MAX_BUCKET_SIZE}, got {s}")),
+        };
         Ok(match name {
             "fedavg" => StrategyConfig::FedAvg { server_lr: lr(1.0)? },
             "fedavgm" => StrategyConfig::FedAvgM {
@@ -194,9 +218,10 @@ impl StrategyConfig {
             "fedprox" => StrategyConfig::FedProx {
                 mu: range("proximal_mu", o.proximal_mu.unwrap_or(0.01), 0.0, true, 1e6, true)?,
             },
-            "median" => StrategyConfig::Median,
+            "median" => StrategyConfig::Median { bucket_size },
             "trimmed-mean" => StrategyConfig::TrimmedMean {
                 fraction: range("trim_fraction", o.trim_fraction.unwrap_or(0.2), 0.0, true, 0.5, false)?,
+                bucket_size,
             },
             "krum" | "multi-krum" => {
                 if let Some(f) = o.byzantine
@@ -208,10 +233,11 @@ impl StrategyConfig {
                     return Err("krum_select must be at least 1".into());
                 }
                 let select = (name == "multi-krum").then_some(o.krum_select);
-                StrategyConfig::Krum { byzantine: o.byzantine, select }
+                StrategyConfig::Krum { byzantine: o.byzantine, select, bucket_size }
             }
             "norm-bound" => StrategyConfig::NormBound {
                 bound: o.norm_bound.map(|b| range("norm_bound", b, 0.0, false, 1e12, true)).transpose()?,
+                bucket_size,
             },
             "centered-clip" => StrategyConfig::CenteredClip {
                 radius: o.clip_radius.map(|r| range("clip_radius", r, 0.0, false, 1e12, true)).transpose()?,
@@ -219,6 +245,7 @@ impl StrategyConfig {
                     i @ 1..=100 => i,
                     i => return Err(format!("clip_iters must be 1 to 100, got {i}")),
                 },
+                bucket_size,
             },
             _ => unreachable!("every name was matched above"),
         })
@@ -233,7 +260,7 @@ impl StrategyConfig {
             StrategyConfig::FedOpt { kind: FedOptKind::Adam, .. } => "fedadam",
             StrategyConfig::FedOpt { kind: FedOptKind::Yogi, .. } => "fedyogi",
             StrategyConfig::FedProx { .. } => "fedprox",
-            StrategyConfig::Median => "median",
+            StrategyConfig::Median { .. } => "median",
             StrategyConfig::TrimmedMean { .. } => "trimmed-mean",
             StrategyConfig::Krum { select: None, .. } => "krum",
             StrategyConfig::Krum { select: Some(_), .. } => "multi-krum",
@@ -242,16 +269,31 @@ impl StrategyConfig {
         }
     }
 
-    /// Whether the rule holds every update of a round (it cannot stream).
+    /// Updates averaged per bucket before the rule sees them (1: no bucketing, and for every
+    /// strategy that does not bucket).
+    pub fn bucket_size(&self) -> usize {
+        match *self {
+            StrategyConfig::Median { bucket_size }
+            | StrategyConfig::TrimmedMean { bucket_size, .. }
+            | StrategyConfig::Krum { bucket_size, .. }
+            | StrategyConfig::NormBound { bucket_size, .. }
+            | StrategyConfig::CenteredClip { bucket_size, .. } => bucket_size,
+            _ => 1,
+        }
+    }
+
+    /// Whether the rule holds every update of a round (it cannot stream). Norm bounding with a
+    /// fixed bound streams unless it buckets (a bucket's members are known only once the round
+    /// is in).
     pub fn holds_updates(&self) -> bool {
-        matches!(
-            self,
-            StrategyConfig::Median
-                | StrategyConfig::TrimmedMean { .. }
-                | StrategyConfig::Krum { .. }
-                | StrategyConfig::NormBound { bound: None }
-                | StrategyConfig::CenteredClip { .. }
-        )
+        match self {
+            StrategyConfig::Median { .. }
+            | StrategyConfig::TrimmedMean { .. }
+            | StrategyConfig::Krum { .. }
+            | StrategyConfig::CenteredClip { .. } => true,
+            StrategyConfig::NormBound { bound, bucket_size } => bound.is_none() || *bucket_size > 1,
+            _ => false,
+        }
     }
 
     /// Whether the rule combines the round's updates jointly (robust rules), so that one
@@ -260,7 +302,7 @@ impl StrategyConfig {
     pub fn is_robust(&self) -> bool {
         matches!(
             self,
-            StrategyConfig::Median
+            StrategyConfig::Median { .. }
                 | StrategyConfig::TrimmedMean { .. }
                 | StrategyConfig::Krum { .. }
                 | StrategyConfig::NormBound { .. }
@@ -277,12 +319,12 @@ fn keys_read_by(name: &str) -> Option<&'static [&'static str]> {
         "fedadagrad" => &["server_lr", "beta1", "tau"],
         "fedadam" | "fedyogi" => &["server_lr", "beta1", "beta2", "tau"],
         "fedprox" => &["proximal_mu"],
-        "median" => &["max_buffer_mb"],
-        "trimmed-mean" => &["trim_fraction", "max_buffer_mb"],
-        "krum" => &["byzantine", "max_buffer_mb"],
-        "multi-krum" => &["byzantine", "krum_select", "max_buffer_mb"],
-        "norm-bound" => &["norm_bound", "max_buffer_mb"],
-        "centered-clip" => &["clip_radius", "clip_iters", "max_buffer_mb"],
+        "median" => &["max_buffer_mb", "bucket_size"],
+        "trimmed-mean" => &["trim_fraction", "max_buffer_mb", "bucket_size"],
+        "krum" => &["byzantine", "max_buffer_mb", "bucket_size"],
+        "multi-krum" => &["byzantine", "krum_select", "max_buffer_mb", "bucket_size"],
+        "norm-bound" => &["norm_bound", "max_buffer_mb", "bucket_size"],
+        "centered-clip" => &["clip_radius", "clip_iters", "max_buffer_mb", "bucket_size"],
         _ => return None,
     })
 }
@@ -311,7 +353,7 @@ mod tests {
         }
         assert_eq!(
             StrategyConfig::parse("trimmed-mean", &StrategyOptions::default()),
-            Ok(StrategyConfig::TrimmedMean { fraction: 0.2 })
+            Ok(StrategyConfig::TrimmedMean { fraction: 0.2, bucket_size: 1 })
         );
     }
 
@@ -344,9 +386,39 @@ mod tests {
     }
 
     #[test]
+    fn bucket_size_is_read_by_the_rules_that_hold_updates() {
+        let o = |s| StrategyOptions { bucket_size: Some(s), ..StrategyOptions::default() };
+        for name in ["median", "trimmed-mean", "krum", "multi-krum", "norm-bound", "centered-clip"] {
+            assert_eq!(StrategyConfig::parse(name, &o(2)).unwrap().bucket_size(), 2, "{name}");
+            assert_eq!(StrategyConfig::parse(name, &StrategyOptions::default()).unwrap().bucket_size(), 1);
+            assert_eq!(StrategyConfig::parse(name, &o(0)).unwrap_err(), "bucket_size must be 1 to 1000, got 0");
+            assert_eq!(StrategyConfig::parse(name, &o(1001)).unwrap_err(), "bucket_size must be 1 to 1000, got 1001");
+        }
+        assert!(StrategyConfig::parse("median", &o(MAX_BUCKET_SIZE)).is_ok());
+        for name in ["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedprox"] {
+            assert_eq!(
+                StrategyConfig::parse(name, &o(2)).unwrap_err(),
+                format!(
+                    "strategy option `bucket_size` does not apply to {name} (it is read by median, trimmed-mean, \
+                     krum, multi-krum, norm-bound, centered-clip)"
+                )
+            );
+        }
+        // A fixed norm bound streams, unless it buckets.
+        let fixed = |s| StrategyOptions { norm_bound: Some(1.0), bucket_size: Some(s), ..StrategyOptions::default() };
+        assert!(!StrategyConfig::parse("norm-bound", &fixed(1)).unwrap().holds_updates());
+        assert!(StrategyConfig::parse("norm-bound", &fixed(2)).unwrap().holds_updates());
+        let o: StrategyOptions = toml::from_str("bucket_size = 2").unwrap();
+        assert_eq!(StrategyConfig::parse("median", &o), Ok(StrategyConfig::Median { bucket_size: 2 }));
+    }
+
+    #[test]
     fn options_parse_from_a_table_and_refuse_unknown_keys() {
         let o: StrategyOptions = toml::from_str("trim_fraction = 0.1\nmax_buffer_mb = 64").unwrap();
-        assert_eq!(StrategyConfig::parse("trimmed-mean", &o), Ok(StrategyConfig::TrimmedMean { fraction: 0.1 }));
+        assert_eq!(
+            StrategyConfig::parse("trimmed-mean", &o),
+            Ok(StrategyConfig::TrimmedMean { fraction: 0.1, bucket_size: 1 })
+        );
         assert!(toml::from_str::<StrategyOptions>("trim = 0.1").is_err());
     }
 }

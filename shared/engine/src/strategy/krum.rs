@@ -7,6 +7,12 @@
 //! averages the `m` lowest-scoring ones (default `m = n - f`), one vote each. `f` defaults to
 //! the most the round tolerates, `floor((n - 3) / 2)`. Holds every update of the round
 //! ([`super::buffer`]) and computes the `n (n - 1) / 2` pairwise distances: `O(n^2 d)` time.
+//!
+//! With bucketing ([`super::bucketing`], buckets of `s`) the rule runs, as in Karimireddy et
+//! al. 2022, on the `n' = ceil(n / s)` bucket means: `n` is `n'`, `f` counts Byzantine buckets
+//! (default `floor((n' - 3) / 2)`; the round needs `n' >= 2f + 3`) and `m` counts buckets. A
+//! configured `f` of Byzantine devices stays a safe bound, since one device spoils at most one
+//! bucket.
 
 use fedge_core::aggregate::AggregateError;
 

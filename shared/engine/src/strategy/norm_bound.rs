@@ -5,11 +5,14 @@
 //!
 //! With a configured `M` the rule streams (memory: one model). Without one, `M` is the median
 //! norm of the round's updates, which needs them all first ([`super::buffer`]): with fewer
-//! than half the devices attacking, the bound is an honest device's norm.
+//! than half the devices attacking, the bound is an honest device's norm. With bucketing
+//! ([`super::bucketing`]) the rule holds the round too and bounds and weighs the bucket means
+//! (each by its bucket's total samples).
 
 use fedge_core::ModelParams;
 use fedge_core::aggregate::{AggregateError, WeightedMean};
 
+use super::bucketing::Bucketing;
 use super::buffer::{UpdateBuffer, median_f64, sq_norm};
 use super::{Contribution, Strategy};
 
@@ -19,12 +22,23 @@ pub struct NormBound {
     bound: Option<f64>,
     stream: Option<WeightedMean>,
     buffer: UpdateBuffer,
+    bucketing: Bucketing,
 }
 
 impl NormBound {
     /// Bounds every update's norm at `bound` (`None`: the round's median norm).
     pub fn new(bound: Option<f64>) -> Self {
-        Self { bound, stream: None, buffer: UpdateBuffer::default() }
+        Self { bound, stream: None, buffer: UpdateBuffer::default(), bucketing: Bucketing::OFF }
+    }
+
+    /// Bounds and averages bucket means instead of the updates.
+    pub fn with_bucketing(self, bucketing: Bucketing) -> Self {
+        Self { bucketing, ..self }
+    }
+
+    /// The fixed bound, when the rule streams (a bound and no bucketing).
+    fn streaming(&self) -> Option<f64> {
+        self.bound.filter(|_| !self.bucketing.is_on())
     }
 }
 
@@ -39,25 +53,25 @@ impl Strategy for NormBound {
     }
 
     fn begin_round(&mut self, _round: u64, global: &ModelParams, _expected: usize) {
-        match self.bound {
+        match self.streaming() {
             Some(_) => self.stream = Some(WeightedMean::new(global.layout().clone())),
             None => self.buffer.begin(global),
         }
     }
 
     fn holds_updates(&self) -> bool {
-        self.bound.is_none()
+        self.streaming().is_none()
     }
 
     fn check(&self, c: Contribution<'_>) -> Result<(), AggregateError> {
         match &self.stream {
-            Some(acc) if self.bound.is_some() => acc.check(c.delta, c.num_samples as f64),
+            Some(acc) if self.streaming().is_some() => acc.check(c.delta, c.num_samples as f64),
             _ => self.buffer.check(c),
         }
     }
 
     fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
-        match (self.bound, self.stream.as_mut()) {
+        match (self.streaming(), self.stream.as_mut()) {
             (Some(bound), Some(acc)) => {
                 let s = c.clip_scale * scale(c.delta.l2_norm() * c.clip_scale, bound);
                 acc.add_scaled(c.delta, c.num_samples as f64, s)
@@ -67,16 +81,17 @@ impl Strategy for NormBound {
         }
     }
 
-    fn aggregate_train(&mut self, _: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
-        if self.bound.is_some() {
+    fn aggregate_train(&mut self, round: u64, global: &ModelParams, _: usize) -> Result<ModelParams, AggregateError> {
+        if self.streaming().is_some() {
             let mean = self.stream.take().ok_or(AggregateError::Empty)?.finish()?;
             let mut next = global.clone();
             next.add_scaled(&mean, 1.0)?;
             return Ok(next);
         }
+        self.bucketing.apply(round, &mut self.buffer);
         self.buffer.need("norm-bound", 1)?;
         let norms: Vec<f64> = self.buffer.updates().iter().map(|u| sq_norm(u).sqrt()).collect();
-        let bound = median_f64(&mut norms.clone());
+        let bound = self.bound.unwrap_or_else(|| median_f64(&mut norms.clone()));
         let total: f64 = self.buffer.samples().iter().map(|&s| s as f64).sum();
         if total <= 0.0 {
             return Err(AggregateError::Empty);

@@ -134,6 +134,42 @@ fn a_robust_rule_outvotes_an_attacker_that_takes_fedavg_over() {
 }
 
 #[test]
+fn bucketing_through_the_engine_is_seeded_by_the_engine_seed() {
+    // Six devices with spread-out updates, two rounds: bucket means depend on the permutation,
+    // which depends only on the engine's seed and the round.
+    let run = |name: &str, bucket_size: usize, seed: u64| {
+        let options = StrategyOptions { bucket_size: Some(bucket_size), ..StrategyOptions::default() };
+        let config = with_strategy(name, options, EngineConfig { seed, ..cfg(1.0, 6) }).unwrap();
+        let strategy = crate::strategy::build(&config, Box::new(derive_rng(1, &[])));
+        let mut e = RoundEngine::new(config, strategy, params([0.0, 0.0])).unwrap();
+        (0..6).for_each(|d| e.handle_device_available(d));
+        for _ in 0..2 {
+            e.start_round(S).unwrap();
+            for (device, task) in assigned(&mut e) {
+                let d = device as f32;
+                e.handle_train_result(S, device, &result(&task, [d * d, 5.0 - 2.0 * d], 1 + device)).unwrap();
+            }
+            assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated, "{name}");
+        }
+        e.global().data().to_vec()
+    };
+    for name in ["median", "trimmed-mean", "krum", "multi-krum", "norm-bound", "centered-clip"] {
+        assert_eq!(run(name, 2, 3), run(name, 2, 3), "{name}: the same seed, the same model");
+        assert_eq!(run(name, 1, 3), run(name, 1, 4), "{name}: no buckets, nothing drawn");
+    }
+    let medians: Vec<Vec<f32>> = (0..6).map(|seed| run("median", 2, seed)).collect();
+    assert!(medians.iter().any(|m| *m != medians[0]), "seeds permute differently: {medians:?}");
+    // One bucket of all six: the sample-weighted mean, whatever the seed (two rounds of it).
+    let w: f32 = (0..6u64).map(|d| (1 + d) as f32).sum();
+    let mean = |f: fn(f32) -> f32| 2.0 * (0..6u64).map(|d| (1 + d) as f32 * f(d as f32)).sum::<f32>() / w;
+    let want = [mean(|d| d * d), mean(|d| 5.0 - 2.0 * d)];
+    for seed in 0..3 {
+        let got = run("median", 6, seed);
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-4), "{got:?} {want:?}");
+    }
+}
+
+#[test]
 fn strategies_are_chosen_by_name_and_checked_against_privacy_and_memory() {
     let dp = CentralDp { noise_multiplier: 1.0, clip_norm: 1.0, adaptive: None, delta: 1e-5, target_epsilon: None };
     let private = EngineConfig { privacy: Some(dp), ..cfg(1.0, 1) };
