@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use fedge_core::wire::{ErrorCode, Hello, Message, PROTOCOL_VERSION, Welcome};
 use fedge_net::TlsError;
@@ -62,18 +62,32 @@ pub struct Peer {
 impl Peer {
     /// A handle that can end this peer's connection later.
     pub fn closer(&self) -> Closer {
-        Closer(self.connection.clone())
+        let connection = self.connection.clone();
+        Closer::new(move |reason| connection.close(4u32.into(), reason.as_bytes()))
     }
 }
 
-/// Ends a peer's connection (the fleet keeps one per device to close a superseded session).
-#[derive(Debug, Clone)]
-pub struct Closer(quinn::Connection);
+/// Ends a peer's session (the fleet keeps one per device to close a superseded session).
+/// It names no transport: [`Peer::closer`] closes a QUIC connection, and a test can record
+/// the reason instead.
+#[derive(Clone)]
+pub struct Closer(Arc<dyn Fn(&str) + Send + Sync>);
 
 impl Closer {
-    /// Closes the connection, telling the peer `reason`.
+    /// A closer that runs `close` with the reason.
+    pub fn new(close: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(close))
+    }
+
+    /// Closes the session, telling the peer `reason`.
     pub fn close(&self, reason: &str) {
-        self.0.close(4u32.into(), reason.as_bytes());
+        (self.0)(reason);
+    }
+}
+
+impl std::fmt::Debug for Closer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Closer")
     }
 }
 

@@ -59,9 +59,14 @@
 //!
 //! Round deadlines are driven by the engine's own `poll_timeout`: a timer task sleeps until
 //! the open round's deadline and is woken early whenever a transition may have changed it.
+//! `now` is read from a `Clock` (`server/clock.rs`): the wall clock, or in tests a manual one
+//! that no timer drives, moved by the in-memory harness of `server/memory.rs`.
 
+mod clock;
 mod downloads;
 mod fleet;
+#[cfg(test)]
+mod memory;
 mod registry;
 mod rounds;
 mod sessions;
@@ -70,7 +75,7 @@ mod views;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fedge_core::ModelParams;
 use fedge_core::registry::ModelRecord;
@@ -88,6 +93,7 @@ use crate::store::{Store, StoreError};
 pub use downloads::MAX_CHUNK_BYTES;
 pub use registry::{NewStudent, RegistryError};
 
+use clock::Clock;
 use downloads::DownloadCache;
 use fleet::Fleet;
 use registry::Registry;
@@ -131,7 +137,8 @@ pub struct Coordinator {
     changed: Notify,
     /// Wakes the deadline timer: the open round's deadline may have changed.
     deadlines: Arc<Notify>,
-    started: Instant,
+    /// The engine's clock: the wall clock, or a manual one in the in-memory harness.
+    clock: Clock,
     metrics: Arc<Metrics>,
     inference: OnceLock<Inference>,
     /// The largest `TrainResult` frame a device may send: a delta of the model, encoded, plus
@@ -165,9 +172,14 @@ struct Ordered<'a> {
 impl Coordinator {
     /// A coordinator whose model version 0 is `initial`, with state in memory only.
     pub fn new(config: EngineConfig, initial: ModelParams) -> Result<Arc<Self>, ConfigError> {
+        Self::with_clock(config, initial, Clock::wall())
+    }
+
+    /// [`Self::new`] on `clock` (the in-memory harness gives a manual one).
+    fn with_clock(config: EngineConfig, initial: ModelParams, clock: Clock) -> Result<Arc<Self>, ConfigError> {
         let strategy = strategy::build(&config, os_noise_rng());
         let engine = RoundEngine::new(config, strategy, initial)?;
-        Ok(Self::from_engine(engine, None, BTreeMap::new()))
+        Ok(Self::from_engine(engine, None, BTreeMap::new(), clock))
     }
 
     /// A coordinator keeping its state in `store`: it resumes from the latest stored model
@@ -220,7 +232,7 @@ impl Coordinator {
         let promotions = store.promotions()?;
         let latest = store.promotion()?;
         let blob_store = BlobStore::local(&store.dir().join("registry"))?;
-        let me = Self::from_engine(engine, Some(store), ids);
+        let me = Self::from_engine(engine, Some(store), ids, Clock::wall());
         {
             let order = me.ordered();
             {
@@ -258,6 +270,7 @@ impl Coordinator {
         engine: RoundEngine<Box<dyn Strategy>>,
         store: Option<Store>,
         ids: BTreeMap<String, DeviceId>,
+        clock: Clock,
     ) -> Arc<Self> {
         let first = Arc::new(engine.global().clone());
         let train_result_limit = train_result_limit(&first);
@@ -273,7 +286,7 @@ impl Coordinator {
             store,
             changed: Notify::new(),
             deadlines: Arc::new(Notify::new()),
-            started: Instant::now(),
+            clock,
             metrics: Arc::new(Metrics::default()),
             inference: OnceLock::new(),
             train_result_limit,
@@ -307,7 +320,7 @@ impl Coordinator {
     }
 
     fn now(&self) -> Duration {
-        self.started.elapsed()
+        self.clock.now()
     }
 
     /// The state lock. Never call [`Self::ordered`] while holding it.

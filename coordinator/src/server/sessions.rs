@@ -77,20 +77,7 @@ impl Coordinator {
                     });
                     continue;
                 }
-                Message::TaskRequest { .. } | Message::TrainResult(_) if !training => {
-                    self.metrics.rejected(ErrorCode::Unauthorized);
-                    Reply::Message(Message::Error {
-                        code: ErrorCode::Unauthorized,
-                        message: "an inference session does not train: connect for training".into(),
-                    })
-                }
-                Message::TrainResult(result) => {
-                    Reply::Message(self.handle_train_result(id, &peer.identity.id, result, &received))
-                }
-                other => {
-                    self.prepare_download(&other).await;
-                    self.answer(id, other)
-                }
+                other => self.device_request(id, &peer.identity.id, training, other, &received).await,
             };
             let written = match reply {
                 Reply::Message(m) => {
@@ -117,6 +104,35 @@ impl Coordinator {
         }
     }
 
+    /// The answer to one decoded request from device `id` (certificate id `name`) on a
+    /// training session or not (`training`); `received` is the request's frame as it arrived
+    /// (what an accepted update is stored as). Everything a device asks but inference, which
+    /// the caller answers on its own task (here it would be refused as unexpected). The QUIC
+    /// loop and the in-memory harness both call this.
+    pub(super) async fn device_request(
+        &self,
+        id: DeviceId,
+        name: &str,
+        training: bool,
+        request: Message,
+        received: &[u8],
+    ) -> Reply {
+        match request {
+            Message::TaskRequest { .. } | Message::TrainResult(_) if !training => {
+                self.metrics.rejected(ErrorCode::Unauthorized);
+                Reply::Message(Message::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: "an inference session does not train: connect for training".into(),
+                })
+            }
+            Message::TrainResult(result) => Reply::Message(self.handle_train_result(id, name, result, received)),
+            other => {
+                self.prepare_download(&other).await;
+                self.answer(id, other)
+            }
+        }
+    }
+
     /// The largest frame a device may send of `kind`: a `TrainResult` as large as a delta of
     /// the model (plus slack), an `InferRequest` as large as the teacher's image (plus slack),
     /// anything else [`fedge_net::SMALL_FRAME_BYTES`].
@@ -135,7 +151,7 @@ impl Coordinator {
     /// its numeric id, registered on first sight, and the training session's number; `None` if
     /// that cannot be recorded. A training session supersedes the device's older one, which
     /// is closed.
-    fn handle_connected(
+    pub(super) fn handle_connected(
         &self,
         name: &str,
         training: Option<(fedge_core::wire::Capabilities, crate::listener::Closer)>,
@@ -181,7 +197,7 @@ impl Coordinator {
 
     /// Training session `session` of device `id` ended: the device is gone unless a newer
     /// session of it is live.
-    fn handle_disconnected(&self, id: DeviceId, session: u64) {
+    pub(super) fn handle_disconnected(&self, id: DeviceId, session: u64) {
         let order = self.ordered();
         {
             let mut s = self.lock();
