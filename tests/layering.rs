@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 /// The pure crates: plain computation over plain data, no I/O runtime, no sockets, no burn.
-const PURE: &[&str] = &["fedge-core", "fedge-engine", "fedge-kernels"];
+const PURE: &[&str] = &["fedge-core", "fedge-engine", "fedge-kernels", "fedge-secagg"];
 
 /// What a pure crate may not depend on, even transitively (`tokio-util`, `quinn-proto`,
 /// `burn-core`, ... count as their family).
