@@ -95,3 +95,38 @@ pub struct UnmaskResponse {
     /// Shares of dropped devices' mask keys `s_v^SK`.
     pub key_shares: Vec<RevealedShare>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Encode + Decode<()> + PartialEq + std::fmt::Debug>(v: T) {
+        let cfg = bincode::config::standard();
+        let bytes = bincode::encode_to_vec(&v, cfg).unwrap();
+        let (back, used): (T, usize) = bincode::decode_from_slice(&bytes, cfg).unwrap();
+        assert_eq!((back, used), (v, bytes.len()));
+    }
+
+    #[test]
+    fn messages_round_trip_through_bincode() {
+        let keys = AdvertiseKeys { device: 3, mask_pk: [1; 32], enc_pk: [2; 32] };
+        round_trip(keys.clone());
+        round_trip(NeighbourKeys { neighbours: vec![keys] });
+        let enc = EncryptedShare { from: 1, to: 2, ciphertext: vec![5; 96] };
+        round_trip(ShareKeys { device: 1, shares: vec![enc.clone()] });
+        round_trip(ForwardedShares { shares: vec![enc] });
+        round_trip(MaskedInput { device: 4, masked: vec![u64::MAX, 0, 7], rejected: vec![9] });
+        round_trip(UnmaskRequest { survivors: vec![1, 2], dropped: vec![3] });
+        let share = RevealedShare { owner: 2, share: Share { x: 5, y: [1, 2, 3, 4, 5] } };
+        round_trip(UnmaskResponse { device: 4, self_mask_shares: vec![share.clone()], key_shares: vec![share] });
+    }
+
+    #[test]
+    fn garbage_does_not_decode_into_a_panic() {
+        let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
+        for bytes in [vec![], vec![0xff; 7], vec![4, 250, 0, 0, 0, 0, 0, 0, 0, 1]] {
+            let _ = bincode::decode_from_slice::<UnmaskResponse, _>(&bytes, cfg);
+            let _ = bincode::decode_from_slice::<ShareKeys, _>(&bytes, cfg);
+        }
+    }
+}

@@ -42,10 +42,9 @@ fn exact_sum_with_dropouts_at_all_stages_at_once() {
 
 #[test]
 fn below_the_threshold_unmasking_fails_and_asks_nothing() {
-    // 60% drop after sending masked inputs: too few holders of some survivor's shares remain,
-    // so the server refuses before sending any unmasking request.
-    let mut s = Scenario::new(complete(), 21).dropping(1, 0.6);
-    s.config.threshold = 10;
+    // 60% drop after sharing keys: too few holders of some survivor's shares remain, so the
+    // server refuses before sending any unmasking request (hostile.rs checks it asks nothing).
+    let s = Scenario::new(complete(), 21).dropping(1, 0.6);
     let out = s.run();
     match out.result {
         Err(SecAggError::NotEnoughShares { got, need, .. }) => assert!(got < need),
@@ -121,7 +120,7 @@ fn property_exact_or_a_shortage_over_seeds() {
     // Random stages and fractions: the round either sums its survivors exactly or fails for a
     // shortage of shares, never anything else.
     let (mut ok, mut short) = (0, 0);
-    for seed in 100..112u64 {
+    for seed in 100..108u64 {
         let config = if seed % 2 == 0 { sparse() } else { complete() };
         let f = [0.05, 0.15, 0.25, 0.35][(seed % 4) as usize];
         let s = Scenario::new(config, seed).dropping((seed % 3) as usize, f);
@@ -139,7 +138,8 @@ fn property_exact_or_a_shortage_over_seeds() {
             }
         }
     }
-    assert!(ok >= 6, "{ok} exact rounds, {short} shortages");
+    eprintln!("{ok} exact rounds, {short} shortages");
+    assert!(ok >= 4, "{ok} exact rounds, {short} shortages");
 }
 
 #[test]
