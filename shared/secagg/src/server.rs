@@ -201,13 +201,15 @@ impl Server {
 
     /// Stage 2: one device's masked input: the round's length, values in the ring, rejections
     /// naming only its sharing neighbours; anything else excludes the device.
-    pub fn receive_masked_input(&mut self, msg: MaskedInput) -> Result<()> {
+    pub fn receive_masked_input(&mut self, mut msg: MaskedInput) -> Result<()> {
         self.expect(Stage::MaskedInput)?;
         self.known(msg.device, &self.shares, &self.masked)?;
         if msg.masked.len() != self.config.vector_len || msg.masked.iter().any(|&v| v > self.config.ring_mask()) {
             return Err(malformed(msg.device, "masked input of the wrong length or outside the ring"));
         }
         let u = msg.device;
+        msg.rejected.sort_unstable();
+        msg.rejected.dedup();
         if msg.rejected.iter().any(|v| !self.graph.adjacent(u, *v) || !self.shares.contains_key(v)) {
             return Err(malformed(u, "rejects a device that sent it no shares"));
         }
@@ -261,10 +263,14 @@ impl Server {
         Ok((request, self.masked.keys().copied().collect()))
     }
 
-    /// Stage 3: one device's revealed shares (checked when the round finishes).
+    /// Stage 3: one device's revealed shares (each checked when the round finishes; more than
+    /// one per neighbour is refused).
     pub fn receive_unmask(&mut self, msg: UnmaskResponse) -> Result<()> {
         self.expect(Stage::Unmask)?;
         self.known(msg.device, &self.masked, &self.responses)?;
+        if msg.self_mask_shares.len() + msg.key_shares.len() > self.config.degree as usize {
+            return Err(malformed(msg.device, "more revealed shares than it has neighbours"));
+        }
         self.responses.insert(msg.device, msg);
         Ok(())
     }

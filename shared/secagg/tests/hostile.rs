@@ -157,3 +157,14 @@ fn a_client_refuses_a_server_naming_strangers() {
     assert!(matches!(c.share_keys(&keys), Err(SecAggError::NotEnoughNeighbours { got: 5, need: 11, .. })));
     let _ = server.finish_advertise();
 }
+
+#[test]
+fn oversized_answers_are_refused() {
+    let s = Scenario::new(complete(), 68);
+    let (mut clients, mut server, req) = to_unmask(&s, |_| {});
+    let (req, to) = req.unwrap();
+    let mut r = clients[to[0] as usize].unmask(&req).unwrap();
+    let extra = r.self_mask_shares[0].clone();
+    r.self_mask_shares.extend(std::iter::repeat_n(extra, 50));
+    assert!(matches!(server.receive_unmask(r), Err(SecAggError::Malformed { .. })));
+}
