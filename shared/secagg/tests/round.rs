@@ -41,7 +41,7 @@ fn exact_sum_with_dropouts_at_all_stages_at_once() {
 }
 
 #[test]
-fn below_the_threshold_unmasking_fails_and_asks_nothing() {
+fn below_the_threshold_unmasking_fails() {
     // 60% drop after sharing keys: too few holders of some survivor's shares remain, so the
     // server refuses before sending any unmasking request (hostile.rs checks it asks nothing).
     let s = Scenario::new(complete(), 21).dropping(1, 0.6);
