@@ -15,6 +15,7 @@
   const fixed = (x, d) => (x == null ? '–' : Number(x).toFixed(d));
   function duration(ms) {
     if (ms == null) return '–';
+    if (ms < 1000) return Math.round(ms) + ' ms';
     const s = ms / 1000;
     if (s < 60) return s.toFixed(s < 10 ? 1 : 0) + ' s';
     const m = Math.floor(s / 60);
@@ -76,7 +77,7 @@
     const ticks = 5;
     const scale = (s) => {
       const vals = rounds.map(s.value).filter((v) => v != null && isFinite(v));
-      const hi = s.max != null ? s.max : niceMax(Math.max(0, ...vals));
+      const hi = s.max != null ? s.max : niceMax(1.05 * Math.max(0, ...vals));
       return { hi, Y: (v) => m.t + ph - (v / hi) * ph };
     };
     const L = scale(left), R = scale(right);
@@ -154,11 +155,11 @@
       set('epsilon-left', `ε ${fixed(Math.max(0, p.target_epsilon - p.epsilon), 3)} left`);
       $('epsilon-meter').max = p.target_epsilon;
       $('epsilon-meter').value = Math.min(p.epsilon, p.target_epsilon);
-      set('epsilon-detail', `ε ${fixed(p.epsilon, 3)} spent of ${p.target_epsilon} at δ ${p.delta} (z ${p.noise_multiplier}, clip ${fixed(p.clip_norm, 3)})`);
+      set('epsilon-detail', `ε ${fixed(p.epsilon, 3)} spent of ${p.target_epsilon} at δ ${Number(p.delta).toExponential(0)} (z ${p.noise_multiplier}, clip ${fixed(p.clip_norm, 3)})`);
     } else {
       set('epsilon-left', `ε ${fixed(p.epsilon, 3)} spent`);
       $('epsilon-meter').value = 0;
-      set('epsilon-detail', `no budget set; δ ${p.delta} (z ${p.noise_multiplier}, clip ${fixed(p.clip_norm, 3)})`);
+      set('epsilon-detail', `no budget set; δ ${Number(p.delta).toExponential(0)} (z ${p.noise_multiplier}, clip ${fixed(p.clip_norm, 3)})`);
     }
 
     const shown = s.rounds.slice(-ROUNDS_SHOWN);
