@@ -167,6 +167,8 @@ async fn the_page_shows_in_a_browser_what_round_status_reports() {
     for name in names {
         assert!(dom.contains(&format!("<td>{name}</td>")), "device {name} listed");
     }
+    // Every model version listed, the global ones as such.
+    assert_eq!(dom.matches("<td>global</td>").count(), api["models"].as_array().unwrap().len(), "{dom}");
     // The charts were drawn: one point per round and series with a value.
     assert!(dom.matches("<circle").count() >= 2 * rounds.len(), "{dom}");
 
