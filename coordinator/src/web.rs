@@ -4,7 +4,7 @@
 //!
 //! It speaks just enough HTTP/1.1 for a browser, a Prometheus scraper or `curl`: one request
 //! per connection, its head bounded in size ([`MAX_HEAD`]) and time ([`HEAD_TIMEOUT`]), no
-//! body read. The page and its JSON need the `page_token`, when one is set, as
+//! body read, at most [`MAX_CONNECTIONS`] at once. The page and its JSON need the `page_token`, when one is set, as
 //! `Authorization: Bearer TOKEN` or `?token=TOKEN`; a listener off loopback must have one
 //! ([`check_listen`]). `/metrics` never needs it (as before the page existed), nor do the page's
 //! script and style, which hold no data.
@@ -23,6 +23,8 @@ use crate::server::Coordinator;
 pub const MAX_HEAD: usize = 8192;
 /// How long a client has to send its request head before the connection is dropped.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most connections served at once; more are closed unanswered until some finish.
+pub const MAX_CONNECTIONS: usize = 64;
 /// The fewest characters a page token may have.
 pub const MIN_TOKEN_LEN: usize = 16;
 
@@ -180,11 +182,19 @@ impl Site {
         (response, with_body)
     }
 
-    /// Answers requests on `listener` until the task is dropped.
+    /// Answers requests on `listener` until the task is dropped, at most [`MAX_CONNECTIONS`]
+    /// at a time.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(self.clone().connection(stream));
+            // Full: the new connection is dropped (closed) at once.
+            let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+            let site = self.clone();
+            tokio::spawn(async move {
+                site.connection(stream).await;
+                drop(slot);
+            });
         }
     }
 

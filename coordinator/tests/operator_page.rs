@@ -1,7 +1,8 @@
 //! Issue 18, the operator page in a real browser: a `fedge-coordinator serve` process with a
-//! metrics listener and three devices runs two rounds and opens a third; headless Chromium
-//! loads the page, runs its script (which polls `/api/status`) and dumps the DOM it rendered,
-//! which must show what `round status --json` reports. A screenshot is kept as a build
+//! metrics listener behind a `page_token` and three devices runs two rounds and opens a third;
+//! headless Chromium loads `/?token=...`, runs its script (which polls `/api/status` with the
+//! token as a bearer token) and dumps the DOM it rendered, which must show what `round status
+//! --json` reports. A screenshot is kept as a build
 //! artifact (`$CARGO_TARGET_TMPDIR/operator-page.png`, printed).
 //!
 //! Chromium is required, not optional: the test fails, saying how to install it, when it is
@@ -18,6 +19,7 @@ use common::{Fleet, model, task_of, update};
 use fedge_core::wire::Message;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
+const TOKEN: &str = "operator-page-test-token-0123";
 
 fn chromium() -> PathBuf {
     let path = PathBuf::from(std::env::var("FEDGE_CHROMIUM").unwrap_or_else(|_| CHROMIUM.into()));
@@ -73,11 +75,13 @@ fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
     &rest[open..close]
 }
 
-/// A plain HTTP GET on the page's listener: status line and body.
-fn http_get(addr: &str, target: &str) -> Option<(String, String)> {
+/// A plain HTTP GET on the page's listener, with the page's token when given: status line and
+/// body.
+fn http_get(addr: &str, target: &str, token: Option<&str>) -> Option<(String, String)> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {target} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "GET {target} HTTP/1.1\r\nHost: {addr}\r\n{auth}\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
@@ -97,7 +101,8 @@ async fn the_page_shows_in_a_browser_what_round_status_reports() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let page = format!("127.0.0.1:{port}");
     fleet.configure(&format!(
-        "metrics_listen = \"{page}\"\nclip_norm = 0.05\nnoise_multiplier = 1.1\ntarget_epsilon = 40.0\n"
+        "metrics_listen = \"{page}\"\npage_token = \"{TOKEN}\"\nclip_norm = 0.05\nnoise_multiplier = 1.1\n\
+         target_epsilon = 40.0\n"
     ));
     let coordinator = fleet.start();
     let links = fleet.join_all(&names, &coordinator).await;
@@ -129,19 +134,23 @@ async fn the_page_shows_in_a_browser_what_round_status_reports() {
     let status = round_status(&fleet);
     assert_eq!(status["open_round"]["devices_reporting"], 1, "{status}");
 
-    // The JSON the page polls is what the CLI prints.
-    let (line, body) = http_get(&page, "/api/status").expect("the page's listener answers");
+    // The JSON the page polls is what the CLI prints; it needs the token, /metrics does not.
+    assert_eq!(http_get(&page, "/api/status", None).unwrap().0, "HTTP/1.1 401 Unauthorized");
+    assert_eq!(http_get(&page, "/", None).unwrap().0, "HTTP/1.1 401 Unauthorized");
+    assert_eq!(http_get(&page, "/metrics", None).unwrap().0, "HTTP/1.1 200 OK");
+    let (line, body) = http_get(&page, "/api/status", Some(TOKEN)).expect("the page's listener answers");
     assert_eq!(line, "HTTP/1.1 200 OK");
     let api: serde_json::Value = serde_json::from_str(&body).unwrap();
     for key in ["model_version", "rounds", "devices_connected", "devices_known", "privacy", "phase"] {
         assert_eq!(api["status"][key], status[key], "{key}");
     }
     assert_eq!(api["devices"].as_array().unwrap().len(), 3);
-    assert_eq!(http_get(&page, "/nope").unwrap().0, "HTTP/1.1 404 Not Found");
+    assert_eq!(http_get(&page, "/nope", Some(TOKEN)).unwrap().0, "HTTP/1.1 404 Not Found");
 
-    // The browser: the DOM after the script ran.
+    // The browser: the DOM after the script ran (the page opened with its token, which the
+    // script sends on as a bearer token).
     let profile = tempfile::tempdir().unwrap();
-    let url = format!("http://{page}/");
+    let url = format!("http://{page}/?token={TOKEN}");
     let t = Instant::now();
     let dom = tokio::task::spawn_blocking({
         let (profile, url) = (profile.path().to_path_buf(), url.clone());
@@ -189,4 +198,17 @@ async fn the_page_shows_in_a_browser_what_round_status_reports() {
         png.len() / 1024,
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Off loopback without a `page_token` the coordinator does not start, and says why in a line.
+#[test]
+fn a_page_off_loopback_without_a_token_refuses_to_start() {
+    let fleet = Fleet::new(&["phone-a"], 1);
+    fleet.configure("metrics_listen = \"0.0.0.0:0\"\n");
+    let mut coordinator = fleet.start();
+    let status = coordinator.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    let log = coordinator.log();
+    let line = log.lines().find(|l| l.contains("page_token")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("metrics_listen 0.0.0.0:0 is not a loopback address"), "{line}");
 }

@@ -163,5 +163,19 @@ async fn oversized_and_slow_heads_are_bounded() {
     let mut out = Vec::new();
     let read = tokio::time::timeout(HEAD_TIMEOUT + Duration::from_secs(5), slow.read_to_end(&mut out)).await;
     assert!(matches!(read, Ok(Ok(0))), "dropped without an answer: {read:?} {out:?}");
+    // Past MAX_CONNECTIONS silent clients, a new one is closed at once; once they are gone,
+    // requests are answered again.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(ask(b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await, "", "refused while full");
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ask(b"GET /metrics HTTP/1.1\r\n\r\n".to_vec()).await.starts_with("HTTP/1.1 200 OK") {
+        assert!(std::time::Instant::now() < deadline, "never answered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.abort();
 }
