@@ -29,14 +29,14 @@ pub fn rounds_json(rounds: &[RoundLine]) -> serde_json::Value {
 pub fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) -> io::Result<()> {
     writeln!(
         out,
-        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}  {:>8}",
-        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy", "epsilon"
+        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}  {:>8}  {:>8}",
+        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy", "epsilon", "duration"
     )?;
     for r in rounds {
         let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
         writeln!(
             out,
-            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}  {:>8}{}",
+            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}  {:>8}  {:>8}{}",
             r.round,
             r.model_version,
             r.results,
@@ -47,6 +47,7 @@ pub fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) -> io::Result<()
             r.train_loss,
             acc,
             r.privacy.map_or("-".into(), |p| format!("{:.4}", p.epsilon)),
+            r.duration_ms.map_or("-".into(), |d| format!("{:.1} s", d as f64 / 1000.0)),
             r.failed_reason.as_ref().map_or(String::new(), |w| format!("  not aggregated: {w}"))
         )?;
     }
@@ -99,6 +100,17 @@ pub fn print_status(out: &mut impl Write, s: &Status, json: bool) -> io::Result<
         s.devices_connected.len(),
         s.devices_known
     )?;
+    if let Some(o) = s.open_round {
+        writeln!(
+            out,
+            "round {} open: {} of {} wanted reporting ({} selected), deadline in {} s",
+            o.round,
+            o.reporting,
+            o.wanted,
+            o.selected,
+            o.deadline_in_ms.div_ceil(1000)
+        )?;
+    }
     if let Some(p) = s.privacy {
         writeln!(
             out,

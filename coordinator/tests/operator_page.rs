@@ -133,6 +133,9 @@ async fn the_page_shows_in_a_browser_what_round_status_reports() {
     assert_eq!(reply, Message::Ack { round: 3 });
     let status = round_status(&fleet);
     assert_eq!(status["open_round"]["devices_reporting"], 1, "{status}");
+    let table = fleet.operator(&["round", "status"]);
+    assert!(table.contains("round 3 open: 1 of 3 wanted reporting (3 selected), deadline in "), "{table}");
+    assert!(table.lines().nth(4).is_some_and(|l| l.trim_end().ends_with(" s")), "rounds with their duration: {table}");
 
     // The JSON the page polls is what the CLI prints; it needs the token, /metrics does not.
     assert_eq!(http_get(&page, "/api/status", None).unwrap().0, "HTTP/1.1 401 Unauthorized");
