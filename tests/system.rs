@@ -40,7 +40,8 @@ async fn five_devices_three_rounds_over_quic() {
     let (addr, server) = serve(&coordinator, &ca);
     let metrics_tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_addr = metrics_tcp.local_addr().unwrap();
-    let metrics = tokio::spawn(fedge_coordinator::metrics::serve(metrics_tcp, coordinator.metrics()));
+    let site = fedge_coordinator::web::Site::new(coordinator.metrics(), None, None);
+    let metrics = tokio::spawn(std::sync::Arc::new(site).serve(metrics_tcp));
 
     let parts = Partition::Iid.split(&train.labels[..2000], 5, &mut derive_rng(1, &[])).unwrap();
     let mut statuses = Vec::new();

@@ -14,8 +14,13 @@ use serde::{Deserialize, Serialize};
 pub struct ServeConfig {
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// TCP address of the Prometheus metrics endpoint (`GET /metrics`); none if absent.
+    /// TCP address of the Prometheus metrics endpoint (`GET /metrics`) and of the operator
+    /// page (`GET /`, `GET /api/status`); none if absent.
     pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token the operator page and its JSON require (`Authorization: Bearer TOKEN`, or
+    /// `/?token=TOKEN` in a browser): at least 16 of `A-Z a-z 0-9 - . _ ~`. Required when
+    /// `metrics_listen` is not a loopback address; `/metrics` never needs it.
+    pub page_token: Option<String>,
     /// Folder made by `fedge-coordinator certs init`.
     pub certs_dir: PathBuf,
     /// Where model versions and the device registry are kept (redb + content-addressed blobs).
@@ -93,6 +98,7 @@ impl Default for ServeConfig {
         Self {
             listen: "127.0.0.1:4433".parse().expect("valid address"),
             metrics_listen: None,
+            page_token: None,
             certs_dir: PathBuf::from("certs/fleet"),
             state_dir: PathBuf::from("coordinator-state"),
             model: "2nn".into(),

@@ -8,7 +8,8 @@
 //! valid, unrevoked client certificate and tells who they are; [`server`] is the async shell
 //! that drives the engine from the network; [`inference`] answers the hard cases devices
 //! escalate with the teacher, batched, under a per-device rate limit. [`operator`] is the
-//! operator's client and [`print`] what the operator commands print.
+//! operator's client and [`print`] what the operator commands print. [`web`] is the HTTP
+//! listener of Prometheus metrics ([`metrics`]) and of the read-only operator page ([`page`]).
 
 pub mod blobs;
 pub mod certs;
@@ -17,7 +18,9 @@ pub mod inference;
 pub mod listener;
 pub mod metrics;
 pub mod operator;
+pub mod page;
 pub mod print;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod web;

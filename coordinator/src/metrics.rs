@@ -1,11 +1,9 @@
-//! Operational metrics in the Prometheus text format, and the tiny HTTP endpoint that serves
-//! them (`GET /metrics`).
+//! Operational metrics in the Prometheus text format (served as `GET /metrics` by
+//! [`crate::web`]).
 //!
 //! [`Metrics`] is plain shared state (atomics inside `prometheus-client`'s types) updated by the
-//! server as things happen; [`serve`] answers scrapes. The endpoint speaks just enough
-//! HTTP/1.1 for a Prometheus scraper or `curl`: one bounded request per connection.
+//! server as things happen; [`Metrics::encode`] is what a scrape reads.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use fedge_core::wire::ErrorCode;
@@ -15,8 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -170,44 +166,5 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
-    }
-}
-
-/// Answers `GET /metrics` on `listener` with `metrics` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            // Read the request head, bounded in size and time.
-            let mut head = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            })
-            .await;
-            if read != Ok(true) {
-                return;
-            }
-            let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-            let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?") {
-                ("200 OK", metrics.encode())
-            } else {
-                ("404 Not Found", "try GET /metrics\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
     }
 }

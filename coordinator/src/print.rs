@@ -15,7 +15,7 @@ pub fn rounds_json(rounds: &[RoundLine]) -> serde_json::Value {
                 "round": r.round, "model_version": r.model_version, "selected": r.selected,
                 "devices_reporting": r.results, "failures": r.failures, "stragglers": r.stragglers,
                 "surplus": r.surplus, "samples": r.samples, "train_loss": r.train_loss, "accuracy": r.accuracy,
-                "failed_reason": r.failed_reason,
+                "failed_reason": r.failed_reason, "duration_ms": r.duration_ms,
                 "privacy": r.privacy.map(|p| serde_json::json!({
                     "sampling_rate": p.sampling_rate, "noise_multiplier": p.noise_multiplier,
                     "clip_norm": p.clip_norm, "epsilon": p.epsilon,
@@ -29,14 +29,14 @@ pub fn rounds_json(rounds: &[RoundLine]) -> serde_json::Value {
 pub fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) -> io::Result<()> {
     writeln!(
         out,
-        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}  {:>8}",
-        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy", "epsilon"
+        "{:>5}  {:>7}  {:>9}  {:>7}  {:>5}  {:>8}  {:>10}  {:>9}  {:>8}  {:>8}",
+        "round", "version", "reporting", "failed", "late", "samples", "train_loss", "accuracy", "epsilon", "duration"
     )?;
     for r in rounds {
         let acc = r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0));
         writeln!(
             out,
-            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}  {:>8}{}",
+            "{:>5}  {:>7}  {:>4}/{:<4}  {:>7}  {:>5}  {:>8}  {:>10.4}  {:>9}  {:>8}  {:>8}{}",
             r.round,
             r.model_version,
             r.results,
@@ -47,26 +47,48 @@ pub fn print_rounds(out: &mut impl Write, rounds: &[RoundLine]) -> io::Result<()
             r.train_loss,
             acc,
             r.privacy.map_or("-".into(), |p| format!("{:.4}", p.epsilon)),
+            r.duration_ms.map_or("-".into(), |d| format!("{:.1} s", d as f64 / 1000.0)),
             r.failed_reason.as_ref().map_or(String::new(), |w| format!("  not aggregated: {w}"))
         )?;
     }
     Ok(())
 }
 
+/// What the coordinator is doing: `training` (a round is open), `waiting for devices` (rounds
+/// are wanted but none could start yet) or `idle`.
+pub fn phase(s: &Status) -> &'static str {
+    if s.open_round.is_some() {
+        "training"
+    } else if s.rounds_left > 0 {
+        "waiting for devices"
+    } else {
+        "idle"
+    }
+}
+
+/// The coordinator's status as JSON (what `round status --json` prints and the operator page
+/// reads).
+pub fn status_json(s: &Status) -> serde_json::Value {
+    serde_json::json!({
+        "model_version": s.model_version, "model_hash": s.model_hash.to_string(),
+        "phase": phase(s), "current_round": s.current_round,
+        "open_round": s.open_round.map(|o| serde_json::json!({
+            "round": o.round, "selected": o.selected, "wanted": o.wanted, "devices_reporting": o.reporting,
+            "deadline_in_ms": o.deadline_in_ms,
+        })),
+        "rounds_left": s.rounds_left,
+        "devices_connected": s.devices_connected, "devices_known": s.devices_known, "rounds": rounds_json(&s.rounds),
+        "privacy": s.privacy.map(|p| serde_json::json!({
+            "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
+            "epsilon": p.epsilon, "target_epsilon": p.target_epsilon,
+        })),
+    })
+}
+
 /// The coordinator's status: a summary line, the privacy budget and the rounds (or JSON).
 pub fn print_status(out: &mut impl Write, s: &Status, json: bool) -> io::Result<()> {
     if json {
-        let rounds = rounds_json(&s.rounds);
-        let v = serde_json::json!({
-            "model_version": s.model_version, "model_hash": s.model_hash.to_string(),
-            "current_round": s.current_round, "rounds_left": s.rounds_left,
-            "devices_connected": s.devices_connected, "devices_known": s.devices_known, "rounds": rounds,
-            "privacy": s.privacy.map(|p| serde_json::json!({
-                "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
-                "epsilon": p.epsilon, "target_epsilon": p.target_epsilon,
-            })),
-        });
-        return writeln!(out, "{v:#}");
+        return writeln!(out, "{:#}", status_json(s));
     }
     writeln!(
         out,
@@ -78,6 +100,17 @@ pub fn print_status(out: &mut impl Write, s: &Status, json: bool) -> io::Result<
         s.devices_connected.len(),
         s.devices_known
     )?;
+    if let Some(o) = s.open_round {
+        writeln!(
+            out,
+            "round {} open: {} of {} wanted reporting ({} selected), deadline in {} s",
+            o.round,
+            o.reporting,
+            o.wanted,
+            o.selected,
+            o.deadline_in_ms.div_ceil(1000)
+        )?;
+    }
     if let Some(p) = s.privacy {
         writeln!(
             out,
@@ -92,20 +125,26 @@ pub fn print_status(out: &mut impl Write, s: &Status, json: bool) -> io::Result<
     print_rounds(out, &s.rounds)
 }
 
+/// Every device ever seen, as JSON (what `devices list --json` prints and the operator page
+/// reads).
+pub fn devices_json(devices: &[DeviceLine]) -> serde_json::Value {
+    devices
+        .iter()
+        .map(|d| {
+            let caps = d.capabilities.as_ref().map(|c| {
+                serde_json::json!({"backend": c.backend, "memory_mb": c.memory_mb, "charging": c.charging,
+                    "unmetered": c.unmetered, "num_samples": c.num_samples})
+            });
+            serde_json::json!({"id": d.id, "connected": d.connected, "capabilities": caps, "running": d.running,
+                "last_seen": d.last_seen})
+        })
+        .collect()
+}
+
 /// Every device ever seen, as a table (or JSON).
 pub fn print_devices(out: &mut impl Write, devices: &[DeviceLine], json: bool) -> io::Result<()> {
     if json {
-        let v: Vec<_> = devices
-            .iter()
-            .map(|d| {
-                let caps = d.capabilities.as_ref().map(|c| {
-                    serde_json::json!({"backend": c.backend, "memory_mb": c.memory_mb, "charging": c.charging,
-                        "unmetered": c.unmetered, "num_samples": c.num_samples})
-                });
-                serde_json::json!({"id": d.id, "connected": d.connected, "capabilities": caps, "running": d.running})
-            })
-            .collect();
-        return writeln!(out, "{:#}", serde_json::Value::from(v));
+        return writeln!(out, "{:#}", devices_json(devices));
     }
     writeln!(out, "{:<24} {:>9}  {:>7}  {:>8}  {:>9}", "device", "connected", "backend", "memory", "samples")?;
     for d in devices {
@@ -128,6 +167,11 @@ pub fn model_json(m: &ModelLine) -> serde_json::Value {
     })
 }
 
+/// Model versions as JSON (what `models list --json` prints and the operator page reads).
+pub fn models_json(models: &[ModelLine]) -> serde_json::Value {
+    models.iter().map(model_json).collect()
+}
+
 /// One model version in full, a field a line (or JSON).
 pub fn print_model(out: &mut impl Write, m: &ModelLine, json: bool) -> io::Result<()> {
     if json {
@@ -142,8 +186,7 @@ pub fn print_model(out: &mut impl Write, m: &ModelLine, json: bool) -> io::Resul
 /// Model versions, global and student, as a table (or JSON).
 pub fn print_models(out: &mut impl Write, models: &[ModelLine], json: bool) -> io::Result<()> {
     if json {
-        let v: Vec<_> = models.iter().map(model_json).collect();
-        return writeln!(out, "{:#}", serde_json::Value::from(v));
+        return writeln!(out, "{:#}", models_json(models));
     }
     writeln!(
         out,

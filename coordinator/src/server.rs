@@ -295,7 +295,7 @@ impl Coordinator {
         })
     }
 
-    /// The coordinator's metrics (serve them with [`crate::metrics::serve`]).
+    /// The coordinator's metrics (serve them with [`crate::web::Site`]).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }

@@ -67,6 +67,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
     let model: ModelKind = c.model.parse().map_err(ServiceError::Config)?;
+    if let Some(addr) = c.metrics_listen {
+        crate::web::check_listen(addr, c.page_token.as_deref()).map_err(ServiceError::Config)?;
+    }
     let dataset: DatasetName = c.eval_dataset.parse().map_err(ServiceError::Config)?;
     let data = dataset.load(&c.data_dir)?;
     let test = data.test;
@@ -110,8 +113,9 @@ pub async fn run(
             })?;
             let bound =
                 tcp.local_addr().map_err(|source| ServiceError::Io { context: "no metrics address".into(), source })?;
-            tracing::info!("metrics on http://{bound}/metrics");
-            Some(tokio::spawn(crate::metrics::serve(tcp, coordinator.metrics())))
+            tracing::info!("metrics on http://{bound}/metrics, operator page on http://{bound}/");
+            let site = crate::web::Site::new(coordinator.metrics(), Some(coordinator.clone()), c.page_token.clone());
+            Some(tokio::spawn(std::sync::Arc::new(site).serve(tcp)))
         }
         None => None,
     };

@@ -331,7 +331,10 @@ impl Store {
             }
             meta.insert("last_round", round).map_err(db_err)?;
             meta.insert("rounds_left", rounds_left).map_err(db_err)?;
-            tx.open_table(ROUNDS).map_err(db_err)?.insert(round, encode_record(line).as_slice()).map_err(db_err)?;
+            tx.open_table(ROUNDS)
+                .map_err(db_err)?
+                .insert(round, encode_record(&records::StoredRound::from(line)).as_slice())
+                .map_err(db_err)?;
             let mut records = tx.open_table(RECORDS).map_err(db_err)?;
             records.remove(OPEN_ROUND).map_err(db_err)?;
             if let (Some(_), Some(state)) = (aggregated, server_state) {
@@ -413,7 +416,7 @@ impl Store {
         }
         let mut rounds = Vec::new();
         for row in tx.open_table(ROUNDS).map_err(db_err)?.iter().map_err(db_err)? {
-            rounds.push(decode_record::<RoundLine>(row.map_err(db_err)?.1.value(), "round")?);
+            rounds.push(decode_record::<records::StoredRound>(row.map_err(db_err)?.1.value(), "round")?.into());
         }
         Ok(Some(Restored {
             version,

@@ -24,6 +24,8 @@ pub(super) struct Fleet {
     pub(super) sessions: BTreeMap<DeviceId, (u64, crate::listener::Closer)>,
     /// The number the next training session gets.
     pub(super) next_session: u64,
+    /// When each device last connected or asked for work, seconds since the Unix epoch.
+    pub(super) last_seen: BTreeMap<DeviceId, u64>,
 }
 
 impl Fleet {
@@ -36,7 +38,14 @@ impl Fleet {
             running: BTreeMap::new(),
             sessions: BTreeMap::new(),
             next_session: 0,
+            last_seen: BTreeMap::new(),
         }
+    }
+
+    /// Device `id` was heard from now.
+    pub(super) fn seen(&mut self, id: DeviceId) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.last_seen.insert(id, now);
     }
 
     /// How many connected devices run each deployed version.
@@ -66,6 +75,7 @@ impl Coordinator {
                 connected: f.connected.contains(id),
                 capabilities: f.capabilities.get(id).cloned(),
                 running: f.running.get(id).copied().flatten(),
+                last_seen: f.last_seen.get(id).copied(),
             })
             .collect()
     }

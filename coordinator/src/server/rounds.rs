@@ -35,6 +35,9 @@ pub(super) struct RoundDriver {
     pub(super) history: Vec<RoundLine>,
     /// Rounds asked for that have not started.
     pub(super) rounds_left: u64,
+    /// When the open round started, on the engine's clock (unknown for a round resumed
+    /// after a restart).
+    opened_at: Option<Duration>,
 }
 
 /// What the driver must make durable before it publishes it.
@@ -77,6 +80,7 @@ impl RoundDriver {
             reports: Vec::new(),
             history: Vec::new(),
             rounds_left: 0,
+            opened_at: None,
         }
     }
 
@@ -119,7 +123,8 @@ impl RoundDriver {
                         strategy: s.strategy,
                         vectors: s.vectors,
                     });
-                    let line = line_of(&report);
+                    let duration = self.opened_at.take().map(|at| report.closed_at.saturating_sub(at));
+                    let line = line_of(&report, duration);
                     let rounds_left = self.rounds_left;
                     return Some(Step::Close(Box::new(Close {
                         report,
@@ -139,6 +144,7 @@ impl RoundDriver {
         match self.engine.start_round(now) {
             Ok(_) => {
                 self.rounds_left -= 1;
+                self.opened_at = Some(now);
                 *changed = true;
                 // Starting a round emits its `Assign`s and nothing else.
                 let mut tasks = Vec::new();
@@ -307,7 +313,7 @@ pub(super) async fn drive_deadlines(me: Weak<Coordinator>, wake: Arc<Notify>) {
 }
 
 /// The operator's view of a closed round (accuracy is filled in when shown).
-fn line_of(r: &RoundReport) -> RoundLine {
+fn line_of(r: &RoundReport, duration: Option<Duration>) -> RoundLine {
     RoundLine {
         round: r.round,
         model_version: r.model_version,
@@ -324,5 +330,6 @@ fn line_of(r: &RoundReport) -> RoundLine {
             RoundOutcome::Failed(why) => Some(why.clone()),
         },
         privacy: r.privacy,
+        duration_ms: duration.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     }
 }

@@ -175,6 +175,7 @@ impl Coordinator {
         let (session, superseded) = {
             let mut s = self.lock();
             s.fleet.ids.insert(name.to_string(), id);
+            s.fleet.seen(id);
             match training {
                 Some((capabilities, connection)) => {
                     let session = s.fleet.next_session;
@@ -264,6 +265,7 @@ impl Coordinator {
         let reply = match request {
             Message::TaskRequest { running } => {
                 s.fleet.running.insert(id, running);
+                s.fleet.seen(id);
                 match s.rounds.tasks.get(&id) {
                     Some(task) => Message::TrainTask(task.clone()),
                     None => Message::NoTask {

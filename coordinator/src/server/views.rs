@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fedge_core::params::ContentHash;
 use fedge_core::registry::ModelRole;
-use fedge_core::wire::{DeviceId, ModelLine, PrivacyBudget, RoundLine, Status};
+use fedge_core::wire::{DeviceId, ModelLine, OpenRoundLine, PrivacyBudget, RoundLine, Status};
 
 use super::Coordinator;
 
@@ -29,7 +29,16 @@ impl Coordinator {
                 _ => None,
             };
             let version = s.rounds.version();
+            let now = self.now();
+            let open_round = engine.open_round().map(|o| OpenRoundLine {
+                round: o.round,
+                selected: o.chosen.len() as u64,
+                wanted: o.target as u64,
+                reporting: o.results as u64,
+                deadline_in_ms: u64::try_from(o.deadline.saturating_sub(now).as_millis()).unwrap_or(u64::MAX),
+            });
             let status = Status {
+                open_round,
                 privacy,
                 model_version: version,
                 model_hash: ContentHash([0; 32]),

@@ -122,3 +122,60 @@ impl EncodedModel {
         Self { version, hash, bytes: Arc::new(bytes) }
     }
 }
+
+/// A closed round as the store keeps it: [`RoundLine`] without what is not stored (its
+/// duration), so that the stored format does not change with the operator's view.
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub(super) struct StoredRound {
+    round: u64,
+    model_version: u64,
+    selected: u64,
+    results: u64,
+    failures: u64,
+    stragglers: u64,
+    surplus: u64,
+    samples: u64,
+    train_loss: f64,
+    accuracy: Option<f64>,
+    failed_reason: Option<String>,
+    privacy: Option<fedge_core::privacy::LedgerEntry>,
+}
+
+impl From<&RoundLine> for StoredRound {
+    fn from(r: &RoundLine) -> Self {
+        Self {
+            round: r.round,
+            model_version: r.model_version,
+            selected: r.selected,
+            results: r.results,
+            failures: r.failures,
+            stragglers: r.stragglers,
+            surplus: r.surplus,
+            samples: r.samples,
+            train_loss: r.train_loss,
+            accuracy: r.accuracy,
+            failed_reason: r.failed_reason.clone(),
+            privacy: r.privacy,
+        }
+    }
+}
+
+impl From<StoredRound> for RoundLine {
+    fn from(r: StoredRound) -> Self {
+        Self {
+            round: r.round,
+            model_version: r.model_version,
+            selected: r.selected,
+            results: r.results,
+            failures: r.failures,
+            stragglers: r.stragglers,
+            surplus: r.surplus,
+            samples: r.samples,
+            train_loss: r.train_loss,
+            accuracy: r.accuracy,
+            failed_reason: r.failed_reason,
+            privacy: r.privacy,
+            duration_ms: None,
+        }
+    }
+}

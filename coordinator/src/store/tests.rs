@@ -63,6 +63,7 @@ fn line(round: u64, model_version: u64) -> RoundLine {
             clip_norm: 2.0,
             epsilon: 0.1 * round as f64,
         }),
+        duration_ms: None,
     }
 }
 

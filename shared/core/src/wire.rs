@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -351,6 +351,9 @@ pub struct DeviceLine {
     pub capabilities: Option<Capabilities>,
     /// The deployed version it last said it runs.
     pub running: Option<u64>,
+    /// When it last connected or asked for work (this run of the coordinator), in seconds
+    /// since the Unix epoch.
+    pub last_seen: Option<u64>,
 }
 
 /// One model version, as operators see it.
@@ -415,6 +418,24 @@ pub struct RoundLine {
     pub failed_reason: Option<String>,
     /// What the round spent under central DP: q, z, C and epsilon so far.
     pub privacy: Option<crate::privacy::LedgerEntry>,
+    /// From its start to its close, in milliseconds (rounds started in this run of the
+    /// coordinator; not stored).
+    pub duration_ms: Option<u64>,
+}
+
+/// The open round, as operators see it.
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct OpenRoundLine {
+    /// Round number.
+    pub round: u64,
+    /// Devices selected.
+    pub selected: u64,
+    /// Results it waits for before closing (the rest are over-commitment).
+    pub wanted: u64,
+    /// Results accepted so far.
+    pub reporting: u64,
+    /// Milliseconds until its deadline (0: past it).
+    pub deadline_in_ms: u64,
 }
 
 /// The privacy budget of a coordinator running central DP.
@@ -441,6 +462,8 @@ pub struct Status {
     pub model_hash: ContentHash,
     /// The open round, if any.
     pub current_round: Option<u64>,
+    /// Its progress and deadline.
+    pub open_round: Option<OpenRoundLine>,
     /// Rounds still to run.
     pub rounds_left: u64,
     /// Devices connected now, by certificate id.
