@@ -58,6 +58,8 @@ pub mod stream {
     pub const ATTACKERS: u64 = 10;
     /// A simulated attacker's noise update: followed by round and device.
     pub const ATTACK_NOISE: u64 = 11;
+    /// Which free device the buffered asynchronous engine (FedBuff) tasks next.
+    pub const ASYNC_SAMPLING: u64 = 12;
 }
 
 #[cfg(test)]

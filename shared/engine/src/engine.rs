@@ -394,16 +394,8 @@ impl<S: Strategy> RoundEngine<S> {
     /// clips itself) the factor that brings its delta within the clip norm, whatever the
     /// device says it did.
     fn contribution<'a>(&self, result: &'a TrainResult, clip: bool) -> Contribution<'a> {
-        let num_samples = result.num_samples.min(self.config.max_samples_per_result);
-        let clip_scale = match (clip, self.config.train.clip_norm, &self.config.privacy) {
-            (true, Some(c), None) => {
-                // A non-finite delta has a NaN norm: scale 1, and the strategy refuses it.
-                let norm = result.delta.l2_norm();
-                if norm > f64::from(c) { f64::from(c) / norm } else { 1.0 }
-            }
-            _ => 1.0,
-        };
-        Contribution { delta: &result.delta, num_samples, clipped: result.clipped, clip_scale }
+        let clip_norm = if clip && self.config.privacy.is_none() { self.config.train.clip_norm } else { None };
+        contribution(result, self.config.max_samples_per_result, clip_norm)
     }
 
     /// A device's result arrived. Accepted results are streamed into the strategy at once.
@@ -541,6 +533,22 @@ impl<S: Strategy> RoundEngine<S> {
             privacy,
         }));
     }
+}
+
+/// What a result counts for, in either engine: its sample claim bounded by `max_samples`, and
+/// with `clip_norm` the factor that brings its delta within it, whatever the device says it
+/// did. The strategy's `check` then refuses a wrong shape or a non-finite value.
+pub(crate) fn contribution(result: &TrainResult, max_samples: u64, clip_norm: Option<f32>) -> Contribution<'_> {
+    let num_samples = result.num_samples.min(max_samples);
+    let clip_scale = match clip_norm {
+        Some(c) => {
+            // A non-finite delta has a NaN norm: scale 1, and the strategy refuses it.
+            let norm = result.delta.l2_norm();
+            if norm > f64::from(c) { f64::from(c) / norm } else { 1.0 }
+        }
+        None => 1.0,
+    };
+    Contribution { delta: &result.delta, num_samples, clipped: result.clipped, clip_scale }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 //! server drive the very same code.
 //!
 //! - [`engine`](RoundEngine): the state machine (`handle_*` in, `poll_*` out);
+//! - [`buffered`]: [`BufferedEngine`], buffered asynchronous aggregation (FedBuff): no rounds,
+//!   devices tasked as slots free up, every K results (discounted by staleness) a new version;
 //! - [`config`]: [`EngineConfig`], [`CentralDp`], and [`TrainingKeys`], the training and
 //!   privacy keys both configuration files share;
 //! - [`event`]: what the engine emits and reports, and the open round as a driver stores it;
@@ -19,12 +21,16 @@
 //! Architecture invariant (checked by `tests/layering.rs` in the `tests` crate): this crate
 //! depends on fedge-core and pure crates only; never on tokio, quinn, rustls or burn.
 
+pub mod buffered;
 pub mod config;
 mod engine;
 pub mod error;
 pub mod event;
 pub mod strategy;
 
+pub use buffered::{
+    AggregationReport, AsyncConfig, AsyncConfigError, AsyncEvent, AsyncRejectReason, BufferedEngine, StalenessWeight,
+};
 pub use config::{CentralDp, ConfigError, EngineConfig, TrainingKeys};
 pub use engine::RoundEngine;
 pub use error::{ReconfigureError, RejectReason, ResumeError, StartError};

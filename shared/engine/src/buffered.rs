@@ -1,0 +1,385 @@
+//! Buffered asynchronous aggregation: FedBuff (Nguyen et al., "Federated Learning with
+//! Buffered Asynchronous Aggregation", AISTATS 2022), as a sans-IO state machine in the style
+//! of [`crate::RoundEngine`].
+//!
+//! There are no rounds. Whenever fewer than `max_concurrency` devices are training,
+//! [`BufferedEngine::poll_event`] hands a free device (drawn uniformly among the available
+//! devices holding no task, from the seeded stream [`stream::ASYNC_SAMPLING`]) a task on the
+//! newest model. Each task has its own number (the wire's `round` field) and names the model
+//! version it trains from; a device holds at most one task at a time. A result's staleness is
+//! `s = current version - version it trained from`; a result with `s > max_staleness` is
+//! refused ([`AsyncRejectReason::TooStale`]). An accepted result passes the synchronous
+//! engine's checks (the same code: the sample cap, the server-side clip, the shape and
+//! finiteness checks of FedAvg's accumulator) and is folded into the buffer with its delta
+//! scaled by `w(s)` ([`StalenessWeight`]). Every `buffer_size` (K) accepted results the
+//! buffer becomes the next model version:
+//!
+//! ```text
+//! x <- x + eta_g * sum_i n_i w(s_i) delta_i / sum_i n_i
+//! ```
+//!
+//! with `n_i` the (capped) sample counts. With equal sample counts this is the paper's
+//! `eta_g / K * sum_i w(s_i) delta_i`; staleness shrinks the step rather than only moving
+//! weight between results (dividing by `sum_i n_i w(s_i)` would undo the discount whenever
+//! every result in the buffer is equally stale). With `w = 1` it is FedAvg over the buffer.
+//! Each aggregation emits [`AsyncEvent::Aggregated`] with its report.
+//!
+//! Differential privacy is not offered here yet, and [`AsyncConfig::validate`] refuses local
+//! DP rather than pretending. Central DP-FedBuff would need its own accountant: each
+//! aggregation releases one Gaussian-noised sum of K clipped updates, but which devices are in
+//! a buffer is decided by who is free and how fast they train, not by Poisson (or fixed-size
+//! uniform) subsampling of the population, so the subsampled-Gaussian RDP bound the
+//! synchronous ledger uses does not apply as it stands. Local DP composes differently too: a
+//! fast device uploads far more often than one sampled per round.
+//!
+//! The driver also owns deadlines: a device that never answers keeps its slot until the driver
+//! calls [`BufferedEngine::handle_train_failure`] or [`BufferedEngine::handle_device_gone`].
+
+mod config;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use fedge_core::ModelParams;
+use fedge_core::aggregate::AggregateError;
+use fedge_core::params::ContentHash;
+use fedge_core::rng::{SeededRng, derive_rng, stream};
+use fedge_core::wire::{DeviceId, ErrorCode, TrainResult, TrainTask};
+use rand::seq::IndexedRandom;
+use thiserror::Error;
+
+pub use config::{
+    AsyncConfig, AsyncConfigError, DEFAULT_HINGE_A, DEFAULT_HINGE_B, DEFAULT_STALENESS_EXPONENT, MAX_ASYNC_SIZE,
+    StalenessWeight,
+};
+
+use crate::event::{Evaluation, RoundOutcome};
+use crate::strategy::{FedAvg, Strategy};
+
+/// What the buffered engine wants done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AsyncEvent {
+    /// Send `task` to `device`.
+    Assign {
+        /// The device.
+        device: DeviceId,
+        /// The task (`round` is the task's number, `model_version` the model it trains from).
+        task: TrainTask,
+    },
+    /// The buffer became a new model version (or failed to). Evaluate it and report back with
+    /// [`BufferedEngine::handle_evaluation`].
+    Aggregated(AggregationReport),
+}
+
+/// One aggregation of the buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregationReport {
+    /// Model version after it (unchanged if it failed).
+    pub model_version: u64,
+    /// Hash of that model.
+    pub model_hash: ContentHash,
+    /// Results in the buffer (K).
+    pub results: usize,
+    /// Examples trained on, over those results (capped claims).
+    pub samples: u64,
+    /// Mean staleness of the results.
+    pub mean_staleness: f64,
+    /// Largest staleness among them.
+    pub max_staleness: u64,
+    /// Sample-weighted mean of the devices' training losses.
+    pub train_loss: f64,
+    /// When it happened (the `now` of the result that filled the buffer).
+    pub at: Duration,
+    /// Aggregated or failed.
+    pub outcome: RoundOutcome,
+}
+
+/// Why a result was refused. The device is told [`AsyncRejectReason::code`].
+#[derive(Debug, Error, PartialEq)]
+pub enum AsyncRejectReason {
+    /// The device holds no task (never tasked, or its task ended).
+    #[error("this device holds no training task")]
+    NotTasked(DeviceId),
+    /// The device already answered its last task; the first answer stands.
+    #[error("this device already answered task {0}; the first answer stands")]
+    Duplicate(u64),
+    /// The result names another task or model version than the one the device holds.
+    #[error(
+        "result for task {got_task} on version {got_version}, but the device holds task {task} on version {version}"
+    )]
+    WrongTask {
+        /// Task number in the result.
+        got_task: u64,
+        /// Model version in the result.
+        got_version: u64,
+        /// The task the device holds.
+        task: u64,
+        /// The version that task trains from.
+        version: u64,
+    },
+    /// Trained from a model more than `max_staleness` versions old.
+    #[error("stale result: trained {staleness} versions ago, at most {max} accepted")]
+    TooStale {
+        /// Versions since the task's model.
+        staleness: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// Wrong shape or non-finite values.
+    #[error("invalid update: {0}")]
+    Invalid(AggregateError),
+}
+
+impl AsyncRejectReason {
+    /// The wire error code for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotTasked(_) => ErrorCode::NotSelected,
+            Self::Duplicate(_) => ErrorCode::Duplicate,
+            Self::WrongTask { .. } | Self::TooStale { .. } => ErrorCode::StaleModel,
+            Self::Invalid(_) => ErrorCode::InvalidUpdate,
+        }
+    }
+}
+
+/// A task a device holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    task: u64,
+    version: u64,
+}
+
+/// What the buffer holds besides the strategy's running sum.
+#[derive(Debug, Default)]
+struct Buffer {
+    results: usize,
+    samples: u64,
+    loss_sum: f64,
+    staleness_sum: u64,
+    max_staleness: u64,
+}
+
+/// The buffered asynchronous engine. See the module docs.
+pub struct BufferedEngine {
+    config: AsyncConfig,
+    strategy: FedAvg,
+    global: ModelParams,
+    version: u64,
+    last_task: u64,
+    available: BTreeSet<DeviceId>,
+    training: BTreeMap<DeviceId, Held>,
+    answered: BTreeMap<DeviceId, u64>,
+    buffer: Buffer,
+    events: VecDeque<AsyncEvent>,
+    evaluations: BTreeMap<u64, Evaluation>,
+    rng: SeededRng,
+}
+
+impl BufferedEngine {
+    /// An engine starting from `initial` as model version 0.
+    pub fn new(config: AsyncConfig, initial: ModelParams) -> Result<Self, AsyncConfigError> {
+        config.validate()?;
+        let mut strategy = FedAvg::with_server_lr(config.server_lr as f32);
+        strategy.begin_round(1, &initial, config.buffer_size);
+        let rng = derive_rng(config.seed, &[stream::ASYNC_SAMPLING]);
+        Ok(Self {
+            config,
+            strategy,
+            global: initial,
+            version: 0,
+            last_task: 0,
+            available: BTreeSet::new(),
+            training: BTreeMap::new(),
+            answered: BTreeMap::new(),
+            buffer: Buffer::default(),
+            events: VecDeque::new(),
+            evaluations: BTreeMap::new(),
+            rng,
+        })
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> &ModelParams {
+        &self.global
+    }
+
+    /// The current model version (0 before any aggregation).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AsyncConfig {
+        &self.config
+    }
+
+    /// Devices holding a task now.
+    pub fn in_flight(&self) -> usize {
+        self.training.len()
+    }
+
+    /// Accepted results waiting in the buffer.
+    pub fn buffered(&self) -> usize {
+        self.buffer.results
+    }
+
+    /// Evaluations reported so far, by model version.
+    pub fn evaluations(&self) -> &BTreeMap<u64, Evaluation> {
+        &self.evaluations
+    }
+
+    /// A device can be tasked from now on.
+    pub fn handle_device_available(&mut self, device: DeviceId) {
+        self.available.insert(device);
+    }
+
+    /// A device went away; its task, if any, ends and its slot is free.
+    pub fn handle_device_gone(&mut self, now: Duration, device: DeviceId) {
+        self.available.remove(&device);
+        self.handle_train_failure(now, device);
+    }
+
+    /// A device reported that it could not train (or the driver gave up on it): its task ends
+    /// and its slot is free. A device holding no task is ignored.
+    pub fn handle_train_failure(&mut self, _now: Duration, device: DeviceId) {
+        self.training.remove(&device);
+    }
+
+    /// What [`Self::handle_train_result`] would refuse, checked without changing anything;
+    /// on success, the result's staleness.
+    pub fn check_train_result(&self, device: DeviceId, result: &TrainResult) -> Result<u64, AsyncRejectReason> {
+        let Some(held) = self.training.get(&device) else {
+            return Err(match self.answered.get(&device) {
+                Some(&task) if task == result.round => AsyncRejectReason::Duplicate(task),
+                _ => AsyncRejectReason::NotTasked(device),
+            });
+        };
+        if result.round != held.task || result.model_version != held.version {
+            return Err(AsyncRejectReason::WrongTask {
+                got_task: result.round,
+                got_version: result.model_version,
+                task: held.task,
+                version: held.version,
+            });
+        }
+        let staleness = self.version.saturating_sub(held.version);
+        if staleness > self.config.max_staleness {
+            return Err(AsyncRejectReason::TooStale { staleness, max: self.config.max_staleness });
+        }
+        self.strategy.check(self.contribution(result, false)).map_err(AsyncRejectReason::Invalid)?;
+        Ok(staleness)
+    }
+
+    /// The synchronous engine's view of a result: capped samples and (with `clip` and a clip
+    /// norm) the server-side clip.
+    fn contribution<'a>(&self, result: &'a TrainResult, clip: bool) -> crate::strategy::Contribution<'a> {
+        let clip_norm = if clip { self.config.train.clip_norm } else { None };
+        crate::engine::contribution(result, self.config.max_samples_per_result, clip_norm)
+    }
+
+    /// A device's result arrived at `now`. Accepted results go into the buffer, discounted by
+    /// their staleness; the K-th aggregates. A refused result that answers the device's task
+    /// (too stale, invalid) still ends the task, so the device is free again.
+    pub fn handle_train_result(
+        &mut self,
+        now: Duration,
+        device: DeviceId,
+        result: &TrainResult,
+    ) -> Result<(), AsyncRejectReason> {
+        let staleness = match self.check_train_result(device, result) {
+            Ok(s) => s,
+            Err(e) => {
+                if matches!(e, AsyncRejectReason::TooStale { .. } | AsyncRejectReason::Invalid(_)) {
+                    self.end_task(device);
+                }
+                return Err(e);
+            }
+        };
+        let mut contribution = self.contribution(result, true);
+        contribution.clip_scale *= self.config.staleness.weight(staleness);
+        let samples = contribution.num_samples;
+        if let Err(e) = self.strategy.accumulate(contribution) {
+            self.end_task(device);
+            return Err(AsyncRejectReason::Invalid(e));
+        }
+        self.end_task(device);
+        let b = &mut self.buffer;
+        b.results += 1;
+        b.samples = b.samples.saturating_add(samples);
+        if result.train_loss.is_finite() {
+            b.loss_sum += f64::from(result.train_loss) * samples as f64;
+        }
+        b.staleness_sum = b.staleness_sum.saturating_add(staleness);
+        b.max_staleness = b.max_staleness.max(staleness);
+        if b.results >= self.config.buffer_size {
+            self.aggregate(now);
+        }
+        Ok(())
+    }
+
+    fn end_task(&mut self, device: DeviceId) {
+        if let Some(held) = self.training.remove(&device) {
+            self.answered.insert(device, held.task);
+        }
+    }
+
+    /// The evaluation of model `version` the driver was asked for.
+    pub fn handle_evaluation(&mut self, version: u64, evaluation: Evaluation) {
+        self.evaluations.insert(version, evaluation);
+    }
+
+    /// The next thing to do, if any: a pending report first, then a task for a free device
+    /// while fewer than `max_concurrency` are training.
+    pub fn poll_event(&mut self) -> Option<AsyncEvent> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        if self.training.len() >= self.config.max_concurrency {
+            return None;
+        }
+        let free: Vec<DeviceId> = self.available.iter().copied().filter(|d| !self.training.contains_key(d)).collect();
+        let &device = free.choose(&mut self.rng)?;
+        self.last_task += 1;
+        let held = Held { task: self.last_task, version: self.version };
+        self.training.insert(device, held);
+        let task = TrainTask {
+            round: held.task,
+            model_version: held.version,
+            model_hash: self.global.content_hash(),
+            config: self.config.train,
+        };
+        Some(AsyncEvent::Assign { device, task })
+    }
+
+    fn aggregate(&mut self, now: Duration) {
+        let b = std::mem::take(&mut self.buffer);
+        let round = self.version + 1;
+        let outcome = match self.strategy.aggregate_train(round, &self.global, 0) {
+            Ok(next) if next.check_finite().is_err() => {
+                RoundOutcome::Failed("the aggregate has a non-finite value; the model is unchanged".into())
+            }
+            Ok(next) => {
+                self.global = next;
+                self.version = round;
+                RoundOutcome::Aggregated
+            }
+            Err(e) => RoundOutcome::Failed(format!("aggregation failed: {e}")),
+        };
+        self.strategy.begin_round(self.version + 1, &self.global, self.config.buffer_size);
+        let per = |x: f64, n: f64| if n > 0.0 { x / n } else { f64::NAN };
+        self.events.push_back(AsyncEvent::Aggregated(AggregationReport {
+            model_version: self.version,
+            model_hash: self.global.content_hash(),
+            results: b.results,
+            samples: b.samples,
+            mean_staleness: per(b.staleness_sum as f64, b.results as f64),
+            max_staleness: b.max_staleness,
+            train_loss: per(b.loss_sum, b.samples as f64),
+            at: now,
+            outcome,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests;

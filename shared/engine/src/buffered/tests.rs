@@ -1,0 +1,311 @@
+//! The buffered engine's unit tests: one engine over a two-weight model, driven by hand, with
+//! hand-computed expectations.
+
+use super::*;
+use fedge_core::wire::TrainConfig;
+use fedge_core::{ParamLayout, TensorSpec};
+use std::sync::Arc;
+
+const S: Duration = Duration::from_secs(1);
+
+fn layout(n: usize) -> Arc<ParamLayout> {
+    Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![n] }]).unwrap())
+}
+
+fn params(v: [f32; 2]) -> ModelParams {
+    ModelParams::new(layout(2), v.to_vec()).unwrap()
+}
+
+fn cfg(buffer_size: usize, max_concurrency: usize, max_staleness: u64, staleness: StalenessWeight) -> AsyncConfig {
+    AsyncConfig { buffer_size, max_concurrency, max_staleness, staleness, ..AsyncConfig::default() }
+}
+
+fn engine(devices: u64, config: AsyncConfig) -> BufferedEngine {
+    let mut e = BufferedEngine::new(config, params([0.0, 0.0])).unwrap();
+    for d in 0..devices {
+        e.handle_device_available(d);
+    }
+    e
+}
+
+/// Every task the engine hands out now (and no report).
+fn assigned(e: &mut BufferedEngine) -> Vec<(DeviceId, TrainTask)> {
+    let mut out = Vec::new();
+    while let Some(ev) = e.poll_event() {
+        match ev {
+            AsyncEvent::Assign { device, task } => out.push((device, task)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    out
+}
+
+fn result(task: &TrainTask, delta: [f32; 2], n: u64) -> TrainResult {
+    TrainResult {
+        round: task.round,
+        model_version: task.model_version,
+        num_samples: n,
+        train_loss: 0.5,
+        delta: params(delta),
+        clipped: false,
+    }
+}
+
+fn report(e: &mut BufferedEngine) -> AggregationReport {
+    match e.poll_event() {
+        Some(AsyncEvent::Aggregated(r)) => r,
+        other => panic!("expected a report, got {other:?}"),
+    }
+}
+
+#[test]
+fn staleness_weights_match_their_formulas() {
+    let poly = |exponent| StalenessWeight::Polynomial { exponent };
+    let hinge = |a, b| StalenessWeight::Hinge { a, b };
+    let cases = [
+        (StalenessWeight::Constant, 0, 1.0),
+        (StalenessWeight::Constant, 1000, 1.0),
+        (poly(0.5), 0, 1.0),
+        (poly(0.5), 3, 0.5), // 1 / sqrt(4)
+        (poly(0.5), 8, 1.0 / 3.0),
+        (poly(1.0), 1, 0.5),
+        (poly(2.0), 3, 1.0 / 16.0),
+        (poly(0.0), 50, 1.0),
+        (hinge(10.0, 4), 0, 1.0),
+        (hinge(10.0, 4), 4, 1.0),
+        (hinge(10.0, 4), 5, 1.0 / 11.0),
+        (hinge(10.0, 4), 6, 1.0 / 21.0),
+        (hinge(1.0, 0), 3, 0.25),
+        (StalenessWeight::default(), 3, 0.5),
+    ];
+    for (w, s, want) in cases {
+        let got = w.weight(s);
+        assert!((got - want).abs() < 1e-12, "{w:?} at {s}: {got}, want {want}");
+    }
+}
+
+/// Advances the engine to version 3 with zero deltas while device `x` keeps a task on
+/// version 0 and device `y` one on version 2; returns their tasks and a task `z` on version 3.
+#[allow(clippy::type_complexity)]
+fn stale_scene(e: &mut BufferedEngine) -> [(DeviceId, TrainTask); 3] {
+    let mut held: Vec<(DeviceId, TrainTask)> = Vec::new();
+    let (mut x, mut y) = (None, None);
+    while e.version() < 3 {
+        held.extend(assigned(e));
+        if x.is_none() {
+            x = Some(held.remove(0));
+        }
+        if y.is_none()
+            && let Some(i) = held.iter().position(|(_, t)| t.model_version == 2)
+        {
+            y = Some(held.remove(i));
+        }
+        let (d, t) = held.remove(0);
+        let before = e.version();
+        e.handle_train_result(S, d, &result(&t, [0.0, 0.0], 1)).unwrap();
+        if e.version() != before {
+            assert_eq!(report(e).outcome, RoundOutcome::Aggregated);
+        }
+    }
+    assert_eq!(e.global().data(), &[0.0, 0.0]);
+    assert_eq!(e.buffered(), 0);
+    let z = assigned(e).into_iter().find(|(_, t)| t.model_version == 3).expect("a free slot at version 3");
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!((x.1.model_version, y.1.model_version), (0, 2));
+    [z, y, x]
+}
+
+#[test]
+fn an_aggregation_of_three_stale_results_is_the_hand_computed_weighted_mean() {
+    // K = 3 results: z fresh (s = 0), y one version old (s = 1), x three old (s = 3); deltas
+    // [1, 0] x 10 samples, [0, 2] x 20, [3, 3] x 10; eta_g = 2.
+    // next = 2 * (10 w0 [1,0] + 20 w1 [0,2] + 10 w3 [3,3]) / 40.
+    let cases = [
+        // w = 1, 1, 1: ([10, 0] + [0, 40] + [30, 30]) / 40 = [1, 1.75].
+        (StalenessWeight::Constant, [2.0, 3.5]),
+        // w = 1, 1/2, 1/4: ([10, 0] + [0, 20] + [7.5, 7.5]) / 40 = [0.4375, 0.6875].
+        (StalenessWeight::Polynomial { exponent: 1.0 }, [0.875, 1.375]),
+        // w = 1, 1, 1/3 (a = 1, b = 1: 1 / (1 (3 - 1) + 1)): ([10, 0] + [0, 40] + [10, 10]) / 40.
+        (StalenessWeight::Hinge { a: 1.0, b: 1 }, [1.0, 2.5]),
+    ];
+    for (weight, want) in cases {
+        let mut e = engine(5, AsyncConfig { server_lr: 2.0, ..cfg(3, 3, 3, weight) });
+        let [z, y, x] = stale_scene(&mut e);
+        e.handle_train_result(10 * S, z.0, &result(&z.1, [1.0, 0.0], 10)).unwrap();
+        e.handle_train_result(11 * S, y.0, &result(&y.1, [0.0, 2.0], 20)).unwrap();
+        assert_eq!(e.version(), 3, "{weight:?}: not before the K-th result");
+        e.handle_train_result(12 * S, x.0, &result(&x.1, [3.0, 3.0], 10)).unwrap();
+        let r = report(&mut e);
+        assert_eq!(e.version(), 4);
+        let got = e.global().data();
+        assert!((got[0] - want[0]).abs() < 1e-6 && (got[1] - want[1]).abs() < 1e-6, "{weight:?}: {got:?} != {want:?}");
+        assert_eq!((r.model_version, r.results, r.samples, r.max_staleness, r.at), (4, 3, 40, 3, 12 * S));
+        assert!((r.mean_staleness - 4.0 / 3.0).abs() < 1e-12);
+        assert_eq!(r.train_loss, 0.5);
+        assert_eq!(r.outcome, RoundOutcome::Aggregated);
+        assert_eq!(r.model_hash, e.global().content_hash());
+    }
+}
+
+#[test]
+fn a_result_older_than_max_staleness_is_refused_and_frees_the_device() {
+    let mut e = engine(5, cfg(3, 3, 2, StalenessWeight::Constant));
+    let [_, _, x] = stale_scene(&mut e);
+    let before = e.in_flight();
+    let err = e.handle_train_result(S, x.0, &result(&x.1, [1.0, 1.0], 10)).unwrap_err();
+    assert_eq!(err, AsyncRejectReason::TooStale { staleness: 3, max: 2 });
+    assert_eq!(err.code(), ErrorCode::StaleModel);
+    assert_eq!(e.in_flight(), before - 1, "the task ended");
+    assert_eq!(e.buffered(), 0);
+    // Answered once: a second copy is a duplicate.
+    let again = e.handle_train_result(S, x.0, &result(&x.1, [1.0, 1.0], 10)).unwrap_err();
+    assert_eq!(again, AsyncRejectReason::Duplicate(x.1.round));
+}
+
+#[test]
+fn concurrency_is_capped_and_a_slot_frees_per_answer() {
+    let mut e = engine(10, cfg(10, 3, 5, StalenessWeight::Constant));
+    let first = assigned(&mut e);
+    assert_eq!(first.len(), 3);
+    assert_eq!(e.in_flight(), 3);
+    let devices: BTreeSet<DeviceId> = first.iter().map(|(d, _)| *d).collect();
+    assert_eq!(devices.len(), 3, "distinct devices");
+    assert!(first.iter().enumerate().all(|(i, (_, t))| t.round == i as u64 + 1 && t.model_version == 0));
+    e.handle_train_result(S, first[0].0, &result(&first[0].1, [1.0, 0.0], 1)).unwrap();
+    let next = assigned(&mut e);
+    assert_eq!(next.len(), 1);
+    assert!(!devices.contains(&next[0].0) || next[0].0 == first[0].0, "never a device still training");
+    e.handle_train_failure(S, first[1].0);
+    assert_eq!(assigned(&mut e).len(), 1);
+    // Fewer free devices than slots: all of them, and no more.
+    let mut small = engine(2, cfg(10, 5, 5, StalenessWeight::Constant));
+    assert_eq!(assigned(&mut small).len(), 2);
+    small.handle_device_gone(S, 0);
+    assert_eq!(small.in_flight(), 1);
+    assert!(assigned(&mut small).is_empty(), "device 0 is gone");
+}
+
+#[test]
+fn the_version_advances_once_per_k_results() {
+    let mut e = engine(20, cfg(4, 6, 10, StalenessWeight::default()));
+    let mut versions = Vec::new();
+    for i in 0..12 {
+        let (d, t) = assigned(&mut e).remove(0);
+        e.handle_train_result(i * S, d, &result(&t, [0.1, -0.1], 5)).unwrap();
+        versions.push(e.version());
+        if (i + 1) % 4 == 0 {
+            let r = report(&mut e);
+            assert_eq!((r.model_version, r.results, r.samples), (e.version(), 4, 20));
+        }
+    }
+    assert_eq!(versions, [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3]);
+}
+
+#[test]
+fn results_from_devices_without_that_task_are_refused() {
+    let mut e = engine(4, cfg(2, 2, 5, StalenessWeight::Constant));
+    let tasks = assigned(&mut e);
+    let (d, t) = &tasks[0];
+    let idle = (0..4).find(|i| tasks.iter().all(|(d, _)| d != i)).unwrap();
+    let cases = [
+        (idle, result(t, [1.0, 1.0], 1), AsyncRejectReason::NotTasked(idle)),
+        (99, result(t, [1.0, 1.0], 1), AsyncRejectReason::NotTasked(99)),
+        (
+            *d,
+            TrainResult { round: t.round + 7, ..result(t, [1.0, 1.0], 1) },
+            AsyncRejectReason::WrongTask { got_task: t.round + 7, got_version: 0, task: t.round, version: 0 },
+        ),
+        (
+            *d,
+            TrainResult { model_version: 1, ..result(t, [1.0, 1.0], 1) },
+            AsyncRejectReason::WrongTask { got_task: t.round, got_version: 1, task: t.round, version: 0 },
+        ),
+    ];
+    for (device, r, want) in cases {
+        assert_eq!(e.handle_train_result(S, device, &r), Err(want));
+    }
+    assert_eq!(e.in_flight(), 2, "refusals for another task end nothing");
+    // Wrong shape, then NaN: the synchronous engine's checks, and the task ends.
+    let wrong = TrainResult { delta: ModelParams::zeros(layout(3)), ..result(t, [0.0, 0.0], 1) };
+    assert_eq!(e.handle_train_result(S, *d, &wrong), Err(AsyncRejectReason::Invalid(AggregateError::LayoutMismatch)));
+    let (d2, t2) = &tasks[1];
+    let nan = result(t2, [f32::NAN, 0.0], 1);
+    let err = e.handle_train_result(S, *d2, &nan).unwrap_err();
+    assert!(matches!(err, AsyncRejectReason::Invalid(AggregateError::NonFinite(0))), "{err}");
+    assert_eq!(err.code(), ErrorCode::InvalidUpdate);
+    assert_eq!((e.in_flight(), e.buffered(), e.version()), (0, 0, 0));
+}
+
+#[test]
+fn claims_are_capped_and_deltas_clipped_as_in_the_synchronous_engine() {
+    let mut config = cfg(2, 2, 5, StalenessWeight::Constant);
+    config.max_samples_per_result = 10;
+    config.train.clip_norm = Some(1.0);
+    let mut e = engine(2, config);
+    let tasks = assigned(&mut e);
+    // [3, 4] (norm 5) clipped to [0.6, 0.8], claiming 10^9 samples (counts 10); [0, 0] x 10.
+    e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [3.0, 4.0], 1_000_000_000)).unwrap();
+    e.handle_train_result(S, tasks[1].0, &result(&tasks[1].1, [0.0, 0.0], 10)).unwrap();
+    assert_eq!(report(&mut e).samples, 20);
+    let got = e.global().data();
+    assert!((got[0] - 0.3).abs() < 1e-6 && (got[1] - 0.4).abs() < 1e-6, "{got:?}");
+}
+
+#[test]
+fn seeded_engines_task_the_same_devices() {
+    let order = |seed| {
+        let mut e = engine(50, AsyncConfig { seed, ..cfg(2, 4, 5, StalenessWeight::Constant) });
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            let (d, t) = assigned(&mut e).remove(0);
+            out.push(d);
+            let before = e.version();
+            e.handle_train_result(S, d, &result(&t, [0.0, 0.0], 1)).unwrap();
+            if e.version() != before {
+                report(&mut e);
+            }
+        }
+        out
+    };
+    assert_eq!(order(7), order(7));
+    assert_ne!(order(7), order(8));
+}
+
+#[test]
+fn bad_configs_are_refused_in_one_line() {
+    let d = AsyncConfig::default();
+    let cases: [(AsyncConfig, &str); 9] = [
+        (AsyncConfig { buffer_size: 0, ..d.clone() }, "buffer_size must be 1 to"),
+        (AsyncConfig { max_concurrency: 0, ..d.clone() }, "max_concurrency must be 1 to"),
+        (AsyncConfig { server_lr: 0.0, ..d.clone() }, "server_lr must be positive"),
+        (AsyncConfig { server_lr: f64::NAN, ..d.clone() }, "server_lr must be positive"),
+        (
+            AsyncConfig { staleness: StalenessWeight::Polynomial { exponent: -1.0 }, ..d.clone() },
+            "staleness exponent must be in [0, 1e6], got -1",
+        ),
+        (
+            AsyncConfig { staleness: StalenessWeight::Hinge { a: f64::INFINITY, b: 1 }, ..d.clone() },
+            "hinge slope a must be in",
+        ),
+        (AsyncConfig { max_samples_per_result: 0, ..d.clone() }, "max_samples_per_result must be at least 1"),
+        (AsyncConfig { train: TrainConfig { epochs: 0, ..d.train }, ..d.clone() }, "epochs must be at least 1"),
+        (
+            AsyncConfig {
+                train: TrainConfig {
+                    clip_norm: Some(1.0),
+                    local_dp: Some(fedge_core::wire::LocalDp { epsilon: 1.0, delta: 1e-5 }),
+                    ..d.train
+                },
+                ..d.clone()
+            },
+            "not offered in asynchronous (FedBuff) mode yet",
+        ),
+    ];
+    for (c, want) in cases {
+        let got = c.validate().unwrap_err().to_string();
+        assert!(got.contains(want), "{got}");
+        assert!(!got.contains('\n'));
+        assert!(BufferedEngine::new(c, params([0.0, 0.0])).is_err());
+    }
+    d.validate().unwrap();
+}
