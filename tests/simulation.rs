@@ -35,7 +35,7 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
     assert_ne!(a.0, c.0);
     assert_eq!(
         String::from_utf8(a.0).unwrap().lines().next().unwrap(),
-        "round,accuracy,loss,train_loss,model_version,selected,results,failures,samples,aggregated,virtual_start_s,virtual_duration_s,clip_norm,epsilon,attackers"
+        "round,accuracy,loss,train_loss,model_version,selected,results,failures,samples,aggregated,virtual_start_s,virtual_duration_s,clip_norm,epsilon,mean_staleness,max_staleness,attackers"
     );
 }
 

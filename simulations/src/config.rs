@@ -8,7 +8,7 @@ use fedge_core::config_file::{ConfigFileError, parse_toml, read_toml};
 use fedge_core::dataset::DatasetName;
 use fedge_core::partition::Partition;
 use fedge_core::privacy::AdaptiveClipConfig;
-use fedge_engine::{EngineConfig, StrategyOptions, TrainingKeys};
+use fedge_engine::{AsyncConfig, EngineConfig, StalenessWeight, StrategyOptions, TrainingKeys};
 use fedge_learn::{BackendKind, DistillConfig, ModelKind};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -37,6 +37,54 @@ impl std::str::FromStr for PartitionKind {
             "shards" => Ok(Self::Shards),
             "dirichlet" => Ok(Self::Dirichlet),
             other => Err(format!("unknown partition `{other}` (expected iid, shards or dirichlet)")),
+        }
+    }
+}
+
+/// How the engine runs: rounds, or buffered asynchronous aggregation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Synchronous rounds ([`fedge_engine::RoundEngine`]).
+    #[default]
+    Sync,
+    /// FedBuff ([`fedge_engine::BufferedEngine`]): devices train as slots free up, every
+    /// `buffer_size` results make a version.
+    Fedbuff,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sync" => Ok(Self::Sync),
+            "fedbuff" => Ok(Self::Fedbuff),
+            other => Err(format!("unknown mode `{other}` (expected sync or fedbuff)")),
+        }
+    }
+}
+
+/// FedBuff's staleness weight, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StalenessKind {
+    /// `w(s) = 1`.
+    Constant,
+    /// `w(s) = 1 / (1 + s)^staleness_exponent`.
+    #[default]
+    Polynomial,
+    /// `w(s) = 1` while `s <= hinge_b`, then `1 / (hinge_a (s - hinge_b) + 1)`.
+    Hinge,
+}
+
+impl std::str::FromStr for StalenessKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "constant" => Ok(Self::Constant),
+            "polynomial" => Ok(Self::Polynomial),
+            "hinge" => Ok(Self::Hinge),
+            other => Err(format!("unknown staleness `{other}` (expected constant, polynomial or hinge)")),
         }
     }
 }
@@ -131,6 +179,23 @@ pub struct SimConfig {
     pub attack_noise_std: f64,
     /// `little-is-enough`: z instead of the paper's z_max for the round.
     pub attack_z: Option<f64>,
+    /// `sync` (rounds) or `fedbuff` (buffered asynchronous aggregation; `rounds` then counts
+    /// aggregations, `fraction` and `min_train_clients` are not read).
+    pub mode: Mode,
+    /// FedBuff: K, results per aggregation.
+    pub buffer_size: usize,
+    /// FedBuff: the most devices training at once.
+    pub max_concurrency: usize,
+    /// FedBuff: results trained more versions ago than this are refused.
+    pub max_staleness: u64,
+    /// FedBuff: `constant`, `polynomial` or `hinge`.
+    pub staleness: StalenessKind,
+    /// FedBuff, `polynomial`: the exponent a of `1 / (1 + s)^a`.
+    pub staleness_exponent: f64,
+    /// FedBuff, `hinge`: the slope a.
+    pub hinge_a: f64,
+    /// FedBuff, `hinge`: the staleness b up to which results count fully.
+    pub hinge_b: u64,
 }
 
 impl Default for SimConfig {
@@ -175,6 +240,14 @@ impl Default for SimConfig {
             attack_scale: None,
             attack_noise_std: crate::attack::DEFAULT_NOISE_STD,
             attack_z: None,
+            mode: Mode::Sync,
+            buffer_size: 10,
+            max_concurrency: 20,
+            max_staleness: 100,
+            staleness: StalenessKind::Polynomial,
+            staleness_exponent: fedge_engine::buffered::DEFAULT_STALENESS_EXPONENT,
+            hinge_a: fedge_engine::buffered::DEFAULT_HINGE_A,
+            hinge_b: fedge_engine::buffered::DEFAULT_HINGE_B,
         }
     }
 }
@@ -254,6 +327,9 @@ impl SimConfig {
             return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));
         }
         self.engine_config()?;
+        if self.mode == Mode::Fedbuff {
+            self.async_config()?;
+        }
         crate::attack::validate(self).map_err(SimConfigError::Invalid)?;
         match self.partition() {
             Partition::Dirichlet { alpha } if !(alpha.is_finite() && alpha > 0.0) => {
@@ -310,6 +386,55 @@ impl SimConfig {
         let invalid = |e: fedge_engine::ConfigError| SimConfigError::Invalid(e.to_string());
         c.set_strategy(&self.strategy, &self.strategy_options).map_err(invalid)?;
         c.validate().map_err(invalid)?;
+        Ok(c)
+    }
+
+    /// The buffered engine's configuration (`mode = "fedbuff"`), checked, refusing what it
+    /// does not run yet in one line.
+    pub fn async_config(&self) -> Result<AsyncConfig, SimConfigError> {
+        let bad = |m: String| Err(SimConfigError::Invalid(m));
+        let privacy = [
+            ("noise_multiplier", self.noise_multiplier.is_some()),
+            ("adaptive_clip", self.adaptive_clip.is_some()),
+            ("target_epsilon", self.target_epsilon.is_some()),
+            ("local_epsilon", self.local_epsilon.is_some()),
+        ];
+        if let Some((key, _)) = privacy.iter().find(|p| p.1) {
+            return bad(format!(
+                "differential privacy is not offered with mode = \"fedbuff\" yet (no accountant for buffered asynchronous releases): unset {key} or use mode = \"sync\""
+            ));
+        }
+        if self.strategy != "fedavg" {
+            return bad(format!(
+                "mode = \"fedbuff\" aggregates with FedAvg over the buffer (server_lr applies); strategy `{}` is for mode = \"sync\"",
+                self.strategy
+            ));
+        }
+        let unsupported = [
+            ("attack", self.attack.is_some()),
+            ("dropout", self.dropout > 0.0),
+            ("distill_every", self.distill_every.is_some()),
+            ("max_step_norm", self.max_step_norm.is_some()),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|p| p.1) {
+            return bad(format!("{key} is not supported with mode = \"fedbuff\" yet"));
+        }
+        let staleness = match self.staleness {
+            StalenessKind::Constant => StalenessWeight::Constant,
+            StalenessKind::Polynomial => StalenessWeight::Polynomial { exponent: self.staleness_exponent },
+            StalenessKind::Hinge => StalenessWeight::Hinge { a: self.hinge_a, b: self.hinge_b },
+        };
+        let c = AsyncConfig {
+            buffer_size: self.buffer_size,
+            max_concurrency: self.max_concurrency,
+            max_staleness: self.max_staleness,
+            staleness,
+            server_lr: self.strategy_options.server_lr.unwrap_or(1.0),
+            train: self.training_keys().train(),
+            seed: self.seed,
+            ..AsyncConfig::default()
+        };
+        c.validate().map_err(|e| SimConfigError::Invalid(e.to_string()))?;
         Ok(c)
     }
 }
@@ -413,6 +538,16 @@ mod tests {
             ("attack = \"noise\"\nattackers = 0.2\nattack_noise_std = -1.0", "attack_noise_std must be zero"),
             ("attack = \"noise\"\nattackers = 0.2\nattack_noise_std = nan", "attack_noise_std must be zero"),
             ("attack = \"little-is-enough\"\nattackers = 0.2\nattack_z = nan", "attack_z must be finite"),
+            ("mode = \"async\"", "line 1: unknown variant `async`, expected `sync` or `fedbuff`"),
+            ("mode = \"fedbuff\"\nbuffer_size = 0", "buffer_size must be 1 to"),
+            ("mode = \"fedbuff\"\nmax_concurrency = 0", "max_concurrency must be 1 to"),
+            ("mode = \"fedbuff\"\nstaleness_exponent = -1.0", "staleness exponent must be in [0, 1e6]"),
+            ("mode = \"fedbuff\"\nstaleness = \"hinge\"\nhinge_a = nan", "hinge slope a must be in"),
+            ("mode = \"fedbuff\"\nstaleness = \"cubic\"", "line 2: unknown variant `cubic`"),
+            ("mode = \"fedbuff\"\nclip_norm = 1.0\nnoise_multiplier = 1.0", "not offered with mode = \"fedbuff\" yet"),
+            ("mode = \"fedbuff\"\nclip_norm = 1.0\nlocal_epsilon = 1.0", "unset local_epsilon"),
+            ("mode = \"fedbuff\"\nstrategy = \"fedadam\"", "strategy `fedadam` is for mode = \"sync\""),
+            ("mode = \"fedbuff\"\ndropout = 0.1", "dropout is not supported with mode = \"fedbuff\""),
         ];
         for (toml, want) in cases {
             let got = err(toml);

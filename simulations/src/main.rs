@@ -319,9 +319,10 @@ fn real_main() -> anyhow::Result<()> {
             } else if !args.quiet {
                 let _ = writeln!(
                     stdout,
-                    "final accuracy {:.2}% after {} rounds ({} devices, {} parameters) in {:.1}s ({:.1} virtual s); wrote {}",
+                    "final accuracy {:.2}% after {} {} ({} devices, {} parameters) in {:.1}s ({:.1} virtual s); wrote {}",
                     s.final_accuracy * 100.0,
                     s.rounds,
+                    if config.mode == fedge_sim::config::Mode::Fedbuff { "aggregations" } else { "rounds" },
                     s.devices,
                     s.parameters,
                     s.wall_seconds,

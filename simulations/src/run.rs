@@ -6,7 +6,8 @@
 //! back to the engine in virtual-time order, the engine's deadline enforced ([`crate::clock`]),
 //! so a seeded run is reproducible byte for byte whatever the thread timing. A round starts
 //! when the previous one closed. After each round the global model is evaluated on the test
-//! split.
+//! split. With `mode = "fedbuff"` the buffered asynchronous engine runs instead, on the same
+//! pool and clock ([`fedbuff`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,10 +26,11 @@ use thiserror::Error;
 
 use crate::attack::Attack;
 use crate::clock::{Fleet, drive_round};
-use crate::config::{SimConfig, SimConfigError};
+use crate::config::{Mode, SimConfig, SimConfigError};
 use crate::distill::Distiller;
 use crate::pool::Pool;
 
+mod fedbuff;
 mod observer;
 mod report;
 
@@ -197,6 +199,21 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         seed: config.seed,
         attack: attack.as_ref(),
     };
+    if config.mode == Mode::Fedbuff {
+        let setup = fedbuff::Setup {
+            config,
+            initial: engine.global().clone(),
+            pool,
+            fleet,
+            evaluator: &mut evaluator,
+            test: &data.test,
+            csv: csv_out,
+            partition,
+            parameters,
+            started,
+        };
+        return fedbuff::run(setup, out, obs);
+    }
 
     let mut rows = Vec::new();
     let mut traces = Vec::new();
@@ -261,6 +278,8 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             virtual_duration_s: seconds(trace.duration()),
             clip_norm: report.privacy.map(|p| p.clip_norm),
             epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
+            mean_staleness: None,
+            max_staleness: None,
             attackers: trace.attackers,
         };
         obs.line(&format_row(&row, config.rounds, secs, report));

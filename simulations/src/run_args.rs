@@ -8,7 +8,7 @@ use fedge_core::dataset::DatasetName;
 use fedge_learn::{BackendKind, ModelKind};
 
 use crate::attack::AttackKind;
-use crate::config::{PartitionKind, SimConfig};
+use crate::config::{Mode, PartitionKind, SimConfig, StalenessKind};
 
 #[derive(Args)]
 /// `fedge-sim run`'s arguments (also flattened into `fedge-sim hybrid`'s): a configuration file
@@ -147,6 +147,31 @@ pub struct RunArgs {
     /// little-is-enough: z instead of the paper's z_max for the round.
     #[arg(long)]
     pub attack_z: Option<f64>,
+    /// sync (rounds) or fedbuff (buffered asynchronous aggregation; --rounds counts
+    /// aggregations).
+    #[arg(long)]
+    pub mode: Option<Mode>,
+    /// FedBuff: K, results per aggregation [default 10].
+    #[arg(long)]
+    pub buffer_size: Option<usize>,
+    /// FedBuff: the most devices training at once [default 20].
+    #[arg(long)]
+    pub max_concurrency: Option<usize>,
+    /// FedBuff: refuse results trained more versions ago than this [default 100].
+    #[arg(long)]
+    pub max_staleness: Option<u64>,
+    /// FedBuff staleness weight: constant, polynomial or hinge [default polynomial].
+    #[arg(long)]
+    pub staleness: Option<StalenessKind>,
+    /// FedBuff, polynomial: exponent a of 1 / (1 + s)^a [default 0.5].
+    #[arg(long)]
+    pub staleness_exponent: Option<f64>,
+    /// FedBuff, hinge: slope a [default 10].
+    #[arg(long)]
+    pub hinge_a: Option<f64>,
+    /// FedBuff, hinge: staleness b up to which results count fully [default 4].
+    #[arg(long)]
+    pub hinge_b: Option<u64>,
 }
 
 impl RunArgs {
@@ -162,7 +187,8 @@ impl RunArgs {
         }
         set!(devices, fraction, rounds, epochs, batch_size, lr, model, dataset, data_dir, partition);
         set!(shards_per_device, alpha, seed, min_train_clients, dropout, workers, backend, eval_every);
-        set!(round_timeout_s);
+        set!(round_timeout_s, mode, buffer_size, max_concurrency, max_staleness, staleness);
+        set!(staleness_exponent, hinge_a, hinge_b);
         self.strategy.apply(&mut c);
         set!(round_timeout_s, attackers, attack_noise_std);
         macro_rules! speed {

@@ -15,7 +15,9 @@ use crate::clock::RoundTrace;
 use crate::config::SimConfig;
 
 /// One line of `rounds.csv`: deterministic values only (no timings), so equal seeds give equal
-/// files.
+/// files. In FedBuff mode a line is one aggregation: `round` counts aggregations, `selected`
+/// is the tasks handed out since the previous one, `failures` the results refused since then,
+/// and the virtual start is the previous aggregation's time.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundRow {
     /// Round number.
@@ -46,6 +48,10 @@ pub struct RoundRow {
     pub clip_norm: Option<f64>,
     /// Central DP: epsilon spent by the run so far, at the configured delta.
     pub epsilon: Option<f64>,
+    /// FedBuff: mean staleness of the aggregated results (empty in sync mode).
+    pub mean_staleness: Option<f64>,
+    /// FedBuff: largest staleness among them (empty in sync mode).
+    pub max_staleness: Option<u64>,
     /// Selected devices that are attackers (0 without `attack`).
     pub attackers: usize,
 }
