@@ -25,8 +25,10 @@ use crate::conv::Geometry;
 use crate::gemm::Threads;
 use crate::winograd::ConvAlgorithm;
 
+mod backward;
 mod conv_winograd;
 mod layer;
+mod parallel;
 mod spec;
 mod step;
 
@@ -45,6 +47,8 @@ pub struct Net {
     chunk_bytes: usize,
     conv_algorithm: ConvAlgorithm,
     ws: Workspace,
+    /// A batch-split step's further workspaces and gradient buffers (empty until one runs).
+    par: parallel::Replicas,
 }
 
 impl Net {
@@ -100,10 +104,15 @@ impl Net {
             chunk_bytes: CHUNK_BYTES,
             conv_algorithm: ConvAlgorithm::default(),
             ws: Workspace::default(),
+            par: parallel::Replicas::default(),
         })
     }
 
-    /// How many threads each GEMM may use.
+    /// How many threads a step may use. [`Threads::One`]: the calling thread only (nothing is
+    /// spawned). [`Threads::Rayon`]`(T)`, `T > 1` (0: the global pool's size): a training step
+    /// splits its batch into up to `T` chunks run on rayon's global pool, single-threaded
+    /// kernels each (see `net/parallel.rs`; `T - 1` extra workspaces and `T` parameter-sized
+    /// gradient buffers); scoring and logits split each GEMM by rows over up to `T` threads.
     pub fn set_threads(&mut self, threads: Threads) {
         self.threads = threads;
     }
@@ -114,6 +123,7 @@ impl Net {
     pub fn set_chunk_bytes(&mut self, bytes: usize) {
         self.chunk_bytes = bytes.max(1);
         self.ws = Workspace::default();
+        self.par = parallel::Replicas::default();
     }
 
     /// How the convolutions compute (default [`ConvAlgorithm::Winograd`] where it applies;
@@ -121,6 +131,7 @@ impl Net {
     pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
         self.conv_algorithm = algorithm;
         self.ws = Workspace::default();
+        self.par = parallel::Replicas::default();
     }
 
     /// How the convolutions compute.
