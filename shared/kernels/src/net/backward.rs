@@ -1,7 +1,9 @@
 //! The backward pass, layer by layer from the logits' gradient, and where each layer's weight
 //! and bias gradients go ([`Sink`]): into the parameters themselves, the fused SGD (proximal)
-//! update of a one-thread step ([`Fused`]), or into gradient buffers, one chunk of a batch-split
-//! step ([`Gradients`]; [`super::parallel`] sums the chunks' and applies them).
+//! update of a one-thread step ([`Fused`]), or, for one chunk of a batch-split step
+//! ([`Gradients`]), a convolution's into gradient buffers ([`super::parallel`] sums the
+//! chunks' and applies them) and a dense layer's not computed at all: its input and output
+//! gradient rows are kept, and one GEMM over the whole batch's rows updates it afterwards.
 //!
 //! Each layer first passes the gradient to its input, reading its weights as they were in the
 //! forward pass, and only then asks the sink where its weight gradient goes: a fused sink may
@@ -26,8 +28,12 @@ pub(super) struct Dst<'a> {
 pub(super) trait Sink {
     /// Layer `i` with its pre-step weights.
     fn layer(&self, i: usize) -> &Layer;
-    /// Where layer `i`'s gradients go. Called once per layer per pass, after its input gradient.
+    /// Where convolution `i`'s gradients go. Called once per pass, after its input gradient.
     fn dst(&mut self, i: usize) -> Dst<'_>;
+    /// Where dense layer `i`'s gradients go, given the `input` rows its weight gradient
+    /// multiplies and the output gradient rows `grad`; `None` when the sink keeps the rows
+    /// instead. Called once per pass, after the layer's input gradient.
+    fn dense(&mut self, i: usize, input: &[f32], grad: &[f32]) -> Option<Dst<'_>>;
 }
 
 /// The one-thread step: `W := W - prox * (W - anchor) - lr * dW`, in the weight-gradient GEMM.
@@ -48,13 +54,26 @@ impl Sink for Fused<'_> {
         proximal(l, self.prox);
         Dst { weight: &mut l.weight, bias: &mut l.bias, scale: -self.learning_rate, fresh: false }
     }
+
+    fn dense(&mut self, i: usize, _: &[f32], _: &[f32]) -> Option<Dst<'_>> {
+        Some(self.dst(i))
+    }
 }
 
-/// One chunk of a batch-split step: the layers are shared and read-only; each layer's gradient
-/// (of the whole batch's mean loss, restricted to the chunk's examples) overwrites its buffer.
+/// One chunk of a batch-split step: the layers are shared and read-only; each convolution's
+/// gradient (of the whole batch's mean loss, restricted to the chunk's examples) overwrites its
+/// buffer in `grads`; each dense layer's input and output gradient rows are copied into the
+/// chunk's rows of the batch-wide `rows[i]`.
 pub(super) struct Gradients<'a> {
     pub(super) layers: &'a [Layer],
     pub(super) grads: &'a mut [Grad],
+    pub(super) rows: Vec<Option<Rows<'a>>>,
+}
+
+/// A chunk's share of a dense layer's batch-wide input rows and output gradient rows.
+pub(super) struct Rows<'a> {
+    pub(super) input: &'a mut [f32],
+    pub(super) grad: &'a mut [f32],
 }
 
 impl Sink for Gradients<'_> {
@@ -65,6 +84,17 @@ impl Sink for Gradients<'_> {
     fn dst(&mut self, i: usize) -> Dst<'_> {
         let g = &mut self.grads[i];
         Dst { weight: &mut g.weight, bias: &mut g.bias, scale: 1.0, fresh: true }
+    }
+
+    fn dense(&mut self, i: usize, input: &[f32], grad: &[f32]) -> Option<Dst<'_>> {
+        match self.rows.get_mut(i) {
+            Some(Some(rows)) => {
+                rows.input.copy_from_slice(&input[..rows.input.len()]);
+                rows.grad.copy_from_slice(&grad[..rows.grad.len()]);
+                None
+            }
+            _ => Some(self.dst(i)),
+        }
     }
 }
 
@@ -103,16 +133,18 @@ pub(super) fn backward(
                         threads,
                     )?;
                 }
-                let d = sink.dst(i);
-                matmul(
-                    MatMut::new(d.weight, inputs, outputs),
-                    MatRef::new(input, batch, inputs).t(),
-                    MatRef::new(grad, batch, outputs),
-                    if d.fresh { Accumulate::Overwrite } else { Accumulate::Scaled(1.0) },
-                    d.scale,
-                    threads,
-                )?;
-                add_column_sums(d.bias, grad, d.scale, d.fresh, &mut ws.bias_grad);
+                let input = &input[..batch * inputs];
+                if let Some(d) = sink.dense(i, input, grad) {
+                    matmul(
+                        MatMut::new(d.weight, inputs, outputs),
+                        MatRef::new(input, batch, inputs).t(),
+                        MatRef::new(grad, batch, outputs),
+                        if d.fresh { Accumulate::Overwrite } else { Accumulate::Scaled(1.0) },
+                        d.scale,
+                        threads,
+                    )?;
+                    add_column_sums(d.bias, grad, d.scale, d.fresh, &mut ws.bias_grad);
+                }
             }
             Shape::Conv { g, out_channels } if winograd_applies(plan.conv_algorithm, g) => {
                 let per_chunk = conv_winograd::chunk(g, out_channels, plan.chunk_bytes);
@@ -180,7 +212,7 @@ pub(super) fn backward(
 }
 
 /// `dst += scale * column sums of grad` (rows of `dst.len()`), or `=` when `overwrite`.
-fn add_column_sums(dst: &mut [f32], grad: &[f32], scale: f32, overwrite: bool, sums: &mut Vec<f32>) {
+pub(super) fn add_column_sums(dst: &mut [f32], grad: &[f32], scale: f32, overwrite: bool, sums: &mut Vec<f32>) {
     sums.clear();
     sums.resize(dst.len(), 0.0);
     for row in grad.chunks_exact(dst.len()) {
