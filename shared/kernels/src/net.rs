@@ -17,6 +17,12 @@
 //! input and before its weight GEMM, which reads only activations and output gradients, so the
 //! step is exactly that formula (up to float rounding) at one extra pass over the parameters.
 //!
+//! That is the step on one thread ([`Threads::One`], what a simulator worker uses: nothing is
+//! spawned). A net given `T > 1` threads ([`Threads::Rayon`]) splits a training step's batch
+//! into `T` chunks trained side by side, each with its own workspace, and applies the summed
+//! gradients once (`net/parallel.rs`: the design, determinism and memory); the step equals the
+//! one-thread step up to float rounding. Scoring and logits split each GEMM by rows instead.
+//!
 //! Activations are NHWC. Weights are `[fan_in, fan_out]` row-major: a convolution's rows are
 //! `(ky * k + kx) * c_in + ci` (the im2col order of [`crate::conv`]), a dense layer after a
 //! convolution reads its input in NHWC order.
