@@ -1,8 +1,9 @@
 //! One training step on several threads by splitting the batch: a [`Net`] asked for `T > 1`
 //! threads ([`Threads::Rayon`]) cuts a batch of `B >= 2` examples into `min(T, B)` contiguous
-//! chunks (sizes differing by at most one) and runs forward and backward for each chunk as a
-//! task of rayon's global pool, with single-threaded GEMMs and a workspace of its own. Then,
-//! back on the calling thread, it applies the SGD (proximal) update once:
+//! chunks (sizes differing by at most one) and runs forward and backward for each chunk, the
+//! first on the calling thread and the others as tasks of rayon's global pool, with
+//! single-threaded GEMMs and a workspace of its own. Then it applies the SGD (proximal) update
+//! once:
 //!
 //! - a convolution's weight and bias gradients went into the chunk's gradient buffers; they are
 //!   summed in chunk order and applied (`w -= prox * (w - anchor) + lr * sum`);
@@ -29,8 +30,6 @@
 //! not the batch); `T` gradient buffers for the convolutions' parameters only (52 K floats for
 //! the CNN); one batch-wide copy of each dense layer's input and output-gradient rows
 //! (`B x (3136 + 512 + 512 + 10)` floats for the CNN: 1 MiB at `B = 64`).
-
-use rayon::prelude::*;
 
 use super::backward::{Gradients, Rows, add_column_sums, backward};
 use super::layer::{Grad, Layer, Shape, Workspace};
@@ -135,23 +134,35 @@ pub(super) fn train_step(
         }
     }
     let shared: &[Layer] = layers;
-    let jobs: Vec<_> =
-        std::iter::once(&mut net.ws).chain(&mut par.workspaces).zip(&mut par.grads).zip(chunk_rows).take(t).collect();
-    let losses = jobs
-        .into_par_iter()
-        .with_max_len(1)
-        .enumerate()
-        .map(|(k, ((ws, grads), rows))| {
-            let (b0, nb) = bounds(batch, t, k);
-            let (images, labels) = (&images[b0 * len..(b0 + nb) * len], &labels[b0..b0 + nb]);
-            reserve(shared, ws, plan, nb);
-            ws.acts[0][..images.len()].copy_from_slice(images);
-            forward(shared, ws, plan, nb)?;
-            let loss = loss_gradient(ws, n, classes, labels, batch);
-            backward(&mut Gradients { layers: shared, grads, rows }, n, ws, plan, nb)?;
-            Ok(loss)
-        })
-        .collect::<Result<Vec<f64>, NetError>>()?;
+    let chunk = |k: usize, ws: &mut Workspace, grads: &mut [Grad], rows| -> Result<f64, NetError> {
+        let (b0, nb) = bounds(batch, t, k);
+        let (images, labels) = (&images[b0 * len..(b0 + nb) * len], &labels[b0..b0 + nb]);
+        reserve(shared, ws, plan, nb);
+        ws.acts[0][..images.len()].copy_from_slice(images);
+        forward(shared, ws, plan, nb)?;
+        let loss = loss_gradient(ws, n, classes, labels, batch);
+        backward(&mut Gradients { layers: shared, grads, rows }, n, ws, plan, nb)?;
+        Ok(loss)
+    };
+    let mut losses: Vec<Result<f64, NetError>> = (0..t).map(|_| Ok(0.0)).collect();
+    let mut jobs = std::iter::once(&mut net.ws)
+        .chain(&mut par.workspaces)
+        .zip(&mut par.grads)
+        .zip(chunk_rows)
+        .zip(&mut losses)
+        .enumerate();
+    // Chunk 0 on the calling thread (with the net's own workspace), the others on the pool.
+    rayon::in_place_scope(|s| {
+        let first = jobs.next();
+        for (k, (((ws, grads), rows), out)) in jobs {
+            let chunk = &chunk;
+            s.spawn(move |_| *out = chunk(k, ws, grads, rows));
+        }
+        if let Some((k, (((ws, grads), rows), out))) = first {
+            *out = chunk(k, ws, grads, rows);
+        }
+    });
+    let losses = losses.into_iter().collect::<Result<Vec<f64>, NetError>>()?;
     let prox = learning_rate * mu;
     update(layers, &mut par.grads[..t], learning_rate, prox);
     // The dense layers: the fused step's update, over the whole batch's rows, its GEMM split

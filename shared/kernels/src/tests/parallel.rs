@@ -64,8 +64,11 @@ fn anchor_away(net: &mut Net) {
     }
 }
 
-/// `steps` steps on one batch (a new batch each step): the losses' bits and the parameters.
-fn train(net: &mut Net, n: usize, mu: f32, steps: usize) -> (Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>) {
+/// Every layer's weight and bias.
+type Params = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// `steps` steps of a batch of `n` (a new batch each step): the losses and the parameters.
+fn train(net: &mut Net, n: usize, mu: f32, steps: usize) -> (Vec<f32>, Params) {
     let losses = (0..steps)
         .map(|s| {
             let (images, labels) = batch(net, n, 60 + s as u64);
