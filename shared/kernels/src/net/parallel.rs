@@ -1,9 +1,8 @@
 //! One training step on several threads by splitting the batch: a [`Net`] asked for `T > 1`
 //! threads ([`Threads::Rayon`]) cuts a batch of `B >= 2` examples into `min(T, B)` contiguous
-//! chunks (sizes differing by at most one) and runs forward and backward for each chunk, the
-//! first on the calling thread and the others as tasks of rayon's global pool, with
-//! single-threaded GEMMs and a workspace of its own. Then it applies the SGD (proximal) update
-//! once:
+//! chunks (sizes differing by at most one) and runs forward and backward for each chunk as a
+//! task of rayon's global pool (the whole step runs inside the pool), with single-threaded
+//! GEMMs and a workspace of its own. Then it applies the SGD (proximal) update once:
 //!
 //! - a convolution's weight and bias gradients went into the chunk's gradient buffers; they are
 //!   summed in chunk order and applied (`w -= prox * (w - anchor) + lr * sum`);
@@ -105,7 +104,21 @@ fn reserve_replicas(par: &mut Replicas, layers: &[Layer], batch: usize, t: usize
 /// A training step of `net` on `images`/`labels` (already checked) split into `t >= 2` chunks;
 /// `(learning_rate, mu)` as [`Net::train_step_proximal`] (the anchor already checked). Returns
 /// the batch's mean loss.
+///
+/// The whole step runs on one of the pool's threads (moved there once if the caller is not
+/// one; run in place if it is): the chunks after the first and the dense layers' split GEMMs
+/// are then handed between the pool's threads, never to a caller asleep outside the pool.
 pub(super) fn train_step(
+    net: &mut Net,
+    images: &[f32],
+    labels: &[u8],
+    rates: (f32, f32),
+    t: usize,
+) -> Result<f32, NetError> {
+    rayon::scope(|_| step(net, images, labels, rates, t))
+}
+
+fn step(
     net: &mut Net,
     images: &[f32],
     labels: &[u8],
@@ -151,7 +164,7 @@ pub(super) fn train_step(
         .zip(chunk_rows)
         .zip(&mut losses)
         .enumerate();
-    // Chunk 0 on the calling thread (with the net's own workspace), the others on the pool.
+    // Chunk 0 on this thread (with the net's own workspace), the others as tasks of the pool.
     rayon::in_place_scope(|s| {
         let first = jobs.next();
         for (k, (((ws, grads), rows), out)) in jobs {
