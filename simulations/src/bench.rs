@@ -4,9 +4,11 @@
 //! Each measurement trains one model on MNIST-shaped random data (like
 //! `../shared/bench/torch_step.py`: forward, cross-entropy, backward, SGD update; our figure
 //! also includes turning the bytes into standardised floats) for about `seconds`, after a
-//! warm-up. With `threads = n` a single model's GEMMs use n threads (what PyTorch does with
-//! `set_num_threads(n)`); `workers` is the simulator's way to use n cores: n independent models,
-//! one thread each, their samples/s added. PyTorch is run as a subprocess, one configuration
+//! warm-up. With `threads = n` a single model uses n threads (PyTorch: `set_num_threads(n)`;
+//! ours: `Threads::Rayon(n)`, each step's batch split into n chunks trained side by side, the
+//! gradients summed, one update: `fedge-kernels`' `net/parallel.rs`); `workers` is the
+//! simulator's way to use n cores: n independent models, one thread each, their samples/s
+//! added. PyTorch is run as a subprocess, one configuration
 //! at a time, never beside our own measurement.
 
 use std::path::{Path, PathBuf};
@@ -26,7 +28,7 @@ pub struct Row {
     pub model: String,
     /// Minibatch size.
     pub batch: usize,
-    /// Threads (PyTorch's intra-op threads; our GEMM threads, or workers).
+    /// Threads (PyTorch's intra-op threads; ours, one model's batch split; or workers).
     pub threads: usize,
     /// PyTorch's samples/s, when it ran.
     pub torch: Option<f64>,

@@ -1,7 +1,10 @@
-//! Samples/s of one CNN training step (McMahan et al.'s MNIST CNN, random data, one thread)
-//! with each convolution algorithm, alternating in one process, best of each: the A/B of
-//! `fedge_kernels::ConvAlgorithm`.
-//! `cargo run --release -p fedge-kernels --example cnn_step -- [batch ...] [--rounds N] [--seconds S] [--variant ALGO[:CHUNK_BYTES] ...]`
+//! Samples/s of one CNN training step (McMahan et al.'s MNIST CNN, random data, one thread
+//! unless `--threads` says more) with each convolution algorithm, alternating in one process,
+//! best of each: the A/B of `fedge_kernels::ConvAlgorithm`, or of thread counts (`--threads
+//! 1,2`: each variant at each count, `Threads::Rayon(n)` for n > 1, the batch split). Also
+//! the process's CPU time per sample (Linux), which a busy machine disturbs less than the
+//! wall clock: a split step's extra work shows there.
+//! `cargo run --release -p fedge-kernels --example cnn_step -- [batch ...] [--rounds N] [--seconds S] [--variant ALGO[:CHUNK_BYTES] ...] [--threads N,...]`
 use fedge_kernels::{ConvAlgorithm, Net, NetSpec, Threads};
 use std::time::Instant;
 
@@ -9,6 +12,7 @@ fn main() {
     let mut batches = Vec::new();
     let (mut rounds, mut seconds) = (4usize, 1.0f64);
     let mut variants: Vec<(ConvAlgorithm, Option<usize>)> = Vec::new();
+    let mut thread_counts = vec![1usize];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -25,6 +29,10 @@ fn main() {
                     _ => panic!("--variant im2col|winograd[:CHUNK_BYTES]"),
                 };
                 variants.push((algo, bytes));
+            }
+            "--threads" => {
+                let v = args.next().expect("--threads N,...");
+                thread_counts = v.split(',').map(|n| n.parse().expect("a thread count")).collect();
             }
             b => batches.push(b.parse::<usize>().expect("a batch size")),
         }
@@ -45,16 +53,17 @@ fn main() {
         (state >> 40) as f32 / (1u64 << 24) as f32
     };
     for batch in batches {
-        let mut nets: Vec<(String, Net, f64)> = variants
+        let mut nets: Vec<(String, Net, (f64, f64))> = variants
             .iter()
-            .map(|&(algo, bytes)| {
-                let mut net = Net::new(&spec, Threads::One).unwrap();
+            .flat_map(|&v| thread_counts.iter().map(move |&t| (v, t)))
+            .map(|((algo, bytes), t)| {
+                let mut net = Net::new(&spec, if t > 1 { Threads::Rayon(t) } else { Threads::One }).unwrap();
                 net.set_conv_algorithm(algo);
                 if let Some(bytes) = bytes {
                     net.set_chunk_bytes(bytes);
                 }
-                let name = format!("{algo:?}{}", bytes.map_or(String::new(), |b| format!(" chunk {b}")));
-                (name, net, 0.0)
+                let name = format!("{algo:?}{} threads {t}", bytes.map_or(String::new(), |b| format!(" chunk {b}")));
+                (name, net, (0.0, f64::INFINITY))
             })
             .collect();
         for i in 0..nets[0].1.num_layers() {
@@ -69,19 +78,35 @@ fn main() {
         let images: Vec<f32> = (0..batch * 784).map(|_| next()).collect();
         let labels: Vec<u8> = (0..batch).map(|i| (i % 10) as u8).collect();
         for _ in 0..rounds {
-            for (_, net, best) in &mut nets {
-                let start = Instant::now();
+            for (_, net, (best, cpu_best)) in &mut nets {
+                let (start, cpu0) = (Instant::now(), cpu_seconds());
                 let mut steps = 0;
                 while start.elapsed().as_secs_f64() < seconds {
                     net.train_step(&images, &labels, 0.01).unwrap();
                     steps += 1;
                 }
                 *best = best.max((steps * batch) as f64 / start.elapsed().as_secs_f64());
+                if let (Some(a), Some(b)) = (cpu0, cpu_seconds()) {
+                    *cpu_best = cpu_best.min((b - a) / (steps * batch) as f64);
+                }
             }
         }
-        let base = nets[0].2;
-        for (name, _, best) in &nets {
-            println!("batch {batch:>3} {name}: {best:>7.0} samples/s ({:.2}x)", best / base);
+        let (base, cpu_base) = nets[0].2;
+        for (name, _, (best, cpu)) in &nets {
+            println!(
+                "batch {batch:>3} {name}: {best:>7.0} samples/s ({:.2}x), {:.0} us CPU a sample ({:.2}x)",
+                best / base,
+                cpu * 1e6,
+                cpu / cpu_base
+            );
         }
     }
+}
+
+/// The process's user + system CPU seconds so far (`/proc/self/stat`, clock ticks of 1/100 s).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }

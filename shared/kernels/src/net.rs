@@ -17,6 +17,12 @@
 //! input and before its weight GEMM, which reads only activations and output gradients, so the
 //! step is exactly that formula (up to float rounding) at one extra pass over the parameters.
 //!
+//! That is the step on one thread ([`Threads::One`], what a simulator worker uses: nothing is
+//! spawned). A net given `T > 1` threads ([`Threads::Rayon`]) splits a training step's batch
+//! into `T` chunks trained side by side, each with its own workspace, and applies the summed
+//! gradients once (`net/parallel.rs`: the design, determinism and memory); the step equals the
+//! one-thread step up to float rounding. Scoring and logits split each GEMM by rows instead.
+//!
 //! Activations are NHWC. Weights are `[fan_in, fan_out]` row-major: a convolution's rows are
 //! `(ky * k + kx) * c_in + ci` (the im2col order of [`crate::conv`]), a dense layer after a
 //! convolution reads its input in NHWC order.
@@ -25,8 +31,10 @@ use crate::conv::Geometry;
 use crate::gemm::Threads;
 use crate::winograd::ConvAlgorithm;
 
+mod backward;
 mod conv_winograd;
 mod layer;
+mod parallel;
 mod spec;
 mod step;
 
@@ -45,6 +53,8 @@ pub struct Net {
     chunk_bytes: usize,
     conv_algorithm: ConvAlgorithm,
     ws: Workspace,
+    /// A batch-split step's further workspaces and gradient buffers (empty until one runs).
+    par: parallel::Replicas,
 }
 
 impl Net {
@@ -100,10 +110,15 @@ impl Net {
             chunk_bytes: CHUNK_BYTES,
             conv_algorithm: ConvAlgorithm::default(),
             ws: Workspace::default(),
+            par: parallel::Replicas::default(),
         })
     }
 
-    /// How many threads each GEMM may use.
+    /// How many threads a step may use. [`Threads::One`]: the calling thread only (nothing is
+    /// spawned). [`Threads::Rayon`]`(T)`, `T > 1` (0: the global pool's size): a training step
+    /// splits its batch into up to `T` chunks run on rayon's global pool, single-threaded
+    /// kernels each (see `net/parallel.rs`; `T - 1` extra workspaces and `T` parameter-sized
+    /// gradient buffers); scoring and logits split each GEMM by rows over up to `T` threads.
     pub fn set_threads(&mut self, threads: Threads) {
         self.threads = threads;
     }
@@ -114,6 +129,7 @@ impl Net {
     pub fn set_chunk_bytes(&mut self, bytes: usize) {
         self.chunk_bytes = bytes.max(1);
         self.ws = Workspace::default();
+        self.par = parallel::Replicas::default();
     }
 
     /// How the convolutions compute (default [`ConvAlgorithm::Winograd`] where it applies;
@@ -121,6 +137,7 @@ impl Net {
     pub fn set_conv_algorithm(&mut self, algorithm: ConvAlgorithm) {
         self.conv_algorithm = algorithm;
         self.ws = Workspace::default();
+        self.par = parallel::Replicas::default();
     }
 
     /// How the convolutions compute.

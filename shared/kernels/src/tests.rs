@@ -5,6 +5,8 @@ use rand::{RngExt, SeedableRng};
 
 use crate::{LayerSpec, Net, NetSpec, Threads};
 
+mod parallel;
+
 fn small() -> (NetSpec, Net) {
     let spec = NetSpec {
         height: 8,
@@ -140,7 +142,7 @@ fn chunking_the_batch_changes_nothing_but_rounding() {
 }
 
 /// Every layer's weight and bias, copied.
-fn params(net: &Net) -> Vec<(Vec<f32>, Vec<f32>)> {
+pub(crate) fn params(net: &Net) -> Vec<(Vec<f32>, Vec<f32>)> {
     (0..net.num_layers()).map(|i| (net.layer(i).0.to_vec(), net.layer(i).1.to_vec())).collect()
 }
 
@@ -210,7 +212,7 @@ fn mu_zero_is_the_plain_step_and_mu_needs_an_anchor() {
 }
 
 /// McMahan et al.'s MNIST CNN with random weights (scaled by fan-in) and small biases.
-fn cnn(algorithm: crate::ConvAlgorithm, seed: u64) -> Net {
+pub(crate) fn cnn(algorithm: crate::ConvAlgorithm, seed: u64) -> Net {
     let spec = NetSpec::mnist_cnn(10);
     let mut net = Net::new(&spec, Threads::One).unwrap();
     net.set_conv_algorithm(algorithm);
@@ -227,7 +229,7 @@ fn cnn(algorithm: crate::ConvAlgorithm, seed: u64) -> Net {
 }
 
 /// Largest `|a - b|` over the largest `|b|`: the error relative to the tensor's magnitude.
-fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
     let err = a.iter().zip(b).fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));

@@ -161,9 +161,19 @@ fn seeded_training_is_bit_reproducible_and_threads_agree() {
     let (a, b) = (run(&mut t), run(&mut t));
     assert_eq!(a.params.content_hash(), b.params.content_hash());
     assert_eq!(a.mean_loss.to_bits(), b.mean_loss.to_bits());
+    // Two threads split each batch (fedge-kernels' net/parallel.rs): the same step up to float
+    // rounding, bit-reproducible run to run. Over these six steps of real digits the rounding
+    // flips a discrete choice (a pooling winner or a ReLU) once: measured 6.9e-3 of the
+    // training's distance, the same as between the two convolution algorithms on one thread.
     t.set_threads(Threads::Rayon(2));
-    let c = run(&mut t);
-    assert!(a.params.delta_from(&c.params).unwrap().l2_norm() < 1e-4 * a.params.delta_from(&start).unwrap().l2_norm());
+    let (c, d) = (run(&mut t), run(&mut t));
+    assert_eq!(c.params.content_hash(), d.params.content_hash());
+    let moved = a.params.delta_from(&start).unwrap().l2_norm();
+    assert!(a.params.delta_from(&c.params).unwrap().l2_norm() < 2e-2 * moved);
+    t.set_threads(Threads::One);
+    t.set_conv_algorithm(ConvAlgorithm::Im2col);
+    let e = run(&mut t);
+    assert!(a.params.delta_from(&e.params).unwrap().l2_norm() < 2e-2 * moved);
 }
 
 #[test]

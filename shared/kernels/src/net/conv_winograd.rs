@@ -1,9 +1,11 @@
 //! A convolution layer's three passes by Winograd F(2x2, 5x5) ([`crate::winograd`]): forward,
-//! and backward with the input gradient, the weight gradient and the (proximal) SGD update.
+//! and backward with the input gradient and the weight gradient, which [`apply`] takes to the
+//! weights (the fused SGD update) or to a gradient buffer.
 
 use super::NetError;
+use super::backward::Dst;
 use super::layer::{Layer, WinogradBuffers};
-use super::step::{chunks, proximal};
+use super::step::chunks;
 use crate::conv::{self, Geometry};
 use crate::gemm::{Accumulate, MatMut, MatRef, Threads, matmul};
 use crate::winograd::{
@@ -71,13 +73,13 @@ pub(super) fn forward(
 }
 
 /// Backward through the layer from its pooled output's gradient `grad`: the input's gradient
-/// into `input_grad` (when there is one to pass), then `W -= lr * dW` and the bias likewise,
-/// after the proximal pull `prox` (see [`proximal`]). One pass over the chunks computes both
-/// gradients: the input's from the pre-step weights (transformed before the loop), the
-/// weights' summed in the transform domain and applied once at the end.
+/// into `input_grad` (when there is one to pass), the weight gradient summed over the batch in
+/// the transform domain into `b.du`, the bias gradient into `bias_grad`; [`apply`] takes them
+/// to their destination. One pass over the chunks computes both gradients, the input's from
+/// `weight` (transformed before the loop).
 #[allow(clippy::too_many_arguments, reason = "one pass over the workspace's disjoint buffers")]
 pub(super) fn backward(
-    l: &mut Layer,
+    weight: &[f32],
     (g, co): (Geometry, usize),
     batch: usize,
     per_chunk: usize,
@@ -86,14 +88,13 @@ pub(super) fn backward(
     conv_grad: &mut [f32],
     b: &mut WinogradBuffers,
     bias_grad: &mut Vec<f32>,
-    (learning_rate, prox): (f32, f32),
     threads: Threads,
 ) -> Result<(), NetError> {
     let (ci, n) = (g.c, g.c * co);
     let per = (g.h / 2) * (g.w / 2) * co;
     if input_grad.is_some() {
         // The input gradient convolves with the kernel turned 180 degrees, channels swapped.
-        filter_transform(n, &l.weight, true, &mut b.u, &mut b.scratch);
+        filter_transform(n, weight, true, &mut b.u, &mut b.scratch);
     }
     bias_grad.clear();
     bias_grad.resize(co, 0.0);
@@ -132,10 +133,20 @@ pub(super) fn backward(
             bias_grad.iter_mut().zip(row).for_each(|(s, g)| *s += g);
         }
     }
-    proximal(l, prox);
-    filter_gradient(n, &b.du, -learning_rate, &mut l.weight, &mut b.scratch);
-    l.bias.iter_mut().zip(bias_grad.iter()).for_each(|(b, s)| *b -= learning_rate * s);
     Ok(())
+}
+
+/// Takes the gradients [`backward`] left (`b.du`, `bias_grad`; `n = c_in * c_out`) to `d`.
+pub(super) fn apply(n: usize, b: &mut WinogradBuffers, bias_grad: &[f32], d: Dst<'_>) {
+    if d.fresh {
+        d.weight.fill(0.0);
+    }
+    filter_gradient(n, &b.du, d.scale, d.weight, &mut b.scratch);
+    if d.fresh {
+        d.bias.iter_mut().zip(bias_grad).for_each(|(b, s)| *b = d.scale * s);
+    } else {
+        d.bias.iter_mut().zip(bias_grad).for_each(|(b, s)| *b += d.scale * s);
+    }
 }
 
 #[cfg(test)]
@@ -254,7 +265,7 @@ mod tests {
                 let mut input_grad = vec![f32::NAN; batch * g.image()];
                 let mut sums = Vec::new();
                 backward(
-                    &mut l,
+                    &l.weight,
                     (g, co),
                     batch,
                     per_chunk,
@@ -263,10 +274,13 @@ mod tests {
                     &mut scratch,
                     &mut b,
                     &mut sums,
-                    (lr, prox),
                     threads,
                 )
                 .unwrap();
+                // The fused update as `Net` does it: the proximal pull, then the gradient.
+                crate::net::step::proximal(&mut l, prox);
+                let d = Dst { weight: &mut l.weight, bias: &mut l.bias, scale: -lr, fresh: false };
+                apply(g.c * co, &mut b, &sums, d);
                 let weight_step: Vec<f32> = l.weight.iter().zip(&w0).map(|(a, b)| a - b).collect();
                 let bias_step: Vec<f32> = l.bias.iter().zip(&b0).map(|(a, b)| a - b).collect();
                 for (k, (got, want, what)) in [

@@ -1,5 +1,6 @@
 //! A [`Net`](super::Net)'s insides: each layer with its shapes resolved and its parameters
-//! ([`Layer`], [`Shape`]), and the buffers a step reuses ([`Workspace`]).
+//! ([`Layer`], [`Shape`]), the buffers a step reuses ([`Workspace`]) and a batch-split step's
+//! gradients ([`Grad`]).
 
 use crate::conv::Geometry;
 
@@ -41,6 +42,13 @@ pub(super) struct Layer {
     /// The proximal anchor of `weight` and `bias` (empty until [`Net::set_anchor`]).
     pub(super) anchor_weight: Vec<f32>,
     pub(super) anchor_bias: Vec<f32>,
+}
+
+/// One layer's weight and bias gradients (or one chunk's share of them), laid out as the
+/// layer's parameters.
+pub(super) struct Grad {
+    pub(super) weight: Vec<f32>,
+    pub(super) bias: Vec<f32>,
 }
 
 /// Buffers for batches of up to `capacity` examples.

@@ -1,48 +1,159 @@
-//! Running a [`Net`]: the forward pass, the fused backward pass and SGD (proximal) update,
-//! training steps, scoring and logits.
+//! Running a [`Net`]: the forward pass, training steps (the backward pass is
+//! [`super::backward`]'s, the batch split [`super::parallel`]'s), scoring and logits.
 
-use super::layer::{Layer, Shape};
-use super::{Net, NetError, Scores, conv_winograd};
+use super::backward::{Fused, backward};
+use super::layer::{Layer, Shape, Workspace};
+use super::{Net, NetError, Scores, conv_winograd, parallel};
 use crate::conv::{self, Geometry};
-use crate::gemm::{Accumulate, MatMut, MatRef, matmul};
+use crate::gemm::{Accumulate, MatMut, MatRef, Threads, matmul};
 use crate::winograd::{self, ConvAlgorithm};
 
-impl Net {
-    fn reserve(&mut self, batch: usize) {
-        if batch <= self.ws.capacity {
-            return;
+/// What a pass over a workspace needs to know besides the layers.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Plan {
+    /// Elements of one input image.
+    pub(super) input_len: usize,
+    pub(super) conv_algorithm: ConvAlgorithm,
+    pub(super) chunk_bytes: usize,
+    /// The GEMMs' threads.
+    pub(super) threads: Threads,
+}
+
+/// Sizes `ws` for batches of up to `batch` examples (grows only).
+pub(super) fn reserve(layers: &[Layer], ws: &mut Workspace, plan: Plan, batch: usize) {
+    if batch <= ws.capacity {
+        return;
+    }
+    let n = layers.len();
+    ws.capacity = batch;
+    ws.acts.resize_with(n + 1, Vec::new);
+    ws.winners.resize_with(n, Vec::new);
+    ws.acts[0].resize(batch * plan.input_len, 0.0);
+    let (mut cols, mut conv, mut cols_grad, mut grad) = (0, 0, 0, plan.input_len);
+    for (i, l) in layers.iter().enumerate() {
+        ws.acts[i + 1].resize(batch * l.shape.output(), 0.0);
+        grad = grad.max(l.shape.output());
+        if let Shape::Conv { g, out_channels } = l.shape {
+            ws.winners[i].resize(batch * l.shape.output(), 0);
+            if winograd_applies(plan.conv_algorithm, g) {
+                let per_chunk = conv_winograd::chunk(g, out_channels, plan.chunk_bytes).min(batch);
+                conv_winograd::reserve(&mut ws.wino, g, out_channels, per_chunk);
+                conv = conv.max(per_chunk * g.h * g.w * out_channels);
+                continue;
+            }
+            let rows = chunk(g, plan.chunk_bytes).min(batch) * g.h * g.w;
+            cols = cols.max(rows * g.patch());
+            conv = conv.max(rows * out_channels);
+            if i > 0 {
+                cols_grad = cols_grad.max(rows * g.patch());
+            }
         }
-        let n = self.layers.len();
-        let ws = &mut self.ws;
-        ws.capacity = batch;
-        ws.acts.resize_with(n + 1, Vec::new);
-        ws.winners.resize_with(n, Vec::new);
-        ws.acts[0].resize(batch * self.height * self.width * self.channels, 0.0);
-        let (mut cols, mut conv, mut cols_grad, mut grad) = (0, 0, 0, self.height * self.width * self.channels);
-        for (i, l) in self.layers.iter().enumerate() {
-            ws.acts[i + 1].resize(batch * l.shape.output(), 0.0);
-            grad = grad.max(l.shape.output());
-            if let Shape::Conv { g, out_channels } = l.shape {
-                ws.winners[i].resize(batch * l.shape.output(), 0);
-                if winograd_applies(self.conv_algorithm, g) {
-                    let per_chunk = conv_winograd::chunk(g, out_channels, self.chunk_bytes).min(batch);
-                    conv_winograd::reserve(&mut ws.wino, g, out_channels, per_chunk);
-                    conv = conv.max(per_chunk * g.h * g.w * out_channels);
-                    continue;
+    }
+    ws.cols.resize(cols, 0.0);
+    ws.conv.resize(conv, 0.0);
+    ws.cols_grad.resize(cols_grad, 0.0);
+    for g in &mut ws.grad {
+        g.resize(batch * grad, 0.0);
+    }
+}
+
+/// Forward pass of `batch` examples already in `ws.acts[0]`; logits end in `ws.acts[last]`.
+pub(super) fn forward(layers: &[Layer], ws: &mut Workspace, plan: Plan, batch: usize) -> Result<(), NetError> {
+    let threads = plan.threads;
+    for (i, l) in layers.iter().enumerate() {
+        let (before, after) = ws.acts.split_at_mut(i + 1);
+        let (input, output) = (&before[i], &mut after[0]);
+        match l.shape {
+            Shape::Conv { g, out_channels } if winograd_applies(plan.conv_algorithm, g) => {
+                let per_chunk = conv_winograd::chunk(g, out_channels, plan.chunk_bytes);
+                conv_winograd::forward(
+                    l,
+                    (g, out_channels),
+                    batch,
+                    per_chunk,
+                    input,
+                    output,
+                    &mut ws.winners[i],
+                    &mut ws.conv,
+                    &mut ws.wino,
+                    threads,
+                )?;
+            }
+            Shape::Conv { g, out_channels } => {
+                let per = l.shape.output();
+                for (b0, nb) in chunks(batch, chunk(g, plan.chunk_bytes)) {
+                    let rows = nb * g.h * g.w;
+                    conv::im2col(g, nb, &input[b0 * g.image()..], &mut ws.cols);
+                    matmul(
+                        MatMut::new(&mut ws.conv, rows, out_channels),
+                        MatRef::new(&ws.cols, rows, g.patch()),
+                        MatRef::new(&l.weight, g.patch(), out_channels),
+                        Accumulate::Overwrite,
+                        1.0,
+                        threads,
+                    )?;
+                    conv::relu_pool(
+                        g.h,
+                        g.w,
+                        out_channels,
+                        nb,
+                        &ws.conv,
+                        &l.bias,
+                        &mut output[b0 * per..],
+                        &mut ws.winners[i][b0 * per..],
+                    );
                 }
-                let rows = chunk(g, self.chunk_bytes).min(batch) * g.h * g.w;
-                cols = cols.max(rows * g.patch());
-                conv = conv.max(rows * out_channels);
-                if i > 0 {
-                    cols_grad = cols_grad.max(rows * g.patch());
+            }
+            Shape::Dense { inputs, outputs, relu } => {
+                let out = &mut output[..batch * outputs];
+                matmul(
+                    MatMut::new(out, batch, outputs),
+                    MatRef::new(input, batch, inputs),
+                    MatRef::new(&l.weight, inputs, outputs),
+                    Accumulate::Overwrite,
+                    1.0,
+                    threads,
+                )?;
+                for row in out.chunks_exact_mut(outputs) {
+                    row.iter_mut().zip(&l.bias).for_each(|(x, b)| *x += b);
+                    if relu {
+                        row.iter_mut().for_each(|x| *x = x.max(0.0));
+                    }
                 }
             }
         }
-        ws.cols.resize(cols, 0.0);
-        ws.conv.resize(conv, 0.0);
-        ws.cols_grad.resize(cols_grad, 0.0);
-        for g in &mut ws.grad {
-            g.resize(batch * grad, 0.0);
+    }
+    Ok(())
+}
+
+/// Softmax cross-entropy of the `labels.len()` examples whose logits are in `ws.acts[layers]`:
+/// writes `d(loss)/d(logits) = (softmax - onehot) / total` into `ws.grad[0]` (the gradient of
+/// the mean loss over a batch of `total` examples, of which these are some) and returns the
+/// examples' summed loss.
+pub(super) fn loss_gradient(ws: &mut Workspace, layers: usize, classes: usize, labels: &[u8], total: usize) -> f64 {
+    let batch = labels.len();
+    let (logits, grad) = (&ws.acts[layers][..batch * classes], &mut ws.grad[0][..batch * classes]);
+    let mut loss = 0.0f64;
+    for ((z, g), &y) in logits.chunks_exact(classes).zip(grad.chunks_exact_mut(classes)).zip(labels) {
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
+        loss += (sum.ln() + max - z[y as usize]) as f64;
+        for (gj, &zj) in g.iter_mut().zip(z) {
+            *gj = (zj - max).exp() / sum / total as f32;
+        }
+        g[y as usize] -= 1.0 / total as f32;
+    }
+    loss
+}
+
+impl Net {
+    /// How this net's passes run, with the net's own GEMM threads.
+    pub(super) fn plan(&self) -> Plan {
+        Plan {
+            input_len: self.input_len(),
+            conv_algorithm: self.conv_algorithm,
+            chunk_bytes: self.chunk_bytes,
+            threads: self.threads,
         }
     }
 
@@ -61,78 +172,12 @@ impl Net {
         Ok(batch)
     }
 
-    /// Forward pass of `batch` examples already in `acts[0]`; logits end in `acts[last]`.
-    fn forward(&mut self, batch: usize) -> Result<(), NetError> {
-        let threads = self.threads;
-        let ws = &mut self.ws;
-        for (i, l) in self.layers.iter().enumerate() {
-            let (before, after) = ws.acts.split_at_mut(i + 1);
-            let (input, output) = (&before[i], &mut after[0]);
-            match l.shape {
-                Shape::Conv { g, out_channels } if winograd_applies(self.conv_algorithm, g) => {
-                    let per_chunk = conv_winograd::chunk(g, out_channels, self.chunk_bytes);
-                    conv_winograd::forward(
-                        l,
-                        (g, out_channels),
-                        batch,
-                        per_chunk,
-                        input,
-                        output,
-                        &mut ws.winners[i],
-                        &mut ws.conv,
-                        &mut ws.wino,
-                        threads,
-                    )?;
-                }
-                Shape::Conv { g, out_channels } => {
-                    let per = l.shape.output();
-                    for (b0, nb) in chunks(batch, chunk(g, self.chunk_bytes)) {
-                        let rows = nb * g.h * g.w;
-                        conv::im2col(g, nb, &input[b0 * g.image()..], &mut ws.cols);
-                        matmul(
-                            MatMut::new(&mut ws.conv, rows, out_channels),
-                            MatRef::new(&ws.cols, rows, g.patch()),
-                            MatRef::new(&l.weight, g.patch(), out_channels),
-                            Accumulate::Overwrite,
-                            1.0,
-                            threads,
-                        )?;
-                        conv::relu_pool(
-                            g.h,
-                            g.w,
-                            out_channels,
-                            nb,
-                            &ws.conv,
-                            &l.bias,
-                            &mut output[b0 * per..],
-                            &mut ws.winners[i][b0 * per..],
-                        );
-                    }
-                }
-                Shape::Dense { inputs, outputs, relu } => {
-                    let out = &mut output[..batch * outputs];
-                    matmul(
-                        MatMut::new(out, batch, outputs),
-                        MatRef::new(input, batch, inputs),
-                        MatRef::new(&l.weight, inputs, outputs),
-                        Accumulate::Overwrite,
-                        1.0,
-                        threads,
-                    )?;
-                    for row in out.chunks_exact_mut(outputs) {
-                        row.iter_mut().zip(&l.bias).for_each(|(x, b)| *x += b);
-                        if relu {
-                            row.iter_mut().for_each(|x| *x = x.max(0.0));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// One SGD step on a minibatch: `images` (`labels.len()` NHWC images, `input_len()` values
     /// each) and their labels. Returns the batch's mean cross-entropy before the update.
+    ///
+    /// With [`Threads::Rayon`] asking for `T > 1` threads and a batch of at least 2, the batch
+    /// is split into `min(T, batch)` chunks trained side by side ([`super::parallel`]); the
+    /// result equals the one-thread step's up to float rounding, and is the same run to run.
     pub fn train_step(&mut self, images: &[f32], labels: &[u8], learning_rate: f32) -> Result<f32, NetError> {
         self.train_step_proximal(images, labels, learning_rate, 0.0)
     }
@@ -141,7 +186,8 @@ impl Net {
     /// every weight and bias becomes `w - lr * (grad + mu * (w - anchor))`, with the gradient and
     /// the proximal term both at the pre-step `w`. The anchor is what [`Net::set_anchor`] last
     /// copied; `mu = 0` is exactly [`Net::train_step`] and needs none. Returns the batch's mean
-    /// cross-entropy (without the proximal term) before the update.
+    /// cross-entropy (without the proximal term) before the update. Threads as
+    /// [`Net::train_step`].
     pub fn train_step_proximal(
         &mut self,
         images: &[f32],
@@ -161,145 +207,34 @@ impl Net {
         if batch == 0 {
             return Ok(0.0);
         }
-        self.reserve(batch);
+        let split = parallel::split_threads(self.threads, batch);
+        if split > 1 {
+            return parallel::train_step(self, images, labels, (learning_rate, mu), split);
+        }
+        let plan = self.plan();
+        reserve(&self.layers, &mut self.ws, plan, batch);
         self.ws.acts[0][..images.len()].copy_from_slice(images);
-        self.forward(batch)?;
-        let n = self.layers.len();
-        let classes = self.classes();
-        // Softmax cross-entropy: mean loss, and d(loss)/d(logits) = (softmax - onehot) / batch.
-        let mut loss = 0.0f64;
-        {
-            let (logits, grad) = (&self.ws.acts[n][..batch * classes], &mut self.ws.grad[0][..batch * classes]);
-            for ((z, g), &y) in logits.chunks_exact(classes).zip(grad.chunks_exact_mut(classes)).zip(labels) {
-                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
-                loss += (sum.ln() + max - z[y as usize]) as f64;
-                for (gj, &zj) in g.iter_mut().zip(z) {
-                    *gj = (zj - max).exp() / sum / batch as f32;
-                }
-                g[y as usize] -= 1.0 / batch as f32;
-            }
-        }
-        self.backward(batch, learning_rate, learning_rate * mu)?;
+        forward(&self.layers, &mut self.ws, plan, batch)?;
+        let (n, classes) = (self.layers.len(), self.classes());
+        let loss = loss_gradient(&mut self.ws, n, classes, labels, batch);
+        let mut sink = Fused { layers: &mut self.layers, learning_rate, prox: learning_rate * mu };
+        backward(&mut sink, n, &mut self.ws, plan, batch)?;
         Ok((loss / batch as f64) as f32)
-    }
-
-    /// Backward from the logits' gradient in `grad[0]`, updating every layer's parameters
-    /// (with the proximal pull `prox = lr * mu` towards the anchor when it is not 0).
-    fn backward(&mut self, batch: usize, learning_rate: f32, prox: f32) -> Result<(), NetError> {
-        let threads = self.threads;
-        let ws = &mut self.ws;
-        let mut cur = 0; // which grad buffer holds d(loss)/d(output of layer i)
-        for (i, l) in self.layers.iter_mut().enumerate().rev() {
-            let [g0, g1] = &mut ws.grad;
-            let (grad, next) = if cur == 0 { (g0, g1) } else { (g1, g0) };
-            let input = &ws.acts[i];
-            match l.shape {
-                Shape::Dense { inputs, outputs, relu } => {
-                    let grad = &mut grad[..batch * outputs];
-                    if relu {
-                        for (g, &a) in grad.iter_mut().zip(&ws.acts[i + 1]) {
-                            if a <= 0.0 {
-                                *g = 0.0;
-                            }
-                        }
-                    }
-                    if i > 0 {
-                        matmul(
-                            MatMut::new(next, batch, inputs),
-                            MatRef::new(grad, batch, outputs),
-                            MatRef::new(&l.weight, inputs, outputs).t(),
-                            Accumulate::Overwrite,
-                            1.0,
-                            threads,
-                        )?;
-                    }
-                    proximal(l, prox);
-                    matmul(
-                        MatMut::new(&mut l.weight, inputs, outputs),
-                        MatRef::new(input, batch, inputs).t(),
-                        MatRef::new(grad, batch, outputs),
-                        Accumulate::Scaled(1.0),
-                        -learning_rate,
-                        threads,
-                    )?;
-                    sgd_bias(&mut l.bias, grad, learning_rate, &mut ws.bias_grad);
-                }
-                Shape::Conv { g, out_channels } if winograd_applies(self.conv_algorithm, g) => {
-                    let per_chunk = conv_winograd::chunk(g, out_channels, self.chunk_bytes);
-                    conv_winograd::backward(
-                        l,
-                        (g, out_channels),
-                        batch,
-                        per_chunk,
-                        (input, grad, &ws.winners[i]),
-                        (i > 0).then_some(&mut next[..]),
-                        &mut ws.conv,
-                        &mut ws.wino,
-                        &mut ws.bias_grad,
-                        (learning_rate, prox),
-                        threads,
-                    )?;
-                }
-                Shape::Conv { g, out_channels } => {
-                    let per = l.shape.output();
-                    let winners = &ws.winners[i];
-                    // First the input's gradient, with the weights as they were in the forward
-                    // pass; then the weights, chunk by chunk (the columns rebuilt per chunk, so
-                    // they stay in cache and are never stored for the whole batch).
-                    if i > 0 {
-                        for (b0, nb) in chunks(batch, chunk(g, self.chunk_bytes)) {
-                            let rows = nb * g.h * g.w;
-                            let conv_grad = &mut ws.conv[..rows * out_channels];
-                            let (grad, winners) = (&grad[b0 * per..], &winners[b0 * per..]);
-                            conv::relu_pool_backward(g.h, g.w, out_channels, nb, grad, winners, conv_grad);
-                            matmul(
-                                MatMut::new(&mut ws.cols_grad, rows, g.patch()),
-                                MatRef::new(conv_grad, rows, out_channels),
-                                MatRef::new(&l.weight, g.patch(), out_channels).t(),
-                                Accumulate::Overwrite,
-                                1.0,
-                                threads,
-                            )?;
-                            conv::col2im(g, nb, &ws.cols_grad, &mut next[b0 * g.image()..]);
-                        }
-                    }
-                    proximal(l, prox);
-                    for (b0, nb) in chunks(batch, chunk(g, self.chunk_bytes)) {
-                        let rows = nb * g.h * g.w;
-                        let conv_grad = &mut ws.conv[..rows * out_channels];
-                        let (grad, winners) = (&grad[b0 * per..], &winners[b0 * per..]);
-                        conv::relu_pool_backward(g.h, g.w, out_channels, nb, grad, winners, conv_grad);
-                        conv::im2col(g, nb, &input[b0 * g.image()..], &mut ws.cols);
-                        matmul(
-                            MatMut::new(&mut l.weight, g.patch(), out_channels),
-                            MatRef::new(&ws.cols, rows, g.patch()).t(),
-                            MatRef::new(conv_grad, rows, out_channels),
-                            Accumulate::Scaled(1.0),
-                            -learning_rate,
-                            threads,
-                        )?;
-                        sgd_bias(&mut l.bias, conv_grad, learning_rate, &mut ws.bias_grad);
-                    }
-                }
-            }
-            cur = 1 - cur;
-        }
-        Ok(())
     }
 
     /// Logits of `labels.len()` images (no training), scored against the labels: summed
     /// cross-entropy and the count classified correctly. Processes any number of examples in
-    /// chunks of at most `chunk`.
+    /// chunks of at most `chunk` (each chunk's GEMMs split by rows over the net's threads).
     pub fn score(&mut self, images: &[f32], labels: &[u8], chunk: usize) -> Result<Scores, NetError> {
         self.check_batch(images, labels)?;
         let (len, classes, n) = (self.input_len(), self.classes(), self.layers.len());
         let chunk = chunk.max(1);
-        self.reserve(chunk.min(labels.len()));
+        let plan = self.plan();
+        reserve(&self.layers, &mut self.ws, plan, chunk.min(labels.len()));
         let mut scores = Scores::default();
         for (imgs, ys) in images.chunks(chunk * len).zip(labels.chunks(chunk)) {
             self.ws.acts[0][..imgs.len()].copy_from_slice(imgs);
-            self.forward(ys.len())?;
+            forward(&self.layers, &mut self.ws, plan, ys.len())?;
             for (z, &y) in self.ws.acts[n].chunks_exact(classes).zip(ys) {
                 let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
@@ -319,9 +254,10 @@ impl Net {
             return Err(NetError::Batch(format!("{} values is not a whole number of images", images.len())));
         }
         let batch = images.len() / len;
-        self.reserve(batch);
+        let plan = self.plan();
+        reserve(&self.layers, &mut self.ws, plan, batch);
         self.ws.acts[0][..images.len()].copy_from_slice(images);
-        self.forward(batch)?;
+        forward(&self.layers, &mut self.ws, plan, batch)?;
         out.clear();
         out.extend_from_slice(&self.ws.acts[self.layers.len()][..batch * self.classes()]);
         Ok(())
@@ -333,12 +269,12 @@ impl Net {
 pub(super) const CHUNK_BYTES: usize = 2 << 20;
 
 /// Images per chunk for a convolution of geometry `g`.
-fn chunk(g: Geometry, bytes: usize) -> usize {
+pub(super) fn chunk(g: Geometry, bytes: usize) -> usize {
     (bytes / (g.h * g.w * g.patch() * 4)).max(1)
 }
 
 /// Whether a convolution of geometry `g` runs Winograd under `algorithm`.
-fn winograd_applies(algorithm: ConvAlgorithm, g: Geometry) -> bool {
+pub(super) fn winograd_applies(algorithm: ConvAlgorithm, g: Geometry) -> bool {
     algorithm == ConvAlgorithm::Winograd && winograd::applies(g)
 }
 
@@ -357,14 +293,4 @@ pub(super) fn proximal(l: &mut Layer, prox: f32) {
     for (w, a) in [(&mut l.weight, &l.anchor_weight), (&mut l.bias, &l.anchor_bias)] {
         w.iter_mut().zip(a).for_each(|(w, a)| *w -= prox * (*w - a));
     }
-}
-
-/// `bias -= lr * column sums of grad` (rows of `bias.len()`).
-fn sgd_bias(bias: &mut [f32], grad: &[f32], learning_rate: f32, sums: &mut Vec<f32>) {
-    sums.clear();
-    sums.resize(bias.len(), 0.0);
-    for row in grad.chunks_exact(bias.len()) {
-        sums.iter_mut().zip(row).for_each(|(s, g)| *s += g);
-    }
-    bias.iter_mut().zip(sums.iter()).for_each(|(b, s)| *b -= learning_rate * s);
 }
