@@ -146,7 +146,9 @@ fn run(n: u32, degree: u32) {
 
 fn main() {
     let args: Vec<u32> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    println!("vector length {LEN}, clip {CLIP}, scale {SCALE}: times in ms (wall time of each party's calls, one thread), bytes per device");
+    println!(
+        "vector length {LEN}, clip {CLIP}, scale {SCALE}: times in ms (wall time of each party's calls, one thread), bytes per device"
+    );
     println!(
         "| devices | degree | threshold | ring bits | device ms per stage (0 / 1 / 2 / 3) | device ms total | device sent B | device received B | plain device sent B | server ms total (per stage) | plain server sum ms |"
     );
