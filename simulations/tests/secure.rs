@@ -70,16 +70,21 @@ fn secure_runs_learn_like_plain_ones_and_are_reproducible_byte_for_byte() {
     assert!(acc_s > 0.75 && (acc_s - acc_p).abs() < 0.01, "secure {acc_s}, plain {acc_p}");
 }
 
-/// Devices drop before training and between each SecAgg stage (10% each); the rounds still
-/// aggregate the survivors and the model learns.
+/// Devices drop before training and between each SecAgg stage (10% each). Most rounds still
+/// aggregate their survivors and the model learns; a round in which some summed or dropped
+/// device keeps fewer than `t` share holders fails as a whole (`NotEnoughShares`: with 20
+/// devices, degree 14, threshold 8, seed 11 that is round 2), as it would in the field.
 #[test]
 fn dropouts_between_stages_still_aggregate() {
     let c = SimConfig { dropout: 0.1, ..config(true, 4, 11) };
     let o = run(&c, None, &mut Quiet).unwrap();
     let before: usize = o.traces.iter().map(|t| t.dropped.len()).sum();
-    let failed: usize = o.rounds.iter().map(|r| r.failures).sum();
-    assert!(failed > before, "some devices dropped during SecAgg: {failed} failures, {before} before training");
-    assert!(o.rounds.iter().all(|r| r.aggregated && r.results + r.failures == 20), "{:?}", o.rounds);
+    let failed: usize = o.rounds.iter().filter(|r| r.aggregated).map(|r| r.failures).sum();
+    let aggregated_before: usize =
+        o.traces.iter().zip(&o.rounds).filter(|(_, r)| r.aggregated).map(|(t, _)| t.dropped.len()).sum();
+    assert!(failed > aggregated_before, "devices dropped during SecAgg: {failed} failures, {before} before training");
+    assert!(o.rounds.iter().all(|r| r.results + r.failures == 20), "{:?}", o.rounds);
+    assert!(o.rounds.iter().filter(|r| r.aggregated && r.results < 20).count() >= 3, "{:?}", o.rounds);
     assert!(o.summary.final_accuracy > 0.7, "{}", o.summary.final_accuracy);
 }
 
