@@ -28,6 +28,8 @@ use crate::attack::Attack;
 use crate::devices::DeviceSpeed;
 use crate::pool::{Job, Pool};
 use crate::run::Observer;
+use crate::secure::SecureSetup;
+use crate::secure::protocol::{self, Secured};
 
 /// One result as the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,6 +80,9 @@ pub(crate) struct Fleet<'a> {
     pub seed: u64,
     /// Byzantine devices, if the run has any.
     pub attack: Option<&'a Attack>,
+    /// Secure aggregation, when on: on-time results go to [`crate::secure::protocol`], never
+    /// to the engine.
+    pub secure: Option<SecureSetup>,
 }
 
 /// Runs the open round `round`, started at `start`, to its close: its tasks go to the pool,
@@ -131,6 +136,8 @@ pub(crate) fn drive_round(
     let mut upload_bytes = 0u64;
     let mut waiting = BTreeMap::new();
     let mut next = 0;
+    // With secure aggregation, the results that arrive by the deadline, held for the protocol.
+    let mut batch = fleet.secure.map(|_| Vec::new());
     // Attackers see the whole round before anything is delivered (little-is-enough needs all
     // their updates together); delivery order and times are unchanged.
     if let Some(attack) = fleet.attack {
@@ -158,6 +165,19 @@ pub(crate) fn drive_round(
         while let Some(done) = waiting.remove(&next) {
             let (at, device) = due[next];
             next += 1;
+            if let Some(batch) = batch.as_mut() {
+                // Held until the protocol runs; `accepted` is settled by its outcome.
+                match done.outcome {
+                    Ok(outcome) if at <= deadline => batch.push((device, outcome.result, at)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        obs.line(&format!("round {round}: device {device} failed: {e}"));
+                        engine.handle_train_failure(at, device);
+                    }
+                }
+                arrivals.push(Arrival { device, at, accepted: false });
+                continue;
+            }
             if let Some(deadline) = engine.poll_timeout().filter(|&d| at > d) {
                 engine.handle_timeout(deadline);
             }
@@ -193,6 +213,9 @@ pub(crate) fn drive_round(
             arrivals.push(Arrival { device, at, accepted });
         }
     }
+    if let (Some(batch), Some(setup)) = (batch, fleet.secure.as_ref()) {
+        upload_bytes += secure_round(engine, setup, round, batch, &mut arrivals, obs);
+    }
     // Every selected device answered or failed, so the round has closed; the deadline is the
     // backstop should it not have.
     if engine.current_round() == Some(round) {
@@ -204,4 +227,41 @@ pub(crate) fn drive_round(
         None => unreachable!("the round closed by its deadline at the latest"),
     };
     (RoundTrace { start, deadline, dropped, arrivals, report, attackers }, upload_bytes)
+}
+
+/// Runs secure aggregation among the round's on-time results and hands the engine their sum
+/// at the last one's arrival (the protocol's own time is not modelled); devices not summed
+/// fail. Returns the bytes the devices sent.
+fn secure_round(
+    engine: &mut RoundEngine<Box<dyn Strategy>>,
+    setup: &SecureSetup,
+    round: u64,
+    batch: Vec<(DeviceId, fedge_core::wire::TrainResult, Duration)>,
+    arrivals: &mut [Arrival],
+    obs: &mut dyn Observer,
+) -> u64 {
+    let at = batch.iter().map(|b| b.2).max().unwrap_or_default();
+    let reported: Vec<DeviceId> = batch.iter().map(|b| b.0).collect();
+    let plain = batch.into_iter().map(|(d, r, _)| (d, r)).collect();
+    let (summed, failed, traffic) = match protocol::aggregate(setup, round, plain) {
+        Ok(Secured { aggregate, dropped, traffic }) => (Some(aggregate), dropped, traffic),
+        Err(f) => {
+            obs.line(&format!("round {round}: secure aggregation failed: {}", f.reason));
+            (None, reported, f.traffic)
+        }
+    };
+    for &d in &failed {
+        engine.handle_train_failure(at, d);
+    }
+    if let Some(aggregate) = summed {
+        match engine.handle_secure_aggregate(at, round, &aggregate) {
+            Ok(()) => {
+                for a in arrivals.iter_mut().filter(|a| aggregate.devices.contains(&a.device)) {
+                    a.accepted = true;
+                }
+            }
+            Err(e) => obs.line(&format!("round {round}: the secure aggregate was refused: {e}")),
+        }
+    }
+    traffic.iter().map(|t| t.sent).sum()
 }

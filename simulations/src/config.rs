@@ -196,6 +196,16 @@ pub struct SimConfig {
     pub hinge_a: f64,
     /// FedBuff, `hinge`: the staleness b up to which results count fully.
     pub hinge_b: u64,
+    /// Secure aggregation (SecAgg+, [`crate::secure`]): the engine gets only the sum of the
+    /// round's clipped, quantised, masked updates. Needs `clip_norm`.
+    pub secure_aggregation: bool,
+    /// SecAgg neighbours per device k (default about 3 log2 m for m reporting devices, capped
+    /// at m - 1; m - 1 is Bonawitz et al. 2017's complete graph).
+    pub secagg_degree: Option<u32>,
+    /// SecAgg Shamir threshold t, with k/2 < t <= k (default floor(k/2) + 1).
+    pub secagg_threshold: Option<u32>,
+    /// SecAgg quantisation levels per unit (default 2^20 / clip_norm).
+    pub secagg_scale: Option<f32>,
 }
 
 impl Default for SimConfig {
@@ -248,6 +258,10 @@ impl Default for SimConfig {
             staleness_exponent: fedge_engine::buffered::DEFAULT_STALENESS_EXPONENT,
             hinge_a: fedge_engine::buffered::DEFAULT_HINGE_A,
             hinge_b: fedge_engine::buffered::DEFAULT_HINGE_B,
+            secure_aggregation: false,
+            secagg_degree: None,
+            secagg_threshold: None,
+            secagg_scale: None,
         }
     }
 }
@@ -331,6 +345,7 @@ impl SimConfig {
             self.async_config()?;
         }
         crate::attack::validate(self).map_err(SimConfigError::Invalid)?;
+        crate::secure::validate(self).map_err(SimConfigError::Invalid)?;
         match self.partition() {
             Partition::Dirichlet { alpha } if !(alpha.is_finite() && alpha > 0.0) => {
                 bad(format!("alpha must be positive, got {alpha}"))

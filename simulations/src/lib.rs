@@ -6,7 +6,8 @@
 //! transfers, [`pool`] runs device tasks on a few worker threads that each own one model,
 //! [`clock`] runs one round in virtual time (results reach the engine in arrival order, the
 //! engine's deadline enforced), [`run`] is the loop and its outputs, [`attack`] makes a seeded subset of the
-//! devices Byzantine, [`plot`] draws runs' accuracy, loss and epsilon per round.
+//! devices Byzantine, [`plot`] draws runs' accuracy, loss and epsilon per round, [`secure`] runs secure aggregation
+//! (SecAgg+) among a round's reporting devices so the engine sees only their sum.
 
 pub mod attack;
 pub mod bench;
@@ -22,6 +23,7 @@ pub mod pool;
 pub mod privacy_args;
 pub mod run;
 pub mod run_args;
+pub mod secure;
 pub mod strategy_args;
 
 pub use config::{SimConfig, SimConfigError};

@@ -198,6 +198,11 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         dropout: config.dropout,
         seed: config.seed,
         attack: attack.as_ref(),
+        secure: crate::secure::SecureSetup::new(
+            config,
+            engine.config().max_samples_per_result,
+            device_data.values().map(|d| d.len() as u64).max().unwrap_or(1),
+        ),
     };
     if config.mode == Mode::Fedbuff {
         let setup = fedbuff::Setup {

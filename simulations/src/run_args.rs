@@ -172,6 +172,18 @@ pub struct RunArgs {
     /// FedBuff, hinge: staleness b up to which results count fully [default 4].
     #[arg(long)]
     pub hinge_b: Option<u64>,
+    /// Secure aggregation (SecAgg+): the server sees only the round's sum; needs --clip-norm.
+    #[arg(long)]
+    pub secure_aggregation: bool,
+    /// SecAgg neighbours per device [default about 3 log2 m, at most m - 1].
+    #[arg(long)]
+    pub secagg_degree: Option<u32>,
+    /// SecAgg Shamir threshold, degree/2 < t <= degree [default floor(degree/2) + 1].
+    #[arg(long)]
+    pub secagg_threshold: Option<u32>,
+    /// SecAgg quantisation levels per unit [default 2^20 / clip_norm].
+    #[arg(long)]
+    pub secagg_scale: Option<f32>,
 }
 
 impl RunArgs {
@@ -222,6 +234,15 @@ impl RunArgs {
         }
         if self.attack_z.is_some() {
             c.attack_z = self.attack_z;
+        }
+        c.secure_aggregation |= self.secure_aggregation;
+        for (v, f) in [(&mut c.secagg_degree, self.secagg_degree), (&mut c.secagg_threshold, self.secagg_threshold)] {
+            if f.is_some() {
+                *v = f;
+            }
+        }
+        if self.secagg_scale.is_some() {
+            c.secagg_scale = self.secagg_scale;
         }
         c.validate()?;
         Ok(c)

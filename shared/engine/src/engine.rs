@@ -551,5 +551,7 @@ pub(crate) fn contribution(result: &TrainResult, max_samples: u64, clip_norm: Op
     Contribution { delta: &result.delta, num_samples, clipped: result.clipped, clip_scale }
 }
 
+mod secure;
+pub use secure::SecureAggregate;
 #[cfg(test)]
 mod tests;

@@ -107,6 +107,10 @@ pub enum RejectReason {
     /// Wrong shape or non-finite values.
     #[error("invalid update: {0}")]
     Invalid(AggregateError),
+    /// A securely aggregated sum the engine cannot take (empty, or under a strategy that needs
+    /// each update: a robust rule, central DP).
+    #[error("secure aggregate refused: {0}")]
+    Secure(String),
 }
 
 impl RejectReason {
@@ -116,7 +120,7 @@ impl RejectReason {
             Self::Stale { .. } => ErrorCode::StaleModel,
             Self::NotSelected(_) => ErrorCode::NotSelected,
             Self::Duplicate(_) => ErrorCode::Duplicate,
-            Self::Invalid(_) => ErrorCode::InvalidUpdate,
+            Self::Invalid(_) | Self::Secure(_) => ErrorCode::InvalidUpdate,
         }
     }
 }

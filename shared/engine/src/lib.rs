@@ -32,7 +32,7 @@ pub use buffered::{
     AggregationReport, AsyncConfig, AsyncConfigError, AsyncEvent, AsyncRejectReason, BufferedEngine, StalenessWeight,
 };
 pub use config::{CentralDp, ConfigError, EngineConfig, TrainingKeys};
-pub use engine::RoundEngine;
+pub use engine::{RoundEngine, SecureAggregate};
 pub use error::{ReconfigureError, RejectReason, ResumeError, StartError};
 pub use event::{EngineEvent, Evaluation, OpenRoundInfo, RoundOutcome, RoundReport, StoredRound};
 pub use strategy::{DpFedAvg, FedAvg, Strategy, StrategyConfig, StrategyOptions};

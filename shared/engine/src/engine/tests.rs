@@ -16,15 +16,15 @@ fn stored(round: u64, model_version: u64, chosen: &[DeviceId], target: usize, po
     StoredRound { round, model_version, chosen, target, population }
 }
 
-fn layout() -> Arc<ParamLayout> {
+pub(crate) fn layout() -> Arc<ParamLayout> {
     Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![2] }]).unwrap())
 }
 
-fn params(v: [f32; 2]) -> ModelParams {
+pub(crate) fn params(v: [f32; 2]) -> ModelParams {
     ModelParams::new(layout(), v.to_vec()).unwrap()
 }
 
-fn engine(devices: u64, config: EngineConfig) -> RoundEngine<FedAvg> {
+pub(crate) fn engine(devices: u64, config: EngineConfig) -> RoundEngine<FedAvg> {
     let mut e = RoundEngine::new(config, FedAvg::default(), params([0.0, 0.0])).unwrap();
     for d in 0..devices {
         e.handle_device_available(d);
@@ -32,11 +32,11 @@ fn engine(devices: u64, config: EngineConfig) -> RoundEngine<FedAvg> {
     e
 }
 
-fn cfg(fraction: f64, min: usize) -> EngineConfig {
+pub(crate) fn cfg(fraction: f64, min: usize) -> EngineConfig {
     EngineConfig { fraction, min_train_clients: min, round_timeout: 10 * S, ..EngineConfig::default() }
 }
 
-fn assigned<S: Strategy>(e: &mut RoundEngine<S>) -> Vec<(DeviceId, TrainTask)> {
+pub(crate) fn assigned<S: Strategy>(e: &mut RoundEngine<S>) -> Vec<(DeviceId, TrainTask)> {
     let mut out = Vec::new();
     while let Some(ev) = e.poll_event() {
         match ev {
@@ -47,7 +47,7 @@ fn assigned<S: Strategy>(e: &mut RoundEngine<S>) -> Vec<(DeviceId, TrainTask)> {
     out
 }
 
-fn closed<S: Strategy>(e: &mut RoundEngine<S>) -> RoundReport {
+pub(crate) fn closed<S: Strategy>(e: &mut RoundEngine<S>) -> RoundReport {
     match e.poll_event() {
         Some(EngineEvent::RoundClosed(r)) => r,
         other => panic!("expected RoundClosed, got {other:?}"),

@@ -1,0 +1,207 @@
+//! Secure aggregation in the simulator (`secure_aggregation = true`): the round's reporting
+//! devices run SecAgg+ ([`fedge_secagg`]) and the engine gets only the sum of their updates.
+//!
+//! A round: the sampled devices train as without it; the results that arrive by the deadline
+//! are not handed to the engine but to [`protocol::aggregate`], which runs the four SecAgg
+//! stages among those devices (ids `0..m` in arrival order), every message encoded and decoded
+//! with bincode as the network would carry it, each device dropping between stages with the
+//! run's `dropout` probability (seeded). The server's output, the sum of the survivors'
+//! quantised vectors, is decoded into their sample-weighted mean delta and handed to the engine
+//! as one [`fedge_engine::SecureAggregate`]; the engine never receives a plain delta.
+//!
+//! **Weighting.** FedAvg weights device `i` by its samples `n_i`. Device `i` sends
+//! `u_i = (w_i clip(delta_i), w_i C)` with `w_i = min(n_i, W) / W`, `W` a public cap on the
+//! samples per result (the engine's `max_samples_per_result`, lowered to the largest device's
+//! data). Both parts lie in `[-C, C]`; the server divides the sum's first `d` coordinates by the
+//! last and multiplies by `C`: `sum n_i delta_i / sum n_i`, FedAvg's weighted mean, without
+//! learning any `n_i` (only their sum).
+//!
+//! **Quantisation.** An L2-clipped update's coordinates lie within the clip norm `C`, so
+//! SecAgg's per-coordinate clip is `C` (no extra clipping); `scale` defaults to `2^20 / C`
+//! (steps of `C / 2^20`), the ring width is the fewest bits holding `m * ceil(2 C scale)`.
+
+pub mod protocol;
+
+use fedge_engine::StrategyConfig;
+use fedge_secagg::SecAggConfig;
+
+use crate::config::{Mode, SimConfig};
+
+/// The quantisation levels per unit of the clip norm by default: steps of `C / 2^20`.
+pub const DEFAULT_LEVELS_PER_CLIP: f32 = 1_048_576.0;
+
+/// SecAgg+'s degree by default for `m` devices: `2 ceil(1.5 log2 m)` (about `3 log2 m`, even so
+/// that a regular graph exists for any `m`), at most `m - 1`. Bell et al. 2020 prove `O(log m)`
+/// neighbours suffice; the constant 3 is this simulator's choice.
+pub fn default_degree(m: u32) -> u32 {
+    let k = 2 * (1.5 * f64::from(m.max(2)).log2()).ceil() as u32;
+    k.min(m.saturating_sub(1))
+}
+
+/// Checks the secure-aggregation keys and what they combine with; one line on error.
+pub fn validate(c: &SimConfig) -> Result<(), String> {
+    if !c.secure_aggregation {
+        let set = [
+            ("secagg_degree", c.secagg_degree.is_some()),
+            ("secagg_threshold", c.secagg_threshold.is_some()),
+            ("secagg_scale", c.secagg_scale.is_some()),
+        ];
+        return match set.iter().find(|s| s.1) {
+            Some((key, _)) => Err(format!("{key} needs secure_aggregation = true")),
+            None => Ok(()),
+        };
+    }
+    let Some(clip) = c.clip_norm else {
+        return Err("secure_aggregation needs clip_norm: updates are clipped to it and quantised within it".into());
+    };
+    if c.mode == Mode::Fedbuff {
+        return Err(
+            "secure_aggregation is not offered with mode = \"fedbuff\" (it sums a round's devices together)".into()
+        );
+    }
+    if c.noise_multiplier.is_some() || c.adaptive_clip.is_some() || c.target_epsilon.is_some() {
+        return Err("central DP with secure_aggregation is not wired yet (DP-FedAvg clips and counts each update; distributed DP is left): use local_epsilon".into());
+    }
+    if c.strategy_options.bucket_size.is_some() {
+        return Err("bucket_size needs each update; secure_aggregation gives the server only their sum".into());
+    }
+    let strategy = c.engine_config().map_err(|e| e.to_string())?.strategy;
+    if !matches!(
+        strategy,
+        StrategyConfig::FedAvg { .. }
+            | StrategyConfig::FedAvgM { .. }
+            | StrategyConfig::FedOpt { .. }
+            | StrategyConfig::FedProx { .. }
+    ) {
+        return Err(format!(
+            "strategy `{}` needs each update; secure_aggregation gives the server only their sum (use fedavg, fedavgm, fedadam, fedadagrad, fedyogi or fedprox)",
+            c.strategy
+        ));
+    }
+    if c.secagg_degree == Some(0) {
+        return Err("secagg_degree must be at least 1".into());
+    }
+    if let (Some(k), Some(t)) = (c.secagg_degree, c.secagg_threshold)
+        && !(2 * u64::from(t) > u64::from(k) && t <= k)
+    {
+        return Err(format!("secagg_threshold = {t} must satisfy secagg_degree/2 < t <= secagg_degree = {k}"));
+    }
+    if c.secagg_threshold == Some(0) {
+        return Err("secagg_threshold must be at least 1".into());
+    }
+    let scale = c.secagg_scale.unwrap_or(DEFAULT_LEVELS_PER_CLIP / clip);
+    let levels = 2.0 * f64::from(clip) * f64::from(scale);
+    if !(scale.is_finite() && scale > 0.0 && levels.is_finite() && levels <= 2f64.powi(53)) {
+        return Err(format!("secagg_scale = {scale} must be positive with 2 * clip_norm * scale at most 2^53"));
+    }
+    if levels.ceil() * c.devices as f64 >= 2f64.powi(64) {
+        return Err(format!("secagg_scale = {scale}: {} devices' sum would not fit in 64 bits", c.devices));
+    }
+    Ok(())
+}
+
+/// What every round's secure aggregation shares: the run's validated keys.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureSetup {
+    /// Neighbours per device, when fixed.
+    pub degree: Option<u32>,
+    /// Shamir threshold, when fixed.
+    pub threshold: Option<u32>,
+    /// The clip norm `C`, also SecAgg's per-coordinate clip.
+    pub clip: f32,
+    /// Quantisation levels per unit.
+    pub scale: f32,
+    /// `W`, the public cap on samples per result the weights are relative to.
+    pub weight_cap: u64,
+    /// Probability that a device drops between two stages.
+    pub dropout: f64,
+    /// The run's seed (entropy, round seeds, dropouts).
+    pub seed: u64,
+}
+
+impl SecureSetup {
+    /// The setup of a validated config with secure aggregation on; `largest` is the largest
+    /// device's example count (the cap is no higher).
+    pub fn new(c: &SimConfig, max_samples_per_result: u64, largest: u64) -> Option<Self> {
+        let clip = c.clip_norm.filter(|_| c.secure_aggregation)?;
+        Some(SecureSetup {
+            degree: c.secagg_degree,
+            threshold: c.secagg_threshold,
+            clip,
+            scale: c.secagg_scale.unwrap_or(DEFAULT_LEVELS_PER_CLIP / clip),
+            weight_cap: max_samples_per_result.min(largest).max(1),
+            dropout: c.dropout,
+            seed: c.seed,
+        })
+    }
+
+    /// The SecAgg parameters for a round of `m` reporting devices and vectors of `vector_len`:
+    /// the degree (fixed or default, at most `m - 1`, lowered by one when `m` and it are both
+    /// odd), the threshold (fixed or `floor(k/2) + 1`), the fewest ring bits that hold the sum.
+    pub fn round_config(&self, m: u32, vector_len: usize) -> Result<SecAggConfig, String> {
+        if m < 2 {
+            return Err(format!("{m} device reported; secure aggregation needs at least 2"));
+        }
+        let mut degree = self.degree.unwrap_or_else(|| default_degree(m)).min(m - 1);
+        if m % 2 == 1 && degree % 2 == 1 {
+            degree -= 1;
+        }
+        let threshold = self.threshold.unwrap_or(degree / 2 + 1);
+        let mut config = SecAggConfig {
+            n_devices: m,
+            threshold,
+            degree,
+            vector_len,
+            clip: self.clip,
+            scale: self.scale,
+            modulus_bits: 64,
+        };
+        let worst = u128::from(m) * u128::from(config.max_level());
+        config.modulus_bits = (128 - worst.leading_zeros()).clamp(1, 64);
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on() -> SimConfig {
+        SimConfig { secure_aggregation: true, clip_norm: Some(1.0), ..SimConfig::default() }
+    }
+
+    #[test]
+    fn default_degree_is_logarithmic_and_fits() {
+        assert_eq!([2, 3, 20, 100, 1000].map(default_degree), [1, 2, 14, 20, 30]);
+        let s = SecureSetup::new(&on(), 1000, 600).unwrap();
+        assert_eq!(s.weight_cap, 600);
+        for m in 2..60 {
+            let c = s.round_config(m, 5).unwrap();
+            assert!(c.degree >= 1 && 2 * c.threshold > c.degree, "{c:?}");
+        }
+        let c = s.round_config(1000, 5).unwrap();
+        assert_eq!((c.degree, c.threshold, c.modulus_bits, c.max_level()), (30, 16, 31, 1 << 21));
+        assert!(s.round_config(1, 5).is_err());
+    }
+
+    #[test]
+    fn refusals_are_one_line() {
+        let cases: Vec<(SimConfig, &str)> = vec![
+            (SimConfig { clip_norm: None, ..on() }, "needs clip_norm"),
+            (SimConfig { mode: Mode::Fedbuff, ..on() }, "mode = \"fedbuff\""),
+            (SimConfig { noise_multiplier: Some(1.0), ..on() }, "central DP"),
+            (SimConfig { strategy: "median".into(), ..on() }, "strategy `median` needs each update"),
+            (SimConfig { strategy: "krum".into(), ..on() }, "strategy `krum`"),
+            (SimConfig { secagg_degree: Some(10), secagg_threshold: Some(5), ..on() }, "secagg_threshold = 5"),
+            (SimConfig { secagg_scale: Some(-1.0), ..on() }, "secagg_scale"),
+            (SimConfig { secagg_degree: Some(4), ..SimConfig::default() }, "needs secure_aggregation"),
+        ];
+        for (c, want) in cases {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want) && !e.contains('\n'), "{e}");
+        }
+        on().validate().unwrap();
+        SimConfig { local_epsilon: Some(8.0), strategy: "fedadam".into(), ..on() }.validate().unwrap();
+    }
+}
