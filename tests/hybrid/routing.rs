@@ -147,7 +147,7 @@ async fn a_metered_link_spends_the_two_percent_rule_until_the_file_says_otherwis
     let (home, kept) = run(0..n, t10, 0.1, "unmetered, charging").await;
     assert_eq!(kept, 0);
     assert!(home > metered, "unmetered escalates more: {home} vs {metered} of {n}");
-    assert!((0.03..=0.2).contains(&(home as f64 / n as f64)), "{home} of {n} for 10%");
+    assert!((0.03..=0.25).contains(&(home as f64 / n as f64)), "{home} of {n} for 10%");
 
     // Unplugged at 18%: the battery rule; a bad file keeps the last good state.
     write(&file, "metered = false\ncharging = false\nbattery_percent = 18\n");
