@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedge_coordinator::inference::InferenceConfig;
-use fedge_core::escalation::PolicyKind;
 use fedge_edge::cloud::{Cloud, CloudTarget};
 use fedge_edge::hybrid::{CalibrationSet, HybridConfig, HybridPredictor, Source};
 use fedge_tests::harness;
