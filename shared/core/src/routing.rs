@@ -201,7 +201,8 @@ mod tests {
         let mut with_rtt = rules.clone();
         with_rtt.push(slow);
         // (conditions, rules, expected rate, expected rule, expected why)
-        let table: &[(Conditions, &[RouteRule], f64, Option<usize>, &str)] = &[
+        type Row<'a> = (Conditions, &'a [RouteRule], f64, Option<usize>, &'a str);
+        let table: &[Row] = &[
             (c(Some(true), Some(90.0), Some(true), None), &rules, 0.02, Some(0), "metered link"),
             (c(Some(false), Some(18.0), Some(false), None), &rules, 0.02, Some(1), "battery below 20%, not charging"),
             (c(Some(false), Some(18.0), Some(true), None), &rules, 0.1, None, "unmetered, charging"),
