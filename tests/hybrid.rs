@@ -2,6 +2,7 @@
 //! with mutual TLS, a device running a signed int8 student from its state folder. The policies
 //! here; the device's local inference server in `hybrid/server.rs`.
 
+mod routing;
 mod server;
 
 use std::net::SocketAddr;

@@ -4,6 +4,7 @@
 //! whether asking makes sense, and [`Cloud::ask`] is bounded by a timeout.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,11 +61,35 @@ pub struct CloudTarget {
     pub tls: DeviceTls,
 }
 
+/// What the device learns from its requests: the smoothed round trip and the teacher's
+/// version.
+#[derive(Default)]
+struct Learned {
+    /// Smoothed round trip, seconds (as TCP's SRTT: each new sample weighs 1/8).
+    srtt: Mutex<Option<f64>>,
+    /// The latest teacher (global model) version heard of: the `Welcome` of each session and
+    /// every answer's `model_version` (0: none yet).
+    teacher: AtomicU64,
+}
+
+impl Learned {
+    fn rtt(&self, took: Duration) {
+        let mut s = self.srtt.lock().unwrap_or_else(|p| p.into_inner());
+        let x = took.as_secs_f64();
+        *s = Some(s.map_or(x, |s| s + (x - s) / 8.0));
+    }
+
+    fn teacher(&self, version: u64) {
+        self.teacher.fetch_max(version, Ordering::Relaxed);
+    }
+}
+
 /// A background-maintained inference session (or none: always offline).
 pub struct Cloud {
     link: Arc<Mutex<Option<Arc<Link>>>>,
     timeout: Duration,
     task: Option<JoinHandle<()>>,
+    learned: Arc<Learned>,
 }
 
 impl Drop for Cloud {
@@ -78,15 +103,35 @@ impl Drop for Cloud {
 impl Cloud {
     /// No coordinator: every request stays local.
     pub fn offline() -> Self {
-        Self { link: Arc::new(Mutex::new(None)), timeout: Duration::ZERO, task: None }
+        Self { link: Arc::new(Mutex::new(None)), timeout: Duration::ZERO, task: None, learned: Arc::default() }
     }
 
     /// Keeps an inference session to `target` open from now on (within a tokio runtime);
     /// requests wait at most `timeout` for an answer.
     pub fn connect(target: CloudTarget, timeout: Duration) -> Self {
         let link = Arc::new(Mutex::new(None));
-        let task = tokio::spawn(keep_connected(target, link.clone()));
-        Self { link, timeout, task: Some(task) }
+        let learned = Arc::new(Learned::default());
+        let task = tokio::spawn(keep_connected(target, link.clone(), learned.clone()));
+        Self { link, timeout, task: Some(task), learned }
+    }
+
+    /// The smoothed round trip of this session's requests (inference answers and pings), if
+    /// any was measured.
+    pub fn rtt(&self) -> Option<Duration> {
+        let s = *self.learned.srtt.lock().unwrap_or_else(|p| p.into_inner());
+        s.map(Duration::from_secs_f64)
+    }
+
+    /// The latest teacher version the device has heard of (`Welcome` at each session open, and
+    /// every answer), if any.
+    pub fn teacher_version(&self) -> Option<u64> {
+        Some(self.learned.teacher.load(Ordering::Relaxed)).filter(|&v| v > 0)
+    }
+
+    /// Tells the session of a teacher version learned elsewhere (e.g. the training session's
+    /// `NoTask`); versions only move forward.
+    pub fn heard_of_teacher(&self, version: u64) {
+        self.learned.teacher(version);
     }
 
     fn current(&self) -> Option<Arc<Link>> {
@@ -117,21 +162,25 @@ impl Cloud {
     /// Asks the teacher to classify a `rows` x `cols` image.
     pub async fn ask(&self, pixels: &[u8], rows: usize, cols: usize) -> Result<InferAnswer, CloudError> {
         let request = InferRequest { rows: rows as u32, cols: cols as u32, pixels: pixels.to_vec() };
-        ask_on(self.current(), self.timeout, request).await
+        ask_on(self.current(), self.timeout, request, self.learned.clone()).await
     }
 
     /// [`Self::ask`] for a 28x28 image, as a future that owns what it needs (to run on its
     /// own task).
     pub fn ask_owned(&self, pixels: Vec<u8>) -> impl Future<Output = Result<InferAnswer, CloudError>> + Send + 'static {
         let request = InferRequest { rows: crate::predict::ROWS as u32, cols: crate::predict::COLS as u32, pixels };
-        ask_on(self.current(), self.timeout, request)
+        ask_on(self.current(), self.timeout, request, self.learned.clone())
     }
 
     /// A bare round trip on the session (`Ping`/`Pong`): the network's share of an escalation.
     pub async fn ping(&self) -> Result<Duration, CloudError> {
         let started = Instant::now();
         match request_on(self.current(), self.timeout, &Message::Ping { nonce: 7 }).await? {
-            Message::Pong { nonce: 7 } => Ok(started.elapsed()),
+            Message::Pong { nonce: 7 } => {
+                let took = started.elapsed();
+                self.learned.rtt(took);
+                Ok(took)
+            }
             _ => Err(CloudError::Link("unexpected answer to a ping".into())),
         }
     }
@@ -148,24 +197,35 @@ async fn request_on(link: Option<Arc<Link>>, timeout: Duration, msg: &Message) -
     }
 }
 
-async fn ask_on(link: Option<Arc<Link>>, timeout: Duration, request: InferRequest) -> Result<InferAnswer, CloudError> {
+async fn ask_on(
+    link: Option<Arc<Link>>,
+    timeout: Duration,
+    request: InferRequest,
+    learned: Arc<Learned>,
+) -> Result<InferAnswer, CloudError> {
+    let started = Instant::now();
     match request_on(link, timeout, &Message::InferRequest(request)).await? {
-        Message::InferAnswer(a) => Ok(a),
+        Message::InferAnswer(a) => {
+            learned.rtt(started.elapsed());
+            learned.teacher(a.model_version);
+            Ok(a)
+        }
         _ => Err(CloudError::Link("unexpected answer to an inference request".into())),
     }
 }
 
-async fn keep_connected(target: CloudTarget, slot: Arc<Mutex<Option<Arc<Link>>>>) {
+async fn keep_connected(target: CloudTarget, slot: Arc<Mutex<Option<Arc<Link>>>>, learned: Arc<Learned>) {
     let caps = Capabilities { backend: "flex".into(), memory_mb: 0, charging: false, unmetered: false, num_samples: 0 };
     let mut failures = 0u32;
     loop {
         let attempt = async {
             let link = Link::connect(target.addr, &target.server_name, &target.tls).await?;
-            link.hello_for(caps.clone(), SessionPurpose::Inference).await?;
-            Ok::<_, crate::link::ConnectError>(link)
+            let welcome = link.hello_for(caps.clone(), SessionPurpose::Inference).await?;
+            Ok::<_, crate::link::ConnectError>((link, welcome.model_version))
         };
         match attempt.await {
-            Ok(link) => {
+            Ok((link, version)) => {
+                learned.teacher(version);
                 failures = 0;
                 let link = Arc::new(link);
                 *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.clone());

@@ -12,10 +12,12 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fedge_core::escalation::{Policy, Route, escalates};
+use fedge_core::escalation::{Policy, PolicyKind, Route, escalates};
+use fedge_core::routing::{self, Conditions, Verdict};
+use fedge_core::wire::InferAnswer;
 use fedge_net::ModelKey;
 use tokio::sync::oneshot;
 
@@ -24,10 +26,14 @@ use crate::metrics::{AnswerPath, InferenceMetrics};
 use crate::predict::{COLS, LocalModel, PredictError, ROWS, check_input};
 
 mod answer;
+mod cache;
 mod calibration;
+mod conditions;
 
 pub use answer::{Correction, HybridAnswer, Opinion, Request, Source};
-pub use calibration::{Calibration, CalibrationSet, HybridConfig, calibrate};
+pub use cache::{AnswerCache, CacheKey, CachedAnswer};
+pub use calibration::{Calibration, CalibrationSet, HybridConfig, RateThreshold, calibrate};
+pub use conditions::{ConditionsSource, parse as parse_conditions};
 
 /// The running local model and its calibration.
 struct Loaded {
@@ -50,6 +56,8 @@ pub struct HybridPredictor {
     next_id: AtomicU64,
     /// Whether the drift warning was given (for the running model).
     drifting: std::sync::atomic::AtomicBool,
+    conditions: ConditionsSource,
+    cache: Arc<Mutex<AnswerCache>>,
 }
 
 impl HybridPredictor {
@@ -68,7 +76,6 @@ impl HybridPredictor {
             return Err(PredictError::Input("no held-out images to calibrate on".into()));
         }
         let me = Self {
-            config,
             state_dir,
             key,
             set,
@@ -77,6 +84,9 @@ impl HybridPredictor {
             metrics: Arc::new(InferenceMetrics::default()),
             next_id: AtomicU64::new(1),
             drifting: std::sync::atomic::AtomicBool::new(false),
+            conditions: ConditionsSource::new(config.conditions_file.clone()),
+            cache: Arc::new(Mutex::new(AnswerCache::new(config.cache_entries))),
+            config,
         };
         match me.refresh() {
             Ok(_) | Err(PredictError::NoModel(_)) => Ok(me),
@@ -126,6 +136,32 @@ impl HybridPredictor {
         Ok(Some(calibration))
     }
 
+    /// The conditions now: the integrator's file and the measured round trip.
+    pub fn conditions(&self) -> Conditions {
+        let mut c = self.conditions.current();
+        if let Some(rtt) = self.cloud.rtt() {
+            self.metrics.rtt(rtt);
+            c.rtt_ms = Some(rtt.as_secs_f64() * 1e3);
+        }
+        c
+    }
+
+    /// The cached cloud answer to `key`, after moving the cache to the teacher version last
+    /// heard of.
+    fn cached(&self, key: Option<CacheKey>) -> Option<CachedAnswer> {
+        let key = key?;
+        if self.config.cache_entries == 0 {
+            return None;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = self.cloud.teacher_version() {
+            cache.teacher(v);
+        }
+        let hit = cache.get(&key);
+        self.metrics.cache(hit.is_some(), cache.len());
+        hit
+    }
+
     /// Answers one request under the policy (see the module docs).
     pub async fn predict(&self, request: Request) -> Result<HybridAnswer, PredictError> {
         check_input(&request.pixels)?;
@@ -146,8 +182,8 @@ impl HybridPredictor {
             (Some(l), true) => Some(local(l)?),
             _ => None,
         };
-        let threshold = loaded.as_ref().map(|l| l.calibration.threshold);
-        if let (Some((_, score)), Some(t)) = (mine, threshold)
+        let default_threshold = loaded.as_ref().map(|l| l.calibration.threshold);
+        if let (Some((_, score)), Some(t)) = (mine, default_threshold)
             && let Some(rate) = self.metrics.decided(escalates(score, t))
             && !self.drifting.swap(true, Ordering::Relaxed)
         {
@@ -157,13 +193,29 @@ impl HybridPredictor {
                 self.config.target_rate * 100.0
             );
         }
-        let decide = |online: bool, private: bool| match &loaded {
-            Some(l) => policy.with_threshold(l.calibration.threshold).route(mine.map(|(_, s)| s), online, private),
+        // The rate the live conditions allow, and its threshold.
+        let choice = routing::choose(self.config.target_rate, &self.config.rules, &self.conditions());
+        let threshold = loaded.as_ref().map(|l| l.calibration.threshold_for(choice.target_rate));
+        let decide = |online: bool, private: bool| match (&loaded, threshold) {
+            (Some(_), Some(t)) => policy.with_threshold(t).route(mine.map(|(_, s)| s), online, private),
             // Without a local model only the cloud can answer: every policy is cloud-first.
-            None => Policy::CloudFirst.route(None, online, private),
+            _ => Policy::CloudFirst.route(None, online, private),
         };
         let wanted = decide(true, false);
         let route = decide(self.cloud.online(), request.private);
+        // Why, in words and as a metric label.
+        let (label, mut reason): (&'static str, String) = match (policy, mine, default_threshold, threshold) {
+            (PolicyKind::LocalOnly, ..) => ("local-only", "local-only policy".into()),
+            (PolicyKind::Cascade | PolicyKind::Speculative, Some((_, score)), Some(d), Some(t)) => {
+                match routing::verdict(score, d, t, &choice) {
+                    (Verdict::Confident, r) => ("confident", r),
+                    (Verdict::KeptLocal, r) => ("kept-local", r),
+                    (Verdict::Escalated, r) => ("escalated", r),
+                }
+            }
+            (_, _, Some(_), _) => ("cloud-first", "cloud-first policy".into()),
+            _ => ("cloud-first", "no local model: cloud first".into()),
+        };
         let local_reason = if wanted == Route::Local {
             None
         } else if request.private {
@@ -171,7 +223,8 @@ impl HybridPredictor {
         } else {
             Some("offline")
         };
-        let answer = |mine: (Opinion, f32), verified: bool, fallback: Option<&'static str>, escalated: bool| {
+        let target_rate = (policy != PolicyKind::LocalOnly).then_some(choice.target_rate);
+        let answer = |mine: (Opinion, f32), verified: bool, fallback: Option<&'static str>, escalated: bool, why| {
             let (o, score) = mine;
             HybridAnswer {
                 id,
@@ -188,14 +241,53 @@ impl HybridPredictor {
                 local: Some(o),
                 score: Some(score),
                 threshold,
+                route_reason: why,
+                target_rate,
                 correction_pending: false,
                 correction: None,
             }
+        };
+        let cloud_answer = |class: usize, confidence: f32, version: u64, escalated: bool, why: String| HybridAnswer {
+            id,
+            class,
+            confidence,
+            answered_by: Source::Cloud,
+            model_version: version,
+            architecture: None,
+            latency_ms: started.elapsed().as_secs_f64() * 1e3,
+            policy,
+            escalated,
+            verified: true,
+            fallback: None,
+            local: mine.map(|(o, _)| o),
+            score: mine.map(|(_, s)| s),
+            threshold,
+            route_reason: why,
+            target_rate,
+            correction_pending: false,
+            correction: None,
         };
         let local_or_fail = |mine: Option<(Opinion, f32)>, loaded: &Option<Arc<Loaded>>| match (mine, loaded) {
             (Some(m), _) => Ok(m),
             (None, Some(l)) => local(l),
             (None, None) => Err(PredictError::NoModel(self.state_dir.join("deployed").display().to_string())),
+        };
+        // A cloud answer already on the device (never for a private request: it has no key).
+        let key = CacheKey::of(&request);
+        if route != Route::Local
+            && let Some(hit) = self.cached(key)
+        {
+            self.metrics.routed("cached", target_rate);
+            self.metrics.answered(AnswerPath::Cloud);
+            let why = format!("cached cloud answer (teacher v{})", hit.model_version);
+            return Ok(cloud_answer(hit.class, hit.confidence, hit.model_version, false, why));
+        }
+        let keep = |a: &InferAnswer| {
+            if let Some(key) = key.filter(|_| self.config.cache_entries > 0) {
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                let class = a.class as usize;
+                cache.put(key, CachedAnswer { class, confidence: a.confidence, model_version: a.model_version });
+            }
         };
         match route {
             Route::Local => {
@@ -207,9 +299,11 @@ impl HybridPredictor {
                 })?;
                 if let Some(r) = local_reason {
                     self.metrics.fell_back(r);
+                    reason = r.to_string();
                 }
+                self.metrics.routed(local_reason.unwrap_or(label), target_rate);
                 self.metrics.answered(AnswerPath::Local);
-                Ok(answer(m, local_reason.is_none(), local_reason, false))
+                Ok(answer(m, local_reason.is_none(), local_reason, false, reason))
             }
             Route::Cloud => {
                 self.metrics.escalated();
@@ -218,55 +312,51 @@ impl HybridPredictor {
                     Ok(a) => {
                         self.metrics.observe(AnswerPath::Cloud, t.elapsed());
                         self.metrics.answered(AnswerPath::Cloud);
+                        self.metrics.routed(label, target_rate);
                         if let Some((o, _)) = mine {
                             self.metrics.compared(o.class == a.class as usize);
                         }
-                        Ok(HybridAnswer {
-                            id,
-                            class: a.class as usize,
-                            confidence: a.confidence,
-                            answered_by: Source::Cloud,
-                            model_version: a.model_version,
-                            architecture: None,
-                            latency_ms: started.elapsed().as_secs_f64() * 1e3,
-                            policy,
-                            escalated: true,
-                            verified: true,
-                            fallback: None,
-                            local: mine.map(|(o, _)| o),
-                            score: mine.map(|(_, s)| s),
-                            threshold,
-                            correction_pending: false,
-                            correction: None,
-                        })
+                        keep(&a);
+                        Ok(cloud_answer(a.class as usize, a.confidence, a.model_version, true, reason))
                     }
                     Err(e) => {
-                        let reason = e.reason();
+                        let fallback = e.reason();
                         if mine.is_none() {
                             mine = loaded.as_ref().map(|l| local(l)).transpose()?;
                         }
                         let m = mine.ok_or_else(|| {
                             PredictError::NoModel(format!("no local model, and the cloud did not answer: {e}"))
                         })?;
-                        self.metrics.fell_back(reason);
+                        self.metrics.fell_back(fallback);
+                        self.metrics.routed(if fallback == "offline" { "offline" } else { "fallback" }, target_rate);
                         self.metrics.answered(AnswerPath::Local);
-                        Ok(answer(m, false, Some(reason), true))
+                        Ok(answer(m, false, Some(fallback), true, format!("{reason}; cloud failed: {fallback}")))
                     }
                 }
             }
             Route::LocalThenCloud => {
                 let m = local_or_fail(mine, &loaded)?;
                 self.metrics.escalated();
+                self.metrics.routed(label, target_rate);
                 self.metrics.answered(AnswerPath::Local);
                 let (tx, rx) = oneshot::channel();
                 let pixels = request.pixels;
                 let (metrics, class) = (self.metrics.clone(), m.0.class);
                 let ask = self.cloud.ask_owned(pixels);
+                let (cache, key) = (self.cache.clone(), key.filter(|_| self.config.cache_entries > 0));
                 tokio::spawn(async move {
                     let t = Instant::now();
                     let out = ask.await.map(|a| {
                         metrics.observe(AnswerPath::Cloud, t.elapsed());
                         metrics.compared(a.class as usize == class);
+                        if let Some(key) = key {
+                            let c = CachedAnswer {
+                                class: a.class as usize,
+                                confidence: a.confidence,
+                                model_version: a.model_version,
+                            };
+                            cache.lock().unwrap_or_else(|p| p.into_inner()).put(key, c);
+                        }
                         Correction {
                             id,
                             class: a.class as usize,
@@ -281,7 +371,7 @@ impl HybridPredictor {
                     }
                     let _ = tx.send(out);
                 });
-                let mut a = answer(m, false, None, true);
+                let mut a = answer(m, false, None, true, reason);
                 a.correction_pending = true;
                 a.correction = Some(rx);
                 Ok(a)

@@ -210,6 +210,7 @@ fn describe(a: &fedge_edge::hybrid::HybridAnswer) -> String {
     } else if a.correction_pending {
         line += "; unverified until the cloud answers";
     }
+    line += &format!(" ({})", a.route_reason);
     line
 }
 

@@ -25,6 +25,15 @@ struct Reason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+/// The routes an answer can take (the bounded label set of `routes{route}`).
+pub const ROUTES: [&str; 9] =
+    ["confident", "kept-local", "escalated", "cached", "offline", "private", "fallback", "local-only", "cloud-first"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: &'static str,
 }
@@ -80,6 +89,12 @@ pub struct InferenceMetrics {
     threshold: Gauge<f64, std::sync::atomic::AtomicU64>,
     unsure_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     model_version: Gauge,
+    routes: Family<RouteLabel, Counter>,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_entries: Gauge,
+    rtt: Gauge<f64, std::sync::atomic::AtomicU64>,
+    target_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
     requests: AtomicU64,
     decisions: Mutex<Decisions>,
     recent: Mutex<[VecDeque<f64>; 2]>,
@@ -125,7 +140,31 @@ impl Default for InferenceMetrics {
         );
         registry.register("threshold", "Calibrated escalation threshold of the running model", threshold.clone());
         registry.register("model_version", "Registry version of the local model", model_version.clone());
+        let routes = Family::<RouteLabel, Counter>::default();
+        let (cache_hits, cache_misses, cache_entries) = (Counter::default(), Counter::default(), Gauge::default());
+        let rtt = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let target_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "routes",
+            "Answers by route: confident, kept-local (by a rule), escalated, cached, offline, private, fallback, local-only, cloud-first",
+            routes.clone(),
+        );
+        registry.register("cache_hits", "Escalations answered from the cache of cloud answers", cache_hits.clone());
+        registry.register("cache_misses", "Escalations not in the cache (sent to the cloud)", cache_misses.clone());
+        registry.register("cache_entries", "Cloud answers kept in the cache", cache_entries.clone());
+        registry.register("rtt_seconds", "Smoothed round trip of requests to the coordinator", rtt.clone());
+        registry.register(
+            "target_rate",
+            "Target escalation rate in force (per the rules and conditions)",
+            target_rate.clone(),
+        );
         Self {
+            routes,
+            cache_hits,
+            cache_misses,
+            cache_entries,
+            rtt,
+            target_rate,
             registry,
             answers,
             latency,
@@ -181,6 +220,25 @@ impl InferenceMetrics {
     /// The policy wanted the cloud but the answer stayed local, for `reason`.
     pub fn fell_back(&self, reason: &'static str) {
         self.fallbacks.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// An answer took `route` (one of [`ROUTES`]) under target rate `target_rate`.
+    pub fn routed(&self, route: &'static str, target_rate: Option<f64>) {
+        self.routes.get_or_create(&RouteLabel { route }).inc();
+        if let Some(r) = target_rate {
+            self.target_rate.set(r);
+        }
+    }
+
+    /// The cache had (`true`) or did not have the cloud's answer; it now keeps `entries`.
+    pub fn cache(&self, hit: bool, entries: usize) {
+        if hit { &self.cache_hits } else { &self.cache_misses }.inc();
+        self.cache_entries.set(entries as i64);
+    }
+
+    /// The smoothed round trip to the coordinator.
+    pub fn rtt(&self, rtt: Duration) {
+        self.rtt.set(rtt.as_secs_f64());
     }
 
     /// Both models answered one request.
@@ -239,6 +297,10 @@ impl InferenceMetrics {
                 .into_iter()
                 .map(|reason| (reason.to_string(), self.fallbacks.get_or_create(&Reason { reason }).get().into()))
                 .collect();
+        let routes: serde_json::Map<String, serde_json::Value> = ROUTES
+            .into_iter()
+            .map(|route| (route.to_string(), self.routes.get_or_create(&RouteLabel { route }).get().into()))
+            .collect();
         let (recent_unsure, window) = {
             let d = self.decisions.lock().unwrap_or_else(|p| p.into_inner());
             (d.rate(), d.window.len())
@@ -256,6 +318,10 @@ impl InferenceMetrics {
             "escalations": escalated,
             "escalation_rate": if requests > 0 { escalated as f64 / requests as f64 } else { 0.0 },
             "fallbacks": fallbacks,
+            "routes": routes,
+            "cache": { "hits": self.cache_hits.get(), "misses": self.cache_misses.get(), "entries": self.cache_entries.get() },
+            "rtt_ms": if self.rtt.get() > 0.0 { Some(self.rtt.get() * 1e3) } else { None },
+            "target_rate": self.target_rate.get(),
             "compared": agree + differ,
             "agreement_rate": if agree + differ > 0 { Some(agree as f64 / (agree + differ) as f64) } else { None },
             "recent_unsure_rate": recent_unsure,

@@ -46,7 +46,8 @@ async fn the_local_inference_server_answers_json_raw_and_png_with_corrections() 
     assert_eq!(code, 200, "{body}");
     let a: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!((a["answered_by"].as_str(), a["correction_pending"].as_bool()), (Some("local"), Some(true)));
-    for field in ["class", "confidence", "model_version", "latency_ms", "verified"] {
+    assert!(a["route_reason"].as_str().unwrap().starts_with("escalated: below threshold for 100%"), "{body}");
+    for field in ["class", "confidence", "model_version", "latency_ms", "verified", "target_rate"] {
         assert!(!a[field].is_null(), "{field} in {body}");
     }
     let url = format!("{}?wait_ms=20000", a["correction_url"].as_str().unwrap());
@@ -58,6 +59,7 @@ async fn the_local_inference_server_answers_json_raw_and_png_with_corrections() 
     let b: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!((code, b["fallback"].as_str(), b["escalated"].as_bool()), (200, Some("private"), Some(false)));
     assert_eq!(b["class"], a["class"], "the same model on the same image");
+    assert_eq!(b["route_reason"].as_str(), Some("private"));
 
     let mut png = Vec::new();
     let img = image::GrayImage::from_raw(28, 28, image.to_vec()).unwrap();

@@ -86,6 +86,12 @@ pub struct HybridAnswer {
     pub score: Option<f32>,
     /// The escalation threshold of the local model.
     pub threshold: Option<f32>,
+    /// Why the answer took its route: `confident`, `escalated: below threshold for 10%
+    /// (unmetered, charging)`, `kept local: metered link, budget 2%`, `cached cloud answer
+    /// (teacher v3)`, `offline`, `private`, ...
+    pub route_reason: String,
+    /// The target escalation rate in force for this answer (per the rules and conditions).
+    pub target_rate: Option<f64>,
     /// A speculative correction will follow.
     pub correction_pending: bool,
     /// Where it will come (speculative only).

@@ -1,7 +1,10 @@
 //! How the device answers (`HybridConfig`, `[inference]` in `edge.toml`) and the escalation
 //! threshold of each model version, calibrated on held-out images.
 
+use std::path::PathBuf;
+
 use fedge_core::escalation::{ConfidenceMeasure, PolicyKind, calibrate_threshold, escalates};
+use fedge_core::routing::{self, RouteRule};
 use serde::{Deserialize, Serialize};
 
 use crate::predict::{LocalModel, PredictError};
@@ -22,6 +25,15 @@ pub struct HybridConfig {
     pub calibration_examples: usize,
     /// Where `fedge-edge run` also serves local inference (JSON over HTTP), if anywhere.
     pub listen: Option<std::net::SocketAddr>,
+    /// Rules that change the target rate with the device's live conditions (`[[inference.rules]]`,
+    /// first match wins; none matching: `target_rate`). Shipped: metered link, or battery
+    /// below 20% and not charging, escalate 2%.
+    pub rules: Vec<RouteRule>,
+    /// The file the integrator writes the device's conditions to (`metered`,
+    /// `battery_percent`, `charging`), if any.
+    pub conditions_file: Option<PathBuf>,
+    /// Cloud answers kept on the device (LRU, per teacher version); 0: no cache.
+    pub cache_entries: usize,
 }
 
 impl Default for HybridConfig {
@@ -33,6 +45,9 @@ impl Default for HybridConfig {
             cloud_timeout_ms: 1000,
             calibration_examples: 1000,
             listen: None,
+            rules: routing::default_rules(),
+            conditions_file: None,
+            cache_entries: 1024,
         }
     }
 }
@@ -46,7 +61,7 @@ impl HybridConfig {
         if self.cloud_timeout_ms == 0 || self.calibration_examples == 0 {
             return Err("inference cloud_timeout_ms and calibration_examples must be at least 1".into());
         }
-        Ok(())
+        routing::validate(&self.rules)
     }
 }
 
@@ -65,6 +80,26 @@ pub struct Calibration {
     pub examples: usize,
     /// The escalation rate on them.
     pub calibration_rate: f64,
+    /// The threshold for each rate the rules name (the default's first).
+    pub thresholds: Vec<RateThreshold>,
+}
+
+/// The threshold calibrated for one target rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RateThreshold {
+    /// The target rate.
+    pub target_rate: f64,
+    /// Answers less confident than this escalate under it.
+    pub threshold: f32,
+    /// The escalation rate on the held-out images.
+    pub calibration_rate: f64,
+}
+
+impl Calibration {
+    /// The threshold calibrated for `rate` (the default's when it was not calibrated).
+    pub fn threshold_for(&self, rate: f64) -> f32 {
+        self.thresholds.iter().find(|t| t.target_rate == rate).map_or(self.threshold, |t| t.threshold)
+    }
 }
 
 /// Held-out images (28x28 greyscale) to calibrate on.
@@ -106,15 +141,21 @@ pub fn calibrate(model: &LocalModel, set: &CalibrationSet, config: &HybridConfig
     for im in &set.images {
         scores.push(config.confidence.score(&model.classify(im)?.probabilities));
     }
-    let threshold = calibrate_threshold(&scores, config.target_rate)
-        .map_err(|e| PredictError::Input(format!("calibration: {e}")))?;
-    let rate = scores.iter().filter(|&&s| escalates(s, threshold)).count() as f64 / scores.len() as f64;
+    let mut thresholds = Vec::new();
+    for target_rate in routing::rates(config.target_rate, &config.rules) {
+        let threshold =
+            calibrate_threshold(&scores, target_rate).map_err(|e| PredictError::Input(format!("calibration: {e}")))?;
+        let rate = scores.iter().filter(|&&s| escalates(s, threshold)).count() as f64 / scores.len() as f64;
+        thresholds.push(RateThreshold { target_rate, threshold, calibration_rate: rate });
+    }
+    let default = thresholds[0];
     Ok(Calibration {
         model_version: model.version(),
         confidence: config.confidence,
         target_rate: config.target_rate,
-        threshold,
+        threshold: default.threshold,
         examples: scores.len(),
-        calibration_rate: rate,
+        calibration_rate: default.calibration_rate,
+        thresholds,
     })
 }

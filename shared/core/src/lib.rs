@@ -19,6 +19,7 @@ pub mod privacy;
 pub mod quant;
 pub mod registry;
 pub mod rng;
+pub mod routing;
 pub mod wire;
 
 pub use params::{ModelParams, ParamLayout, ParamsError, TensorSpec};
