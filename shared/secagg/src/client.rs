@@ -16,33 +16,13 @@ use crate::config::SecAggConfig;
 use crate::error::{Result, SecAggError};
 use crate::graph::Graph;
 use crate::masks::{self, PAIR_MASK, SELF_MASK};
+use crate::messages::Stage;
 use crate::messages::{
     AdvertiseKeys, EncryptedShare, ForwardedShares, MaskedInput, NeighbourKeys, RevealedShare, ShareKeys,
     UnmaskRequest, UnmaskResponse,
 };
 use crate::quantise::quantise;
 use crate::shamir::{self, Share};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Advertise,
-    ShareKeys,
-    MaskedInput,
-    Unmask,
-    Done,
-}
-
-impl Stage {
-    fn name(self) -> &'static str {
-        match self {
-            Stage::Advertise => "advertise",
-            Stage::ShareKeys => "share keys",
-            Stage::MaskedInput => "masked input",
-            Stage::Unmask => "unmask",
-            Stage::Done => "done",
-        }
-    }
-}
 
 /// One device's round state. Its secrets (the self-mask seed `b_u`, the two X25519 secret keys)
 /// are drawn from the caller's 32 bytes of entropy, which must be secret and uniformly random

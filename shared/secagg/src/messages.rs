@@ -130,3 +130,25 @@ mod tests {
         }
     }
 }
+
+/// Where a client or the server is in the round (both state machines walk the same stages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    Advertise,
+    ShareKeys,
+    MaskedInput,
+    Unmask,
+    Done,
+}
+
+impl Stage {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Stage::Advertise => "advertise",
+            Stage::ShareKeys => "share keys",
+            Stage::MaskedInput => "masked input",
+            Stage::Unmask => "unmask",
+            Stage::Done => "done",
+        }
+    }
+}

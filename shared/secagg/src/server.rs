@@ -16,33 +16,13 @@ use crate::config::SecAggConfig;
 use crate::error::{Result, SecAggError};
 use crate::graph::Graph;
 use crate::masks::{self, CIPHERTEXT_LEN, PAIR_MASK, SELF_MASK};
+use crate::messages::Stage;
 use crate::messages::{
     AdvertiseKeys, EncryptedShare, ForwardedShares, MaskedInput, NeighbourKeys, ShareKeys, UnmaskRequest,
     UnmaskResponse,
 };
 use crate::quantise::{dequantise_mean, dequantise_sum};
 use crate::shamir::{self, Share};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Advertise,
-    ShareKeys,
-    MaskedInput,
-    Unmask,
-    Done,
-}
-
-impl Stage {
-    fn name(self) -> &'static str {
-        match self {
-            Stage::Advertise => "advertise",
-            Stage::ShareKeys => "share keys",
-            Stage::MaskedInput => "masked input",
-            Stage::Unmask => "unmask",
-            Stage::Done => "done",
-        }
-    }
-}
 
 /// The round's result: the sum of the survivors' quantised inputs mod `2^modulus_bits` (the
 /// true integer sum, by `validate`'s width rule), and who they are.
