@@ -243,11 +243,9 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         let report = &trace.report;
         let evaluate = r % config.eval_every == 0 || r == config.rounds;
         let eval = if evaluate {
-            let m = evaluator.evaluate(engine.global(), &data.test, 500)?;
-            let e = Evaluation { accuracy: m.accuracy, loss: m.loss };
+            let e = score(&mut evaluator, engine.global(), &data.test, &mut best)?;
             engine.handle_evaluation(report.model_version, e);
             last_eval = Some(e);
-            best = best.max(m.accuracy);
             Some(e)
         } else {
             None
@@ -308,11 +306,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     // A budget stop can leave the last round run unevaluated.
     let final_eval = match (last_eval, rows.last()) {
         (Some(e), Some(row)) if row.accuracy.is_some() => e,
-        _ => {
-            let m = evaluator.evaluate(engine.global(), &data.test, 500)?;
-            best = best.max(m.accuracy);
-            Evaluation { accuracy: m.accuracy, loss: m.loss }
-        }
+        _ => score(&mut evaluator, engine.global(), &data.test, &mut best)?,
     };
     let sampling_rate = engine.privacy_ledger().and_then(|l| l.entries().last().map(|e| e.sampling_rate));
     let summary = Summary {
@@ -359,4 +353,17 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
 /// for 2.193986).
 fn seconds(d: Duration) -> f64 {
     d.as_nanos() as f64 / 1e9
+}
+
+/// Scores `global` on `test` in batches of 500 and raises `best` to its accuracy: every
+/// evaluation a run makes, synchronous or buffered.
+pub(crate) fn score(
+    evaluator: &mut Trainer,
+    global: &fedge_core::ModelParams,
+    test: &fedge_core::dataset::Dataset,
+    best: &mut f64,
+) -> Result<Evaluation, SimError> {
+    let m = evaluator.evaluate(global, test, 500)?;
+    *best = best.max(m.accuracy);
+    Ok(Evaluation { accuracy: m.accuracy, loss: m.loss })
 }

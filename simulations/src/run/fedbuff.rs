@@ -31,7 +31,7 @@ use fedge_engine::{AggregationReport, AsyncEvent, BufferedEngine, Evaluation, Ro
 use fedge_learn::Trainer;
 
 use super::report::write_json;
-use super::{Observer, RoundRow, SimError, SimOutput, Summary, seconds};
+use super::{Observer, RoundRow, SimError, SimOutput, Summary, score, seconds};
 use crate::clock::Fleet;
 use crate::config::{SimConfig, SimConfigError};
 use crate::pool::{Done, Job, Pool};
@@ -96,11 +96,9 @@ pub(super) fn run(setup: Setup<'_>, out: Option<&Path>, obs: &mut dyn Observer) 
                     let n = rows.len() as u64 + 1;
                     let evaluate = n.is_multiple_of(config.eval_every) || n == config.rounds;
                     let eval = if evaluate {
-                        let m = evaluator.evaluate(engine.global(), test, 500)?;
-                        let e = Evaluation { accuracy: m.accuracy, loss: m.loss };
+                        let e = score(evaluator, engine.global(), test, &mut best)?;
                         engine.handle_evaluation(report.model_version, e);
                         last_eval = Some(e);
-                        best = best.max(m.accuracy);
                         Some(e)
                     } else {
                         None
@@ -174,11 +172,7 @@ pub(super) fn run(setup: Setup<'_>, out: Option<&Path>, obs: &mut dyn Observer) 
     drop(pool);
     let final_eval = match (last_eval, rows.last()) {
         (Some(e), Some(row)) if row.accuracy.is_some() => e,
-        _ => {
-            let m = evaluator.evaluate(engine.global(), test, 500)?;
-            best = best.max(m.accuracy);
-            Evaluation { accuracy: m.accuracy, loss: m.loss }
-        }
+        _ => score(evaluator, engine.global(), test, &mut best)?,
     };
     let summary = Summary {
         strategy: "fedbuff".into(),
