@@ -1,5 +1,5 @@
-//! The AVX-512 register tile: `tile[r][c] = sum_p a[p][r] * b[p][c]` for up to [`MR`] rows and
-//! [`NR`] columns, from packed panels (see [`super::packed`]).
+//! The AVX-512 register tile: `tile[r][c] = sum_p a(r, p) * b[p][c]` for up to [`MR`] rows and
+//! [`NR`] columns, from packed panels (see [`super::packed`]) or from A and B in place.
 //!
 //! 2 x `rows` accumulators of 16 lanes stay in registers for the whole `kc` loop; each step
 //! loads one 32-wide row of the B panel and broadcasts `rows` values of the A panel into
@@ -25,6 +25,33 @@ pub fn available() -> bool {
     }
 }
 
+/// Where a tile's A values lie: `a(r, p)` for row `r < MR` and step `p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ALayout {
+    /// `a[p * step + r]`: a packed panel (`step = MR`), or a transposed row-major matrix read
+    /// in place (`step` its row length), whose 8 rows are contiguous at every step.
+    Panel {
+        /// Floats from one step to the next.
+        step: usize,
+    },
+    /// `a[r * stride + p]`: a row-major matrix read in place.
+    Rows {
+        /// Floats from one row to the next.
+        stride: usize,
+    },
+}
+
+impl ALayout {
+    /// The largest offset the tile reads for `kc >= 1` steps of `rows >= 1` rows.
+    fn reach(self, kc: usize, rows: usize) -> usize {
+        match self {
+            // Saturating: a stride too large for the address space fails the length check.
+            ALayout::Panel { step } => (kc - 1).saturating_mul(step).saturating_add(rows - 1),
+            ALayout::Rows { stride } => (rows - 1).saturating_mul(stride).saturating_add(kc - 1),
+        }
+    }
+}
+
 /// How a tile lands in C: `c = beta * t`, `c = alpha * c + beta * t`, or `c += beta * t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Merge {
@@ -38,12 +65,12 @@ pub enum Merge {
 
 /// Computes the first `rows` rows and `cols` columns of the tile from `kc` steps of the panels
 /// and merges them into a row-major C at `c` (row stride `ldc`) straight from the registers.
-/// `a` holds `kc` groups of [`MR`] values; step `p` of `b` is the [`NR`] values at `b[p * ldb..]`
+/// `a` holds the A values as `layout` says; step `p` of `b` is the [`NR`] values at `b[p * ldb..]`
 /// (a packed panel has `ldb = NR`; an unpacked row-major B its row stride). Rows past `rows`
 /// and columns past `cols` of C are not touched.
 ///
 /// # Panics
-/// If the panels are shorter than `kc` steps, `rows` is 0 or exceeds [`MR`], `cols` is 0 or
+/// If A or B is shorter than `kc` steps, `rows` is 0 or exceeds [`MR`], `cols` is 0 or
 /// exceeds [`NR`], C is shorter than `(rows - 1) * ldc + cols`, or AVX-512 is absent (callers
 /// check [`available`] first).
 #[allow(clippy::too_many_arguments, reason = "one tile: two panels and a strided destination")]
@@ -52,13 +79,15 @@ pub fn tile_into(
     rows: usize,
     cols: usize,
     a: &[f32],
+    layout: ALayout,
     b: &[f32],
     ldb: usize,
     c: &mut [f32],
     ldc: usize,
     merge: Merge,
 ) {
-    assert!(kc > 0 && a.len() >= kc * MR && (1..=MR).contains(&rows) && ldb >= NR, "bad tile arguments");
+    assert!(kc > 0 && (1..=MR).contains(&rows) && ldb >= NR, "bad tile arguments");
+    assert!(a.len() > layout.reach(kc, rows), "A shorter than kc steps");
     assert!(b.len() >= (kc - 1) * ldb + NR, "B panel shorter than kc steps");
     assert!((1..=NR).contains(&cols) && ldc >= cols && c.len() >= (rows - 1) * ldc + cols, "C too short");
     assert!(available(), "the AVX-512 tile needs avx512f");
@@ -67,11 +96,17 @@ pub fn tile_into(
         macro_rules! call {
             ($($n:literal)*) => {
                 match rows {
-                    // SAFETY: avx512f is present and the panels hold kc steps (asserted above,
-                    // as for `tile`); C holds `cols` values from c + r * ldc for every r < rows
-                    // (asserted above), and `kernel_into` reads and writes only those lanes
-                    // (masked loads and stores).
-                    $($n => unsafe { avx512::kernel_into::<$n>(kc, a.as_ptr(), b.as_ptr(), ldb, c.as_mut_ptr(), ldc, cols, merge) },)*
+                    // SAFETY: avx512f is present; A holds a(r, p) for r < rows, p < kc at the
+                    // offsets `layout` gives (its reach asserted above) and B kc steps; C holds
+                    // `cols` values from c + r * ldc for every r < rows (asserted above), and
+                    // `kernel_into` reads and writes only those lanes (masked loads and stores).
+                    $($n => unsafe {
+                        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+                        match layout {
+                            ALayout::Panel { step } => avx512::kernel_into::<$n, false>(kc, a, step, b, ldb, c, ldc, cols, merge),
+                            ALayout::Rows { stride } => avx512::kernel_into::<$n, true>(kc, a, stride, b, ldb, c, ldc, cols, merge),
+                        }
+                    },)*
                     _ => {}
                 }
             };
@@ -164,14 +199,16 @@ mod avx512 {
     }
 
     /// # Safety
-    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
+    /// avx512f must be available; `a` must be valid for reads of `a(r, p)` for r < ROWS, p < kc
+    /// (at `a + p * lda + r`, or `a + r * lda + p` when `BY_ROWS`) and `b` for
     /// `(kc - 1) * ldb + NR`; for r < ROWS, `c + r * ldc` must be valid for `cols <= NR` reads
     /// and writes.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments, reason = "one tile: two panels and a strided destination")]
-    pub(super) unsafe fn kernel_into<const ROWS: usize>(
+    #[allow(clippy::too_many_arguments, reason = "one tile: two operands and a strided destination")]
+    pub(super) unsafe fn kernel_into<const ROWS: usize, const BY_ROWS: bool>(
         kc: usize,
         a: *const f32,
+        lda: usize,
         b: *const f32,
         ldb: usize,
         c: *mut f32,
@@ -180,7 +217,7 @@ mod avx512 {
         merge: super::Merge,
     ) {
         // SAFETY: the caller's contract includes `accumulate`'s.
-        let acc = unsafe { accumulate::<ROWS>(kc, a, b, ldb) };
+        let acc = unsafe { accumulate::<ROWS, BY_ROWS>(kc, a, lda, b, ldb) };
         let lanes = |n: usize| -> __mmask16 { if n >= 16 { 0xffff } else { (1u16 << n) - 1 } };
         let masks = [lanes(cols), lanes(cols.saturating_sub(16))];
         let (alpha, beta) = match merge {
@@ -207,27 +244,30 @@ mod avx512 {
     /// The `kc` steps of the tile, in registers.
     ///
     /// # Safety
-    /// avx512f must be available; `a` must be valid for `kc * MR` reads and `b` for
+    /// As for [`kernel_into`]: `a(r, p)` readable for r < ROWS, p < kc, and `b` for
     /// `(kc - 1) * ldb + NR`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn accumulate<const ROWS: usize>(
+    unsafe fn accumulate<const ROWS: usize, const BY_ROWS: bool>(
         kc: usize,
         a: *const f32,
+        lda: usize,
         b: *const f32,
         ldb: usize,
     ) -> [[__m512; 2]; ROWS] {
         let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+        // Where a(r, p) lies relative to a(0, p), and from one step to the next.
+        let (row_step, p_step) = if BY_ROWS { (lda, 1) } else { (1, lda) };
         for p in 0..kc {
-            // SAFETY: p < kc, so b + p * ldb .. + NR and a + p * MR .. + ROWS (ROWS <= MR) lie
-            // inside the panels the caller vouched for.
+            // SAFETY: p < kc, so b + p * ldb .. + NR lies inside B, and a + p * p_step is
+            // a(0, p), inside A (the caller vouched for every a(r, p), r < ROWS, p < kc).
             let (b0, b1, ap) = unsafe {
                 let bp = b.add(p * ldb);
-                (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)), a.add(p * MR))
+                (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)), a.add(p * p_step))
             };
             for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: r < ROWS <= MR (see above).
-                let x = _mm512_set1_ps(unsafe { *ap.add(r) });
+                // SAFETY: a + r * row_step + p * p_step is a(r, p) with r < ROWS (see above).
+                let x = _mm512_set1_ps(unsafe { *ap.add(r * row_step) });
                 acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
             }

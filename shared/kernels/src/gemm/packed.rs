@@ -2,7 +2,8 @@
 //!
 //! For each block of `KC` steps of the inner dimension, B's rows are packed into 32-column
 //! panels (zero-padded) that stay in L1/L2 while every row panel of A passes over them; A is
-//! packed `MC` rows at a time into 8-row panels. Each tile is merged into C with the caller's
+//! packed `MC` rows at a time into 8-row panels, unless few column panels pass over it (then
+//! each register tile reads it in place, rows or transposed rows). Each tile is merged into C with the caller's
 //! scaling straight from the registers: the first inner block applies `alpha` (or overwrites),
 //! later blocks add.
 //! Single-threaded; [`super::matmul`] splits C's rows over threads.
@@ -10,7 +11,7 @@
 use std::cell::RefCell;
 
 use super::MatRef;
-use super::microkernel::{self, MR, Merge, NR};
+use super::microkernel::{self, ALayout, MR, Merge, NR};
 
 /// Inner-dimension block: an A panel of 8 x 128 and a B panel of 128 x 32 floats (16 KB, with
 /// room in a 48 KB L1 for the A panel and C; 256 measured 40% slower on a 1024^3 product).
@@ -45,11 +46,22 @@ pub(super) fn sgemm(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, alpha: Op
             } else if n % NR != 0 {
                 pack_b_panel(rhs, pc, kc, n_panels - 1, &mut bp[(n_panels - 1) * kc * NR..][..kc * NR]);
             }
+            // Likewise A, when at most four column panels pass over each of its row panels
+            // (the Winograd GEMMs: 64 or 32 columns): its panel stays in L1 between them, and
+            // packing would cost a third of the product.
+            let in_place = match (lhs.row_stride, lhs.col_stride) {
+                _ if n_panels > 4 => None,
+                (rs, 1) => Some(ALayout::Rows { stride: rs }),
+                (1, cs) => Some(ALayout::Panel { step: cs }),
+                _ => None,
+            };
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
                 let m_panels = mc.div_ceil(MR);
-                ap.resize(m_panels * kc * MR, 0.0);
-                pack_a(lhs, ic, mc, pc, kc, ap);
+                if in_place.is_none() {
+                    ap.resize(m_panels * kc * MR, 0.0);
+                    pack_a(lhs, ic, mc, pc, kc, ap);
+                }
                 for (jp, packed) in bp.chunks_exact(kc * NR).enumerate() {
                     let (j0, cols) = (jp * NR, NR.min(n - jp * NR));
                     let (bpanel, ldb) = if direct && cols == NR {
@@ -57,8 +69,12 @@ pub(super) fn sgemm(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, alpha: Op
                     } else {
                         (packed, NR)
                     };
-                    for (ip, apanel) in ap.chunks_exact(kc * MR).enumerate() {
+                    for ip in 0..m_panels {
                         let (i0, rows) = (ic + ip * MR, MR.min(mc - ip * MR));
+                        let (apanel, layout) = match in_place {
+                            Some(layout) => (&lhs.data[i0 * lhs.row_stride + pc * lhs.col_stride..], layout),
+                            None => (&ap[ip * kc * MR..][..kc * MR], ALayout::Panel { step: MR }),
+                        };
                         // Straight from the registers into C.
                         let merge = match (pc, alpha) {
                             (0, None) => Merge::Overwrite(beta),
@@ -66,7 +82,7 @@ pub(super) fn sgemm(dst: &mut [f32], lhs: MatRef<'_>, rhs: MatRef<'_>, alpha: Op
                             _ => Merge::Add(beta),
                         };
                         let c = &mut dst[i0 * n + j0..];
-                        microkernel::tile_into(kc, rows, cols, apanel, bpanel, ldb, c, n, merge);
+                        microkernel::tile_into(kc, rows, cols, apanel, layout, bpanel, ldb, c, n, merge);
                     }
                 }
             }
