@@ -29,6 +29,8 @@ use crate::train::{EvalMetrics, TrainOutput, minibatches, proximal_mu};
 /// Examples per forward pass when evaluating (bounds the column buffers: 64 CNN images need
 /// about 40 MB).
 const EVAL_CHUNK: usize = 64;
+/// Examples gathered at a time when evaluating: 64 chunks, dealt out over the net's threads.
+const EVAL_BLOCK: usize = 64 * EVAL_CHUNK;
 
 /// The kernel architecture of a model kind.
 pub fn spec(kind: ModelKind, classes: usize) -> NetSpec {
@@ -217,8 +219,8 @@ impl FastNet {
         self.load(params)?;
         let (mut correct, mut loss_sum) = (0usize, 0.0f64);
         let all: Vec<usize> = (0..data.len()).collect();
-        for chunk in all.chunks(EVAL_CHUNK) {
-            self.gather(data, chunk)?;
+        for block in all.chunks(EVAL_BLOCK) {
+            self.gather(data, block)?;
             let s = self.net.score(&self.images, &self.labels, EVAL_CHUNK).map_err(data_error)?;
             correct += s.correct;
             loss_sum += s.loss_sum;

@@ -32,7 +32,7 @@
 
 use super::backward::{Gradients, Rows, add_column_sums, backward};
 use super::layer::{Grad, Layer, Shape, Workspace};
-use super::step::{Plan, forward, loss_gradient, proximal, reserve};
+use super::step::{Plan, forward, loss_gradient, proximal, reserve, score_chunks};
 use super::{Net, NetError};
 use crate::gemm::{Accumulate, MatMut, MatRef, Threads, matmul};
 
@@ -196,6 +196,53 @@ fn step(
         add_column_sums(&mut l.bias, &grad[..batch * outputs], -learning_rate, false, &mut par.sums);
     }
     Ok((losses.iter().sum::<f64>() / batch as f64) as f32)
+}
+
+/// [`Net::score`] on `t >= 2` threads: the chunks of `chunk` examples dealt out in `t`
+/// contiguous runs, each scored on a pool thread with its own workspace and single-threaded
+/// GEMMs. Every chunk holds the same examples as on one thread, so each example's loss (into
+/// `losses`) is the same bit for bit. Returns the count classified correctly.
+pub(super) fn score(
+    net: &mut Net,
+    images: &[f32],
+    labels: &[u8],
+    chunk: usize,
+    t: usize,
+    losses: &mut [f64],
+) -> Result<usize, NetError> {
+    let plan = Plan { threads: Threads::One, ..net.plan() };
+    let (len, classes) = (plan.input_len, net.classes());
+    if net.par.workspaces.len() < t - 1 {
+        net.par.workspaces.resize_with(t - 1, Workspace::default);
+    }
+    let chunks = labels.len().div_ceil(chunk);
+    let (mut images, mut labels, mut losses) = (images, labels, losses);
+    let parts: Vec<_> = (0..t)
+        .map(|k| {
+            let count = (bounds(chunks, t, k).1 * chunk).min(labels.len());
+            let (im, im_rest) = images.split_at(count * len);
+            let (la, la_rest) = labels.split_at(count);
+            let (lo, lo_rest) = std::mem::take(&mut losses).split_at_mut(count);
+            (images, labels, losses) = (im_rest, la_rest, lo_rest);
+            (im, la, lo)
+        })
+        .collect();
+    let layers: &[Layer] = &net.layers;
+    let mut results: Vec<Result<usize, NetError>> = (0..t).map(|_| Ok(0)).collect();
+    let jobs = std::iter::once(&mut net.ws).chain(&mut net.par.workspaces).zip(parts).zip(&mut results);
+    rayon::scope(|_| {
+        rayon::in_place_scope(|s| {
+            let mut jobs = jobs;
+            let first = jobs.next();
+            for ((ws, (im, la, lo)), out) in jobs {
+                s.spawn(move |_| *out = score_chunks(layers, ws, plan, classes, (im, la), chunk, lo));
+            }
+            if let Some(((ws, (im, la, lo)), out)) = first {
+                *out = score_chunks(layers, ws, plan, classes, (im, la), chunk, lo);
+            }
+        })
+    });
+    results.into_iter().sum()
 }
 
 /// `w := w - prox * (w - anchor) - lr * (g_0 + g_1 + ...)` for every parameter of a layer with

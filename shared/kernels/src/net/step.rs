@@ -224,27 +224,23 @@ impl Net {
 
     /// Logits of `labels.len()` images (no training), scored against the labels: summed
     /// cross-entropy and the count classified correctly. Processes any number of examples in
-    /// chunks of at most `chunk` (each chunk's GEMMs split by rows over the net's threads).
+    /// chunks of at most `chunk`; on `T > 1` threads the chunks are dealt out over the threads
+    /// when there are several (each chunk's GEMMs split by rows when there is one). The result
+    /// does not depend on the thread count.
     pub fn score(&mut self, images: &[f32], labels: &[u8], chunk: usize) -> Result<Scores, NetError> {
         self.check_batch(images, labels)?;
-        let (len, classes, n) = (self.input_len(), self.classes(), self.layers.len());
         let chunk = chunk.max(1);
-        let plan = self.plan();
-        reserve(&self.layers, &mut self.ws, plan, chunk.min(labels.len()));
-        let mut scores = Scores::default();
-        for (imgs, ys) in images.chunks(chunk * len).zip(labels.chunks(chunk)) {
-            self.ws.acts[0][..imgs.len()].copy_from_slice(imgs);
-            forward(&self.layers, &mut self.ws, plan, ys.len())?;
-            for (z, &y) in self.ws.acts[n].chunks_exact(classes).zip(ys) {
-                let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
-                scores.loss_sum += (sum.ln() + max - z[y as usize]) as f64;
-                let best = z.iter().enumerate().fold(0, |b, (j, &v)| if v > z[b] { j } else { b });
-                scores.correct += usize::from(best == y as usize);
-            }
-            scores.examples += ys.len();
-        }
-        Ok(scores)
+        let mut losses = vec![0.0f64; labels.len()];
+        let split = parallel::split_threads(self.threads, labels.len().div_ceil(chunk));
+        let correct = if split > 1 {
+            parallel::score(self, images, labels, chunk, split, &mut losses)?
+        } else {
+            let (plan, classes) = (self.plan(), self.classes());
+            score_chunks(&self.layers, &mut self.ws, plan, classes, (images, labels), chunk, &mut losses)?
+        };
+        // Summed in example order whichever thread scored which chunk.
+        let loss_sum = losses.iter().fold(0.0f64, |s, &l| s + l);
+        Ok(Scores { loss_sum, correct, examples: labels.len() })
     }
 
     /// Logits of `images` (a whole number of images), row by row into `out`.
@@ -276,6 +272,35 @@ pub(super) fn chunk(g: Geometry, bytes: usize) -> usize {
 /// Whether a convolution of geometry `g` runs Winograd under `algorithm`.
 pub(super) fn winograd_applies(algorithm: ConvAlgorithm, g: Geometry) -> bool {
     algorithm == ConvAlgorithm::Winograd && winograd::applies(g)
+}
+
+/// Scores `images`/`labels` in chunks of `chunk` on `ws` (each chunk's GEMMs on `plan`'s
+/// threads): each example's cross-entropy into `losses` (as long as `labels`), and the count
+/// classified correctly.
+pub(super) fn score_chunks(
+    layers: &[Layer],
+    ws: &mut Workspace,
+    plan: Plan,
+    classes: usize,
+    (images, labels): (&[f32], &[u8]),
+    chunk: usize,
+    losses: &mut [f64],
+) -> Result<usize, NetError> {
+    let (len, n) = (plan.input_len, layers.len());
+    reserve(layers, ws, plan, chunk.min(labels.len()));
+    let mut correct = 0;
+    for ((imgs, ys), out) in images.chunks(chunk * len).zip(labels.chunks(chunk)).zip(losses.chunks_mut(chunk)) {
+        ws.acts[0][..imgs.len()].copy_from_slice(imgs);
+        forward(layers, ws, plan, ys.len())?;
+        for ((z, &y), loss) in ws.acts[n].chunks_exact(classes).zip(ys).zip(out) {
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
+            *loss = (sum.ln() + max - z[y as usize]) as f64;
+            let best = z.iter().enumerate().fold(0, |b, (j, &v)| if v > z[b] { j } else { b });
+            correct += usize::from(best == y as usize);
+        }
+    }
+    Ok(correct)
 }
 
 /// `(first, count)` of consecutive chunks of at most `per` covering `0..batch`.

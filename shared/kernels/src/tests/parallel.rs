@@ -174,3 +174,24 @@ fn a_split_net_still_scores_and_trains_after_a_batch_change() {
     assert!(net.train_step(&images, &labels, 0.05).unwrap().is_finite());
     assert_eq!(net.score(&images, &labels, 3).unwrap().examples, 5);
 }
+
+#[test]
+fn scoring_on_several_threads_equals_one_thread_bit_for_bit() {
+    // Every net, chunk counts that split evenly and not (7 chunks of 3 and a short one), and
+    // fewer chunks than threads: the chunks hold the same examples whichever thread scores them.
+    for which in 0..3 {
+        let (name, mut net) = nets(which);
+        for (n, chunk) in [(22, 3), (40, 8), (5, 8)] {
+            let (images, labels) = batch(&net, n, 60 + n as u64);
+            net.set_threads(Threads::One);
+            let one = net.score(&images, &labels, chunk).unwrap();
+            for threads in [2, 3] {
+                net.set_threads(Threads::Rayon(threads));
+                let split = net.score(&images, &labels, chunk).unwrap();
+                assert_eq!(split, one, "{name}: {threads} threads, {n} examples in chunks of {chunk}");
+            }
+            assert_eq!(one.examples, n);
+            assert!(one.loss_sum.is_finite() && one.loss_sum > 0.0);
+        }
+    }
+}
