@@ -47,6 +47,16 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Columns `start..start + len` of the matrix (no copy).
+    ///
+    /// # Panics
+    /// If they are not all columns of it.
+    pub fn columns(self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.cols, "columns {start}..{} of a {}-column matrix", start + len, self.cols);
+        let offset = if len == 0 || self.rows == 0 { 0 } else { start * self.col_stride };
+        Self { data: &self.data[offset.min(self.data.len())..], cols: len, ..self }
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows

@@ -13,7 +13,7 @@ use super::layer::{Grad, Layer, Shape, Workspace};
 use super::step::{Plan, chunk, chunks, proximal, winograd_applies};
 use super::{NetError, conv_winograd};
 use crate::conv;
-use crate::gemm::{Accumulate, MatMut, MatRef, matmul};
+use crate::gemm::{Accumulate, MatMut, MatRef, Threads, matmul};
 
 /// Where one layer's gradients go: `weight += scale * dW` and `bias += scale * db`, or, when
 /// `fresh` (the buffers hold a previous step's values), `weight = scale * dW` and likewise.
@@ -34,7 +34,22 @@ pub(super) trait Sink {
     /// multiplies and the output gradient rows `grad`; `None` when the sink keeps the rows
     /// instead. Called once per pass, after the layer's input gradient.
     fn dense(&mut self, i: usize, input: &[f32], grad: &[f32]) -> Option<Dst<'_>>;
+    /// Dense layer `i` and its `(learning rate, lr * mu)` when the sink updates the weights in
+    /// place and lets [`backward`] interleave the update with the input gradient, block by
+    /// block of the weight's rows (one pass over a large weight instead of two).
+    fn fused_dense(&mut self, _i: usize) -> Option<(&mut Layer, f32, f32)> {
+        None
+    }
 }
+
+/// Weights below this many floats are updated after their input gradient, not interleaved
+/// with it: they stay in cache between the two passes anyway.
+const INTERLEAVE_FLOATS: usize = 1 << 16;
+
+/// Rows of a dense weight per interleaved block: 32 rows of the CNN's 512-wide layer are 64 KB
+/// (in L2 between the block's two GEMMs), and a 32-row product reads the output gradient in
+/// place rather than packing it.
+const INTERLEAVE_ROWS: usize = 32;
 
 /// The one-thread step: `W := W - prox * (W - anchor) - lr * dW`, in the weight-gradient GEMM.
 pub(super) struct Fused<'a> {
@@ -58,6 +73,65 @@ impl Sink for Fused<'_> {
     fn dense(&mut self, i: usize, _: &[f32], _: &[f32]) -> Option<Dst<'_>> {
         Some(self.dst(i))
     }
+
+    fn fused_dense(&mut self, i: usize) -> Option<(&mut Layer, f32, f32)> {
+        Some((&mut self.layers[i], self.learning_rate, self.prox))
+    }
+}
+
+/// A dense layer's input gradient `next = grad * W^T` and its fused update `W := W - prox *
+/// (W - anchor) - lr * input^T * grad`, block by block of `W`'s rows: each block's slice of
+/// the input gradient from the block as the forward pass saw it, then the block's update. The
+/// same products per element as the two whole-matrix GEMMs, so the same results bit for bit.
+#[allow(clippy::too_many_arguments, reason = "one layer's pass over disjoint buffers")]
+fn interleaved_dense(
+    l: &mut Layer,
+    (learning_rate, prox): (f32, f32),
+    (inputs, outputs, batch): (usize, usize, usize),
+    input: &[f32],
+    grad: &[f32],
+    next: &mut [f32],
+    block: &mut Vec<f32>,
+    sums: &mut Vec<f32>,
+) -> Result<(), NetError> {
+    let (x, dy) = (MatRef::new(input, batch, inputs), MatRef::new(grad, batch, outputs));
+    for r0 in (0..inputs).step_by(INTERLEAVE_ROWS) {
+        let rows = INTERLEAVE_ROWS.min(inputs - r0);
+        let w = &mut l.weight[r0 * outputs..(r0 + rows) * outputs];
+        // Borrowed scratch: grown, never shrunk (its owner sized it for its own use).
+        if block.len() < batch * rows {
+            block.resize(batch * rows, 0.0);
+        }
+        let block = &mut block[..batch * rows];
+        matmul(
+            MatMut::new(block, batch, rows),
+            dy,
+            MatRef::new(w, rows, outputs).t(),
+            Accumulate::Overwrite,
+            1.0,
+            Threads::One,
+        )?;
+        for (dst, src) in next.chunks_exact_mut(inputs).zip(block.chunks_exact(rows)) {
+            dst[r0..r0 + rows].copy_from_slice(src);
+        }
+        if prox != 0.0 {
+            let a = &l.anchor_weight[r0 * outputs..(r0 + rows) * outputs];
+            w.iter_mut().zip(a).for_each(|(w, a)| *w -= prox * (*w - a));
+        }
+        matmul(
+            MatMut::new(w, rows, outputs),
+            x.columns(r0, rows).t(),
+            dy,
+            Accumulate::Scaled(1.0),
+            -learning_rate,
+            Threads::One,
+        )?;
+    }
+    if prox != 0.0 {
+        l.bias.iter_mut().zip(&l.anchor_bias).for_each(|(b, a)| *b -= prox * (*b - a));
+    }
+    add_column_sums(&mut l.bias, grad, -learning_rate, false, sums);
+    Ok(())
 }
 
 /// One chunk of a batch-split step: the layers are shared and read-only; each convolution's
@@ -123,6 +197,16 @@ pub(super) fn backward(
                         }
                     }
                 }
+                let input = &input[..batch * inputs];
+                if i > 0 && inputs * outputs >= INTERLEAVE_FLOATS {
+                    if let Some((l, lr, prox)) = sink.fused_dense(i) {
+                        let next = &mut next[..batch * inputs];
+                        let (block, sums) = (&mut ws.conv, &mut ws.bias_grad);
+                        interleaved_dense(l, (lr, prox), (inputs, outputs, batch), input, grad, next, block, sums)?;
+                        cur = 1 - cur;
+                        continue;
+                    }
+                }
                 if i > 0 {
                     matmul(
                         MatMut::new(next, batch, inputs),
@@ -133,7 +217,6 @@ pub(super) fn backward(
                         threads,
                     )?;
                 }
-                let input = &input[..batch * inputs];
                 if let Some(d) = sink.dense(i, input, grad) {
                     matmul(
                         MatMut::new(d.weight, inputs, outputs),
