@@ -198,14 +198,15 @@ pub(super) fn backward(
                     }
                 }
                 let input = &input[..batch * inputs];
-                if i > 0 && inputs * outputs >= INTERLEAVE_FLOATS {
-                    if let Some((l, lr, prox)) = sink.fused_dense(i) {
-                        let next = &mut next[..batch * inputs];
-                        let (block, sums) = (&mut ws.conv, &mut ws.bias_grad);
-                        interleaved_dense(l, (lr, prox), (inputs, outputs, batch), input, grad, next, block, sums)?;
-                        cur = 1 - cur;
-                        continue;
-                    }
+                if i > 0
+                    && inputs * outputs >= INTERLEAVE_FLOATS
+                    && let Some((l, lr, prox)) = sink.fused_dense(i)
+                {
+                    let next = &mut next[..batch * inputs];
+                    let (block, sums) = (&mut ws.conv, &mut ws.bias_grad);
+                    interleaved_dense(l, (lr, prox), (inputs, outputs, batch), input, grad, next, block, sums)?;
+                    cur = 1 - cur;
+                    continue;
                 }
                 if i > 0 {
                     matmul(
