@@ -58,8 +58,9 @@ async fn connect(addr: std::net::SocketAddr, tls: fedge_edge::link::DeviceTls) -
     }
 }
 
-/// One device's round: its task, the model it names (hash-checked), its update, the `Ack`.
-async fn round(link: &Link, i: usize) -> (Duration, Duration) {
+/// One device's round: its task, the model it names (hash-checked), its update, the `Ack`; or
+/// why the update was not acknowledged, and when.
+async fn round(link: &Link, i: usize, t0: Instant) -> Result<(Duration, Duration), String> {
     let task = common::task_of(link).await;
     let started = Instant::now();
     let model = common::model(link, task.model_version).await;
@@ -67,10 +68,13 @@ async fn round(link: &Link, i: usize) -> (Duration, Duration) {
     let downloaded = started.elapsed();
     let started = Instant::now();
     match link.request(&Message::TrainResult(common::update(&task, &model, i % 100))).await {
-        Ok(Message::Ack { round }) => assert_eq!(round, task.round),
-        other => panic!("device {i}: update not acknowledged: {other:?}"),
+        Ok(Message::Ack { round }) if round == task.round => Ok((downloaded, started.elapsed())),
+        other => Err(format!(
+            "load-{i:05}: update not acknowledged after {:.1} s (at {:.1} s into the round): {other:?}",
+            started.elapsed().as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        )),
     }
-    (downloaded, started.elapsed())
 }
 
 fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
@@ -125,13 +129,26 @@ fn main() {
         let mut rounds = tokio::task::JoinSet::new();
         for (i, link) in links.iter().enumerate() {
             let link = link.clone();
-            rounds.spawn(async move { round(&link, i).await });
+            rounds.spawn(async move { round(&link, i, t).await });
         }
-        let (mut downloads, mut uploads) = (Vec::new(), Vec::new());
+        let (mut downloads, mut uploads, mut failed) = (Vec::new(), Vec::new(), Vec::new());
         while let Some(done) = rounds.join_next().await {
-            let (d, u) = done.unwrap();
-            downloads.push(d);
-            uploads.push(u);
+            match done.unwrap() {
+                Ok((d, u)) => {
+                    downloads.push(d);
+                    uploads.push(u);
+                }
+                Err(e) => failed.push(e),
+            }
+        }
+        if !failed.is_empty() {
+            for e in failed.iter().take(5) {
+                eprintln!("{e}");
+            }
+            let log = coordinator.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("coordinator log, last lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            panic!("{} of {n} updates not acknowledged", failed.len());
         }
         let acked_s = t.elapsed().as_secs_f64();
         common::wait_for_version(&links[0], 1, Duration::from_secs(600), &coordinator).await;

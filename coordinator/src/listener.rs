@@ -102,6 +102,8 @@ pub struct Listener {
     live: Mutex<Vec<Live>>,
     /// The CRL as last applied, and the serials it revokes.
     crl: Mutex<(Vec<u8>, BTreeSet<Vec<u8>>)>,
+    /// The UDP receive buffer the kernel granted, in bytes.
+    socket_buffer: usize,
 }
 
 struct Live {
@@ -122,6 +124,30 @@ pub struct Enforced {
     pub expired: usize,
 }
 
+/// The UDP receive and send buffers the listener asks the kernel for. Every device's packets
+/// arrive on one socket: with the default 208 KiB, 1,000 devices uploading at once (each
+/// connection keeping at least a couple of packets in flight) overflow it for seconds, QUIC's
+/// loss recovery backs off, and connections time out mid-upload (docs/benchmarks.md, "Load").
+pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
+
+/// A granted receive buffer below this draws a warning: 4 MiB carried the 1,000-device load
+/// benchmark's round without a lost connection, 208 KiB did not.
+const SOCKET_BUFFER_ENOUGH: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER_BYTES`] asked for both buffers (the kernel
+/// may grant less: no error), and the receive buffer it granted, in bytes of payload (Linux
+/// reports twice what it grants, for its bookkeeping).
+fn bind_socket(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize)> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+    // Refusals leave the defaults, which the caller reports.
+    let _ = state.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
+    let _ = state.set_send_buffer_size((&socket).into(), SOCKET_BUFFER_BYTES);
+    let granted = state.recv_buffer_size((&socket).into())?;
+    let granted = if cfg!(target_os = "linux") { granted / 2 } else { granted };
+    Ok((socket, granted))
+}
+
 impl Listener {
     /// Listens on `addr` with the server certificate, CA and revocation list of `certs`.
     /// Must be called within a tokio runtime.
@@ -130,7 +156,20 @@ impl Listener {
         let crl = std::fs::read(certs.crl_pem()).unwrap_or_default();
         let revoked = revoked_serials(&crl);
         let config = fedge_net::server_config(&certs.ca_pem(), &server.cert, &server.key, Some(&certs.crl_pem()))?;
-        let endpoint = quinn::Endpoint::server(config, addr).map_err(|cause| ListenerError::Bind { addr, cause })?;
+        let (socket, socket_buffer) = bind_socket(addr).map_err(|cause| ListenerError::Bind { addr, cause })?;
+        if socket_buffer < SOCKET_BUFFER_ENOUGH {
+            tracing::warn!(
+                "the UDP receive buffer is {} KiB, not the {} KiB asked for (net.core.rmem_max caps it): hundreds of \
+                 devices uploading at once overflow it, and connections starved of their packets time out; raise \
+                 net.core.rmem_max to {} or more for a large fleet",
+                socket_buffer / 1024,
+                SOCKET_BUFFER_BYTES / 1024,
+                SOCKET_BUFFER_BYTES
+            );
+        }
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
+            .map_err(|cause| ListenerError::Bind { addr, cause })?;
         let (done, handshaken) = tokio::sync::mpsc::channel(MAX_HANDSHAKES);
         let handshaker = tokio::spawn(handshakes(endpoint.clone(), done));
         Ok(Self {
@@ -140,6 +179,7 @@ impl Listener {
             certs: certs.clone(),
             live: Mutex::new(Vec::new()),
             crl: Mutex::new((crl, revoked)),
+            socket_buffer,
         })
     }
 
@@ -187,6 +227,12 @@ impl Listener {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The UDP receive buffer the kernel granted the listening socket, in bytes (see
+    /// [`SOCKET_BUFFER_BYTES`]).
+    pub fn socket_buffer(&self) -> usize {
+        self.socket_buffer
     }
 
     /// The next admitted peer (handshakes run concurrently, see [`handshakes`]). `None` once

@@ -138,3 +138,25 @@ async fn one_certificate_holds_a_few_connections_not_many() {
     assert_eq!(rx.recv().await.unwrap(), Ok("dev-0".to_string()));
     server.abort();
 }
+
+#[tokio::test]
+async fn the_listening_socket_asks_for_a_large_receive_buffer() {
+    // Every device's packets arrive on this one socket; the kernel's default (208 KiB) lost
+    // connections at 1,000 devices (docs/benchmarks.md, "Load"). The kernel grants up to
+    // net.core.rmem_max: whatever it allows up to the size asked for must be taken.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &ca).unwrap();
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<usize>().ok());
+    let (Some(max), Some(default)) = (read("/proc/sys/net/core/rmem_max"), read("/proc/sys/net/core/rmem_default"))
+    else {
+        eprintln!("no /proc/sys/net/core: nothing to compare with");
+        return;
+    };
+    let want = max.min(fedge_coordinator::listener::SOCKET_BUFFER_BYTES);
+    assert!(
+        listener.socket_buffer() >= want,
+        "granted {} bytes where rmem_max allows {want} (the default is {default})",
+        listener.socket_buffer()
+    );
+}
