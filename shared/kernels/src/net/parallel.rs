@@ -51,9 +51,22 @@ pub(super) struct Replicas {
     sums: Vec<f32>,
 }
 
+/// The default of [`Net::set_split_work`].
+pub(super) const SPLIT_MIN_MACS: usize = 25_000_000;
+
+/// Into how many chunks `net` splits a step or scoring of `batch` examples, given as `units`
+/// (examples for a step, chunks for scoring): 1 (no split, the fused one-thread step) on
+/// `Threads::One` or when the batch's forward work is below the net's split threshold.
+pub(super) fn split_for(net: &Net, batch: usize, units: usize) -> usize {
+    if batch.saturating_mul(net.forward_macs()) < net.split_min_macs {
+        return 1;
+    }
+    split_threads(net.threads, units)
+}
+
 /// Into how many chunks a training step on `threads` splits a batch of `batch` examples (1: no
 /// split, the fused one-thread step; `Threads::One` never splits).
-pub(super) fn split_threads(threads: Threads, batch: usize) -> usize {
+fn split_threads(threads: Threads, batch: usize) -> usize {
     let t = match threads {
         Threads::One => 1,
         Threads::Rayon(0) => rayon::current_num_threads(),

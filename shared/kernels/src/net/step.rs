@@ -207,7 +207,7 @@ impl Net {
         if batch == 0 {
             return Ok(0.0);
         }
-        let split = parallel::split_threads(self.threads, batch);
+        let split = parallel::split_for(self, batch, batch);
         if split > 1 {
             return parallel::train_step(self, images, labels, (learning_rate, mu), split);
         }
@@ -231,7 +231,7 @@ impl Net {
         self.check_batch(images, labels)?;
         let chunk = chunk.max(1);
         let mut losses = vec![0.0f64; labels.len()];
-        let split = parallel::split_threads(self.threads, labels.len().div_ceil(chunk));
+        let split = parallel::split_for(self, labels.len(), labels.len().div_ceil(chunk));
         let correct = if split > 1 {
             parallel::score(self, images, labels, chunk, split, &mut losses)?
         } else {

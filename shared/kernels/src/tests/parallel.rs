@@ -35,13 +35,16 @@ fn two_nn(seed: u64) -> Net {
     net
 }
 
-/// The three nets under test, each built twice from one seed.
+/// The three nets under test, each built twice from one seed, splitting every batch they can
+/// (the default threshold would leave the 2NN's small batches whole).
 fn nets(which: usize) -> (&'static str, Net) {
-    match which {
+    let (name, mut net) = match which {
         0 => ("CNN Winograd", cnn(Winograd, 50)),
         1 => ("CNN im2col", cnn(Im2col, 50)),
         _ => ("2NN", two_nn(51)),
-    }
+    };
+    net.set_split_work(0);
+    (name, net)
 }
 
 fn batch(net: &Net, n: usize, seed: u64) -> (Vec<f32>, Vec<u8>) {
@@ -193,5 +196,21 @@ fn scoring_on_several_threads_equals_one_thread_bit_for_bit() {
             assert_eq!(one.examples, n);
             assert!(one.loss_sum.is_finite() && one.loss_sum > 0.0);
         }
+    }
+}
+
+#[test]
+fn small_batches_of_a_small_net_are_not_split_by_default() {
+    // The 2NN at batch 10 (2 M multiply-adds) stays whole on two threads: the same result as
+    // one thread bit for bit. The CNN at batch 10 (123 M) is split: a different rounding.
+    let bits = |p: &Params| p.iter().flat_map(|(w, b)| w.iter().chain(b).map(|v| v.to_bits())).collect::<Vec<_>>();
+    for (which, split) in [(2, false), (0, true)] {
+        let (name, mut one) = nets(which);
+        let (_, mut two) = nets(which);
+        two.set_split_work(25_000_000);
+        two.set_threads(Threads::Rayon(2));
+        let (_, p1) = train(&mut one, 10, 0.0, 2);
+        let (_, p2) = train(&mut two, 10, 0.0, 2);
+        assert_eq!(bits(&p1) != bits(&p2), split, "{name}: split {split} expected");
     }
 }
