@@ -6,10 +6,14 @@
 //! The test split is cut in two, alternately (even images calibrate the thresholds, odd images
 //! evaluate; MNIST's test split is not shuffled: its first half is the harder one), so the
 //! escalation rate reported is on images the threshold never saw, from the same distribution.
+//! With prices (`--cost-per-cloud-call`, `--cost-per-device-ms`), each policy's cost per 1,000
+//! requests and its saving against cloud-only ([`fedge_core::inference_cost`]), the local model
+//! charged its mean measured latency.
 
 use std::time::Instant;
 
 use fedge_core::escalation::{ConfidenceMeasure, Observation, PolicyRow, policy_table};
+use fedge_core::inference_cost::{CostModel, cost_table};
 use fedge_learn::Predictor;
 use serde::Serialize;
 
@@ -27,14 +31,24 @@ pub struct HybridRow {
     pub local_p50_ms: f64,
     /// 99th percentile of the same.
     pub local_p99_ms: f64,
+    /// Mean of the same (what the cost model charges a request).
+    pub local_mean_ms: f64,
+    /// Cost of 1,000 requests and saving against cloud-only, when prices were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_per_1000: Option<f64>,
+    /// `1 - cost / cloud-only's cost` (absent when cloud calls are free or no prices were given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub saving: Option<f64>,
 }
 
 /// Runs the experiment: `config` trains the teacher (distillation is switched on after its
-/// last round if the config does not ask for it), `rates` are the cascade's target rates.
+/// last round if the config does not ask for it), `rates` are the cascade's target rates;
+/// `cost` prices each policy when given.
 pub fn run(
     config: &SimConfig,
     rates: &[f64],
     measure: ConfidenceMeasure,
+    cost: Option<&CostModel>,
     obs: &mut dyn Observer,
 ) -> Result<Vec<HybridRow>, SimError> {
     let mut c = config.clone();
@@ -68,7 +82,23 @@ pub fn run(
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let (p50, p99) = (pct(0.5), pct(0.99));
+    let mean = latencies.iter().sum::<f64>() / latencies.len() as f64;
     let table =
         policy_table(&cal_scores, &eval, rates).map_err(|e| crate::config::SimConfigError::Invalid(e.to_string()))?;
-    Ok(table.into_iter().map(|row| HybridRow { row, local_p50_ms: p50, local_p99_ms: p99 }).collect())
+    let costs = cost.map(|m| cost_table(m, &table, mean));
+    Ok(table
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let priced = costs.as_ref().map(|c| &c[i]);
+            HybridRow {
+                row,
+                local_p50_ms: p50,
+                local_p99_ms: p99,
+                local_mean_ms: mean,
+                cost_per_1000: priced.map(|c| c.cost_per_1000),
+                saving: priced.and_then(|c| c.saving),
+            }
+        })
+        .collect())
 }

@@ -55,6 +55,14 @@ enum Command {
         /// Confidence measure: max-softmax, margin or entropy.
         #[arg(long, default_value = "max-softmax")]
         confidence: String,
+        /// Price of one cloud (teacher) call: with it, a cost table per policy (cost per 1,000
+        /// requests, saving against cloud-only).
+        #[arg(long)]
+        cost_per_cloud_call: Option<f64>,
+        /// Price of one millisecond of device compute (the local model's mean latency is
+        /// charged to every request it answers or screens).
+        #[arg(long)]
+        cost_per_device_ms: Option<f64>,
     },
     /// Training speed: samples/s of a local SGD step of each model on the CPU, beside
     /// PyTorch's in the same run (when its venv from ../shared/bench/setup-torch.sh exists).
@@ -251,8 +259,12 @@ fn real_main() -> anyhow::Result<()> {
             })?;
             Ok(())
         }
-        Command::Hybrid { run, rates, confidence } => {
+        Command::Hybrid { run, rates, confidence, cost_per_cloud_call, cost_per_device_ms } => {
             let config = run.config()?;
+            let cost = match (cost_per_cloud_call, cost_per_device_ms) {
+                (None, None) => None,
+                (call, ms) => Some(fedge_core::inference_cost::CostModel::new(call.unwrap_or(0.0), ms.unwrap_or(0.0))?),
+            };
             let measure: fedge_core::escalation::ConfidenceMeasure =
                 serde_json::from_value(serde_json::Value::String(confidence.clone())).map_err(|_| {
                     anyhow::anyhow!("unknown confidence measure `{confidence}` (max-softmax, margin, entropy)")
@@ -264,7 +276,7 @@ fn real_main() -> anyhow::Result<()> {
                 console = Console::new(config.rounds);
                 &mut console
             };
-            let rows = fedge_sim::hybrid_experiment::run(&config, &rates, measure, obs)?;
+            let rows = fedge_sim::hybrid_experiment::run(&config, &rates, measure, cost.as_ref(), obs)?;
             let mut stdout = std::io::stdout().lock();
             if run.json {
                 let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?);
@@ -274,9 +286,13 @@ fn real_main() -> anyhow::Result<()> {
                 if let Some(r) = rows.first() {
                     let _ = writeln!(
                         stdout,
-                        "local (int8 student) latency: p50 {:.3} ms, p99 {:.3} ms per image",
-                        r.local_p50_ms, r.local_p99_ms
+                        "local (int8 student) latency: p50 {:.3} ms, p99 {:.3} ms, mean {:.3} ms per image",
+                        r.local_p50_ms, r.local_p99_ms, r.local_mean_ms
                     );
+                }
+                if let (Some(m), Some(r)) = (&cost, rows.first()) {
+                    let costs = fedge_core::inference_cost::cost_table(m, &table, r.local_mean_ms);
+                    let _ = write!(stdout, "\n{}", fedge_core::inference_cost::format_cost_table(&costs));
                 }
             }
             Ok(())

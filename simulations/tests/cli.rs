@@ -236,7 +236,8 @@ fn privacy_bad_input_is_a_clear_error() {
 
 #[test]
 fn hybrid_cascade_beats_local_and_escalates_near_the_target() {
-    let (ok, stdout, stderr) = sim(&["hybrid", "--json"]);
+    let (ok, stdout, stderr) =
+        sim(&["hybrid", "--json", "--cost-per-cloud-call", "0.0004", "--cost-per-device-ms", "0.000001"]);
     assert!(ok, "{stderr}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
     let get = |policy: &str, rate: f64| {
@@ -255,6 +256,29 @@ fn hybrid_cascade_beats_local_and_escalates_near_the_target() {
     }
     assert!(local["local_p50_ms"].as_f64().unwrap() > 0.0);
     assert!(local["local_p99_ms"].as_f64().unwrap() >= local["local_p50_ms"].as_f64().unwrap());
+    // Priced: cloud-only is 1,000 calls and saves nothing; every other policy pays the local
+    // model's mean latency per request plus its escalations.
+    let mean_ms = local["local_mean_ms"].as_f64().unwrap();
+    let cost = |r: &serde_json::Value| r["cost_per_1000"].as_f64().unwrap();
+    let cloud = get("cloud-only", 1.0);
+    assert!((cost(cloud) - 0.4).abs() < 1e-12 && cloud["saving"].as_f64().unwrap().abs() < 1e-12);
+    for r in &rows {
+        let want = if r["policy"] == "cloud-only" {
+            0.4
+        } else {
+            1000.0 * (mean_ms * 1e-6 + r["escalation_rate"].as_f64().unwrap() * 0.0004)
+        };
+        assert!((cost(r) - want).abs() < 1e-9, "{r}");
+        assert!((r["saving"].as_f64().unwrap() - (1.0 - want / 0.4)).abs() < 1e-9, "{r}");
+    }
+    assert!(get("cascade", 0.1)["saving"].as_f64().unwrap() > 0.8);
+}
+
+#[test]
+fn hybrid_refuses_a_negative_price_before_training() {
+    let (ok, _, stderr) = sim(&["hybrid", "--cost-per-cloud-call=-1"]);
+    assert!(!ok);
+    assert!(stderr.contains("the cost per cloud call must be a finite number >= 0, got -1"), "{stderr}");
 }
 
 #[test]

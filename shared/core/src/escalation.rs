@@ -235,6 +235,10 @@ pub struct PolicyRow {
     pub threshold: Option<f32>,
 }
 
+/// The [`PolicyRow::policy`] of the baseline that sends every request to the cloud and runs
+/// nothing on the device.
+pub const CLOUD_ONLY: &str = "cloud-only";
+
 /// Local-only, cloud-only, and the cascade calibrated on `calibration` scores for each of
 /// `rates`, measured on `eval` (which the calibration must not include).
 pub fn policy_table(
@@ -266,7 +270,7 @@ pub fn policy_table(
             threshold,
         }
     };
-    let mut rows = vec![row("local-only", 0.0, None, &|_| false), row("cloud-only", 1.0, None, &|_| true)];
+    let mut rows = vec![row("local-only", 0.0, None, &|_| false), row(CLOUD_ONLY, 1.0, None, &|_| true)];
     for &rate in rates {
         let t = calibrate_threshold(calibration, rate)?;
         rows.push(row("cascade", rate, Some(t), &|s| escalates(s, t)));

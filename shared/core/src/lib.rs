@@ -13,6 +13,7 @@ pub mod codec;
 pub mod config_file;
 pub mod dataset;
 pub mod escalation;
+pub mod inference_cost;
 pub mod params;
 pub mod partition;
 pub mod privacy;
