@@ -1,7 +1,7 @@
 //! `fedge-sim hybrid`: the hybrid-inference experiment in one command. Train a teacher
-//! federated, distil the int8 student devices run, calibrate the escalation threshold on
-//! held-out images, and measure on the rest: local only, cloud only (the teacher), and the
-//! cascade at several target escalation rates, with the student's single-image latency.
+//! federated, distil the int8 student, calibrate the escalation threshold on held-out images,
+//! and measure on the rest: local only, cloud only (the teacher), and the cascade at several
+//! target escalation rates, with the student's single-image latency.
 //!
 //! The test split is cut in two, alternately (even images calibrate the thresholds, odd images
 //! evaluate; MNIST's test split is not shuffled: its first half is the harder one), so the
@@ -9,19 +9,32 @@
 //! With prices (`--cost-per-cloud-call`, `--cost-per-device-ms`), each policy's cost per 1,000
 //! requests and its saving against cloud-only ([`fedge_core::inference_cost`]), the local model
 //! charged its mean measured latency.
+//!
+//! With `--prune S,...`, smaller students too: for each sparsity, the student pruned by
+//! magnitude ([`fedge_core::prune`]) in three steps (a third of the sparsity, two thirds, all
+//! of it), each followed by a third of the configured distillation epochs from the teacher with
+//! the pruned weights held at zero after every step, then quantised and sent sparse
+//! ([`QuantizedModel::into_sparse`]); each measured as the dense one is, thresholds calibrated
+//! anew for it.
 
 use std::time::Instant;
 
-use fedge_core::escalation::{ConfidenceMeasure, Observation, PolicyRow, policy_table};
+use fedge_core::ModelParams;
+use fedge_core::codec;
+use fedge_core::dataset::Dataset;
+use fedge_core::escalation::{CLOUD_ONLY, ConfidenceMeasure, Observation, PolicyRow, policy_table};
 use fedge_core::inference_cost::{CostModel, cost_table};
-use fedge_learn::Predictor;
+use fedge_core::prune::PruneMask;
+use fedge_core::quant::QuantizedModel;
+use fedge_core::rng::{derive_rng, stream};
+use fedge_learn::{Predictor, Trainer};
 use serde::Serialize;
 
-use crate::config::SimConfig;
+use crate::config::{SimConfig, SimConfigError};
 use crate::run::{Observer, SimError};
 
 /// One row of the table: a policy's accuracy and escalation rate, with the local model's
-/// latency.
+/// latency and size.
 #[derive(Debug, Clone, Serialize)]
 pub struct HybridRow {
     /// The policy's line.
@@ -33,6 +46,12 @@ pub struct HybridRow {
     pub local_p99_ms: f64,
     /// Mean of the same (what the cost model charges a request).
     pub local_mean_ms: f64,
+    /// Bytes of the student as it travels (the encoded int8 model; sparse when pruned).
+    pub student_bytes: usize,
+    /// Share of the student's weights that are zero, for a pruned student (absent for the
+    /// distilled one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sparsity: Option<f64>,
     /// Cost of 1,000 requests and saving against cloud-only, when prices were given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost_per_1000: Option<f64>,
@@ -41,64 +60,177 @@ pub struct HybridRow {
     pub saving: Option<f64>,
 }
 
+/// What the experiment measures besides the policies.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    /// The cascade's target escalation rates.
+    pub rates: &'a [f64],
+    /// How the student's confidence is scored.
+    pub measure: ConfidenceMeasure,
+    /// Prices, for the cost columns.
+    pub cost: Option<&'a CostModel>,
+    /// Sparsities of the pruned students to measure besides the distilled one.
+    pub prune: &'a [f64],
+}
+
 /// Runs the experiment: `config` trains the teacher (distillation is switched on after its
-/// last round if the config does not ask for it), `rates` are the cascade's target rates;
-/// `cost` prices each policy when given.
-pub fn run(
-    config: &SimConfig,
-    rates: &[f64],
-    measure: ConfidenceMeasure,
-    cost: Option<&CostModel>,
-    obs: &mut dyn Observer,
-) -> Result<Vec<HybridRow>, SimError> {
+/// last round if the config does not ask for it). Rows: the distilled student's policies
+/// (local-only, cloud-only, the cascade at each rate), then each pruned student's (without
+/// cloud-only, which does not depend on the student).
+pub fn run(config: &SimConfig, options: Options<'_>, obs: &mut dyn Observer) -> Result<Vec<HybridRow>, SimError> {
+    for &s in options.prune {
+        if !(0.0..1.0).contains(&s) {
+            return Err(SimConfigError::Invalid(format!("prune sparsity must be in [0, 1), got {s}")).into());
+        }
+    }
     let mut c = config.clone();
     c.distill_every = c.distill_every.or(Some(c.rounds));
     let out = crate::run(&c, None, obs)?;
     let student_params = out.student.as_ref().expect("distillation was on");
     let data = crate::run::load_data(&c)?;
     let test = &data.test;
-    let predictor = |kind, params| {
+    let predictor = |kind, params: &ModelParams| {
         Predictor::new(kind, params, c.backend)
             .map_err(|e| SimError::Eval(fedge_learn::ConvertError::Layout(e.to_string())))
     };
     let teacher = predictor(c.model, &out.global)?;
-    let student = predictor(c.student_model, student_params)?;
-    let half = test.len().div_ceil(2);
-    let (mut cal_scores, mut eval) = (Vec::with_capacity(half), Vec::with_capacity(half));
-    let mut latencies = Vec::with_capacity(half);
-    for i in 0..test.len() {
-        let started = Instant::now();
-        let local = student.predict(test.image(i), test.rows, test.cols);
-        let elapsed = started.elapsed().as_secs_f64() * 1e3;
-        let score = measure.score(&local.probabilities);
-        if i % 2 == 0 {
-            cal_scores.push(score);
-        } else {
-            latencies.push(elapsed);
-            let cloud = teacher.predict(test.image(i), test.rows, test.cols).class;
-            eval.push(Observation { score, local: local.class, cloud, label: test.labels[i] as usize });
-        }
+    // The teacher's answers on the evaluation half, once for every student.
+    let cloud: Vec<usize> =
+        (1..test.len()).step_by(2).map(|i| teacher.predict(test.image(i), test.rows, test.cols).class).collect();
+    let dense = QuantizedModel::quantize(student_params);
+    let measured = Measured { test, cloud: &cloud, options: &options };
+    let mut rows =
+        measured.rows(&predictor(c.student_model, student_params)?, codec::encode_value(&dense).len(), None)?;
+    if options.prune.is_empty() {
+        return Ok(rows);
     }
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
-    let (p50, p99) = (pct(0.5), pct(0.99));
-    let mean = latencies.iter().sum::<f64>() / latencies.len() as f64;
-    let table =
-        policy_table(&cal_scores, &eval, rates).map_err(|e| crate::config::SimConfigError::Invalid(e.to_string()))?;
-    let costs = cost.map(|m| cost_table(m, &table, mean));
-    Ok(table
-        .into_iter()
-        .enumerate()
-        .map(|(i, row)| {
-            let priced = costs.as_ref().map(|c| &c[i]);
-            HybridRow {
-                row,
-                local_p50_ms: p50,
-                local_p99_ms: p99,
-                local_mean_ms: mean,
-                cost_per_1000: priced.map(|c| c.cost_per_1000),
-                saving: priced.and_then(|c| c.saving),
+    // Pruning's fine-tuning: the teacher's logits on the run's proxy images, computed once.
+    let proxy = crate::run::proxy_indices(&c, data.train.len());
+    let mut teacher_trainer = Trainer::new(c.model, data.train.num_classes, c.backend)?;
+    let logits = teacher_trainer.logits(&out.global, &data.train, &proxy)?;
+    let mut student = Trainer::new(c.student_model, data.train.num_classes, c.backend)?;
+    let stage = fedge_learn::DistillConfig { epochs: c.distill.epochs.div_ceil(3), ..c.distill };
+    for (k, &sparsity) in options.prune.iter().enumerate() {
+        let mut rng = derive_rng(c.seed, &[stream::DISTILL, 100 + k as u64]);
+        let mut params = student_params.clone();
+        let mut mask = None;
+        for step in 1..=3 {
+            let m = PruneMask::prune(&mut params, sparsity * step as f64 / 3.0)
+                .map_err(|e| SimConfigError::Invalid(e.to_string()))?;
+            params = student.distill_pruned(&params, &data.train, &proxy, &logits, &stage, &mut rng, &m)?.params;
+            mask = Some(m);
+        }
+        let sparse = QuantizedModel::quantize(&params).into_sparse();
+        let int8 = sparse.dequantize().map_err(|e| SimConfigError::Invalid(e.to_string()))?;
+        let measured_sparsity = mask.map_or(0.0, |m| m.sparsity());
+        obs.line(&format!("pruned student at {:.0}% sparsity ready", measured_sparsity * 100.0));
+        let pruned = measured.rows(
+            &predictor(c.student_model, &int8)?,
+            codec::encode_value(&sparse).len(),
+            Some(measured_sparsity),
+        )?;
+        rows.extend(pruned.into_iter().filter(|r| r.row.policy != CLOUD_ONLY));
+    }
+    Ok(rows)
+}
+
+/// What every student is measured against: the test split, the teacher's answers on its odd
+/// images, the rates and prices.
+struct Measured<'a> {
+    test: &'a Dataset,
+    cloud: &'a [usize],
+    options: &'a Options<'a>,
+}
+
+impl Measured<'_> {
+    /// The policy rows of one student (calibrated on the even test images, measured on the
+    /// odd ones), with its latency, size and cost.
+    fn rows(
+        &self,
+        student: &Predictor,
+        student_bytes: usize,
+        sparsity: Option<f64>,
+    ) -> Result<Vec<HybridRow>, SimError> {
+        let test = self.test;
+        let half = test.len().div_ceil(2);
+        let (mut cal_scores, mut eval) = (Vec::with_capacity(half), Vec::with_capacity(half));
+        let mut latencies = Vec::with_capacity(half);
+        for i in 0..test.len() {
+            let started = Instant::now();
+            let local = student.predict(test.image(i), test.rows, test.cols);
+            let elapsed = started.elapsed().as_secs_f64() * 1e3;
+            let score = self.options.measure.score(&local.probabilities);
+            if i % 2 == 0 {
+                cal_scores.push(score);
+            } else {
+                latencies.push(elapsed);
+                let cloud = self.cloud[i / 2];
+                eval.push(Observation { score, local: local.class, cloud, label: test.labels[i] as usize });
             }
-        })
-        .collect())
+        }
+        latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+        let (p50, p99) = (pct(0.5), pct(0.99));
+        let mean = latencies.iter().sum::<f64>() / latencies.len() as f64;
+        let table =
+            policy_table(&cal_scores, &eval, self.options.rates).map_err(|e| SimConfigError::Invalid(e.to_string()))?;
+        let costs = self.options.cost.map(|m| cost_table(m, &table, mean));
+        Ok(table
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let priced = costs.as_ref().map(|c| &c[i]);
+                HybridRow {
+                    row,
+                    local_p50_ms: p50,
+                    local_p99_ms: p99,
+                    local_mean_ms: mean,
+                    student_bytes,
+                    sparsity,
+                    cost_per_1000: priced.map(|c| c.cost_per_1000),
+                    saving: priced.and_then(|c| c.saving),
+                }
+            })
+            .collect())
+    }
+}
+
+/// The pruned students' rows as a text table: one line per student, its local-only accuracy
+/// and each cascade rate's accuracy and measured escalation.
+pub fn format_pruned(rows: &[HybridRow], dense_bytes: usize) -> String {
+    let mut out = String::new();
+    let mut students: Vec<f64> = rows.iter().filter_map(|r| r.sparsity).collect();
+    students.dedup();
+    if students.is_empty() {
+        return out;
+    }
+    out += &format!(
+        "{:>8} {:>9} {:>8} {:>9}  cascade (target: accuracy, escalated)\n",
+        "sparsity", "bytes", "vs dense", "local"
+    );
+    for s in students {
+        let mine: Vec<&HybridRow> = rows.iter().filter(|r| r.sparsity == Some(s)).collect();
+        let Some(local) = mine.iter().find(|r| r.row.policy == "local-only") else { continue };
+        let cascades: Vec<String> = mine
+            .iter()
+            .filter(|r| r.row.policy == "cascade")
+            .map(|r| {
+                format!(
+                    "{:.0}%: {:.2}%, {:.1}%",
+                    r.row.target_rate * 100.0,
+                    r.row.accuracy * 100.0,
+                    r.row.escalation_rate * 100.0
+                )
+            })
+            .collect();
+        out += &format!(
+            "{:>7.1}% {:>9} {:>7.2}x {:>8.2}%  {}\n",
+            s * 100.0,
+            local.student_bytes,
+            dense_bytes as f64 / local.student_bytes as f64,
+            local.row.accuracy * 100.0,
+            cascades.join("; ")
+        );
+    }
+    out
 }

@@ -63,6 +63,10 @@ enum Command {
         /// charged to every request it answers or screens).
         #[arg(long)]
         cost_per_device_ms: Option<f64>,
+        /// Also measure students pruned to these sparsities (magnitude pruning with fine-tuning
+        /// by distillation, sent sparse), e.g. `0.5,0.8,0.9`.
+        #[arg(long, value_delimiter = ',')]
+        prune: Vec<f64>,
     },
     /// Training speed: samples/s of a local SGD step of each model on the CPU, beside
     /// PyTorch's in the same run (when its venv from ../shared/bench/setup-torch.sh exists).
@@ -259,7 +263,7 @@ fn real_main() -> anyhow::Result<()> {
             })?;
             Ok(())
         }
-        Command::Hybrid { run, rates, confidence, cost_per_cloud_call, cost_per_device_ms } => {
+        Command::Hybrid { run, rates, confidence, cost_per_cloud_call, cost_per_device_ms, prune } => {
             let config = run.config()?;
             let cost = match (cost_per_cloud_call, cost_per_device_ms) {
                 (None, None) => None,
@@ -276,12 +280,14 @@ fn real_main() -> anyhow::Result<()> {
                 console = Console::new(config.rounds);
                 &mut console
             };
-            let rows = fedge_sim::hybrid_experiment::run(&config, &rates, measure, cost.as_ref(), obs)?;
+            let options =
+                fedge_sim::hybrid_experiment::Options { rates: &rates, measure, cost: cost.as_ref(), prune: &prune };
+            let rows = fedge_sim::hybrid_experiment::run(&config, options, obs)?;
             let mut stdout = std::io::stdout().lock();
             if run.json {
                 let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let table: Vec<_> = rows.iter().map(|r| r.row.clone()).collect();
+                let table: Vec<_> = rows.iter().filter(|r| r.sparsity.is_none()).map(|r| r.row.clone()).collect();
                 let _ = write!(stdout, "{}", fedge_core::escalation::format_table(&table));
                 if let Some(r) = rows.first() {
                     let _ = writeln!(
@@ -293,6 +299,10 @@ fn real_main() -> anyhow::Result<()> {
                 if let (Some(m), Some(r)) = (&cost, rows.first()) {
                     let costs = fedge_core::inference_cost::cost_table(m, &table, r.local_mean_ms);
                     let _ = write!(stdout, "\n{}", fedge_core::inference_cost::format_cost_table(&costs));
+                }
+                if let Some(r) = rows.first().filter(|_| !prune.is_empty()) {
+                    let pruned = fedge_sim::hybrid_experiment::format_pruned(&rows, r.student_bytes);
+                    let _ = write!(stdout, "\npruned students (dense int8: {} bytes)\n{pruned}", r.student_bytes);
                 }
             }
             Ok(())

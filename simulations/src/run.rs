@@ -81,6 +81,13 @@ pub enum SimError {
 
 /// Loads the configured dataset; missing files become [`SimError::MissingData`], which says how
 /// to get them.
+/// The training images distillation holds out as its unlabelled proxy set (of `n`): the tail,
+/// `proxy_examples` of them (0: a tenth).
+pub(crate) fn proxy_indices(config: &SimConfig, n: usize) -> Vec<usize> {
+    let p = if config.proxy_examples == 0 { n / 10 } else { config.proxy_examples.min(n.saturating_sub(1)) };
+    (n - p..n).collect()
+}
+
 pub(crate) fn load_data(config: &SimConfig) -> Result<fedge_core::dataset::TrainTest, SimError> {
     use fedge_core::dataset::DatasetError;
     config.dataset.load(&config.data_dir).map_err(|e| match e {
@@ -98,13 +105,8 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     config.validate()?;
     let data = load_data(config)?;
     let num_classes = data.train.num_classes;
-    // Distillation holds out the tail of the training images as an unlabelled proxy set.
     let proxy: Vec<usize> = match config.distill_every {
-        Some(_) => {
-            let n = data.train.len();
-            let p = if config.proxy_examples == 0 { n / 10 } else { config.proxy_examples.min(n - 1) };
-            (n - p..n).collect()
-        }
+        Some(_) => proxy_indices(config, data.train.len()),
         None => Vec::new(),
     };
     let assignment = config.partition().split(

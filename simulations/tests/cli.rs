@@ -339,3 +339,30 @@ fn bench_train_prints_a_row_per_configuration() {
     let (ok, _, stderr) = sim(&["bench-train", "--models", "mlp", "--torch-python", "python3", "--seconds", "0.01"]);
     assert!(!ok && stderr.contains("--no-torch"), "{stderr}");
 }
+
+#[test]
+fn hybrid_prunes_the_student_and_sends_it_sparse() {
+    let (ok, stdout, stderr) = sim(&["hybrid", "--json", "--prune", "0.8"]);
+    assert!(ok, "{stderr}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    let (dense, pruned): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.get("sparsity").is_none());
+    fn local<'a>(rows: &[&'a serde_json::Value]) -> &'a serde_json::Value {
+        rows.iter().find(|r| r["policy"] == "local-only").expect("a local-only row")
+    }
+    let (d, p) = (local(&dense), local(&pruned));
+    // 80% of each weight tensor is zero (floor per tensor), and the sparse int8 student is
+    // under half the dense one's bytes (a bitmap of one bit a weight plus a fifth of them).
+    let s = p["sparsity"].as_f64().unwrap();
+    assert!((0.79..=0.8).contains(&s), "{s}");
+    let (db, pb) = (d["student_bytes"].as_u64().unwrap(), p["student_bytes"].as_u64().unwrap());
+    assert!(pb * 2 < db, "pruned {pb} bytes vs dense {db}");
+    // Fine-tuning keeps it close to the dense student; escalation still helps it.
+    let acc = |r: &serde_json::Value| r["accuracy"].as_f64().unwrap();
+    assert!(acc(p) > acc(d) - 0.05, "pruned {} vs dense {}", acc(p), acc(d));
+    let cascade = pruned.iter().find(|r| r["policy"] == "cascade" && r["target_rate"] == 0.1).unwrap();
+    assert!(acc(cascade) >= acc(p));
+    assert!(pruned.iter().all(|r| r["policy"] != "cloud-only"));
+    // A sparsity outside [0, 1) is refused.
+    let (ok, _, stderr) = sim(&["hybrid", "--prune", "1.0"]);
+    assert!(!ok && stderr.contains("prune sparsity must be in [0, 1), got 1"), "{stderr}");
+}

@@ -17,6 +17,7 @@ pub mod inference_cost;
 pub mod params;
 pub mod partition;
 pub mod privacy;
+pub mod prune;
 pub mod quant;
 pub mod registry;
 pub mod rng;

@@ -6,6 +6,11 @@
 //! onto -128..=127: `q = clamp(round(x / scale) + zero_point)`, `x' = (q - zero_point) * scale`,
 //! `|x - x'| <= scale / 2`. Rank-1 tensors (biases) stay `f32`: they are few and sensitive.
 //! This is what travels to devices as a student model: a quarter of the `f32` bytes.
+//!
+//! A pruned model ([`crate::prune`]) travels sparse ([`QuantizedModel::into_sparse`]): a tensor
+//! whose values are mostly their channel's zero point (the int8 of 0.0) keeps a bitmap of the
+//! others and only their values, `n / 8 + nnz` bytes instead of `n`. Lossless against the dense
+//! int8 tensor.
 
 use std::sync::Arc;
 
@@ -27,6 +32,21 @@ pub enum QTensor {
         /// One zero point per channel.
         zero_points: Vec<i8>,
         /// The values, in the tensor's row-major order.
+        values: Vec<i8>,
+    },
+    /// Per-channel affine int8 along `axis`, storing only the values that are not their
+    /// channel's zero point (those dequantise to exactly 0.0).
+    SparseInt8 {
+        /// The channel axis.
+        axis: u8,
+        /// One scale per channel.
+        scales: Vec<f32>,
+        /// One zero point per channel.
+        zero_points: Vec<i8>,
+        /// Bit `i % 8` of byte `i / 8` set: element `i` (row-major) is stored in `values`.
+        /// Exactly `n.div_ceil(8)` bytes, unused high bits of the last byte clear.
+        mask: Vec<u8>,
+        /// The stored values, in row-major order.
         values: Vec<i8>,
     },
 }
@@ -118,6 +138,7 @@ impl QuantizedModel {
             .map(|t| match t {
                 QTensor::F32(v) => v.len(),
                 QTensor::Int8 { values, .. } => values.len(),
+                QTensor::SparseInt8 { mask, .. } => 8 * mask.len(),
             })
             .sum();
         let mut data = Vec::with_capacity(stored.min(layout.numel()));
@@ -142,10 +163,67 @@ impl QuantizedModel {
                         (q as f32 - zero_points[c] as f32) * scales[c]
                     }));
                 }
+                QTensor::SparseInt8 { axis, scales, zero_points, mask, values } => {
+                    let axis = *axis as usize;
+                    let stored: usize = mask.iter().map(|b| b.count_ones() as usize).sum();
+                    let tail_clear = n % 8 == 0 || mask.last().is_none_or(|&b| b >> (n % 8) == 0);
+                    if mask.len() != n.div_ceil(8)
+                        || !tail_clear
+                        || stored != values.len()
+                        || axis >= spec.shape.len()
+                        || scales.len() != spec.shape[axis]
+                        || zero_points.len() != scales.len()
+                    {
+                        return Err(QuantError::Shape(spec.name.clone()));
+                    }
+                    if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                        return Err(QuantError::Scale(spec.name.clone()));
+                    }
+                    let mut next = values.iter();
+                    for i in 0..n {
+                        let c = channel_of(i, &spec.shape, axis);
+                        let kept = mask[i / 8] >> (i % 8) & 1 == 1;
+                        // `next` holds exactly one value per set bit (counted above).
+                        let q = if kept { next.next().copied().unwrap_or(zero_points[c]) } else { zero_points[c] };
+                        data.push((q as f32 - zero_points[c] as f32) * scales[c]);
+                    }
+                }
                 QTensor::F32(_) => return Err(QuantError::Shape(spec.name.clone())),
             }
         }
         Ok(ModelParams::new(layout, data)?)
+    }
+
+    /// The same model with every int8 tensor that is smaller sparse stored sparse (see the
+    /// module docs); others unchanged. Dequantises to exactly the same parameters.
+    pub fn into_sparse(self) -> Self {
+        let tensors = self
+            .tensors
+            .into_iter()
+            .zip(&self.specs)
+            .map(|(t, spec)| match t {
+                QTensor::Int8 { axis, scales, zero_points, values } => {
+                    let a = axis as usize;
+                    let kept =
+                        |i: usize, q: i8| a < spec.shape.len() && q != zero_points[channel_of(i, &spec.shape, a)];
+                    let nnz = values.iter().enumerate().filter(|&(i, &q)| kept(i, q)).count();
+                    if a >= spec.shape.len() || values.len().div_ceil(8) + nnz >= values.len() {
+                        return QTensor::Int8 { axis, scales, zero_points, values };
+                    }
+                    let mut mask = vec![0u8; values.len().div_ceil(8)];
+                    let mut stored = Vec::with_capacity(nnz);
+                    for (i, &q) in values.iter().enumerate() {
+                        if kept(i, q) {
+                            mask[i / 8] |= 1 << (i % 8);
+                            stored.push(q);
+                        }
+                    }
+                    QTensor::SparseInt8 { axis, scales, zero_points, mask, values: stored }
+                }
+                other => other,
+            })
+            .collect();
+        Self { specs: self.specs, tensors }
     }
 
     /// Bytes of the stored numbers (values, scales, zero points, f32 tensors).
@@ -156,6 +234,9 @@ impl QuantizedModel {
                 QTensor::F32(v) => 4 * v.len(),
                 QTensor::Int8 { scales, zero_points, values, .. } => {
                     values.len() + 4 * scales.len() + zero_points.len()
+                }
+                QTensor::SparseInt8 { scales, zero_points, mask, values, .. } => {
+                    mask.len() + values.len() + 4 * scales.len() + zero_points.len()
                 }
             })
             .sum()
@@ -192,6 +273,7 @@ mod tests {
         for ((spec, a), (t, (_, b))) in p.tensors().zip(q.tensors.iter().zip(back.tensors())) {
             match t {
                 QTensor::F32(_) => assert_eq!(a, b, "{} kept exactly", spec.name),
+                QTensor::SparseInt8 { .. } => unreachable!("quantize makes dense tensors"),
                 QTensor::Int8 { axis, scales, .. } => {
                     for (i, (x, y)) in a.iter().zip(b).enumerate() {
                         let s = scales[channel_of(i, &spec.shape, *axis as usize)];
@@ -211,6 +293,75 @@ mod tests {
         let q = QuantizedModel::quantize(&p);
         let f32_bytes = 4 * p.numel();
         assert!(q.payload_bytes() * 100 < 32 * f32_bytes, "{} vs {f32_bytes}", q.payload_bytes());
+    }
+
+    #[test]
+    fn a_pruned_model_travels_sparse_and_dequantises_the_same() {
+        let mut p = model();
+        // Zero 90% of each weight tensor (every tenth value kept), keep the bias.
+        for (i, v) in p.data_mut().iter_mut().enumerate() {
+            if !(240..248).contains(&i) && i % 10 != 0 {
+                *v = 0.0;
+            }
+        }
+        let dense = QuantizedModel::quantize(&p);
+        let sparse = dense.clone().into_sparse();
+        assert!(matches!(sparse.tensors[0], QTensor::SparseInt8 { .. }));
+        assert!(matches!(sparse.tensors[1], QTensor::F32(_)));
+        assert!(matches!(sparse.tensors[2], QTensor::SparseInt8 { .. }));
+        assert_eq!(sparse.dequantize().unwrap(), dense.dequantize().unwrap());
+        // 240 + 72 weights: a bitmap of 30 + 9 bytes and 24 + 7 values (every tenth index of
+        // each), against 312 bytes dense; scales, zero points and the bias alike in both.
+        let (d, s) = (dense.payload_bytes(), sparse.payload_bytes());
+        assert_eq!(d - s, 312 - (30 + 9 + 24 + 7), "dense {d}, sparse {s}");
+        // Through the codec, as it travels.
+        let bytes = crate::codec::encode_value(&sparse);
+        let back: QuantizedModel = crate::codec::decode_value(&bytes).unwrap();
+        assert_eq!(back, sparse);
+        // A dense model stays dense: sparse would not be smaller.
+        let q = QuantizedModel::quantize(&model());
+        assert_eq!(q.clone().into_sparse(), q);
+    }
+
+    #[test]
+    fn inconsistent_sparse_tensors_are_refused() {
+        let mut p = model();
+        p.data_mut().iter_mut().enumerate().filter(|(i, _)| i % 5 != 0).for_each(|(_, v)| *v = 0.0);
+        let sparse = QuantizedModel::quantize(&p).into_sparse();
+        let broken = |f: &dyn Fn(&mut Vec<u8>, &mut Vec<i8>)| {
+            let mut q = sparse.clone();
+            if let QTensor::SparseInt8 { mask, values, .. } = &mut q.tensors[0] {
+                f(mask, values);
+            }
+            q.dequantize()
+        };
+        assert!(broken(&|_, _| {}).is_ok());
+        // One value too few, one too many, a bitmap byte short, a set bit past the end.
+        assert!(matches!(
+            broken(&|_, v| {
+                v.pop();
+            }),
+            Err(QuantError::Shape(_))
+        ));
+        assert!(matches!(broken(&|_, v| v.push(1)), Err(QuantError::Shape(_))));
+        assert!(matches!(
+            broken(&|m, _| {
+                m.pop();
+            }),
+            Err(QuantError::Shape(_))
+        ));
+        let mut q = QuantizedModel::quantize(&p).into_sparse();
+        // conv.weight has 72 values: its bitmap's 9 bytes are full; fc.weight 240: 30 full.
+        // A 3-value tensor would have spare bits; make one by hand.
+        q.specs[1] = TensorSpec { name: "odd.weight".into(), shape: vec![3, 1] };
+        q.tensors[1] = QTensor::SparseInt8 {
+            axis: 1,
+            scales: vec![1.0],
+            zero_points: vec![0],
+            mask: vec![0b1000_0001],
+            values: vec![5, 6],
+        };
+        assert!(matches!(q.dequantize(), Err(QuantError::Shape(_))), "a bit past the third value");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use fedge_core::dataset::Dataset;
 use rand::seq::SliceRandom;
 
 use fedge_core::codec;
+use fedge_core::prune::PruneMask;
 use fedge_core::quant::QuantizedModel;
 
 use crate::batch;
@@ -189,6 +190,44 @@ impl Trainer {
         config: &DistillConfig,
         rng: &mut R,
     ) -> Result<TrainOutput, ConvertError> {
+        self.distill_with(start, data, indices, logits, config, rng, None)
+    }
+
+    /// [`Trainer::distill`] of a pruned student: `mask` is applied to `start` and again after
+    /// every step, so the weights it pruned stay exactly zero and the others adapt to their
+    /// absence (masked fine-tuning).
+    #[allow(clippy::too_many_arguments, reason = "distill's arguments and the mask")]
+    pub fn distill_pruned<R: rand::Rng + ?Sized>(
+        &mut self,
+        start: &ModelParams,
+        data: &Dataset,
+        indices: &[usize],
+        logits: &[f32],
+        config: &DistillConfig,
+        rng: &mut R,
+        mask: &PruneMask,
+    ) -> Result<TrainOutput, ConvertError> {
+        self.distill_with(start, data, indices, logits, config, rng, Some(mask))
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "distill's arguments and the mask")]
+    fn distill_with<R: rand::Rng + ?Sized>(
+        &mut self,
+        start: &ModelParams,
+        data: &Dataset,
+        indices: &[usize],
+        logits: &[f32],
+        config: &DistillConfig,
+        rng: &mut R,
+        mask: Option<&PruneMask>,
+    ) -> Result<TrainOutput, ConvertError> {
+        let masked = |mut p: ModelParams| -> Result<ModelParams, ConvertError> {
+            if let Some(m) = mask {
+                m.apply(&mut p).map_err(|e| ConvertError::Layout(e.to_string()))?;
+            }
+            Ok(p)
+        };
+        let start = &masked(start.clone())?;
         let classes = logits.len() / indices.len().max(1);
         if classes * indices.len() != logits.len() || classes == 0 {
             return Err(ConvertError::Layout(format!(
@@ -229,6 +268,10 @@ impl Trainer {
                 batches += 1;
                 let grads = GradientsParams::from_grads(kl.backward(), &model);
                 model = optim.step(config.learning_rate as f64, model, grads);
+                if mask.is_some() {
+                    let params = masked(convert::params_of(&model)?)?;
+                    model = convert::load_params(model, &params)?;
+                }
                 steps += 1;
             }
         }
@@ -271,5 +314,36 @@ mod tests {
         // Logits that do not match the proxy set are refused, and the trainer stays usable.
         assert!(student.distill(&s0, &data.train, &proxy, &logits[..10], &config, &mut derive_rng(3, &[])).is_err());
         assert!(student.evaluate(&out.params, &data.test, 500).is_ok());
+    }
+
+    #[test]
+    fn a_pruned_student_keeps_its_zeros_through_distillation() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut teacher = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let t = teacher.train_fresh(1, &data.train, 1000, &TrainConfig::sgd(1, 20, 0.05)).unwrap().params;
+        let proxy: Vec<usize> = (1000..2000).collect();
+        let logits = teacher.logits(&t, &data.train, &proxy).unwrap();
+        let mut student = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
+        let mut start = student.initial_params(5);
+        let mask = PruneMask::prune(&mut start, 0.7).unwrap();
+        let config = DistillConfig { epochs: 2, ..DistillConfig::default() };
+        let out = student
+            .distill_pruned(&start, &data.train, &proxy, &logits, &config, &mut derive_rng(6, &[]), &mask)
+            .unwrap();
+        // Exactly the pruned weights are zero; the kept ones trained.
+        let (mut zero, mut moved) = (0usize, 0usize);
+        for (a, b) in start.data().iter().zip(out.params.data()) {
+            if *a == 0.0 {
+                assert_eq!(*b, 0.0);
+                zero += 1;
+            } else if a != b {
+                moved += 1;
+            }
+        }
+        assert!(zero as f64 >= 0.69 * out.params.numel() as f64, "{zero} zeros");
+        assert!(moved > 1000, "{moved} kept weights changed");
+        // Unmasked distillation from the same start moves the zeros.
+        let free = student.distill(&start, &data.train, &proxy, &logits, &config, &mut derive_rng(6, &[])).unwrap();
+        assert!(start.data().iter().zip(free.params.data()).any(|(a, b)| *a == 0.0 && *b != 0.0));
     }
 }
