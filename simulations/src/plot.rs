@@ -64,6 +64,9 @@ pub enum PlotError {
         /// What it lacks.
         what: String,
     },
+    /// `--y-min` / `--y-max` are not finite or not in order.
+    #[error("--y-min and --y-max must be finite numbers with y-min below y-max, got {0:?} and {1:?}")]
+    YRange(Option<f64>, Option<f64>),
     /// `--labels` does not name every run once.
     #[error("--labels has {labels} labels for {runs} runs")]
     Labels {
@@ -118,7 +121,7 @@ fn run_figure(points: &[RoundPoint], info: &RunInfo) -> Figure {
             if metric == Metric::Epsilon {
                 continue;
             }
-            panels.push(Panel { metric, axis: metric.axis(info.delta), series: Vec::new() });
+            panels.push(Panel { metric, axis: metric.axis(info.delta), series: Vec::new(), y_range: (None, None) });
             continue;
         };
         let label = match metric {
@@ -133,6 +136,7 @@ fn run_figure(points: &[RoundPoint], info: &RunInfo) -> Figure {
             metric,
             axis: metric.axis(info.delta),
             series: vec![Series { label, color: i, points: series }],
+            y_range: (None, None),
         });
     }
     let title = match info.title() {

@@ -27,6 +27,13 @@ pub struct PlotArgs {
     /// Title [default: the metric and what the runs share: model, dataset, partition, strategy].
     #[arg(long)]
     pub title: Option<String>,
+    /// The y axis starts at or below this value; points under it are not drawn (zooms in on
+    /// the end of accuracy curves, e.g. `--y-min 90`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub y_min: Option<f64>,
+    /// The y axis ends at or above this value; points over it are not drawn.
+    #[arg(long, allow_hyphen_values = true)]
+    pub y_max: Option<f64>,
 }
 
 impl PlotArgs {
@@ -38,12 +45,22 @@ impl PlotArgs {
         {
             return Err(PlotError::Labels { labels: labels.len(), runs: self.runs.len() });
         }
+        let y_range = (self.y_min, self.y_max);
+        let finite = |v: Option<f64>| v.is_none_or(f64::is_finite);
+        let ordered = match y_range {
+            (Some(lo), Some(hi)) => lo < hi,
+            _ => true,
+        };
+        if !(finite(self.y_min) && finite(self.y_max) && ordered) {
+            return Err(PlotError::YRange(self.y_min, self.y_max));
+        }
         let runs = self.runs.iter().map(|d| read_run(d)).collect::<Result<Vec<_>, _>>()?;
         let labels: Vec<String> = match &self.labels {
             Some(l) => l.clone(),
             None => self.runs.iter().map(|d| run_name(d)).collect(),
         };
-        let figure = overlay_figure(&runs, &labels, self.metric, self.x, self.title.clone())?;
+        let mut figure = overlay_figure(&runs, &labels, self.metric, self.x, self.title.clone())?;
+        figure.panels.iter_mut().for_each(|p| p.y_range = y_range);
         save(&figure, &self.out)?;
         Ok(&self.out)
     }
@@ -89,5 +106,6 @@ fn overlay_figure(
         c => format!("{}: {c}", metric.title()),
     });
     let delta = infos.first().and_then(|i| i.delta).filter(|d| infos.iter().all(|i| i.delta == Some(*d)));
-    Ok(Figure { title, x, panels: vec![Panel { metric, axis: metric.axis(delta), series }], size: (1000, 620) })
+    let panel = Panel { metric, axis: metric.axis(delta), series, y_range: (None, None) };
+    Ok(Figure { title, x, panels: vec![panel], size: (1000, 620) })
 }

@@ -26,6 +26,16 @@ pub(super) struct Panel {
     pub(super) metric: Metric,
     pub(super) axis: String,
     pub(super) series: Vec<Series>,
+    /// The y axis's bounds when given (`--y-min`, `--y-max`): it spans at least them, and
+    /// points outside are not drawn.
+    pub(super) y_range: (Option<f64>, Option<f64>),
+}
+
+impl Panel {
+    /// Whether `y` is inside the panel's given bounds.
+    fn shows(&self, y: f64) -> bool {
+        self.y_range.0.is_none_or(|lo| y >= lo) && self.y_range.1.is_none_or(|hi| y <= hi)
+    }
 }
 
 pub(super) struct Series {
@@ -138,7 +148,9 @@ fn draw_panel<DB: DrawingBackend>(
     bottom: bool,
     nudge: i32,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
-    let ys: Vec<f64> = panel.series.iter().flat_map(|s| &s.points).map(|p| p.1).collect();
+    let mut ys: Vec<f64> =
+        panel.series.iter().flat_map(|s| &s.points).map(|p| p.1).filter(|&y| panel.shows(y)).collect();
+    ys.extend([panel.y_range.0, panel.y_range.1].into_iter().flatten());
     let y_axis = y_axis(&ys, panel.metric.range());
     let (x_digits, y_digits) = (x_axis.decimals, y_axis.decimals);
     let x_format = |v: &f64| format_tick(*v, x_digits);
@@ -169,12 +181,13 @@ fn draw_panel<DB: DrawingBackend>(
     mesh.draw()?;
     for s in &panel.series {
         let color = COLORS[s.color % COLORS.len()];
+        let points: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| panel.shows(p.1)).collect();
         chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))?
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
             .label(s.label.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 6 - nudge), (x + 22, y + 6 - nudge)], color.filled()));
-        if s.points.len() <= MARKERS_UP_TO {
-            chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        if points.len() <= MARKERS_UP_TO {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
         }
     }
     if !panel.series.is_empty() {

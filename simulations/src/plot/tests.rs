@@ -35,7 +35,16 @@ fn run_dir(root: &Path, name: &str, csv: &str) -> PathBuf {
 }
 
 fn args(runs: Vec<PathBuf>, out: PathBuf) -> PlotArgs {
-    PlotArgs { runs, out, metric: Metric::Accuracy, x: XAxis::Round, labels: None, title: None }
+    PlotArgs {
+        runs,
+        out,
+        metric: Metric::Accuracy,
+        x: XAxis::Round,
+        labels: None,
+        title: None,
+        y_min: None,
+        y_max: None,
+    }
 }
 
 /// The points of every series line (`<polyline>` of stroke width 2; axes and ticks are
@@ -93,6 +102,26 @@ fn overlay_svg_has_axis_labels_a_legend_and_one_line_per_run() {
     // Accuracy rises: y (pixels from the top) falls along each line.
     for line in &lines {
         assert!(line.windows(2).all(|w| w[1].0 > w[0].0 && w[1].1 < w[0].1), "{line:?}");
+    }
+}
+
+#[test]
+fn y_min_zooms_in_on_the_end_of_the_curves() {
+    // Accuracy 54%, 58%, ..., 90% over rounds 1..10: from 80% up, rounds 8, 9 and 10 remain,
+    // and the axis starts at 80 (its first tick), not at the data's 54.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = run_dir(tmp.path(), "a", &rounds_csv(1, false));
+    let out = tmp.path().join("zoom.svg");
+    PlotArgs { y_min: Some(80.0), ..args(vec![a.clone()], out.clone()) }.run().unwrap();
+    let svg = std::fs::read_to_string(&out).unwrap();
+    let lines = polylines(&svg);
+    assert_eq!(lines[0].len(), 3, "{lines:?}");
+    let ticks = texts(&svg);
+    assert!(ticks.iter().any(|t| t == "80") && !ticks.iter().any(|t| t == "50" || t == "60"), "{ticks:?}");
+    // Bounds that are not finite or not in order are refused.
+    for (lo, hi) in [(Some(f64::NAN), None), (Some(90.0), Some(80.0)), (None, Some(f64::INFINITY))] {
+        let e = PlotArgs { y_min: lo, y_max: hi, ..args(vec![a.clone()], out.clone()) }.run().unwrap_err();
+        assert!(e.to_string().contains("--y-min and --y-max"), "{e}");
     }
 }
 
