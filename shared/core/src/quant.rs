@@ -88,6 +88,25 @@ fn channel_of(i: usize, shape: &[usize], axis: usize) -> usize {
     (i / inner) % shape[axis]
 }
 
+/// The channel axis of an int8 tensor of `spec`, after checking its per-channel scales and zero
+/// points (and `sizes`, the caller's own check of the stored values).
+fn check_channels(
+    spec: &TensorSpec,
+    axis: u8,
+    scales: &[f32],
+    zero_points: &[i8],
+    sizes: bool,
+) -> Result<usize, QuantError> {
+    let axis = axis as usize;
+    if !sizes || axis >= spec.shape.len() || scales.len() != spec.shape[axis] || zero_points.len() != scales.len() {
+        return Err(QuantError::Shape(spec.name.clone()));
+    }
+    if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(QuantError::Scale(spec.name.clone()));
+    }
+    Ok(axis)
+}
+
 fn quantize_tensor(shape: &[usize], x: &[f32]) -> QTensor {
     let Some(axis) = channel_axis(shape) else { return QTensor::F32(x.to_vec()) };
     let channels = shape[axis];
@@ -147,38 +166,17 @@ impl QuantizedModel {
             match t {
                 QTensor::F32(v) if v.len() == n => data.extend_from_slice(v),
                 QTensor::Int8 { axis, scales, zero_points, values } => {
-                    let axis = *axis as usize;
-                    if values.len() != n
-                        || axis >= spec.shape.len()
-                        || scales.len() != spec.shape[axis]
-                        || zero_points.len() != scales.len()
-                    {
-                        return Err(QuantError::Shape(spec.name.clone()));
-                    }
-                    if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-                        return Err(QuantError::Scale(spec.name.clone()));
-                    }
+                    let axis = check_channels(spec, *axis, scales, zero_points, values.len() == n)?;
                     data.extend(values.iter().enumerate().map(|(i, &q)| {
                         let c = channel_of(i, &spec.shape, axis);
                         (q as f32 - zero_points[c] as f32) * scales[c]
                     }));
                 }
                 QTensor::SparseInt8 { axis, scales, zero_points, mask, values } => {
-                    let axis = *axis as usize;
                     let stored: usize = mask.iter().map(|b| b.count_ones() as usize).sum();
                     let tail_clear = n % 8 == 0 || mask.last().is_none_or(|&b| b >> (n % 8) == 0);
-                    if mask.len() != n.div_ceil(8)
-                        || !tail_clear
-                        || stored != values.len()
-                        || axis >= spec.shape.len()
-                        || scales.len() != spec.shape[axis]
-                        || zero_points.len() != scales.len()
-                    {
-                        return Err(QuantError::Shape(spec.name.clone()));
-                    }
-                    if scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-                        return Err(QuantError::Scale(spec.name.clone()));
-                    }
+                    let sizes = mask.len() == n.div_ceil(8) && tail_clear && stored == values.len();
+                    let axis = check_channels(spec, *axis, scales, zero_points, sizes)?;
                     let mut next = values.iter();
                     for i in 0..n {
                         let c = channel_of(i, &spec.shape, axis);
