@@ -81,4 +81,41 @@ fn main() {
     ] {
         write(&root.join("config"), name, text.as_bytes());
     }
+
+    // PNG: a 28x28 digit-like image, a larger dark-on-light one (cropped and centred), a blank.
+    for (name, w, h, ink) in [("mnist", 28u32, 28u32, true), ("photo", 60, 45, false), ("blank", 8, 8, true)] {
+        let img = image::GrayImage::from_fn(w, h, |x, y| {
+            let stroke = name != "blank" && x.abs_diff(w / 2) < 3 && y > h / 5 && y < 4 * h / 5;
+            image::Luma([if stroke == ink { 255 } else { 0 }])
+        });
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        write(&root.join("png"), name, &png);
+    }
+
+    // Certificates: a real fleet's CA, device and operator certificates (DER) and its CRL (PEM,
+    // one revoked serial).
+    let dir = tempfile::tempdir().unwrap();
+    let ca = fedge_coordinator::certs::CertDir::init(dir.path(), &["localhost".into()]).unwrap();
+    let device = ca.issue(fedge_coordinator::certs::Role::Device, "phone-1", 1).unwrap();
+    let operator = ca.issue(fedge_coordinator::certs::Role::Operator, "admin", 1).unwrap();
+    ca.revoke(fedge_coordinator::certs::Role::Device, "phone-1").unwrap();
+    for (name, path) in [("device", &device.cert), ("operator", &operator.cert), ("ca", &ca.ca_pem())] {
+        let pem = std::fs::read(path).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        write(&root.join("certs"), name, &der.contents);
+    }
+    write(&root.join("certs"), "crl", &std::fs::read(ca.crl_pem()).unwrap());
+
+    // Whole configuration files: the shipped simulator configs and a full coordinator.toml.
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulations/configs");
+    for entry in std::fs::read_dir(configs).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        write(&root.join("config_file"), &name, &std::fs::read(&path).unwrap());
+    }
+    let serve = toml::to_string(&fedge_coordinator::config::ServeConfig::default()).unwrap();
+    write(&root.join("config_file"), "coordinator", serve.as_bytes());
+    let edge = toml::to_string(&fedge_edge::config::EdgeConfig::default()).unwrap();
+    write(&root.join("config_file"), "edge", edge.as_bytes());
 }
