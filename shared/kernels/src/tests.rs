@@ -142,6 +142,19 @@ fn chunking_the_batch_changes_nothing_but_rounding() {
 }
 
 /// Every layer's weight and bias, copied.
+/// Anchors `net` away from its weights (so the proximal term is far from zero), weights kept.
+pub(crate) fn anchor_away(net: &mut Net) {
+    let before = params(net);
+    for (i, (w, b)) in before.iter().enumerate() {
+        let shift = |v: &Vec<f32>| -> Vec<f32> { v.iter().map(|x| x * 0.5 - 0.01).collect() };
+        net.set_layer(i, &shift(w), &shift(b)).unwrap();
+    }
+    net.set_anchor();
+    for (i, (w, b)) in before.iter().enumerate() {
+        net.set_layer(i, w, b).unwrap();
+    }
+}
+
 pub(crate) fn params(net: &Net) -> Vec<(Vec<f32>, Vec<f32>)> {
     (0..net.num_layers()).map(|i| (net.layer(i).0.to_vec(), net.layer(i).1.to_vec())).collect()
 }
@@ -262,17 +275,8 @@ fn winograd_matches_im2col_forward_and_after_a_step() {
             worst[0] = worst[0].max(e);
             let before = params(&slow);
             if mu != 0.0 {
-                // Anchor away from the weights, so the proximal term is far from zero.
-                for net in [&mut slow, &mut fast] {
-                    for (i, (w, b)) in before.iter().enumerate() {
-                        let shift = |v: &Vec<f32>| -> Vec<f32> { v.iter().map(|x| x * 0.5 - 0.01).collect() };
-                        net.set_layer(i, &shift(w), &shift(b)).unwrap();
-                    }
-                    net.set_anchor();
-                    for (i, (w, b)) in before.iter().enumerate() {
-                        net.set_layer(i, w, b).unwrap();
-                    }
-                }
+                anchor_away(&mut slow);
+                anchor_away(&mut fast);
             }
             let lr = 0.1;
             let l0 = slow.train_step_proximal(&images, &labels, lr, mu).unwrap();

@@ -4,7 +4,7 @@
 
 use rand::{RngExt, SeedableRng};
 
-use super::{cnn, params, relative_error};
+use super::{anchor_away, cnn, params, relative_error};
 use crate::ConvAlgorithm::{Im2col, Winograd};
 use crate::{LayerSpec, Net, NetSpec, Threads};
 
@@ -52,19 +52,6 @@ fn batch(net: &Net, n: usize, seed: u64) -> (Vec<f32>, Vec<u8>) {
     let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..10u8)).collect();
     let images: Vec<f32> = (0..n * net.input_len()).map(|_| rng.random_range(-1.0f32..2.0)).collect();
     (images, labels)
-}
-
-/// Anchors `net` away from its weights (so the proximal term is far from zero).
-fn anchor_away(net: &mut Net) {
-    let before = params(net);
-    for (i, (w, b)) in before.iter().enumerate() {
-        let shift = |v: &Vec<f32>| -> Vec<f32> { v.iter().map(|x| x * 0.5 - 0.01).collect() };
-        net.set_layer(i, &shift(w), &shift(b)).unwrap();
-    }
-    net.set_anchor();
-    for (i, (w, b)) in before.iter().enumerate() {
-        net.set_layer(i, w, b).unwrap();
-    }
 }
 
 /// Every layer's weight and bias.
