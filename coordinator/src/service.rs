@@ -66,17 +66,19 @@ pub async fn run(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServiceError> {
-    let model: ModelKind = c.model.parse().map_err(ServiceError::Config)?;
+    let model = c.model.parse::<ModelKind>().and_then(ModelKind::images_only).map_err(ServiceError::Config)?;
     if let Some(addr) = c.metrics_listen {
         crate::web::check_listen(addr, c.page_token.as_deref()).map_err(ServiceError::Config)?;
     }
-    let dataset: DatasetName = c.eval_dataset.parse().map_err(ServiceError::Config)?;
+    let dataset =
+        c.eval_dataset.parse::<DatasetName>().and_then(DatasetName::images_only).map_err(ServiceError::Config)?;
     let data = dataset.load(&c.data_dir)?;
     let test = data.test;
     let certs = CertDir::open(&c.certs_dir)?;
     let signer = certs.model_signer()?;
     let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Cpu)?;
-    let student_kind: ModelKind = c.student_model.parse().map_err(ServiceError::Config)?;
+    let student_kind =
+        c.student_model.parse::<ModelKind>().and_then(ModelKind::images_only).map_err(ServiceError::Config)?;
     let distiller = match c.distill_every {
         Some(0) => return Err(ServiceError::Config("distill_every must be at least 1".into())),
         Some(every) => {

@@ -138,7 +138,11 @@ async fn ask_patiently(
 pub async fn run(config: &EdgeConfig, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let key_path = config.model_key.as_ref().ok_or_else(|| BenchError::Config("model_key is not set".into()))?;
     let key = fedge_net::ModelKey::read(key_path)?;
-    let dataset: fedge_core::dataset::DatasetName = config.dataset.parse().map_err(BenchError::Config)?;
+    let dataset = config
+        .dataset
+        .parse::<fedge_core::dataset::DatasetName>()
+        .and_then(fedge_core::dataset::DatasetName::images_only)
+        .map_err(BenchError::Config)?;
     let test = Arc::new(dataset.load(&config.data_dir)?.test);
     let model = Arc::new(LocalModel::load(&config.state_dir, &key)?);
     let n = opts.images.min(test.len()).max(2);

@@ -323,6 +323,10 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Train { dataset, data_dir, model, backend, epochs, batch_size, lr, examples, seed, json } => {
+            anyhow::ensure!(
+                dataset.is_text() == model.is_text(),
+                "model `{model}` cannot learn dataset `{dataset}`: text (shakespeare, shakespeare-sample) takes lstm or lstm-small, images take 2nn or cnn"
+            );
             let data = dataset.load(&data_dir).context("failed to load the dataset")?;
             let config = TrainConfig::sgd(epochs, batch_size, lr);
             anyhow::ensure!(

@@ -54,7 +54,7 @@ pub fn hybrid_predictor(c: &EdgeConfig) -> Result<HybridPredictor, ServiceError>
         ServiceError::Config("model_key is not set: deployed models cannot be verified, so none runs".into())
     })?;
     let key = fedge_net::ModelKey::read(key_path)?;
-    let dataset: DatasetName = c.dataset.parse().map_err(ServiceError::Config)?;
+    let dataset = c.dataset.parse::<DatasetName>().and_then(DatasetName::images_only).map_err(ServiceError::Config)?;
     let test = dataset.load(&c.data_dir)?.test;
     let set = CalibrationSet::sample(&test, c.inference.calibration_examples, c.seed);
     let tls = DeviceTls { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone() };
@@ -136,8 +136,8 @@ fn save_status(dir: &std::path::Path, status: &DeviceStatus) {
 /// reconnect with exponential backoff and jitter when the link drops.
 pub async fn run(c: EdgeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
     let mut shutdown = std::pin::pin!(shutdown);
-    let dataset: DatasetName = c.dataset.parse().map_err(ServiceError::Config)?;
-    let model: ModelKind = c.model.parse().map_err(ServiceError::Config)?;
+    let dataset = c.dataset.parse::<DatasetName>().and_then(DatasetName::images_only).map_err(ServiceError::Config)?;
+    let model = c.model.parse::<ModelKind>().and_then(ModelKind::images_only).map_err(ServiceError::Config)?;
     let backend: BackendKind = c.backend.parse()?;
     if c.shards == 0 || c.shard >= c.shards {
         return Err(ServiceError::Config(format!("shard {} must be in 0..{}", c.shard, c.shards)));

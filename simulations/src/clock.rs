@@ -83,6 +83,24 @@ pub(crate) struct Fleet<'a> {
     /// Secure aggregation, when on: on-time results go to [`crate::secure::protocol`], never
     /// to the engine.
     pub secure: Option<SecureSetup>,
+    /// At most this many examples per device and round (`local_examples`).
+    pub local_examples: Option<usize>,
+}
+
+impl Fleet<'_> {
+    /// The examples `device` trains on for task `round`: all of `indices`, or a seeded sample
+    /// of `local_examples` of them (in their own order) when it has more.
+    pub fn local_indices(&self, device: DeviceId, round: u64, indices: Arc<Vec<usize>>) -> Arc<Vec<usize>> {
+        match self.local_examples {
+            Some(cap) if indices.len() > cap => {
+                let mut rng = derive_rng(self.seed, &[stream::LOCAL_SAMPLE, round, device]);
+                let mut picked = rand::seq::index::sample(&mut rng, indices.len(), cap).into_vec();
+                picked.sort_unstable();
+                Arc::new(picked.into_iter().map(|i| indices[i]).collect())
+            }
+            _ => indices,
+        }
+    }
 }
 
 /// Runs the open round `round`, started at `start`, to its close: its tasks go to the pool,
@@ -115,6 +133,7 @@ pub(crate) fn drive_round(
             Some((data, indices)) => (Some(data), indices),
             None => (None, fleet.data[&device].clone()),
         };
+        let indices = fleet.local_indices(device, round, indices);
         let samples = indices.len() as u64 * u64::from(task.config.epochs);
         let at = start.saturating_add(fleet.speeds[device as usize].round_trip(fleet.model_bytes, samples));
         planned.push((at, device, task, indices, data));

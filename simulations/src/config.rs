@@ -27,6 +27,8 @@ pub enum PartitionKind {
     Shards,
     /// Dirichlet(alpha) over labels.
     Dirichlet,
+    /// The dataset's own clients (Shakespeare's speaking roles).
+    Natural,
 }
 
 impl std::str::FromStr for PartitionKind {
@@ -36,7 +38,8 @@ impl std::str::FromStr for PartitionKind {
             "iid" => Ok(Self::Iid),
             "shards" => Ok(Self::Shards),
             "dirichlet" => Ok(Self::Dirichlet),
-            other => Err(format!("unknown partition `{other}` (expected iid, shards or dirichlet)")),
+            "natural" => Ok(Self::Natural),
+            other => Err(format!("unknown partition `{other}` (expected iid, shards, dirichlet or natural)")),
         }
     }
 }
@@ -106,14 +109,20 @@ pub struct SimConfig {
     pub batch_size: u32,
     /// Local SGD learning rate.
     pub lr: f32,
-    /// `2nn` or `cnn`.
+    /// `2nn`, `cnn`, or for text `lstm` / `lstm-small`.
     pub model: ModelKind,
-    /// `embedded`, `mnist` or `fashion-mnist`.
+    /// `embedded`, `mnist`, `fashion-mnist`, `shakespeare` or `shakespeare-sample`.
     pub dataset: DatasetName,
-    /// Folder holding `mnist/` and `fashion-mnist/` (not read for `embedded`).
+    /// Folder holding `mnist/`, `fashion-mnist/` and `shakespeare/` (not read for the embedded
+    /// sets).
     pub data_dir: PathBuf,
-    /// `iid`, `shards` or `dirichlet`.
+    /// `iid`, `shards`, `dirichlet` or `natural` (the dataset's own clients: Shakespeare).
     pub partition: PartitionKind,
+    /// At most this many of a device's examples per round: a fresh seeded sample each round
+    /// when it has more (bounds the local steps on Shakespeare's long roles). None: all.
+    pub local_examples: Option<usize>,
+    /// Evaluate on a seeded sample of this many test examples (drawn once) rather than all.
+    pub test_examples: Option<usize>,
     /// Shards per device for `shards` (2 in the paper).
     pub shards_per_device: usize,
     /// Concentration for `dirichlet`.
@@ -221,6 +230,8 @@ impl Default for SimConfig {
             dataset: DatasetName::Embedded,
             data_dir: PathBuf::from("data"),
             partition: PartitionKind::Iid,
+            local_examples: None,
+            test_examples: None,
             shards_per_device: 2,
             alpha: 0.5,
             seed: 0,
@@ -337,6 +348,33 @@ impl SimConfig {
         if !(self.distill.temperature > 0.0 && self.distill.learning_rate > 0.0) {
             return bad("distill temperature and learning_rate must be positive".into());
         }
+        if self.dataset.is_text() != self.model.is_text() {
+            return bad(format!(
+                "model `{}` cannot learn dataset `{}`: text (shakespeare, shakespeare-sample) takes `lstm` or `lstm-small`, images take `2nn` or `cnn`",
+                self.model, self.dataset
+            ));
+        }
+        if self.partition == PartitionKind::Natural && !self.dataset.is_text() {
+            return bad(format!(
+                "partition `natural` needs a dataset with its own clients (shakespeare), not `{}`",
+                self.dataset
+            ));
+        }
+        if self.student_model.is_text() {
+            return bad(format!(
+                "student_model `{}` reads text: students are image models (mlp, 2nn)",
+                self.student_model
+            ));
+        }
+        if self.dataset.is_text() && self.distill_every.is_some() {
+            return bad("distillation (distill_every) is for image models only; hybrid inference is image-only".into());
+        }
+        if self.local_examples == Some(0) {
+            return bad("local_examples must be at least 1".into());
+        }
+        if self.test_examples == Some(0) {
+            return bad("test_examples must be at least 1".into());
+        }
         if self.min_train_clients > self.devices {
             return bad(format!("min_train_clients {} exceeds devices {}", self.min_train_clients, self.devices));
         }
@@ -361,6 +399,7 @@ impl SimConfig {
             PartitionKind::Iid => Partition::Iid,
             PartitionKind::Shards => Partition::Shards { shards_per_device: self.shards_per_device },
             PartitionKind::Dirichlet => Partition::Dirichlet { alpha: self.alpha },
+            PartitionKind::Natural => Partition::Natural,
         }
     }
 

@@ -12,6 +12,10 @@ use thiserror::Error;
 
 /// The fetch script, as shipped in `simulations/scripts/fetch-data.sh`.
 const FETCH_SCRIPT: &str = include_str!("../scripts/fetch-data.sh");
+const FETCH_SHAKESPEARE_SCRIPT: &str = include_str!("../scripts/fetch-shakespeare.sh");
+
+/// The file the Shakespeare dataset reads, relative to a data folder.
+pub const SHAKESPEARE_FILE: &str = "shakespeare/speeches.tsv.gz";
 
 /// The files a complete data folder holds, relative to it.
 pub const FILES: [&str; 8] = [
@@ -62,11 +66,20 @@ pub fn is_complete(dir: &Path) -> bool {
 /// Fetches MNIST and Fashion-MNIST into `out/mnist` and `out/fashion-mnist`, checking SHA-256.
 /// The script's progress goes to this process's standard error.
 pub fn fetch(out: &Path) -> Result<(), FetchError> {
+    run_script(FETCH_SCRIPT, out)
+}
+
+/// Fetches Shakespeare's plays and builds `out/shakespeare/speeches.tsv.gz`, checking SHA-256.
+pub fn fetch_shakespeare(out: &Path) -> Result<(), FetchError> {
+    run_script(FETCH_SHAKESPEARE_SCRIPT, out)
+}
+
+fn run_script(script: &str, out: &Path) -> Result<(), FetchError> {
     // The script goes in as an argument, not on standard input, where the programs it runs
     // could read the rest of it.
     let status = Command::new("bash")
         .arg("-c")
-        .arg(FETCH_SCRIPT)
+        .arg(script)
         .arg("fetch-data")
         .arg(out)
         .stdin(Stdio::null())

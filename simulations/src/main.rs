@@ -113,6 +113,9 @@ enum Command {
         /// Folder to write (default: ./data, what `run --data-dir` defaults to).
         #[arg(long, default_value = "data")]
         out: PathBuf,
+        /// Also build Shakespeare by speaking role (`--dataset shakespeare`) from the plays.
+        #[arg(long)]
+        shakespeare: bool,
     },
     /// Differential-privacy accounting: epsilon of a training run, or the noise a target needs.
     Privacy {
@@ -192,12 +195,20 @@ fn real_main() -> anyhow::Result<()> {
             let _ = writeln!(std::io::stdout().lock(), "wrote {}", out.display());
             Ok(())
         }
-        Command::FetchData { out } => {
+        Command::FetchData { out, shakespeare } => {
             if fedge_sim::data::is_complete(&out) {
                 println!("{} already holds MNIST and Fashion-MNIST", out.display());
-                return Ok(());
+            } else {
+                fedge_sim::data::fetch(&out)?;
             }
-            Ok(fedge_sim::data::fetch(&out)?)
+            if shakespeare {
+                if out.join(fedge_sim::data::SHAKESPEARE_FILE).is_file() {
+                    println!("{} already holds Shakespeare", out.display());
+                } else {
+                    fedge_sim::data::fetch_shakespeare(&out)?;
+                }
+            }
+            Ok(())
         }
         Command::BenchTrain {
             models,
@@ -235,6 +246,9 @@ fn real_main() -> anyhow::Result<()> {
                 tracing::warn!("PyTorch not found (bash ../shared/bench/setup-torch.sh); measuring Fedge only");
             }
             anyhow::ensure!((1..=100).contains(&repeat), "--repeat must be 1..=100");
+            if let Some(m) = models.iter().find(|m| m.is_text()) {
+                anyhow::bail!("bench-train measures the image models on MNIST; `{m}` reads text");
+            }
             let config =
                 fedge_sim::bench::BenchConfig { models, batches, threads, seconds, repeat, backend, conv, torch };
             if !json {

@@ -49,8 +49,9 @@ pub enum SimError {
     Dataset(#[from] fedge_core::dataset::DatasetError),
     /// The dataset's files are not in the data folder.
     #[error(
-        "{dataset} not found ({cause}); get it with `fedge-sim fetch-data --out {}` (see docs/data.md), or point --data-dir (data_dir in a config) at a folder holding {dataset}/",
-        dir.display()
+        "{dataset} not found ({cause}); get it with `fedge-sim fetch-data --out {}{}` (see docs/data.md), or point --data-dir (data_dir in a config) at a folder holding {dataset}/",
+        dir.display(),
+        if dataset.is_text() { " --shakespeare" } else { "" }
     )]
     MissingData {
         /// The dataset.
@@ -62,7 +63,7 @@ pub enum SimError {
     },
     /// The partition is impossible.
     #[error("partition: {0}")]
-    Partition(#[from] fedge_core::partition::PartitionError),
+    Partition(fedge_core::partition::PartitionError),
     /// The backend is unavailable.
     #[error(transparent)]
     Backend(#[from] fedge_learn::BackendError),
@@ -79,8 +80,28 @@ pub enum SimError {
     Eval(#[from] fedge_learn::ConvertError),
 }
 
-/// Loads the configured dataset; missing files become [`SimError::MissingData`], which says how
-/// to get them.
+/// A seeded sample of `n` examples of `test` (in their order), or all of it when it has no more.
+pub(crate) fn test_sample(test: &fedge_core::dataset::Dataset, n: usize, seed: u64) -> fedge_core::dataset::Dataset {
+    if test.len() <= n {
+        return test.clone();
+    }
+    let mut picked = rand::seq::index::sample(&mut derive_rng(seed, &[stream::TEST_SAMPLE]), test.len(), n).into_vec();
+    picked.sort_unstable();
+    let mut images = Vec::with_capacity(n * test.pixels());
+    for &i in &picked {
+        images.extend_from_slice(test.image(i));
+    }
+    let labels = picked.iter().map(|&i| test.labels[i]).collect();
+    fedge_core::dataset::Dataset { rows: test.rows, cols: test.cols, images, labels, num_classes: test.num_classes }
+}
+
+// By hand, not `#[from]`: the message already holds the cause, and a source would print it twice.
+impl From<fedge_core::partition::PartitionError> for SimError {
+    fn from(e: fedge_core::partition::PartitionError) -> Self {
+        Self::Partition(e)
+    }
+}
+
 /// The training images distillation holds out as its unlabelled proxy set (of `n`): the tail,
 /// `proxy_examples` of them (0: a tenth).
 pub(crate) fn proxy_indices(config: &SimConfig, n: usize) -> Vec<usize> {
@@ -88,6 +109,8 @@ pub(crate) fn proxy_indices(config: &SimConfig, n: usize) -> Vec<usize> {
     (n - p..n).collect()
 }
 
+/// Loads the configured dataset; missing files become [`SimError::MissingData`], which says how
+/// to get them.
 pub(crate) fn load_data(config: &SimConfig) -> Result<fedge_core::dataset::TrainTest, SimError> {
     use fedge_core::dataset::DatasetError;
     config.dataset.load(&config.data_dir).map_err(|e| match e {
@@ -103,14 +126,19 @@ pub(crate) fn load_data(config: &SimConfig) -> Result<fedge_core::dataset::Train
 pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Result<SimOutput, SimError> {
     let started = Instant::now();
     config.validate()?;
-    let data = load_data(config)?;
+    let mut data = load_data(config)?;
+    if let Some(n) = config.test_examples {
+        data.test = test_sample(&data.test, n, config.seed);
+    }
     let num_classes = data.train.num_classes;
     let proxy: Vec<usize> = match config.distill_every {
         Some(_) => proxy_indices(config, data.train.len()),
         None => Vec::new(),
     };
-    let assignment = config.partition().split(
-        &data.train.labels[..data.train.len() - proxy.len()],
+    let kept = data.train.len() - proxy.len();
+    let assignment = config.partition().split_with(
+        &data.train.labels[..kept],
+        data.natural.as_deref().map(|owners| &owners[..kept.min(owners.len())]),
         config.devices,
         &mut derive_rng(config.seed, &[stream::PARTITION]),
     )?;
@@ -205,6 +233,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             engine.config().max_samples_per_result,
             device_data.values().map(|d| d.len() as u64).max().unwrap_or(1),
         ),
+        local_examples: config.local_examples,
     };
     if config.mode == Mode::Fedbuff {
         let setup = fedbuff::Setup {

@@ -44,18 +44,24 @@ pub struct RunArgs {
     /// Local learning rate.
     #[arg(long)]
     pub lr: Option<f32>,
-    /// Model: 2nn or cnn.
+    /// Model: 2nn or cnn; lstm or lstm-small for text.
     #[arg(long)]
     pub model: Option<ModelKind>,
-    /// Dataset: embedded, mnist or fashion-mnist.
+    /// Dataset: embedded, mnist, fashion-mnist, shakespeare or shakespeare-sample.
     #[arg(long)]
     pub dataset: Option<DatasetName>,
-    /// Folder with mnist/ and fashion-mnist/ (see docs/data.md).
+    /// Folder with mnist/, fashion-mnist/ and shakespeare/ (see docs/data.md).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Partition: iid, shards or dirichlet.
+    /// Partition: iid, shards, dirichlet or natural (the dataset's own clients: shakespeare).
     #[arg(long)]
     pub partition: Option<PartitionKind>,
+    /// At most this many of a device's examples per round (a fresh seeded sample each round).
+    #[arg(long)]
+    pub local_examples: Option<usize>,
+    /// Evaluate on a seeded sample of this many test examples.
+    #[arg(long)]
+    pub test_examples: Option<usize>,
     /// Shards per device (shards partition).
     #[arg(long)]
     pub shards_per_device: Option<usize>,
@@ -216,6 +222,12 @@ impl RunArgs {
         }
         if self.target_accuracy.is_some() {
             c.target_accuracy = self.target_accuracy;
+        }
+        if self.local_examples.is_some() {
+            c.local_examples = self.local_examples;
+        }
+        if self.test_examples.is_some() {
+            c.test_examples = self.test_examples;
         }
         if self.distill_every.is_some() {
             c.distill_every = self.distill_every;

@@ -6,6 +6,7 @@
 
 pub mod embedded;
 pub mod idx;
+pub mod text;
 
 use std::path::{Path, PathBuf};
 
@@ -106,6 +107,17 @@ pub struct TrainTest {
     pub train: Dataset,
     /// Test split, for server-side evaluation.
     pub test: Dataset,
+    /// For a naturally partitioned dataset (Shakespeare: one client per speaking role), the
+    /// client of each training example, numbered from 0 (`Partition::Natural` deals them).
+    pub natural: Option<Vec<u32>>,
+}
+
+impl TrainTest {
+    /// Whether the examples are text windows (character classes, `text::SEQ_LEN` of them)
+    /// rather than images.
+    pub fn is_text(&self) -> bool {
+        self.train.rows == 1 && self.train.cols == text::SEQ_LEN && self.train.num_classes == text::VOCAB.len()
+    }
 }
 
 /// Errors reading a dataset.
@@ -143,6 +155,11 @@ pub enum DatasetName {
     Mnist,
     /// Fashion-MNIST, from `DATA_DIR/fashion-mnist/`.
     FashionMnist,
+    /// Shakespeare next-character prediction by speaking role (LEAF), from
+    /// `DATA_DIR/shakespeare/speeches.tsv.gz`.
+    Shakespeare,
+    /// The two plays of Shakespeare compiled into the binary.
+    ShakespeareSample,
 }
 
 impl std::str::FromStr for DatasetName {
@@ -152,7 +169,11 @@ impl std::str::FromStr for DatasetName {
             "embedded" => Ok(Self::Embedded),
             "mnist" => Ok(Self::Mnist),
             "fashion-mnist" => Ok(Self::FashionMnist),
-            other => Err(format!("unknown dataset `{other}` (expected embedded, mnist or fashion-mnist)")),
+            "shakespeare" => Ok(Self::Shakespeare),
+            "shakespeare-sample" => Ok(Self::ShakespeareSample),
+            other => Err(format!(
+                "unknown dataset `{other}` (expected embedded, mnist, fashion-mnist, shakespeare or shakespeare-sample)"
+            )),
         }
     }
 }
@@ -163,19 +184,48 @@ impl std::fmt::Display for DatasetName {
             Self::Embedded => "embedded",
             Self::Mnist => "mnist",
             Self::FashionMnist => "fashion-mnist",
+            Self::Shakespeare => "shakespeare",
+            Self::ShakespeareSample => "shakespeare-sample",
         })
     }
 }
 
 impl DatasetName {
-    /// Loads both splits; `data_dir` holds one folder per dataset (`mnist/`, `fashion-mnist/`)
-    /// and is not read for the embedded set.
+    /// Loads both splits; `data_dir` holds one folder per dataset (`mnist/`, `fashion-mnist/`,
+    /// `shakespeare/`) and is not read for the embedded sets.
     pub fn load(self, data_dir: &Path) -> Result<TrainTest, DatasetError> {
+        let text = |d: text::TextData| d.data;
         match self {
             Self::Embedded => embedded::mnist_subset(),
             Self::Mnist => load_idx_dir_pair(&data_dir.join("mnist")),
             Self::FashionMnist => load_idx_dir_pair(&data_dir.join("fashion-mnist")),
+            Self::Shakespeare => {
+                let dir = data_dir.join("shakespeare");
+                let path = ["speeches.tsv.gz", "speeches.tsv"].iter().map(|n| dir.join(n)).find(|p| p.is_file());
+                let path = path.ok_or_else(|| DatasetError::Io {
+                    path: dir.join("speeches.tsv[.gz]"),
+                    cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                })?;
+                text::read_speeches_file(&path).map(text)
+            }
+            Self::ShakespeareSample => text::embedded_sample().map(text),
         }
+    }
+
+    /// Whether the dataset is text (next-character prediction) rather than images.
+    pub fn is_text(self) -> bool {
+        matches!(self, Self::Shakespeare | Self::ShakespeareSample)
+    }
+
+    /// This dataset where only images will do (the coordinator, devices, hybrid inference):
+    /// a text dataset is refused with a one-line reason.
+    pub fn images_only(self) -> Result<Self, String> {
+        if self.is_text() {
+            return Err(format!(
+                "dataset `{self}` is text: only the simulator (`fedge-sim run`) trains on text for now; the coordinator and devices take embedded, mnist or fashion-mnist"
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -193,7 +243,7 @@ pub fn load_idx_dir(dir: &Path, split: Split) -> Result<Dataset, DatasetError> {
 
 /// Loads both splits from `dir`.
 pub fn load_idx_dir_pair(dir: &Path) -> Result<TrainTest, DatasetError> {
-    Ok(TrainTest { train: load_idx_dir(dir, Split::Train)?, test: load_idx_dir(dir, Split::Test)? })
+    Ok(TrainTest { train: load_idx_dir(dir, Split::Train)?, test: load_idx_dir(dir, Split::Test)?, natural: None })
 }
 
 fn find(dir: &Path, stem: &str) -> Result<PathBuf, DatasetError> {

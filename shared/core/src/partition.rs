@@ -3,7 +3,8 @@
 //! All are seeded and deterministic. [`Partition::Iid`] shuffles and deals evenly;
 //! [`Partition::Shards`] is the pathological non-IID split of McMahan et al. 2017 (sort by label,
 //! cut into shards, give each device a few); [`Partition::Dirichlet`] draws each class's spread
-//! over devices from Dirichlet(alpha) (Hsu et al. 2019): small alpha, strong skew.
+//! over devices from Dirichlet(alpha) (Hsu et al. 2019): small alpha, strong skew;
+//! [`Partition::Natural`] keeps a dataset's own clients (Shakespeare's speaking roles, LEAF).
 
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, Gamma};
@@ -26,6 +27,9 @@ pub enum Partition {
         /// Concentration: 0.1 is very skewed, 100 is nearly IID.
         alpha: f64,
     },
+    /// The dataset's own clients (`TrainTest::natural`): one device per client, or a seeded
+    /// sample of `devices` clients when there are more (LEAF samples users the same way).
+    Natural,
 }
 
 /// Why a partition is impossible.
@@ -50,19 +54,74 @@ pub enum PartitionError {
     /// Alpha not positive and finite.
     #[error("dirichlet alpha must be positive and finite, got {0}")]
     BadAlpha(f64),
+    /// A natural partition of a dataset without natural clients.
+    #[error("the natural partition needs a dataset with its own clients (shakespeare); use iid, shards or dirichlet")]
+    NotNatural,
+    /// More devices than natural clients.
+    #[error("{devices} devices but the dataset has only {clients} natural clients")]
+    TooFewClients {
+        /// Devices asked for.
+        devices: usize,
+        /// Clients the dataset has.
+        clients: usize,
+    },
+    /// A natural split given a client list of the wrong length.
+    #[error("{owners} client numbers for {samples} examples")]
+    OwnersMismatch {
+        /// Client numbers given.
+        owners: usize,
+        /// Examples.
+        samples: usize,
+    },
 }
 
 /// Example indices of each device.
 pub type Assignment = Vec<Vec<usize>>;
 
 impl Partition {
-    /// Splits the examples with `labels` over `devices` devices.
+    /// Splits the examples with `labels` over `devices` devices (a natural partition needs
+    /// [`Partition::split_with`]).
     pub fn split(&self, labels: &[u8], devices: usize, rng: &mut SeededRng) -> Result<Assignment, PartitionError> {
+        self.split_with(labels, None, devices, rng)
+    }
+
+    /// Splits the examples with `labels` over `devices` devices; `natural` is the client of each
+    /// example where the dataset has its own (what [`Partition::Natural`] deals).
+    pub fn split_with(
+        &self,
+        labels: &[u8],
+        natural: Option<&[u32]>,
+        devices: usize,
+        rng: &mut SeededRng,
+    ) -> Result<Assignment, PartitionError> {
         if devices == 0 {
             return Err(PartitionError::NoDevices);
         }
         let n = labels.len();
         match *self {
+            Partition::Natural => {
+                let owners = natural.ok_or(PartitionError::NotNatural)?;
+                if owners.len() != n {
+                    return Err(PartitionError::OwnersMismatch { owners: owners.len(), samples: n });
+                }
+                let clients = owners.iter().copied().max().map_or(0, |m| m as usize + 1);
+                if devices > clients {
+                    return Err(PartitionError::TooFewClients { devices, clients });
+                }
+                let mut by_client: Assignment = vec![Vec::new(); clients];
+                for (i, &o) in owners.iter().enumerate() {
+                    by_client[o as usize].push(i);
+                }
+                if devices == clients {
+                    return Ok(by_client);
+                }
+                // A seeded sample of clients, kept in the dataset's order.
+                let mut chosen: Vec<usize> = (0..clients).collect();
+                chosen.shuffle(rng);
+                chosen.truncate(devices);
+                chosen.sort_unstable();
+                Ok(chosen.into_iter().map(|c| std::mem::take(&mut by_client[c])).collect())
+            }
             Partition::Iid => {
                 if n < devices {
                     return Err(PartitionError::TooFewSamples { samples: n, parts: devices, what: "devices" });
@@ -190,6 +249,35 @@ mod tests {
 
     fn split(p: Partition, devices: usize, seed: u64) -> Result<Assignment, PartitionError> {
         p.split(&labels(), devices, &mut derive_rng(seed, &[]))
+    }
+
+    #[test]
+    fn natural_keeps_each_client_whole() {
+        // 3 clients: 0 owns examples 0, 1, 5; 1 owns 2; 2 owns 3, 4.
+        let owners = [0u32, 0, 1, 2, 2, 0];
+        let labels = [0u8; 6];
+        let all = Partition::Natural.split_with(&labels, Some(&owners), 3, &mut derive_rng(1, &[])).unwrap();
+        assert_eq!(all, vec![vec![0, 1, 5], vec![2], vec![3, 4]]);
+        // Two of three: a seeded choice of whole clients, in the dataset's order.
+        let two = Partition::Natural.split_with(&labels, Some(&owners), 2, &mut derive_rng(1, &[])).unwrap();
+        assert_eq!(two.len(), 2);
+        assert!(two.iter().all(|d| all.contains(d)));
+        assert_eq!(two, Partition::Natural.split_with(&labels, Some(&owners), 2, &mut derive_rng(1, &[])).unwrap());
+        let picks: std::collections::BTreeSet<_> = (0..20)
+            .map(|seed| Partition::Natural.split_with(&labels, Some(&owners), 1, &mut derive_rng(seed, &[])).unwrap())
+            .collect();
+        assert!(picks.len() > 1, "the sample depends on the seed");
+        // Refusals.
+        let rng = &mut derive_rng(1, &[]);
+        assert_eq!(
+            Partition::Natural.split_with(&labels, Some(&owners), 4, rng),
+            Err(PartitionError::TooFewClients { devices: 4, clients: 3 })
+        );
+        assert_eq!(Partition::Natural.split(&labels, 2, rng), Err(PartitionError::NotNatural));
+        assert_eq!(
+            Partition::Natural.split_with(&labels, Some(&owners[..5]), 2, rng),
+            Err(PartitionError::OwnersMismatch { owners: 5, samples: 6 })
+        );
     }
 
     fn assert_is_partition(a: &Assignment, n: usize, whole: bool) {

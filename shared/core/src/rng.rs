@@ -60,6 +60,11 @@ pub mod stream {
     pub const ATTACK_NOISE: u64 = 11;
     /// Which free device the buffered asynchronous engine (FedBuff) tasks next.
     pub const ASYNC_SAMPLING: u64 = 12;
+    /// The examples a simulated device trains on when a round may use only some of its own:
+    /// followed by round (or task number) and device.
+    pub const LOCAL_SAMPLE: u64 = 13;
+    /// The test examples a simulation evaluates on when it may use only some (drawn once).
+    pub const TEST_SAMPLE: u64 = 14;
 }
 
 #[cfg(test)]

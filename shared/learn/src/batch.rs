@@ -1,10 +1,33 @@
 //! Turning dataset examples into tensors.
 //!
 //! Pixels are scaled to [0, 1] and standardised with the MNIST statistics (mean 0.1307,
-//! std 0.3081), the usual preprocessing for both MNIST and Fashion-MNIST.
+//! std 0.3081), the usual preprocessing for both MNIST and Fashion-MNIST. Text examples
+//! (character classes) go in as they are.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedge_core::dataset::Dataset;
+
+use crate::model::Model;
+
+/// The logits of `model` for examples `indices` of `data`: images for the image models,
+/// character sequences for the text ones.
+pub fn forward(model: &Model, data: &Dataset, indices: &[usize], device: &Device) -> Tensor<2> {
+    if model.kind().is_text() {
+        model.forward_tokens(tokens(data, indices, device))
+    } else {
+        model.forward(images(data, indices, device))
+    }
+}
+
+/// Examples `indices` of a text dataset as character classes `[n, steps]`.
+pub fn tokens(data: &Dataset, indices: &[usize], device: &Device) -> Tensor<2, Int> {
+    let p = data.pixels();
+    let mut v = Vec::with_capacity(indices.len() * p);
+    for &i in indices {
+        v.extend(data.image(i).iter().map(|&c| c as i64));
+    }
+    Tensor::from_data(TensorData::new(v, [indices.len(), p]), device)
+}
 
 pub(crate) const MEAN: f32 = 0.1307;
 pub(crate) const STD: f32 = 0.3081;

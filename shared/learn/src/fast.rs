@@ -32,15 +32,17 @@ const EVAL_CHUNK: usize = 64;
 /// Examples gathered at a time when evaluating: 64 chunks, dealt out over the net's threads.
 const EVAL_BLOCK: usize = 64 * EVAL_CHUNK;
 
-/// The kernel architecture of a model kind.
-pub fn spec(kind: ModelKind, classes: usize) -> NetSpec {
+/// The kernel architecture of a model kind; `None` for the ones the kernels do not cover (the
+/// LSTMs, which train on burn).
+pub fn spec(kind: ModelKind, classes: usize) -> Option<NetSpec> {
     let dense = |outputs, relu| LayerSpec::Dense { outputs, relu };
     let layers = match kind {
         ModelKind::TwoNn => vec![dense(200, true), dense(200, true), dense(classes, false)],
         ModelKind::Mlp => vec![dense(crate::model::mlp::HIDDEN, true), dense(classes, false)],
-        ModelKind::Cnn => return NetSpec::mnist_cnn(classes),
+        ModelKind::Cnn => return Some(NetSpec::mnist_cnn(classes)),
+        ModelKind::Lstm | ModelKind::LstmSmall => return None,
     };
-    NetSpec { height: 28, width: 28, channels: 1, layers }
+    Some(NetSpec { height: 28, width: 28, channels: 1, layers })
 }
 
 /// How one burn tensor pair maps onto a kernel layer.
@@ -78,7 +80,8 @@ impl FastNet {
         layout: Arc<ParamLayout>,
         threads: Threads,
     ) -> Result<Self, ConvertError> {
-        let spec = spec(kind, classes);
+        let spec = spec(kind, classes)
+            .ok_or_else(|| ConvertError::Layout(format!("the fast CPU path has no `{kind}` model")))?;
         let net = Net::new(&spec, threads).map_err(|e| ConvertError::Layout(e.to_string()))?;
         let specs = layout.specs();
         if specs.len() != 2 * net.num_layers() {

@@ -64,6 +64,8 @@ impl Trainer {
         let model = Model::init(kind, num_classes, &device);
         let layout = convert::layout_of(&model).expect("a fresh model converts");
         let fast = match backend {
+            // The LSTMs have no kernel mapping: on `cpu` they train on burn-flex.
+            BackendKind::Cpu if kind.is_text() => None,
             BackendKind::Cpu => Some(
                 FastNet::new(kind, num_classes, layout.clone(), fedge_kernels::Threads::One)
                     .expect("every model kind has a fast CPU mapping"),
@@ -187,9 +189,9 @@ impl Trainer {
         let mut model = Some(model);
         let (steps, mean_loss) = minibatches(indices, config, rng, |chunk| {
             let m = model.take().expect("the model is put back after every step");
-            let x = batch::images(data, chunk, &self.device);
+            let logits = batch::forward(&m, data, chunk, &self.device);
             let y = batch::labels(data, chunk, &self.device);
-            let mut loss = loss_fn.forward(m.forward(x), y);
+            let mut loss = loss_fn.forward(logits, y);
             let value = loss.clone().into_scalar::<f32>();
             if let Some((mu, anchor)) = &proximal {
                 let mut term = ProximalTerm { anchor, index: 0, sum: None };
@@ -293,9 +295,8 @@ pub fn evaluate_model(model: &Model, data: &Dataset, batch_size: usize) -> EvalM
     let all: Vec<usize> = (0..data.len()).collect();
     let (mut correct, mut loss_sum) = (0i64, 0.0f64);
     for chunk in all.chunks(batch_size.max(1)) {
-        let x = batch::images(data, chunk, &device);
         let y = batch::labels(data, chunk, &device);
-        let logits: Tensor<2> = model.forward(x);
+        let logits: Tensor<2> = batch::forward(model, data, chunk, &device);
         let loss = loss_fn.forward(logits.clone(), y.clone()).into_scalar::<f32>() as f64;
         loss_sum += loss * chunk.len() as f64;
         correct += logits.argmax(1).flatten::<1>(0, 1).equal(y).int().sum().into_scalar::<i64>();

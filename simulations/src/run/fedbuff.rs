@@ -84,7 +84,7 @@ pub(super) fn run(setup: Setup<'_>, out: Option<&Path>, obs: &mut dyn Observer) 
                     if global.0 != task.model_version {
                         global = (engine.version(), Arc::new(engine.global().clone()));
                     }
-                    let indices = fleet.data[&device].clone();
+                    let indices = fleet.local_indices(device, task.round, fleet.data[&device].clone());
                     let samples = indices.len() as u64 * u64::from(task.config.epochs);
                     let at = now.saturating_add(fleet.speeds[device as usize].round_trip(fleet.model_bytes, samples));
                     in_flight.insert((at, task.round), device);

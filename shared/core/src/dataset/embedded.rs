@@ -17,6 +17,7 @@ pub fn mnist_subset() -> Result<TrainTest, DatasetError> {
     Ok(TrainTest {
         train: decode(TRAIN_IMAGES, TRAIN_LABELS, "train")?,
         test: decode(TEST_IMAGES, TEST_LABELS, "test")?,
+        natural: None,
     })
 }
 
