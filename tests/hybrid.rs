@@ -120,7 +120,7 @@ fn answered(c: &Coordinator) -> u64 {
 }
 
 fn request(i: usize, private: bool) -> Request {
-    Request { pixels: models().test.image(i).to_vec(), private }
+    Request { pixels: models().test.image(i).to_vec(), private, max_cost: None }
 }
 
 async fn online(p: &HybridPredictor) {

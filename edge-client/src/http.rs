@@ -185,12 +185,16 @@ struct JsonRequest {
     pixels: Vec<u8>,
     #[serde(default)]
     private: bool,
+    #[serde(default)]
+    max_cost: Option<f64>,
 }
 
 #[derive(Deserialize)]
 struct PredictQuery {
     #[serde(default)]
     private: bool,
+    #[serde(default)]
+    max_cost: Option<f64>,
 }
 
 async fn predict(State(app): State<App>, Query(q): Query<PredictQuery>, headers: HeaderMap, body: Bytes) -> Response {
@@ -200,24 +204,34 @@ async fn predict(State(app): State<App>, Query(q): Query<PredictQuery>, headers:
             "no Content-Type: send application/json, application/octet-stream or image/png",
         );
     };
-    let request = if kind.starts_with("application/json") {
+    let mut request = if kind.starts_with("application/json") {
         match serde_json::from_slice::<JsonRequest>(&body) {
-            Ok(r) => Request { pixels: r.pixels, private: r.private || q.private },
+            Ok(r) => Request { pixels: r.pixels, private: r.private || q.private, max_cost: r.max_cost },
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON request: {e}")),
         }
     } else if kind.starts_with("image/png") {
         match crate::predict::decode_png(&body) {
-            Ok(pixels) => Request { pixels, private: q.private },
+            Ok(pixels) => Request { pixels, private: q.private, max_cost: None },
             Err(e) => return error(StatusCode::BAD_REQUEST, e),
         }
     } else if kind.starts_with("application/octet-stream") {
-        Request { pixels: body.to_vec(), private: q.private }
+        Request { pixels: body.to_vec(), private: q.private, max_cost: None }
     } else {
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("{kind}: send application/json, application/octet-stream or image/png"),
         );
     };
+    // The query's budget applies to every body kind; a JSON body's own is the tighter one.
+    request.max_cost = match (request.max_cost, q.max_cost) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(m) = request.max_cost
+        && let Err(e) = crate::hybrid::check_cost("max_cost", m)
+    {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
     match app.predictor.predict(request).await {
         Ok(mut a) => {
             if let Some(rx) = a.correction.take() {

@@ -8,7 +8,8 @@
 //! A request never fails because the coordinator is away: when the policy wants the cloud and
 //! the cloud cannot answer (offline, timeout, rate limit), the local answer is returned with
 //! `verified: false` and the reason in `fallback`. A `private` request is answered locally and
-//! its input is never sent.
+//! its input is never sent; so is one whose cloud call would cost more than its budget
+//! (`max_cost`, or the configured `max_cost_per_request`, against `cloud_call_cost`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +33,7 @@ mod conditions;
 
 pub use answer::{Correction, HybridAnswer, Opinion, Request, Source};
 pub use cache::{AnswerCache, CacheKey, CachedAnswer};
-pub use calibration::{Calibration, CalibrationSet, HybridConfig, RateThreshold, calibrate};
+pub use calibration::{Calibration, CalibrationSet, HybridConfig, RateThreshold, calibrate, check_cost};
 pub use conditions::{ConditionsSource, parse as parse_conditions};
 
 /// The running local model and its calibration.
@@ -282,6 +283,19 @@ impl HybridPredictor {
             let why = format!("cached cloud answer (teacher v{})", hit.model_version);
             return Ok(cloud_answer(hit.class, hit.confidence, hit.model_version, false, why));
         }
+        // A cloud call this request cannot afford: answered locally (a cached answer above cost
+        // nothing and was taken).
+        let budget = request.max_cost.or(self.config.max_cost_per_request);
+        let over_budget = match (self.config.cloud_call_cost, budget) {
+            (Some(cost), Some(budget)) if route != Route::Local && cost > budget => {
+                Some(format!("over budget: a cloud call costs {cost}, this request allows {budget}"))
+            }
+            _ => None,
+        };
+        let (route, local_reason) = match &over_budget {
+            Some(_) => (Route::Local, Some("over-budget")),
+            None => (route, local_reason),
+        };
         let keep = |a: &InferAnswer| {
             if let Some(key) = key.filter(|_| self.config.cache_entries > 0) {
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -299,7 +313,7 @@ impl HybridPredictor {
                 })?;
                 if let Some(r) = local_reason {
                     self.metrics.fell_back(r);
-                    reason = r.to_string();
+                    reason = over_budget.clone().unwrap_or_else(|| r.to_string());
                 }
                 self.metrics.routed(local_reason.unwrap_or(label), target_rate);
                 self.metrics.answered(AnswerPath::Local);

@@ -57,6 +57,10 @@ enum Command {
         /// The input must not leave the device.
         #[arg(long)]
         private: bool,
+        /// The most this answer may cost (unit of [inference] cloud_call_cost); a dearer
+        /// escalation is answered locally (needs --config).
+        #[arg(long, requires = "config")]
+        max_cost: Option<f64>,
         /// An IDX image file (MNIST format, .gz allowed).
         #[arg(long, conflicts_with_all = ["raw", "png"])]
         idx: Option<PathBuf>,
@@ -224,7 +228,10 @@ fn real_main() -> anyhow::Result<()> {
             }))?;
             Ok(())
         }
-        Command::Predict { state_dir, model_key, config, policy, private, idx, index, raw, png, json } => {
+        Command::Predict { state_dir, model_key, config, policy, private, max_cost, idx, index, raw, png, json } => {
+            if let Some(m) = max_cost {
+                fedge_edge::hybrid::check_cost("--max-cost", m).map_err(anyhow::Error::msg)?;
+            }
             let pixels = read_image(idx, index, raw, png)?;
             let Some(config) = config else {
                 anyhow::ensure!(policy.is_none(), "--policy needs --config");
@@ -251,7 +258,7 @@ fn real_main() -> anyhow::Result<()> {
                     // A one-shot command starts offline: give the session a moment.
                     predictor.cloud().wait_online(std::time::Duration::from_secs(3)).await;
                 }
-                let mut a = predictor.predict(fedge_edge::hybrid::Request { pixels, private }).await?;
+                let mut a = predictor.predict(fedge_edge::hybrid::Request { pixels, private, max_cost }).await?;
                 let correction = a.correction.take();
                 if json {
                     println!("{}", serde_json::to_string(&a)?);

@@ -30,8 +30,18 @@ struct RouteLabel {
 }
 
 /// The routes an answer can take (the bounded label set of `routes{route}`).
-pub const ROUTES: [&str; 9] =
-    ["confident", "kept-local", "escalated", "cached", "offline", "private", "fallback", "local-only", "cloud-first"];
+pub const ROUTES: [&str; 10] = [
+    "confident",
+    "kept-local",
+    "escalated",
+    "cached",
+    "offline",
+    "private",
+    "over-budget",
+    "fallback",
+    "local-only",
+    "cloud-first",
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -293,7 +303,7 @@ impl InferenceMetrics {
         let (agree, differ) = (self.agree.load(Ordering::Relaxed), self.differ.load(Ordering::Relaxed));
         let count = |f: &Family<Path, Counter>, path| f.get_or_create(&Path { path }).get();
         let fallbacks: serde_json::Map<String, serde_json::Value> =
-            ["offline", "private", "timeout", "rate-limited", "refused", "link"]
+            ["offline", "private", "over-budget", "timeout", "rate-limited", "refused", "link"]
                 .into_iter()
                 .map(|reason| (reason.to_string(), self.fallbacks.get_or_create(&Reason { reason }).get().into()))
                 .collect();

@@ -156,3 +156,60 @@ async fn a_metered_link_spends_the_two_percent_rule_until_the_file_says_otherwis
     let m = p.metrics().snapshot();
     assert_eq!(Some(answered(&c) - before), m["routes"]["escalated"].as_u64(), "every escalation was one cloud call");
 }
+
+/// Per-request cost budgets: an escalation dearer than the request's budget (its own `max_cost`
+/// or the configured default) is answered locally, says why, and costs no cloud call; a request
+/// that can afford it escalates; a cached answer costs nothing and is given even over budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_its_cost_budget_stays_on_the_device() {
+    let f = fleet();
+    let (c, addr) = coordinator(&f, unlimited(), burn_teacher());
+    let state = f.dir.path().join("edge");
+    f.deploy(&state, 1, &models().students[0]);
+    let config = HybridConfig {
+        target_rate: 0.2,
+        cloud_timeout_ms: 10_000,
+        cloud_call_cost: Some(0.002),
+        max_cost_per_request: Some(0.001),
+        ..HybridConfig::default()
+    };
+    let p = predictor(&f, &state, addr, config);
+    online(&p).await;
+    // Under the default budget (0.001 < 0.002) nothing escalates: find an input that would.
+    let calls = answered(&c);
+    let mut hard = None;
+    for i in 0..models().test.len() {
+        let a = p.predict(request(i, false)).await.unwrap();
+        assert!(!a.escalated && a.answered_by == Source::Local, "{a:?}");
+        if a.fallback == Some("over-budget") {
+            assert!(!a.verified);
+            assert_eq!(a.route_reason, "over budget: a cloud call costs 0.002, this request allows 0.001");
+            hard = Some(i);
+            break;
+        }
+    }
+    let hard = hard.expect("some input is unsure enough to want the cloud");
+    assert_eq!(answered(&c), calls, "no cloud call over budget");
+    // The request's own budget wins over the default: 0.005 affords the call.
+    let rich = fedge_edge::hybrid::Request { max_cost: Some(0.005), ..request(hard, false) };
+    let a = p.predict(rich.clone()).await.unwrap();
+    assert_eq!((a.answered_by, a.escalated, a.verified), (Source::Cloud, true, true));
+    assert_eq!(answered(&c), calls + 1);
+    // Now cached: the same input under the small budget gets the cloud's answer for free.
+    let a = p.predict(request(hard, false)).await.unwrap();
+    assert_eq!(a.answered_by, Source::Cloud);
+    assert!(a.route_reason.starts_with("cached cloud answer"), "{}", a.route_reason);
+    assert_eq!(answered(&c), calls + 1);
+    let m = p.metrics().snapshot();
+    assert_eq!(m["routes"]["over-budget"].as_u64(), Some(1));
+    assert!(p.metrics().encode().contains("route=\"over-budget\""));
+}
+
+#[test]
+fn impossible_costs_are_refused() {
+    for (cost, budget) in [(Some(-1.0), None), (Some(f64::NAN), None), (None, Some(f64::INFINITY))] {
+        let c = HybridConfig { cloud_call_cost: cost, max_cost_per_request: budget, ..HybridConfig::default() };
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("must be a finite number >= 0"), "{err}");
+    }
+}

@@ -81,6 +81,17 @@ async fn the_local_inference_server_answers_json_raw_and_png_with_corrections() 
         assert_eq!(code, want, "{kind}: {text}");
         assert!(text.contains("error"), "{text}");
     }
+    // An impossible budget is refused before anything runs.
+    let json = serde_json::json!({ "pixels": image, "max_cost": -1.0 }).to_string();
+    for (path, kind, body) in [
+        ("/predict", "application/json", json.as_bytes()),
+        ("/predict?max_cost=nan", "application/octet-stream", image),
+        ("/predict?max_cost=-0.5", "application/octet-stream", image),
+    ] {
+        let (code, text) = http(web, "POST", path, kind, body).await;
+        assert_eq!(code, 400, "{path}: {text}");
+        assert!(text.contains("max_cost must be a finite number >= 0"), "{text}");
+    }
     assert_eq!(http(web, "GET", "/corrections/999999", "text/plain", b"").await.0, 404);
     let (code, body) = http(web, "GET", "/status", "text/plain", b"").await;
     let s: serde_json::Value = serde_json::from_str(&body).unwrap();

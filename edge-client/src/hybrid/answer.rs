@@ -14,6 +14,17 @@ pub struct Request {
     pub pixels: Vec<u8>,
     /// The input must never leave the device.
     pub private: bool,
+    /// The most this answer may cost (the unit of `[inference] cloud_call_cost`): a request
+    /// whose cloud call would cost more is answered locally (`route_reason` says so). None: the
+    /// configured `max_cost_per_request`, if any.
+    pub max_cost: Option<f64>,
+}
+
+impl Request {
+    /// A request with no privacy flag and no cost limit of its own.
+    pub fn new(pixels: Vec<u8>) -> Self {
+        Self { pixels, private: false, max_cost: None }
+    }
 }
 
 /// Which model an answer came from.

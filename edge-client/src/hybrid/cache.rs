@@ -117,7 +117,7 @@ mod tests {
     use super::*;
 
     fn req(b: u8, private: bool) -> Request {
-        Request { pixels: vec![b; 784], private }
+        Request { pixels: vec![b; 784], private, max_cost: None }
     }
 
     fn ans(class: usize, v: u64) -> CachedAnswer {

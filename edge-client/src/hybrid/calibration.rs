@@ -34,6 +34,11 @@ pub struct HybridConfig {
     pub conditions_file: Option<PathBuf>,
     /// Cloud answers kept on the device (LRU, per teacher version); 0: no cache.
     pub cache_entries: usize,
+    /// What one escalation costs (any unit: money, a quota), for per-request budgets. None:
+    /// escalations are not priced and no budget applies.
+    pub cloud_call_cost: Option<f64>,
+    /// The budget of a request that names none (`max_cost`); None: unlimited.
+    pub max_cost_per_request: Option<f64>,
 }
 
 impl Default for HybridConfig {
@@ -48,6 +53,8 @@ impl Default for HybridConfig {
             rules: routing::default_rules(),
             conditions_file: None,
             cache_entries: 1024,
+            cloud_call_cost: None,
+            max_cost_per_request: None,
         }
     }
 }
@@ -61,8 +68,19 @@ impl HybridConfig {
         if self.cloud_timeout_ms == 0 || self.calibration_examples == 0 {
             return Err("inference cloud_timeout_ms and calibration_examples must be at least 1".into());
         }
+        for (key, v) in [("cloud_call_cost", self.cloud_call_cost), ("max_cost_per_request", self.max_cost_per_request)]
+        {
+            if let Some(v) = v {
+                check_cost(key, v)?;
+            }
+        }
         routing::validate(&self.rules)
     }
+}
+
+/// A cost or budget must be a finite number, not negative.
+pub fn check_cost(what: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(format!("{what} must be a finite number >= 0, got {v}")) }
 }
 
 /// The escalation threshold of one model version.
