@@ -447,16 +447,17 @@ impl SimConfig {
     /// does not run yet in one line.
     pub fn async_config(&self) -> Result<AsyncConfig, SimConfigError> {
         let bad = |m: String| Err(SimConfigError::Invalid(m));
-        let privacy = [
-            ("noise_multiplier", self.noise_multiplier.is_some()),
-            ("adaptive_clip", self.adaptive_clip.is_some()),
-            ("target_epsilon", self.target_epsilon.is_some()),
-            ("local_epsilon", self.local_epsilon.is_some()),
-        ];
+        // Central DP is offered (DP-FedBuff, charged without subsampling amplification: see
+        // fedge_engine::buffered); adaptive clipping and local DP are not.
+        let privacy =
+            [("adaptive_clip", self.adaptive_clip.is_some()), ("local_epsilon", self.local_epsilon.is_some())];
         if let Some((key, _)) = privacy.iter().find(|p| p.1) {
             return bad(format!(
-                "differential privacy is not offered with mode = \"fedbuff\" yet (no accountant for buffered asynchronous releases): unset {key} or use mode = \"sync\""
+                "{key} is not offered with mode = \"fedbuff\" (central DP is: noise_multiplier, target_epsilon): unset it or use mode = \"sync\""
             ));
+        }
+        if self.target_epsilon.is_some() && self.noise_multiplier.is_none() {
+            return bad("target_epsilon needs central DP (noise_multiplier)".into());
         }
         if self.strategy != "fedavg" {
             return bad(format!(
@@ -485,6 +486,7 @@ impl SimConfig {
             staleness,
             server_lr: self.strategy_options.server_lr.unwrap_or(1.0),
             train: self.training_keys().train(),
+            privacy: self.training_keys().central_dp(),
             seed: self.seed,
             ..AsyncConfig::default()
         };

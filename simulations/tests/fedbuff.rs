@@ -124,3 +124,32 @@ fn the_mode_and_its_keys_are_flags() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && err.contains("unknown mode `async`"), "{err}");
 }
+
+/// DP-FedBuff end to end: every aggregation charged as one Gaussian release (q = 1), epsilon per
+/// row equal to the accountant's for that many releases, and a budget that stops the run before
+/// the aggregation that would pass it.
+#[test]
+fn dp_fedbuff_charges_each_aggregation_and_stops_at_the_budget() {
+    let ledger = fedge_core::privacy::PrivacyLedger::new(1e-5).unwrap();
+    let z = 3.0;
+    let at = |n: u64| ledger.preview(1.0, z, n).unwrap().epsilon;
+    let target = (at(4) + at(5)) / 2.0;
+    let c = SimConfig {
+        clip_norm: Some(1.0),
+        noise_multiplier: Some(z),
+        target_epsilon: Some(target),
+        rounds: 10,
+        ..config(Mode::Fedbuff, 2)
+    };
+    let o = run(&c, None, &mut Quiet).unwrap();
+    assert_eq!(o.rounds.len(), 4, "the fifth aggregation would pass the budget");
+    for (i, r) in o.rounds.iter().enumerate() {
+        let want = at(i as u64 + 1);
+        assert!((r.epsilon.unwrap() - want).abs() < 1e-9, "row {i}: {:?} vs {want}", r.epsilon);
+    }
+    assert!((o.summary.epsilon.unwrap() - at(4)).abs() < 1e-9);
+    assert_eq!(o.summary.sampling_rate, Some(1.0));
+    // Noise this size swamps four small steps: the model moved, and it is not the plain run's.
+    let plain = run(&SimConfig { rounds: 4, ..config(Mode::Fedbuff, 2) }, None, &mut Quiet).unwrap();
+    assert_ne!(o.summary.model_hash, plain.summary.model_hash);
+}

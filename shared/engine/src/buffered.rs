@@ -24,13 +24,21 @@
 //! every result in the buffer is equally stale). With `w = 1` it is FedAvg over the buffer.
 //! Each aggregation emits [`AsyncEvent::Aggregated`] with its report.
 //!
-//! Differential privacy is not offered here yet, and [`AsyncConfig::validate`] refuses local
-//! DP rather than pretending. Central DP-FedBuff would need its own accountant: each
-//! aggregation releases one Gaussian-noised sum of K clipped updates, but which devices are in
-//! a buffer is decided by who is free and how fast they train, not by Poisson (or fixed-size
-//! uniform) subsampling of the population, so the subsampled-Gaussian RDP bound the
-//! synchronous ledger uses does not apply as it stands. Local DP composes differently too: a
-//! fast device uploads far more often than one sampled per round.
+//! Central differential privacy (`privacy`, DP-FedBuff): each aggregation releases one sum of
+//! the buffer's deltas, each clipped to `C` by the server and then scaled by its staleness
+//! weight `w(s) <= 1`, plus N(0, (z C)^2), divided by K (a fixed denominator, as DP-FedAvg's;
+//! sample counts do not weigh). Under DP a device that has a result in the open buffer gets no
+//! new task until that buffer is aggregated, so one device moves one release by at most `C`
+//! (add or remove one device's data): each aggregation is one Gaussian mechanism of
+//! sensitivity `C` and noise multiplier `z`. Which devices fill a buffer is decided by who is
+//! free and how fast they train, not by Poisson or uniform sampling of the population, so no
+//! subsampling amplification is claimed: the ledger charges every aggregation with sampling
+//! rate q = 1 (the RDP of the plain Gaussian, `T alpha / (2 z^2)` after T of them). That is
+//! a sound upper bound, and an expensive one: it takes a large `z` or few aggregations to stay
+//! within a small epsilon. With `target_epsilon`, a buffer that would take epsilon past it is
+//! not started: no more tasks are given, and results that still arrive are refused
+//! ([`AsyncRejectReason::BudgetSpent`]). Local DP stays refused: a fast device uploads far
+//! more often than one sampled per round, and its composition is not modelled.
 //!
 //! The driver also owns deadlines: a device that never answers keeps its slot until the driver
 //! calls [`BufferedEngine::handle_train_failure`] or [`BufferedEngine::handle_device_gone`].
@@ -43,6 +51,7 @@ use std::time::Duration;
 use fedge_core::ModelParams;
 use fedge_core::aggregate::AggregateError;
 use fedge_core::params::ContentHash;
+use fedge_core::privacy::PrivacyLedger;
 use fedge_core::rng::{SeededRng, derive_rng, stream};
 use fedge_core::wire::{DeviceId, ErrorCode, TrainResult, TrainTask};
 use rand::seq::IndexedRandom;
@@ -54,7 +63,7 @@ pub use config::{
 };
 
 use crate::event::{Evaluation, RoundOutcome};
-use crate::strategy::{FedAvg, Strategy};
+use crate::strategy::{DpFedAvg, FedAvg, Strategy};
 
 /// What the buffered engine wants done.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +101,9 @@ pub struct AggregationReport {
     pub at: Duration,
     /// Aggregated or failed.
     pub outcome: RoundOutcome,
+    /// Under central DP: epsilon spent so far, at the configured delta (this aggregation
+    /// included when it aggregated).
+    pub epsilon: Option<f64>,
 }
 
 /// Why a result was refused. The device is told [`AsyncRejectReason::code`].
@@ -128,6 +140,14 @@ pub enum AsyncRejectReason {
     /// Wrong shape or non-finite values.
     #[error("invalid update: {0}")]
     Invalid(AggregateError),
+    /// The privacy budget is spent: no further aggregation may happen.
+    #[error("the privacy budget is spent (epsilon {spent:.3} of {target}): no further aggregation")]
+    BudgetSpent {
+        /// Epsilon spent.
+        spent: f64,
+        /// The budget.
+        target: f64,
+    },
 }
 
 impl AsyncRejectReason {
@@ -138,6 +158,7 @@ impl AsyncRejectReason {
             Self::Duplicate(_) => ErrorCode::Duplicate,
             Self::WrongTask { .. } | Self::TooStale { .. } => ErrorCode::StaleModel,
             Self::Invalid(_) => ErrorCode::InvalidUpdate,
+            Self::BudgetSpent { .. } => ErrorCode::NotSelected,
         }
     }
 }
@@ -159,10 +180,37 @@ struct Buffer {
     max_staleness: u64,
 }
 
+/// The buffer's rule: FedAvg, or DP-FedAvg under central DP.
+enum Rule {
+    Plain(FedAvg),
+    Private(DpFedAvg),
+}
+
+impl Rule {
+    fn get(&self) -> &dyn Strategy {
+        match self {
+            Self::Plain(s) => s,
+            Self::Private(s) => s,
+        }
+    }
+
+    fn get_mut(&mut self) -> &mut dyn Strategy {
+        match self {
+            Self::Plain(s) => s,
+            Self::Private(s) => s,
+        }
+    }
+}
+
 /// The buffered asynchronous engine. See the module docs.
 pub struct BufferedEngine {
     config: AsyncConfig,
-    strategy: FedAvg,
+    strategy: Rule,
+    /// Under central DP: what the aggregations spent, and the devices in the open buffer.
+    ledger: Option<PrivacyLedger>,
+    in_buffer: BTreeSet<DeviceId>,
+    /// Set once the next aggregation would pass `target_epsilon`.
+    budget_spent: Option<(f64, f64)>,
     global: ModelParams,
     version: u64,
     last_task: u64,
@@ -176,15 +224,29 @@ pub struct BufferedEngine {
 }
 
 impl BufferedEngine {
-    /// An engine starting from `initial` as model version 0.
-    pub fn new(config: AsyncConfig, initial: ModelParams) -> Result<Self, AsyncConfigError> {
+    /// An engine starting from `initial` as model version 0; central DP draws its noise from
+    /// `noise` (seeded in simulations, from the operating system in a coordinator).
+    pub fn new(
+        config: AsyncConfig,
+        initial: ModelParams,
+        noise: Box<dyn rand::Rng + Send>,
+    ) -> Result<Self, AsyncConfigError> {
         config.validate()?;
-        let mut strategy = FedAvg::with_server_lr(config.server_lr as f32);
-        strategy.begin_round(1, &initial, config.buffer_size);
+        let (mut strategy, ledger) = match &config.privacy {
+            Some(p) => {
+                let ledger = PrivacyLedger::new(p.delta).map_err(|e| crate::ConfigError::Privacy(e.to_string()))?;
+                (Rule::Private(DpFedAvg::new(p.noise_multiplier, p.clip_norm, None, noise)), Some(ledger))
+            }
+            None => (Rule::Plain(FedAvg::with_server_lr(config.server_lr as f32)), None),
+        };
+        strategy.get_mut().begin_round(1, &initial, config.buffer_size);
         let rng = derive_rng(config.seed, &[stream::ASYNC_SAMPLING]);
-        Ok(Self {
+        let mut engine = Self {
             config,
             strategy,
+            ledger,
+            in_buffer: BTreeSet::new(),
+            budget_spent: None,
             global: initial,
             version: 0,
             last_task: 0,
@@ -195,7 +257,34 @@ impl BufferedEngine {
             events: VecDeque::new(),
             evaluations: BTreeMap::new(),
             rng,
-        })
+        };
+        engine.check_budget();
+        Ok(engine)
+    }
+
+    /// Epsilon spent so far under central DP (at the configured delta).
+    pub fn epsilon(&self) -> Option<f64> {
+        self.ledger.as_ref().map(PrivacyLedger::epsilon)
+    }
+
+    /// The privacy ledger under central DP: one entry per aggregation.
+    pub fn ledger(&self) -> Option<&PrivacyLedger> {
+        self.ledger.as_ref()
+    }
+
+    /// Whether the budget stops further aggregations: `(spent, target)`.
+    pub fn budget_spent(&self) -> Option<(f64, f64)> {
+        self.budget_spent
+    }
+
+    /// Marks the budget spent when one more aggregation would pass `target_epsilon`.
+    fn check_budget(&mut self) {
+        let (Some(p), Some(ledger)) = (&self.config.privacy, &self.ledger) else { return };
+        let Some(target) = p.target_epsilon else { return };
+        let would = ledger.preview(1.0, p.noise_multiplier, 1).map_or(f64::INFINITY, |e| e.epsilon);
+        if would > target {
+            self.budget_spent = Some((ledger.epsilon(), target));
+        }
     }
 
     /// The current global model.
@@ -248,6 +337,9 @@ impl BufferedEngine {
     /// What [`Self::handle_train_result`] would refuse, checked without changing anything;
     /// on success, the result's staleness.
     pub fn check_train_result(&self, device: DeviceId, result: &TrainResult) -> Result<u64, AsyncRejectReason> {
+        if let Some((spent, target)) = self.budget_spent {
+            return Err(AsyncRejectReason::BudgetSpent { spent, target });
+        }
         let Some(held) = self.training.get(&device) else {
             return Err(match self.answered.get(&device) {
                 Some(&task) if task == result.round => AsyncRejectReason::Duplicate(task),
@@ -266,14 +358,14 @@ impl BufferedEngine {
         if staleness > self.config.max_staleness {
             return Err(AsyncRejectReason::TooStale { staleness, max: self.config.max_staleness });
         }
-        self.strategy.check(self.contribution(result, false)).map_err(AsyncRejectReason::Invalid)?;
+        self.strategy.get().check(self.contribution(result, false)).map_err(AsyncRejectReason::Invalid)?;
         Ok(staleness)
     }
 
     /// The synchronous engine's view of a result: capped samples and (with `clip` and a clip
-    /// norm) the server-side clip.
+    /// norm, without central DP, whose rule clips itself) the server-side clip.
     fn contribution<'a>(&self, result: &'a TrainResult, clip: bool) -> crate::strategy::Contribution<'a> {
-        let clip_norm = if clip { self.config.train.clip_norm } else { None };
+        let clip_norm = if clip && self.config.privacy.is_none() { self.config.train.clip_norm } else { None };
         crate::engine::contribution(result, self.config.max_samples_per_result, clip_norm)
     }
 
@@ -289,7 +381,12 @@ impl BufferedEngine {
         let staleness = match self.check_train_result(device, result) {
             Ok(s) => s,
             Err(e) => {
-                if matches!(e, AsyncRejectReason::TooStale { .. } | AsyncRejectReason::Invalid(_)) {
+                if matches!(
+                    e,
+                    AsyncRejectReason::TooStale { .. }
+                        | AsyncRejectReason::Invalid(_)
+                        | AsyncRejectReason::BudgetSpent { .. }
+                ) {
                     self.end_task(device);
                 }
                 return Err(e);
@@ -298,11 +395,14 @@ impl BufferedEngine {
         let mut contribution = self.contribution(result, true);
         contribution.clip_scale *= self.config.staleness.weight(staleness);
         let samples = contribution.num_samples;
-        if let Err(e) = self.strategy.accumulate(contribution) {
+        if let Err(e) = self.strategy.get_mut().accumulate(contribution) {
             self.end_task(device);
             return Err(AsyncRejectReason::Invalid(e));
         }
         self.end_task(device);
+        if self.ledger.is_some() {
+            self.in_buffer.insert(device);
+        }
         let b = &mut self.buffer;
         b.results += 1;
         b.samples = b.samples.saturating_add(samples);
@@ -334,10 +434,15 @@ impl BufferedEngine {
         if let Some(e) = self.events.pop_front() {
             return Some(e);
         }
-        if self.training.len() >= self.config.max_concurrency {
+        if self.training.len() >= self.config.max_concurrency || self.budget_spent.is_some() {
             return None;
         }
-        let free: Vec<DeviceId> = self.available.iter().copied().filter(|d| !self.training.contains_key(d)).collect();
+        let free: Vec<DeviceId> = self
+            .available
+            .iter()
+            .copied()
+            .filter(|d| !self.training.contains_key(d) && !self.in_buffer.contains(d))
+            .collect();
         let &device = free.choose(&mut self.rng)?;
         self.last_task += 1;
         let held = Held { task: self.last_task, version: self.version };
@@ -354,18 +459,25 @@ impl BufferedEngine {
     fn aggregate(&mut self, now: Duration) {
         let b = std::mem::take(&mut self.buffer);
         let round = self.version + 1;
-        let outcome = match self.strategy.aggregate_train(round, &self.global, 0) {
+        let outcome = match self.strategy.get_mut().aggregate_train(round, &self.global, 0) {
             Ok(next) if next.check_finite().is_err() => {
                 RoundOutcome::Failed("the aggregate has a non-finite value; the model is unchanged".into())
             }
-            Ok(next) => {
-                self.global = next;
-                self.version = round;
-                RoundOutcome::Aggregated
-            }
+            // The noised sum leaves the server only as a model: charge it first, and release
+            // nothing uncounted.
+            Ok(next) => match self.charge(round) {
+                Ok(()) => {
+                    self.global = next;
+                    self.version = round;
+                    RoundOutcome::Aggregated
+                }
+                Err(e) => RoundOutcome::Failed(format!("privacy accounting failed ({e}); the model is unchanged")),
+            },
             Err(e) => RoundOutcome::Failed(format!("aggregation failed: {e}")),
         };
-        self.strategy.begin_round(self.version + 1, &self.global, self.config.buffer_size);
+        self.in_buffer.clear();
+        self.check_budget();
+        self.strategy.get_mut().begin_round(self.version + 1, &self.global, self.config.buffer_size);
         let per = |x: f64, n: f64| if n > 0.0 { x / n } else { f64::NAN };
         self.events.push_back(AsyncEvent::Aggregated(AggregationReport {
             model_version: self.version,
@@ -377,7 +489,16 @@ impl BufferedEngine {
             train_loss: per(b.loss_sum, b.samples as f64),
             at: now,
             outcome,
+            epsilon: self.ledger.as_ref().map(PrivacyLedger::epsilon),
         }));
+    }
+
+    /// Records aggregation `round` in the ledger under central DP: one Gaussian release, q = 1.
+    fn charge(&mut self, round: u64) -> Result<(), fedge_core::privacy::PrivacyError> {
+        match (&mut self.ledger, &self.config.privacy) {
+            (Some(ledger), Some(p)) => ledger.record(round, 1.0, p.noise_multiplier, p.clip_norm).map(|_| ()),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -91,8 +91,19 @@ fn bad_configs_name_the_problem_in_one_line() {
         ("mode = \"fedbuff\"\nstaleness_exponent = -1.0", "staleness exponent must be in [0, 1e6]"),
         ("mode = \"fedbuff\"\nstaleness = \"hinge\"\nhinge_a = nan", "hinge slope a must be in"),
         ("mode = \"fedbuff\"\nstaleness = \"cubic\"", "line 2: unknown variant `cubic`"),
-        ("mode = \"fedbuff\"\nclip_norm = 1.0\nnoise_multiplier = 1.0", "not offered with mode = \"fedbuff\" yet"),
-        ("mode = \"fedbuff\"\nclip_norm = 1.0\nlocal_epsilon = 1.0", "unset local_epsilon"),
+        (
+            "mode = \"fedbuff\"\nclip_norm = 1.0\nnoise_multiplier = 0.5\nadaptive_clip = { target_quantile = 0.5 }",
+            "adaptive_clip is not offered with mode = \"fedbuff\"",
+        ),
+        ("mode = \"fedbuff\"\nnoise_multiplier = 1.0", "needs a clip norm"),
+        (
+            "mode = \"fedbuff\"\nclip_norm = 1.0\nnoise_multiplier = 1.0\n[strategy_options]\nserver_lr = 2.0",
+            "server_lr must be 1",
+        ),
+        (
+            "mode = \"fedbuff\"\nclip_norm = 1.0\nlocal_epsilon = 1.0",
+            "local_epsilon is not offered with mode = \"fedbuff\"",
+        ),
         ("mode = \"fedbuff\"\nstrategy = \"fedadam\"", "strategy `fedadam` is for mode = \"sync\""),
         ("mode = \"fedbuff\"\ndropout = 0.1", "dropout is not supported with mode = \"fedbuff\""),
     ];

@@ -55,14 +55,23 @@ pub(super) fn run(setup: Setup<'_>, out: Option<&Path>, obs: &mut dyn Observer) 
     let Setup { config, initial, pool, fleet, evaluator, test, mut csv, partition, parameters, started } = setup;
     let async_config = config.async_config()?;
     obs.line(&format!(
-        "fedbuff: buffer K = {}, at most {} devices training, staleness weight {} (max {}), server_lr {}",
+        "fedbuff: buffer K = {}, at most {} devices training, staleness weight {} (max {}), server_lr {}{}",
         async_config.buffer_size,
         async_config.max_concurrency,
         async_config.staleness.name(),
         async_config.max_staleness,
-        async_config.server_lr
+        async_config.server_lr,
+        match &async_config.privacy {
+            Some(p) => format!(
+                ", central DP z = {} C = {} (each aggregation charged as a Gaussian release, q = 1)",
+                p.noise_multiplier, p.clip_norm
+            ),
+            None => String::new(),
+        }
     ));
-    let mut engine = BufferedEngine::new(async_config, initial).map_err(|e| SimConfigError::Invalid(e.to_string()))?;
+    let noise = Box::new(fedge_core::rng::derive_rng(config.seed, &[fedge_core::rng::stream::SERVER_NOISE]));
+    let mut engine =
+        BufferedEngine::new(async_config, initial, noise).map_err(|e| SimConfigError::Invalid(e.to_string()))?;
     for &d in fleet.data.keys() {
         engine.handle_device_available(d);
     }
@@ -128,7 +137,12 @@ pub(super) fn run(setup: Setup<'_>, out: Option<&Path>, obs: &mut dyn Observer) 
             }
         }
         let Some(((at, task), device)) = in_flight.pop_first() else {
-            obs.line("no device left to task: stopping");
+            match engine.budget_spent() {
+                Some((spent, target)) => obs.line(&format!(
+                    "stopping: one more aggregation would take epsilon from {spent:.3} past the budget {target}"
+                )),
+                None => obs.line("no device left to task: stopping"),
+            }
             break;
         };
         now = at;
@@ -190,8 +204,8 @@ pub(super) fn run(setup: Setup<'_>, out: Option<&Path>, obs: &mut dyn Observer) 
         round_seconds,
         virtual_seconds: seconds(last_at),
         upload_bytes,
-        epsilon: None,
-        sampling_rate: None,
+        epsilon: engine.epsilon(),
+        sampling_rate: engine.epsilon().map(|_| 1.0),
         teacher_accuracy: None,
         teacher_bytes: None,
         student_accuracy: None,
@@ -242,7 +256,7 @@ fn row(
         virtual_start_s: seconds(last_at),
         virtual_duration_s: seconds(report.at.saturating_sub(last_at)),
         clip_norm: None,
-        epsilon: None,
+        epsilon: report.epsilon,
         mean_staleness: Some(report.mean_staleness),
         max_staleness: Some(report.max_staleness),
         attackers: 0,

@@ -4,7 +4,7 @@
 use fedge_core::wire::TrainConfig;
 use thiserror::Error;
 
-use crate::config::{ConfigError, DEFAULT_MAX_SAMPLES_PER_RESULT, EngineConfig};
+use crate::config::{CentralDp, ConfigError, DEFAULT_MAX_SAMPLES_PER_RESULT, EngineConfig};
 
 /// How much a result trained `s` versions ago counts, `w(s)` in (0, 1].
 ///
@@ -91,6 +91,11 @@ pub struct AsyncConfig {
     pub server_lr: f64,
     /// What devices are asked to do. Local DP (`local_dp`) is refused: see the module docs.
     pub train: TrainConfig,
+    /// Central DP (DP-FedBuff, see the module docs): every aggregation adds N(0, (z C)^2) to the
+    /// sum of the buffer's clipped, staleness-weighted deltas and is charged as one Gaussian
+    /// release without subsampling amplification. Adaptive clipping is refused; `server_lr`
+    /// must be 1.
+    pub privacy: Option<CentralDp>,
     /// Seed of which free device is tasked next.
     pub seed: u64,
     /// The most samples one result may claim (as in the synchronous engine).
@@ -106,6 +111,7 @@ impl Default for AsyncConfig {
             staleness: StalenessWeight::default(),
             server_lr: 1.0,
             train: TrainConfig::sgd(5, 10, 0.05),
+            privacy: None,
             seed: 0,
             max_samples_per_result: DEFAULT_MAX_SAMPLES_PER_RESULT,
         }
@@ -127,11 +133,12 @@ pub enum AsyncConfigError {
     /// A server learning rate that is not positive and finite.
     #[error("server_lr must be positive and finite, got {0}")]
     ServerLr(f64),
-    /// Privacy settings: not offered in asynchronous mode yet.
-    #[error(
-        "differential privacy is not offered in asynchronous (FedBuff) mode yet: unset {0} or run the synchronous engine"
-    )]
+    /// Privacy settings asynchronous mode does not offer.
+    #[error("{0} is not offered in asynchronous (FedBuff) mode: unset it or run the synchronous engine")]
     Privacy(&'static str),
+    /// Central DP with a server learning rate other than 1.
+    #[error("central DP in FedBuff mode takes the noised mean as it is: server_lr must be 1, got {0}")]
+    DpServerLr(f64),
     /// The training settings or the sample bound, as the synchronous engine checks them.
     #[error(transparent)]
     Engine(#[from] ConfigError),
@@ -153,10 +160,19 @@ impl AsyncConfig {
         if self.train.local_dp.is_some() {
             return Err(AsyncConfigError::Privacy("local DP"));
         }
-        // The training keys and the sample bound are checked exactly as the synchronous
-        // engine checks them.
+        if let Some(p) = &self.privacy {
+            if p.adaptive.is_some() {
+                return Err(AsyncConfigError::Privacy("adaptive clipping"));
+            }
+            if self.server_lr != 1.0 {
+                return Err(AsyncConfigError::DpServerLr(self.server_lr));
+            }
+        }
+        // The training keys, the privacy settings and the sample bound are checked exactly as
+        // the synchronous engine checks them.
         EngineConfig {
             train: self.train,
+            privacy: self.privacy.clone(),
             max_samples_per_result: self.max_samples_per_result,
             seed: self.seed,
             ..EngineConfig::default()

@@ -2,6 +2,7 @@
 //! hand-computed expectations.
 
 use super::*;
+use crate::CentralDp;
 use fedge_core::wire::TrainConfig;
 use fedge_core::{ParamLayout, TensorSpec};
 use std::sync::Arc;
@@ -20,8 +21,12 @@ fn cfg(buffer_size: usize, max_concurrency: usize, max_staleness: u64, staleness
     AsyncConfig { buffer_size, max_concurrency, max_staleness, staleness, ..AsyncConfig::default() }
 }
 
+fn noise() -> Box<dyn rand::Rng + Send> {
+    Box::new(derive_rng(7, &[]))
+}
+
 fn engine(devices: u64, config: AsyncConfig) -> BufferedEngine {
-    let mut e = BufferedEngine::new(config, params([0.0, 0.0])).unwrap();
+    let mut e = BufferedEngine::new(config, params([0.0, 0.0]), noise()).unwrap();
     for d in 0..devices {
         e.handle_device_available(d);
     }
@@ -274,7 +279,7 @@ fn seeded_engines_task_the_same_devices() {
 #[test]
 fn bad_configs_are_refused_in_one_line() {
     let d = AsyncConfig::default();
-    let cases: [(AsyncConfig, &str); 9] = [
+    let cases: [(AsyncConfig, &str); 12] = [
         (AsyncConfig { buffer_size: 0, ..d.clone() }, "buffer_size must be 1 to"),
         (AsyncConfig { max_concurrency: 0, ..d.clone() }, "max_concurrency must be 1 to"),
         (AsyncConfig { server_lr: 0.0, ..d.clone() }, "server_lr must be positive"),
@@ -298,14 +303,165 @@ fn bad_configs_are_refused_in_one_line() {
                 },
                 ..d.clone()
             },
-            "not offered in asynchronous (FedBuff) mode yet",
+            "local DP is not offered in asynchronous (FedBuff) mode",
+        ),
+        (
+            AsyncConfig {
+                privacy: Some(CentralDp {
+                    adaptive: Some(fedge_core::privacy::AdaptiveClipConfig {
+                        target_quantile: 0.5,
+                        learning_rate: 0.2,
+                        count_noise_fraction: 0.05,
+                    }),
+                    ..dp(1.0, None)
+                }),
+                train: TrainConfig { clip_norm: Some(1.0), ..d.train },
+                ..d.clone()
+            },
+            "adaptive clipping is not offered",
+        ),
+        (
+            AsyncConfig {
+                privacy: Some(dp(1.0, None)),
+                train: TrainConfig { clip_norm: Some(1.0), ..d.train },
+                server_lr: 2.0,
+                ..d.clone()
+            },
+            "server_lr must be 1",
+        ),
+        (
+            AsyncConfig {
+                privacy: Some(dp(-1.0, None)),
+                train: TrainConfig { clip_norm: Some(1.0), ..d.train },
+                ..d.clone()
+            },
+            "invalid privacy settings",
         ),
     ];
     for (c, want) in cases {
         let got = c.validate().unwrap_err().to_string();
         assert!(got.contains(want), "{got}");
         assert!(!got.contains('\n'));
-        assert!(BufferedEngine::new(c, params([0.0, 0.0])).is_err());
+        assert!(BufferedEngine::new(c, params([0.0, 0.0]), noise()).is_err());
     }
     d.validate().unwrap();
+}
+
+fn dp(z: f64, target_epsilon: Option<f64>) -> CentralDp {
+    CentralDp { noise_multiplier: z, clip_norm: 1.0, adaptive: None, delta: 1e-5, target_epsilon }
+}
+
+fn dp_cfg(buffer_size: usize, z: f64, target_epsilon: Option<f64>, staleness: StalenessWeight) -> AsyncConfig {
+    AsyncConfig {
+        buffer_size,
+        max_concurrency: 10,
+        max_staleness: 10,
+        staleness,
+        train: TrainConfig { clip_norm: Some(1.0), ..AsyncConfig::default().train },
+        privacy: Some(dp(z, target_epsilon)),
+        ..AsyncConfig::default()
+    }
+}
+
+/// DP-FedBuff by hand, noise tiny so the arithmetic shows: each delta clipped to C = 1 by the
+/// server, scaled by its staleness weight, counted once whatever its sample claim, and the sum
+/// divided by K.
+#[test]
+fn under_dp_each_delta_is_clipped_weighted_counted_once_and_divided_by_k() {
+    let mut e = engine(3, dp_cfg(2, 1e-9, None, StalenessWeight::Polynomial { exponent: 1.0 }));
+    let t = assigned(&mut e);
+    assert_eq!(t.len(), 3);
+    // Fresh: norm 5 -> clipped to (0.6, 0.8); 1000 samples weigh no more than 1.
+    e.handle_train_result(S, t[0].0, &result(&t[0].1, [3.0, 4.0], 1000)).unwrap();
+    e.handle_train_result(S, t[1].0, &result(&t[1].1, [0.5, 0.0], 1)).unwrap();
+    let r = report(&mut e);
+    assert_eq!((r.model_version, r.outcome.clone()), (1, RoundOutcome::Aggregated));
+    let g = e.global().data().to_vec();
+    assert!((g[0] - 0.55).abs() < 1e-6 && (g[1] - 0.4).abs() < 1e-6, "{g:?}"); // ((0.6 + 0.5) / 2, 0.8 / 2)
+    // One Gaussian release at q = 1 so far.
+    let one = fedge_core::privacy::PrivacyLedger::new(1e-5).unwrap().preview(1.0, 1e-9, 1).unwrap().epsilon;
+    assert_eq!(r.epsilon, Some(one));
+    // Stale by one (w = 1/2): (2, 0) clips to (1, 0), then halves; the next result is fresh.
+    let stale = t[2].clone();
+    let next = assigned(&mut e);
+    e.handle_train_result(2 * S, stale.0, &result(&stale.1, [2.0, 0.0], 5)).unwrap();
+    let (d, task) = next.iter().find(|(d, _)| *d != stale.0).unwrap().clone();
+    e.handle_train_result(2 * S, d, &result(&task, [0.0, 0.2], 5)).unwrap();
+    let r = report(&mut e);
+    assert_eq!(r.model_version, 2);
+    let g = e.global().data().to_vec();
+    assert!((g[0] - 0.8).abs() < 1e-6 && (g[1] - 0.5).abs() < 1e-6, "{g:?}"); // + (0.5 / 2, 0.2 / 2)
+    assert_eq!(e.ledger().unwrap().entries().len(), 2);
+}
+
+/// The noise is there: with z = 1 and K = 1, the step is the clipped delta plus N(0, 1) per
+/// coordinate, so over many aggregations the steps' spread is about 1.
+#[test]
+fn under_dp_the_noise_has_the_stated_scale() {
+    let mut e = engine(1, AsyncConfig { max_staleness: 1000, ..dp_cfg(1, 1.0, None, StalenessWeight::Constant) });
+    let mut sq = 0.0f64;
+    let n = 400;
+    for _ in 0..n {
+        let before = e.global().data().to_vec();
+        let (d, task) = assigned(&mut e).pop().unwrap();
+        e.handle_train_result(S, d, &result(&task, [0.0, 0.0], 1)).unwrap();
+        report(&mut e);
+        let after = e.global().data();
+        sq += after.iter().zip(&before).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>();
+    }
+    let std = (sq / (2 * n) as f64).sqrt();
+    assert!((0.9..1.1).contains(&std), "noise std {std}");
+}
+
+/// Under DP a device with a result in the open buffer is not tasked again until it is
+/// aggregated (one device moves one release by at most C); without DP it is.
+#[test]
+fn under_dp_a_device_contributes_once_per_buffer() {
+    for private in [true, false] {
+        let mut c = dp_cfg(3, 1e-9, None, StalenessWeight::Constant);
+        if !private {
+            c.privacy = None;
+        }
+        let mut e = engine(2, c);
+        let t = assigned(&mut e);
+        assert_eq!(t.len(), 2);
+        e.handle_train_result(S, t[0].0, &result(&t[0].1, [0.1, 0.0], 1)).unwrap();
+        let again: Vec<DeviceId> = assigned(&mut e).into_iter().map(|(d, _)| d).collect();
+        assert_eq!(again.contains(&t[0].0), !private, "private {private}: {again:?}");
+        if private {
+            // The other device's result fills the buffer only with a third device: none, so
+            // after its result both wait and nothing is tasked.
+            e.handle_train_result(S, t[1].0, &result(&t[1].1, [0.1, 0.0], 1)).unwrap();
+            assert!(assigned(&mut e).is_empty());
+            assert_eq!(e.buffered(), 2);
+        }
+    }
+}
+
+/// The ledger charges each aggregation as a Gaussian release at q = 1, and a budget stops the
+/// engine before the aggregation that would pass it: no more tasks, late results refused.
+#[test]
+fn under_dp_the_budget_stops_before_the_aggregation_that_would_pass_it() {
+    let ledger = fedge_core::privacy::PrivacyLedger::new(1e-5).unwrap();
+    let z = 2.0;
+    let (e3, e4) = (ledger.preview(1.0, z, 3).unwrap().epsilon, ledger.preview(1.0, z, 4).unwrap().epsilon);
+    let target = (e3 + e4) / 2.0;
+    let mut e = engine(4, AsyncConfig { max_staleness: 1000, ..dp_cfg(1, z, Some(target), StalenessWeight::Constant) });
+    let mut held = Vec::new();
+    for i in 0..3u64 {
+        let mut t = assigned(&mut e);
+        held.append(&mut t);
+        let (d, task) = held.remove(0);
+        e.handle_train_result(S * (i as u32 + 1), d, &result(&task, [0.1, 0.0], 1)).unwrap();
+        let r = report(&mut e);
+        assert_eq!(r.model_version, i + 1);
+    }
+    assert!((e.epsilon().unwrap() - e3).abs() < 1e-9, "{:?} vs {e3}", e.epsilon());
+    assert_eq!(e.budget_spent(), Some((e.epsilon().unwrap(), target)));
+    assert!(assigned(&mut e).is_empty(), "no task past the budget");
+    let (d, task) = held.remove(0);
+    let err = e.handle_train_result(4 * S, d, &result(&task, [0.1, 0.0], 1)).unwrap_err();
+    assert!(matches!(err, AsyncRejectReason::BudgetSpent { .. }), "{err}");
+    assert_eq!(err.code(), ErrorCode::NotSelected);
+    assert_eq!((e.version(), e.ledger().unwrap().entries().len()), (3, 3));
 }

@@ -77,10 +77,12 @@ impl Strategy for DpFedAvg {
     fn accumulate(&mut self, c: Contribution<'_>) -> Result<(), AggregateError> {
         let acc = self.acc.as_mut().ok_or(AggregateError::Empty)?;
         // Clip here too: the weight scales the delta onto the ball of radius C. (A non-finite
-        // delta gets a NaN norm, weight 1, and `add` refuses it.)
+        // delta gets a NaN norm, weight 1, and `add` refuses it.) The engine's own factor
+        // (1 in the synchronous engine under DP; FedBuff's staleness weight) can only shrink
+        // it further, so the sensitivity stays C.
         let norm = c.delta.l2_norm();
         let scale = if norm > self.clip { self.clip / norm } else { 1.0 };
-        acc.add(c.delta, scale)?;
+        acc.add(c.delta, scale * c.clip_scale.clamp(0.0, 1.0))?;
         if !c.clipped && scale == 1.0 {
             self.unclipped += 1;
         }
