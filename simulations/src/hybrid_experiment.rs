@@ -16,18 +16,27 @@
 //! the pruned weights held at zero after every step, then quantised and sent sparse
 //! ([`QuantizedModel::into_sparse`]); each measured as the dense one is, thresholds calibrated
 //! anew for it.
+//!
+//! With `--medium-model KIND`, three tiers as well ([`fedge_core::escalation::tiers`]): a
+//! medium model distilled from the teacher like the student (int8, for a regional edge
+//! server) answers what the device escalates, and sends on to the teacher only what it is
+//! unsure of too, each tier calibrated to its own rate; beside the two-tier cascade at the same
+//! device rate, with the mean latency of a request from each model's measured compute time and
+//! the stated round trips.
 
 use std::time::Instant;
 
 use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::dataset::Dataset;
+use fedge_core::escalation::tiers::{TierLatency, TierObservation, TierRow, tier_table};
 use fedge_core::escalation::{CLOUD_ONLY, ConfidenceMeasure, Observation, PolicyRow, policy_table};
 use fedge_core::inference_cost::{CostModel, cost_table};
 use fedge_core::prune::PruneMask;
 use fedge_core::quant::QuantizedModel;
 use fedge_core::rng::{derive_rng, stream};
-use fedge_learn::{Predictor, Trainer};
+use fedge_learn::{ModelKind, Predictor, Trainer};
+use rand::RngExt;
 use serde::Serialize;
 
 use crate::config::{SimConfig, SimConfigError};
@@ -71,17 +80,75 @@ pub struct Options<'a> {
     pub cost: Option<&'a CostModel>,
     /// Sparsities of the pruned students to measure besides the distilled one.
     pub prune: &'a [f64],
+    /// Three tiers, when asked for.
+    pub tiers: Option<TierOptions>,
+}
+
+/// The three-tier comparison's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct TierOptions {
+    /// The regional server's model, distilled from the teacher like the student.
+    pub medium: ModelKind,
+    /// Share of the region's requests it sends on to the root.
+    pub region_rate: f64,
+    /// Device <-> region round trip, milliseconds.
+    pub region_rtt_ms: f64,
+    /// Region <-> root (and device <-> root) round trip, milliseconds.
+    pub root_rtt_ms: f64,
+}
+
+impl TierOptions {
+    fn validate(&self) -> Result<(), String> {
+        self.medium.images_only()?;
+        if !(0.0..=1.0).contains(&self.region_rate) {
+            return Err(format!("region rate must be in [0, 1], got {}", self.region_rate));
+        }
+        for (what, v) in [("region round trip", self.region_rtt_ms), ("root round trip", self.root_rtt_ms)] {
+            if !(v.is_finite() && (0.0..=3.6e6).contains(&v)) {
+                return Err(format!("{what} must be 0 to 3600000 ms, got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the experiment measured: the policy rows, and the three tiers when asked for.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Local-only, cloud-only and the cascades (then the pruned students').
+    pub policies: Vec<HybridRow>,
+    /// The three-tier comparison.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiers: Option<Tiers>,
+}
+
+/// The three-tier comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tiers {
+    /// The regional model.
+    pub medium: ModelKind,
+    /// Its bytes as it travels (int8).
+    pub medium_bytes: usize,
+    /// Its accuracy alone on the evaluation images.
+    pub medium_accuracy: f64,
+    /// The latencies the mean latency is made of.
+    pub latency: TierLatency,
+    /// One row per device rate.
+    pub rows: Vec<TierRow>,
 }
 
 /// Runs the experiment: `config` trains the teacher (distillation is switched on after its
 /// last round if the config does not ask for it). Rows: the distilled student's policies
 /// (local-only, cloud-only, the cascade at each rate), then each pruned student's (without
 /// cloud-only, which does not depend on the student).
-pub fn run(config: &SimConfig, options: Options<'_>, obs: &mut dyn Observer) -> Result<Vec<HybridRow>, SimError> {
+pub fn run(config: &SimConfig, options: Options<'_>, obs: &mut dyn Observer) -> Result<Report, SimError> {
     for &s in options.prune {
         if !(0.0..1.0).contains(&s) {
             return Err(SimConfigError::Invalid(format!("prune sparsity must be in [0, 1), got {s}")).into());
         }
+    }
+    if let Some(t) = &options.tiers {
+        t.validate().map_err(SimConfigError::Invalid)?;
     }
     let mut c = config.clone();
     c.distill_every = c.distill_every.or(Some(c.rounds));
@@ -94,20 +161,48 @@ pub fn run(config: &SimConfig, options: Options<'_>, obs: &mut dyn Observer) -> 
             .map_err(|e| SimError::Eval(fedge_learn::ConvertError::Layout(e.to_string())))
     };
     let teacher = predictor(c.model, &out.global)?;
-    // The teacher's answers on the evaluation half, once for every student.
+    // The teacher's answers on the evaluation half, once for every student, and its latency.
+    let started = Instant::now();
     let cloud: Vec<usize> =
         (1..test.len()).step_by(2).map(|i| teacher.predict(test.image(i), test.rows, test.cols).class).collect();
+    let teacher_ms = started.elapsed().as_secs_f64() * 1e3 / cloud.len().max(1) as f64;
     let dense = QuantizedModel::quantize(student_params);
     let measured = Measured { test, cloud: &cloud, options: &options };
-    let mut rows =
-        measured.rows(&predictor(c.student_model, student_params)?, codec::encode_value(&dense).len(), None)?;
-    if options.prune.is_empty() {
-        return Ok(rows);
+    let student = predictor(c.student_model, student_params)?;
+    let mut rows = measured.rows(&student, codec::encode_value(&dense).len(), None)?;
+    if options.prune.is_empty() && options.tiers.is_none() {
+        return Ok(Report { policies: rows, tiers: None });
     }
-    // Pruning's fine-tuning: the teacher's logits on the run's proxy images, computed once.
+    // Pruning's fine-tuning and the medium model's distillation: the teacher's logits on the
+    // run's proxy images, computed once.
     let proxy = crate::run::proxy_indices(&c, data.train.len());
     let mut teacher_trainer = Trainer::new(c.model, data.train.num_classes, c.backend)?;
     let logits = teacher_trainer.logits(&out.global, &data.train, &proxy)?;
+    let tiers = match options.tiers {
+        Some(t) => {
+            let mut medium = Trainer::new(t.medium, data.train.num_classes, c.backend)?;
+            let start = medium.initial_params(derive_rng(c.seed, &[stream::INIT, 200]).random());
+            let mut rng = derive_rng(c.seed, &[stream::DISTILL, 200]);
+            let params = medium.distill(&start, &data.train, &proxy, &logits, &c.distill, &mut rng)?.params;
+            let int8 = QuantizedModel::quantize(&params);
+            let deq = int8.dequantize().map_err(|e| SimConfigError::Invalid(e.to_string()))?;
+            obs.line(&format!("medium model ({}) distilled for the regional tier", t.medium));
+            let student_ms = rows.first().map_or(0.0, |r| r.local_mean_ms);
+            let m = Measured { test, cloud: &cloud, options: &options };
+            Some(m.tiers(
+                &student,
+                &predictor(t.medium, &deq)?,
+                codec::encode_value(&int8).len(),
+                &t,
+                student_ms,
+                teacher_ms,
+            )?)
+        }
+        None => None,
+    };
+    if options.prune.is_empty() {
+        return Ok(Report { policies: rows, tiers });
+    }
     let mut student = Trainer::new(c.student_model, data.train.num_classes, c.backend)?;
     let stage = fedge_learn::DistillConfig { epochs: c.distill.epochs.div_ceil(3), ..c.distill };
     for (k, &sparsity) in options.prune.iter().enumerate() {
@@ -131,7 +226,7 @@ pub fn run(config: &SimConfig, options: Options<'_>, obs: &mut dyn Observer) -> 
         )?;
         rows.extend(pruned.into_iter().filter(|r| r.row.policy != CLOUD_ONLY));
     }
-    Ok(rows)
+    Ok(Report { policies: rows, tiers })
 }
 
 /// What every student is measured against: the test split, the teacher's answers on its odd
@@ -143,6 +238,55 @@ struct Measured<'a> {
 }
 
 impl Measured<'_> {
+    /// Three tiers with `student` on the device and `medium` at the region (calibrated on the
+    /// even test images, measured on the odd ones), and the medium model's latency.
+    fn tiers(
+        &self,
+        student: &Predictor,
+        medium: &Predictor,
+        medium_bytes: usize,
+        t: &TierOptions,
+        student_ms: f64,
+        teacher_ms: f64,
+    ) -> Result<Tiers, SimError> {
+        let test = self.test;
+        let measure = self.options.measure;
+        let (mut cal, mut eval) = (Vec::new(), Vec::new());
+        let (mut medium_time, mut medium_right) = (0.0f64, 0usize);
+        for i in 0..test.len() {
+            let s = student.predict(test.image(i), test.rows, test.cols);
+            let started = Instant::now();
+            let m = medium.predict(test.image(i), test.rows, test.cols);
+            let (ds, ms) = (measure.score(&s.probabilities), measure.score(&m.probabilities));
+            if i % 2 == 0 {
+                cal.push((ds, ms));
+            } else {
+                medium_time += started.elapsed().as_secs_f64() * 1e3;
+                let label = test.labels[i] as usize;
+                medium_right += usize::from(m.class == label);
+                eval.push(TierObservation {
+                    device_score: ds,
+                    device: s.class,
+                    region_score: ms,
+                    region: m.class,
+                    root: self.cloud[i / 2],
+                    label,
+                });
+            }
+        }
+        let n = eval.len().max(1) as f64;
+        let latency = TierLatency {
+            device_ms: student_ms,
+            region_ms: medium_time / n,
+            root_ms: teacher_ms,
+            region_rtt_ms: t.region_rtt_ms,
+            root_rtt_ms: t.root_rtt_ms,
+        };
+        let rows = tier_table(&cal, &eval, self.options.rates, t.region_rate, &latency)
+            .map_err(|e| SimConfigError::Invalid(e.to_string()))?;
+        Ok(Tiers { medium: t.medium, medium_bytes, medium_accuracy: medium_right as f64 / n, latency, rows })
+    }
+
     /// The policy rows of one student (calibrated on the even test images, measured on the
     /// odd ones), with its latency, size and cost.
     fn rows(

@@ -67,6 +67,20 @@ enum Command {
         /// by distillation, sent sparse), e.g. `0.5,0.8,0.9`.
         #[arg(long, value_delimiter = ',')]
         prune: Vec<f64>,
+        /// Three tiers too: a medium model of this kind (e.g. 2nn) distilled from the teacher
+        /// answers at a regional server what the device escalates, and sends on to the teacher
+        /// what it is unsure of too.
+        #[arg(long)]
+        medium_model: Option<ModelKind>,
+        /// Three tiers: share of the region's requests it sends on to the root.
+        #[arg(long, default_value_t = 0.3)]
+        region_rate: f64,
+        /// Three tiers: device <-> region round trip, milliseconds.
+        #[arg(long, default_value_t = 10.0)]
+        region_rtt_ms: f64,
+        /// Three tiers: region <-> root (and device <-> root) round trip, milliseconds.
+        #[arg(long, default_value_t = 60.0)]
+        root_rtt_ms: f64,
     },
     /// Training speed: samples/s of a local SGD step of each model on the CPU, beside
     /// PyTorch's in the same run (when its venv from ../shared/bench/setup-torch.sh exists).
@@ -277,7 +291,18 @@ fn real_main() -> anyhow::Result<()> {
             })?;
             Ok(())
         }
-        Command::Hybrid { run, rates, confidence, cost_per_cloud_call, cost_per_device_ms, prune } => {
+        Command::Hybrid {
+            run,
+            rates,
+            confidence,
+            cost_per_cloud_call,
+            cost_per_device_ms,
+            prune,
+            medium_model,
+            region_rate,
+            region_rtt_ms,
+            root_rtt_ms,
+        } => {
             let config = run.config()?;
             let cost = match (cost_per_cloud_call, cost_per_device_ms) {
                 (None, None) => None,
@@ -294,12 +319,29 @@ fn real_main() -> anyhow::Result<()> {
                 console = Console::new(config.rounds);
                 &mut console
             };
-            let options =
-                fedge_sim::hybrid_experiment::Options { rates: &rates, measure, cost: cost.as_ref(), prune: &prune };
-            let rows = fedge_sim::hybrid_experiment::run(&config, options, obs)?;
+            let tiers = medium_model.map(|medium| fedge_sim::hybrid_experiment::TierOptions {
+                medium,
+                region_rate,
+                region_rtt_ms,
+                root_rtt_ms,
+            });
+            let options = fedge_sim::hybrid_experiment::Options {
+                rates: &rates,
+                measure,
+                cost: cost.as_ref(),
+                prune: &prune,
+                tiers,
+            };
+            let report = fedge_sim::hybrid_experiment::run(&config, options, obs)?;
+            let rows = &report.policies;
             let mut stdout = std::io::stdout().lock();
             if run.json {
-                let _ = writeln!(stdout, "{}", serde_json::to_string_pretty(&rows)?);
+                // The policy rows alone, as before, unless three tiers were asked for.
+                let json = match &report.tiers {
+                    Some(_) => serde_json::to_string_pretty(&report)?,
+                    None => serde_json::to_string_pretty(rows)?,
+                };
+                let _ = writeln!(stdout, "{json}");
             } else {
                 let table: Vec<_> = rows.iter().filter(|r| r.sparsity.is_none()).map(|r| r.row.clone()).collect();
                 let _ = write!(stdout, "{}", fedge_core::escalation::format_table(&table));
@@ -315,8 +357,25 @@ fn real_main() -> anyhow::Result<()> {
                     let _ = write!(stdout, "\n{}", fedge_core::inference_cost::format_cost_table(&costs));
                 }
                 if let Some(r) = rows.first().filter(|_| !prune.is_empty()) {
-                    let pruned = fedge_sim::hybrid_experiment::format_pruned(&rows, r.student_bytes);
+                    let pruned = fedge_sim::hybrid_experiment::format_pruned(rows, r.student_bytes);
                     let _ = write!(stdout, "\npruned students (dense int8: {} bytes)\n{pruned}", r.student_bytes);
+                }
+                if let Some(t) = &report.tiers {
+                    let l = &t.latency;
+                    let _ = write!(
+                        stdout,
+                        "\nthree tiers: device (int8 {}) -> region (int8 {}, {} bytes, {:.2}% alone) -> root (teacher); compute {:.3} / {:.3} / {:.3} ms, round trips {} ms (region), {} ms (root)\n{}",
+                        config.student_model,
+                        t.medium,
+                        t.medium_bytes,
+                        t.medium_accuracy * 100.0,
+                        l.device_ms,
+                        l.region_ms,
+                        l.root_ms,
+                        l.region_rtt_ms,
+                        l.root_rtt_ms,
+                        fedge_core::escalation::tiers::format_tier_table(&t.rows)
+                    );
                 }
             }
             Ok(())

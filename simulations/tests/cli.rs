@@ -366,3 +366,46 @@ fn hybrid_prunes_the_student_and_sends_it_sparse() {
     let (ok, _, stderr) = sim(&["hybrid", "--prune", "1.0"]);
     assert!(!ok && stderr.contains("prune sparsity must be in [0, 1), got 1"), "{stderr}");
 }
+
+#[test]
+fn hybrid_measures_three_tiers_beside_the_two_tier_cascade() {
+    let (ok, stdout, stderr) =
+        sim(&["hybrid", "--json", "--rounds", "3", "--medium-model", "2nn", "--region-rate", "0.5"]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(report["policies"].as_array().unwrap().iter().any(|r| r["policy"] == "cascade"));
+    let t = &report["tiers"];
+    assert_eq!(t["medium"], "2nn");
+    assert!(t["medium_bytes"].as_u64().unwrap() > 150_000, "an int8 2NN: {t}");
+    let l = &t["latency"];
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    assert!(f(&l["device_ms"]) > 0.0 && f(&l["region_ms"]) > 0.0 && f(&l["root_ms"]) > 0.0, "{l}");
+    assert_eq!((f(&l["region_rtt_ms"]), f(&l["root_rtt_ms"])), (10.0, 60.0));
+    let rows = t["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "one row per device rate");
+    for r in rows {
+        let (d, g, root) = (f(&r["device_share"]), f(&r["region_share"]), f(&r["root_share"]));
+        assert!((d + g + root - 1.0).abs() < 1e-9, "{r}");
+        // The device sends on what the two-tier cascade would; the region answers some of it.
+        assert!((g + root - f(&r["two_tier_root_share"])).abs() < 1e-9, "{r}");
+        assert!((f(&r["device_share"]) - (1.0 - f(&r["device_rate"]))).abs() < 0.04, "{r}");
+        assert!(root <= g + root && root < f(&r["two_tier_root_share"]) + 1e-12, "{r}");
+        // Fewer root calls, so a lower mean latency than sending every escalation to the root.
+        assert!(f(&r["mean_latency_ms"]) < f(&r["two_tier_mean_latency_ms"]), "{r}");
+    }
+}
+
+#[test]
+fn hybrid_refuses_impossible_tiers_before_training() {
+    for (args, msg) in [
+        (&["--medium-model", "2nn", "--region-rate", "1.5"][..], "region rate must be in [0, 1]"),
+        (&["--medium-model", "2nn", "--root-rtt-ms=-1"][..], "root round trip must be 0 to"),
+        (&["--medium-model", "lstm"][..], "reads text"),
+    ] {
+        let mut all = vec!["hybrid"];
+        all.extend(args);
+        let (ok, _, stderr) = sim(&all);
+        assert!(!ok && stderr.contains(msg), "{args:?}: {stderr}");
+        assert!(!stderr.contains("round 1"), "refused before training: {stderr}");
+    }
+}

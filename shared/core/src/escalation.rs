@@ -1,6 +1,9 @@
 //! Hybrid inference decisions, as plain maths: how sure a local answer is, where the
 //! escalation threshold sits for a target escalation rate, and what each policy does with an
 //! answer. The edge client and the simulator drive this; nothing here runs a model or a socket.
+//! [`tiers`]: the three-tier cascade (device -> region -> root).
+
+pub mod tiers;
 
 use thiserror::Error;
 
