@@ -24,6 +24,9 @@ pub enum PredictorError {
     /// The parameters do not fit the architecture.
     #[error(transparent)]
     Convert(#[from] ConvertError),
+    /// A text model: single-image prediction is for image models.
+    #[error("{0}")]
+    Text(String),
 }
 
 /// One answer.
@@ -47,6 +50,7 @@ pub struct Predictor {
 impl Predictor {
     /// A predictor of architecture `kind` with `params`, on `backend`.
     pub fn new(kind: ModelKind, params: &ModelParams, backend: BackendKind) -> Result<Self, PredictorError> {
+        kind.images_only().map_err(PredictorError::Text)?;
         let device = backend.device()?;
         let classes = params.layout().specs().last().map_or(0, |s| s.shape[0]);
         let model = convert::load_params(Model::init(kind, classes, &device), params)?;
@@ -138,5 +142,9 @@ mod tests {
         }
         // Parameters of another architecture are refused.
         assert!(Predictor::new(ModelKind::TwoNn, &p, BackendKind::Flex).is_err());
+        // A text model is refused, whatever its parameters (a signed record could name one).
+        let lstm = Trainer::new(ModelKind::LstmSmall, 80, BackendKind::Flex).unwrap().initial_params(1);
+        let err = Predictor::new(ModelKind::LstmSmall, &lstm, BackendKind::Flex).err().unwrap().to_string();
+        assert!(err.contains("reads text"), "{err}");
     }
 }
