@@ -188,8 +188,7 @@ pub fn run(config: &SimConfig, options: Options<'_>, obs: &mut dyn Observer) -> 
             let deq = int8.dequantize().map_err(|e| SimConfigError::Invalid(e.to_string()))?;
             obs.line(&format!("medium model ({}) distilled for the regional tier", t.medium));
             let student_ms = rows.first().map_or(0.0, |r| r.local_mean_ms);
-            let m = Measured { test, cloud: &cloud, options: &options };
-            Some(m.tiers(
+            Some(measured.tiers(
                 &student,
                 &predictor(t.medium, &deq)?,
                 codec::encode_value(&int8).len(),

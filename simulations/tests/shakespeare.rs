@@ -50,7 +50,7 @@ fn the_lstm_learns_characters_from_speaking_roles() {
         per_role[r as usize] += 1;
     }
     assert_eq!(out.partition.sizes, per_role);
-    // Each result weighs what the device trained on: at most local_examples windows.
+    // Six roles report every round.
     assert!(out.rounds.iter().all(|r| r.results == 6), "{:?}", out.rounds);
     let counts = d.test.label_counts();
     let n = d.test.len() as f64;

@@ -112,14 +112,6 @@ pub struct TrainTest {
     pub natural: Option<Vec<u32>>,
 }
 
-impl TrainTest {
-    /// Whether the examples are text windows (character classes, `text::SEQ_LEN` of them)
-    /// rather than images.
-    pub fn is_text(&self) -> bool {
-        self.train.rows == 1 && self.train.cols == text::SEQ_LEN && self.train.num_classes == text::VOCAB.len()
-    }
-}
-
 /// Errors reading a dataset.
 #[derive(Debug, Error)]
 pub enum DatasetError {
