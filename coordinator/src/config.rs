@@ -190,5 +190,8 @@ mod tests {
         assert!(bad("strategy = \"krumm\"").contains("unknown strategy `krumm`"));
         assert!(bad("strategy = \"fedyogi\"\n[strategy_options]\nbeta2 = 2.0").contains("beta2 must be in [0, 1)"));
         assert_eq!(parse_toml::<ServeConfig>("[strategy_options]\nmu = 1.0").unwrap_err().0, 2);
+        let c: ServeConfig = parse_toml("strategy = \"fltrust\"\n[strategy_options]\nroot_examples = 500").unwrap();
+        assert_eq!(c.engine().unwrap().strategy.root_examples(), Some(500));
+        assert!(bad("strategy = \"fltrust\"\n[strategy_options]\nroot_examples = 0").contains("root_examples must be"));
     }
 }

@@ -10,6 +10,7 @@
 //! escalate with the teacher, batched, under a per-device rate limit. [`operator`] is the
 //! operator's client and [`print`] what the operator commands print. [`web`] is the HTTP
 //! listener of Prometheus metrics ([`metrics`]) and of the read-only operator page ([`page`]).
+//! [`root_set`] trains FLTrust's reference update on the server's own clean examples.
 
 pub mod blobs;
 pub mod certs;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod operator;
 pub mod page;
 pub mod print;
+pub mod root_set;
 pub mod server;
 pub mod service;
 pub mod store;

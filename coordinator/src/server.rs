@@ -20,8 +20,9 @@
 //! the signer, the blob store), `Fleet` in `server/fleet.rs` (devices known, connected, what
 //! they run) and `DownloadCache` in `server/downloads.rs` (the model versions kept for
 //! devices and their encoded bytes). The protocols are in `server/sessions.rs` (device and
-//! operator sessions), the inference glue in `server/teacher.rs`, what operators see in
-//! `server/views.rs`.
+//! operator sessions), the inference glue in `server/teacher.rs`, FLTrust's reference update
+//! (trained on the server's root set beside the round) in `server/reference.rs`, what
+//! operators see in `server/views.rs`.
 //!
 //! # Locks and disk I/O
 //! `State` sits behind one `Mutex`, the *state lock*, held only for work in memory: no disk
@@ -67,6 +68,7 @@ mod downloads;
 mod fleet;
 #[cfg(test)]
 mod memory;
+mod reference;
 mod registry;
 mod rounds;
 mod sessions;
@@ -91,6 +93,7 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
 pub use downloads::MAX_CHUNK_BYTES;
+pub use reference::RootTrainer;
 pub use registry::{NewStudent, RegistryError};
 
 use clock::Clock;
@@ -148,6 +151,10 @@ pub struct Coordinator {
     storage_failure: OnceLock<String>,
     /// Wakes [`Coordinator::serve`] to stop after a storage failure.
     halted: Notify,
+    /// Wakes the reference task (`server/reference.rs`): a round may want FLTrust's reference.
+    references: Arc<Notify>,
+    /// Set once a root trainer serves the reference task.
+    root_trainer_set: OnceLock<()>,
 }
 
 /// The encoded size of a `TrainResult` carrying a delta shaped like `model`, plus
@@ -292,6 +299,8 @@ impl Coordinator {
             train_result_limit,
             storage_failure: OnceLock::new(),
             halted: Notify::new(),
+            references: Arc::new(Notify::new()),
+            root_trainer_set: OnceLock::new(),
         })
     }
 
@@ -470,8 +479,9 @@ const ENFORCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
-        // Let a deadline timer still waiting find the coordinator gone.
+        // Let a deadline timer or reference task still waiting find the coordinator gone.
         self.deadlines.notify_one();
+        self.references.notify_one();
     }
 }
 

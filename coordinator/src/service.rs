@@ -16,6 +16,7 @@ use fedge_learn::{BackendKind, ModelKind, Trainer};
 use crate::certs::{CertDir, CertError};
 use crate::config::ServeConfig;
 use crate::listener::{Listener, ListenerError};
+use crate::root_set::RootSet;
 use crate::server::{Coordinator, ServerError};
 use crate::store::{Store, StoreError};
 
@@ -79,23 +80,38 @@ pub async fn run(
     let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Cpu)?;
     let student_kind =
         c.student_model.parse::<ModelKind>().and_then(ModelKind::images_only).map_err(ServiceError::Config)?;
+    let train = std::sync::Arc::new(data.train);
+    let mut proxy_examples = 0;
     let distiller = match c.distill_every {
         Some(0) => return Err(ServiceError::Config("distill_every must be at least 1".into())),
         Some(every) => {
-            let n = data.train.len();
-            let proxy: Vec<usize> = (n - c.proxy_examples.clamp(1, n)..n).collect();
+            let n = train.len();
+            proxy_examples = c.proxy_examples.clamp(1, n);
+            let proxy: Vec<usize> = (n - proxy_examples..n).collect();
             let mut student = Trainer::new(student_kind, test.num_classes, BackendKind::Flex)?;
             let start = student.initial_params(c.seed ^ 0x5eed);
             let student = fedge_learn::WarmStudent::new(student, start, proxy, c.distill);
-            Some((every, student, std::sync::Arc::new(data.train)))
+            Some((every, student, train.clone()))
         }
         None => None,
     };
     let initial = evaluator.initial_params(c.seed);
-    let store = Store::open(&c.state_dir)?;
     let engine = c.engine().map_err(|e| ServiceError::Config(e.to_string()))?;
+    // FLTrust: the server's root set, the training examples just before the proxy set.
+    let root_set = match engine.strategy.root_examples() {
+        Some(n) => {
+            let indices = RootSet::tail_indices(&train, n, proxy_examples).map_err(ServiceError::Config)?;
+            Some((n, RootSet::new(model, train.clone(), indices, c.seed).map_err(ServiceError::Config)?))
+        }
+        None => None,
+    };
+    let store = Store::open(&c.state_dir)?;
     let coordinator = Coordinator::with_store(engine, initial, store)?;
     coordinator.set_signer(signer, &c.model);
+    if let Some((n, root_set)) = root_set {
+        tracing::info!("FLTrust: the server's root set is {n} training examples, held by the coordinator");
+        coordinator.set_root_trainer(Box::new(root_set));
+    }
     if let Some(url) = &c.blob_store {
         coordinator.set_blob_store(crate::blobs::BlobStore::from_url(url)?);
     }

@@ -78,6 +78,9 @@ pub enum SimError {
     /// Evaluation failed.
     #[error("evaluation: {0}")]
     Eval(#[from] fedge_learn::ConvertError),
+    /// The server's reference update (FLTrust) could not be made or was refused.
+    #[error("the server's reference update: {0}")]
+    Reference(String),
 }
 
 /// A seeded sample of `n` examples of `test` (in their order), or all of it when it has no more.
@@ -135,7 +138,18 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         Some(_) => proxy_indices(config, data.train.len()),
         None => Vec::new(),
     };
-    let kept = data.train.len() - proxy.len();
+    // FLTrust's root set: the training examples just before the proxy set, held out too.
+    let root_examples = config.engine_config()?.strategy.root_examples().unwrap_or(0);
+    if root_examples + proxy.len() >= data.train.len() {
+        return Err(SimConfigError::Invalid(format!(
+            "root_examples {root_examples}{} leave no training example for the devices (of {})",
+            if proxy.is_empty() { String::new() } else { format!(" and {} proxy examples", proxy.len()) },
+            data.train.len()
+        ))
+        .into());
+    }
+    let kept = data.train.len() - proxy.len() - root_examples;
+    let root: Vec<usize> = (kept..kept + root_examples).collect();
     let assignment = config.partition().split_with(
         &data.train.labels[..kept],
         data.natural.as_deref().map(|owners| &owners[..kept.min(owners.len())]),
@@ -146,6 +160,9 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     let (min, mean, max) = partition.size_stats();
     if !proxy.is_empty() {
         obs.line(&format!("{} training images held out as the unlabelled distillation proxy set", proxy.len()));
+    }
+    if !root.is_empty() {
+        obs.line(&format!("{} training examples held out as the server's root set (FLTrust)", root.len()));
     }
     obs.line(&format!(
         "{} devices over {} {} examples ({:?}): size min {min} mean {mean:.1} max {max}, {:.2} labels per device{}",
@@ -212,6 +229,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     }
     let train = Arc::new(data.train);
     let train_for_distill = train.clone();
+    let train_for_root = train.clone();
     let pool = Pool::new(workers, config.model, num_classes, config.backend, train, config.seed)?;
 
     let speeds = config.speed.draw(config.devices, config.seed);
@@ -268,6 +286,15 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             }
             Err(e) => return Err(SimConfigError::Invalid(format!("cannot start round {r}: {e}")).into()),
         };
+        if let Some((round, _)) = engine.wanted_reference() {
+            // The server's update on its root set, with the devices' local settings; it trains
+            // while they do (its time is not on the virtual clock).
+            let mut rng = derive_rng(config.seed, &[stream::REFERENCE, round]);
+            let global = engine.global().clone();
+            let trained = evaluator.train(&global, &train_for_root, &root, &engine.config().train, &mut rng)?;
+            let reference = trained.params.delta_from(&global).map_err(|e| SimError::Reference(e.to_string()))?;
+            engine.handle_reference(now, round, &reference).map_err(|e| SimError::Reference(e.to_string()))?;
+        }
         let (trace, bytes) = drive_round(&mut engine, &pool, &fleet, round, now, obs);
         upload_bytes += bytes;
         now = trace.report.closed_at;

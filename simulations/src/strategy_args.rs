@@ -10,7 +10,7 @@ use crate::config::SimConfig;
 #[derive(Debug, Clone, Default, Args)]
 pub struct StrategyArgs {
     /// Aggregation strategy: fedavg, fedavgm, fedadagrad, fedadam, fedyogi, fedprox, median,
-    /// trimmed-mean, krum, multi-krum, norm-bound, centered-clip.
+    /// trimmed-mean, krum, multi-krum, norm-bound, centered-clip, fltrust.
     #[arg(long)]
     pub strategy: Option<String>,
     /// Server learning rate (fedavg, fedavgm, fedadagrad, fedadam, fedyogi).
@@ -57,6 +57,14 @@ pub struct StrategyArgs {
     /// default 1: none; 2 is Karimireddy et al.'s choice).
     #[arg(long)]
     pub bucket_size: Option<usize>,
+    /// FLTrust's root set: training examples held out from the devices, on which the server
+    /// trains its reference update each round (default 100).
+    #[arg(long)]
+    pub root_examples: Option<usize>,
+    /// The norm FLTrust rescales updates to: reference (the paper's; default) or median (the
+    /// round's median update norm).
+    #[arg(long)]
+    pub fltrust_norm: Option<fedge_engine::strategy::TrustNorm>,
 }
 
 impl StrategyArgs {
@@ -70,7 +78,7 @@ impl StrategyArgs {
             ($($f:ident),*) => { $( if self.$f.is_some() { o.$f = self.$f; } )* };
         }
         set!(server_lr, server_momentum, beta1, beta2, tau, proximal_mu, trim_fraction, byzantine, krum_select);
-        set!(norm_bound, clip_radius, clip_iters, max_buffer_mb, bucket_size);
+        set!(norm_bound, clip_radius, clip_iters, max_buffer_mb, bucket_size, root_examples, fltrust_norm);
     }
 }
 

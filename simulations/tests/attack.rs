@@ -48,3 +48,29 @@ fn every_attack_runs_and_is_reproducible() {
         assert_ne!(a.summary.model_hash, honest.summary.model_hash, "{kind} changed nothing");
     }
 }
+
+/// FLTrust in the simulator: the root set is held out of the devices' data, the run is
+/// reproducible, and a root set that leaves the devices nothing is refused in one line.
+#[test]
+fn fltrust_holds_out_its_root_set_and_is_reproducible() {
+    let options = fedge_engine::StrategyOptions { root_examples: Some(200), ..Default::default() };
+    let c = SimConfig {
+        strategy: "fltrust".into(),
+        strategy_options: options,
+        attack: Some(AttackKind::Scale),
+        attackers: 0.3,
+        rounds: 2,
+        ..config(1)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = run(&c, Some(dir.path()), &mut Quiet).unwrap();
+    let b = run(&c, None, &mut Quiet).unwrap();
+    assert_eq!(a.summary.model_hash, b.summary.model_hash);
+    assert!(a.rounds.iter().all(|r| r.aggregated), "{:?}", a.rounds);
+    // The devices share what the root set leaves.
+    let train = fedge_core::dataset::embedded::mnist_subset().unwrap().train.len();
+    assert_eq!(a.partition.sizes.iter().sum::<usize>(), train - 200);
+    let too_many = fedge_engine::StrategyOptions { root_examples: Some(train), ..Default::default() };
+    let e = run(&SimConfig { strategy_options: too_many, ..c }, None, &mut Quiet).unwrap_err().to_string();
+    assert!(e.contains(&format!("root_examples {train} leave no training example for the devices")), "{e}");
+}

@@ -212,6 +212,7 @@ impl Coordinator {
         if changed {
             self.changed.notify_waiters();
             self.deadlines.notify_one();
+            self.references.notify_one();
         }
     }
 

@@ -41,6 +41,10 @@ pub enum AggregateError {
     /// Stored server state (optimiser moments, a centre) does not fit the model.
     #[error("server state does not fit the model: {0}")]
     State(String),
+    /// A rule that scores updates against the server's own reference update (FLTrust) has
+    /// none it can use.
+    #[error("the server's reference update: {0}")]
+    Reference(String),
 }
 
 impl From<ParamsError> for AggregateError {

@@ -65,6 +65,9 @@ pub mod stream {
     pub const LOCAL_SAMPLE: u64 = 13;
     /// The test examples a simulation evaluates on when it may use only some (drawn once).
     pub const TEST_SAMPLE: u64 = 14;
+    /// Batch order of the server's reference update on its root set (FLTrust): followed by
+    /// the round (or the model version, in the coordinator).
+    pub const REFERENCE: u64 = 15;
 }
 
 #[cfg(test)]

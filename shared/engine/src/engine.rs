@@ -438,6 +438,39 @@ impl<S: Strategy> RoundEngine<S> {
         }
     }
 
+    /// The open round, when its strategy scores updates against the server's own reference
+    /// update (FLTrust) and that has not been handed over: `(round, model_version)`. The driver
+    /// trains model `model_version` on its root set and calls [`Self::handle_reference`]; until
+    /// then the round does not close on its results (at its deadline it fails without one).
+    pub fn wanted_reference(&self) -> Option<(u64, u64)> {
+        let open = self.open.as_ref()?;
+        self.strategy.wants_reference().then_some((open.round, self.version))
+    }
+
+    /// The server's reference update for round `round` (trained from the current model on the
+    /// root set). Refused when that round is not open or the update does not fit the model or
+    /// is not finite; the round then keeps waiting.
+    pub fn handle_reference(
+        &mut self,
+        now: Duration,
+        round: u64,
+        reference: &ModelParams,
+    ) -> Result<(), fedge_core::aggregate::AggregateError> {
+        use fedge_core::aggregate::AggregateError;
+        match self.open.as_ref() {
+            Some(o) if o.round == round => {}
+            _ => {
+                return Err(AggregateError::Reference(format!(
+                    "round {round} is not open (open: {})",
+                    self.current_round().map_or("none".into(), |r| r.to_string())
+                )));
+            }
+        }
+        self.strategy.set_reference(reference)?;
+        self.close_if_done(now);
+        Ok(())
+    }
+
     /// The evaluation of model `version` the driver was asked for.
     pub fn handle_evaluation(&mut self, version: u64, evaluation: Evaluation) {
         self.evaluations.insert(version, evaluation);
@@ -454,6 +487,12 @@ impl<S: Strategy> RoundEngine<S> {
     }
 
     fn close_if_done(&mut self, now: Duration) {
+        // A rule waiting for the server's reference cannot aggregate yet: the reference or the
+        // deadline decides (a round that fails anyway, too few results, need not wait).
+        let min = self.config.min_train_clients;
+        if self.strategy.wants_reference() && self.open.as_ref().is_some_and(|o| o.results >= min.max(1)) {
+            return;
+        }
         if self.open.as_ref().is_some_and(|o| o.pending.is_empty() || o.results >= o.target) {
             self.close(now);
         }

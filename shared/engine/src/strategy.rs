@@ -8,13 +8,15 @@
 //! - server optimisers on the averaged delta ([`FedOpt`]): [`FedAvgM`], [`FedAdagrad`],
 //!   [`FedAdam`], [`FedYogi`];
 //! - robust rules: [`Median`], [`TrimmedMean`], [`Krum`] (and Multi-Krum), [`NormBound`],
-//!   [`CenteredClip`], each optionally on bucket means ([`Bucketing`], Karimireddy et al.
+//!   [`CenteredClip`], [`FlTrust`] (scores updates against the server's own update on a
+//!   clean root set), the first five optionally on bucket means ([`Bucketing`], Karimireddy et al.
 //!   2022) instead of the raw updates.
 //!
 //! Memory: FedAvg, DP-FedAvg, FedProx, the server optimisers and norm bounding with a fixed
 //! bound stream (one model, plus one or two moment vectors for the optimisers). The median,
-//! the trimmed mean, Krum, centered clipping and norm bounding at the median norm hold every
-//! update of the round, `4 d` bytes each (so does norm bounding with a bound when it buckets);
+//! the trimmed mean, Krum, centered clipping, FLTrust and norm bounding at the median norm hold
+//! every update of the round, `4 d` bytes each (so does norm bounding with a bound when it
+//! buckets; FLTrust holds the reference too);
 //! the engine refuses to start a round whose sampled devices could need more than
 //! `max_buffer_mb`. Bucketing holds nothing more: it averages the held updates in place.
 //!
@@ -36,6 +38,7 @@ mod fedavgm;
 mod fedopt;
 mod fedprox;
 mod fedyogi;
+mod fltrust;
 mod krum;
 mod median;
 mod norm_bound;
@@ -46,7 +49,7 @@ mod trimmed_mean;
 pub use bucketing::Bucketing;
 pub use buffer::{Buffered, BufferedRule};
 pub use centered_clip::CenteredClip;
-pub use choice::{FedOptKind, StrategyConfig, StrategyOptions};
+pub use choice::{FedOptKind, StrategyConfig, StrategyOptions, TrustNorm};
 pub use dp_fedavg::DpFedAvg;
 pub use fedadagrad::FedAdagrad;
 pub use fedadam::FedAdam;
@@ -55,6 +58,7 @@ pub use fedavgm::FedAvgM;
 pub use fedopt::{Adaptive, FedOpt, SecondMoment, ServerOptimizer};
 pub use fedprox::FedProx;
 pub use fedyogi::FedYogi;
+pub use fltrust::FlTrust;
 pub use krum::Krum;
 pub use median::Median;
 pub use norm_bound::NormBound;
@@ -102,6 +106,19 @@ pub trait Strategy: Send {
         false
     }
 
+    /// Whether the open round still needs the server's reference update (FLTrust) before it
+    /// can aggregate; the driver computes it on its root set and hands it over with
+    /// [`crate::RoundEngine::handle_reference`].
+    fn wants_reference(&self) -> bool {
+        false
+    }
+
+    /// The server's reference update for the open round (trained from its global model on
+    /// the root set). Refused, and the round still waiting, when it does not fit the model.
+    fn set_reference(&mut self, _reference: &ModelParams) -> Result<(), AggregateError> {
+        Err(AggregateError::Reference(format!("{} takes no reference update", self.name())))
+    }
+
     /// State the strategy carries from round to round (optimiser moments, a centre), to be
     /// saved with each model version; `None` when it carries none.
     fn server_state(&self) -> Option<ServerState> {
@@ -146,6 +163,12 @@ impl<S: Strategy + ?Sized> Strategy for Box<S> {
     }
     fn holds_updates(&self) -> bool {
         (**self).holds_updates()
+    }
+    fn wants_reference(&self) -> bool {
+        (**self).wants_reference()
+    }
+    fn set_reference(&mut self, reference: &ModelParams) -> Result<(), AggregateError> {
+        (**self).set_reference(reference)
     }
     fn server_state(&self) -> Option<ServerState> {
         (**self).server_state()
@@ -236,5 +259,6 @@ pub fn build(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>)
         StrategyConfig::CenteredClip { radius, iters, bucket_size } => {
             Box::new(Buffered::bucketed(CenteredClip::new(radius, iters), buckets(bucket_size)))
         }
+        StrategyConfig::FlTrust { norm, .. } => Box::new(FlTrust::new(norm)),
     }
 }

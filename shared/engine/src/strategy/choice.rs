@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Every strategy name, in the order the help text lists them.
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 13] = [
     "fedavg",
     "fedavgm",
     "fedadagrad",
@@ -18,10 +18,17 @@ pub const NAMES: [&str; 12] = [
     "multi-krum",
     "norm-bound",
     "centered-clip",
+    "fltrust",
 ];
 
 /// The default bound on the memory a rule that holds the round's updates may use.
 pub const DEFAULT_MAX_BUFFER_MB: u64 = 4096;
+
+/// FLTrust's root set when none is configured: the paper's 100 examples.
+pub const DEFAULT_ROOT_EXAMPLES: usize = 100;
+
+/// The largest root set accepted (the server trains on it every round).
+pub const MAX_ROOT_EXAMPLES: usize = 100_000;
 
 /// The largest `bucket_size` accepted (a bucket that size already averages a whole round of
 /// any sane cohort into one input).
@@ -59,12 +66,40 @@ pub struct StrategyOptions {
     /// Centered clipping's iterations (default 3).
     pub clip_iters: Option<u32>,
     /// The most memory, in MiB, the round's held updates may take (median, trimmed-mean,
-    /// krum, multi-krum, norm-bound without a bound, centered-clip; default 4096).
+    /// krum, multi-krum, norm-bound without a bound, centered-clip, fltrust; default 4096).
     pub max_buffer_mb: Option<u64>,
     /// Bucketing (Karimireddy, He and Jaggi 2022): the rule sees the sample-weighted means of
     /// buckets of this many randomly permuted updates (median, trimmed-mean, krum, multi-krum,
     /// norm-bound, centered-clip; 1 to 1000, default 1: no bucketing).
     pub bucket_size: Option<usize>,
+    /// FLTrust's root set: the clean examples the server trains its reference update on each
+    /// round, held out from the devices (fltrust; 1 to 100,000, default 100 as in the paper).
+    pub root_examples: Option<usize>,
+    /// The norm FLTrust rescales every update to: `reference` (the server's update, as in the
+    /// paper; default) or `median` (the median norm of the round's updates).
+    pub fltrust_norm: Option<TrustNorm>,
+}
+
+/// The norm FLTrust rescales updates to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrustNorm {
+    /// The server's reference update's (Cao et al. 2021).
+    #[default]
+    Reference,
+    /// The median norm of the round's updates.
+    Median,
+}
+
+impl std::str::FromStr for TrustNorm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reference" => Ok(Self::Reference),
+            "median" => Ok(Self::Median),
+            other => Err(format!("unknown fltrust_norm `{other}` (expected reference or median)")),
+        }
+    }
 }
 
 /// A strategy and its parameters, checked.
@@ -137,6 +172,13 @@ pub enum StrategyConfig {
         /// Updates averaged per bucket (1: none).
         bucket_size: usize,
     },
+    /// FLTrust: updates scored by their cosine with the server's own update on a root set.
+    FlTrust {
+        /// Examples in the server's root set.
+        root_examples: usize,
+        /// The norm updates are rescaled to.
+        norm: TrustNorm,
+    },
 }
 
 /// Which adaptive server optimiser.
@@ -161,7 +203,7 @@ impl StrategyConfig {
     /// not read, or a value out of range is refused in one line.
     pub fn parse(name: &str, options: &StrategyOptions) -> Result<Self, String> {
         let o = options;
-        let given: [(&str, bool); 14] = [
+        let given: [(&str, bool); 16] = [
             ("server_lr", o.server_lr.is_some()),
             ("server_momentum", o.server_momentum.is_some()),
             ("beta1", o.beta1.is_some()),
@@ -176,6 +218,8 @@ impl StrategyConfig {
             ("clip_iters", o.clip_iters.is_some()),
             ("max_buffer_mb", o.max_buffer_mb.is_some()),
             ("bucket_size", o.bucket_size.is_some()),
+            ("root_examples", o.root_examples.is_some()),
+            ("fltrust_norm", o.fltrust_norm.is_some()),
         ];
         let Some(reads) = keys_read_by(name) else {
             return Err(format!("unknown strategy `{name}`; choose one of {}", NAMES.join(", ")));
@@ -247,6 +291,13 @@ impl StrategyConfig {
                 },
                 bucket_size,
             },
+            "fltrust" => StrategyConfig::FlTrust {
+                root_examples: match o.root_examples.unwrap_or(DEFAULT_ROOT_EXAMPLES) {
+                    n @ 1..=MAX_ROOT_EXAMPLES => n,
+                    n => return Err(format!("root_examples must be 1 to {MAX_ROOT_EXAMPLES}, got {n}")),
+                },
+                norm: o.fltrust_norm.unwrap_or_default(),
+            },
             _ => unreachable!("every name was matched above"),
         })
     }
@@ -266,6 +317,7 @@ impl StrategyConfig {
             StrategyConfig::Krum { select: Some(_), .. } => "multi-krum",
             StrategyConfig::NormBound { .. } => "norm-bound",
             StrategyConfig::CenteredClip { .. } => "centered-clip",
+            StrategyConfig::FlTrust { .. } => "fltrust",
         }
     }
 
@@ -290,7 +342,8 @@ impl StrategyConfig {
             StrategyConfig::Median { .. }
             | StrategyConfig::TrimmedMean { .. }
             | StrategyConfig::Krum { .. }
-            | StrategyConfig::CenteredClip { .. } => true,
+            | StrategyConfig::CenteredClip { .. }
+            | StrategyConfig::FlTrust { .. } => true,
             StrategyConfig::NormBound { bound, bucket_size } => bound.is_none() || *bucket_size > 1,
             _ => false,
         }
@@ -307,7 +360,16 @@ impl StrategyConfig {
                 | StrategyConfig::Krum { .. }
                 | StrategyConfig::NormBound { .. }
                 | StrategyConfig::CenteredClip { .. }
+                | StrategyConfig::FlTrust { .. }
         )
+    }
+
+    /// The server's root set size, for a rule that trains a reference update on one (FLTrust).
+    pub fn root_examples(&self) -> Option<usize> {
+        match *self {
+            StrategyConfig::FlTrust { root_examples, .. } => Some(root_examples),
+            _ => None,
+        }
     }
 }
 
@@ -325,6 +387,7 @@ fn keys_read_by(name: &str) -> Option<&'static [&'static str]> {
         "multi-krum" => &["byzantine", "krum_select", "max_buffer_mb", "bucket_size"],
         "norm-bound" => &["norm_bound", "max_buffer_mb", "bucket_size"],
         "centered-clip" => &["clip_radius", "clip_iters", "max_buffer_mb", "bucket_size"],
+        "fltrust" => &["root_examples", "fltrust_norm", "max_buffer_mb"],
         _ => return None,
     })
 }
@@ -410,6 +473,39 @@ mod tests {
         assert!(StrategyConfig::parse("norm-bound", &fixed(2)).unwrap().holds_updates());
         let o: StrategyOptions = toml::from_str("bucket_size = 2").unwrap();
         assert_eq!(StrategyConfig::parse("median", &o), Ok(StrategyConfig::Median { bucket_size: 2 }));
+    }
+
+    #[test]
+    fn fltrust_reads_its_root_set_size() {
+        let o = |n| StrategyOptions { root_examples: Some(n), ..StrategyOptions::default() };
+        let c = StrategyConfig::parse("fltrust", &StrategyOptions::default()).unwrap();
+        assert_eq!(
+            (c, c.root_examples(), c.is_robust(), c.holds_updates()),
+            (StrategyConfig::FlTrust { root_examples: 100, norm: TrustNorm::Reference }, Some(100), true, true)
+        );
+        assert_eq!(StrategyConfig::parse("fltrust", &o(600)).unwrap().root_examples(), Some(600));
+        assert_eq!(StrategyConfig::parse("fltrust", &o(0)).unwrap_err(), "root_examples must be 1 to 100000, got 0");
+        assert_eq!(
+            StrategyConfig::parse("median", &o(10)).unwrap_err(),
+            "strategy option `root_examples` does not apply to median (it is read by fltrust)"
+        );
+        assert_eq!(
+            StrategyConfig::parse("fltrust", &StrategyOptions { bucket_size: Some(2), ..StrategyOptions::default() })
+                .unwrap_err(),
+            "strategy option `bucket_size` does not apply to fltrust (it is read by median, trimmed-mean, krum, \
+             multi-krum, norm-bound, centered-clip)"
+        );
+        assert_eq!(StrategyConfig::default().root_examples(), None);
+        let o: StrategyOptions = toml::from_str("root_examples = 1000\nfltrust_norm = \"median\"").unwrap();
+        assert_eq!(
+            StrategyConfig::parse("fltrust", &o),
+            Ok(StrategyConfig::FlTrust { root_examples: 1000, norm: TrustNorm::Median })
+        );
+        assert!(toml::from_str::<StrategyOptions>("fltrust_norm = \"mean\"").is_err());
+        assert_eq!(
+            "mean".parse::<TrustNorm>().unwrap_err(),
+            "unknown fltrust_norm `mean` (expected reference or median)"
+        );
     }
 
     #[test]

@@ -240,3 +240,74 @@ fn a_step_past_max_step_norm_fails_the_round_and_leaves_the_strategy_as_it_was()
         "max_step_norm must be positive and finite, got NaN"
     );
 }
+
+#[test]
+fn fltrust_rounds_wait_for_the_servers_reference_and_resume_with_it() {
+    let options = StrategyOptions::default();
+    let config =
+        EngineConfig { strategy: crate::strategy::StrategyConfig::parse("fltrust", &options).unwrap(), ..cfg(1.0, 2) };
+    let make = || {
+        let strategy = crate::strategy::build(&config, Box::new(derive_rng(1, &[])));
+        let mut e = RoundEngine::new(config.clone(), strategy, params([0.0, 0.0])).unwrap();
+        for d in 0..3 {
+            e.handle_device_available(d);
+        }
+        e
+    };
+    let mut e = make();
+    assert_eq!(e.wanted_reference(), None, "no round open");
+    e.start_round(S).unwrap();
+    assert_eq!(e.wanted_reference(), Some((1, 0)));
+    let tasks = assigned(&mut e);
+    // Two honest devices and one sign-flipping, boosted attacker.
+    let deltas = [[1.0, 1.0], [2.0, 0.0], [-100.0, -100.0]];
+    for ((d, t), delta) in tasks.iter().zip(deltas) {
+        e.handle_train_result(2 * S, *d, &result(t, delta, 10)).unwrap();
+    }
+    // Every device answered, but the round waits for the reference.
+    assert!(e.poll_event().is_none());
+    assert_eq!(e.current_round(), Some(1));
+    // A reference for another round or of the wrong shape is refused; the round keeps waiting.
+    assert!(e.handle_reference(3 * S, 2, &params([1.0, 0.0])).unwrap_err().to_string().contains("round 2 is not open"));
+    let wrong = ModelParams::new(
+        Arc::new(ParamLayout::new(vec![TensorSpec { name: "w".into(), shape: vec![3] }]).unwrap()),
+        vec![1.0; 3],
+    )
+    .unwrap();
+    assert!(e.handle_reference(3 * S, 1, &wrong).is_err());
+    assert_eq!(e.wanted_reference(), Some((1, 0)));
+    // Reference (1, 0), norm 1: (1, 1) scores 1/sqrt2 and becomes (1, 1)/sqrt2; (2, 0) scores
+    // 1 and becomes (1, 0); the attacker scores 0. Step = (s (s, s) + (1, 0)) / (s + 1).
+    e.handle_reference(3 * S, 1, &params([1.0, 0.0])).unwrap();
+    let r = closed(&mut e);
+    assert_eq!(r.outcome, RoundOutcome::Aggregated);
+    let s = std::f32::consts::FRAC_1_SQRT_2;
+    let want = [(s * s + 1.0) / (s + 1.0), s * s / (s + 1.0)];
+    let got = e.global().data();
+    assert!((got[0] - want[0]).abs() < 1e-6 && (got[1] - want[1]).abs() < 1e-6, "{got:?} vs {want:?}");
+
+    // Without a reference by the deadline the round fails and the model stays.
+    let before = e.global().clone();
+    e.start_round(4 * S).unwrap();
+    for (d, t) in assigned(&mut e) {
+        e.handle_train_result(5 * S, d, &result(&t, [1.0, 0.0], 1)).unwrap();
+    }
+    e.handle_timeout(4 * S + config.round_timeout);
+    let r = closed(&mut e);
+    assert!(matches!(&r.outcome, RoundOutcome::Failed(m) if m.contains("never came")), "{:?}", r.outcome);
+    assert_eq!(e.global(), &before);
+
+    // After a restart a resumed round folds its stored updates in and waits for a reference.
+    let mut e = make();
+    let accepted: Vec<(DeviceId, TrainResult)> = {
+        let mut first = make();
+        first.start_round(S).unwrap();
+        assigned(&mut first).into_iter().zip(deltas).map(|((d, t), delta)| (d, result(&t, delta, 10))).collect()
+    };
+    e.resume_round(S, stored(1, 0, &[0, 1, 2], 3, 3), &accepted).unwrap();
+    assert!(assigned(&mut e).is_empty(), "every device had answered");
+    assert_eq!(e.wanted_reference(), Some((1, 0)));
+    e.handle_reference(2 * S, 1, &params([1.0, 0.0])).unwrap();
+    assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated);
+    assert!((e.global().data()[0] - want[0]).abs() < 1e-6);
+}
