@@ -78,9 +78,6 @@ pub enum SimError {
     /// Evaluation failed.
     #[error("evaluation: {0}")]
     Eval(#[from] fedge_learn::ConvertError),
-    /// The server's reference update (FLTrust) could not be made or was refused.
-    #[error("the server's reference update: {0}")]
-    Reference(String),
 }
 
 /// A seeded sample of `n` examples of `test` (in their order), or all of it when it has no more.
@@ -292,8 +289,16 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             let mut rng = derive_rng(config.seed, &[stream::REFERENCE, round]);
             let global = engine.global().clone();
             let trained = evaluator.train(&global, &train_for_root, &root, &engine.config().train, &mut rng)?;
-            let reference = trained.params.delta_from(&global).map_err(|e| SimError::Reference(e.to_string()))?;
-            engine.handle_reference(now, round, &reference).map_err(|e| SimError::Reference(e.to_string()))?;
+            let handed = trained
+                .params
+                .delta_from(&global)
+                .map_err(|e| e.to_string())
+                .and_then(|r| engine.handle_reference(now, round, &r).map_err(|e| e.to_string()));
+            // As in the coordinator: without a reference the round fails at its deadline and
+            // the model stays (a wrecked model gives a non-finite one).
+            if let Err(e) = handed {
+                obs.line(&format!("round {round}: no reference update: {e}; the round fails at its deadline"));
+            }
         }
         let (trace, bytes) = drive_round(&mut engine, &pool, &fleet, round, now, obs);
         upload_bytes += bytes;
