@@ -3,6 +3,7 @@
 //! per concept below.
 
 mod deployment;
+mod fedbuff;
 mod privacy;
 mod restarts;
 mod sessions;

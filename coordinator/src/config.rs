@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedge_core::privacy::AdaptiveClipConfig;
-use fedge_engine::{ConfigError, EngineConfig, StrategyOptions, TrainingKeys};
+use fedge_engine::{AsyncConfig, ConfigError, EngineConfig, StalenessWeight, StrategyOptions, TrainingKeys};
 use serde::{Deserialize, Serialize};
 
 /// The coordinator's configuration file.
@@ -91,6 +91,46 @@ pub struct ServeConfig {
     pub strategy: String,
     /// The strategy's parameters (the `[strategy_options]` table).
     pub strategy_options: StrategyOptions,
+    /// FedBuff mode (buffered asynchronous aggregation) when the `[fedbuff]` table is present:
+    /// no rounds; devices train whenever free on the newest model and every `buffer_size`
+    /// results make a version.
+    pub fedbuff: Option<FedBuffKeys>,
+}
+
+/// The `[fedbuff]` table: FedBuff (Nguyen et al. 2022) in the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FedBuffKeys {
+    /// K: results per aggregation (each from a different device).
+    pub buffer_size: usize,
+    /// The most devices training at once.
+    pub max_concurrency: usize,
+    /// Results trained more than this many versions ago are refused.
+    pub max_staleness: u64,
+    /// How staleness discounts a result: `constant`, `polynomial` (1/(1+s)^staleness_exponent)
+    /// or `hinge` (1 up to hinge_b, then 1/(hinge_a (s - hinge_b) + 1)).
+    pub staleness: String,
+    /// The polynomial weight's exponent.
+    pub staleness_exponent: f64,
+    /// The hinge's slope.
+    pub hinge_a: f64,
+    /// The hinge's knee.
+    pub hinge_b: u64,
+}
+
+impl Default for FedBuffKeys {
+    fn default() -> Self {
+        use fedge_engine::buffered::{DEFAULT_HINGE_A, DEFAULT_HINGE_B, DEFAULT_STALENESS_EXPONENT};
+        Self {
+            buffer_size: 10,
+            max_concurrency: 20,
+            max_staleness: 100,
+            staleness: "polynomial".into(),
+            staleness_exponent: DEFAULT_STALENESS_EXPONENT,
+            hinge_a: DEFAULT_HINGE_A,
+            hinge_b: DEFAULT_HINGE_B,
+        }
+    }
 }
 
 impl Default for ServeConfig {
@@ -131,6 +171,7 @@ impl Default for ServeConfig {
             max_step_norm: None,
             strategy: "fedavg".into(),
             strategy_options: StrategyOptions::default(),
+            fedbuff: None,
         }
     }
 }
@@ -149,6 +190,51 @@ impl ServeConfig {
             delta: self.delta,
             target_epsilon: self.target_epsilon,
         }
+    }
+
+    /// FedBuff's engine configuration when `[fedbuff]` is present, checked; what FedBuff
+    /// mode does not offer is refused in one line.
+    pub fn fedbuff(&self) -> Result<Option<AsyncConfig>, String> {
+        let Some(f) = &self.fedbuff else { return Ok(None) };
+        if self.strategy != "fedavg" {
+            return Err(format!(
+                "[fedbuff] aggregates with FedAvg over the buffer (server_lr applies); strategy `{}` is for synchronous rounds",
+                self.strategy
+            ));
+        }
+        let unsupported = [
+            ("distill_every", self.distill_every.is_some()),
+            ("adaptive_clip", self.adaptive_clip.is_some()),
+            ("local_epsilon", self.local_epsilon.is_some()),
+            ("max_step_norm", self.max_step_norm.is_some()),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|k| k.1) {
+            return Err(format!("{key} is not offered with [fedbuff] yet: unset it or remove [fedbuff]"));
+        }
+        let staleness = match f.staleness.as_str() {
+            "constant" => StalenessWeight::Constant,
+            "polynomial" => StalenessWeight::Polynomial { exponent: f.staleness_exponent },
+            "hinge" => StalenessWeight::Hinge { a: f.hinge_a, b: f.hinge_b },
+            other => return Err(format!("unknown staleness `{other}` (expected constant, polynomial or hinge)")),
+        };
+        let keys = self.training_keys();
+        let c = AsyncConfig {
+            buffer_size: f.buffer_size,
+            max_concurrency: f.max_concurrency,
+            max_staleness: f.max_staleness,
+            staleness,
+            server_lr: self.strategy_options.server_lr.unwrap_or(1.0),
+            train: keys.train(),
+            privacy: keys.central_dp(),
+            seed: self.seed,
+            max_samples_per_result: self.max_samples_per_device,
+            one_per_device: true,
+        };
+        if (StrategyOptions { server_lr: None, ..self.strategy_options }) != StrategyOptions::default() {
+            return Err("[fedbuff] reads only server_lr from [strategy_options]".into());
+        }
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(Some(c))
     }
 
     /// The round engine's part, checked.
@@ -193,5 +279,23 @@ mod tests {
         let c: ServeConfig = parse_toml("strategy = \"fltrust\"\n[strategy_options]\nroot_examples = 500").unwrap();
         assert_eq!(c.engine().unwrap().strategy.root_examples(), Some(500));
         assert!(bad("strategy = \"fltrust\"\n[strategy_options]\nroot_examples = 0").contains("root_examples must be"));
+    }
+
+    #[test]
+    fn a_fedbuff_table_selects_fedbuff_and_refuses_what_it_does_not_offer() {
+        use fedge_engine::StalenessWeight;
+        assert_eq!(ServeConfig::default().fedbuff(), Ok(None));
+        let c: ServeConfig =
+            parse_toml("[fedbuff]\nbuffer_size = 5\nmax_concurrency = 8\nstaleness = \"hinge\"\nhinge_b = 2").unwrap();
+        let a = c.fedbuff().unwrap().unwrap();
+        assert_eq!((a.buffer_size, a.max_concurrency, a.one_per_device), (5, 8, true));
+        assert_eq!(a.staleness, StalenessWeight::Hinge { a: 10.0, b: 2 });
+        let bad = |toml: &str| parse_toml::<ServeConfig>(toml).unwrap().fedbuff().unwrap_err();
+        assert!(bad("strategy = \"median\"\n[fedbuff]").contains("strategy `median` is for synchronous rounds"));
+        assert!(bad("distill_every = 2\n[fedbuff]").starts_with("distill_every is not offered with [fedbuff]"));
+        assert!(bad("[fedbuff]\nstaleness = \"linear\"").starts_with("unknown staleness `linear`"));
+        assert!(bad("[fedbuff]\nbuffer_size = 0").starts_with("buffer_size must be 1 to"));
+        assert!(bad("[strategy_options]\ntrim_fraction = 0.1\n[fedbuff]").contains("reads only server_lr"));
+        assert_eq!(parse_toml::<ServeConfig>("[fedbuff]\nbufer_size = 2").unwrap_err().0, 2);
     }
 }

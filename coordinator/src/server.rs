@@ -65,6 +65,7 @@
 
 mod clock;
 mod downloads;
+mod engine;
 mod fleet;
 #[cfg(test)]
 mod memory;
@@ -82,7 +83,8 @@ use std::time::Duration;
 use fedge_core::ModelParams;
 use fedge_core::registry::ModelRecord;
 use fedge_core::wire::DeviceId;
-use fedge_engine::strategy::{self, Strategy};
+use fedge_engine::buffered::{AsyncConfig, BufferedEngine};
+use fedge_engine::strategy;
 use fedge_engine::{ConfigError, EngineConfig, Evaluation, ResumeError, RoundEngine, RoundReport, StoredRound};
 use tokio::sync::Notify;
 
@@ -98,6 +100,7 @@ pub use registry::{NewStudent, RegistryError};
 
 use clock::Clock;
 use downloads::DownloadCache;
+use engine::Engine;
 use fleet::Fleet;
 use registry::Registry;
 use rounds::RoundDriver;
@@ -118,6 +121,9 @@ pub enum ServerError {
     /// The registry's blob store cannot be opened.
     #[error(transparent)]
     Blobs(#[from] BlobError),
+    /// FedBuff mode's configuration or stored buffer.
+    #[error("FedBuff: {0}")]
+    FedBuff(String),
 }
 
 /// The coordinator's memory, by part (see the module documentation).
@@ -185,8 +191,9 @@ impl Coordinator {
     /// [`Self::new`] on `clock` (the in-memory harness gives a manual one).
     fn with_clock(config: EngineConfig, initial: ModelParams, clock: Clock) -> Result<Arc<Self>, ConfigError> {
         let strategy = strategy::build(&config, os_noise_rng());
+        let timeout = config.round_timeout;
         let engine = RoundEngine::new(config, strategy, initial)?;
-        Ok(Self::from_engine(engine, None, BTreeMap::new(), clock))
+        Ok(Self::from_engine(Engine::Rounds(Box::new(engine)), timeout, None, BTreeMap::new(), clock))
     }
 
     /// A coordinator keeping its state in `store`: it resumes from the latest stored model
@@ -239,13 +246,14 @@ impl Coordinator {
         let promotions = store.promotions()?;
         let latest = store.promotion()?;
         let blob_store = BlobStore::local(&store.dir().join("registry"))?;
-        let me = Self::from_engine(engine, Some(store), ids, Clock::wall());
+        let timeout = engine.config().round_timeout;
+        let me = Self::from_engine(Engine::Rounds(Box::new(engine)), timeout, Some(store), ids, Clock::wall());
         {
             let order = me.ordered();
             {
                 let mut s = me.lock();
-                if let Some(&last) = records.keys().next_back() {
-                    s.rounds.engine.reserve_versions_through(last);
+                if let (Some(&last), Some(engine)) = (records.keys().next_back(), s.rounds.engine.rounds_mut()) {
+                    engine.reserve_versions_through(last);
                 }
                 s.registry.restore(records, promotions, latest, blob_store);
                 s.rounds.restore(rounds_left, history);
@@ -259,7 +267,9 @@ impl Coordinator {
                         target: r.target as usize,
                         population: r.population as usize,
                     };
-                    s.rounds.engine.resume_round(now, stored, &open.accepted)?;
+                    if let Some(engine) = s.rounds.engine.rounds_mut() {
+                        engine.resume_round(now, stored, &open.accepted)?;
+                    }
                     tracing::info!(
                         "resumed round {} with {} of {} updates already acknowledged",
                         r.round,
@@ -273,8 +283,74 @@ impl Coordinator {
         Ok(me)
     }
 
+    /// A coordinator in FedBuff mode (buffered asynchronous aggregation, `config`), keeping
+    /// its state in `store`: it resumes from the latest stored version with the open buffer's
+    /// acknowledged results folded back in, or starts from `initial` as version 0. A device
+    /// holding a task longer than `task_timeout` is given up on (its slot freed). Every
+    /// aggregation counts as one of the rounds operators ask for.
+    pub fn with_store_fedbuff(
+        mut config: AsyncConfig,
+        task_timeout: Duration,
+        initial: ModelParams,
+        store: Store,
+    ) -> Result<Arc<Self>, ServerError> {
+        // Each buffered result is stored under its device: one per device per buffer.
+        config.one_per_device = true;
+        let fedbuff = |e: fedge_engine::buffered::AsyncConfigError| ServerError::FedBuff(e.to_string());
+        let (engine, rounds_left, open, history) = match store.latest()? {
+            Some(r) => {
+                let mut engine = BufferedEngine::restore(config, r.params, r.version, r.last_round, os_noise_rng())
+                    .map_err(fedbuff)?;
+                for (version, evaluation) in r.evaluations {
+                    engine.handle_evaluation(version, evaluation);
+                }
+                engine
+                    .restore_ledger(r.rounds.iter().filter_map(|l| l.privacy))
+                    .map_err(|e| ServerError::FedBuff(e.to_string()))?;
+                (engine, r.rounds_left, r.open, r.rounds)
+            }
+            None => {
+                store.save_model(0, 0, &initial)?;
+                (BufferedEngine::new(config, initial, os_noise_rng()).map_err(fedbuff)?, 0, None, Vec::new())
+            }
+        };
+        let ids = store.devices()?.into_iter().collect();
+        let records: BTreeMap<u64, ModelRecord> = store.registry()?.into_iter().map(|r| (r.version, r)).collect();
+        let promotions = store.promotions()?;
+        let latest = store.promotion()?;
+        let blob_store = BlobStore::local(&store.dir().join("registry"))?;
+        let open_buffer = engine.aggregations() + 1;
+        let me = Self::from_engine(Engine::Buffered(Box::new(engine)), task_timeout, Some(store), ids, Clock::wall());
+        {
+            let order = me.ordered();
+            {
+                let mut s = me.lock();
+                s.registry.restore(records, promotions, latest, blob_store);
+                s.rounds.restore(rounds_left, history);
+                if let Some(open) = open.filter(|o| o.record.round == open_buffer) {
+                    let now = me.now();
+                    s.rounds.buffer_is_recorded(open_buffer);
+                    if let Engine::Buffered(engine) = &mut s.rounds.engine {
+                        engine.refill(now, &open.accepted).map_err(|(device, e)| {
+                            ServerError::FedBuff(format!(
+                                "the stored result of device {device} in buffer {open_buffer}: {e}"
+                            ))
+                        })?;
+                    }
+                    tracing::info!(
+                        "resumed FedBuff buffer {open_buffer} with {} results already acknowledged",
+                        open.accepted.len()
+                    );
+                }
+            }
+            me.settle(&order);
+        }
+        Ok(me)
+    }
+
     fn from_engine(
-        engine: RoundEngine<Box<dyn Strategy>>,
+        engine: Engine,
+        task_timeout: Duration,
         store: Option<Store>,
         ids: BTreeMap<String, DeviceId>,
         clock: Clock,
@@ -284,7 +360,7 @@ impl Coordinator {
         let downloads = DownloadCache::new(engine.version(), first);
         Arc::new(Self {
             state: Mutex::new(State {
-                rounds: RoundDriver::new(engine),
+                rounds: RoundDriver::new(engine, task_timeout),
                 registry: Registry::default(),
                 fleet: Fleet::new(ids),
                 downloads,

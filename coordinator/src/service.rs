@@ -97,6 +97,7 @@ pub async fn run(
     };
     let initial = evaluator.initial_params(c.seed);
     let engine = c.engine().map_err(|e| ServiceError::Config(e.to_string()))?;
+    let fedbuff = c.fedbuff().map_err(ServiceError::Config)?;
     // FLTrust: the server's root set, the training examples just before the proxy set.
     let root_set = match engine.strategy.root_examples() {
         Some(n) => {
@@ -106,7 +107,18 @@ pub async fn run(
         None => None,
     };
     let store = Store::open(&c.state_dir)?;
-    let coordinator = Coordinator::with_store(engine, initial, store)?;
+    let coordinator = match fedbuff {
+        Some(async_config) => {
+            tracing::info!(
+                "FedBuff mode: every {} results make a version, at most {} devices training",
+                async_config.buffer_size,
+                async_config.max_concurrency
+            );
+            let timeout = std::time::Duration::from_secs(c.round_timeout_secs);
+            Coordinator::with_store_fedbuff(async_config, timeout, initial, store)?
+        }
+        None => Coordinator::with_store(engine, initial, store)?,
+    };
     coordinator.set_signer(signer, &c.model);
     if let Some((n, root_set)) = root_set {
         tracing::info!("FLTrust: the server's root set is {n} training examples, held by the coordinator");

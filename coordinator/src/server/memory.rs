@@ -126,7 +126,7 @@ impl MemoryFleet {
         loop {
             let (due, round) = {
                 let s = c.lock();
-                (s.rounds.engine.poll_timeout().is_some_and(|at| at <= c.now()), s.rounds.engine.current_round())
+                (s.rounds.poll_timeout().is_some_and(|at| at <= c.now()), s.rounds.engine.current_round())
             };
             if !due {
                 return;

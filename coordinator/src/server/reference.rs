@@ -38,7 +38,10 @@ impl Coordinator {
         let handed = reference.and_then(|r| {
             let mut s = self.lock();
             let now = self.now();
-            s.rounds.engine.handle_reference(now, round, &r).map_err(|e| e.to_string())
+            match s.rounds.engine.rounds_mut() {
+                Some(engine) => engine.handle_reference(now, round, &r).map_err(|e| e.to_string()),
+                None => Err("FedBuff mode takes no reference update".into()),
+            }
         });
         match handed {
             Ok(()) => tracing::info!("round {round}: the server's reference update is in (FLTrust)"),
@@ -56,7 +59,7 @@ async fn drive_references(me: Weak<Coordinator>, wake: Arc<Notify>, mut trainer:
         let job = {
             let Some(c) = me.upgrade() else { return };
             let s = c.lock();
-            let engine = &s.rounds.engine;
+            let Some(engine) = s.rounds.engine.rounds() else { return };
             engine
                 .wanted_reference()
                 .filter(|&(round, _)| tried != Some(round))

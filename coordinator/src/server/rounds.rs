@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use fedge_core::ModelParams;
 use fedge_core::wire::{DeviceId, RoundLine, TrainTask};
-use fedge_engine::strategy::Strategy;
-use fedge_engine::{EngineEvent, RoundEngine, RoundOutcome, RoundReport, StartError};
+use fedge_engine::buffered::{AggregationReport, AsyncEvent};
+use fedge_engine::{EngineEvent, RoundOutcome, RoundReport, StartError};
 use tokio::sync::Notify;
+
+use super::engine::Engine;
 
 use super::registry::GlobalPlan;
 use super::{Coordinator, Ordered};
@@ -20,8 +22,8 @@ use crate::store::{EncodedModel, RoundRecord, StoredServerState};
 
 /// The rounds: the engine, the tasks waiting for their devices, the rounds closed.
 pub(super) struct RoundDriver {
-    /// The round engine. Changed only under the order lock.
-    pub(super) engine: RoundEngine<Box<dyn Strategy>>,
+    /// The engine: rounds or FedBuff. Changed only under the order lock.
+    pub(super) engine: Engine,
     /// The model version published: the latest whose round close is durable. Between a
     /// close and its write the engine is ahead of it; devices and operators are told this one.
     version: u64,
@@ -38,6 +40,10 @@ pub(super) struct RoundDriver {
     /// When the open round started, on the engine's clock (unknown for a round resumed
     /// after a restart).
     opened_at: Option<Duration>,
+    /// FedBuff: the open buffer whose record is durable (its results are stored under it).
+    buffer_recorded: Option<u64>,
+    /// FedBuff: how long a device may hold a task before the driver gives up on it.
+    task_timeout: Duration,
 }
 
 /// What the driver must make durable before it publishes it.
@@ -71,7 +77,7 @@ struct Begin {
 }
 
 impl RoundDriver {
-    pub(super) fn new(engine: RoundEngine<Box<dyn Strategy>>) -> Self {
+    pub(super) fn new(engine: Engine, task_timeout: Duration) -> Self {
         Self {
             version: engine.version(),
             engine,
@@ -81,6 +87,42 @@ impl RoundDriver {
             history: Vec::new(),
             rounds_left: 0,
             opened_at: None,
+            buffer_recorded: None,
+            task_timeout,
+        }
+    }
+
+    /// FedBuff after a restart: the open buffer `aggregation` is already recorded.
+    pub(super) fn buffer_is_recorded(&mut self, aggregation: u64) {
+        self.buffer_recorded = Some(aggregation);
+    }
+
+    /// When the next deadline falls: the open round's, or (FedBuff) the oldest task's.
+    pub(super) fn poll_timeout(&self) -> Option<Duration> {
+        match &self.engine {
+            Engine::Rounds(e) => e.poll_timeout(),
+            Engine::Buffered(_) => self.assigned_at.values().min().map(|at| *at + self.task_timeout),
+        }
+    }
+
+    /// Time passed: times the open round out, or (FedBuff) ends the tasks held too long.
+    fn handle_timeout(&mut self, now: Duration) {
+        match &mut self.engine {
+            Engine::Rounds(e) => e.handle_timeout(now),
+            Engine::Buffered(e) => {
+                let late: Vec<DeviceId> = self
+                    .assigned_at
+                    .iter()
+                    .filter(|(_, at)| **at + self.task_timeout <= now)
+                    .map(|(d, _)| *d)
+                    .collect();
+                for d in late {
+                    tracing::warn!("device {d} held its FedBuff task past round_timeout_secs; its slot is freed");
+                    e.handle_train_failure(now, d);
+                    self.tasks.remove(&d);
+                    self.assigned_at.remove(&d);
+                }
+            }
         }
     }
 
@@ -103,7 +145,73 @@ impl RoundDriver {
     /// Drains the engine's events until one needs a write, and starts the next round when
     /// one is wanted and possible. `changed` is set when anything happened.
     fn poll_step(&mut self, now: Duration, metrics: &Metrics, changed: &mut bool) -> Option<Step> {
-        while let Some(ev) = self.engine.poll_event() {
+        match self.engine {
+            Engine::Rounds(_) => self.poll_rounds(now, metrics, changed),
+            Engine::Buffered(_) => self.poll_buffered(now, metrics, changed),
+        }
+    }
+
+    /// [`Self::poll_step`] for FedBuff: the open buffer's record first, then the engine's
+    /// tasks (while more aggregations are wanted than the buffered results and tasks out will
+    /// make) and aggregations.
+    fn poll_buffered(&mut self, now: Duration, metrics: &Metrics, changed: &mut bool) -> Option<Step> {
+        let Engine::Buffered(engine) = &mut self.engine else { return None };
+        let open = engine.aggregations() + 1;
+        if self.buffer_recorded != Some(open) {
+            self.buffer_recorded = Some(open);
+            *changed = true;
+            let record = RoundRecord {
+                round: open,
+                model_version: engine.version(),
+                chosen: Vec::new(),
+                target: engine.config().buffer_size as u64,
+                population: 0,
+            };
+            return Some(Step::Begin(Begin { record, rounds_left: self.rounds_left, tasks: Vec::new() }));
+        }
+        loop {
+            let wanted = self.rounds_left.saturating_mul(engine.config().buffer_size as u64);
+            engine.set_tasking(((engine.in_flight() + engine.buffered()) as u64) < wanted);
+            let ev = engine.poll_event()?;
+            *changed = true;
+            match ev {
+                AsyncEvent::Assign { device, task } => {
+                    self.tasks.insert(device, task);
+                    self.assigned_at.insert(device, now);
+                }
+                AsyncEvent::Aggregated(r) => {
+                    let aggregated = r.outcome == RoundOutcome::Aggregated;
+                    metrics.round_closed(aggregated);
+                    // Every closed buffer counts as one of the rounds asked for.
+                    self.rounds_left = self.rounds_left.saturating_sub(1);
+                    tracing::info!(
+                        "FedBuff aggregation {}: {} results, staleness mean {:.2} max {}",
+                        r.aggregation,
+                        r.results,
+                        r.mean_staleness,
+                        r.max_staleness
+                    );
+                    let privacy = engine.ledger().and_then(|l| l.entries().last().copied()).filter(|_| aggregated);
+                    let report = report_of(r, privacy);
+                    let line = line_of(&report, None);
+                    return Some(Step::Close(Box::new(Close {
+                        line,
+                        version: engine.version(),
+                        params: aggregated.then(|| Arc::new(engine.global().clone())),
+                        rounds_left: self.rounds_left,
+                        register: None,
+                        server_state: None,
+                        report,
+                    })));
+                }
+            }
+        }
+    }
+
+    /// [`Self::poll_step`] for synchronous rounds.
+    fn poll_rounds(&mut self, now: Duration, metrics: &Metrics, changed: &mut bool) -> Option<Step> {
+        let Engine::Rounds(engine) = &mut self.engine else { return None };
+        while let Some(ev) = engine.poll_event() {
             *changed = true;
             match ev {
                 // A resumed round's tasks: the round is already recorded.
@@ -116,9 +224,9 @@ impl RoundDriver {
                     self.assigned_at.clear();
                     let aggregated = report.outcome == RoundOutcome::Aggregated;
                     metrics.round_closed(aggregated);
-                    let version = self.engine.version();
-                    let params = aggregated.then(|| Arc::new(self.engine.global().clone()));
-                    let server_state = self.engine.server_state().filter(|_| aggregated).map(|s| StoredServerState {
+                    let version = engine.version();
+                    let params = aggregated.then(|| Arc::new(engine.global().clone()));
+                    let server_state = engine.server_state().filter(|_| aggregated).map(|s| StoredServerState {
                         version,
                         strategy: s.strategy,
                         vectors: s.vectors,
@@ -138,22 +246,22 @@ impl RoundDriver {
                 }
             }
         }
-        if self.rounds_left == 0 || self.engine.current_round().is_some() {
+        if self.rounds_left == 0 || engine.current_round().is_some() {
             return None;
         }
-        match self.engine.start_round(now) {
+        match engine.start_round(now) {
             Ok(_) => {
                 self.rounds_left -= 1;
                 self.opened_at = Some(now);
                 *changed = true;
                 // Starting a round emits its `Assign`s and nothing else.
                 let mut tasks = Vec::new();
-                while let Some(ev) = self.engine.poll_event() {
+                while let Some(ev) = engine.poll_event() {
                     if let EngineEvent::Assign { device, task } = ev {
                         tasks.push((device, task));
                     }
                 }
-                let open = self.engine.open_round().expect("a round just opened");
+                let open = engine.open_round().expect("a round just opened");
                 let record = RoundRecord {
                     round: open.round,
                     model_version: open.model_version,
@@ -280,7 +388,7 @@ impl Coordinator {
         {
             let mut s = self.lock();
             let now = self.now();
-            s.rounds.engine.handle_timeout(now);
+            s.rounds.handle_timeout(now);
         }
         self.settle(&order);
     }
@@ -295,7 +403,7 @@ pub(super) async fn drive_deadlines(me: Weak<Coordinator>, wake: Arc<Notify>) {
             let Some(c) = me.upgrade() else { return };
             // A manual clock (the in-memory harness) is moved by hand: no timer runs on it.
             let Some(started) = c.clock.started() else { return };
-            let deadline = c.lock().rounds.engine.poll_timeout();
+            let deadline = c.lock().rounds.poll_timeout();
             deadline.map(|at| tokio::time::Instant::from_std(started + at))
         };
         match next {
@@ -310,6 +418,26 @@ pub(super) async fn drive_deadlines(me: Weak<Coordinator>, wake: Arc<Notify>) {
         }
         let Some(c) = me.upgrade() else { return };
         c.handle_deadline();
+    }
+}
+
+/// A FedBuff aggregation as a round's report: every buffered result counts as selected and
+/// answered; none failed (a task given up on never reaches the buffer).
+fn report_of(r: AggregationReport, privacy: Option<fedge_core::privacy::LedgerEntry>) -> RoundReport {
+    RoundReport {
+        round: r.aggregation,
+        model_version: r.model_version,
+        model_hash: r.model_hash,
+        selected: r.results,
+        results: r.results,
+        failures: 0,
+        stragglers: Vec::new(),
+        surplus: 0,
+        samples: r.samples,
+        train_loss: r.train_loss,
+        closed_at: r.at,
+        outcome: r.outcome,
+        privacy,
     }
 }
 

@@ -223,11 +223,15 @@ impl Coordinator {
         let checked = match self.storage_failure() {
             // The device keeps it and sends it again once the coordinator runs again.
             Some(why) => Err((ErrorCode::Unavailable, format!("the coordinator's storage failed ({why})"))),
-            None => self.lock().rounds.engine.check_train_result(id, &result).map_err(|e| (e.code(), e.to_string())),
+            None => self.lock().rounds.engine.check_train_result(id, &result),
         };
         let reply = match checked {
             Err(refused) => Err(refused),
-            Ok(()) => match self.store.as_ref().map(|st| st.save_update_bytes(result.round, id, received)) {
+            Ok(()) => match self.store.as_ref().map(|st| {
+                // The round it counts in (FedBuff: the open buffer), read under the order lock.
+                let round = self.lock().rounds.engine.storage_round(&result);
+                st.save_update_bytes(round, id, received)
+            }) {
                 Some(Err(e)) => {
                     self.storage_failed(format_args!("cannot record an update of round {}", result.round), &e);
                     Err((ErrorCode::Unavailable, format!("cannot record the update: {e}")))
@@ -243,7 +247,7 @@ impl Coordinator {
                             self.metrics.update_accepted(now.saturating_sub(since));
                             Ok(result.round)
                         }
-                        Err(e) => Err((e.code(), e.to_string())),
+                        Err(refused) => Err(refused),
                     }
                 }
             },
@@ -355,9 +359,22 @@ impl Coordinator {
                 ),
             };
         }
+        if self.lock().rounds.engine.rounds().is_none() {
+            // FedBuff: an aggregation is a round; there is no sampling or round deadline to set.
+            if fraction.is_some() || min_train_clients.is_some() || deadline_secs.is_some() {
+                return Message::Error {
+                    code: ErrorCode::Malformed,
+                    message: "this coordinator runs FedBuff: fraction, min_train_clients and the round deadline do not apply (its [fedbuff] table sets buffer_size and max_concurrency)".into(),
+                };
+            }
+            self.add_rounds(&order, rounds);
+            drop(order);
+            return Message::Status(self.status());
+        }
         let (changed, settings) = {
             let mut s = self.lock();
-            let changed = s.rounds.engine.reconfigure(|c| {
+            let engine = s.rounds.engine.rounds_mut().expect("checked: synchronous rounds");
+            let changed = engine.reconfigure(|c| {
                 if let Some(f) = fraction {
                     c.fraction = f;
                 }
@@ -368,7 +385,7 @@ impl Coordinator {
                     c.round_timeout = Duration::from_secs(d);
                 }
             });
-            (changed, Settings::of(s.rounds.engine.config()))
+            (changed, Settings::of(engine.config()))
         };
         if changed.is_ok()
             && let Some(store) = &self.store
@@ -376,9 +393,10 @@ impl Coordinator {
         {
             self.storage_failed(format_args!("cannot record the new settings"), &e);
         }
-        let changed = changed
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.lock().rounds.engine.check_budget(rounds).map_err(|e| e.to_string()));
+        let changed = changed.map_err(|e| e.to_string()).and_then(|()| match self.lock().rounds.engine.rounds() {
+            Some(engine) => engine.check_budget(rounds).map_err(|e| e.to_string()),
+            None => Ok(()),
+        });
         match changed {
             Ok(()) => {
                 self.add_rounds(&order, rounds);

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fedge_core::params::ContentHash;
 use fedge_core::registry::ModelRole;
-use fedge_core::wire::{DeviceId, ModelLine, OpenRoundLine, PrivacyBudget, RoundLine, Status};
+use fedge_core::wire::{DeviceId, ModelLine, RoundLine, Status};
 
 use super::Coordinator;
 
@@ -18,25 +18,9 @@ impl Coordinator {
             let engine = &s.rounds.engine;
             let names: BTreeMap<DeviceId, &String> = s.fleet.ids.iter().map(|(k, v)| (*v, k)).collect();
             let evals = engine.evaluations();
-            let privacy = match (engine.config().privacy.as_ref(), engine.privacy_ledger()) {
-                (Some(p), Some(ledger)) => Some(PrivacyBudget {
-                    noise_multiplier: p.noise_multiplier,
-                    clip_norm: engine.clip_norm().unwrap_or(p.clip_norm),
-                    delta: ledger.delta(),
-                    epsilon: ledger.epsilon(),
-                    target_epsilon: p.target_epsilon,
-                }),
-                _ => None,
-            };
+            let privacy = engine.privacy_budget();
             let version = s.rounds.version();
-            let now = self.now();
-            let open_round = engine.open_round().map(|o| OpenRoundLine {
-                round: o.round,
-                selected: o.chosen.len() as u64,
-                wanted: o.target as u64,
-                reporting: o.results as u64,
-                deadline_in_ms: u64::try_from(o.deadline.saturating_sub(now).as_millis()).unwrap_or(u64::MAX),
-            });
+            let open_round = engine.open_round_line(self.now());
             let status = Status {
                 open_round,
                 privacy,

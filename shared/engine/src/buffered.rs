@@ -42,6 +42,14 @@
 //!
 //! The driver also owns deadlines: a device that never answers keeps its slot until the driver
 //! calls [`BufferedEngine::handle_train_failure`] or [`BufferedEngine::handle_device_gone`].
+//!
+//! For a driver that keeps state across crashes (the coordinator): with `one_per_device` a
+//! device with a result in the open buffer gets no new task until it is aggregated, so the
+//! buffer holds at most one result per device and can be stored under the device;
+//! [`BufferedEngine::restore`] starts from a stored version and aggregation count and
+//! [`BufferedEngine::refill`] folds the stored buffer back in, checked and weighted as when it
+//! arrived. [`BufferedEngine::set_tasking`] pauses new tasks (no aggregation wanted) while
+//! results of tasks already out still count.
 
 mod config;
 
@@ -83,6 +91,8 @@ pub enum AsyncEvent {
 /// One aggregation of the buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AggregationReport {
+    /// Which aggregation this is (1, 2, ...; failed ones count too).
+    pub aggregation: u64,
     /// Model version after it (unchanged if it failed).
     pub model_version: u64,
     /// Hash of that model.
@@ -213,6 +223,10 @@ pub struct BufferedEngine {
     budget_spent: Option<(f64, f64)>,
     global: ModelParams,
     version: u64,
+    /// Buffers closed so far (aggregated or failed).
+    aggregations: u64,
+    /// Whether free devices get tasks (a driver pauses tasking when no aggregation is wanted).
+    tasking: bool,
     last_task: u64,
     available: BTreeSet<DeviceId>,
     training: BTreeMap<DeviceId, Held>,
@@ -249,6 +263,8 @@ impl BufferedEngine {
             budget_spent: None,
             global: initial,
             version: 0,
+            aggregations: 0,
+            tasking: true,
             last_task: 0,
             available: BTreeSet::new(),
             training: BTreeMap::new(),
@@ -260,6 +276,79 @@ impl BufferedEngine {
         };
         engine.check_budget();
         Ok(engine)
+    }
+
+    /// An engine resuming from stored state: `global` is model `version`, `aggregations`
+    /// buffers have closed, the open buffer is empty (refill it with [`Self::refill`]). Task
+    /// numbers start again from 1: tasks handed out before are gone, and a result for one is
+    /// refused unless its device holds the same number again.
+    pub fn restore(
+        config: AsyncConfig,
+        global: ModelParams,
+        version: u64,
+        aggregations: u64,
+        noise: Box<dyn rand::Rng + Send>,
+    ) -> Result<Self, AsyncConfigError> {
+        let mut e = Self::new(config, global, noise)?;
+        e.version = version;
+        e.aggregations = aggregations;
+        let global = e.global.clone();
+        e.strategy.get_mut().begin_round(version + 1, &global, e.config.buffer_size);
+        Ok(e)
+    }
+
+    /// Rebuilds the privacy ledger from stored entries after a restart (central DP only).
+    pub fn restore_ledger(
+        &mut self,
+        entries: impl IntoIterator<Item = fedge_core::privacy::LedgerEntry>,
+    ) -> Result<(), fedge_core::privacy::PrivacyError> {
+        if let Some(p) = &self.config.privacy {
+            self.ledger = Some(PrivacyLedger::from_entries(p.delta, entries)?);
+            self.check_budget();
+        }
+        Ok(())
+    }
+
+    /// Folds results accepted into the open buffer before a restart back in (their tasks are
+    /// gone): each is checked as when it arrived (trained from a version no newer than the
+    /// current one and within `max_staleness`, shape, finiteness, one per device when that
+    /// holds) and weighted by the same staleness. When they fill the buffer it aggregates at
+    /// once. Refused at the first bad one, naming its device; those before it stay folded in.
+    pub fn refill(
+        &mut self,
+        now: Duration,
+        stored: &[(DeviceId, TrainResult)],
+    ) -> Result<(), (DeviceId, AsyncRejectReason)> {
+        for (device, result) in stored {
+            let stale = |staleness| AsyncRejectReason::TooStale { staleness, max: self.config.max_staleness };
+            if result.model_version > self.version {
+                return Err((*device, stale(0)));
+            }
+            let staleness = self.version - result.model_version;
+            if staleness > self.config.max_staleness {
+                return Err((*device, stale(staleness)));
+            }
+            if self.in_buffer.contains(device) {
+                return Err((*device, AsyncRejectReason::Duplicate(result.round)));
+            }
+            self.strategy
+                .get()
+                .check(self.contribution(result, false))
+                .map_err(|e| (*device, AsyncRejectReason::Invalid(e)))?;
+            self.fold(now, *device, result, staleness).map_err(|e| (*device, e))?;
+        }
+        Ok(())
+    }
+
+    /// Whether free devices get tasks; off, the engine hands out none (results of tasks
+    /// already out are still taken).
+    pub fn set_tasking(&mut self, on: bool) {
+        self.tasking = on;
+    }
+
+    /// Buffers closed so far (aggregated or failed); the open one is the next.
+    pub fn aggregations(&self) -> u64 {
+        self.aggregations
     }
 
     /// Epsilon spent so far under central DP (at the configured delta).
@@ -392,15 +481,25 @@ impl BufferedEngine {
                 return Err(e);
             }
         };
+        let folded = self.fold(now, device, result, staleness);
+        self.end_task(device);
+        folded
+    }
+
+    /// Folds an accepted result into the buffer, discounted by its staleness; the K-th
+    /// aggregates.
+    fn fold(
+        &mut self,
+        now: Duration,
+        device: DeviceId,
+        result: &TrainResult,
+        staleness: u64,
+    ) -> Result<(), AsyncRejectReason> {
         let mut contribution = self.contribution(result, true);
         contribution.clip_scale *= self.config.staleness.weight(staleness);
         let samples = contribution.num_samples;
-        if let Err(e) = self.strategy.get_mut().accumulate(contribution) {
-            self.end_task(device);
-            return Err(AsyncRejectReason::Invalid(e));
-        }
-        self.end_task(device);
-        if self.ledger.is_some() {
+        self.strategy.get_mut().accumulate(contribution).map_err(AsyncRejectReason::Invalid)?;
+        if self.ledger.is_some() || self.config.one_per_device {
             self.in_buffer.insert(device);
         }
         let b = &mut self.buffer;
@@ -434,7 +533,7 @@ impl BufferedEngine {
         if let Some(e) = self.events.pop_front() {
             return Some(e);
         }
-        if self.training.len() >= self.config.max_concurrency || self.budget_spent.is_some() {
+        if !self.tasking || self.training.len() >= self.config.max_concurrency || self.budget_spent.is_some() {
             return None;
         }
         let free: Vec<DeviceId> = self
@@ -459,6 +558,7 @@ impl BufferedEngine {
     fn aggregate(&mut self, now: Duration) {
         let b = std::mem::take(&mut self.buffer);
         let round = self.version + 1;
+        self.aggregations += 1;
         let outcome = match self.strategy.get_mut().aggregate_train(round, &self.global, 0) {
             Ok(next) if next.check_finite().is_err() => {
                 RoundOutcome::Failed("the aggregate has a non-finite value; the model is unchanged".into())
@@ -480,6 +580,7 @@ impl BufferedEngine {
         self.strategy.get_mut().begin_round(self.version + 1, &self.global, self.config.buffer_size);
         let per = |x: f64, n: f64| if n > 0.0 { x / n } else { f64::NAN };
         self.events.push_back(AsyncEvent::Aggregated(AggregationReport {
+            aggregation: self.aggregations,
             model_version: self.version,
             model_hash: self.global.content_hash(),
             results: b.results,

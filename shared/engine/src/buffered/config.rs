@@ -100,6 +100,11 @@ pub struct AsyncConfig {
     pub seed: u64,
     /// The most samples one result may claim (as in the synchronous engine).
     pub max_samples_per_result: u64,
+    /// A device with a result in the open buffer gets no new task until the buffer is
+    /// aggregated: each version is made of `buffer_size` different devices (always so under
+    /// central DP; a coordinator sets it so that each buffered result is stored under its
+    /// device).
+    pub one_per_device: bool,
 }
 
 impl Default for AsyncConfig {
@@ -114,6 +119,7 @@ impl Default for AsyncConfig {
             privacy: None,
             seed: 0,
             max_samples_per_result: DEFAULT_MAX_SAMPLES_PER_RESULT,
+            one_per_device: false,
         }
     }
 }

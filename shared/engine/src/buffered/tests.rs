@@ -465,3 +465,84 @@ fn under_dp_the_budget_stops_before_the_aggregation_that_would_pass_it() {
     assert_eq!(err.code(), ErrorCode::NotSelected);
     assert_eq!((e.version(), e.ledger().unwrap().entries().len()), (3, 3));
 }
+
+#[test]
+fn a_restored_engine_refilled_with_the_stored_buffer_aggregates_as_the_first_would() {
+    // One engine runs a buffer of 3 straight through; another is killed after two results
+    // and restored from what a driver stores (the version, the aggregations, the buffered results).
+    let config = AsyncConfig { one_per_device: true, ..cfg(3, 3, 5, StalenessWeight::Polynomial { exponent: 0.5 }) };
+    let mut straight = engine(3, config.clone());
+    // Version 1 first: the restored engine starts from a version and aggregation count > 0.
+    let first = assigned(&mut straight);
+    for (d, t) in &first {
+        straight.handle_train_result(S, *d, &result(t, [0.1, 0.1], 10)).unwrap();
+    }
+    assert_eq!(report(&mut straight).aggregation, 1);
+    let second = assigned(&mut straight);
+    assert_eq!(second.len(), 3);
+    let deltas = [[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]];
+    // What the driver stored: the results acknowledged into the open buffer.
+    let mut stored = Vec::new();
+    for ((d, t), delta) in second.iter().zip(deltas).take(2) {
+        let r = result(t, delta, 10);
+        straight.handle_train_result(2 * S, *d, &r).unwrap();
+        stored.push((*d, r));
+    }
+    let mut restored = BufferedEngine::restore(config.clone(), straight.global().clone(), 1, 1, noise()).unwrap();
+    for d in 0..3 {
+        restored.handle_device_available(d);
+    }
+    restored.refill(2 * S, &stored).unwrap();
+    assert_eq!((restored.buffered(), restored.aggregations(), restored.version()), (2, 1, 1));
+    // One per device: only the third device gets a task, and the same device again is refused.
+    let tasks = assigned(&mut restored);
+    assert_eq!(tasks.iter().map(|(d, _)| *d).collect::<Vec<_>>(), vec![second[2].0]);
+    assert!(matches!(restored.refill(2 * S, &stored[..1]), Err((_, AsyncRejectReason::Duplicate(_)))));
+    let (d, t) = (&second[2].0, &second[2].1);
+    straight.handle_train_result(3 * S, *d, &result(t, deltas[2], 10)).unwrap();
+    restored.handle_train_result(3 * S, *d, &result(&tasks[0].1, deltas[2], 10)).unwrap();
+    let (a, b) = (report(&mut straight), report(&mut restored));
+    assert_eq!((a.aggregation, b.aggregation), (2, 2));
+    assert_eq!(straight.global(), restored.global());
+    assert_eq!((a.model_hash, a.results, a.samples), (b.model_hash, b.results, b.samples));
+}
+
+#[test]
+fn refill_refuses_what_could_not_have_been_accepted() {
+    let config = cfg(5, 5, 2, StalenessWeight::Constant);
+    let mut e = BufferedEngine::restore(config, params([0.0, 0.0]), 4, 4, noise()).unwrap();
+    let at = |version, delta: [f32; 2]| TrainResult {
+        round: 1,
+        model_version: version,
+        num_samples: 1,
+        train_loss: 0.1,
+        delta: params(delta),
+        clipped: false,
+    };
+    assert!(matches!(
+        e.refill(S, &[(1, at(1, [0.0, 0.0]))]),
+        Err((1, AsyncRejectReason::TooStale { staleness: 3, max: 2 }))
+    ));
+    assert!(matches!(e.refill(S, &[(1, at(5, [0.0, 0.0]))]), Err((1, AsyncRejectReason::TooStale { .. }))));
+    assert!(matches!(e.refill(S, &[(2, at(4, [f32::NAN, 0.0]))]), Err((2, AsyncRejectReason::Invalid(_)))));
+    assert_eq!(e.buffered(), 0);
+    e.refill(S, &[(1, at(3, [1.0, 1.0])), (2, at(4, [1.0, 1.0]))]).unwrap();
+    assert_eq!(e.buffered(), 2);
+}
+
+#[test]
+fn with_tasking_off_no_task_is_handed_out_and_results_still_count() {
+    let mut e = engine(4, cfg(2, 4, 5, StalenessWeight::Constant));
+    let tasks = assigned(&mut e);
+    assert_eq!(tasks.len(), 4);
+    e.set_tasking(false);
+    let (d, t) = &tasks[0];
+    e.handle_train_result(S, *d, &result(t, [1.0, 0.0], 1)).unwrap();
+    assert!(e.poll_event().is_none(), "a slot is free but tasking is off");
+    let (d, t) = &tasks[1];
+    e.handle_train_result(S, *d, &result(t, [1.0, 0.0], 1)).unwrap();
+    assert_eq!(report(&mut e).outcome, RoundOutcome::Aggregated);
+    assert!(e.poll_event().is_none());
+    e.set_tasking(true);
+    assert_eq!(assigned(&mut e).len(), 2);
+}

@@ -1,0 +1,97 @@
+//! FedBuff in the coordinator: buffered asynchronous aggregation over QUIC, its open buffer
+//! surviving a restart.
+
+use std::time::Duration;
+
+use fedge_coordinator::server::Coordinator;
+use fedge_coordinator::store::Store;
+use fedge_core::wire::{Message, TrainResult};
+use fedge_engine::RoundOutcome;
+use fedge_engine::buffered::{AsyncConfig, StalenessWeight};
+use fedge_tests::harness::{
+    embedded_train, fleet, initial_2nn, issue_devices, join, one_epoch, serve, spawn_devices, stop,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_restart() {
+    let (dir, ca) = fleet();
+    issue_devices(&ca, &["dev-a", "dev-b", "dev-c", "probe"]);
+    let train = embedded_train();
+    let state = dir.path().join("state");
+    let config = AsyncConfig {
+        buffer_size: 2,
+        max_concurrency: 3,
+        max_staleness: 10,
+        staleness: StalenessWeight::Polynomial { exponent: 0.5 },
+        train: one_epoch(None),
+        seed: 1,
+        ..AsyncConfig::default()
+    };
+    let start = |config: AsyncConfig| {
+        Coordinator::with_store_fedbuff(config, Duration::from_secs(60), initial_2nn(1), Store::open(&state).unwrap())
+            .unwrap()
+    };
+
+    // Three devices, three aggregations of two results each: each a new version.
+    let coordinator = start(config.clone());
+    let (addr, server) = serve(&coordinator, &ca);
+    let clients = spawn_devices(addr, &ca, &["dev-a", "dev-b", "dev-c"], &train).await;
+    coordinator.start_rounds(3);
+    tokio::time::timeout(Duration::from_secs(120), coordinator.wait_for_rounds(3)).await.expect("3 aggregations");
+    let reports = coordinator.reports();
+    assert_eq!(
+        reports.iter().map(|r| (r.round, r.model_version, r.results)).collect::<Vec<_>>(),
+        [(1, 1, 2), (2, 2, 2), (3, 3, 2)]
+    );
+    assert!(reports.iter().all(|r| r.outcome == RoundOutcome::Aggregated));
+    let status = coordinator.status();
+    assert_eq!((status.model_version, status.rounds_left), (3, 0));
+    // No more aggregations were asked for: no new task, and the next buffer holds nothing yet.
+    let open = status.open_round.expect("the open buffer");
+    assert_eq!((open.round, open.wanted, open.reporting), (4, 2, 0));
+    stop(&coordinator, server, clients).await;
+    drop(coordinator);
+
+    // One result acknowledged into buffer 4, then the coordinator goes away.
+    let coordinator = start(config.clone());
+    let (addr, server) = serve(&coordinator, &ca);
+    let (link, _) = join(addr, &ca, "probe", 100).await;
+    coordinator.start_rounds(1);
+    let task = loop {
+        match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
+            Message::TrainTask(t) => break t,
+            Message::NoTask { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(task.model_version, 3);
+    let zero = fedge_core::ModelParams::zeros(initial_2nn(1).layout().clone());
+    let result = TrainResult {
+        round: task.round,
+        model_version: 3,
+        num_samples: 10,
+        train_loss: 0.3,
+        delta: zero,
+        clipped: false,
+    };
+    assert!(matches!(link.request(&Message::TrainResult(result.clone())).await.unwrap(), Message::Ack { .. }));
+    // One result per device per buffer: the probe gets no second task.
+    assert!(matches!(link.request(&Message::TaskRequest { running: None }).await.unwrap(), Message::NoTask { .. }));
+    link.connection.close(0u32.into(), b"bye");
+    drop(link);
+    stop(&coordinator, server, Vec::new()).await;
+    drop(coordinator);
+
+    // Restarted: the buffer comes back with the probe's result; one more device completes it.
+    let coordinator = start(config);
+    let status = coordinator.status();
+    let open = status.open_round.expect("the open buffer");
+    assert_eq!((status.model_version, status.rounds_left, open.round, open.reporting), (3, 1, 4, 1));
+    let (addr, server) = serve(&coordinator, &ca);
+    let clients = spawn_devices(addr, &ca, &["dev-a"], &train).await;
+    tokio::time::timeout(Duration::from_secs(60), coordinator.wait_for_rounds(1)).await.expect("aggregation 4");
+    let r = &coordinator.reports()[0];
+    assert_eq!((r.round, r.model_version, r.results, &r.outcome), (4, 4, 2, &RoundOutcome::Aggregated));
+    assert_eq!(coordinator.status().rounds.len(), 4, "every aggregation is in the history");
+    stop(&coordinator, server, clients).await;
+}
