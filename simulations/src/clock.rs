@@ -262,7 +262,8 @@ fn secure_round(
     let at = batch.iter().map(|b| b.2).max().unwrap_or_default();
     let reported: Vec<DeviceId> = batch.iter().map(|b| b.0).collect();
     let plain = batch.into_iter().map(|(d, r, _)| (d, r)).collect();
-    let (summed, failed, traffic) = match protocol::aggregate(setup, round, plain) {
+    let selected = engine.open_round().map_or(reported.len(), |o| o.chosen.len());
+    let (summed, failed, traffic) = match protocol::aggregate(setup, round, selected, plain) {
         Ok(Secured { aggregate, dropped, traffic }) => (Some(aggregate), dropped, traffic),
         Err(f) => {
             obs.line(&format!("round {round}: secure aggregation failed: {}", f.reason));

@@ -215,6 +215,10 @@ pub struct SimConfig {
     pub secagg_threshold: Option<u32>,
     /// SecAgg quantisation levels per unit (default 2^20 / clip_norm).
     pub secagg_scale: Option<f32>,
+    /// Distributed DP (`secure_aggregation` with `noise_multiplier`): the fraction of a
+    /// round's selected devices that may drop while the sum still carries the full noise
+    /// (each device adds its share for the rest; default 0.2).
+    pub dp_dropout_tolerance: Option<f64>,
 }
 
 impl Default for SimConfig {
@@ -273,6 +277,7 @@ impl Default for SimConfig {
             secagg_degree: None,
             secagg_threshold: None,
             secagg_scale: None,
+            dp_dropout_tolerance: None,
         }
     }
 }
@@ -434,6 +439,8 @@ impl SimConfig {
             train: keys.train(),
             seed: self.seed,
             privacy: keys.central_dp(),
+            // With secure aggregation the devices add the noise (crate::secure).
+            distributed_dp: self.secure_aggregation && self.noise_multiplier.is_some(),
             max_step_norm: self.max_step_norm,
             ..EngineConfig::default()
         };

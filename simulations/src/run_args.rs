@@ -190,6 +190,10 @@ pub struct RunArgs {
     /// SecAgg quantisation levels per unit [default 2^20 / clip_norm].
     #[arg(long)]
     pub secagg_scale: Option<f32>,
+    /// Distributed DP (with --secure-aggregation and --noise-multiplier): the fraction of a
+    /// round's devices that may drop while the sum still carries the full noise [default 0.2].
+    #[arg(long)]
+    pub dp_dropout_tolerance: Option<f64>,
 }
 
 impl RunArgs {
@@ -255,6 +259,9 @@ impl RunArgs {
         }
         if self.secagg_scale.is_some() {
             c.secagg_scale = self.secagg_scale;
+        }
+        if self.dp_dropout_tolerance.is_some() {
+            c.dp_dropout_tolerance = self.dp_dropout_tolerance;
         }
         c.validate()?;
         Ok(c)

@@ -45,6 +45,7 @@ pub fn validate(c: &SimConfig) -> Result<(), String> {
             ("secagg_degree", c.secagg_degree.is_some()),
             ("secagg_threshold", c.secagg_threshold.is_some()),
             ("secagg_scale", c.secagg_scale.is_some()),
+            ("dp_dropout_tolerance", c.dp_dropout_tolerance.is_some()),
         ];
         return match set.iter().find(|s| s.1) {
             Some((key, _)) => Err(format!("{key} needs secure_aggregation = true")),
@@ -59,8 +60,18 @@ pub fn validate(c: &SimConfig) -> Result<(), String> {
             "secure_aggregation is not offered with mode = \"fedbuff\" (it sums a round's devices together)".into()
         );
     }
-    if c.noise_multiplier.is_some() || c.adaptive_clip.is_some() || c.target_epsilon.is_some() {
-        return Err("central DP with secure_aggregation is not wired yet (DP-FedAvg clips and counts each update; distributed DP is left): use local_epsilon".into());
+    if c.adaptive_clip.is_some() {
+        return Err("adaptive_clip needs each update's norm; with secure_aggregation the server sees only sums".into());
+    }
+    match (c.noise_multiplier, c.dp_dropout_tolerance) {
+        (None, Some(_)) => return Err("dp_dropout_tolerance needs noise_multiplier (distributed DP)".into()),
+        (_, Some(f)) if !(0.0..=0.9).contains(&f) => {
+            return Err(format!("dp_dropout_tolerance must be in [0, 0.9], got {f}"));
+        }
+        _ => {}
+    }
+    if c.noise_multiplier.is_some() && c.local_epsilon.is_some() {
+        return Err("choose distributed DP (noise_multiplier) or local DP (local_epsilon), not both".into());
     }
     if c.strategy_options.bucket_size.is_some() {
         return Err("bucket_size needs each update; secure_aggregation gives the server only their sum".into());
@@ -117,6 +128,40 @@ pub struct SecureSetup {
     pub dropout: f64,
     /// The run's seed (entropy, round seeds, dropouts).
     pub seed: u64,
+    /// Distributed DP: the noise multiplier the sum must carry and the fraction of a round's
+    /// devices that may drop with it still carried.
+    pub noise: Option<DistributedNoise>,
+}
+
+/// Distributed DP's parameters (`noise_multiplier` with `secure_aggregation`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistributedNoise {
+    /// z: the sum of the surviving devices' updates carries N(0, (z C)^2) per coordinate.
+    pub noise_multiplier: f64,
+    /// f: it still does when up to this fraction of the selected devices drop.
+    pub dropout_tolerance: f64,
+}
+
+/// The default fraction of a round's devices distributed DP's noise survives the loss of.
+pub const DEFAULT_DP_DROPOUT_TOLERANCE: f64 = 0.2;
+
+impl DistributedNoise {
+    /// The fewest devices whose shares make up the full noise, of `selected`:
+    /// `ceil((1 - f) selected)`, at least 1.
+    pub fn sized_for(&self, selected: usize) -> usize {
+        (((1.0 - self.dropout_tolerance) * selected as f64).ceil() as usize).max(1)
+    }
+
+    /// Each device's noise standard deviation for a round of `selected` devices and clip `c`:
+    /// `z c / sqrt(n_min)`, so any `n_min` of them sum to the full `z c`.
+    pub fn device_sigma(&self, selected: usize, c: f64) -> f64 {
+        self.noise_multiplier * c / (self.sized_for(selected) as f64).sqrt()
+    }
+
+    /// The noise multiplier `survivors` devices' shares carry together: `z sqrt(m' / n_min)`.
+    pub fn carried(&self, selected: usize, survivors: usize) -> f64 {
+        self.noise_multiplier * (survivors as f64 / self.sized_for(selected) as f64).sqrt()
+    }
 }
 
 impl SecureSetup {
@@ -132,6 +177,10 @@ impl SecureSetup {
             weight_cap: max_samples_per_result.min(largest).max(1),
             dropout: c.dropout,
             seed: c.seed,
+            noise: c.noise_multiplier.map(|z| DistributedNoise {
+                noise_multiplier: z,
+                dropout_tolerance: c.dp_dropout_tolerance.unwrap_or(DEFAULT_DP_DROPOUT_TOLERANCE),
+            }),
         })
     }
 
@@ -139,6 +188,12 @@ impl SecureSetup {
     /// the degree (fixed or default, at most `m - 1`, lowered by one when `m` and it are both
     /// odd), the threshold (fixed or `floor(k/2) + 1`), the fewest ring bits that hold the sum.
     pub fn round_config(&self, m: u32, vector_len: usize) -> Result<SecAggConfig, String> {
+        self.round_config_within(m, vector_len, self.clip)
+    }
+
+    /// [`Self::round_config`] with each coordinate bounded by `bound` instead of the clip norm
+    /// (distributed DP: clipped updates plus their noise).
+    pub fn round_config_within(&self, m: u32, vector_len: usize, bound: f32) -> Result<SecAggConfig, String> {
         if m < 2 {
             return Err(format!("{m} device reported; secure aggregation needs at least 2"));
         }
@@ -152,7 +207,7 @@ impl SecureSetup {
             threshold,
             degree,
             vector_len,
-            clip: self.clip,
+            clip: bound,
             scale: self.scale,
             modulus_bits: 64,
         };
@@ -190,7 +245,11 @@ mod tests {
         let cases: Vec<(SimConfig, &str)> = vec![
             (SimConfig { clip_norm: None, ..on() }, "needs clip_norm"),
             (SimConfig { mode: Mode::Fedbuff, ..on() }, "mode = \"fedbuff\""),
-            (SimConfig { noise_multiplier: Some(1.0), ..on() }, "central DP"),
+            (
+                SimConfig { noise_multiplier: Some(1.0), dp_dropout_tolerance: Some(1.0), ..on() },
+                "dp_dropout_tolerance must be",
+            ),
+            (SimConfig { dp_dropout_tolerance: Some(0.1), ..on() }, "dp_dropout_tolerance needs noise_multiplier"),
             (SimConfig { strategy: "median".into(), ..on() }, "strategy `median` needs each update"),
             (SimConfig { strategy: "krum".into(), ..on() }, "strategy `krum`"),
             (SimConfig { secagg_degree: Some(10), secagg_threshold: Some(5), ..on() }, "secagg_threshold = 5"),
@@ -202,6 +261,7 @@ mod tests {
             assert!(e.contains(want) && !e.contains('\n'), "{e}");
         }
         on().validate().unwrap();
+        SimConfig { noise_multiplier: Some(1.0), ..on() }.validate().unwrap();
         SimConfig { local_epsilon: Some(8.0), strategy: "fedadam".into(), ..on() }.validate().unwrap();
     }
 }

@@ -97,8 +97,12 @@ fn refused_combinations_fail_in_one_line() {
             "strategy `trimmed-mean` needs each update",
         ),
         (
-            &["--secure-aggregation", "--clip-norm", "1", "--noise-multiplier", "1"],
-            "central DP with secure_aggregation",
+            &["--secure-aggregation", "--clip-norm", "1", "--dp-dropout-tolerance", "0.1"],
+            "dp_dropout_tolerance needs noise_multiplier",
+        ),
+        (
+            &["--secure-aggregation", "--clip-norm", "1", "--noise-multiplier", "1", "--dp-dropout-tolerance", "0.95"],
+            "dp_dropout_tolerance must be in [0, 0.9], got 0.95",
         ),
         (&["--secure-aggregation", "--clip-norm", "1", "--mode", "fedbuff"], "mode = \"fedbuff\""),
         (&["--secagg-degree", "4"], "secagg_degree needs secure_aggregation = true"),
@@ -110,4 +114,41 @@ fn refused_combinations_fail_in_one_line() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: not one line: {stderr}");
     }
+}
+
+/// Distributed DP: every device adds N(0, sigma^2) with sigma = z C / sqrt(n_min), n_min =
+/// ceil(0.8 * 20) = 16, so the sum of 20 carries z sqrt(20 / 16) and the mean over the 20
+/// selected has noise of standard deviation z C sqrt(20 / 16) / 20 per coordinate. The same
+/// round without noise (every weight is 1, so both means divide the same sum by 20) differs
+/// from it by exactly that noise plus quantisation; the ledger charges what was carried.
+#[test]
+fn distributed_dp_sums_carry_the_stated_noise_and_the_ledger_charges_it() {
+    let z = 1.0;
+    let noisy = SimConfig { noise_multiplier: Some(z), ..config(true, 1, 5) };
+    let dp = run(&noisy, None, &mut Quiet).unwrap();
+    let quiet = run(&config(true, 1, 5), None, &mut Quiet).unwrap();
+    let diff: Vec<f64> = dp.global.data().iter().zip(quiet.global.data()).map(|(a, b)| f64::from(a - b)).collect();
+    let n = diff.len() as f64;
+    let mean = diff.iter().sum::<f64>() / n;
+    let std = (diff.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let carried = z * (20.0f64 / 16.0).sqrt();
+    let want = carried * f64::from(CLIP) / 20.0;
+    // 199,210 coordinates: the sample std is within 1% of the true one (quantisation adds
+    // 1e-6 at most).
+    assert!((std / want - 1.0).abs() < 0.01, "noise std {std}, want {want}");
+    assert!(mean.abs() < 5.0 * want / n.sqrt(), "noise mean {mean}");
+    let row = &dp.rounds[0];
+    assert!(row.aggregated && row.results == 20, "{row:?}");
+    let eps = fedge_core::privacy::epsilon(1.0, carried, 1, 1e-5).unwrap().epsilon;
+    assert!((row.epsilon.unwrap() - eps).abs() < 1e-9, "{:?} vs {eps}", row.epsilon);
+    assert_eq!(dp.summary.sampling_rate, Some(1.0));
+    // Fewer survivors than it was sized for: 10% drop before training and at each stage, and
+    // the ledger charges the smaller noise the survivors carried.
+    let dropping = SimConfig { dropout: 0.1, dp_dropout_tolerance: Some(0.0), ..noisy };
+    let o = run(&dropping, None, &mut Quiet).unwrap();
+    let r = &o.rounds[0];
+    assert!(r.aggregated && r.results < 20, "{r:?}");
+    let carried = z * (r.results as f64 / 20.0).sqrt();
+    let eps = fedge_core::privacy::epsilon(1.0, carried, 1, 1e-5).unwrap().epsilon;
+    assert!((r.epsilon.unwrap() - eps).abs() < 1e-9, "{:?} vs {eps}", r.epsilon);
 }

@@ -35,6 +35,10 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Central differential privacy, if on.
     pub privacy: Option<CentralDp>,
+    /// With `privacy`: the noise is added by the devices, not the coordinator (distributed
+    /// DP under secure aggregation): results arrive only as secure sums that carry it, the
+    /// strategy adds none, and the ledger charges the noise each sum reports it carries.
+    pub distributed_dp: bool,
     /// The most samples one result may claim: a larger `num_samples` weighs this much (one
     /// device certificate must not be able to outweigh the fleet by saying it has 10^18).
     pub max_samples_per_result: u64,
@@ -98,6 +102,7 @@ impl Default for EngineConfig {
             train: TrainConfig::sgd(5, 10, 0.05),
             seed: 0,
             privacy: None,
+            distributed_dp: false,
             max_samples_per_result: DEFAULT_MAX_SAMPLES_PER_RESULT,
             max_step_norm: None,
             strategy: StrategyConfig::default(),
@@ -206,6 +211,17 @@ impl EngineConfig {
                      (fedavgm, fedadagrad, fedadam, fedyogi), or use local DP",
                     self.strategy.name()
                 )));
+            }
+        }
+        if self.distributed_dp {
+            match &self.privacy {
+                None => return Err(ConfigError::Privacy("distributed DP needs noise_multiplier".into())),
+                Some(p) if p.adaptive.is_some() => {
+                    return Err(ConfigError::Privacy(
+                        "adaptive clipping needs each update's norm; distributed DP sees only sums".into(),
+                    ));
+                }
+                Some(_) => {}
             }
         }
         if let Some(m) = self.max_step_norm

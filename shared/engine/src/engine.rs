@@ -46,6 +46,8 @@ struct OpenRound {
     loss_sum: f64,
     population: usize,
     clip: Option<f64>,
+    /// Under distributed DP: the noise multiplier the round's secure sum carried.
+    carried_noise: Option<f64>,
 }
 
 /// The round engine. See the module docs.
@@ -285,6 +287,7 @@ impl<S: Strategy> RoundEngine<S> {
             loss_sum: 0.0,
             population: population.max(chosen.len()).max(1),
             clip,
+            carried_noise: None,
         });
         TrainTask { round, model_version: self.version, model_hash: self.global.content_hash(), config }
     }
@@ -370,6 +373,11 @@ impl<S: Strategy> RoundEngine<S> {
     /// What [`Self::handle_train_result`] would refuse, checked without changing anything, so
     /// that a driver can make an acceptable result durable before it counts.
     pub fn check_train_result(&self, device: DeviceId, result: &TrainResult) -> Result<(), RejectReason> {
+        if self.config.distributed_dp {
+            return Err(RejectReason::Secure(
+                "distributed DP: results count only inside a secure sum, which carries the noise".into(),
+            ));
+        }
         let version = self.version;
         let Some(open) = self.open.as_ref().filter(|o| o.round == result.round && result.model_version == version)
         else {
@@ -551,7 +559,10 @@ impl<S: Strategy> RoundEngine<S> {
             (RoundOutcome::Aggregated, Some(p), Some(ledger)) => {
                 let q = open.selected as f64 / open.population as f64;
                 let clip = open.clip.unwrap_or(p.clip_norm);
-                ledger.record(open.round, q, p.noise_multiplier, clip).ok()
+                // Distributed DP charges what the sum carried (less than configured when more
+                // devices dropped than it was sized for); a round without a sum releases none.
+                let z = if self.config.distributed_dp { open.carried_noise } else { Some(p.noise_multiplier) };
+                z.and_then(|z| ledger.record(open.round, q, z, clip).ok())
             }
             _ => None,
         };

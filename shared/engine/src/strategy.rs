@@ -221,6 +221,8 @@ impl ServerState {
 pub fn build(config: &crate::EngineConfig, noise_rng: Box<dyn rand::Rng + Send>) -> Box<dyn Strategy> {
     let averaging = |server_lr: f64, noise_rng| -> Box<dyn Strategy> {
         match &config.privacy {
+            // Distributed DP: the devices' noise is in the sum already.
+            Some(_) if config.distributed_dp => Box::new(FedAvg::with_server_lr(server_lr as f32)),
             Some(p) => {
                 let adaptive = p.adaptive.and_then(|a| fedge_core::privacy::AdaptiveClip::new(a, p.clip_norm).ok());
                 Box::new(DpFedAvg::new(p.noise_multiplier, p.clip_norm, adaptive, noise_rng))

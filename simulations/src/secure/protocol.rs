@@ -65,23 +65,36 @@ struct Devices {
 
 impl Devices {
     /// Each device's vector `(w clip(delta), w C)` with `w = min(n, W) / W`, its client seeded
-    /// from the run's seed, the round and its device id.
+    /// from the run's seed, the round and its device id. Under distributed DP every device
+    /// weighs 1 and adds its share of the noise, N(0, sigma^2) per coordinate (drawn from its
+    /// own seeded stream), within the protocol's per-coordinate bound.
     fn new(
         setup: &SecureSetup,
         config: &SecAggConfig,
         round: u64,
         seed: [u8; 32],
         batch: Vec<(DeviceId, TrainResult)>,
+        sigma: Option<f64>,
     ) -> Result<Self, String> {
         let (mut clients, mut inputs) = (Vec::new(), Vec::new());
+        let bound = config.clip;
         for (i, (device, result)) in batch.into_iter().enumerate() {
             let entropy: [u8; 32] = derive_rng(setup.seed, &[STREAM, round, 1, device]).random();
             clients.push(Client::new(config, seed, i as u32, entropy).map_err(|e| e.to_string())?);
-            let w = result.num_samples.min(setup.weight_cap) as f64 / setup.weight_cap as f64;
+            let w = match sigma {
+                Some(_) => 1.0,
+                None => result.num_samples.min(setup.weight_cap) as f64 / setup.weight_cap as f64,
+            };
             let norm = result.delta.l2_norm();
             let c = f64::from(setup.clip);
             let clip = if norm > c { c / norm } else { 1.0 };
             let mut v: Vec<f32> = result.delta.data().iter().map(|&x| (f64::from(x) * clip * w) as f32).collect();
+            if let Some(sigma) = sigma {
+                let mut rng = derive_rng(setup.seed, &[STREAM, round, 3, device]);
+                fedge_core::privacy::noise::add_gaussian_noise(&mut v, sigma, &mut rng);
+                // Past 8 sigma (probability 1e-15 a value): kept inside the ring's bound.
+                v.iter_mut().for_each(|x| *x = x.clamp(-bound, bound));
+            }
             v.push((w * c) as f32);
             inputs.push(v);
         }
@@ -99,9 +112,16 @@ impl Devices {
     }
 }
 
-/// Runs SecAgg+ among `batch` (the round's on-time results, in arrival order): the survivors'
-/// weighted mean delta, or why the round's aggregation failed.
-pub fn aggregate(setup: &SecureSetup, round: u64, batch: Vec<(DeviceId, TrainResult)>) -> Result<Secured, Failed> {
+/// Runs SecAgg+ among `batch` (the round's on-time results, in arrival order) of the
+/// `selected` devices of the round: the survivors' weighted mean delta, or why the round's
+/// aggregation failed. Under distributed DP the mean is the noised sum over the fixed
+/// denominator `selected` (as DP-FedAvg's), and says what noise it carries.
+pub fn aggregate(
+    setup: &SecureSetup,
+    round: u64,
+    selected: usize,
+    batch: Vec<(DeviceId, TrainResult)>,
+) -> Result<Secured, Failed> {
     let ids: Vec<DeviceId> = batch.iter().map(|b| b.0).collect();
     let m = ids.len();
     let mut traffic = vec![Traffic::default(); m];
@@ -110,12 +130,16 @@ pub fn aggregate(setup: &SecureSetup, round: u64, batch: Vec<(DeviceId, TrainRes
     };
     let d = layout.numel();
     let fail = |reason: String, traffic: Vec<Traffic>| Failed { reason, traffic };
-    let config = match setup.round_config(m as u32, d + 1) {
+    let selected = selected.max(m);
+    let sigma = setup.noise.map(|n| n.device_sigma(selected, f64::from(setup.clip)));
+    // Distributed DP: each coordinate is a clipped value plus noise, bounded at C + 8 sigma.
+    let bound = setup.clip + sigma.map_or(0.0, |s| (8.0 * s) as f32);
+    let config = match setup.round_config_within(m as u32, d + 1, bound) {
         Ok(c) => c,
         Err(e) => return Err(fail(e, traffic)),
     };
     let seed: [u8; 32] = derive_rng(setup.seed, &[STREAM, round, 0]).random();
-    let mut devices = match Devices::new(setup, &config, round, seed, batch) {
+    let mut devices = match Devices::new(setup, &config, round, seed, batch, sigma) {
         Ok(d) => d,
         Err(e) => return Err(fail(e, traffic)),
     };
@@ -134,14 +158,30 @@ pub fn aggregate(setup: &SecureSetup, round: u64, batch: Vec<(DeviceId, TrainRes
     if weight <= 0.0 {
         return Err(fail(format!("the summed weight {weight} is not positive"), traffic));
     }
-    let mean: Vec<f32> = coords.iter().map(|&q| (level(q) / weight * c) as f32).collect();
-    let samples = (weight / c * setup.weight_cap as f64).round() as u64;
+    let (mean, samples, noise_multiplier) = match setup.noise {
+        // Every survivor weighs 1 (its weight coordinate is C); the noised sum over the
+        // devices selected, whoever dropped.
+        Some(n) => (
+            coords.iter().map(|&q| (level(q) / selected as f64) as f32).collect::<Vec<f32>>(),
+            sum.survivors.len() as u64,
+            Some(n.carried(selected, sum.survivors.len())),
+        ),
+        None => (
+            coords.iter().map(|&q| (level(q) / weight * f64::from(setup.clip)) as f32).collect(),
+            (weight / f64::from(setup.clip) * setup.weight_cap as f64).round() as u64,
+            None,
+        ),
+    };
     let survivors: BTreeSet<u32> = sum.survivors.iter().copied().collect();
     let summed: Vec<DeviceId> = sum.survivors.iter().filter_map(|&i| ids.get(i as usize).copied()).collect();
     let dropped = (0..m).filter(|i| !survivors.contains(&(*i as u32))).map(|i| ids[i]).collect();
     let mean_delta =
         ModelParams::new(layout, mean).map_err(|e| Failed { reason: e.to_string(), traffic: traffic.clone() })?;
-    Ok(Secured { aggregate: SecureAggregate { devices: summed, mean_delta, samples }, dropped, traffic })
+    Ok(Secured {
+        aggregate: SecureAggregate { devices: summed, mean_delta, samples, noise_multiplier },
+        dropped,
+        traffic,
+    })
 }
 
 /// The four stages. A device whose own call fails drops there, as it would in the field; a

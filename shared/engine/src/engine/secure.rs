@@ -29,6 +29,9 @@ pub struct SecureAggregate {
     pub mean_delta: ModelParams,
     /// `sum_i w_i`, the samples the mean stands for.
     pub samples: u64,
+    /// Under distributed DP: the Gaussian noise the sum carries, as a multiple of the clip
+    /// norm (what the ledger charges; `None` without DP).
+    pub noise_multiplier: Option<f64>,
 }
 
 impl<S: Strategy> RoundEngine<S> {
@@ -56,8 +59,16 @@ impl<S: Strategy> RoundEngine<S> {
         if aggregate.devices.is_empty() {
             return secure("it holds no device");
         }
-        if self.config.privacy.is_some() {
-            return secure("central DP clips and noises each update; it does not take a sum yet");
+        match (&self.config.privacy, self.config.distributed_dp, aggregate.noise_multiplier) {
+            (Some(_), false, _) => {
+                return secure("central DP clips and noises each update; it does not take a sum (use distributed DP)");
+            }
+            (Some(_), true, None) => return secure("distributed DP: the sum must say what noise it carries"),
+            (Some(_), true, Some(z)) if !(z.is_finite() && z > 0.0) => {
+                return secure(&format!("distributed DP: the sum carries noise multiplier {z}"));
+            }
+            (None, _, Some(_)) => return secure("the sum carries noise but this round has no DP to account it"),
+            _ => {}
         }
         if self.strategy.holds_updates() {
             return secure("the strategy needs every update, not their sum");
@@ -84,6 +95,7 @@ impl<S: Strategy> RoundEngine<S> {
             open.pending.remove(d);
         }
         open.results += aggregate.devices.len();
+        open.carried_noise = aggregate.noise_multiplier;
         open.samples = open.samples.saturating_add(aggregate.samples);
         // No device's loss is revealed: the report's train_loss is NaN.
         open.loss_sum = f64::NAN;
@@ -102,7 +114,7 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn agg(devices: &[DeviceId], mean: [f32; 2], samples: u64) -> SecureAggregate {
-        SecureAggregate { devices: devices.to_vec(), mean_delta: params(mean), samples }
+        SecureAggregate { devices: devices.to_vec(), mean_delta: params(mean), samples, noise_multiplier: None }
     }
 
     #[test]
@@ -164,5 +176,57 @@ mod tests {
         e.start_round(S).unwrap();
         let chosen: Vec<DeviceId> = assigned(&mut e).into_iter().map(|(d, _)| d).collect();
         assert!(matches!(e.handle_secure_aggregate(S, 1, &agg(&chosen, [0.0; 2], 1)), Err(RejectReason::Secure(_))));
+    }
+
+    #[test]
+    fn distributed_dp_takes_only_sums_and_charges_the_noise_they_carry() {
+        let privacy = Some(CentralDp {
+            noise_multiplier: 1.0,
+            clip_norm: 0.5,
+            adaptive: None,
+            delta: 1e-5,
+            target_epsilon: None,
+        });
+        let config = EngineConfig { privacy, distributed_dp: true, ..cfg(0.3, 1) };
+        config.validate().unwrap();
+        // The strategy a configuration builds adds no noise of its own.
+        let strategy = crate::strategy::build(&config, Box::new(fedge_core::rng::derive_rng(1, &[])));
+        let mut e = RoundEngine::new(config.clone(), strategy, params([0.0, 0.0])).unwrap();
+        for d in 0..10 {
+            e.handle_device_available(d);
+        }
+        e.start_round(S).unwrap();
+        let tasks = assigned(&mut e);
+        let chosen: Vec<DeviceId> = tasks.iter().map(|(d, _)| *d).collect();
+        // A plain result is refused: it carries no noise.
+        let plain = fedge_core::wire::TrainResult {
+            round: 1,
+            model_version: 0,
+            num_samples: 1,
+            train_loss: 0.1,
+            delta: params([0.1, 0.1]),
+            clipped: true,
+        };
+        assert!(matches!(e.handle_train_result(S, chosen[0], &plain), Err(RejectReason::Secure(_))));
+        // A sum must say what noise it carries.
+        assert!(matches!(e.handle_secure_aggregate(S, 1, &agg(&chosen, [0.0; 2], 3)), Err(RejectReason::Secure(_))));
+        let bad = SecureAggregate { noise_multiplier: Some(f64::NAN), ..agg(&chosen, [0.0; 2], 3) };
+        assert!(matches!(e.handle_secure_aggregate(S, 1, &bad), Err(RejectReason::Secure(_))));
+        // The mean is taken as it is (no server noise); the ledger charges z = 0.8 at q = 3/10.
+        let noisy = SecureAggregate { noise_multiplier: Some(0.8), ..agg(&chosen, [0.25, -0.5], 3) };
+        e.handle_secure_aggregate(S, 1, &noisy).unwrap();
+        let r = closed(&mut e);
+        assert_eq!(e.global().data(), &[0.25, -0.5]);
+        let p = r.privacy.expect("the released model is accounted");
+        assert_eq!((p.noise_multiplier, p.sampling_rate, p.clip_norm), (0.8, 0.3, 0.5));
+        let want = fedge_core::privacy::epsilon(0.3, 0.8, 1, 1e-5).unwrap().epsilon;
+        assert!((p.epsilon - want).abs() < 1e-12);
+        // Without DP a sum may not claim noise; distributed DP without noise settings is refused.
+        let mut plain_engine = engine(10, cfg(0.3, 1));
+        plain_engine.start_round(S).unwrap();
+        let chosen: Vec<DeviceId> = assigned(&mut plain_engine).into_iter().map(|(d, _)| d).collect();
+        let claims = SecureAggregate { noise_multiplier: Some(1.0), ..agg(&chosen, [0.0; 2], 3) };
+        assert!(matches!(plain_engine.handle_secure_aggregate(S, 1, &claims), Err(RejectReason::Secure(_))));
+        assert!(EngineConfig { distributed_dp: true, ..cfg(0.3, 1) }.validate().is_err());
     }
 }
