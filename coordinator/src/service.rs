@@ -85,6 +85,7 @@ pub async fn run(
     let distiller = match c.distill_every {
         Some(0) => return Err(ServiceError::Config("distill_every must be at least 1".into())),
         Some(every) => {
+            c.distill.validate().map_err(ServiceError::Config)?;
             let n = train.len();
             proxy_examples = c.proxy_examples.clamp(1, n);
             let proxy: Vec<usize> = (n - proxy_examples..n).collect();
@@ -327,9 +328,10 @@ impl FollowUp {
             Ok(rec) => {
                 let _ = self.coordinator.set_latency(version, d.teacher_latency_us);
                 tracing::info!(
-                    "distilled v{version} into student v{} ({}, int8, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
+                    "distilled v{version} into student v{} ({}, int8{}, {} bytes): accuracy {:.2}%, {:.1} us per image (teacher {:.1} us){}",
                     rec.version,
                     self.student,
+                    if d.sparsity > 0.0 { format!(", {:.0}% pruned", d.sparsity * 100.0) } else { String::new() },
                     rec.size_bytes,
                     d.accuracy * 100.0,
                     d.student_latency_us,

@@ -135,3 +135,35 @@ async fn a_kill_right_after_a_close_still_gets_its_evaluation_and_student() {
     }
     assert!(second.log().contains("finishing what a restart interrupted for v1"), "{}", second.log());
 }
+
+/// Issue 20: `[distill] sparsity` prunes the coordinator's students. A real `serve` process
+/// distils after one round with 80% of the student's weights pruned; the registered student is
+/// signed, encoded sparse (well under the dense MLP's 102,964 bytes) and said to be pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_ships_pruned_students_when_told_to() {
+    let names = ["dev-0", "dev-1"];
+    let fleet = Fleet::new(&names, 2);
+    fleet.configure("distill_every = 1\nproxy_examples = 200\n[distill]\nepochs = 3\nsparsity = 0.8\n");
+    let coordinator = fleet.start();
+    let links = fleet.join_all(&names, &coordinator).await;
+    fleet.operator(&["round", "start", "--rounds", "1"]);
+    let tasks = [task_of(&links[0]).await, task_of(&links[1]).await];
+    let initial = model(&links[0], 0).await;
+    for (i, task) in tasks.iter().enumerate() {
+        let reply = links[i].request(&Message::TrainResult(update(task, &initial, i))).await.unwrap();
+        assert_eq!(reply, Message::Ack { round: 1 }, "{}", coordinator.log());
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let student = loop {
+        let models: serde_json::Value = serde_json::from_str(&fleet.operator(&["models", "list", "--json"])).unwrap();
+        if let Some(s) = models.as_array().unwrap().iter().find(|m| m["role"] == "student") {
+            break s.clone();
+        }
+        assert!(Instant::now() < deadline, "no student\n{}", coordinator.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(student["signed"] == true, "{student}");
+    let bytes = student["size_bytes"].as_u64().unwrap();
+    assert!(bytes < 60_000, "a student pruned to 80% takes {bytes} bytes");
+    assert!(coordinator.log().contains("int8, 80% pruned"), "{}", coordinator.log());
+}

@@ -350,9 +350,7 @@ impl SimConfig {
         if self.distill.epochs == 0 || self.distill.batch_size == 0 {
             return bad("distill epochs and batch_size must be at least 1".into());
         }
-        if !(self.distill.temperature > 0.0 && self.distill.learning_rate > 0.0) {
-            return bad("distill temperature and learning_rate must be positive".into());
-        }
+        self.distill.validate().map_err(SimConfigError::Invalid)?;
         if self.dataset.is_text() != self.model.is_text() {
             return bad(format!(
                 "model `{}` cannot learn dataset `{}`: text (shakespeare, shakespeare-sample) takes `lstm` or `lstm-small`, images take `2nn` or `cnn`",

@@ -32,7 +32,6 @@ use fedge_core::dataset::Dataset;
 use fedge_core::escalation::tiers::{TierLatency, TierObservation, TierRow, tier_table};
 use fedge_core::escalation::{CLOUD_ONLY, ConfidenceMeasure, Observation, PolicyRow, policy_table};
 use fedge_core::inference_cost::{CostModel, cost_table};
-use fedge_core::prune::PruneMask;
 use fedge_core::quant::QuantizedModel;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_learn::{ModelKind, Predictor, Trainer};
@@ -203,20 +202,13 @@ pub fn run(config: &SimConfig, options: Options<'_>, obs: &mut dyn Observer) -> 
         return Ok(Report { policies: rows, tiers });
     }
     let mut student = Trainer::new(c.student_model, data.train.num_classes, c.backend)?;
-    let stage = fedge_learn::DistillConfig { epochs: c.distill.epochs.div_ceil(3), ..c.distill };
     for (k, &sparsity) in options.prune.iter().enumerate() {
         let mut rng = derive_rng(c.seed, &[stream::DISTILL, 100 + k as u64]);
-        let mut params = student_params.clone();
-        let mut mask = None;
-        for step in 1..=3 {
-            let m = PruneMask::prune(&mut params, sparsity * step as f64 / 3.0)
-                .map_err(|e| SimConfigError::Invalid(e.to_string()))?;
-            params = student.distill_pruned(&params, &data.train, &proxy, &logits, &stage, &mut rng, &m)?.params;
-            mask = Some(m);
-        }
+        let (params, mask) =
+            student.prune_distilled(student_params, &data.train, &proxy, &logits, &c.distill, sparsity, &mut rng)?;
         let sparse = QuantizedModel::quantize(&params).into_sparse();
         let int8 = sparse.dequantize().map_err(|e| SimConfigError::Invalid(e.to_string()))?;
-        let measured_sparsity = mask.map_or(0.0, |m| m.sparsity());
+        let measured_sparsity = mask.sparsity();
         obs.line(&format!("pruned student at {:.0}% sparsity ready", measured_sparsity * 100.0));
         let pruned = measured.rows(
             &predictor(c.student_model, &int8)?,

@@ -36,11 +36,37 @@ pub struct DistillConfig {
     pub learning_rate: f32,
     /// Softmax temperature T (Hinton et al. use 2 to 20; 4 is a common choice).
     pub temperature: f32,
+    /// Magnitude pruning of the student (0: dense): after distillation this share of each
+    /// weight tensor's values, smallest first, is set to zero in three steps, each followed by
+    /// a third of `epochs` of masked distillation, and the int8 student is encoded sparse.
+    pub sparsity: f64,
 }
 
 impl Default for DistillConfig {
     fn default() -> Self {
-        Self { epochs: 30, batch_size: 64, learning_rate: 2e-3, temperature: 4.0 }
+        Self { epochs: 30, batch_size: 64, learning_rate: 2e-3, temperature: 4.0, sparsity: 0.0 }
+    }
+}
+
+/// The most a student may be pruned (`sparsity`).
+pub const MAX_SPARSITY: f64 = 0.99;
+
+impl DistillConfig {
+    /// Refuses what cannot distil, in one line.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err("distill epochs and batch_size must be at least 1".into());
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(format!("distill temperature must be positive, got {}", self.temperature));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(format!("distill learning_rate must be positive, got {}", self.learning_rate));
+        }
+        if !(0.0..=MAX_SPARSITY).contains(&self.sparsity) {
+            return Err(format!("distill sparsity must be in [0, {MAX_SPARSITY}], got {}", self.sparsity));
+        }
+        Ok(())
     }
 }
 
@@ -71,6 +97,8 @@ pub struct QuantizedStudent {
     pub f32_accuracy: f64,
     /// Median single-image latency of the int8 student, microseconds.
     pub student_latency_us: f64,
+    /// Share of the student's weights pruned to zero (0 when dense).
+    pub sparsity: f64,
     /// The same for the teacher.
     pub teacher_latency_us: f64,
 }
@@ -130,8 +158,17 @@ impl Trainer {
     ) -> Result<QuantizedStudent, ConvertError> {
         let logits = teacher.logits(teacher_params, data.train, data.proxy)?;
         let params = self.distill(start, data.train, data.proxy, &logits, config, rng)?.params;
-        let f32_accuracy = self.evaluate(&params, data.test, 500)?.accuracy;
-        let q = QuantizedModel::quantize(&params);
+        // Pruned students keep the dense one as the next warm start; devices get the pruned.
+        let (shipped, sparsity) = match config.sparsity {
+            s if s > 0.0 => {
+                let (pruned, mask) = self.prune_distilled(&params, data.train, data.proxy, &logits, config, s, rng)?;
+                (pruned, mask.sparsity())
+            }
+            _ => (params.clone(), 0.0),
+        };
+        let f32_accuracy = self.evaluate(&shipped, data.test, 500)?.accuracy;
+        let q = QuantizedModel::quantize(&shipped);
+        let q = if sparsity > 0.0 { q.into_sparse() } else { q };
         let int8 = q.dequantize().map_err(|e| ConvertError::Layout(e.to_string()))?;
         let accuracy = self.evaluate(&int8, data.test, 500)?.accuracy;
         let latency = |kind, p: &ModelParams, backend| {
@@ -149,7 +186,35 @@ impl Trainer {
             f32_accuracy,
             student_latency_us,
             teacher_latency_us,
+            sparsity,
         })
+    }
+
+    /// Prunes the distilled student `start` to `sparsity` by magnitude in three steps (a third,
+    /// two thirds, all of it), each followed by a third of `config.epochs` of distillation with
+    /// the pruned weights held at zero after every step (masked fine-tuning): the pruned
+    /// student and its mask.
+    #[allow(clippy::too_many_arguments, reason = "distill's arguments and the sparsity")]
+    pub fn prune_distilled<R: rand::Rng + ?Sized>(
+        &mut self,
+        start: &ModelParams,
+        data: &Dataset,
+        indices: &[usize],
+        logits: &[f32],
+        config: &DistillConfig,
+        sparsity: f64,
+        rng: &mut R,
+    ) -> Result<(ModelParams, PruneMask), ConvertError> {
+        let stage = DistillConfig { epochs: config.epochs.div_ceil(3), ..*config };
+        let mut params = start.clone();
+        let mut mask = None;
+        for step in 1..=3 {
+            let m = PruneMask::prune(&mut params, sparsity * step as f64 / 3.0)
+                .map_err(|e| ConvertError::Layout(e.to_string()))?;
+            params = self.distill_pruned(&params, data, indices, logits, &stage, rng, &m)?.params;
+            mask = Some(m);
+        }
+        Ok((params, mask.expect("three steps ran")))
     }
 
     /// Logits of `params` (this trainer's architecture: the teacher) on examples `indices` of
@@ -345,5 +410,44 @@ mod tests {
         // Unmasked distillation from the same start moves the zeros.
         let free = student.distill(&start, &data.train, &proxy, &logits, &config, &mut derive_rng(6, &[])).unwrap();
         assert!(start.data().iter().zip(free.params.data()).any(|(a, b)| *a == 0.0 && *b != 0.0));
+    }
+
+    #[test]
+    fn a_warm_student_with_sparsity_ships_pruned_sparse_and_warm_starts_dense() {
+        let data = embedded::mnist_subset().unwrap();
+        let mut teacher = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+        let t = teacher.train_fresh(1, &data.train, 1000, &TrainConfig::sgd(1, 20, 0.05)).unwrap().params;
+        let proxy: Vec<usize> = (1000..2000).collect();
+        let make = |sparsity| {
+            let mut student = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
+            let start = student.initial_params(5);
+            WarmStudent::new(
+                student,
+                start,
+                proxy.clone(),
+                DistillConfig { epochs: 3, sparsity, ..DistillConfig::default() },
+            )
+        };
+        let (mut dense, mut pruned) = (make(0.0), make(0.8));
+        let d = dense.distil(&mut teacher, &t, &data.train, &data.test, &mut derive_rng(7, &[])).unwrap();
+        let p = pruned.distil(&mut teacher, &t, &data.train, &data.test, &mut derive_rng(7, &[])).unwrap();
+        assert_eq!(d.sparsity, 0.0);
+        assert!(p.sparsity >= 0.79, "{}", p.sparsity);
+        // What devices get is the pruned int8 student, encoded sparse: under half the bytes.
+        let zeros = p.int8.data().iter().filter(|v| **v == 0.0).count() as f64 / p.int8.numel() as f64;
+        assert!(zeros >= 0.78, "{zeros} of the shipped student is zero");
+        assert!(p.blob.len() * 2 < d.blob.len(), "{} vs {} bytes", p.blob.len(), d.blob.len());
+        let decoded: QuantizedModel = codec::decode_value(&p.blob).unwrap();
+        assert_eq!(decoded.dequantize().unwrap(), p.int8);
+        assert!(p.accuracy > d.accuracy - 0.05, "pruned {} vs dense {}", p.accuracy, d.accuracy);
+        // The warm start stays dense, so the next distillation can use every weight again.
+        assert!(pruned.params().data().iter().filter(|v| **v == 0.0).count() < pruned.params().numel() / 10);
+        // Impossible settings are refused in one line.
+        assert!(
+            DistillConfig { sparsity: 1.0, ..DistillConfig::default() }.validate().unwrap_err().contains("sparsity")
+        );
+        assert!(DistillConfig { epochs: 0, ..DistillConfig::default() }.validate().is_err());
+        assert!(DistillConfig { temperature: f32::NAN, ..DistillConfig::default() }.validate().is_err());
+        DistillConfig::default().validate().unwrap();
     }
 }
