@@ -203,7 +203,6 @@ impl ServeConfig {
             ));
         }
         let unsupported = [
-            ("distill_every", self.distill_every.is_some()),
             ("adaptive_clip", self.adaptive_clip.is_some()),
             ("local_epsilon", self.local_epsilon.is_some()),
             ("max_step_norm", self.max_step_norm.is_some()),
@@ -292,7 +291,11 @@ mod tests {
         assert_eq!(a.staleness, StalenessWeight::Hinge { a: 10.0, b: 2 });
         let bad = |toml: &str| parse_toml::<ServeConfig>(toml).unwrap().fedbuff().unwrap_err();
         assert!(bad("strategy = \"median\"\n[fedbuff]").contains("strategy `median` is for synchronous rounds"));
-        assert!(bad("distill_every = 2\n[fedbuff]").starts_with("distill_every is not offered with [fedbuff]"));
+        assert!(
+            bad("adaptive_clip = { target_quantile = 0.5 }\n[fedbuff]")
+                .starts_with("adaptive_clip is not offered with [fedbuff]")
+        );
+        assert!(parse_toml::<ServeConfig>("distill_every = 2\n[fedbuff]").unwrap().fedbuff().is_ok());
         assert!(bad("[fedbuff]\nstaleness = \"linear\"").starts_with("unknown staleness `linear`"));
         assert!(bad("[fedbuff]\nbuffer_size = 0").starts_with("buffer_size must be 1 to"));
         assert!(bad("[strategy_options]\ntrim_fraction = 0.1\n[fedbuff]").contains("reads only server_lr"));

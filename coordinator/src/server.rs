@@ -319,6 +319,11 @@ impl Coordinator {
         let promotions = store.promotions()?;
         let latest = store.promotion()?;
         let blob_store = BlobStore::local(&store.dir().join("registry"))?;
+        let mut engine = engine;
+        if let Some(&last) = records.keys().next_back() {
+            let students = records.values().filter(|r| r.role == fedge_core::registry::ModelRole::Student);
+            engine.reserve_versions_through(last, students.map(|r| r.version));
+        }
         let open_buffer = engine.aggregations() + 1;
         let me = Self::from_engine(Engine::Buffered(Box::new(engine)), task_timeout, Some(store), ids, Clock::wall());
         {

@@ -49,6 +49,17 @@ async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_resta
     // No more aggregations were asked for: no new task, and the next buffer holds nothing yet.
     let open = status.open_round.expect("the open buffer");
     assert_eq!((open.round, open.wanted, open.reporting), (4, 2, 0));
+    // A distilled student takes the next version number; the next global version skips it.
+    let student = fedge_coordinator::server::NewStudent {
+        parent: 3,
+        round: 3,
+        architecture: "mlp".into(),
+        parameters: 101_770,
+        accuracy: None,
+        latency_us: None,
+        blob: b"a student's blob".to_vec(),
+    };
+    assert_eq!(coordinator.register_student(student, false).await.unwrap().version, 4);
     stop(&coordinator, server, clients).await;
     drop(coordinator);
 
@@ -82,7 +93,8 @@ async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_resta
     stop(&coordinator, server, Vec::new()).await;
     drop(coordinator);
 
-    // Restarted: the buffer comes back with the probe's result; one more device completes it.
+    // Restarted: the buffer comes back with the probe's result; one more device completes it
+    // into version 5 (4 is the student's, still taken after the restart).
     let coordinator = start(config);
     let status = coordinator.status();
     let open = status.open_round.expect("the open buffer");
@@ -91,7 +103,7 @@ async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_resta
     let clients = spawn_devices(addr, &ca, &["dev-a"], &train).await;
     tokio::time::timeout(Duration::from_secs(60), coordinator.wait_for_rounds(1)).await.expect("aggregation 4");
     let r = &coordinator.reports()[0];
-    assert_eq!((r.round, r.model_version, r.results, &r.outcome), (4, 4, 2, &RoundOutcome::Aggregated));
+    assert_eq!((r.round, r.model_version, r.results, &r.outcome), (4, 5, 2, &RoundOutcome::Aggregated));
     assert_eq!(coordinator.status().rounds.len(), 4, "every aggregation is in the history");
     stop(&coordinator, server, clients).await;
 }

@@ -88,6 +88,14 @@ impl Engine {
         }
     }
 
+    /// Hands out a version number for a distilled student (one sequence with global models).
+    pub(super) fn allocate_version(&mut self) -> u64 {
+        match self {
+            Engine::Rounds(e) => e.allocate_version(),
+            Engine::Buffered(e) => e.allocate_version(),
+        }
+    }
+
     /// The privacy budget operators see, under central DP.
     pub(super) fn privacy_budget(&self) -> Option<PrivacyBudget> {
         let (p, clip) = match self {

@@ -73,9 +73,6 @@ pub enum RegistryError {
     /// Signing failed.
     #[error("cannot sign: {0}")]
     Sign(String),
-    /// Students are not registered in FedBuff mode (its versions are the aggregations').
-    #[error("students are not registered in FedBuff mode yet: distillation needs synchronous rounds")]
-    FedBuff,
 }
 
 /// The registration of a global version, decided under the state lock and written without it.
@@ -226,10 +223,7 @@ impl Coordinator {
         let (version, epsilon, signer) = {
             let mut s = self.lock();
             let epsilon = s.rounds.epsilon_of(parent);
-            let Some(engine) = s.rounds.engine.rounds_mut() else {
-                return Err(RegistryError::FedBuff);
-            };
-            (engine.allocate_version(), epsilon, s.registry.signer.clone())
+            (s.rounds.engine.allocate_version(), epsilon, s.registry.signer.clone())
         };
         let mut record = ModelRecord {
             parent: Some(parent),

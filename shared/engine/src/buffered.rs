@@ -223,6 +223,11 @@ pub struct BufferedEngine {
     budget_spent: Option<(f64, f64)>,
     global: ModelParams,
     version: u64,
+    /// The next version number to hand out: global models and registered students share
+    /// one sequence, as in the synchronous engine.
+    next_version: u64,
+    /// Versions handed out to students: not model changes, so not staleness.
+    students: BTreeSet<u64>,
     /// Buffers closed so far (aggregated or failed).
     aggregations: u64,
     /// Whether free devices get tasks (a driver pauses tasking when no aggregation is wanted).
@@ -263,6 +268,8 @@ impl BufferedEngine {
             budget_spent: None,
             global: initial,
             version: 0,
+            next_version: 1,
+            students: BTreeSet::new(),
             aggregations: 0,
             tasking: true,
             last_task: 0,
@@ -291,6 +298,7 @@ impl BufferedEngine {
     ) -> Result<Self, AsyncConfigError> {
         let mut e = Self::new(config, global, noise)?;
         e.version = version;
+        e.next_version = version + 1;
         e.aggregations = aggregations;
         let global = e.global.clone();
         e.strategy.get_mut().begin_round(version + 1, &global, e.config.buffer_size);
@@ -324,7 +332,7 @@ impl BufferedEngine {
             if result.model_version > self.version {
                 return Err((*device, stale(0)));
             }
-            let staleness = self.version - result.model_version;
+            let staleness = self.staleness(result.model_version);
             if staleness > self.config.max_staleness {
                 return Err((*device, stale(staleness)));
             }
@@ -338,6 +346,31 @@ impl BufferedEngine {
             self.fold(now, *device, result, staleness).map_err(|e| (*device, e))?;
         }
         Ok(())
+    }
+
+    /// Hands out a version number for a model made outside the aggregations (a distilled
+    /// student); the next global model takes the number after it. Staleness does not count it.
+    pub fn allocate_version(&mut self) -> u64 {
+        let v = self.next_version;
+        self.next_version += 1;
+        self.students.insert(v);
+        v
+    }
+
+    /// After a restart: version numbers up to `version` are taken, the `students` among them
+    /// by registered students (staleness skips them).
+    pub fn reserve_versions_through(&mut self, version: u64, students: impl IntoIterator<Item = u64>) {
+        self.next_version = self.next_version.max(version + 1);
+        self.students.extend(students);
+    }
+
+    /// Model changes since version `from`: the versions after it, students' aside.
+    fn staleness(&self, from: u64) -> u64 {
+        if from >= self.version {
+            return 0;
+        }
+        let students = self.students.range(from + 1..=self.version).count() as u64;
+        (self.version - from).saturating_sub(students)
     }
 
     /// Whether free devices get tasks; off, the engine hands out none (results of tasks
@@ -443,7 +476,7 @@ impl BufferedEngine {
                 version: held.version,
             });
         }
-        let staleness = self.version.saturating_sub(held.version);
+        let staleness = self.staleness(held.version);
         if staleness > self.config.max_staleness {
             return Err(AsyncRejectReason::TooStale { staleness, max: self.config.max_staleness });
         }
@@ -557,7 +590,7 @@ impl BufferedEngine {
 
     fn aggregate(&mut self, now: Duration) {
         let b = std::mem::take(&mut self.buffer);
-        let round = self.version + 1;
+        let round = self.next_version;
         self.aggregations += 1;
         let outcome = match self.strategy.get_mut().aggregate_train(round, &self.global, 0) {
             Ok(next) if next.check_finite().is_err() => {
@@ -565,10 +598,11 @@ impl BufferedEngine {
             }
             // The noised sum leaves the server only as a model: charge it first, and release
             // nothing uncounted.
-            Ok(next) => match self.charge(round) {
+            Ok(next) => match self.charge(self.aggregations) {
                 Ok(()) => {
                     self.global = next;
                     self.version = round;
+                    self.next_version = round + 1;
                     RoundOutcome::Aggregated
                 }
                 Err(e) => RoundOutcome::Failed(format!("privacy accounting failed ({e}); the model is unchanged")),
@@ -594,7 +628,8 @@ impl BufferedEngine {
         }));
     }
 
-    /// Records aggregation `round` in the ledger under central DP: one Gaussian release, q = 1.
+    /// Records aggregation number `round` in the ledger under central DP: one Gaussian release,
+    /// q = 1.
     fn charge(&mut self, round: u64) -> Result<(), fedge_core::privacy::PrivacyError> {
         match (&mut self.ledger, &self.config.privacy) {
             (Some(ledger), Some(p)) => ledger.record(round, 1.0, p.noise_multiplier, p.clip_norm).map(|_| ()),

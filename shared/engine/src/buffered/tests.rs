@@ -546,3 +546,31 @@ fn with_tasking_off_no_task_is_handed_out_and_results_still_count() {
     e.set_tasking(true);
     assert_eq!(assigned(&mut e).len(), 2);
 }
+
+#[test]
+fn student_versions_take_numbers_but_not_staleness() {
+    let mut e = engine(3, cfg(1, 3, 5, StalenessWeight::Constant));
+    let tasks = assigned(&mut e);
+    let (d0, t0) = &tasks[0];
+    e.handle_train_result(S, *d0, &result(t0, [1.0, 0.0], 1)).unwrap();
+    assert_eq!(report(&mut e).model_version, 1);
+    // A student takes version 2; the next aggregation is version 3. A result from the current
+    // version (none since) has staleness 0 with a student on the books.
+    assert_eq!(e.allocate_version(), 2);
+    assert_eq!(e.staleness(1), 0);
+    let (d1, t1) = &tasks[1];
+    e.handle_train_result(S, *d1, &result(t1, [1.0, 0.0], 1)).unwrap();
+    let r = report(&mut e);
+    assert_eq!((r.aggregation, r.model_version), (2, 3));
+    // Trained from version 0 with two aggregations since (versions 1 and 3): staleness 2,
+    // not 3.
+    let (d2, t2) = &tasks[2];
+    e.handle_train_result(S, *d2, &result(t2, [1.0, 0.0], 1)).unwrap();
+    let r = report(&mut e);
+    assert_eq!((r.model_version, r.max_staleness), (4, 2));
+    // After a restart the student's number stays taken and skipped.
+    let mut restored =
+        BufferedEngine::restore(cfg(1, 3, 5, StalenessWeight::Constant), e.global().clone(), 4, 3, noise()).unwrap();
+    restored.reserve_versions_through(5, [2, 5]);
+    assert_eq!(restored.allocate_version(), 6);
+}
