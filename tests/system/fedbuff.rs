@@ -68,14 +68,31 @@ async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_resta
     let (addr, server) = serve(&coordinator, &ca);
     let (link, _) = join(addr, &ca, "probe", 100).await;
     coordinator.start_rounds(1);
-    let task = loop {
-        match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
-            Message::TrainTask(t) => break t,
-            Message::NoTask { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
-            other => panic!("{other:?}"),
+    let next_task = || async {
+        loop {
+            match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
+                Message::TrainTask(t) => break t,
+                Message::NoTask { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => panic!("{other:?}"),
+            }
         }
     };
-    assert_eq!(task.model_version, 3);
+    let first = next_task().await;
+    assert_eq!(first.model_version, 3);
+    // An invalid result ends its task: the device is handed a new one, not the old again.
+    let mut nan = fedge_core::ModelParams::zeros(initial_2nn(1).layout().clone());
+    nan.data_mut()[0] = f32::NAN;
+    let bad = TrainResult {
+        round: first.round,
+        model_version: 3,
+        num_samples: 10,
+        train_loss: 0.3,
+        delta: nan,
+        clipped: false,
+    };
+    assert!(matches!(link.request(&Message::TrainResult(bad)).await.unwrap(), Message::Error { .. }));
+    let task = next_task().await;
+    assert_ne!(task.round, first.round, "the refused task is not handed out again");
     let zero = fedge_core::ModelParams::zeros(initial_2nn(1).layout().clone());
     let result = TrainResult {
         round: task.round,

@@ -178,6 +178,19 @@ impl Engine {
         }
     }
 
+    /// A result was refused: whether the device's task still stands. In a round it does (the
+    /// device may answer again); FedBuff ends a task whose result is too stale or invalid (it
+    /// is handed the refused result to do so), and the driver must stop handing it out.
+    pub(super) fn refused(&mut self, now: Duration, device: DeviceId, result: &TrainResult) -> bool {
+        match self {
+            Engine::Rounds(_) => true,
+            Engine::Buffered(e) => {
+                let _ = e.handle_train_result(now, device, result);
+                e.holds_task(device)
+            }
+        }
+    }
+
     /// The round (synchronous) or aggregation (FedBuff) an accepted result is stored under:
     /// the open round is the result's own; the open buffer is the one after those closed.
     pub(super) fn storage_round(&self, result: &TrainResult) -> u64 {

@@ -226,6 +226,16 @@ impl Coordinator {
             None => self.lock().rounds.engine.check_train_result(id, &result),
         };
         let reply = match checked {
+            // Refused by the engine (not for a storage failure, which the device retries).
+            Err(refused) if self.storage_failure().is_none() => {
+                let mut s = self.lock();
+                let now = self.now();
+                if !s.rounds.engine.refused(now, id, &result) {
+                    s.rounds.tasks.remove(&id);
+                    s.rounds.assigned_at.remove(&id);
+                }
+                Err(refused)
+            }
             Err(refused) => Err(refused),
             Ok(()) => match self.store.as_ref().map(|st| {
                 // The round it counts in (FedBuff: the open buffer), read under the order lock.

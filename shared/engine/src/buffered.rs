@@ -429,6 +429,11 @@ impl BufferedEngine {
         self.training.len()
     }
 
+    /// Whether `device` holds a task now (a refused result can end it: too stale, invalid).
+    pub fn holds_task(&self, device: DeviceId) -> bool {
+        self.training.contains_key(&device)
+    }
+
     /// Accepted results waiting in the buffer.
     pub fn buffered(&self) -> usize {
         self.buffer.results

@@ -161,6 +161,7 @@ fn a_result_older_than_max_staleness_is_refused_and_frees_the_device() {
     assert_eq!(err, AsyncRejectReason::TooStale { staleness: 3, max: 2 });
     assert_eq!(err.code(), ErrorCode::StaleModel);
     assert_eq!(e.in_flight(), before - 1, "the task ended");
+    assert!(!e.holds_task(x.0));
     assert_eq!(e.buffered(), 0);
     // Answered once: a second copy is a duplicate.
     let again = e.handle_train_result(S, x.0, &result(&x.1, [1.0, 1.0], 10)).unwrap_err();
