@@ -14,8 +14,9 @@
 //! The reference comes from the driver ([`crate::RoundEngine::handle_reference`]): the round
 //! opens at once, devices train while the server trains on its root set, and the round does
 //! not close on its results until the reference is in (at its deadline it fails without one).
-//! Memory: the round's updates are held until the reference arrives, `4 d` bytes each
-//! ([`super::buffer`]); the reference is one model more. Like the other robust rules it is
+//! Memory: the round's updates are held until it aggregates, `4 d` bytes each
+//! ([`super::buffer`]; bounded by `max_buffer_mb` when the round starts); the reference is one
+//! model more. Like the other robust rules it is
 //! refused with central DP (one device moves the weights of the others' votes).
 //!
 //! `fltrust_norm = "median"` rescales every update to the median norm of the round's updates
