@@ -5,6 +5,7 @@
 mod deployment;
 mod fedbuff;
 mod privacy;
+mod regions;
 mod restarts;
 mod sessions;
 

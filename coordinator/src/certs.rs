@@ -1,14 +1,15 @@
 //! Identity: the fleet's certificate authority, and who a certificate says its holder is.
 //!
 //! `fedge-coordinator certs init` makes a CA, the coordinator's server certificate and a
-//! model-signing key in one folder; `issue-device` and `issue-operator` sign client
+//! model-signing key in one folder; `issue-device`, `issue-operator` and `issue-aggregator` sign client
 //! certificates; `revoke` adds a certificate to the revocation list (`crl.pem`) that the
 //! coordinator loads. A client's role and id are taken from its certificate's common name
-//! (`device:ID` or `operator:NAME`), never from anything the client says.
+//! (`device:ID`, `operator:NAME` or `aggregator:NAME`), never from anything the client says.
 //!
 //! Folder layout: `ca.pem`, `ca.key` (keep it offline in production), `server.pem`,
 //! `server.key`, `model-signing.key`, `crl.pem`, `issued.json` (what was issued, serials,
-//! revocations), `devices/ID.{pem,key}`, `operators/NAME.{pem,key}`.
+//! revocations), `devices/ID.{pem,key}`, `operators/NAME.{pem,key}`,
+//! `aggregators/NAME.{pem,key}`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,9 @@ pub enum Role {
     Device,
     /// An operator: starts and watches rounds, manages models.
     Operator,
+    /// A regional aggregator: takes part in rounds like a device, on behalf of the devices
+    /// that connect to it, and sends their weighted mean.
+    Aggregator,
 }
 
 impl Role {
@@ -37,6 +41,7 @@ impl Role {
         match self {
             Role::Device => "device",
             Role::Operator => "operator",
+            Role::Aggregator => "aggregator",
         }
     }
 }
@@ -394,7 +399,7 @@ impl CertDir {
     }
 }
 
-/// Reads the Fedge identity (`device:ID` or `operator:NAME` common name) of a DER certificate
+/// Reads the Fedge identity (`device:ID`, `operator:NAME` or `aggregator:NAME` common name) of a DER certificate
 /// that TLS has already verified against the CA.
 pub fn identity_of(cert_der: &[u8]) -> Result<Identity, CertError> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| CertError::NoIdentity(e.to_string()))?;
@@ -407,6 +412,7 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, CertError> {
     let (role, id) = match cn.split_once(':') {
         Some(("device", id)) => (Role::Device, id),
         Some(("operator", id)) => (Role::Operator, id),
+        Some(("aggregator", id)) => (Role::Aggregator, id),
         _ => return Err(CertError::NoIdentity(format!("common name `{cn}`"))),
     };
     check_name(id).map_err(|_| CertError::NoIdentity(format!("common name `{cn}`")))?;

@@ -95,6 +95,34 @@ pub struct ServeConfig {
     /// no rounds; devices train whenever free on the newest model and every `buffer_size`
     /// results make a version.
     pub fedbuff: Option<FedBuffKeys>,
+    /// The most samples a regional aggregator's result may claim (the total of the devices it
+    /// speaks for; a device's own bound is `max_samples_per_device`).
+    pub max_samples_per_region: u64,
+    /// Makes this coordinator a regional aggregator of the root named here (the `[upstream]`
+    /// table): its devices connect to it, and it takes part in the root's rounds with their
+    /// weighted mean.
+    pub upstream: Option<UpstreamKeys>,
+}
+
+/// The `[upstream]` table: the root a regional aggregator joins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamKeys {
+    /// The root's UDP address.
+    pub address: SocketAddr,
+    /// The name the root's certificate carries.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The CA that signed the root's certificate (PEM).
+    pub ca: PathBuf,
+    /// This aggregator's certificate (`fedge-coordinator certs issue-aggregator NAME`).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
 }
 
 /// The `[fedbuff]` table: FedBuff (Nguyen et al. 2022) in the coordinator.
@@ -172,6 +200,8 @@ impl Default for ServeConfig {
             strategy: "fedavg".into(),
             strategy_options: StrategyOptions::default(),
             fedbuff: None,
+            max_samples_per_region: crate::server::DEFAULT_MAX_SAMPLES_PER_REGION,
+            upstream: None,
         }
     }
 }
@@ -234,6 +264,31 @@ impl ServeConfig {
         }
         c.validate().map_err(|e| e.to_string())?;
         Ok(Some(c))
+    }
+
+    /// A regional aggregator's root when `[upstream]` is present, checked: a region runs
+    /// plain FedAvg rounds (its upload is its devices' weighted mean; the root applies its own
+    /// strategy) and what would change that is refused in one line.
+    pub fn upstream(&self) -> Result<Option<&UpstreamKeys>, String> {
+        let Some(u) = &self.upstream else { return Ok(None) };
+        let plain = self.strategy == "fedavg" && self.strategy_options == StrategyOptions::default();
+        if !plain {
+            return Err(format!(
+                "a regional aggregator ([upstream]) averages its devices' updates with plain FedAvg; strategy `{}` and [strategy_options] belong at the root",
+                self.strategy
+            ));
+        }
+        let unsupported = [
+            ("[fedbuff]", self.fedbuff.is_some()),
+            ("noise_multiplier", self.noise_multiplier.is_some()),
+            ("adaptive_clip", self.adaptive_clip.is_some()),
+            ("distill_every", self.distill_every.is_some()),
+            ("max_step_norm", self.max_step_norm.is_some()),
+        ];
+        if let Some((key, _)) = unsupported.iter().find(|k| k.1) {
+            return Err(format!("{key} is not offered on a regional aggregator ([upstream]): set it at the root"));
+        }
+        Ok(Some(u))
     }
 
     /// The round engine's part, checked.
@@ -300,5 +355,24 @@ mod tests {
         assert!(bad("[fedbuff]\nbuffer_size = 0").starts_with("buffer_size must be 1 to"));
         assert!(bad("[strategy_options]\ntrim_fraction = 0.1\n[fedbuff]").contains("reads only server_lr"));
         assert_eq!(parse_toml::<ServeConfig>("[fedbuff]\nbufer_size = 2").unwrap_err().0, 2);
+    }
+
+    #[test]
+    fn an_upstream_table_makes_a_region_and_refuses_what_belongs_at_the_root() {
+        assert_eq!(ServeConfig::default().upstream(), Ok(None));
+        let table = "[upstream]\naddress = \"10.0.0.1:4433\"\nca = \"ca.pem\"\ncert = \"eu.pem\"\nkey = \"eu.key\"\n";
+        let c: ServeConfig = parse_toml(table).unwrap();
+        let u = c.upstream().unwrap().unwrap();
+        assert_eq!((u.address.to_string().as_str(), u.server_name.as_str()), ("10.0.0.1:4433", "localhost"));
+        let bad =
+            |before: &str| parse_toml::<ServeConfig>(&format!("{before}\n{table}")).unwrap().upstream().unwrap_err();
+        assert!(bad("strategy = \"median\"").contains("strategy `median` and [strategy_options] belong at the root"));
+        assert!(bad("[strategy_options]\nserver_lr = 0.5").contains("plain FedAvg"));
+        assert!(bad("noise_multiplier = 1.0").starts_with("noise_multiplier is not offered on a regional aggregator"));
+        assert!(bad("distill_every = 2").starts_with("distill_every is not offered"));
+        // A missing key is an error naming its line.
+        assert!(parse_toml::<ServeConfig>("[upstream]\naddress = \"10.0.0.1:4433\"").is_err());
+        let c: ServeConfig = parse_toml("max_samples_per_region = 5000").unwrap();
+        assert_eq!(c.max_samples_per_region, 5000);
     }
 }

@@ -362,6 +362,10 @@ pub enum HelloError {
     /// An operator certificate tried to act as a device.
     #[error("{0} is not a device certificate")]
     NotADevice(String),
+    /// The coordinator does not take this peer now (a regional aggregator where rounds cannot
+    /// take one).
+    #[error("{0}")]
+    Refused(String),
     /// A device certificate tried to run an operator command.
     #[error("device {0}: a device certificate cannot run operator commands")]
     NotAnOperator(String),
@@ -374,7 +378,7 @@ impl HelloError {
             Self::Frame(fedge_net::FrameError::TooLarge { .. }) => ErrorCode::TooLarge,
             Self::Frame(_) | Self::Unexpected => ErrorCode::Malformed,
             Self::Version(_) => ErrorCode::UnsupportedVersion,
-            Self::NotADevice(_) | Self::NotAnOperator(_) => ErrorCode::Unauthorized,
+            Self::NotADevice(_) | Self::NotAnOperator(_) | Self::Refused(_) => ErrorCode::Unauthorized,
         }
     }
 }
@@ -382,7 +386,16 @@ impl HelloError {
 /// Runs the opening exchange of a device connection: reads its `Hello` on the first stream,
 /// checks protocol version and role, and answers `Welcome` (or a typed `Error`).
 pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {
-    match tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(peer, model_version)).await {
+    answer_hello_unless(peer, model_version, None).await
+}
+
+/// [`answer_hello`], refusing a Hello (otherwise welcome) with `refusal`, the reason.
+pub async fn answer_hello_unless(
+    peer: &Peer,
+    model_version: u64,
+    refusal: Option<String>,
+) -> Result<Hello, HelloError> {
+    match tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(peer, model_version, refusal)).await {
         Ok(outcome) => outcome,
         Err(_) => {
             peer.connection.close(5u32.into(), b"no Hello in time");
@@ -397,7 +410,7 @@ pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, Hell
 /// The longest a connected device may take to say Hello.
 pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn hello_exchange(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {
+async fn hello_exchange(peer: &Peer, model_version: u64, refusal: Option<String>) -> Result<Hello, HelloError> {
     let (mut send, mut recv) =
         peer.connection.accept_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
     let refuse = |code, message: String| Message::Error { code, message };
@@ -406,8 +419,11 @@ async fn hello_exchange(peer: &Peer, model_version: u64) -> Result<Hello, HelloE
         Message::Hello(h) if h.protocol_version != PROTOCOL_VERSION => {
             Err((HelloError::Version(h.protocol_version), ErrorCode::UnsupportedVersion))
         }
-        Message::Hello(_) if peer.identity.role != Role::Device => {
+        Message::Hello(_) if peer.identity.role == Role::Operator => {
             Err((HelloError::NotADevice(peer.identity.id.clone()), ErrorCode::Unauthorized))
+        }
+        Message::Hello(_) if refusal.is_some() => {
+            Err((HelloError::Refused(refusal.unwrap_or_default()), ErrorCode::Unauthorized))
         }
         Message::Hello(h) => Ok(h),
         Message::Operator(_) => Err((HelloError::NotAnOperator(peer.identity.id.clone()), ErrorCode::Unauthorized)),

@@ -198,16 +198,32 @@ enum CertsCommand {
         #[arg(long, default_value_t = 90)]
         days: i64,
     },
-    /// Revoke a device's (or with --operator, an operator's) certificate.
+    /// Issue a regional aggregator's certificate (a coordinator with an `[upstream]` table
+    /// joins its root with it).
+    IssueAggregator {
+        /// Aggregator name.
+        name: String,
+        /// CA folder.
+        #[arg(long, default_value = "certs/fleet")]
+        dir: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+    /// Revoke a device's (or with --operator, an operator's; with --aggregator, a regional
+    /// aggregator's) certificate.
     Revoke {
-        /// Device id or operator name.
+        /// Device id, operator name or aggregator name.
         id: String,
         /// CA folder.
         #[arg(long, default_value = "certs/fleet")]
         dir: PathBuf,
         /// Revoke an operator certificate instead of a device's.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "aggregator")]
         operator: bool,
+        /// Revoke a regional aggregator's certificate instead of a device's.
+        #[arg(long)]
+        aggregator: bool,
     },
 }
 
@@ -297,8 +313,16 @@ fn real_main() -> anyhow::Result<()> {
                 let issued = CertDir::open(&dir)?.issue(Role::Operator, &name, days)?;
                 println!("operator {name}: {} {}", issued.cert.display(), issued.key.display());
             }
-            CertsCommand::Revoke { id, dir, operator } => {
-                let role = if operator { Role::Operator } else { Role::Device };
+            CertsCommand::IssueAggregator { name, dir, days } => {
+                let issued = CertDir::open(&dir)?.issue(Role::Aggregator, &name, days)?;
+                println!("aggregator {name}: {} {}", issued.cert.display(), issued.key.display());
+            }
+            CertsCommand::Revoke { id, dir, operator, aggregator } => {
+                let role = match (operator, aggregator) {
+                    (true, _) => Role::Operator,
+                    (_, true) => Role::Aggregator,
+                    _ => Role::Device,
+                };
                 CertDir::open(&dir)?.revoke(role, &id)?;
                 println!("revoked {id}; the coordinator refuses it from its next start");
             }

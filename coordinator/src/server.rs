@@ -74,6 +74,7 @@ mod registry;
 mod rounds;
 mod sessions;
 mod teacher;
+mod upstream;
 mod views;
 
 use std::collections::BTreeMap;
@@ -97,6 +98,7 @@ use crate::store::{Store, StoreError};
 pub use downloads::MAX_CHUNK_BYTES;
 pub use reference::RootTrainer;
 pub use registry::{NewStudent, RegistryError};
+pub use upstream::{Upstream, UpstreamError};
 
 use clock::Clock;
 use downloads::DownloadCache;
@@ -132,6 +134,8 @@ struct State {
     registry: Registry,
     fleet: Fleet,
     downloads: DownloadCache,
+    /// A regional aggregator's job: the root's task it works on (`server/upstream.rs`).
+    upstream: Option<upstream::Job>,
 }
 
 /// The coordinator service. Cheap to share: clone the `Arc`.
@@ -161,7 +165,15 @@ pub struct Coordinator {
     references: Arc<Notify>,
     /// Set once a root trainer serves the reference task.
     root_trainer_set: OnceLock<()>,
+    /// The most samples a regional aggregator's result may claim.
+    max_samples_per_region: std::sync::atomic::AtomicU64,
+    /// Set once this coordinator follows a root as a regional aggregator.
+    region: OnceLock<()>,
 }
+
+/// The most samples a regional aggregator's result may claim unless configured
+/// (`max_samples_per_region`).
+pub const DEFAULT_MAX_SAMPLES_PER_REGION: u64 = 100_000_000;
 
 /// The encoded size of a `TrainResult` carrying a delta shaped like `model`, plus
 /// [`fedge_net::SMALL_FRAME_BYTES`] of slack (every model version has the same layout).
@@ -201,7 +213,13 @@ impl Coordinator {
     ///
     /// A round that was in progress is reopened with the updates acknowledged in it; operator
     /// settings changed at run time override `config`'s.
+    ///
+    /// A regional aggregator's stored root task sets the training settings (its devices train
+    /// as the root asked, also in a resumed round).
     pub fn with_store(mut config: EngineConfig, initial: ModelParams, store: Store) -> Result<Arc<Self>, ServerError> {
+        if let Some(task) = store.upstream()? {
+            config.train = task.train;
+        }
         let (engine, rounds_left, open, history) = match store.latest()? {
             Some(r) => {
                 if let Some(settings) = &r.settings {
@@ -369,6 +387,7 @@ impl Coordinator {
                 registry: Registry::default(),
                 fleet: Fleet::new(ids),
                 downloads,
+                upstream: None,
             }),
             order: Mutex::new(()),
             store,
@@ -382,12 +401,21 @@ impl Coordinator {
             halted: Notify::new(),
             references: Arc::new(Notify::new()),
             root_trainer_set: OnceLock::new(),
+            max_samples_per_region: std::sync::atomic::AtomicU64::new(DEFAULT_MAX_SAMPLES_PER_REGION),
+            region: OnceLock::new(),
         })
     }
 
     /// The coordinator's metrics (serve them with [`crate::web::Site`]).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
+    }
+
+    /// The most samples a regional aggregator's result may claim (its devices' total; a
+    /// device's own cap is `max_samples_per_result`). Applies to aggregators that connect
+    /// from now on.
+    pub fn set_max_samples_per_region(&self, max_samples: u64) {
+        self.max_samples_per_region.store(max_samples.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Why the coordinator stopped, if a durable write failed (see the module documentation).
@@ -536,7 +564,7 @@ impl Coordinator {
                 Ok(peer) => {
                     let me = self.clone();
                     match peer.identity.role {
-                        Role::Device => tokio::spawn(async move { me.device_session(peer).await }),
+                        Role::Device | Role::Aggregator => tokio::spawn(async move { me.device_session(peer).await }),
                         Role::Operator => tokio::spawn(async move { me.operator_session(peer).await }),
                     };
                 }

@@ -107,6 +107,16 @@ pub async fn run(
         }
         None => None,
     };
+    let upstream = match c.upstream().map_err(ServiceError::Config)? {
+        Some(u) => Some(
+            crate::server::Upstream::new(u.address, &u.server_name, &u.ca, &u.cert, &u.key)
+                .map_err(|e| ServiceError::Config(format!("[upstream]: {e}")))?,
+        ),
+        None => None,
+    };
+    if c.max_samples_per_region == 0 {
+        return Err(ServiceError::Config("max_samples_per_region must be at least 1".into()));
+    }
     let store = Store::open(&c.state_dir)?;
     let coordinator = match fedbuff {
         Some(async_config) => {
@@ -121,6 +131,14 @@ pub async fn run(
         None => Coordinator::with_store(engine, initial, store)?,
     };
     coordinator.set_signer(signer, &c.model);
+    coordinator.set_max_samples_per_region(c.max_samples_per_region);
+    let follower = match upstream {
+        Some(upstream) => {
+            tracing::info!("regional aggregator of the root at {upstream:?}");
+            Some(coordinator.follow_upstream(upstream)?)
+        }
+        None => None,
+    };
     if let Some((n, root_set)) = root_set {
         tracing::info!("FLTrust: the server's root set is {n} training examples, held by the coordinator");
         coordinator.set_root_trainer(Box::new(root_set));
@@ -200,6 +218,9 @@ pub async fn run(
     }
     eval.abort();
     server.abort();
+    if let Some(f) = follower {
+        f.abort();
+    }
     if let Some(m) = metrics {
         m.abort();
     }

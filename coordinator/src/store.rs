@@ -39,6 +39,8 @@ const REGISTRY: TableDefinition<u64, &[u8]> = TableDefinition::new("registry");
 
 const OPEN_ROUND: &str = "open_round";
 const SETTINGS: &str = "settings";
+/// A regional aggregator's task from its root ([`UpstreamTask`]).
+const UPSTREAM: &str = "upstream";
 /// The strategy's server state saved with the latest model version (encoded
 /// [`StoredServerState`]).
 const SERVER_STATE: &str = "server_state";
@@ -95,7 +97,7 @@ fn decode_record<T: Decode<()>>(bytes: &[u8], what: &'static str) -> Result<T, S
     codec::decode_record(bytes).map_err(|_| StoreError::Record(what))
 }
 
-pub use records::{EncodedModel, OpenRound, Restored, RoundRecord, Settings, StoredServerState};
+pub use records::{EncodedModel, OpenRound, Restored, RoundRecord, Settings, StoredServerState, UpstreamTask};
 
 /// The coordinator's state folder.
 pub struct Store {
@@ -244,6 +246,50 @@ impl Store {
             meta.insert("last_round", round).map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
+    }
+
+    /// A regional aggregator took on its root's task `task`: records `model` (the root's
+    /// model, adopted as version `model.version` after round `round`) and the task, and asks
+    /// for `rounds_left` rounds, in one transaction (the blob first).
+    pub fn adopt_upstream(
+        &self,
+        model: &EncodedModel,
+        round: u64,
+        task: &UpstreamTask,
+        rounds_left: u64,
+    ) -> Result<(), StoreError> {
+        self.write_blob(model)?;
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            tx.open_table(MODELS).map_err(db_err)?.insert(model.version, &model.hash.0[..]).map_err(db_err)?;
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            meta.insert("version", model.version).map_err(db_err)?;
+            meta.insert("last_round", round).map_err(db_err)?;
+            meta.insert("rounds_left", rounds_left).map_err(db_err)?;
+            tx.open_table(RECORDS).map_err(db_err)?.insert(UPSTREAM, encode_record(task).as_slice()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// The root's task this regional aggregator last took on, if any.
+    pub fn upstream(&self) -> Result<Option<UpstreamTask>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let records = tx.open_table(RECORDS).map_err(db_err)?;
+        match records.get(UPSTREAM).map_err(db_err)? {
+            Some(v) => Ok(Some(decode_record(v.value(), "upstream task")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stored global model `version`, read back and hash-checked, if kept.
+    pub fn model(&self, version: u64) -> Result<Option<ModelParams>, StoreError> {
+        let Some(bytes) = self.model_bytes(version)? else { return Ok(None) };
+        match codec::decode(&bytes) {
+            Ok(Message::Model { version: v, hash, params }) if v == version && params.content_hash() == hash => {
+                Ok(Some(params))
+            }
+            _ => Err(StoreError::Corrupt(format!("model v{version}"))),
+        }
     }
 
     /// Records the settings now in force.

@@ -147,6 +147,36 @@ impl Engine {
         }
     }
 
+    /// A participant whose task stands until the deadline went away (a regional aggregator;
+    /// FedBuff, which takes none, frees the task).
+    pub(super) fn handle_device_away(&mut self, now: Duration, device: DeviceId) {
+        match self {
+            Engine::Rounds(e) => e.handle_device_away(device),
+            Engine::Buffered(e) => e.handle_device_gone(now, device),
+        }
+    }
+
+    /// Makes participant `device` a regional aggregator whose results may claim up to
+    /// `max_samples` (synchronous rounds only: FedBuff takes no aggregators).
+    pub(super) fn set_sample_cap(&mut self, device: DeviceId, max_samples: Option<u64>) {
+        if let Engine::Rounds(e) = self {
+            e.set_sample_cap(device, max_samples);
+        }
+    }
+
+    /// Why a regional aggregator cannot take part here, if it cannot.
+    pub(super) fn aggregator_refusal(&self) -> Option<String> {
+        match self {
+            Engine::Buffered(_) => Some(
+                "this coordinator runs FedBuff: regional aggregators take part in synchronous rounds only".into(),
+            ),
+            Engine::Rounds(e) if e.config().privacy.is_some() => Some(
+                "this coordinator runs central DP, whose noise is calibrated to one device's clipped update; a regional aggregator's mean speaks for many devices (use local DP on the devices, or no regions)".into(),
+            ),
+            Engine::Rounds(_) => None,
+        }
+    }
+
     /// A device went away.
     pub(super) fn handle_device_gone(&mut self, now: Duration, device: DeviceId) {
         match self {

@@ -26,6 +26,9 @@ pub(super) struct Fleet {
     pub(super) next_session: u64,
     /// When each device last connected or asked for work, seconds since the Unix epoch.
     pub(super) last_seen: BTreeMap<DeviceId, u64>,
+    /// Participants that are regional aggregators (certificate role `aggregator`, fleet name
+    /// `aggregator:NAME`).
+    pub(super) aggregators: BTreeSet<DeviceId>,
 }
 
 impl Fleet {
@@ -39,6 +42,7 @@ impl Fleet {
             sessions: BTreeMap::new(),
             next_session: 0,
             last_seen: BTreeMap::new(),
+            aggregators: BTreeSet::new(),
         }
     }
 

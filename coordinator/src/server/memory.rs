@@ -82,7 +82,7 @@ impl MemoryFleet {
         };
         let (id, session) = self
             .coordinator
-            .handle_connected(name, training.then(|| (capabilities(), closer)))
+            .handle_connected(name, training.then(|| (capabilities(), closer)), false)
             .expect("a coordinator in memory always registers a device");
         MemoryDevice { name: name.to_string(), id, session, closed }
     }

@@ -137,6 +137,11 @@ impl RoundDriver {
         self.version
     }
 
+    /// Publishes `version`, durable already (a regional aggregator's adopted model).
+    pub(super) fn publish_version(&mut self, version: u64) {
+        self.version = version;
+    }
+
     /// The privacy spent up to the round that produced `version`, if recorded.
     pub(super) fn epsilon_of(&self, version: u64) -> Option<f64> {
         self.history.iter().rev().find(|r| r.model_version == version).and_then(|r| r.privacy).map(|p| p.epsilon)

@@ -13,7 +13,8 @@ use fedge_core::wire::{DeviceId, ErrorCode, Message, OperatorCommand, SessionPur
 
 use super::Coordinator;
 use super::downloads::{Reply, not_kept};
-use crate::listener::{Peer, answer_hello};
+use crate::certs::Role;
+use crate::listener::{Peer, answer_hello_unless};
 use crate::store::Settings;
 
 /// Most rounds an operator may have queued at once.
@@ -23,9 +24,16 @@ pub const MAX_QUEUED_ROUNDS: u64 = 1_000_000;
 const RETRY_MS: u32 = 50;
 
 impl Coordinator {
+    /// A device's session, or a regional aggregator's (`peer.identity.role`), which speaks the
+    /// device protocol under the fleet name `aggregator:NAME`: its results may claim all its
+    /// devices' samples, and its task stands while it restarts.
     pub(super) async fn device_session(self: Arc<Self>, peer: Peer) {
-        let version = self.lock().rounds.version();
-        let hello = match answer_hello(&peer, version).await {
+        let aggregator = peer.identity.role == Role::Aggregator;
+        let (version, refusal) = {
+            let s = self.lock();
+            (s.rounds.version(), aggregator.then(|| s.rounds.engine.aggregator_refusal()).flatten())
+        };
+        let hello = match answer_hello_unless(&peer, version, refusal).await {
             Ok(hello) => hello,
             Err(e) => {
                 self.metrics.rejected(e.code());
@@ -37,7 +45,11 @@ impl Coordinator {
         };
         let training = hello.purpose == SessionPurpose::Train;
         let session = training.then(|| (hello.capabilities, peer.closer()));
-        let Some((id, session)) = self.handle_connected(&peer.identity.id, session) else {
+        let name = match aggregator {
+            true => format!("aggregator:{}", peer.identity.id),
+            false => peer.identity.id.clone(),
+        };
+        let Some((id, session)) = self.handle_connected(&name, session, aggregator) else {
             return;
         };
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
@@ -155,6 +167,7 @@ impl Coordinator {
         &self,
         name: &str,
         training: Option<(fedge_core::wire::Capabilities, crate::listener::Closer)>,
+        aggregator: bool,
     ) -> Option<(DeviceId, Option<u64>)> {
         let order = self.ordered();
         let known = {
@@ -184,6 +197,11 @@ impl Coordinator {
                     s.fleet.connected.insert(id);
                     s.fleet.capabilities.insert(id, capabilities);
                     s.rounds.engine.handle_device_available(id);
+                    if aggregator {
+                        s.fleet.aggregators.insert(id);
+                        let cap = self.max_samples_per_region.load(std::sync::atomic::Ordering::Relaxed);
+                        s.rounds.engine.set_sample_cap(id, Some(cap));
+                    }
                     (Some(session), old.map(|(_, c)| c))
                 }
                 None => (None, None),
@@ -207,10 +225,19 @@ impl Coordinator {
             }
             s.fleet.sessions.remove(&id);
             s.fleet.connected.remove(&id);
-            s.rounds.tasks.remove(&id);
-            s.rounds.assigned_at.remove(&id);
             let now = self.now();
-            s.rounds.engine.handle_device_gone(now, id);
+            if s.fleet.aggregators.contains(&id) {
+                // A region restarting resumes its own round: its task stands until the deadline.
+                s.rounds.engine.handle_device_away(now, id);
+                if s.rounds.engine.rounds().is_none() {
+                    s.rounds.tasks.remove(&id);
+                    s.rounds.assigned_at.remove(&id);
+                }
+            } else {
+                s.rounds.tasks.remove(&id);
+                s.rounds.assigned_at.remove(&id);
+                s.rounds.engine.handle_device_gone(now, id);
+            }
         }
         self.settle(&order);
     }
@@ -358,6 +385,12 @@ impl Coordinator {
         min_train_clients: Option<u64>,
         deadline_secs: Option<u64>,
     ) -> Message {
+        if self.is_region() {
+            return Message::Error {
+                code: ErrorCode::Malformed,
+                message: "this coordinator is a regional aggregator: its rounds are its root's tasks; start rounds at the root".into(),
+            };
+        }
         let order = self.ordered();
         let queued = self.lock().rounds.rounds_left;
         if rounds > MAX_QUEUED_ROUNDS.saturating_sub(queued) {

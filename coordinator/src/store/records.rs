@@ -43,6 +43,24 @@ impl Settings {
     }
 }
 
+/// A regional aggregator's task from its root: the root's round and model version (with its
+/// hash), and the local version that model was adopted as (the base the region's round
+/// trains from; its result is the next aggregated version minus this one).
+#[derive(Debug, Clone, PartialEq, Encode, Decode)]
+pub struct UpstreamTask {
+    /// The root's round.
+    pub root_round: u64,
+    /// The root's model version the task trains from.
+    pub root_version: u64,
+    /// Its content hash.
+    pub root_hash: ContentHash,
+    /// The local version it was adopted as.
+    pub base: u64,
+    /// The task's training settings: the region's devices train with these (also in a round
+    /// resumed after a restart).
+    pub train: fedge_core::wire::TrainConfig,
+}
+
 /// A round in progress, as recorded when it opened.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub struct RoundRecord {

@@ -28,7 +28,7 @@ use fedge_core::wire::{DeviceId, TrainResult, TrainTask};
 use rand::seq::IndexedRandom;
 
 use crate::config::{ConfigError, EngineConfig};
-use crate::error::{ReconfigureError, RejectReason, ResumeError, StartError};
+use crate::error::{AdoptError, ReconfigureError, RejectReason, ResumeError, StartError};
 use crate::event::{EngineEvent, Evaluation, OpenRoundInfo, RoundOutcome, RoundReport, StoredRound};
 use crate::strategy::{Contribution, Strategy};
 
@@ -66,6 +66,9 @@ pub struct RoundEngine<S: Strategy> {
     evaluations: BTreeMap<u64, Evaluation>,
     rng: SeededRng,
     ledger: Option<PrivacyLedger>,
+    /// Participants that speak for many devices (regional aggregators), with the most samples
+    /// one of their results may claim instead of `max_samples_per_result`.
+    sample_caps: BTreeMap<DeviceId, u64>,
 }
 
 impl<S: Strategy> RoundEngine<S> {
@@ -90,6 +93,7 @@ impl<S: Strategy> RoundEngine<S> {
             evaluations: BTreeMap::new(),
             rng,
             ledger,
+            sample_caps: BTreeMap::new(),
         })
     }
 
@@ -117,6 +121,11 @@ impl<S: Strategy> RoundEngine<S> {
     /// The current model version (0 before any aggregation).
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// The last round opened (0 before any).
+    pub fn last_round(&self) -> u64 {
+        self.last_round
     }
 
     /// The open round, if any.
@@ -150,6 +159,46 @@ impl<S: Strategy> RoundEngine<S> {
     /// A device can be sampled from now on.
     pub fn handle_device_available(&mut self, device: DeviceId) {
         self.available.insert(device);
+    }
+
+    /// Participant `device` speaks for many devices (a regional aggregator sending its
+    /// devices' weighted mean): its results may claim up to `max_samples` samples (their
+    /// total) instead of `max_samples_per_result`. `None` makes it a plain device again.
+    pub fn set_sample_cap(&mut self, device: DeviceId, max_samples: Option<u64>) {
+        match max_samples {
+            Some(cap) => self.sample_caps.insert(device, cap),
+            None => self.sample_caps.remove(&device),
+        };
+    }
+
+    /// Installs `params`, a model made elsewhere (a regional aggregator's copy of its root's
+    /// version), as the next global version, and returns its number. Refused while a round is
+    /// open, for another layout or non-finite values, and for a strategy that carries state
+    /// between rounds (its state belongs to the model it replaced).
+    pub fn adopt(&mut self, params: ModelParams) -> Result<u64, AdoptError> {
+        if let Some(o) = &self.open {
+            return Err(AdoptError::Busy(o.round));
+        }
+        if params.layout() != self.global.layout() {
+            return Err(AdoptError::Layout);
+        }
+        if params.check_finite().is_err() {
+            return Err(AdoptError::NotFinite);
+        }
+        if self.strategy.server_state().is_some() {
+            return Err(AdoptError::Stateful(self.strategy.name()));
+        }
+        let version = self.allocate_version();
+        self.global = params;
+        self.version = version;
+        Ok(version)
+    }
+
+    /// A participant went away for now but its task in the open round stands until the
+    /// deadline (a regional aggregator restarting resumes its own round and answers it): it is
+    /// not sampled for new rounds meanwhile.
+    pub fn handle_device_away(&mut self, device: DeviceId) {
+        self.available.remove(&device);
     }
 
     /// A device went away; if it was training in the open round, that counts as a failure.
@@ -394,16 +443,21 @@ impl<S: Strategy> RoundEngine<S> {
         if !open.pending.contains(&device) {
             return Err(RejectReason::Duplicate(device));
         }
-        self.strategy.check(self.contribution(result, false)).map_err(RejectReason::Invalid)
+        self.strategy.check(self.contribution(device, result, false)).map_err(RejectReason::Invalid)
     }
 
     /// What a result counts for: its sample claim bounded by `max_samples_per_result`, and
     /// (when `clip` and the configuration sets a clip norm without central DP, whose strategy
     /// clips itself) the factor that brings its delta within the clip norm, whatever the
     /// device says it did.
-    fn contribution<'a>(&self, result: &'a TrainResult, clip: bool) -> Contribution<'a> {
+    fn contribution<'a>(&self, device: DeviceId, result: &'a TrainResult, clip: bool) -> Contribution<'a> {
         let clip_norm = if clip && self.config.privacy.is_none() { self.config.train.clip_norm } else { None };
-        contribution(result, self.config.max_samples_per_result, clip_norm)
+        contribution(result, self.max_samples(device), clip_norm)
+    }
+
+    /// The most samples a result of `device` may claim.
+    fn max_samples(&self, device: DeviceId) -> u64 {
+        self.sample_caps.get(&device).copied().unwrap_or(self.config.max_samples_per_result)
     }
 
     /// A device's result arrived. Accepted results are streamed into the strategy at once.
@@ -414,7 +468,7 @@ impl<S: Strategy> RoundEngine<S> {
         result: &TrainResult,
     ) -> Result<(), RejectReason> {
         self.check_train_result(device, result)?;
-        let contribution = self.contribution(result, true);
+        let contribution = self.contribution(device, result, true);
         let samples = contribution.num_samples;
         self.strategy.accumulate(contribution).map_err(RejectReason::Invalid)?;
         let open = self.open.as_mut().expect("checked: a round is open");

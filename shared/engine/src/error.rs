@@ -17,6 +17,23 @@ pub enum ReconfigureError {
     Invalid(#[from] ConfigError),
 }
 
+/// Why a model made elsewhere cannot become the global model ([`crate::RoundEngine::adopt`]).
+#[derive(Debug, Error, PartialEq)]
+pub enum AdoptError {
+    /// A round is open.
+    #[error("round {0} is in progress; a model can be adopted only between rounds")]
+    Busy(u64),
+    /// The model has another layout than the global one.
+    #[error("the model's layout (names and shapes) is not the global model's")]
+    Layout,
+    /// The model holds NaN or infinite values.
+    #[error("the model holds NaN or infinite values")]
+    NotFinite,
+    /// The strategy carries state tied to the model it would replace.
+    #[error("strategy {0} carries state between rounds; it cannot follow a model made elsewhere (use fedavg)")]
+    Stateful(&'static str),
+}
+
 /// Why a round cannot start.
 #[derive(Debug, Error, PartialEq)]
 pub enum StartError {

@@ -33,6 +33,6 @@ pub use buffered::{
 };
 pub use config::{CentralDp, ConfigError, EngineConfig, TrainingKeys};
 pub use engine::{RoundEngine, SecureAggregate};
-pub use error::{ReconfigureError, RejectReason, ResumeError, StartError};
+pub use error::{AdoptError, ReconfigureError, RejectReason, ResumeError, StartError};
 pub use event::{EngineEvent, Evaluation, OpenRoundInfo, RoundOutcome, RoundReport, StoredRound};
 pub use strategy::{DpFedAvg, FedAvg, Strategy, StrategyConfig, StrategyOptions};

@@ -318,3 +318,39 @@ fn a_resumed_round_keeps_its_accepted_updates_and_reassigns_the_rest() {
     e.resume_round(S, stored(1, 0, &info.chosen, 3, 3), &all).unwrap();
     assert_eq!(closed(&mut e).outcome, RoundOutcome::Aggregated);
 }
+
+#[test]
+fn an_adopted_model_is_the_next_version_and_the_next_round_starts_from_it() {
+    let mut e = engine(2, EngineConfig { max_samples_per_result: 10, ..cfg(1.0, 2) });
+    assert_eq!(e.adopt(params([1.0, 2.0])), Ok(1));
+    assert_eq!((e.version(), e.global().data()), (1, &[1.0, 2.0][..]));
+    // Version numbers stay one sequence with students.
+    assert_eq!(e.allocate_version(), 2);
+    assert_eq!(e.adopt(params([3.0, 4.0])), Ok(3));
+    e.start_round(S).unwrap();
+    let tasks = assigned(&mut e);
+    assert!(tasks.iter().all(|(_, t)| t.model_version == 3 && t.model_hash == params([3.0, 4.0]).content_hash()));
+    assert_eq!(e.adopt(params([0.0, 0.0])), Err(AdoptError::Busy(1)));
+    // A participant speaking for many devices claims their total; a device stays capped.
+    e.set_sample_cap(tasks[0].0, Some(1_000));
+    e.handle_train_result(S, tasks[0].0, &result(&tasks[0].1, [1.0, 0.0], 300)).unwrap();
+    e.handle_train_result(S, tasks[1].0, &result(&tasks[1].1, [0.0, 1.0], 300)).unwrap();
+    let report = closed(&mut e);
+    assert_eq!((report.samples, report.model_version), (310, 4));
+    let want = [3.0 + 300.0 / 310.0, 4.0 + 10.0 / 310.0];
+    assert!(e.global().data().iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{:?}", e.global().data());
+    // Refusals change nothing.
+    let other = ModelParams::new(
+        Arc::new(ParamLayout::new(vec![TensorSpec { name: "v".into(), shape: vec![2] }]).unwrap()),
+        vec![0.0; 2],
+    )
+    .unwrap();
+    assert_eq!(e.adopt(other), Err(AdoptError::Layout));
+    assert_eq!(e.adopt(params([f32::NAN, 0.0])), Err(AdoptError::NotFinite));
+    assert_eq!(e.version(), 4);
+    let mut config = cfg(1.0, 1);
+    config.set_strategy("fedadam", &StrategyOptions::default()).unwrap();
+    let strategy = crate::strategy::build(&config, Box::new(derive_rng(0, &[1])));
+    let mut adam = RoundEngine::new(config, strategy, params([0.0, 0.0])).unwrap();
+    assert_eq!(adam.adopt(params([1.0, 1.0])), Err(AdoptError::Stateful("fedadam")));
+}

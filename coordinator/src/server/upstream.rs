@@ -1,0 +1,358 @@
+//! A regional aggregator's link to its root: hierarchical aggregation.
+//!
+//! A coordinator with an `[upstream]` table serves its own devices like any coordinator, and
+//! takes part in its root's rounds like a device, with an `aggregator` certificate. For each
+//! task the root hands it (round `r` on root version `v`) it fetches `v` and checks its hash,
+//! adopts it as its own next version ([`fedge_engine::RoundEngine::adopt`]; the model and the
+//! task are stored in one transaction, [`Store::adopt_upstream`], before any round starts),
+//! runs one round among its devices with the task's training settings (their results checked
+//! and clipped here, as any coordinator does), and uploads the aggregated version minus the
+//! adopted one, with the round's total samples as its weight. The root's sample-weighted mean
+//! of the regions' means is then the flat FedAvg of every device's update. A region round that
+//! fails is run again while the root's task stands.
+//!
+//! Crash safety at this level: what a region acknowledged to its devices is in its store (as
+//! in any coordinator); a restarted region resumes its stored round with the task's training
+//! settings, reconnects, finds the same task (the root keeps an aggregator's task while it is
+//! away, until the round's deadline) and uploads once its round is done. An upload whose
+//! acknowledgement was lost is answered `Duplicate`, which counts as done.
+//!
+//! [`Store::adopt_upstream`]: crate::store::Store::adopt_upstream
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use fedge_core::ModelParams;
+use fedge_core::params::ContentHash;
+use fedge_core::wire::{
+    Capabilities, ErrorCode, Hello, Message, PROTOCOL_VERSION, SessionPurpose, TrainResult, TrainTask,
+};
+use fedge_net::RequestClient;
+
+use super::Coordinator;
+use crate::store::{EncodedModel, UpstreamTask};
+
+/// Where a regional aggregator's root is, and the aggregator's TLS identity.
+#[derive(Clone)]
+pub struct Upstream {
+    addr: SocketAddr,
+    server_name: String,
+    tls: quinn::ClientConfig,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Upstream({} as {})", self.addr, self.server_name)
+    }
+}
+
+impl Upstream {
+    /// The root at `addr`, whose certificate must name `server_name`, reached with the
+    /// aggregator certificate `cert`/`key` (issued by `certs issue-aggregator`), trusting `ca`.
+    pub fn new(
+        addr: SocketAddr,
+        server_name: &str,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, fedge_net::TlsError> {
+        Ok(Self { addr, server_name: server_name.to_string(), tls: fedge_net::client_config(ca, cert, key)? })
+    }
+}
+
+/// Why a step of following the root failed (the link is opened again after a pause).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connecting or a request failed.
+    #[error(transparent)]
+    Request(#[from] fedge_net::RequestError),
+    /// The root refused.
+    #[error("the root refused ({code:?}): {message}")]
+    Refused {
+        /// Typed reason.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// The root answered something else than the protocol says.
+    #[error("unexpected answer from the root to {0}")]
+    Unexpected(&'static str),
+    /// The model the root sent is not the one its task names.
+    #[error("root model v{version} failed verification: the task names {expected}, got {got}")]
+    BadModel {
+        /// The version.
+        version: u64,
+        /// The task's hash.
+        expected: ContentHash,
+        /// What arrived.
+        got: ContentHash,
+    },
+    /// This coordinator cannot take the task on.
+    #[error("cannot take on the root's task: {0}")]
+    Refusing(String),
+    /// The store failed: the coordinator stopped.
+    #[error("the coordinator's storage failed")]
+    Storage,
+}
+
+/// The root's task this region works on.
+pub(super) struct Job {
+    task: UpstreamTask,
+    /// The adopted model (the region round's starting point).
+    base: Arc<ModelParams>,
+    /// Its result was acknowledged (or refused for good) by the root.
+    uploaded: bool,
+}
+
+/// Where the job of a root task stands.
+enum JobState {
+    /// Not this task's job: take the task on.
+    Other,
+    /// The region's round is not asked for (its last attempt failed): ask again.
+    NeedsRound,
+    /// The region's round is asked for or running.
+    Pending,
+    /// The region's round aggregated: this is the upload.
+    Ready(Box<TrainResult>),
+    /// Uploaded already.
+    Uploaded,
+}
+
+/// How often a region asks its root for work, and looks at its own round, while waiting.
+const POLL: Duration = Duration::from_millis(100);
+
+impl Coordinator {
+    /// Makes this coordinator a regional aggregator of `upstream`: it takes the root's tasks
+    /// on until it is dropped (see the module documentation). Takes back the task stored by an
+    /// earlier run. Operators cannot start rounds on a region: its rounds are its root's.
+    pub fn follow_upstream(
+        self: &Arc<Self>,
+        upstream: Upstream,
+    ) -> Result<tokio::task::JoinHandle<()>, super::ServerError> {
+        if self.lock().rounds.engine.rounds().is_none() {
+            return Err(super::ServerError::FedBuff(
+                "a regional aggregator runs synchronous rounds, not FedBuff".into(),
+            ));
+        }
+        let _ = self.region.set(());
+        if let Some(store) = &self.store
+            && let Some(task) = store.upstream()?
+        {
+            match store.model(task.base)? {
+                Some(base) => {
+                    tracing::info!(
+                        "regional aggregator: resuming the root's round {} (root v{}, adopted as v{})",
+                        task.root_round,
+                        task.root_version,
+                        task.base
+                    );
+                    self.lock().upstream = Some(Job { task, base: Arc::new(base), uploaded: false });
+                }
+                None => tracing::warn!("the stored root task's model v{} is gone; waiting for a new task", task.base),
+            }
+        }
+        Ok(tokio::spawn(follow(Arc::downgrade(self), upstream)))
+    }
+
+    /// Whether this coordinator is a regional aggregator.
+    pub fn is_region(&self) -> bool {
+        self.region.get().is_some()
+    }
+
+    /// Where the job of root task `task` stands.
+    fn job_state(&self, task: &TrainTask) -> JobState {
+        let s = self.lock();
+        let Some(job) = s.upstream.as_ref().filter(|j| {
+            (j.task.root_round, j.task.root_version, j.task.root_hash)
+                == (task.round, task.model_version, task.model_hash)
+        }) else {
+            return JobState::Other;
+        };
+        if job.uploaded {
+            return JobState::Uploaded;
+        }
+        let Some(engine) = s.rounds.engine.rounds() else { return JobState::Other };
+        let published = s.rounds.version();
+        if published == job.task.base {
+            let idle = engine.current_round().is_none() && engine.version() == published;
+            return if idle && s.rounds.rounds_left == 0 { JobState::NeedsRound } else { JobState::Pending };
+        }
+        // The one round asked for since the adoption aggregated into the published version.
+        let line = s.rounds.history.iter().rev().find(|l| l.model_version == published && l.failed_reason.is_none());
+        let (Some(line), Some(params)) = (line, s.downloads.model(published)) else { return JobState::Pending };
+        match params.delta_from(&job.base) {
+            Ok(delta) => JobState::Ready(Box::new(TrainResult {
+                round: job.task.root_round,
+                model_version: job.task.root_version,
+                num_samples: line.samples,
+                train_loss: line.train_loss as f32,
+                delta,
+                clipped: false,
+            })),
+            Err(e) => {
+                tracing::error!("regional aggregator: cannot form the upload of v{published}: {e}");
+                JobState::Other
+            }
+        }
+    }
+
+    /// Takes on root task `task` with its model `params` (hash checked): adopted as the next
+    /// version, durable with the task, then one round asked for with the task's settings.
+    fn take_on(&self, task: &TrainTask, params: ModelParams) -> Result<(), UpstreamError> {
+        let order = self.ordered();
+        if self.storage_failure().is_some() {
+            return Err(UpstreamError::Storage);
+        }
+        let (model, round, record, params) = {
+            let mut s = self.lock();
+            let engine = s.rounds.engine.rounds_mut().ok_or(UpstreamError::Refusing("FedBuff mode".into()))?;
+            if let Some(r) = engine.current_round() {
+                return Err(UpstreamError::Refusing(format!("round {r} of an earlier task is still open")));
+            }
+            engine.reconfigure(|c| c.train = task.config).map_err(|e| UpstreamError::Refusing(e.to_string()))?;
+            let version = engine.adopt(params.clone()).map_err(|e| UpstreamError::Refusing(e.to_string()))?;
+            let round = engine.last_round();
+            s.rounds.rounds_left = 1;
+            let record = UpstreamTask {
+                root_round: task.round,
+                root_version: task.model_version,
+                root_hash: task.model_hash,
+                base: version,
+                train: task.config,
+            };
+            let params = Arc::new(params);
+            (EncodedModel::new(version, &params), round, record, params)
+        };
+        if let Some(store) = &self.store
+            && let Err(e) = store.adopt_upstream(&model, round, &record, 1)
+        {
+            self.storage_failed(format_args!("cannot record the root's task (round {})", task.round), &e);
+            return Err(UpstreamError::Storage);
+        }
+        tracing::info!(
+            "regional aggregator: root round {} on root v{} taken on as v{}",
+            task.round,
+            task.model_version,
+            record.base
+        );
+        {
+            let mut s = self.lock();
+            s.downloads.publish(params.clone(), model);
+            s.downloads.prune();
+            s.rounds.publish_version(record.base);
+            s.upstream = Some(Job { task: record, base: params, uploaded: false });
+        }
+        self.settle(&order);
+        Ok(())
+    }
+
+    /// The job's result reached the root (acknowledged, or refused for good).
+    fn job_uploaded(&self) {
+        if let Some(job) = self.lock().upstream.as_mut() {
+            job.uploaded = true;
+        }
+    }
+}
+
+/// Follows the root until the coordinator is gone or its storage failed: one session at a
+/// time, opened again after a pause (200 ms doubling to 5 s) when it breaks.
+async fn follow(me: Weak<Coordinator>, upstream: Upstream) {
+    let mut attempt = 0u32;
+    loop {
+        match session(&me, &upstream, &mut attempt).await {
+            Ok(()) => return,
+            Err(e) => {
+                let pause = Duration::from_millis((200u64 << attempt.min(5)).min(5_000));
+                attempt = attempt.saturating_add(1);
+                tracing::warn!("regional aggregator: root {}: {e}; trying again in {pause:?}", upstream.addr);
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// One session with the root: Hello, then ask for work and do it. `Ok` when the coordinator
+/// is gone or stopped.
+async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Result<(), UpstreamError> {
+    let client = RequestClient::connect(up.addr, &up.server_name, up.tls.clone()).await?;
+    let capabilities =
+        Capabilities { backend: "region".into(), memory_mb: 0, charging: true, unmetered: true, num_samples: 0 };
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, capabilities, purpose: SessionPurpose::Train };
+    match client.request(&Message::Hello(hello)).await? {
+        Message::Welcome(w) => tracing::info!("regional aggregator: joined root {} as {}", up.addr, w.device_id),
+        Message::Error { code, message } => return Err(UpstreamError::Refused { code, message }),
+        _ => return Err(UpstreamError::Unexpected("Hello")),
+    }
+    *attempt = 0;
+    loop {
+        let Some(c) = me.upgrade() else { return Ok(()) };
+        if c.storage_failure().is_some() {
+            return Ok(());
+        }
+        let task = match client.request(&Message::TaskRequest { running: None }).await? {
+            Message::TrainTask(task) => task,
+            Message::NoTask { retry_after_ms, .. } => {
+                drop(c);
+                tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms)).clamp(POLL, 5 * POLL)).await;
+                continue;
+            }
+            Message::Error { code, message } => return Err(UpstreamError::Refused { code, message }),
+            _ => return Err(UpstreamError::Unexpected("TaskRequest")),
+        };
+        match c.job_state(&task) {
+            JobState::Other => {
+                let params = fetch(&client, &task).await?;
+                if let Err(e) = c.take_on(&task, params) {
+                    if matches!(e, UpstreamError::Storage) {
+                        return Ok(());
+                    }
+                    tracing::warn!("regional aggregator: {e}");
+                    drop(c);
+                    tokio::time::sleep(10 * POLL).await;
+                }
+            }
+            JobState::NeedsRound => c.start_rounds(1),
+            JobState::Pending | JobState::Uploaded => {
+                drop(c);
+                tokio::time::sleep(POLL).await;
+            }
+            JobState::Ready(result) => {
+                let round = result.round;
+                match client.request(&Message::TrainResult(*result)).await? {
+                    Message::Ack { .. } | Message::Error { code: ErrorCode::Duplicate, .. } => {
+                        tracing::info!("regional aggregator: root round {round}: result acknowledged");
+                        c.job_uploaded();
+                    }
+                    Message::Error { code: ErrorCode::Unavailable, message } => {
+                        tracing::warn!("regional aggregator: root round {round}: not stored yet ({message})");
+                        drop(c);
+                        tokio::time::sleep(10 * POLL).await;
+                    }
+                    Message::Error { code, message } => {
+                        tracing::warn!("regional aggregator: root round {round}: result refused ({code:?}): {message}");
+                        c.job_uploaded();
+                    }
+                    _ => return Err(UpstreamError::Unexpected("TrainResult")),
+                }
+            }
+        }
+    }
+}
+
+/// The model `task` names, fetched whole and checked against the task's hash.
+async fn fetch(client: &RequestClient, task: &TrainTask) -> Result<ModelParams, UpstreamError> {
+    let version = task.model_version;
+    match client.request(&Message::ModelRequest { version: Some(version) }).await? {
+        Message::Model { version: v, params, .. } if v == version => {
+            let got = params.content_hash();
+            if got != task.model_hash {
+                return Err(UpstreamError::BadModel { version, expected: task.model_hash, got });
+            }
+            Ok(params)
+        }
+        Message::Error { code, message } => Err(UpstreamError::Refused { code, message }),
+        _ => Err(UpstreamError::Unexpected("ModelRequest")),
+    }
+}

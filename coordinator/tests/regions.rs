@@ -1,0 +1,96 @@
+//! Hierarchical aggregation, crash safety at the region: a regional aggregator (a
+//! `fedge-coordinator serve` process whose `coordinator.toml` has an `[upstream]` table) is
+//! killed with SIGKILL in the middle of its round and started again on the same state. Its
+//! round resumes with the updates it acknowledged, it finds the root's task again (the root
+//! holds a region's task while it is away), and the root's round completes with exactly the
+//! model the region's three updates define.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Fleet, model, task_of, update};
+use fedge_coordinator::certs::Role;
+use fedge_coordinator::listener::Listener;
+use fedge_coordinator::server::Coordinator;
+use fedge_coordinator::store::Store;
+use fedge_core::wire::{Message, TrainResult};
+use fedge_engine::{EngineConfig, RoundOutcome};
+use fedge_learn::{BackendKind, ModelKind, Trainer};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_killed_mid_round_completes_the_roots_round_after_a_restart() {
+    let names = ["a0", "a1", "a2"];
+    let fleet = Fleet::new(&names, 3);
+    let aggregator = fleet.ca.issue(Role::Aggregator, "east", 1).unwrap();
+
+    // The root, in this process: one participant (the region) makes a round.
+    let initial = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(1);
+    let root_config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 1,
+        accept_failures: false,
+        round_timeout: Duration::from_secs(300),
+        ..EngineConfig::default()
+    };
+    let root =
+        Coordinator::with_store(root_config, initial.clone(), Store::open(&fleet.dir.path().join("root")).unwrap())
+            .unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &fleet.ca).unwrap();
+    let root_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(Arc::clone(&root).serve(listener));
+    fleet.configure(&format!(
+        "[upstream]\naddress = \"{root_addr}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        fleet.ca.ca_pem(),
+        aggregator.cert,
+        aggregator.key
+    ));
+
+    // First life of the region: its three devices get the root's task (v0, adopted as the
+    // region's v1); two answer and are acknowledged.
+    let first = fleet.start();
+    let links = fleet.join_all(&names, &first).await;
+    root.start_rounds(1);
+    let mut tasks = Vec::new();
+    for link in &links {
+        tasks.push(task_of(link).await);
+    }
+    assert!(tasks.iter().all(|t| (t.round, t.model_version) == (1, 1)), "{tasks:?}\n{}", first.log());
+    let adopted = model(&links[0], 1).await;
+    assert_eq!(adopted, initial, "the region trains on the root's model");
+    let updates: Vec<TrainResult> = (0..3).map(|i| update(&tasks[i], &adopted, i)).collect();
+    for i in 0..2 {
+        let reply = links[i].request(&Message::TrainResult(updates[i].clone())).await.unwrap();
+        assert_eq!(reply, Message::Ack { round: 1 }, "{}", first.log());
+    }
+    first.kill();
+    drop(links);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(root.reports().is_empty(), "the root's round waits for the region");
+
+    // Second life: the round resumes, the third device answers, the region uploads.
+    let second = fleet.start();
+    let links = fleet.join_all(&names, &second).await;
+    assert_eq!(task_of(&links[2]).await, tasks[2], "{}", second.log());
+    let reply = links[2].request(&Message::TrainResult(updates[2].clone())).await.unwrap();
+    assert_eq!(reply, Message::Ack { round: 1 }, "{}", second.log());
+    tokio::time::timeout(Duration::from_secs(60), root.wait_for_rounds(1))
+        .await
+        .unwrap_or_else(|_| panic!("the root's round did not complete\n{}", second.log()));
+    let log = second.log();
+    assert!(log.contains("resumed round 1 with 2 of 3 updates"), "{log}");
+    assert!(log.contains("resuming the root's round 1"), "{log}");
+
+    // The root's v1 is v0 + (10*0.001 + 20*0.002 + 30*0.003) / 60 in every weight: the three
+    // updates, each counted once, weighted by their samples (60 in all).
+    let report = &root.reports()[0];
+    assert_eq!((report.outcome.clone(), report.results, report.samples), (RoundOutcome::Aggregated, 1, 60));
+    let (version, v1) = root.global();
+    assert_eq!(version, 1);
+    let step = (10.0 * 0.001 + 20.0 * 0.002 + 30.0 * 0.003) / 60.0;
+    for (a, b) in v1.data().iter().zip(initial.data()) {
+        assert!((f64::from(*a) - (f64::from(*b) + step)).abs() < 1e-6, "{a} vs {b} + {step}");
+    }
+    server.abort();
+}

@@ -1,0 +1,223 @@
+//! Hierarchical aggregation over QUIC: a root, two regional aggregators (coordinators with an
+//! upstream, joined with aggregator certificates) and six devices. The global model equals the
+//! flat FedAvg of the same six updates, round after round. (A region killed with SIGKILL
+//! mid-round: `coordinator/tests/regions.rs`, with real processes.)
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedge_coordinator::certs::{CertDir, Role};
+use fedge_coordinator::server::{Coordinator, Upstream};
+use fedge_coordinator::store::Store;
+use fedge_core::ModelParams;
+use fedge_core::dataset::Dataset;
+use fedge_core::rng::derive_rng;
+use fedge_core::wire::{ErrorCode, Message, OperatorCommand, TrainConfig, TrainTask};
+use fedge_edge::EdgeTrainer;
+use fedge_engine::{EngineConfig, RoundOutcome};
+use fedge_learn::{BackendKind, ModelKind};
+use fedge_tests::harness::{
+    ClientTask, embedded_train, fleet, initial_2nn, issue_devices, join, operator, serve, spawn_client,
+};
+
+/// Device `k`'s examples: 40 + 20k of them, one after another (sizes differ, so the weights do).
+fn slice(k: usize) -> Vec<usize> {
+    let start: usize = (0..k).map(|j| 40 + 20 * j).sum();
+    (start..start + 40 + 20 * k).collect()
+}
+
+/// One full-batch step: a device's update does not depend on the order of its examples, so the
+/// flat reference below matches the fleet's to float rounding.
+fn task_config() -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        batch_size: 200,
+        learning_rate: 0.1,
+        clip_norm: Some(5.0),
+        local_dp: None,
+        proximal_mu: None,
+    }
+}
+
+/// `global` plus the sample-weighted mean of the six devices' updates on task `round`, each
+/// trained here as a device would.
+fn flat_fedavg(global: &ModelParams, round: u64, version: u64, train: &Dataset) -> (ModelParams, u64) {
+    let task = TrainTask { round, model_version: version, model_hash: global.content_hash(), config: task_config() };
+    let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    let (mut sum, mut samples) = (vec![0f64; global.numel()], 0u64);
+    for k in 0..6 {
+        let mut rng = derive_rng(7, &[k as u64]);
+        let mut noise = derive_rng(8, &[k as u64]);
+        let r = trainer.run_task(&task, global, train, &slice(k), &mut rng, &mut noise).unwrap().result;
+        for (s, d) in sum.iter_mut().zip(r.delta.data()) {
+            *s += f64::from(*d) * r.num_samples as f64;
+        }
+        samples += r.num_samples;
+    }
+    let mean: Vec<f32> = sum.iter().map(|s| (s / samples as f64) as f32).collect();
+    let mut next = global.clone();
+    next.add_scaled(&ModelParams::new(global.layout().clone(), mean).unwrap(), 1.0).unwrap();
+    (next, samples)
+}
+
+fn max_abs_diff(a: &ModelParams, b: &ModelParams) -> f32 {
+    a.data().iter().zip(b.data()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A region: a coordinator on its own state, with the region's own settings (which the root's
+/// task overrides for training), served and following `root`.
+struct Region {
+    coordinator: Arc<Coordinator>,
+    addr: std::net::SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+fn start_region(name: &str, dir: &std::path::Path, ca: &CertDir, root: std::net::SocketAddr) -> Region {
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 3,
+        round_timeout: Duration::from_secs(90),
+        // Not the root's: its tasks' settings are the ones devices train with.
+        train: TrainConfig { learning_rate: 0.01, batch_size: 5, ..task_config() },
+        seed: 3,
+        ..EngineConfig::default()
+    };
+    // Another starting model than the root's: the region adopts the root's.
+    let coordinator = Coordinator::with_store(config, initial_2nn(99), Store::open(&dir.join(name)).unwrap()).unwrap();
+    let (addr, server) = serve(&coordinator, ca);
+    let cert = ca.dir().join(format!("aggregators/{name}"));
+    let upstream =
+        Upstream::new(root, "localhost", &ca.ca_pem(), &cert.with_extension("pem"), &cert.with_extension("key"))
+            .unwrap();
+    let follower = coordinator.follow_upstream(upstream).unwrap();
+    Region { coordinator, addr, server, follower }
+}
+
+async fn devices(region: &Region, ca: &CertDir, names: &[(usize, &str)], train: &Arc<Dataset>) -> Vec<ClientTask> {
+    let mut out = Vec::new();
+    for (k, name) in names {
+        let (link, _) = join(region.addr, ca, name, slice(*k).len() as u64).await;
+        out.push(spawn_client(link, train, slice(*k), 1, *k as u64).1);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_aggregate_exactly_like_a_flat_fleet() {
+    let (dir, ca) = fleet();
+    issue_devices(&ca, &["a0", "a1", "a2", "b3", "b4", "b5"]);
+    ca.issue(Role::Aggregator, "east", 1).unwrap();
+    ca.issue(Role::Aggregator, "west", 1).unwrap();
+    let train = embedded_train();
+    let root_config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 2,
+        accept_failures: false,
+        round_timeout: Duration::from_secs(180),
+        train: task_config(),
+        // Far below a region's sample total: a region is not capped like a device.
+        max_samples_per_result: 50,
+        seed: 5,
+        ..EngineConfig::default()
+    };
+    let root =
+        Coordinator::with_store(root_config, initial_2nn(1), Store::open(&dir.path().join("root")).unwrap()).unwrap();
+    let (root_addr, root_server) = serve(&root, &ca);
+    let east = start_region("east", dir.path(), &ca, root_addr);
+    let west = start_region("west", dir.path(), &ca, root_addr);
+    let east_devices = devices(&east, &ca, &[(0, "a0"), (1, "a1"), (2, "a2")], &train).await;
+    let west_devices = devices(&west, &ca, &[(3, "b3"), (4, "b4"), (5, "b5")], &train).await;
+
+    // Round 1: each region runs a round among its three devices and uploads their mean.
+    let (v0, global0) = root.global();
+    root.start_rounds(1);
+    tokio::time::timeout(Duration::from_secs(120), root.wait_for_rounds(1)).await.expect("root round 1");
+    let report = &root.reports()[0];
+    let (want, samples) = flat_fedavg(&global0, 1, v0, &train);
+    assert_eq!((report.outcome.clone(), report.results, report.samples), (RoundOutcome::Aggregated, 2, samples));
+    assert_eq!(samples, (0..6).map(|k| slice(k).len() as u64).sum::<u64>());
+    let (v1, global1) = root.global();
+    assert_eq!(v1, 1);
+    let diff = max_abs_diff(&global1, &want);
+    assert!(diff < 1e-5, "the hierarchical model is {diff} away from the flat FedAvg");
+    // Each region ran one round of three results on the root's model (adopted as its v1).
+    for region in [&east, &west] {
+        let r = region.coordinator.reports();
+        assert_eq!(r.iter().map(|r| (r.round, r.model_version, r.results)).collect::<Vec<_>>(), [(1, 2, 3)]);
+    }
+    // The root lists the regions under their role's name.
+    let names: Vec<String> = root.devices().into_iter().map(|d| d.id).collect();
+    assert_eq!(names, ["aggregator:east", "aggregator:west"]);
+    // A region's rounds are its root's: an operator cannot start one there.
+    let op = operator(east.addr, &ca, "ops").await;
+    let start =
+        OperatorCommand::StartRounds { rounds: 1, fraction: None, min_train_clients: None, deadline_secs: None };
+    match op.request(&Message::Operator(start)).await.unwrap() {
+        Message::Error { code: ErrorCode::Malformed, message } => assert!(message.contains("regional aggregator")),
+        other => panic!("{other:?}"),
+    }
+    op.close().await;
+
+    // Round 2, from the new global model: the same equality.
+    root.start_rounds(1);
+    tokio::time::timeout(Duration::from_secs(120), root.wait_for_rounds(2)).await.expect("root round 2");
+    let report = &root.reports()[1];
+    let (want, samples) = flat_fedavg(&global1, 2, v1, &train);
+    assert_eq!((report.outcome.clone(), report.results, report.samples), (RoundOutcome::Aggregated, 2, samples));
+    let (v2, global2) = root.global();
+    assert_eq!(v2, 2);
+    let diff = max_abs_diff(&global2, &want);
+    assert!(diff < 1e-5, "round 2: the hierarchical model is {diff} away from the flat FedAvg");
+
+    for region in [east, west] {
+        region.follower.abort();
+        region.server.abort();
+    }
+    root_server.abort();
+    for d in east_devices.into_iter().chain(west_devices) {
+        d.abort();
+    }
+}
+
+/// A regional aggregator is refused at Hello, saying why, where its mean cannot be taken as one
+/// participant: under central DP (noise calibrated to one device) and in FedBuff mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_under_central_dp_or_fedbuff_refuses_regions_at_hello() {
+    use fedge_edge::link::{ConnectError, DeviceTls, Link};
+    let (dir, ca) = fleet();
+    let cert = ca.issue(Role::Aggregator, "east", 1).unwrap();
+    let tls = DeviceTls { ca: ca.ca_pem(), cert: cert.cert, key: cert.key };
+    let keys = fedge_engine::TrainingKeys {
+        epochs: 1,
+        batch_size: 10,
+        lr: 0.05,
+        clip_norm: Some(1.0),
+        noise_multiplier: Some(1.0),
+        adaptive_clip: None,
+        local_epsilon: None,
+        delta: 1e-5,
+        target_epsilon: None,
+    };
+    let dp = EngineConfig { train: keys.train(), privacy: keys.central_dp(), ..EngineConfig::default() };
+    let central = Coordinator::with_store(dp, initial_2nn(1), Store::open(&dir.path().join("dp")).unwrap()).unwrap();
+    let fedbuff = Coordinator::with_store_fedbuff(
+        fedge_engine::AsyncConfig { train: keys.train(), ..fedge_engine::AsyncConfig::default() },
+        Duration::from_secs(60),
+        initial_2nn(1),
+        Store::open(&dir.path().join("fedbuff")).unwrap(),
+    )
+    .unwrap();
+    for (root, why) in [(central, "central DP"), (fedbuff, "FedBuff")] {
+        let (addr, server) = serve(&root, &ca);
+        let link = Link::connect(addr, "localhost", &tls).await.unwrap();
+        match link.hello(fedge_tests::harness::caps(0)).await {
+            Err(ConnectError::Refused { code: ErrorCode::Unauthorized, message }) => {
+                assert!(message.contains(why), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(root.devices().is_empty(), "a refused aggregator is not registered");
+        server.abort();
+    }
+}
