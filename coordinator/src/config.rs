@@ -71,6 +71,10 @@ pub struct ServeConfig {
     pub distill_every: Option<u64>,
     /// Student architecture (`mlp`).
     pub student_model: String,
+    /// Also distil, each time a student is distilled, a medium-tier model of this architecture
+    /// (`2nn`, `cnn`) for regional aggregators to answer escalations with (registered with role
+    /// `regional`). Absent: none.
+    pub regional_model: Option<String>,
     /// Training images of `eval_dataset` (from the end of its training split) used, without
     /// their labels, as the distillation proxy set.
     pub proxy_examples: usize,
@@ -119,6 +123,27 @@ pub struct UpstreamKeys {
     pub cert: PathBuf,
     /// Its key.
     pub key: PathBuf,
+    /// The fleet's model-signing public key: regional models from the root must be signed with
+    /// it. Absent: `model-signing.pub` in `certs_dir`, if there is one.
+    #[serde(default)]
+    pub model_key: Option<PathBuf>,
+    /// The share of its devices' escalations the region sends on to the root, calibrated on
+    /// `calibration_examples` test images of `eval_dataset` (the rest it answers with the
+    /// root's regional model, when `[inference]` is enabled).
+    #[serde(default = "default_escalate_rate")]
+    pub escalate_rate: f64,
+    /// Unlabelled images (from the end of `eval_dataset`'s test split) the escalation
+    /// threshold is calibrated on.
+    #[serde(default = "default_calibration_examples")]
+    pub calibration_examples: usize,
+}
+
+fn default_escalate_rate() -> f64 {
+    0.1
+}
+
+fn default_calibration_examples() -> usize {
+    1000
 }
 
 fn default_server_name() -> String {
@@ -191,6 +216,7 @@ impl Default for ServeConfig {
             target_epsilon: None,
             distill_every: None,
             student_model: "mlp".into(),
+            regional_model: None,
             proxy_examples: 2000,
             distill: fedge_learn::DistillConfig::default(),
             auto_promote: true,
@@ -288,6 +314,12 @@ impl ServeConfig {
         if let Some((key, _)) = unsupported.iter().find(|k| k.1) {
             return Err(format!("{key} is not offered on a regional aggregator ([upstream]): set it at the root"));
         }
+        if !(0.0..=1.0).contains(&u.escalate_rate) {
+            return Err(format!("[upstream] escalate_rate must be in [0, 1], got {}", u.escalate_rate));
+        }
+        if u.calibration_examples == 0 {
+            return Err("[upstream] calibration_examples must be at least 1".into());
+        }
         Ok(Some(u))
     }
 
@@ -370,6 +402,12 @@ mod tests {
         assert!(bad("[strategy_options]\nserver_lr = 0.5").contains("plain FedAvg"));
         assert!(bad("noise_multiplier = 1.0").starts_with("noise_multiplier is not offered on a regional aggregator"));
         assert!(bad("distill_every = 2").starts_with("distill_every is not offered"));
+        assert_eq!((u.escalate_rate, u.calibration_examples, u.model_key.as_ref()), (0.1, 1000, None));
+        let rate = |r: &str| {
+            parse_toml::<ServeConfig>(&format!("{table}escalate_rate = {r}\n")).unwrap().upstream().map(|u| u.is_some())
+        };
+        assert_eq!(rate("0.3"), Ok(true));
+        assert!(rate("1.5").unwrap_err().contains("escalate_rate must be in [0, 1]"));
         // A missing key is an error naming its line.
         assert!(parse_toml::<ServeConfig>("[upstream]\naddress = \"10.0.0.1:4433\"").is_err());
         let c: ServeConfig = parse_toml("max_samples_per_region = 5000").unwrap();

@@ -303,6 +303,7 @@ async fn batch_loop(
                         probabilities: p,
                         model_version: version,
                         batch_size: n as u32,
+                        tier: fedge_core::wire::AnswerTier::Root,
                     }));
                 }
             }

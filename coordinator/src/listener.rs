@@ -386,16 +386,18 @@ impl HelloError {
 /// Runs the opening exchange of a device connection: reads its `Hello` on the first stream,
 /// checks protocol version and role, and answers `Welcome` (or a typed `Error`).
 pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {
-    answer_hello_unless(peer, model_version, None).await
+    answer_hello_unless(peer, (model_version, model_version), None).await
 }
 
-/// [`answer_hello`], refusing a Hello (otherwise welcome) with `refusal`, the reason.
+/// [`answer_hello`], refusing a Hello (otherwise welcome) with `refusal`, the reason; the
+/// `Welcome` names `versions.0` to a training session and `versions.1` to an inference session
+/// (a regional aggregator's teacher version is its root's, not its own model's).
 pub async fn answer_hello_unless(
     peer: &Peer,
-    model_version: u64,
+    versions: (u64, u64),
     refusal: Option<String>,
 ) -> Result<Hello, HelloError> {
-    match tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(peer, model_version, refusal)).await {
+    match tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(peer, versions, refusal)).await {
         Ok(outcome) => outcome,
         Err(_) => {
             peer.connection.close(5u32.into(), b"no Hello in time");
@@ -410,7 +412,7 @@ pub async fn answer_hello_unless(
 /// The longest a connected device may take to say Hello.
 pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn hello_exchange(peer: &Peer, model_version: u64, refusal: Option<String>) -> Result<Hello, HelloError> {
+async fn hello_exchange(peer: &Peer, versions: (u64, u64), refusal: Option<String>) -> Result<Hello, HelloError> {
     let (mut send, mut recv) =
         peer.connection.accept_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
     let refuse = |code, message: String| Message::Error { code, message };
@@ -430,10 +432,13 @@ async fn hello_exchange(peer: &Peer, model_version: u64, refusal: Option<String>
         _ => Err((HelloError::Unexpected, ErrorCode::Malformed)),
     };
     let reply = match &outcome {
-        Ok(_) => Message::Welcome(Welcome {
+        Ok(h) => Message::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             device_id: peer.identity.id.clone(),
-            model_version,
+            model_version: match h.purpose {
+                fedge_core::wire::SessionPurpose::Inference => versions.1,
+                _ => versions.0,
+            },
         }),
         Err((e, code)) => refuse(*code, e.to_string()),
     };

@@ -199,6 +199,7 @@ pub fn print_models(out: &mut impl Write, models: &[ModelLine], json: bool) -> i
         let role = match m.role {
             ModelRole::Global => "global",
             ModelRole::Student => "student",
+            ModelRole::Regional => "regional",
         };
         let parent = m.parent.map_or("-".into(), |p| p.to_string());
         let deployed = if m.promoted {

@@ -70,6 +70,7 @@ mod fleet;
 #[cfg(test)]
 mod memory;
 mod reference;
+mod regional;
 mod registry;
 mod rounds;
 mod sessions;
@@ -97,6 +98,7 @@ use crate::store::{Store, StoreError};
 
 pub use downloads::MAX_CHUNK_BYTES;
 pub use reference::RootTrainer;
+pub use regional::{TierBuilder, TierConfig, TierCounts, TierModel};
 pub use registry::{NewStudent, RegistryError};
 pub use upstream::{Upstream, UpstreamError};
 
@@ -169,6 +171,12 @@ pub struct Coordinator {
     max_samples_per_region: std::sync::atomic::AtomicU64,
     /// Set once this coordinator follows a root as a regional aggregator.
     region: OnceLock<()>,
+    /// A region's inference tier (`server/regional.rs`).
+    tier: OnceLock<regional::RegionalTier>,
+    /// The newest root model version a region heard of (tasks, `NoTask`, answers).
+    root_version: std::sync::atomic::AtomicU64,
+    /// A region's connection to its root, while one is open (escalations go over it).
+    upstream_link: Mutex<Option<Arc<fedge_net::RequestClient>>>,
 }
 
 /// The most samples a regional aggregator's result may claim unless configured
@@ -403,6 +411,9 @@ impl Coordinator {
             root_trainer_set: OnceLock::new(),
             max_samples_per_region: std::sync::atomic::AtomicU64::new(DEFAULT_MAX_SAMPLES_PER_REGION),
             region: OnceLock::new(),
+            tier: OnceLock::new(),
+            root_version: std::sync::atomic::AtomicU64::new(0),
+            upstream_link: Mutex::new(None),
         })
     }
 

@@ -82,6 +82,15 @@ pub async fn run(
         c.student_model.parse::<ModelKind>().and_then(ModelKind::images_only).map_err(ServiceError::Config)?;
     let train = std::sync::Arc::new(data.train);
     let mut proxy_examples = 0;
+    let regional_kind = match &c.regional_model {
+        Some(name) if c.distill_every.is_none() => {
+            return Err(ServiceError::Config(format!(
+                "regional_model = \"{name}\" is distilled with the students: set distill_every too"
+            )));
+        }
+        Some(name) => Some(name.parse::<ModelKind>().and_then(ModelKind::images_only).map_err(ServiceError::Config)?),
+        None => None,
+    };
     let distiller = match c.distill_every {
         Some(0) => return Err(ServiceError::Config("distill_every must be at least 1".into())),
         Some(every) => {
@@ -91,8 +100,18 @@ pub async fn run(
             let proxy: Vec<usize> = (n - proxy_examples..n).collect();
             let mut student = Trainer::new(student_kind, test.num_classes, BackendKind::Flex)?;
             let start = student.initial_params(c.seed ^ 0x5eed);
+            let regional = match regional_kind {
+                Some(kind) => {
+                    let mut trainer = Trainer::new(kind, test.num_classes, BackendKind::Flex)?;
+                    let start = trainer.initial_params(c.seed ^ 0x4e61);
+                    // Medium-tier: dense (pruning is for what devices download).
+                    let config = fedge_learn::DistillConfig { sparsity: 0.0, ..c.distill };
+                    Some(fedge_learn::WarmStudent::new(trainer, start, proxy.clone(), config))
+                }
+                None => None,
+            };
             let student = fedge_learn::WarmStudent::new(student, start, proxy, c.distill);
-            Some((every, student, train.clone()))
+            Some(Distiller { every, student, regional, train: train.clone() })
         }
         None => None,
     };
@@ -108,10 +127,26 @@ pub async fn run(
         None => None,
     };
     let upstream = match c.upstream().map_err(ServiceError::Config)? {
-        Some(u) => Some(
-            crate::server::Upstream::new(u.address, &u.server_name, &u.ca, &u.cert, &u.key)
-                .map_err(|e| ServiceError::Config(format!("[upstream]: {e}")))?,
-        ),
+        Some(u) => {
+            let mut upstream = crate::server::Upstream::new(u.address, &u.server_name, &u.ca, &u.cert, &u.key)
+                .map_err(|e| ServiceError::Config(format!("[upstream]: {e}")))?;
+            let key_path = u.model_key.clone().unwrap_or_else(|| c.certs_dir.join("model-signing.pub"));
+            if u.model_key.is_some() || key_path.exists() {
+                let key = fedge_net::ModelKey::read(&key_path)
+                    .map_err(|e| ServiceError::Config(format!("[upstream] model_key: {e}")))?;
+                upstream = upstream.with_model_key(key);
+            }
+            // The regional tier calibrates on the end of the test split, unlabelled.
+            let n = u.calibration_examples.min(test.len());
+            let calibration = (test.len() - n..test.len()).map(|i| test.image(i).to_vec()).collect();
+            let tier = crate::server::TierConfig {
+                escalate_rate: u.escalate_rate,
+                measure: fedge_core::escalation::ConfidenceMeasure::MaxSoftmax,
+                calibration,
+                shape: (test.rows, test.cols),
+            };
+            Some((upstream, tier))
+        }
         None => None,
     };
     if c.max_samples_per_region == 0 {
@@ -133,8 +168,18 @@ pub async fn run(
     coordinator.set_signer(signer, &c.model);
     coordinator.set_max_samples_per_region(c.max_samples_per_region);
     let follower = match upstream {
-        Some(upstream) => {
+        Some((upstream, tier)) => {
             tracing::info!("regional aggregator of the root at {upstream:?}");
+            if c.inference.enabled {
+                let shape = tier.shape;
+                let builder: crate::server::TierBuilder = Box::new(move |record, params| {
+                    let kind = record.architecture.parse::<ModelKind>()?;
+                    let predictor =
+                        fedge_learn::Predictor::new(kind, params, BackendKind::Flex).map_err(|e| e.to_string())?;
+                    Ok(Box::new(TierPredictor { predictor, shape }) as Box<dyn crate::server::TierModel>)
+                });
+                coordinator.set_regional_tier(tier, builder).map_err(ServiceError::Config)?;
+            }
             Some(coordinator.follow_upstream(upstream)?)
         }
         None => None,
@@ -168,8 +213,12 @@ pub async fn run(
         }
         None => None,
     };
-    let follow =
-        FollowUp { coordinator: coordinator.clone(), auto_promote: c.auto_promote, student: c.student_model.clone() };
+    let follow = FollowUp {
+        coordinator: coordinator.clone(),
+        auto_promote: c.auto_promote,
+        student: c.student_model.clone(),
+        regional: c.regional_model.clone(),
+    };
     let eval = {
         let coordinator = coordinator.clone();
         // Evaluation and distillation take seconds of CPU: they run on a blocking thread, the
@@ -269,6 +318,19 @@ impl crate::inference::Teacher for BurnTeacher {
     }
 }
 
+/// A regional aggregator's medium-tier model on the CPU (fedge-learn's flex backend).
+struct TierPredictor {
+    predictor: fedge_learn::Predictor,
+    shape: (usize, usize),
+}
+
+impl crate::server::TierModel for TierPredictor {
+    fn classify(&mut self, images: &[&[u8]]) -> Result<Vec<Vec<f32>>, String> {
+        let out = self.predictor.predict_batch(images, self.shape.0, self.shape.1);
+        Ok(out.into_iter().map(|o| o.probabilities).collect())
+    }
+}
+
 /// The evaluation task's state: the evaluator, the student being distilled (every K rounds,
 /// warm-started from the last), the test split.
 /// What follows a round's close: evaluating the new version and distilling it when due.
@@ -276,6 +338,8 @@ struct FollowUp {
     coordinator: Arc<Coordinator>,
     auto_promote: bool,
     student: String,
+    /// The regional model's architecture, when one is distilled too.
+    regional: Option<String>,
 }
 
 impl FollowUp {
@@ -290,7 +354,7 @@ impl FollowUp {
             return None;
         }
         let evaluate = line.accuracy.is_none();
-        let due = work.and_then(|w| w.distiller.as_ref()).is_some_and(|(every, ..)| line.round % every == 0);
+        let due = work.and_then(|w| w.distiller.as_ref()).is_some_and(|d| line.round % d.every == 0);
         let distilled = models.iter().any(|m| m.role == ModelRole::Student && m.parent == Some(version));
         (evaluate || (due && !distilled)).then_some((version, line.round, evaluate))
     }
@@ -326,12 +390,42 @@ impl FollowUp {
             Some(Err(e)) => format!("evaluation failed: {e}"),
             None => String::from("(superseded before evaluation)"),
         };
-        match distilled {
-            Some(Ok(d)) => self.register(version, round.0, d).await,
-            Some(Err(e)) => tracing::error!("distillation of v{version} failed: {e}"),
-            None => {}
+        if let Some((student, regional)) = distilled {
+            match student {
+                Ok(d) => self.register(version, round.0, d).await,
+                Err(e) => tracing::error!("distillation of v{version} failed: {e}"),
+            }
+            match regional {
+                Some(Ok(d)) => self.register_regional(version, round.0, d).await,
+                Some(Err(e)) => tracing::error!("distillation of v{version} into a regional model failed: {e}"),
+                None => {}
+            }
         }
         Some(line)
+    }
+
+    /// Registers the regional (medium-tier) model distilled from `version`.
+    async fn register_regional(&self, version: u64, round: u64, d: fedge_learn::QuantizedStudent) {
+        let Some(architecture) = self.regional.clone() else { return };
+        let model = crate::server::NewStudent {
+            parent: version,
+            round,
+            architecture,
+            parameters: d.params.numel() as u64,
+            accuracy: Some(d.accuracy),
+            latency_us: Some(d.student_latency_us),
+            blob: d.blob,
+        };
+        match self.coordinator.register_regional(model).await {
+            Ok(rec) => tracing::info!(
+                "distilled v{version} into regional model v{} ({}, int8, {} bytes): accuracy {:.2}%",
+                rec.version,
+                rec.architecture,
+                rec.size_bytes,
+                d.accuracy * 100.0
+            ),
+            Err(e) => tracing::error!("cannot register the regional model of v{version}: {e}"),
+        }
     }
 
     /// Registers the student distilled from `version` (promoting it when set to).
@@ -371,8 +465,20 @@ struct Work {
     test: fedge_core::dataset::Dataset,
 }
 
-/// Distillation every `every` rounds: the student, the training split its proxy images are in.
-type Distiller = (u64, fedge_learn::WarmStudent, std::sync::Arc<fedge_core::dataset::Dataset>);
+/// Distillation every `every` rounds: the student, the regional model (if one is distilled
+/// too), the training split their proxy images are in.
+struct Distiller {
+    every: u64,
+    student: fedge_learn::WarmStudent,
+    regional: Option<fedge_learn::WarmStudent>,
+    train: std::sync::Arc<fedge_core::dataset::Dataset>,
+}
+
+/// What one follow-up distilled: the student and, when configured, the regional model.
+type Distilled = (
+    Result<fedge_learn::QuantizedStudent, fedge_learn::ConvertError>,
+    Option<Result<fedge_learn::QuantizedStudent, fedge_learn::ConvertError>>,
+);
 
 impl Work {
     /// Distils `global` if `(round, aggregated)` is due a student.
@@ -380,13 +486,16 @@ impl Work {
         &mut self,
         (round, aggregated): (u64, bool),
         global: &fedge_core::ModelParams,
-    ) -> Option<Result<fedge_learn::QuantizedStudent, fedge_learn::ConvertError>> {
-        let (every, student, train) = self.distiller.as_mut()?;
-        if !aggregated || round % *every != 0 {
+    ) -> Option<Distilled> {
+        let d = self.distiller.as_mut()?;
+        if !aggregated || round % d.every != 0 {
             return None;
         }
         // The batch order is drawn from the OS: nothing here needs to replay.
         let mut rng = <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
-        Some(student.distil(&mut self.evaluator, global, train, &self.test, &mut rng))
+        let student = d.student.distil(&mut self.evaluator, global, &d.train, &self.test, &mut rng);
+        let regional =
+            d.regional.as_mut().map(|r| r.distil(&mut self.evaluator, global, &d.train, &self.test, &mut rng));
+        Some((student, regional))
     }
 }

@@ -94,3 +94,79 @@ async fn a_region_killed_mid_round_completes_the_roots_round_after_a_restart() {
     }
     server.abort();
 }
+
+/// The three inference tiers live, from the configuration files alone: a root process that
+/// distils a regional 2NN with its student (`regional_model`), and a region process
+/// (`[upstream]`, `escalate_rate = 0.5`, calibrated on the last 200 test images) that fetches
+/// it, verifies it with the fleet's key and answers half of those images itself, sending the
+/// other half on to the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_tiers_live_from_the_configuration_files() {
+    use fedge_core::wire::{AnswerTier, InferRequest};
+    let names = ["a0", "a1"];
+    let root = Fleet::new(&names, 1);
+    root.configure("distill_every = 1\nproxy_examples = 200\nregional_model = \"2nn\"\n[distill]\nepochs = 1\n");
+    let aggregator = root.ca.issue(Role::Aggregator, "east", 1).unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let region_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let region_config = root.dir.path().join("region.toml");
+    std::fs::write(
+        &region_config,
+        format!(
+            "listen = \"{region_addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nmin_train_clients = 2\n\
+             [upstream]\naddress = \"{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nescalate_rate = 0.5\ncalibration_examples = 200\n",
+            root.certs,
+            root.dir.path().join("region-state"),
+            root.addr,
+            root.ca.ca_pem(),
+            aggregator.cert,
+            aggregator.key
+        ),
+    )
+    .unwrap();
+    let root_process = root.start();
+    let region = common::Coordinator::start(&region_config, &root.dir.path().join("region.log"));
+    let links = {
+        let mut links = Vec::new();
+        for name in names {
+            links.push(common::join(region_addr, &root.ca, name, &region).await);
+        }
+        links
+    };
+
+    // One round through the region; the root then distils its student and regional model.
+    root.operator(&["round", "start", "--rounds", "1"]);
+    let tasks = [task_of(&links[0]).await, task_of(&links[1]).await];
+    let base = model(&links[0], tasks[0].model_version).await;
+    for (i, task) in tasks.iter().enumerate() {
+        let reply = links[i].request(&Message::TrainResult(update(task, &base, i))).await.unwrap();
+        assert_eq!(reply, Message::Ack { round: task.round }, "{}", region.log());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while !region.log().contains("(2nn) installed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the region installed no regional model\nROOT:\n{}\nREGION:\n{}",
+            root_process.log(),
+            region.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The device escalates the region's calibration images to the region.
+    let test = fedge_core::dataset::embedded::mnist_subset().unwrap().test;
+    let (mut here, mut up) = (0, 0);
+    for i in test.len() - 200..test.len() {
+        let request = InferRequest { rows: 28, cols: 28, pixels: test.image(i).to_vec() };
+        match links[0].request(&Message::InferRequest(request)).await.unwrap() {
+            Message::InferAnswer(a) if a.tier == AnswerTier::Region => here += 1,
+            Message::InferAnswer(a) => {
+                assert_eq!(a.model_version, 1, "the root's teacher answers on its global v1");
+                up += 1;
+            }
+            other => panic!("{other:?}\n{}", region.log()),
+        }
+    }
+    assert_eq!(here + up, 200);
+    assert!((98..=102).contains(&up), "{up} of 200 went to the root at escalate_rate 0.5");
+}

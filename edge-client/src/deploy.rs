@@ -19,11 +19,9 @@ use std::path::{Path, PathBuf};
 
 use fedge_core::ModelParams;
 use fedge_core::codec;
-use fedge_core::params::ContentHash;
-use fedge_core::quant::QuantizedModel;
-use fedge_core::registry::{BlobFormat, ModelRecord, Promotion};
+use fedge_core::registry::{ModelRecord, Promotion};
 use fedge_core::wire::Message;
-use fedge_net::{ModelKey, SignatureError};
+use fedge_net::{BlobError, ModelKey, SignatureError};
 use thiserror::Error;
 
 use crate::download::{Chunk, DownloadError, fetch_resumable};
@@ -129,31 +127,11 @@ pub struct Deployed {
 
 /// Checks `blob` against a record signed by `key` and decodes it.
 pub fn verify(record: &ModelRecord, blob: &[u8], key: &ModelKey) -> Result<Deployed, DeployError> {
-    key.verify(record)?;
-    let got = ContentHash::of_bytes(blob);
-    if got != record.sha256 {
-        return Err(DeployError::Hash {
-            version: record.version,
-            want: record.sha256.to_string(),
-            got: got.to_string(),
-        });
-    }
-    let params = match record.format {
-        BlobFormat::Int8 => codec::decode_value::<QuantizedModel>(blob)
-            .map_err(|e| DeployError::Blob(record.version, e.to_string()))?
-            .dequantize()
-            .map_err(|e| DeployError::Blob(record.version, e.to_string()))?,
-        BlobFormat::F32 => match codec::decode(blob) {
-            Ok(Message::Model { params, .. }) => params,
-            _ => return Err(DeployError::Blob(record.version, "not an encoded model".into())),
-        },
-    };
-    if params.numel() as u64 != record.parameters {
-        return Err(DeployError::Blob(
-            record.version,
-            format!("{} parameters, record says {}", params.numel(), record.parameters),
-        ));
-    }
+    let params = fedge_net::open_blob(record, blob, key).map_err(|e| match e {
+        BlobError::Signature(e) => DeployError::Signature(e),
+        BlobError::Hash { version, want, got } => DeployError::Hash { version, want, got },
+        BlobError::Model(version, why) => DeployError::Blob(version, why),
+    })?;
     Ok(Deployed { record: record.clone(), params })
 }
 
@@ -317,7 +295,9 @@ pub async fn fetch(link: &Link, v: u64, key: &ModelKey, dir: Option<&Path>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedge_core::registry::ModelRole;
+    use fedge_core::params::ContentHash;
+    use fedge_core::quant::QuantizedModel;
+    use fedge_core::registry::{BlobFormat, ModelRole};
     use fedge_core::{ParamLayout, TensorSpec};
     use std::sync::Arc;
 

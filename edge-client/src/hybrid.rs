@@ -248,26 +248,27 @@ impl HybridPredictor {
                 correction: None,
             }
         };
-        let cloud_answer = |class: usize, confidence: f32, version: u64, escalated: bool, why: String| HybridAnswer {
-            id,
-            class,
-            confidence,
-            answered_by: Source::Cloud,
-            model_version: version,
-            architecture: None,
-            latency_ms: started.elapsed().as_secs_f64() * 1e3,
-            policy,
-            escalated,
-            verified: true,
-            fallback: None,
-            local: mine.map(|(o, _)| o),
-            score: mine.map(|(_, s)| s),
-            threshold,
-            route_reason: why,
-            target_rate,
-            correction_pending: false,
-            correction: None,
-        };
+        let cloud_answer =
+            |class: usize, confidence: f32, (version, tier), escalated: bool, why: String| HybridAnswer {
+                id,
+                class,
+                confidence,
+                answered_by: Source::of_tier(tier),
+                model_version: version,
+                architecture: None,
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                policy,
+                escalated,
+                verified: true,
+                fallback: None,
+                local: mine.map(|(o, _)| o),
+                score: mine.map(|(_, s)| s),
+                threshold,
+                route_reason: why,
+                target_rate,
+                correction_pending: false,
+                correction: None,
+            };
         let local_or_fail = |mine: Option<(Opinion, f32)>, loaded: &Option<Arc<Loaded>>| match (mine, loaded) {
             (Some(m), _) => Ok(m),
             (None, Some(l)) => local(l),
@@ -281,7 +282,7 @@ impl HybridPredictor {
             self.metrics.routed("cached", target_rate);
             self.metrics.answered(AnswerPath::Cloud);
             let why = format!("cached cloud answer (teacher v{})", hit.model_version);
-            return Ok(cloud_answer(hit.class, hit.confidence, hit.model_version, false, why));
+            return Ok(cloud_answer(hit.class, hit.confidence, (hit.model_version, hit.tier), false, why));
         }
         // A cloud call this request cannot afford: answered locally (a cached answer above cost
         // nothing and was taken).
@@ -300,7 +301,8 @@ impl HybridPredictor {
             if let Some(key) = key.filter(|_| self.config.cache_entries > 0) {
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 let class = a.class as usize;
-                cache.put(key, CachedAnswer { class, confidence: a.confidence, model_version: a.model_version });
+                let (confidence, model_version, tier) = (a.confidence, a.model_version, a.tier);
+                cache.put(key, CachedAnswer { class, confidence, model_version, tier });
             }
         };
         match route {
@@ -331,7 +333,7 @@ impl HybridPredictor {
                             self.metrics.compared(o.class == a.class as usize);
                         }
                         keep(&a);
-                        Ok(cloud_answer(a.class as usize, a.confidence, a.model_version, true, reason))
+                        Ok(cloud_answer(a.class as usize, a.confidence, (a.model_version, a.tier), true, reason))
                     }
                     Err(e) => {
                         let fallback = e.reason();
@@ -368,6 +370,7 @@ impl HybridPredictor {
                                 class: a.class as usize,
                                 confidence: a.confidence,
                                 model_version: a.model_version,
+                                tier: a.tier,
                             };
                             cache.lock().unwrap_or_else(|p| p.into_inner()).put(key, c);
                         }

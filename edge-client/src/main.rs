@@ -204,6 +204,7 @@ fn describe(a: &fedge_edge::hybrid::HybridAnswer) -> String {
     let by = match a.answered_by {
         Source::Local => format!("the local {} v{}", a.architecture.as_deref().unwrap_or("model"), a.model_version),
         Source::Cloud => format!("the coordinator's teacher (global v{})", a.model_version),
+        Source::Region => format!("the regional aggregator's model (v{})", a.model_version),
     };
     let mut line = format!(
         "class {} (confidence {:.3}) from {by} in {:.3} ms [{}]",

@@ -221,3 +221,144 @@ async fn a_root_under_central_dp_or_fedbuff_refuses_regions_at_hello() {
         server.abort();
     }
 }
+
+/// The region's medium-tier model for the three-tier test: a 2NN on the CPU.
+struct TierPredictor(fedge_learn::Predictor);
+
+impl fedge_coordinator::server::TierModel for TierPredictor {
+    fn classify(&mut self, images: &[&[u8]]) -> Result<Vec<Vec<f32>>, String> {
+        Ok(self.0.predict_batch(images, 28, 28).into_iter().map(|p| p.probabilities).collect())
+    }
+}
+
+/// Device -> region -> root: the region answers escalations with the regional model the root
+/// registered (signed, fetched and verified over the region's aggregator link), calibrated to
+/// send on 30% of its calibration images, and passes the root's answers on for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_tiers_the_region_answers_what_it_is_sure_of_and_escalates_the_rest_to_the_root() {
+    use fedge_coordinator::inference::InferenceConfig;
+    use fedge_coordinator::server::{NewStudent, TierBuilder, TierConfig};
+    use fedge_coordinator::service::BurnTeacher;
+    use fedge_core::quant::QuantizedModel;
+    use fedge_core::wire::{AnswerTier, InferRequest};
+    use std::sync::atomic::Ordering;
+
+    let (dir, ca) = fleet();
+    issue_devices(&ca, &["phone"]);
+    ca.issue(Role::Aggregator, "east", 1).unwrap();
+    let test = fedge_core::dataset::embedded::mnist_subset().unwrap().test;
+    let images: Vec<Vec<u8>> = (0..100).map(|i| test.image(i).to_vec()).collect();
+
+    // The root: a teacher on its global model, and a regional 2NN in its registry.
+    let root = Coordinator::with_store(
+        EngineConfig::default(),
+        initial_2nn(1),
+        Store::open(&dir.path().join("root")).unwrap(),
+    )
+    .unwrap();
+    root.set_signer(ca.model_signer().unwrap(), "2nn");
+    root.set_inference(InferenceConfig::default(), Box::new(BurnTeacher::new(ModelKind::TwoNn, 10, (28, 28))));
+    let medium = initial_2nn(7);
+    let blob = fedge_core::codec::encode_value(&QuantizedModel::quantize(&medium));
+    let regional = NewStudent {
+        parent: 0,
+        round: 0,
+        architecture: "2nn".into(),
+        parameters: medium.numel() as u64,
+        accuracy: None,
+        latency_us: None,
+        blob,
+    };
+    let record = root.register_regional(regional).await.unwrap();
+    assert_eq!(record.role, fedge_core::registry::ModelRole::Regional);
+    let (root_addr, root_server) = serve(&root, &ca);
+
+    // The region: its tier calibrated on the same 100 images, at 30%.
+    let region = Coordinator::with_store(
+        EngineConfig::default(),
+        initial_2nn(99),
+        Store::open(&dir.path().join("east")).unwrap(),
+    )
+    .unwrap();
+    region.set_inference(InferenceConfig::default(), Box::new(BurnTeacher::new(ModelKind::TwoNn, 10, (28, 28))));
+    let builder: TierBuilder = Box::new(|record, params| {
+        assert_eq!(record.architecture, "2nn");
+        let p = fedge_learn::Predictor::new(ModelKind::TwoNn, params, BackendKind::Flex).map_err(|e| e.to_string())?;
+        Ok(Box::new(TierPredictor(p)) as Box<dyn fedge_coordinator::server::TierModel>)
+    });
+    let tier = TierConfig {
+        escalate_rate: 0.3,
+        measure: fedge_core::escalation::ConfidenceMeasure::MaxSoftmax,
+        calibration: images.clone(),
+        shape: (28, 28),
+    };
+    assert!(region.set_regional_tier(tier, builder).unwrap());
+    let (region_addr, region_server) = serve(&region, &ca);
+    let cert = ca.dir().join("aggregators/east");
+    let key = fedge_net::ModelKey::read(&ca.dir().join("model-signing.pub")).unwrap();
+    let upstream =
+        Upstream::new(root_addr, "localhost", &ca.ca_pem(), &cert.with_extension("pem"), &cert.with_extension("key"))
+            .unwrap()
+            .with_model_key(key);
+    let follower = region.follow_upstream(upstream).unwrap();
+    let (version, threshold) = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(installed) = region.regional_model() {
+                break installed;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the region installs the root's regional model");
+    assert_eq!(version, record.version);
+
+    // A device escalates every image to its region. Its inference session is told the teacher
+    // version in the root's numbering (here the regional model's, the newest the region knows),
+    // not the region's own model version: what a device's answer cache follows.
+    let (link, welcome) = join(region_addr, &ca, "phone", 10).await;
+    assert_eq!(welcome.model_version, region.global().0, "a training session hears the region's own version");
+    let inference =
+        fedge_edge::link::Link::connect(region_addr, "localhost", &fedge_tests::harness::device_tls(&ca, "phone"))
+            .await
+            .unwrap();
+    let welcome =
+        inference.hello_for(fedge_tests::harness::caps(0), fedge_core::wire::SessionPurpose::Inference).await.unwrap();
+    assert_eq!(welcome.model_version, record.version);
+    let (mut here, mut up, mut escalated) = (0u64, 0u64, None);
+    for (i, image) in images.iter().enumerate() {
+        let request = InferRequest { rows: 28, cols: 28, pixels: image.clone() };
+        match link.request(&Message::InferRequest(request)).await.unwrap() {
+            Message::InferAnswer(a) if a.tier == AnswerTier::Region => {
+                assert_eq!(a.model_version, record.version);
+                assert!(a.confidence >= threshold, "{} answered below the threshold {threshold}", a.confidence);
+                here += 1;
+            }
+            Message::InferAnswer(a) => {
+                assert_eq!((a.tier, a.model_version), (AnswerTier::Root, 0));
+                up += 1;
+                escalated.get_or_insert(i);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // 30 of the 100 calibration images fall below the threshold (one either way: the region
+    // answers one image at a time, calibrated in batches, and float sums may differ by a bit).
+    assert!((29..=31).contains(&up), "{up} of 100 escalated to the root");
+    let counts = region.tier_counts().unwrap();
+    assert_eq!((counts.answered.load(Ordering::Relaxed), counts.escalated.load(Ordering::Relaxed)), (here, up));
+    assert_eq!(root.inference_counts().unwrap().answered.load(Ordering::Relaxed), up, "the root answered the rest");
+
+    // Without the root the region's own answer stands, even for an image it is unsure of.
+    root_server.abort();
+    follower.abort();
+    let _ = follower.await;
+    let unsure = escalated.expect("some image escalated");
+    let request = InferRequest { rows: 28, cols: 28, pixels: images[unsure].clone() };
+    match link.request(&Message::InferRequest(request)).await.unwrap() {
+        Message::InferAnswer(a) => assert_eq!((a.tier, a.model_version), (AnswerTier::Region, record.version)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(counts.escalation_failed.load(Ordering::Relaxed), 1);
+    region_server.abort();
+}

@@ -33,7 +33,8 @@ pub(super) struct Registry {
     pub(super) architecture: String,
 }
 
-/// A distilled, quantised student to register.
+/// A distilled, quantised model to register: a student for devices, or a medium-tier model
+/// for regional aggregators.
 #[derive(Debug, Clone)]
 pub struct NewStudent {
     /// The global version it was distilled from.
@@ -213,6 +214,22 @@ impl Coordinator {
     /// allocates its version, signs its record, commits it, and promotes it if `promote`.
     /// Returns the record.
     pub async fn register_student(&self, student: NewStudent, promote: bool) -> Result<ModelRecord, RegistryError> {
+        self.register_distilled(student, ModelRole::Student, promote).await
+    }
+
+    /// Registers a medium-tier model distilled from global version `model.parent`, for
+    /// regional aggregators (they fetch the newest with `RegionalRequest`); never promoted to
+    /// devices. Returns the record.
+    pub async fn register_regional(&self, model: NewStudent) -> Result<ModelRecord, RegistryError> {
+        self.register_distilled(model, ModelRole::Regional, false).await
+    }
+
+    async fn register_distilled(
+        &self,
+        student: NewStudent,
+        role: ModelRole,
+        promote: bool,
+    ) -> Result<ModelRecord, RegistryError> {
         let NewStudent { parent, round, architecture, parameters, accuracy, latency_us, blob } = student;
         // The blob is durable before any record names it.
         let blobs = self.lock().registry.blob_store.clone();
@@ -232,7 +249,7 @@ impl Coordinator {
             latency_us,
             epsilon,
             created_at: unix_now(),
-            ..ModelRecord::of_blob(version, ModelRole::Student, &architecture, BlobFormat::Int8, parameters, &blob)
+            ..ModelRecord::of_blob(version, role, &architecture, BlobFormat::Int8, parameters, &blob)
         };
         if let Some(signer) = &signer {
             signer.sign(&mut record).map_err(|e| RegistryError::Sign(e.to_string()))?;
@@ -240,7 +257,7 @@ impl Coordinator {
         if let Some(store) = &self.store {
             store
                 .save_registered(&record)
-                .inspect_err(|e| self.storage_failed(format_args!("cannot register student v{version}"), e))?;
+                .inspect_err(|e| self.storage_failed(format_args!("cannot register {role:?} model v{version}"), e))?;
         }
         {
             let mut s = self.lock();

@@ -29,11 +29,15 @@ impl Coordinator {
     /// devices' samples, and its task stands while it restarts.
     pub(super) async fn device_session(self: Arc<Self>, peer: Peer) {
         let aggregator = peer.identity.role == Role::Aggregator;
-        let (version, refusal) = {
+        let (versions, refusal) = {
             let s = self.lock();
-            (s.rounds.version(), aggregator.then(|| s.rounds.engine.aggregator_refusal()).flatten())
+            let version = s.rounds.version();
+            (
+                (version, self.teacher_version(version)),
+                aggregator.then(|| s.rounds.engine.aggregator_refusal()).flatten(),
+            )
         };
-        let hello = match answer_hello_unless(&peer, version, refusal).await {
+        let hello = match answer_hello_unless(&peer, versions, refusal).await {
             Ok(hello) => hello,
             Err(e) => {
                 self.metrics.rejected(e.code());
@@ -313,6 +317,15 @@ impl Coordinator {
                         retry_after_ms: RETRY_MS,
                         model_version: s.rounds.version(),
                         deployed: s.registry.latest.clone(),
+                    },
+                }
+            }
+            Message::RegionalRequest => {
+                match s.registry.records.values().rev().find(|r| r.role == fedge_core::registry::ModelRole::Regional) {
+                    Some(record) => Message::Deployed(record.clone()),
+                    None => Message::Error {
+                        code: ErrorCode::Unavailable,
+                        message: "no regional model is registered yet".into(),
                     },
                 }
             }

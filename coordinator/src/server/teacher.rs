@@ -47,7 +47,15 @@ impl Coordinator {
         };
         let checked = inf.limiter.lock().unwrap_or_else(|p| p.into_inner()).check(device, self.now());
         let out = match checked {
-            Ok(()) => inf.service.infer(request).await,
+            Ok(()) => match self.infer_regional(&request).await {
+                Some(answer) => answer,
+                None => inf.service.infer(request).await.map(|mut a| {
+                    if self.is_region() {
+                        a.tier = fedge_core::wire::AnswerTier::Region;
+                    }
+                    a
+                }),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = &out {

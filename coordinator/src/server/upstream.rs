@@ -40,6 +40,8 @@ pub struct Upstream {
     addr: SocketAddr,
     server_name: String,
     tls: quinn::ClientConfig,
+    /// The fleet's model-signing key: regional models must be signed with it.
+    model_key: Option<fedge_net::ModelKey>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -58,7 +60,15 @@ impl Upstream {
         cert: &Path,
         key: &Path,
     ) -> Result<Self, fedge_net::TlsError> {
-        Ok(Self { addr, server_name: server_name.to_string(), tls: fedge_net::client_config(ca, cert, key)? })
+        let tls = fedge_net::client_config(ca, cert, key)?;
+        Ok(Self { addr, server_name: server_name.to_string(), tls, model_key: None })
+    }
+
+    /// Takes the root's regional models (for a regional inference tier) when they are signed
+    /// with `key`, the fleet's `model-signing.pub`; without a key none is taken.
+    pub fn with_model_key(mut self, key: fedge_net::ModelKey) -> Self {
+        self.model_key = Some(key);
+        self
     }
 }
 
@@ -122,6 +132,12 @@ enum JobState {
 
 /// How often a region asks its root for work, and looks at its own round, while waiting.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How often a region with an inference tier asks its root for a newer regional model.
+const REGIONAL_EVERY: Duration = Duration::from_secs(2);
+
+/// The largest regional model blob a region takes.
+const MAX_REGIONAL_BYTES: u64 = fedge_core::codec::MAX_MESSAGE_BYTES as u64;
 
 impl Coordinator {
     /// Makes this coordinator a regional aggregator of `upstream`: it takes the root's tasks
@@ -276,7 +292,7 @@ async fn follow(me: Weak<Coordinator>, upstream: Upstream) {
 /// One session with the root: Hello, then ask for work and do it. `Ok` when the coordinator
 /// is gone or stopped.
 async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Result<(), UpstreamError> {
-    let client = RequestClient::connect(up.addr, &up.server_name, up.tls.clone()).await?;
+    let client = Arc::new(RequestClient::connect(up.addr, &up.server_name, up.tls.clone()).await?);
     let capabilities =
         Capabilities { backend: "region".into(), memory_mb: 0, charging: true, unmetered: true, num_samples: 0 };
     let hello = Hello { protocol_version: PROTOCOL_VERSION, capabilities, purpose: SessionPurpose::Train };
@@ -286,14 +302,35 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
         _ => return Err(UpstreamError::Unexpected("Hello")),
     }
     *attempt = 0;
+    // Escalations go over this connection while the session lasts (the guard takes it back
+    // when the session ends, also when its task is aborted).
+    let _link = match me.upgrade() {
+        Some(c) => {
+            *c.upstream_link.lock().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+            LinkGuard(me.clone())
+        }
+        None => return Ok(()),
+    };
+    let mut regional = RegionalFetch { next: tokio::time::Instant::now(), refused: None };
     loop {
         let Some(c) = me.upgrade() else { return Ok(()) };
         if c.storage_failure().is_some() {
             return Ok(());
         }
+        if let Some(key) = &up.model_key
+            && c.tier.get().is_some()
+            && tokio::time::Instant::now() >= regional.next
+        {
+            regional.next = tokio::time::Instant::now() + REGIONAL_EVERY;
+            c.refresh_regional(&client, key, &mut regional.refused).await?;
+        }
         let task = match client.request(&Message::TaskRequest { running: None }).await? {
-            Message::TrainTask(task) => task,
-            Message::NoTask { retry_after_ms, .. } => {
+            Message::TrainTask(task) => {
+                c.heard_of_root_version(task.model_version);
+                task
+            }
+            Message::NoTask { retry_after_ms, model_version, .. } => {
+                c.heard_of_root_version(model_version);
                 drop(c);
                 tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms)).clamp(POLL, 5 * POLL)).await;
                 continue;
@@ -337,6 +374,89 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
                     _ => return Err(UpstreamError::Unexpected("TrainResult")),
                 }
             }
+        }
+    }
+}
+
+/// Takes the region's root connection back from escalations when a session ends.
+struct LinkGuard(Weak<Coordinator>);
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.upgrade() {
+            *c.upstream_link.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+}
+
+/// When a region next asks for a regional model, and the version it refused last (not fetched
+/// again).
+struct RegionalFetch {
+    next: tokio::time::Instant,
+    refused: Option<u64>,
+}
+
+impl Coordinator {
+    /// Asks the root for its newest regional model and, when it is newer than the one
+    /// installed, fetches, verifies and installs it. A model that fails verification or
+    /// calibration is refused (said once, `refused` remembers it); only the link's failure is
+    /// an error.
+    async fn refresh_regional(
+        &self,
+        client: &RequestClient,
+        key: &fedge_net::ModelKey,
+        refused: &mut Option<u64>,
+    ) -> Result<(), UpstreamError> {
+        let Some(tier) = self.tier.get() else { return Ok(()) };
+        let record = match client.request(&Message::RegionalRequest).await? {
+            Message::Deployed(r) if r.role == fedge_core::registry::ModelRole::Regional => r,
+            // None registered yet.
+            Message::Error { code: ErrorCode::Unavailable, .. } => return Ok(()),
+            Message::Error { code, message } => return Err(UpstreamError::Refused { code, message }),
+            _ => return Err(UpstreamError::Unexpected("RegionalRequest")),
+        };
+        let v = record.version;
+        if tier.version().is_some_and(|have| have >= v) || *refused == Some(v) {
+            return Ok(());
+        }
+        let mut refuse = |why: String| {
+            tracing::warn!("regional aggregator: refused regional model v{v}: {why}");
+            *refused = Some(v);
+            Ok(())
+        };
+        if let Err(e) = key.verify(&record) {
+            return refuse(e.to_string());
+        }
+        if record.size_bytes > MAX_REGIONAL_BYTES {
+            return refuse(format!("{} bytes is more than a region takes", record.size_bytes));
+        }
+        let mut blob = Vec::new();
+        while (blob.len() as u64) < record.size_bytes {
+            let offset = blob.len() as u64;
+            let ask = Message::BlobChunkRequest { version: v, offset, max_len: 1 << 20 };
+            match client.request(&ask).await? {
+                Message::BlobChunk { version, total_len, offset: o, bytes }
+                    if version == v && o == offset && total_len == record.size_bytes && !bytes.is_empty() =>
+                {
+                    blob.extend_from_slice(&bytes[..bytes.len().min((total_len - offset) as usize)]);
+                }
+                Message::Error { code, message } => return Err(UpstreamError::Refused { code, message }),
+                _ => return refuse("a bad blob chunk".into()),
+            }
+        }
+        let params = match fedge_net::open_blob(&record, &blob, key) {
+            Ok(p) => p,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let architecture = record.architecture.clone();
+        match self.install_regional(record, params).await {
+            Ok(threshold) => {
+                tracing::info!(
+                    "regional aggregator: regional model v{v} ({architecture}) installed; escalates below confidence {threshold:.4}"
+                );
+                Ok(())
+            }
+            Err(e) => refuse(e),
         }
     }
 }

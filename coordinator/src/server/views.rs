@@ -115,7 +115,7 @@ impl Coordinator {
                     },
                 })
                 .collect();
-            lines.extend(registry.values().filter(|r| r.role == ModelRole::Student).map(|r| ModelLine {
+            lines.extend(registry.values().filter(|r| r.role != ModelRole::Global).map(|r| ModelLine {
                 version: r.version,
                 hash: r.sha256,
                 accuracy: r.accuracy,

@@ -33,8 +33,22 @@ impl Request {
 pub enum Source {
     /// The device's model.
     Local,
-    /// The coordinator's teacher.
+    /// The coordinator's teacher (the root's, when the device's coordinator is a regional
+    /// aggregator that escalated the request).
     Cloud,
+    /// A regional aggregator's medium-tier model (the device's coordinator is a region, which
+    /// was sure enough to answer itself).
+    Region,
+}
+
+impl Source {
+    /// Where a coordinator's answer came from, by the tier it names.
+    pub fn of_tier(tier: fedge_core::wire::AnswerTier) -> Self {
+        match tier {
+            fedge_core::wire::AnswerTier::Root => Source::Cloud,
+            fedge_core::wire::AnswerTier::Region => Source::Region,
+        }
+    }
 }
 
 /// One model's view of an input.

@@ -32,6 +32,8 @@ pub struct CachedAnswer {
     pub confidence: f32,
     /// The teacher version that answered.
     pub model_version: u64,
+    /// The tier that answered.
+    pub tier: fedge_core::wire::AnswerTier,
 }
 
 /// A bounded LRU of the teacher's answers (capacity 0: off).
@@ -121,7 +123,7 @@ mod tests {
     }
 
     fn ans(class: usize, v: u64) -> CachedAnswer {
-        CachedAnswer { class, confidence: 0.9, model_version: v }
+        CachedAnswer { class, confidence: 0.9, model_version: v, tier: fedge_core::wire::AnswerTier::Root }
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub enum ModelRole {
     Global,
     /// A student distilled from a global model, for devices to run.
     Student,
+    /// A medium-tier model distilled from a global model (larger than a student), for regional
+    /// aggregators to answer their devices' escalations with.
+    Regional,
 }
 
 /// How the blob's numbers are stored.

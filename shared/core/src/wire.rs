@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -169,6 +169,18 @@ pub struct InferAnswer {
     pub model_version: u64,
     /// How many requests were answered in the same batch.
     pub batch_size: u32,
+    /// Which tier answered.
+    pub tier: AnswerTier,
+}
+
+/// The tier that answered an escalated inference request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerTier {
+    /// The root coordinator's teacher (the global model).
+    Root,
+    /// A regional aggregator's medium-tier model.
+    Region,
 }
 
 /// The coordinator's answer to [`Hello`].
@@ -309,6 +321,9 @@ pub enum Message {
         /// The ping's nonce.
         nonce: u64,
     },
+    /// Regional aggregator to root: the registry record of the newest medium-tier model for
+    /// regions (answered with `Deployed`, its blob then fetched in `BlobChunk`s).
+    RegionalRequest,
 }
 
 /// What an operator can ask.

@@ -22,5 +22,5 @@ pub use frame::{
     write_encoded, write_message, write_parts,
 };
 pub use request::{RequestClient, RequestError};
-pub use signing::{ModelKey, SignatureError};
+pub use signing::{BlobError, ModelKey, SignatureError, open_blob};
 pub use tls::{TlsError, client_config, server_config};

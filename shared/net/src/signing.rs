@@ -36,6 +36,55 @@ pub enum SignatureError {
     },
 }
 
+/// Why a registry blob cannot be used ([`open_blob`]).
+#[derive(Debug, Error, PartialEq)]
+pub enum BlobError {
+    /// The record's signature is missing or wrong.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// The blob does not match the signed record.
+    #[error("blob of v{version} hashes to {got}, the signed record says {want}")]
+    Hash {
+        /// The version.
+        version: u64,
+        /// From the record.
+        want: String,
+        /// Computed.
+        got: String,
+    },
+    /// The blob is not a usable model.
+    #[error("blob of v{0} is not a valid model: {1}")]
+    Model(u64, String),
+}
+
+/// Checks `blob` against `record`, signed by `key`, and decodes it to parameters (an int8
+/// blob dequantised): what a device does with a deployed student and a regional aggregator
+/// with its medium-tier model.
+pub fn open_blob(record: &ModelRecord, blob: &[u8], key: &ModelKey) -> Result<fedge_core::ModelParams, BlobError> {
+    use fedge_core::codec;
+    use fedge_core::registry::BlobFormat;
+    key.verify(record)?;
+    let got = fedge_core::params::ContentHash::of_bytes(blob);
+    if got != record.sha256 {
+        return Err(BlobError::Hash { version: record.version, want: record.sha256.to_string(), got: got.to_string() });
+    }
+    let bad = |e: String| BlobError::Model(record.version, e);
+    let params = match record.format {
+        BlobFormat::Int8 => codec::decode_value::<fedge_core::quant::QuantizedModel>(blob)
+            .map_err(|e| bad(e.to_string()))?
+            .dequantize()
+            .map_err(|e| bad(e.to_string()))?,
+        BlobFormat::F32 => match codec::decode(blob) {
+            Ok(fedge_core::wire::Message::Model { params, .. }) => params,
+            _ => return Err(bad("not an encoded model".into())),
+        },
+    };
+    if params.numel() as u64 != record.parameters {
+        return Err(bad(format!("{} parameters, record says {}", params.numel(), record.parameters)));
+    }
+    Ok(params)
+}
+
 /// An Ed25519 public key that model records must be signed with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelKey([u8; 32]);
