@@ -165,7 +165,10 @@ pub async fn run(
         }
         None => Coordinator::with_store(engine, initial, store)?,
     };
-    coordinator.set_signer(signer, &c.model);
+    // A region signs nothing: its registry holds its root's signed students, relayed.
+    if upstream.is_none() {
+        coordinator.set_signer(signer, &c.model);
+    }
     coordinator.set_max_samples_per_region(c.max_samples_per_region);
     let follower = match upstream {
         Some((upstream, tier)) => {

@@ -237,7 +237,7 @@ impl fedge_coordinator::server::TierModel for TierPredictor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_tiers_the_region_answers_what_it_is_sure_of_and_escalates_the_rest_to_the_root() {
     use fedge_coordinator::inference::InferenceConfig;
-    use fedge_coordinator::server::{NewStudent, TierBuilder, TierConfig};
+    use fedge_coordinator::server::{TierBuilder, TierConfig};
     use fedge_coordinator::service::BurnTeacher;
     use fedge_core::quant::QuantizedModel;
     use fedge_core::wire::{AnswerTier, InferRequest};
@@ -260,16 +260,7 @@ async fn three_tiers_the_region_answers_what_it_is_sure_of_and_escalates_the_res
     root.set_inference(InferenceConfig::default(), Box::new(BurnTeacher::new(ModelKind::TwoNn, 10, (28, 28))));
     let medium = initial_2nn(7);
     let blob = fedge_core::codec::encode_value(&QuantizedModel::quantize(&medium));
-    let regional = NewStudent {
-        parent: 0,
-        round: 0,
-        architecture: "2nn".into(),
-        parameters: medium.numel() as u64,
-        accuracy: None,
-        latency_us: None,
-        blob,
-    };
-    let record = root.register_regional(regional).await.unwrap();
+    let record = root.register_regional(distilled(&medium, blob)).await.unwrap();
     assert_eq!(record.role, fedge_core::registry::ModelRole::Regional);
     let (root_addr, root_server) = serve(&root, &ca);
 
@@ -361,4 +352,80 @@ async fn three_tiers_the_region_answers_what_it_is_sure_of_and_escalates_the_res
     }
     assert_eq!(counts.escalation_failed.load(Ordering::Relaxed), 1);
     region_server.abort();
+}
+
+/// Devices behind a region deploy the root's students: the region relays the root's signed
+/// promotion, with the student's record and blob, and a device connected only to the region
+/// fetches, verifies (with the fleet's key: the root signed it) and runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_relays_the_roots_promoted_student_to_its_devices() {
+    use fedge_core::quant::QuantizedModel;
+    use fedge_edge::work_loop::EdgeClient;
+    let (dir, ca) = fleet();
+    issue_devices(&ca, &["phone"]);
+    ca.issue(Role::Aggregator, "east", 1).unwrap();
+    let root = Coordinator::with_store(
+        EngineConfig::default(),
+        initial_2nn(1),
+        Store::open(&dir.path().join("root")).unwrap(),
+    )
+    .unwrap();
+    root.set_signer(ca.model_signer().unwrap(), "2nn");
+    let (root_addr, root_server) = serve(&root, &ca);
+    let region = Coordinator::with_store(
+        EngineConfig::default(),
+        initial_2nn(99),
+        Store::open(&dir.path().join("east")).unwrap(),
+    )
+    .unwrap();
+    let (region_addr, region_server) = serve(&region, &ca);
+    let key = || fedge_net::ModelKey::read(&ca.dir().join("model-signing.pub")).unwrap();
+    let cert = ca.dir().join("aggregators/east");
+    let upstream =
+        Upstream::new(root_addr, "localhost", &ca.ca_pem(), &cert.with_extension("pem"), &cert.with_extension("key"))
+            .unwrap()
+            .with_model_key(key());
+    let follower = region.follow_upstream(upstream).unwrap();
+
+    // The root distils (here: registers) and promotes a student.
+    let student = initial_2nn(5);
+    let blob = fedge_core::codec::encode_value(&QuantizedModel::quantize(&student));
+    let record = root.register_student(distilled(&student, blob), true).await.unwrap();
+
+    // A device connected to the region only.
+    let (link, _) = join(region_addr, &ca, "phone", 10).await;
+    let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    let mut client = EdgeClient::new(link, trainer, embedded_train(), (0..10).collect(), 1)
+        .with_state_dir(dir.path().join("phone"))
+        .with_model_key(key());
+    let status = client.status();
+    let device = tokio::spawn(async move { client.run(0).await });
+    fedge_tests::harness::until_all(
+        std::slice::from_ref(&status),
+        "the root's student deployed behind the region",
+        |s| s.deployed_version == Some(record.version),
+    )
+    .await;
+    assert_eq!(status.lock().unwrap().deploy_error, None);
+    // The region kept what it relays: it is in its registry, as the root signed it.
+    let relayed = region.models().into_iter().find(|m| m.version == record.version).expect("relayed");
+    assert!(relayed.signed && relayed.promoted, "{relayed:?}");
+
+    device.abort();
+    follower.abort();
+    region_server.abort();
+    root_server.abort();
+}
+
+/// A distilled model to register (a 2NN), from its parameters and blob.
+fn distilled(params: &ModelParams, blob: Vec<u8>) -> fedge_coordinator::server::NewStudent {
+    fedge_coordinator::server::NewStudent {
+        parent: 0,
+        round: 0,
+        architecture: "2nn".into(),
+        parameters: params.numel() as u64,
+        accuracy: None,
+        latency_us: None,
+        blob,
+    }
 }

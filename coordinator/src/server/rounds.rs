@@ -302,8 +302,11 @@ impl Coordinator {
                 let mut s = self.lock();
                 let now = self.now();
                 let mut step = s.rounds.poll_step(now, &self.metrics, &mut changed);
+                // A region's registry holds its root's signed models (relayed): its own
+                // versions, numbered locally, are not registered beside them.
                 if let Some(Step::Close(c)) = &mut step
                     && let Some(params) = &c.params
+                    && !self.is_region()
                 {
                     let epsilon = c.report.privacy.map(|p| p.epsilon);
                     c.register = s.registry.plan_global(c.version, c.report.round, epsilon, params.numel() as u64);

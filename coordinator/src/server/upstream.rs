@@ -312,6 +312,7 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
         None => return Ok(()),
     };
     let mut regional = RegionalFetch { next: tokio::time::Instant::now(), refused: None };
+    let mut relayed_refused = None;
     loop {
         let Some(c) = me.upgrade() else { return Ok(()) };
         if c.storage_failure().is_some() {
@@ -329,8 +330,11 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
                 c.heard_of_root_version(task.model_version);
                 task
             }
-            Message::NoTask { retry_after_ms, model_version, .. } => {
+            Message::NoTask { retry_after_ms, model_version, deployed } => {
                 c.heard_of_root_version(model_version);
+                if let (Some(p), Some(key)) = (deployed, &up.model_key) {
+                    c.relay_promotion(&client, key, p, &mut relayed_refused).await?;
+                }
                 drop(c);
                 tokio::time::sleep(Duration::from_millis(u64::from(retry_after_ms)).clamp(POLL, 5 * POLL)).await;
                 continue;
@@ -430,20 +434,7 @@ impl Coordinator {
         if record.size_bytes > MAX_REGIONAL_BYTES {
             return refuse(format!("{} bytes is more than a region takes", record.size_bytes));
         }
-        let mut blob = Vec::new();
-        while (blob.len() as u64) < record.size_bytes {
-            let offset = blob.len() as u64;
-            let ask = Message::BlobChunkRequest { version: v, offset, max_len: 1 << 20 };
-            match client.request(&ask).await? {
-                Message::BlobChunk { version, total_len, offset: o, bytes }
-                    if version == v && o == offset && total_len == record.size_bytes && !bytes.is_empty() =>
-                {
-                    blob.extend_from_slice(&bytes[..bytes.len().min((total_len - offset) as usize)]);
-                }
-                Message::Error { code, message } => return Err(UpstreamError::Refused { code, message }),
-                _ => return refuse("a bad blob chunk".into()),
-            }
-        }
+        let Some(blob) = fetch_blob(client, &record).await? else { return refuse("a bad blob chunk".into()) };
         let params = match fedge_net::open_blob(&record, &blob, key) {
             Ok(p) => p,
             Err(e) => return refuse(e.to_string()),
@@ -458,6 +449,108 @@ impl Coordinator {
             }
             Err(e) => refuse(e),
         }
+    }
+}
+
+/// The blob of registered `record`, fetched from the root in chunks (`None`: a chunk made no
+/// sense). Checked against the record by the caller.
+async fn fetch_blob(
+    client: &RequestClient,
+    record: &fedge_core::registry::ModelRecord,
+) -> Result<Option<Vec<u8>>, UpstreamError> {
+    let v = record.version;
+    let mut blob = Vec::new();
+    while (blob.len() as u64) < record.size_bytes {
+        let offset = blob.len() as u64;
+        let ask = Message::BlobChunkRequest { version: v, offset, max_len: 1 << 20 };
+        match client.request(&ask).await? {
+            Message::BlobChunk { version, total_len, offset: o, bytes }
+                if version == v && o == offset && total_len == record.size_bytes && !bytes.is_empty() =>
+            {
+                blob.extend_from_slice(&bytes[..bytes.len().min((total_len - offset) as usize)]);
+            }
+            Message::Error { code, message } => return Err(UpstreamError::Refused { code, message }),
+            _ => return Ok(None),
+        }
+    }
+    Ok(Some(blob))
+}
+
+impl Coordinator {
+    /// Relays the root's promotion `p` to this region's devices: when it is newer than the one
+    /// relayed, its signature holds and its student's record and blob verify, the record, the
+    /// blob and the promotion (all signed by the root) are stored in this region's registry and
+    /// its `NoTask`s carry the promotion, so devices behind a region deploy the root's students
+    /// as if connected to the root. A promotion that fails a check is refused once
+    /// (`refused`); only the link's failure is an error.
+    async fn relay_promotion(
+        &self,
+        client: &RequestClient,
+        key: &fedge_net::ModelKey,
+        p: fedge_core::registry::Promotion,
+        refused: &mut Option<u64>,
+    ) -> Result<(), UpstreamError> {
+        let sequence = p.sequence;
+        if self.lock().registry.latest.as_ref().is_some_and(|l| l.sequence >= sequence) || *refused == Some(sequence) {
+            return Ok(());
+        }
+        let mut refuse = |why: String| {
+            tracing::warn!("regional aggregator: not relaying promotion #{sequence} (v{}): {why}", p.version);
+            *refused = Some(sequence);
+            Ok(())
+        };
+        if let Err(e) = key.verify_promotion(&p) {
+            return refuse(e.to_string());
+        }
+        let record = match client.request(&Message::DeployedRequest { version: p.version }).await? {
+            Message::Deployed(r) if r.version == p.version => r,
+            Message::Error { code, message } => return refuse(format!("{code:?}: {message}")),
+            _ => return refuse("an unexpected answer to DeployedRequest".into()),
+        };
+        if record.size_bytes > MAX_REGIONAL_BYTES {
+            return refuse(format!("{} bytes is more than a region takes", record.size_bytes));
+        }
+        let Some(blob) = fetch_blob(client, &record).await? else { return refuse("a bad blob chunk".into()) };
+        if let Err(e) = fedge_net::open_blob(&record, &blob, key) {
+            return refuse(e.to_string());
+        }
+        // Durable before devices hear of it, as the root's own registrations are.
+        let blobs = self.lock().registry.blob_store.clone();
+        if let Some(b) = &blobs
+            && let Err(e) = b.put(blob.clone()).await
+        {
+            tracing::warn!("regional aggregator: cannot keep the blob of v{}: {e}", record.version);
+            return Ok(());
+        }
+        let _order = self.ordered();
+        let history = {
+            let s = self.lock();
+            let mut history = s.registry.promotions.clone();
+            if history.last() != Some(&p.version) {
+                history.push(p.version);
+            }
+            history
+        };
+        if let Some(store) = &self.store {
+            let saved = store.save_registered(&record).and_then(|()| store.save_promotions(&history, &p));
+            if let Err(e) = saved {
+                self.storage_failed(format_args!("cannot record the root's promotion #{sequence}"), &e);
+                return Err(UpstreamError::Storage);
+            }
+        }
+        tracing::info!(
+            "regional aggregator: relaying promotion #{sequence}: student v{} ({})",
+            p.version,
+            record.architecture
+        );
+        let mut s = self.lock();
+        s.downloads.keep_blob(record.version, Arc::new(blob));
+        s.registry.records.insert(record.version, record);
+        s.registry.promotions = history;
+        s.registry.latest = Some(p);
+        drop(s);
+        self.changed.notify_waiters();
+        Ok(())
     }
 }
 
