@@ -4,6 +4,12 @@
 //! coordinator process and N edge processes (this same executable, running the coordinator and
 //! edge services), drives R rounds through operator commands over QUIC, reports each round's
 //! model version and accuracy, and stops every process.
+//!
+//! With regions (`--regions R`), R regional aggregator processes (coordinators with an
+//! `[upstream]` table and aggregator certificates) stand between the devices and the root:
+//! device `i` connects to region `i mod R`, each region runs its part of every round and sends
+//! its devices' mean to the root, relays the root's signed student to its devices, and answers
+//! escalations with the regional 2NN the root distils with the student (three inference tiers).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -28,6 +34,9 @@ pub struct DemoRound {
     /// The int8 student distilled from this round's model, once promoted and running on every
     /// device (the last round only).
     pub student: Option<DemoStudent>,
+    /// With regions: the medium-tier model distilled with the student, for the regions to answer
+    /// escalations with (the last round only; `devices_running` counts the regions running it).
+    pub regional: Option<DemoStudent>,
 }
 
 /// The deployed student at the end of the demo.
@@ -55,6 +64,14 @@ pub enum DemoError {
     /// Asked for no devices or no rounds.
     #[error("need at least one device and one round")]
     Empty,
+    /// More regions than devices: a region would have none.
+    #[error("{regions} regions for {devices} devices: every region needs a device")]
+    Regions {
+        /// Regions asked for.
+        regions: usize,
+        /// Devices asked for.
+        devices: usize,
+    },
     /// A file or process operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -121,6 +138,47 @@ fn spawn(exe: &Path, role: &str, config: &Path, log: &Path) -> Result<Child, Dem
         .map_err(io(format!("cannot start the {role} process")))
 }
 
+/// The root's newest regional model, once all `regions` have installed it (their logs say so).
+async fn wait_for_regional(
+    client: &fedge_net::RequestClient,
+    regions: usize,
+    dir: &Path,
+) -> Result<DemoStudent, DemoError> {
+    let waited = Instant::now();
+    loop {
+        let models = match client.request(&Message::Operator(OperatorCommand::Models)).await? {
+            Message::Models(m) => m,
+            other => return Err(DemoError::Unexpected(format!("{other:?}"))),
+        };
+        if let Some(m) = models.iter().rev().find(|m| m.role == fedge_core::registry::ModelRole::Regional) {
+            let installed = format!("regional model v{} ({}) installed", m.version, m.architecture);
+            let running = (0..regions)
+                .filter(|r| {
+                    std::fs::read_to_string(dir.join(format!("region-{r}.log"))).is_ok_and(|l| l.contains(&installed))
+                })
+                .count() as u64;
+            if running == regions as u64 {
+                return Ok(DemoStudent {
+                    version: m.version,
+                    architecture: m.architecture.clone(),
+                    accuracy: m.accuracy,
+                    size_bytes: m.size_bytes,
+                    latency_us: m.latency_us,
+                    signed: m.signed,
+                    devices_running: running,
+                });
+            }
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            return Err(DemoError::Timeout(format!(
+                "the regional model did not reach every region within 60 s (logs in {})",
+                dir.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn status(client: &fedge_net::RequestClient, cmd: OperatorCommand) -> Result<Status, DemoError> {
     match client.request(&Message::Operator(cmd)).await? {
         Message::Status(s) => Ok(s),
@@ -131,7 +189,7 @@ async fn status(client: &fedge_net::RequestClient, cmd: OperatorCommand) -> Resu
 /// Runs the demo with `devices` edge processes for `rounds` rounds; `progress` gets one line
 /// per round.
 pub async fn run(devices: usize, rounds: u64, progress: impl FnMut(&DemoRound)) -> Result<Vec<DemoRound>, DemoError> {
-    Ok(run_with(devices, rounds, None, progress).await?.0)
+    Ok(run_with(devices, rounds, 0, None, progress).await?.0)
 }
 
 /// [`run`], then, with `bench`, `fedge-edge bench-inference` as device 0 against the live
@@ -139,11 +197,15 @@ pub async fn run(devices: usize, rounds: u64, progress: impl FnMut(&DemoRound)) 
 pub async fn run_with(
     devices: usize,
     rounds: u64,
+    regions: usize,
     bench: Option<fedge_edge::bench::BenchOptions>,
     mut progress: impl FnMut(&DemoRound),
 ) -> Result<(Vec<DemoRound>, Option<fedge_edge::bench::BenchReport>), DemoError> {
     if devices == 0 || rounds == 0 {
         return Err(DemoError::Empty);
+    }
+    if regions > devices {
+        return Err(DemoError::Regions { regions, devices });
     }
     let exe = std::env::current_exe().map_err(io("cannot find this executable"))?;
     let dir = tempfile::tempdir().map_err(io("cannot make a temporary folder"))?;
@@ -156,16 +218,44 @@ pub async fn run_with(
     std::fs::write(
         &coordinator_toml,
         format!(
-            "listen = \"{addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {devices}\nround_timeout_secs = 120\nepochs = 1\ndistill_every = {rounds}\nproxy_examples = 1000\n\n[distill]\nepochs = 10\n{}",
+            "listen = \"{addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {}\nround_timeout_secs = 120\nepochs = 1\ndistill_every = {rounds}\nproxy_examples = 1000\n{}\n[distill]\nepochs = 10\n{}",
             fleet.display().to_string(),
             dir.path().join("coordinator-state").display().to_string(),
-            if bench.is_some() { "\n[inference]\nrate_per_sec = 1e9\nburst = 1e9\n" } else { "" }
+            if regions > 0 { regions } else { devices },
+            if regions > 0 { "regional_model = \"2nn\"\n" } else { "" },
+            // Regions escalate for many devices each: lift the per-participant rate too.
+            if bench.is_some() || regions > 0 { "\n[inference]\nrate_per_sec = 1e9\nburst = 1e9\n" } else { "" }
         ),
     )
     .map_err(io("cannot write the coordinator configuration"))?;
     let mut children = Children(Vec::new());
     children.0.push(spawn(&exe, "coordinator", &coordinator_toml, &dir.path().join("coordinator.log"))?);
+    // Regional aggregators: coordinators of their own devices, following the root.
+    let mut region_addrs = Vec::new();
+    for r in 0..regions {
+        let name = format!("region-{r}");
+        let issued = ca.issue(Role::Aggregator, &name, 1)?;
+        let region_addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let members = (0..devices).filter(|i| i % regions == r).count();
+        let toml = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                "listen = \"{region_addr}\"\ncerts_dir = {:?}\nstate_dir = {:?}\nfraction = 1.0\nmin_train_clients = {members}\nround_timeout_secs = 90\n\n[upstream]\naddress = \"{addr}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\nescalate_rate = 0.3\n",
+                fleet.display().to_string(),
+                dir.path().join(format!("{name}-state")).display().to_string(),
+                ca.ca_pem().display().to_string(),
+                issued.cert.display().to_string(),
+                issued.key.display().to_string(),
+            ),
+        )
+        .map_err(io("cannot write a region's configuration"))?;
+        children.0.push(spawn(&exe, "coordinator", &toml, &dir.path().join(format!("{name}.log")))?);
+        region_addrs.push(region_addr);
+    }
     for i in 0..devices {
+        // Behind region i mod R, or the root itself.
+        let addr = if regions > 0 { region_addrs[i % regions] } else { addr };
         let issued = ca.issue(Role::Device, &format!("dev-{i}"), 1)?;
         let toml = dir.path().join(format!("edge-{i}.toml"));
         std::fs::write(
@@ -185,17 +275,37 @@ pub async fn run_with(
 
     let config = fedge_net::client_config(&ca.ca_pem(), &op.cert, &op.key)?;
     let started = Instant::now();
-    let client = loop {
-        match fedge_net::RequestClient::connect(addr, "localhost", config.clone()).await {
-            Ok(c) => break c,
-            Err(e) if started.elapsed() > Duration::from_secs(30) => {
-                let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap_or_default();
-                return Err(DemoError::Timeout(format!("coordinator did not come up: {e}\n{log}")));
+    let connect = |addr: SocketAddr, log: &'static str| {
+        let (config, log) = (config.clone(), dir.path().join(log));
+        async move {
+            loop {
+                match fedge_net::RequestClient::connect(addr, "localhost", config.clone()).await {
+                    Ok(c) => break Ok(c),
+                    Err(e) if started.elapsed() > Duration::from_secs(30) => {
+                        let log = std::fs::read_to_string(&log).unwrap_or_default();
+                        break Err(DemoError::Timeout(format!("a coordinator did not come up: {e}\n{log}")));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
-    while status(&client, OperatorCommand::Status).await?.devices_connected.len() < devices {
+    let client = connect(addr, "coordinator.log").await?;
+    let mut region_clients = Vec::new();
+    for a in &region_addrs {
+        region_clients.push(connect(*a, "coordinator.log").await?);
+    }
+    // Every device at its coordinator (the root, or its region), every region at the root.
+    loop {
+        let mut connected = status(&client, OperatorCommand::Status).await?.devices_connected.len()
+            >= if regions > 0 { regions } else { devices };
+        for (r, c) in region_clients.iter().enumerate() {
+            let members = (0..devices).filter(|i| i % regions == r).count();
+            connected &= status(c, OperatorCommand::Status).await?.devices_connected.len() >= members;
+        }
+        if connected {
+            break;
+        }
         if started.elapsed() > Duration::from_secs(60) {
             return Err(DemoError::Timeout(format!(
                 "devices did not all connect within 60 s (logs in {})",
@@ -218,12 +328,20 @@ pub async fn run_with(
             if r.accuracy.is_none() && r.failed_reason.is_none() {
                 break;
             }
+            // Behind regions: the devices in the regions' rounds that made this one.
+            let mut devices_reporting = if regions > 0 { 0 } else { r.results };
+            for c in &region_clients {
+                let lines = status(c, OperatorCommand::Status).await?.rounds;
+                let made = lines.iter().filter(|l| l.failed_reason.is_none()).nth(reported);
+                devices_reporting += made.map_or(0, |l| l.results);
+            }
             let line = DemoRound {
                 round: r.round,
                 model_version: r.model_version,
                 accuracy: r.accuracy,
-                devices_reporting: r.results,
+                devices_reporting,
                 student: None,
+                regional: None,
             };
             progress(&line);
             out.push(line);
@@ -242,7 +360,18 @@ pub async fn run_with(
             Message::Models(m) => m,
             other => return Err(DemoError::Unexpected(format!("{other:?}"))),
         };
-        if let Some(m) = models.iter().find(|m| m.promoted && m.devices_running >= devices as u64) {
+        // Devices behind regions are counted by their region, which relays the student.
+        let mut running: std::collections::BTreeMap<u64, u64> =
+            models.iter().map(|m| (m.version, m.devices_running)).collect();
+        for c in &region_clients {
+            if let Message::Models(relayed) = c.request(&Message::Operator(OperatorCommand::Models)).await? {
+                for m in relayed.iter().filter(|m| m.promoted) {
+                    *running.entry(m.version).or_insert(0) += m.devices_running;
+                }
+            }
+        }
+        let promoted = models.iter().find(|m| m.promoted).map(|m| (m, running.get(&m.version).copied().unwrap_or(0)));
+        if let Some((m, devices_running)) = promoted.filter(|(_, n)| *n >= devices as u64) {
             break DemoStudent {
                 version: m.version,
                 architecture: m.architecture.clone(),
@@ -250,7 +379,7 @@ pub async fn run_with(
                 size_bytes: m.size_bytes,
                 latency_us: m.latency_us,
                 signed: m.signed,
-                devices_running: m.devices_running,
+                devices_running,
             };
         }
         if waited.elapsed() > Duration::from_secs(120) {
@@ -261,8 +390,14 @@ pub async fn run_with(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // With regions: the regional model distilled with the student, once every region runs it.
+    let regional = match regions {
+        0 => None,
+        _ => Some(wait_for_regional(&client, regions, dir.path()).await?),
+    };
     if let Some(last) = out.last_mut() {
         last.student = Some(student);
+        last.regional = regional;
     }
     let report = match bench {
         Some(opts) => {
@@ -273,6 +408,9 @@ pub async fn run_with(
         None => None,
     };
     client.close().await;
+    for c in region_clients {
+        c.close().await;
+    }
     drop(children);
     Ok((out, report))
 }

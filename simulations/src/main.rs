@@ -42,6 +42,10 @@ enum Command {
         /// Then run `fedge-edge bench-inference` as device 0 against the live coordinator.
         #[arg(long)]
         bench_inference: bool,
+        /// Put this many regional aggregators between the devices and the root (device i
+        /// behind region i mod R): hierarchical aggregation and three inference tiers.
+        #[arg(long, default_value_t = 0)]
+        regions: usize,
     },
     /// Hybrid inference: train a teacher, distil the int8 student, calibrate escalation on
     /// held-out images, and print local-only, cloud-only and cascade accuracy at target
@@ -165,10 +169,10 @@ fn main() -> ExitCode {
 fn real_main() -> anyhow::Result<()> {
     fedge_log::init().context("cannot start logging")?;
     match Cli::parse().command {
-        Command::Demo { devices, rounds, json, bench_inference } => {
+        Command::Demo { devices, rounds, json, bench_inference, regions } => {
             let rt = tokio::runtime::Runtime::new()?;
             let bench = bench_inference.then(fedge_edge::bench::BenchOptions::default);
-            let (out, report) = rt.block_on(fedge_sim::demo::run_with(devices, rounds, bench, |r| {
+            let (out, report) = rt.block_on(fedge_sim::demo::run_with(devices, rounds, regions, bench, |r| {
                 if !json {
                     println!(
                         "round {}: model v{}, {} devices reporting, accuracy {}",
@@ -188,6 +192,16 @@ fn real_main() -> anyhow::Result<()> {
                     if s.signed { "" } else { "un" },
                     s.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
                     s.devices_running
+                );
+            }
+            if !json && let Some(m) = out.last().and_then(|r| r.regional.as_ref()) {
+                println!(
+                    "regional model v{} ({} int8, {} bytes) distilled with it: accuracy {}, answering escalations on {} regions",
+                    m.version,
+                    m.architecture,
+                    m.size_bytes,
+                    m.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0)),
+                    m.devices_running
                 );
             }
             match (json, report) {

@@ -153,6 +153,29 @@ fn demo_runs_the_real_system_over_loopback() {
     assert!(s["latency_us"].as_f64().unwrap() > 0.0, "{s}");
 }
 
+/// `demo --regions 2`: four devices behind two regional aggregator processes; every round
+/// aggregates all four devices' updates through the regions, the root's signed student reaches
+/// all four through their regions, and both regions install the regional model.
+#[test]
+fn demo_with_regions_runs_hierarchical_aggregation_and_three_tiers() {
+    let (ok, stdout, stderr) = sim(&["demo", "--devices", "4", "--rounds", "2", "--regions", "2", "--json"]);
+    assert!(ok, "{stderr}");
+    let rounds: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(rounds.len(), 2);
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!((r["round"].as_u64(), r["model_version"].as_u64()), (Some(i as u64 + 1), Some(i as u64 + 1)));
+        assert_eq!(r["devices_reporting"], 4, "{r}");
+        assert!(r["accuracy"].as_f64().unwrap() > 0.5, "{r}");
+    }
+    let s = &rounds[1]["student"];
+    assert_eq!((s["signed"].as_bool(), s["devices_running"].as_u64()), (Some(true), Some(4)), "{s}");
+    let m = &rounds[1]["regional"];
+    assert_eq!((m["architecture"].as_str(), m["devices_running"].as_u64()), (Some("2nn"), Some(2)), "{m}");
+    assert!(m["version"].as_u64() > s["version"].as_u64(), "distilled after the student: {m}");
+    let (ok, _, stderr) = sim(&["demo", "--devices", "1", "--regions", "2"]);
+    assert!(!ok && stderr.contains("every region needs a device"), "{stderr}");
+}
+
 /// The oracle entry recorded from dp-accounting for (q, z, steps, delta).
 fn oracle_epsilon(q: f64, z: f64, steps: u64, delta: f64) -> (f64, f64) {
     let text = include_str!("../../shared/core/tests/data/privacy_oracle.json");

@@ -77,7 +77,7 @@ impl Coordinator {
             let mut lines: Vec<ModelLine> = kept
                 .into_iter()
                 .zip(previous)
-                .map(|((version, hash), parent)| match registry.get(&version) {
+                .map(|((version, hash), parent)| match registry.get(&version).filter(|r| r.role == ModelRole::Global) {
                     Some(r) => ModelLine {
                         version,
                         hash,
@@ -132,12 +132,18 @@ impl Coordinator {
                 promoted: promoted == Some(r.version),
                 devices_running: running.get(&r.version).copied().unwrap_or(0),
             }));
-            let unregistered: BTreeSet<u64> =
-                lines.iter().map(|l| l.version).filter(|v| !registry.contains_key(v)).collect();
+            // Global versions without a global record (a region numbers its own versions apart
+            // from the root's records it relays: a number may name one of each).
+            let unregistered: BTreeSet<u64> = lines
+                .iter()
+                .filter(|l| l.role == ModelRole::Global)
+                .map(|l| l.version)
+                .filter(|v| registry.get(v).is_none_or(|r| r.role != ModelRole::Global))
+                .collect();
             (lines, unregistered)
         };
         if let Some(store) = &self.store {
-            for line in lines.iter_mut().filter(|l| unregistered.contains(&l.version)) {
+            for line in lines.iter_mut().filter(|l| l.role == ModelRole::Global && unregistered.contains(&l.version)) {
                 line.size_bytes = store.model_blob_size(&line.hash).unwrap_or(0);
             }
         }
