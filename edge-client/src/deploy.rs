@@ -36,19 +36,12 @@ pub enum DeployError {
     /// No public key configured: nothing can be verified, so nothing is deployed.
     #[error("no model public key configured (model_key): refusing unverifiable models")]
     NoKey,
-    /// The signature is missing or wrong.
+    /// A promotion's signature is missing or wrong.
     #[error(transparent)]
     Signature(#[from] SignatureError),
-    /// The blob does not match the signed record.
-    #[error("blob of v{version} hashes to {got}, the signed record says {want}")]
-    Hash {
-        /// The version.
-        version: u64,
-        /// From the record.
-        want: String,
-        /// Computed.
-        got: String,
-    },
+    /// The record's signature, the blob's hash or the model in it does not hold.
+    #[error(transparent)]
+    Verify(#[from] BlobError),
     /// The blob is not a usable model.
     #[error("blob of v{0} is not a valid model: {1}")]
     Blob(u64, String),
@@ -127,11 +120,7 @@ pub struct Deployed {
 
 /// Checks `blob` against a record signed by `key` and decodes it.
 pub fn verify(record: &ModelRecord, blob: &[u8], key: &ModelKey) -> Result<Deployed, DeployError> {
-    let params = fedge_net::open_blob(record, blob, key).map_err(|e| match e {
-        BlobError::Signature(e) => DeployError::Signature(e),
-        BlobError::Hash { version, want, got } => DeployError::Hash { version, want, got },
-        BlobError::Model(version, why) => DeployError::Blob(version, why),
-    })?;
+    let params = fedge_net::open_blob(record, blob, key)?;
     Ok(Deployed { record: record.clone(), params })
 }
 
@@ -369,11 +358,17 @@ mod tests {
         let mut flipped = blob.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x01;
-        assert!(matches!(verify(&record, &flipped, &key), Err(DeployError::Hash { .. })));
+        assert!(matches!(verify(&record, &flipped, &key), Err(DeployError::Verify(BlobError::Hash { .. }))));
         let unsigned = ModelRecord { signature: Vec::new(), ..record.clone() };
-        assert!(matches!(verify(&unsigned, &blob, &key), Err(DeployError::Signature(SignatureError::Unsigned(5)))));
+        assert!(matches!(
+            verify(&unsigned, &blob, &key),
+            Err(DeployError::Verify(BlobError::Signature(SignatureError::Unsigned(5))))
+        ));
         let (_, _, other_key, _) = signed();
-        assert!(matches!(verify(&record, &blob, &other_key), Err(DeployError::Signature(SignatureError::Bad(5)))));
+        assert!(matches!(
+            verify(&record, &blob, &other_key),
+            Err(DeployError::Verify(BlobError::Signature(SignatureError::Bad(5))))
+        ));
     }
 
     #[test]
@@ -395,7 +390,7 @@ mod tests {
         let wrong = codec::encode_value(&QuantizedModel::quantize(&params));
         let mut w = ModelRecord { size_bytes: wrong.len() as u64, sha256: ContentHash::of_bytes(&wrong), ..r };
         w.signature = pair.sign(&w.signing_payload()).as_ref().to_vec();
-        assert!(matches!(verify(&w, &wrong, &key), Err(DeployError::Blob(9, _))));
+        assert!(matches!(verify(&w, &wrong, &key), Err(DeployError::Verify(BlobError::Model(9, _)))));
     }
 
     fn signed_blob() -> Vec<u8> {

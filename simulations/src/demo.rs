@@ -58,6 +58,21 @@ pub struct DemoStudent {
     pub devices_running: u64,
 }
 
+impl DemoStudent {
+    /// The registry's line of the model, and the devices (or regions) running it.
+    fn of(m: &fedge_core::wire::ModelLine, devices_running: u64) -> Self {
+        Self {
+            version: m.version,
+            architecture: m.architecture.clone(),
+            accuracy: m.accuracy,
+            size_bytes: m.size_bytes,
+            latency_us: m.latency_us,
+            signed: m.signed,
+            devices_running,
+        }
+    }
+}
+
 /// Why the demo failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -158,15 +173,7 @@ async fn wait_for_regional(
                 })
                 .count() as u64;
             if running == regions as u64 {
-                return Ok(DemoStudent {
-                    version: m.version,
-                    architecture: m.architecture.clone(),
-                    accuracy: m.accuracy,
-                    size_bytes: m.size_bytes,
-                    latency_us: m.latency_us,
-                    signed: m.signed,
-                    devices_running: running,
-                });
+                return Ok(DemoStudent::of(m, running));
             }
         }
         if waited.elapsed() > Duration::from_secs(60) {
@@ -372,15 +379,7 @@ pub async fn run_with(
         }
         let promoted = models.iter().find(|m| m.promoted).map(|m| (m, running.get(&m.version).copied().unwrap_or(0)));
         if let Some((m, devices_running)) = promoted.filter(|(_, n)| *n >= devices as u64) {
-            break DemoStudent {
-                version: m.version,
-                architecture: m.architecture.clone(),
-                accuracy: m.accuracy,
-                size_bytes: m.size_bytes,
-                latency_us: m.latency_us,
-                signed: m.signed,
-                devices_running,
-            };
+            break DemoStudent::of(m, devices_running);
         }
         if waited.elapsed() > Duration::from_secs(120) {
             return Err(DemoError::Timeout(format!(

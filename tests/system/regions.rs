@@ -60,6 +60,22 @@ fn flat_fedavg(global: &ModelParams, round: u64, version: u64, train: &Dataset) 
     (next, samples)
 }
 
+/// A coordinator with default settings on state folder `dir/name`, starting from a 2NN of `seed`.
+fn plain(dir: &std::path::Path, name: &str, seed: u64) -> Arc<Coordinator> {
+    Coordinator::with_store(EngineConfig::default(), initial_2nn(seed), Store::open(&dir.join(name)).unwrap()).unwrap()
+}
+
+/// The root at `root` as aggregator `name` (its certificate issued by `ca`) reaches it.
+fn upstream_of(ca: &CertDir, name: &str, root: std::net::SocketAddr) -> Upstream {
+    let cert = ca.dir().join(format!("aggregators/{name}"));
+    Upstream::new(root, "localhost", &ca.ca_pem(), &cert.with_extension("pem"), &cert.with_extension("key")).unwrap()
+}
+
+/// The fleet's model-signing key.
+fn model_key(ca: &CertDir) -> fedge_net::ModelKey {
+    fedge_net::ModelKey::read(&ca.dir().join("model-signing.pub")).unwrap()
+}
+
 fn max_abs_diff(a: &ModelParams, b: &ModelParams) -> f32 {
     a.data().iter().zip(b.data()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
@@ -86,11 +102,7 @@ fn start_region(name: &str, dir: &std::path::Path, ca: &CertDir, root: std::net:
     // Another starting model than the root's: the region adopts the root's.
     let coordinator = Coordinator::with_store(config, initial_2nn(99), Store::open(&dir.join(name)).unwrap()).unwrap();
     let (addr, server) = serve(&coordinator, ca);
-    let cert = ca.dir().join(format!("aggregators/{name}"));
-    let upstream =
-        Upstream::new(root, "localhost", &ca.ca_pem(), &cert.with_extension("pem"), &cert.with_extension("key"))
-            .unwrap();
-    let follower = coordinator.follow_upstream(upstream).unwrap();
+    let follower = coordinator.follow_upstream(upstream_of(ca, name, root)).unwrap();
     Region { coordinator, addr, server, follower }
 }
 
@@ -250,12 +262,7 @@ async fn three_tiers_the_region_answers_what_it_is_sure_of_and_escalates_the_res
     let images: Vec<Vec<u8>> = (0..100).map(|i| test.image(i).to_vec()).collect();
 
     // The root: a teacher on its global model, and a regional 2NN in its registry.
-    let root = Coordinator::with_store(
-        EngineConfig::default(),
-        initial_2nn(1),
-        Store::open(&dir.path().join("root")).unwrap(),
-    )
-    .unwrap();
+    let root = plain(dir.path(), "root", 1);
     root.set_signer(ca.model_signer().unwrap(), "2nn");
     root.set_inference(InferenceConfig::default(), Box::new(BurnTeacher::new(ModelKind::TwoNn, 10, (28, 28))));
     let medium = initial_2nn(7);
@@ -265,12 +272,7 @@ async fn three_tiers_the_region_answers_what_it_is_sure_of_and_escalates_the_res
     let (root_addr, root_server) = serve(&root, &ca);
 
     // The region: its tier calibrated on the same 100 images, at 30%.
-    let region = Coordinator::with_store(
-        EngineConfig::default(),
-        initial_2nn(99),
-        Store::open(&dir.path().join("east")).unwrap(),
-    )
-    .unwrap();
+    let region = plain(dir.path(), "east", 99);
     region.set_inference(InferenceConfig::default(), Box::new(BurnTeacher::new(ModelKind::TwoNn, 10, (28, 28))));
     let builder: TierBuilder = Box::new(|record, params| {
         assert_eq!(record.architecture, "2nn");
@@ -285,13 +287,7 @@ async fn three_tiers_the_region_answers_what_it_is_sure_of_and_escalates_the_res
     };
     assert!(region.set_regional_tier(tier, builder).unwrap());
     let (region_addr, region_server) = serve(&region, &ca);
-    let cert = ca.dir().join("aggregators/east");
-    let key = fedge_net::ModelKey::read(&ca.dir().join("model-signing.pub")).unwrap();
-    let upstream =
-        Upstream::new(root_addr, "localhost", &ca.ca_pem(), &cert.with_extension("pem"), &cert.with_extension("key"))
-            .unwrap()
-            .with_model_key(key);
-    let follower = region.follow_upstream(upstream).unwrap();
+    let follower = region.follow_upstream(upstream_of(&ca, "east", root_addr).with_model_key(model_key(&ca))).unwrap();
     let (version, threshold) = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if let Some(installed) = region.regional_model() {
@@ -364,28 +360,12 @@ async fn a_region_relays_the_roots_promoted_student_to_its_devices() {
     let (dir, ca) = fleet();
     issue_devices(&ca, &["phone"]);
     ca.issue(Role::Aggregator, "east", 1).unwrap();
-    let root = Coordinator::with_store(
-        EngineConfig::default(),
-        initial_2nn(1),
-        Store::open(&dir.path().join("root")).unwrap(),
-    )
-    .unwrap();
+    let root = plain(dir.path(), "root", 1);
     root.set_signer(ca.model_signer().unwrap(), "2nn");
     let (root_addr, root_server) = serve(&root, &ca);
-    let region = Coordinator::with_store(
-        EngineConfig::default(),
-        initial_2nn(99),
-        Store::open(&dir.path().join("east")).unwrap(),
-    )
-    .unwrap();
+    let region = plain(dir.path(), "east", 99);
     let (region_addr, region_server) = serve(&region, &ca);
-    let key = || fedge_net::ModelKey::read(&ca.dir().join("model-signing.pub")).unwrap();
-    let cert = ca.dir().join("aggregators/east");
-    let upstream =
-        Upstream::new(root_addr, "localhost", &ca.ca_pem(), &cert.with_extension("pem"), &cert.with_extension("key"))
-            .unwrap()
-            .with_model_key(key());
-    let follower = region.follow_upstream(upstream).unwrap();
+    let follower = region.follow_upstream(upstream_of(&ca, "east", root_addr).with_model_key(model_key(&ca))).unwrap();
 
     // The root distils (here: registers) and promotes a student.
     let student = initial_2nn(5);
@@ -397,7 +377,7 @@ async fn a_region_relays_the_roots_promoted_student_to_its_devices() {
     let trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
     let mut client = EdgeClient::new(link, trainer, embedded_train(), (0..10).collect(), 1)
         .with_state_dir(dir.path().join("phone"))
-        .with_model_key(key());
+        .with_model_key(model_key(&ca));
     let status = client.status();
     let device = tokio::spawn(async move { client.run(0).await });
     fedge_tests::harness::until_all(
