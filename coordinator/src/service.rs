@@ -153,6 +153,12 @@ pub async fn run(
         return Err(ServiceError::Config("max_samples_per_region must be at least 1".into()));
     }
     let store = Store::open(&c.state_dir)?;
+    if upstream.is_none() && store.upstream()?.is_some() {
+        // Once a regional aggregator, now not: the stored root task no longer sets how its
+        // devices train.
+        tracing::info!("no [upstream]: forgetting the root task this state kept as a region");
+        store.forget_upstream()?;
+    }
     let coordinator = match fedbuff {
         Some(async_config) => {
             tracing::info!(

@@ -281,6 +281,14 @@ impl Store {
         }
     }
 
+    /// Forgets the root task a regional aggregator stored (the coordinator is no longer one:
+    /// its training settings are its own again).
+    pub fn forget_upstream(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(RECORDS).map_err(db_err)?.remove(UPSTREAM).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
     /// Stored global model `version`, read back and hash-checked, if kept.
     pub fn model(&self, version: u64) -> Result<Option<ModelParams>, StoreError> {
         let Some(bytes) = self.model_bytes(version)? else { return Ok(None) };

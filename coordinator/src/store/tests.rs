@@ -143,3 +143,37 @@ fn blobs_without_their_database_are_not_a_fresh_start() {
     std::fs::write(fresh.path().join("state.redb"), b"").unwrap();
     assert!(Store::open(fresh.path()).unwrap().latest().unwrap().is_none());
 }
+
+#[test]
+fn a_regions_root_task_is_stored_with_its_adopted_model_until_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = UpstreamTask {
+        root_round: 7,
+        root_version: 12,
+        root_hash: params(4.0).content_hash(),
+        base: 3,
+        train: fedge_core::wire::TrainConfig {
+            epochs: 2,
+            batch_size: 16,
+            learning_rate: 0.1,
+            clip_norm: Some(1.0),
+            local_dp: None,
+            proximal_mu: None,
+        },
+    };
+    {
+        let s = Store::open(dir.path()).unwrap();
+        s.save_model(0, 0, &params(0.0)).unwrap();
+        assert_eq!(s.upstream().unwrap(), None);
+        s.adopt_upstream(&EncodedModel::new(3, &params(4.0)), 2, &task, 1).unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.upstream().unwrap(), Some(task));
+    let r = s.latest().unwrap().unwrap();
+    assert_eq!((r.version, r.last_round, r.rounds_left, r.params), (3, 2, 1, params(4.0)));
+    assert_eq!(s.model(3).unwrap(), Some(params(4.0)));
+    assert_eq!(s.model(0).unwrap(), Some(params(0.0)));
+    assert_eq!(s.model(9).unwrap(), None);
+    s.forget_upstream().unwrap();
+    assert_eq!(s.upstream().unwrap(), None);
+}
