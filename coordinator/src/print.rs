@@ -82,6 +82,11 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
             "epsilon": p.epsilon, "target_epsilon": p.target_epsilon,
         })),
+        "upstream": s.upstream.as_ref().map(|u| serde_json::json!({
+            "connected": u.connected, "root_round": u.root_round, "root_version": u.root_version,
+            "adopted_as": u.adopted_as, "uploaded": u.uploaded,
+            "regional_model": u.regional_model.map(|(v, t)| serde_json::json!({"version": v, "threshold": t})),
+        })),
     })
 }
 
@@ -109,6 +114,21 @@ pub fn print_status(out: &mut impl Write, s: &Status, json: bool) -> io::Result<
             o.wanted,
             o.selected,
             o.deadline_in_ms.div_ceil(1000)
+        )?;
+    }
+    if let Some(u) = &s.upstream {
+        writeln!(
+            out,
+            "regional aggregator: root {}; {}{}",
+            if u.connected { "connected" } else { "NOT CONNECTED" },
+            match (u.root_round, u.root_version, u.adopted_as) {
+                (Some(r), Some(v), Some(a)) => format!(
+                    "root round {r} on root v{v} (adopted as v{a}), {}",
+                    if u.uploaded { "result acknowledged" } else { "in progress" }
+                ),
+                _ => "no task taken on yet".into(),
+            },
+            u.regional_model.map_or(String::new(), |(v, t)| format!("; regional model v{v} escalates below {t:.4}"))
         )?;
     }
     if let Some(p) = s.privacy {

@@ -92,6 +92,11 @@ async fn a_region_killed_mid_round_completes_the_roots_round_after_a_restart() {
     for (a, b) in v1.data().iter().zip(initial.data()) {
         assert!((f64::from(*a) - (f64::from(*b) + step)).abs() < 1e-6, "{a} vs {b} + {step}");
     }
+    // The region's operator sees its standing with the root.
+    let status: serde_json::Value = serde_json::from_str(&fleet.operator(&["round", "status", "--json"])).unwrap();
+    let up = &status["upstream"];
+    assert_eq!((up["connected"].as_bool(), up["root_round"].as_u64()), (Some(true), Some(1)), "{status}");
+    assert_eq!((up["adopted_as"].as_u64(), up["uploaded"].as_bool()), (Some(1), Some(true)), "{status}");
     server.abort();
 }
 

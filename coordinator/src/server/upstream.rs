@@ -109,11 +109,11 @@ pub enum UpstreamError {
 
 /// The root's task this region works on.
 pub(super) struct Job {
-    task: UpstreamTask,
+    pub(super) task: UpstreamTask,
     /// The adopted model (the region round's starting point).
     base: Arc<ModelParams>,
     /// Its result was acknowledged (or refused for good) by the root.
-    uploaded: bool,
+    pub(super) uploaded: bool,
 }
 
 /// Where the job of a root task stands.

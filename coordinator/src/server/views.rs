@@ -21,9 +21,21 @@ impl Coordinator {
             let privacy = engine.privacy_budget();
             let version = s.rounds.version();
             let open_round = engine.open_round_line(self.now());
+            let upstream = self.is_region().then(|| {
+                let job = s.upstream.as_ref();
+                fedge_core::wire::UpstreamLine {
+                    connected: self.upstream_link.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
+                    root_round: job.map(|j| j.task.root_round),
+                    root_version: job.map(|j| j.task.root_version),
+                    adopted_as: job.map(|j| j.task.base),
+                    uploaded: job.is_some_and(|j| j.uploaded),
+                    regional_model: self.regional_model(),
+                }
+            });
             let status = Status {
                 open_round,
                 privacy,
+                upstream,
                 model_version: version,
                 model_hash: ContentHash([0; 32]),
                 current_round: engine.current_round(),

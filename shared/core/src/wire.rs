@@ -489,4 +489,23 @@ pub struct Status {
     pub rounds: Vec<RoundLine>,
     /// The privacy budget, when central DP is on.
     pub privacy: Option<PrivacyBudget>,
+    /// A regional aggregator's standing with its root.
+    pub upstream: Option<UpstreamLine>,
+}
+
+/// A regional aggregator's standing with its root, for operators.
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct UpstreamLine {
+    /// Whether a session with the root is open.
+    pub connected: bool,
+    /// The root's round it works on (none: no task taken on yet).
+    pub root_round: Option<u64>,
+    /// The root's model version that task trains from.
+    pub root_version: Option<u64>,
+    /// The local version it was adopted as.
+    pub adopted_as: Option<u64>,
+    /// Whether the task's result reached the root.
+    pub uploaded: bool,
+    /// The regional model answering escalations, if installed: version and threshold.
+    pub regional_model: Option<(u64, f32)>,
 }
