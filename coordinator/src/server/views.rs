@@ -23,14 +23,14 @@ impl Coordinator {
             let open_round = engine.open_round_line(self.now());
             let upstream = self.is_region().then(|| {
                 let job = s.upstream.as_ref();
-                fedge_core::wire::UpstreamLine {
+                Box::new(fedge_core::wire::UpstreamLine {
                     connected: self.upstream_link.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
                     root_round: job.map(|j| j.task.root_round),
                     root_version: job.map(|j| j.task.root_version),
                     adopted_as: job.map(|j| j.task.base),
                     uploaded: job.is_some_and(|j| j.uploaded),
                     regional_model: self.regional_model(),
-                }
+                })
             });
             let status = Status {
                 open_round,

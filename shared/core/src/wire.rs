@@ -490,7 +490,7 @@ pub struct Status {
     /// The privacy budget, when central DP is on.
     pub privacy: Option<PrivacyBudget>,
     /// A regional aggregator's standing with its root.
-    pub upstream: Option<UpstreamLine>,
+    pub upstream: Option<Box<UpstreamLine>>,
 }
 
 /// A regional aggregator's standing with its root, for operators.
