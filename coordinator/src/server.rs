@@ -354,6 +354,7 @@ impl Coordinator {
         let me = Self::from_engine(Engine::Buffered(Box::new(engine)), task_timeout, Some(store), ids, Clock::wall());
         {
             let order = me.ordered();
+            let mut dropped = Vec::new();
             {
                 let mut s = me.lock();
                 s.registry.restore(records, promotions, latest, blob_store);
@@ -362,16 +363,27 @@ impl Coordinator {
                     let now = me.now();
                     s.rounds.buffer_is_recorded(open_buffer);
                     if let Engine::Buffered(engine) = &mut s.rounds.engine {
-                        engine.refill(now, &open.accepted).map_err(|(device, e)| {
-                            ServerError::FedBuff(format!(
-                                "the stored result of device {device} in buffer {open_buffer}: {e}"
-                            ))
-                        })?;
+                        // One at a time: a result the configuration no longer takes (say
+                        // max_staleness lowered between runs) is dropped, loudly, not the start.
+                        for stored in &open.accepted {
+                            if let Err((device, e)) = engine.refill(now, std::slice::from_ref(stored)) {
+                                tracing::warn!(
+                                    "dropping the stored result of device {device} in FedBuff buffer {open_buffer}: {e} (acknowledged under the earlier configuration; this one refuses it)"
+                                );
+                                dropped.push(device);
+                            }
+                        }
                     }
                     tracing::info!(
                         "resumed FedBuff buffer {open_buffer} with {} results already acknowledged",
-                        open.accepted.len()
+                        open.accepted.len() - dropped.len()
                     );
+                }
+            }
+            // Forgotten for good, with the state lock released: not refused again next start.
+            if let Some(store) = &me.store {
+                for device in dropped {
+                    store.drop_update(open_buffer, device)?;
                 }
             }
             me.settle(&order);

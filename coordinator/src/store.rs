@@ -342,6 +342,13 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
+    /// Forgets `device`'s stored update in `round` (one a restarted coordinator refuses).
+    pub fn drop_update(&self, round: u64, device: DeviceId) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(UPDATES).map_err(db_err)?.remove((round, device)).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
     /// The stored bytes of `device`'s update in `round`, if there is one.
     pub fn update_bytes(&self, round: u64, device: DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
@@ -390,7 +397,13 @@ impl Store {
                 .insert(round, encode_record(&records::StoredRound::from(line)).as_slice())
                 .map_err(db_err)?;
             let mut records = tx.open_table(RECORDS).map_err(db_err)?;
-            records.remove(OPEN_ROUND).map_err(db_err)?;
+            // Only this round's record: FedBuff records the next buffer as soon as one fills,
+            // which can be before that buffer's close is written.
+            let open =
+                records.get(OPEN_ROUND).map_err(db_err)?.map(|v| decode_record::<RoundRecord>(v.value(), "open round"));
+            if open.is_none_or(|r| r.is_err() || r.is_ok_and(|r| r.round == round)) {
+                records.remove(OPEN_ROUND).map_err(db_err)?;
+            }
             if let (Some(_), Some(state)) = (aggregated, server_state) {
                 records.insert(SERVER_STATE, encode_record(state).as_slice()).map_err(db_err)?;
             }

@@ -124,3 +124,87 @@ async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_resta
     assert_eq!(coordinator.status().rounds.len(), 4, "every aggregation is in the history");
     stop(&coordinator, server, clients).await;
 }
+
+/// A result acknowledged into the next buffer right after an aggregation survives a restart;
+/// and a stored buffered result the restarted coordinator's configuration refuses (here:
+/// `max_staleness` lowered between runs) is dropped with a warning, and forgotten: the
+/// coordinator starts, the buffer resumes without it, and a later start does not see it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_result_the_new_configuration_refuses_is_dropped_not_the_start() {
+    let (dir, ca) = fleet();
+    issue_devices(&ca, &["late", "b", "c"]);
+    let state = dir.path().join("state");
+    let config = AsyncConfig {
+        buffer_size: 2,
+        max_concurrency: 3,
+        max_staleness: 10,
+        staleness: StalenessWeight::Constant,
+        train: one_epoch(None),
+        seed: 1,
+        ..AsyncConfig::default()
+    };
+    let start = |config: AsyncConfig| {
+        Coordinator::with_store_fedbuff(config, Duration::from_secs(60), initial_2nn(1), Store::open(&state).unwrap())
+            .unwrap()
+    };
+    let coordinator = start(config.clone());
+    let (addr, server) = serve(&coordinator, &ca);
+    let mut links = Vec::new();
+    for name in ["late", "b", "c"] {
+        links.push(join(addr, &ca, name, 10).await.0);
+    }
+    coordinator.start_rounds(2);
+    let task_of = |i: usize| {
+        let link = &links[i];
+        async move {
+            loop {
+                match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
+                    Message::TrainTask(t) => break t,
+                    Message::NoTask { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+    };
+    let tasks = [task_of(0).await, task_of(1).await, task_of(2).await];
+    assert!(tasks.iter().all(|t| t.model_version == 0));
+    let zero = || fedge_core::ModelParams::zeros(initial_2nn(1).layout().clone());
+    let result = |t: &fedge_core::wire::TrainTask| TrainResult {
+        round: t.round,
+        model_version: t.model_version,
+        num_samples: 10,
+        train_loss: 0.3,
+        delta: zero(),
+        clipped: false,
+    };
+    // b and c fill buffer 1 (version 1); late's result, trained on v0, lands in buffer 2.
+    for i in [1, 2, 0] {
+        let reply = links[i].request(&Message::TrainResult(result(&tasks[i]))).await.unwrap();
+        assert!(matches!(reply, Message::Ack { .. }), "{reply:?}");
+    }
+    let open = coordinator.status().open_round.unwrap();
+    assert_eq!((coordinator.status().model_version, open.round, open.reporting), (1, 2, 1));
+    for link in links {
+        link.connection.close(0u32.into(), b"bye");
+    }
+    stop(&coordinator, server, Vec::new()).await;
+    drop(coordinator);
+
+    // Restarted as it was: late's acknowledged result is back in buffer 2 (the buffer was
+    // recorded before buffer 1's close was written, and that close must not erase it).
+    let coordinator = start(config.clone());
+    let open = coordinator.status().open_round.unwrap();
+    assert_eq!((open.round, open.reporting), (2, 1), "an acknowledged result survives the restart");
+    drop(coordinator);
+
+    // Restarted with max_staleness 0: late's result (staleness 1) is dropped, the start is not.
+    let coordinator = start(AsyncConfig { max_staleness: 0, ..config.clone() });
+    let status = coordinator.status();
+    let open = status.open_round.unwrap();
+    assert_eq!((status.model_version, open.round, open.reporting), (1, 2, 0));
+    drop(coordinator);
+    // And forgotten: with the old setting back it does not return.
+    let coordinator = start(config);
+    let open = coordinator.status().open_round.unwrap();
+    assert_eq!((open.round, open.reporting), (2, 0));
+}

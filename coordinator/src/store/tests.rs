@@ -177,3 +177,18 @@ fn a_regions_root_task_is_stored_with_its_adopted_model_until_forgotten() {
     s.forget_upstream().unwrap();
     assert_eq!(s.upstream().unwrap(), None);
 }
+
+#[test]
+fn closing_a_round_keeps_the_record_of_the_next_one_opened_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.save_model(0, 0, &params(0.0)).unwrap();
+    let next = RoundRecord { round: 2, model_version: 1, chosen: Vec::new(), target: 2, population: 0 };
+    s.begin_round(&next, 0).unwrap();
+    s.save_update(2, 7, &update(2, 0.5)).unwrap();
+    s.close_round(&line(1, 1), Some((1, &params(1.0))), 0).unwrap();
+    let open = s.latest().unwrap().unwrap().open.expect("round 2's record survives round 1's close");
+    assert_eq!((open.record, open.accepted.len()), (next, 1));
+    s.close_round(&line(2, 2), Some((2, &params(2.0))), 0).unwrap();
+    assert!(s.latest().unwrap().unwrap().open.is_none());
+}
