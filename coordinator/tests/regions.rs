@@ -40,6 +40,10 @@ async fn a_region_killed_mid_round_completes_the_roots_round_after_a_restart() {
     let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &fleet.ca).unwrap();
     let root_addr = listener.local_addr().unwrap();
     let server = tokio::spawn(Arc::clone(&root).serve(listener));
+    // The operator page on loopback (no token needed there), before the [upstream] table.
+    let page_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let page = format!("127.0.0.1:{page_port}");
+    fleet.configure(&format!("metrics_listen = \"{page}\"\n"));
     fleet.configure(&format!(
         "[upstream]\naddress = \"{root_addr}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
         fleet.ca.ca_pem(),
@@ -97,6 +101,14 @@ async fn a_region_killed_mid_round_completes_the_roots_round_after_a_restart() {
     let up = &status["upstream"];
     assert_eq!((up["connected"].as_bool(), up["root_round"].as_u64()), (Some(true), Some(1)), "{status}");
     assert_eq!((up["adopted_as"].as_u64(), up["uploaded"].as_bool()), (Some(1), Some(true)), "{status}");
+    // And so does its operator page, in a browser.
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{page}/");
+    let dom = tokio::task::spawn_blocking(move || common::browser::browse(profile.path(), &url, &["--dump-dom"]))
+        .await
+        .unwrap();
+    let line = common::browser::text_of(&dom, "upstream");
+    assert_eq!(line, "Region: root connected; root round 1 on root v0 (as v1), result acknowledged", "{dom}");
     server.abort();
 }
 

@@ -146,6 +146,16 @@
     set('last-accuracy', evaluated.length ? pct(evaluated[evaluated.length - 1].accuracy) : '–');
     set('devices-connected', s.devices_connected.length);
     set('devices-known', s.devices_known);
+    // A regional aggregator: its standing with its root.
+    const u = s.upstream;
+    $('upstream').hidden = !u;
+    if (u) {
+      const task = u.root_round == null
+        ? 'no task from the root yet'
+        : `root round ${u.root_round} on root v${u.root_version} (as v${u.adopted_as}), ${u.uploaded ? 'result acknowledged' : 'in progress'}`;
+      const tier = u.regional_model ? `; regional model v${u.regional_model.version}` : '';
+      set('upstream', `Region: root ${u.connected ? 'connected' : 'NOT CONNECTED'}; ${task}${tier}`);
+    }
     const p = s.privacy;
     if (!p) {
       set('epsilon-left', 'off');

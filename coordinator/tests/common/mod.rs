@@ -2,6 +2,7 @@
 //! `fedge-coordinator serve` process, and raw device links that speak the protocol by hand.
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod browser;
 pub mod relay;
 
 use std::net::SocketAddr;
