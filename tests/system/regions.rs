@@ -409,3 +409,56 @@ fn distilled(params: &ModelParams, blob: Vec<u8>) -> fedge_coordinator::server::
         blob,
     }
 }
+
+/// A region whose round outlives the root's (a silent device, a longer deadline) does not lose
+/// the root: when the root has moved on to its next round, the region takes that task on as
+/// soon as its own round has ended at its deadline, not before, and fetches the new model once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_takes_the_roots_next_task_once_its_own_late_round_ends() {
+    let (dir, ca) = fleet();
+    issue_devices(&ca, &["silent"]);
+    ca.issue(Role::Aggregator, "east", 1).unwrap();
+    let quick = |seconds, min| EngineConfig {
+        fraction: 1.0,
+        min_train_clients: min,
+        round_timeout: Duration::from_secs(seconds),
+        accept_failures: false,
+        ..EngineConfig::default()
+    };
+    let root =
+        Coordinator::with_store(quick(5, 1), initial_2nn(1), Store::open(&dir.path().join("root")).unwrap()).unwrap();
+    let (root_addr, root_server) = serve(&root, &ca);
+    let region =
+        Coordinator::with_store(quick(2, 1), initial_2nn(2), Store::open(&dir.path().join("east")).unwrap()).unwrap();
+    let (region_addr, region_server) = serve(&region, &ca);
+    let follower = region.follow_upstream(upstream_of(&ca, "east", root_addr)).unwrap();
+    // A device that joins the region and never answers: the region's round runs to its deadline.
+    let (_silent, _) = join(region_addr, &ca, "silent", 10).await;
+    root.start_rounds(2);
+    // The region's rounds for the root's round 1 fail at 2 s and 4 s (it tries again while the
+    // task stands); the root's round 1 fails at 5 s, while the region's second try runs to 6 s;
+    // then the region takes the root's round 2 on.
+    let taken = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(u) = region.status().upstream
+                && u.root_round == Some(2)
+            {
+                break u;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the region takes the root's round 2 on");
+    assert!(!taken.uploaded);
+    let lines = region.status().rounds;
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.failed_reason.is_some()),
+        "its rounds for the first task ended at their own deadline before it took the next: {lines:?}"
+    );
+    let reports = root.reports();
+    assert!(reports.first().is_some_and(|r| r.outcome != RoundOutcome::Aggregated), "nobody answered: {reports:?}");
+    follower.abort();
+    region_server.abort();
+    root_server.abort();
+}

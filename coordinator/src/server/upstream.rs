@@ -313,6 +313,8 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
     };
     let mut regional = RegionalFetch { next: tokio::time::Instant::now(), refused: None };
     let mut relayed_refused = None;
+    // The root round already said to wait for an earlier region round (said once).
+    let mut waiting_for = None;
     loop {
         let Some(c) = me.upgrade() else { return Ok(()) };
         if c.storage_failure().is_some() {
@@ -344,6 +346,21 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
         };
         match c.job_state(&task) {
             JobState::Other => {
+                // A round of an earlier task still open: its deadline ends it; the model is
+                // fetched only once the region can take the new task on (said once per task).
+                let open = c.lock().rounds.engine.current_round();
+                if let Some(r) = open {
+                    if waiting_for != Some(task.round) {
+                        tracing::warn!(
+                            "regional aggregator: root round {} waits until this region's round {r}, of an earlier task, ends",
+                            task.round
+                        );
+                        waiting_for = Some(task.round);
+                    }
+                    drop(c);
+                    tokio::time::sleep(5 * POLL).await;
+                    continue;
+                }
                 let params = fetch(&client, &task).await?;
                 if let Err(e) = c.take_on(&task, params) {
                     if matches!(e, UpstreamError::Storage) {
