@@ -98,7 +98,7 @@ use crate::store::{Store, StoreError};
 
 pub use downloads::MAX_CHUNK_BYTES;
 pub use reference::RootTrainer;
-pub use regional::{TierBuilder, TierConfig, TierCounts, TierModel};
+pub use regional::{RECALIBRATE_EVERY, TRAFFIC_WARMUP, TRAFFIC_WINDOW, TierBuilder, TierConfig, TierCounts, TierModel};
 pub use registry::{NewStudent, RegistryError};
 pub use upstream::{Upstream, UpstreamError};
 

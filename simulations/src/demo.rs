@@ -37,6 +37,73 @@ pub struct DemoRound {
     /// With regions: the medium-tier model distilled with the student, for the regions to answer
     /// escalations with (the last round only; `devices_running` counts the regions running it).
     pub regional: Option<DemoStudent>,
+    /// With regions: device 0's hybrid inference over the three live tiers (the last round only).
+    pub tiers: Option<DemoTiers>,
+}
+
+/// Device 0's hybrid predictor (its deployed student, calibrated as `fedge-edge run` does,
+/// escalating to its region) on test images, by the tier that answered.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DemoTiers {
+    /// Test images asked.
+    pub requests: u64,
+    /// Correct answers, of all.
+    pub accuracy: f64,
+    /// Answered on the device.
+    pub device: TierStat,
+    /// Answered by the region's medium-tier model.
+    pub region: TierStat,
+    /// Answered by the root's teacher (through the region).
+    pub root: TierStat,
+}
+
+/// One tier's share of the answers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TierStat {
+    /// Answers it gave.
+    pub answered: u64,
+    /// Of which correct.
+    pub correct: u64,
+    /// Mean time from request to answer on the device, milliseconds.
+    pub mean_latency_ms: f64,
+}
+
+/// Test images device 0 asks in the three-tier measurement.
+const TIER_REQUESTS: usize = 500;
+
+/// Device 0's hybrid predictor on the last [`TIER_REQUESTS`] test images, by the tier answering.
+async fn measure_tiers(edge: &fedge_edge::config::EdgeConfig) -> Result<DemoTiers, DemoError> {
+    use fedge_edge::hybrid::Source;
+    let predictor =
+        fedge_edge::service::hybrid_predictor(edge).map_err(|e| DemoError::Unexpected(format!("device 0: {e}")))?;
+    let waited = Instant::now();
+    while predictor.cloud().teacher_version().is_none() {
+        if waited.elapsed() > Duration::from_secs(30) {
+            return Err(DemoError::Timeout("device 0 did not reach its region for inference within 30 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let test = fedge_core::dataset::embedded::mnist_subset().map_err(|e| DemoError::Unexpected(e.to_string()))?.test;
+    let mut t = DemoTiers::default();
+    let mut latency = [0.0f64; 3];
+    for i in test.len().saturating_sub(TIER_REQUESTS)..test.len() {
+        let request = fedge_edge::hybrid::Request { pixels: test.image(i).to_vec(), private: false, max_cost: None };
+        let a = predictor.predict(request).await.map_err(|e| DemoError::Unexpected(format!("device 0: {e}")))?;
+        let (k, stat) = match a.answered_by {
+            Source::Local => (0, &mut t.device),
+            Source::Region => (1, &mut t.region),
+            Source::Cloud => (2, &mut t.root),
+        };
+        stat.answered += 1;
+        stat.correct += u64::from(a.class == test.labels[i] as usize);
+        latency[k] += a.latency_ms;
+        t.requests += 1;
+    }
+    for (stat, total) in [&mut t.device, &mut t.region, &mut t.root].into_iter().zip(latency) {
+        stat.mean_latency_ms = if stat.answered > 0 { total / stat.answered as f64 } else { 0.0 };
+    }
+    t.accuracy = (t.device.correct + t.region.correct + t.root.correct) as f64 / t.requests.max(1) as f64;
+    Ok(t)
 }
 
 /// The deployed student at the end of the demo.
@@ -349,6 +416,7 @@ pub async fn run_with(
                 devices_reporting,
                 student: None,
                 regional: None,
+                tiers: None,
             };
             progress(&line);
             out.push(line);
@@ -394,9 +462,19 @@ pub async fn run_with(
         0 => None,
         _ => Some(wait_for_regional(&client, regions, dir.path()).await?),
     };
+    // And device 0's hybrid inference over the three tiers, live.
+    let tiers = match regions {
+        0 => None,
+        _ => {
+            let edge: fedge_edge::config::EdgeConfig =
+                fedge_core::config_file::read_toml(&dir.path().join("edge-0.toml"))?;
+            Some(measure_tiers(&edge).await?)
+        }
+    };
     if let Some(last) = out.last_mut() {
         last.student = Some(student);
         last.regional = regional;
+        last.tiers = tiers;
     }
     let report = match bench {
         Some(opts) => {

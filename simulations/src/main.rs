@@ -204,6 +204,28 @@ fn real_main() -> anyhow::Result<()> {
                     m.devices_running
                 );
             }
+            if !json && let Some(t) = out.last().and_then(|r| r.tiers.as_ref()) {
+                let part = |name: &str, s: &fedge_sim::demo::TierStat| {
+                    format!(
+                        "{name} {} ({}, {:.2} ms)",
+                        s.answered,
+                        if s.answered > 0 {
+                            format!("{:.1}% right", 100.0 * s.correct as f64 / s.answered as f64)
+                        } else {
+                            "-".into()
+                        },
+                        s.mean_latency_ms
+                    )
+                };
+                println!(
+                    "three tiers live: device 0 asked {} test images, {:.2}% right; answered by {}, {}, {}",
+                    t.requests,
+                    t.accuracy * 100.0,
+                    part("the device", &t.device),
+                    part("its region", &t.region),
+                    part("the root", &t.root)
+                );
+            }
             match (json, report) {
                 (true, Some(report)) => {
                     let v = serde_json::json!({ "rounds": out, "bench_inference": report });

@@ -172,6 +172,13 @@ fn demo_with_regions_runs_hierarchical_aggregation_and_three_tiers() {
     let m = &rounds[1]["regional"];
     assert_eq!((m["architecture"].as_str(), m["devices_running"].as_u64()), (Some("2nn"), Some(2)), "{m}");
     assert!(m["version"].as_u64() > s["version"].as_u64(), "distilled after the student: {m}");
+    // Device 0's hybrid inference over the live tiers: its student answers most, its region some
+    // of what it escalates, the root the rest.
+    let t = &rounds[1]["tiers"];
+    let answered = |tier: &str| t[tier]["answered"].as_u64().unwrap();
+    assert_eq!(t["requests"], 500, "{t}");
+    assert_eq!(answered("device") + answered("region") + answered("root"), 500, "{t}");
+    assert!(answered("device") > 400 && answered("region") > 0 && answered("root") > 0, "{t}");
     let (ok, _, stderr) = sim(&["demo", "--devices", "1", "--regions", "2"]);
     assert!(!ok && stderr.contains("every region needs a device"), "{stderr}");
 }

@@ -5,10 +5,15 @@
 //!
 //! The model arrives from the root: the region's upstream task asks for the newest regional
 //! record (`RegionalRequest`), checks its signature with the fleet's model key, fetches its
-//! blob in chunks, checks the blob against the record ([`fedge_net::open_blob`]), builds a
-//! classifier (a [`TierBuilder`] the service provides: burn stays out of the server) and
-//! calibrates its escalation threshold on the region's own unlabelled images so that a
-//! fraction `escalate_rate` of them would go up ([`fedge_core::escalation::calibrate_threshold`]).
+//! blob in chunks, checks the blob against the record ([`fedge_net::open_blob`]) and builds a
+//! classifier (a [`TierBuilder`] the service provides: burn stays out of the server).
+//!
+//! `escalate_rate` is the share of the region's *requests* it sends on, and what reaches a
+//! region is what its devices' students were unsure of, not a sample of all images: the
+//! threshold starts calibrated on the region's own unlabelled images (a fraction
+//! `escalate_rate` of them below it, [`fedge_core::escalation::calibrate_threshold`]) and, once
+//! [`TRAFFIC_WARMUP`] requests came in, follows the scores of the last [`TRAFFIC_WINDOW`]
+//! requests, recalibrated every [`RECALIBRATE_EVERY`], so that the rate holds on the traffic.
 //!
 //! A request the region is sure of is answered here (`AnswerTier::Region`); one it is unsure
 //! of goes to the root over the region's aggregator connection and the root's answer
@@ -67,7 +72,20 @@ struct Installed {
     version: u64,
     model: Arc<Mutex<Box<dyn TierModel>>>,
     threshold: f32,
+    /// The regional model's scores of the latest requests (at most [`TRAFFIC_WINDOW`]).
+    recent: std::collections::VecDeque<f32>,
+    /// Requests scored since the threshold was last recalibrated on them.
+    since: usize,
 }
+
+/// Requests a region scores before its threshold follows its traffic.
+pub const TRAFFIC_WARMUP: usize = 20;
+
+/// The latest requests whose scores the threshold is calibrated on.
+pub const TRAFFIC_WINDOW: usize = 1000;
+
+/// How often (in requests) the threshold is recalibrated on the traffic.
+pub const RECALIBRATE_EVERY: usize = 10;
 
 /// The region's tier: its configuration, builder, installed model and counts.
 pub(super) struct RegionalTier {
@@ -78,6 +96,29 @@ pub(super) struct RegionalTier {
 }
 
 impl RegionalTier {
+    /// Records the score of a request the regional model `version` answered and returns the
+    /// threshold in force for it (recalibrated on the traffic when due), if that model is still
+    /// the installed one.
+    fn observe(&self, version: u64, score: f32) -> Option<f32> {
+        let mut guard = self.installed.lock().unwrap_or_else(|p| p.into_inner());
+        let i = guard.as_mut().filter(|i| i.version == version)?;
+        if score.is_finite() {
+            i.recent.push_back(score);
+            if i.recent.len() > TRAFFIC_WINDOW {
+                i.recent.pop_front();
+            }
+            i.since += 1;
+        }
+        if i.recent.len() >= TRAFFIC_WARMUP && i.since >= RECALIBRATE_EVERY {
+            let scores: Vec<f32> = i.recent.iter().copied().collect();
+            if let Ok(t) = calibrate_threshold(&scores, self.config.escalate_rate) {
+                i.threshold = t;
+            }
+            i.since = 0;
+        }
+        Some(i.threshold)
+    }
+
     /// The installed regional model's version, if any.
     pub(super) fn version(&self) -> Option<u64> {
         self.installed.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|i| i.version)
@@ -150,8 +191,13 @@ impl Coordinator {
         })
         .await
         .map_err(|e| format!("the calibration thread failed: {e}"))??;
-        *tier.installed.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(Installed { version: record.version, model: Arc::new(Mutex::new(model)), threshold });
+        *tier.installed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Installed {
+            version: record.version,
+            model: Arc::new(Mutex::new(model)),
+            threshold,
+            recent: std::collections::VecDeque::new(),
+            since: 0,
+        });
         Ok(threshold)
     }
 
@@ -186,6 +232,7 @@ impl Coordinator {
                         let p = probs.pop().expect("one image, one answer");
                         let score = tier.config.measure.score(&p);
                         let answer = answer_of(p, version);
+                        let threshold = tier.observe(version, score).unwrap_or(threshold);
                         if !escalates(score, threshold) {
                             tier.counts.answered.fetch_add(1, Ordering::Relaxed);
                             return Some(Ok(answer));
