@@ -12,25 +12,33 @@ use fedge_tests::harness::{
     embedded_train, fleet, initial_2nn, issue_devices, join, one_epoch, serve, spawn_devices, stop,
 };
 
+/// FedBuff with buffers of two results, at most three devices training, staleness up to 10.
+fn buffers_of_two(staleness: StalenessWeight) -> AsyncConfig {
+    AsyncConfig {
+        buffer_size: 2,
+        max_concurrency: 3,
+        max_staleness: 10,
+        staleness,
+        train: one_epoch(None),
+        seed: 1,
+        ..AsyncConfig::default()
+    }
+}
+
+/// A FedBuff coordinator on the state folder `state` (a fresh 2NN of seed 1 when it holds none).
+fn fedbuff_on(state: &std::path::Path, config: AsyncConfig) -> std::sync::Arc<Coordinator> {
+    Coordinator::with_store_fedbuff(config, Duration::from_secs(60), initial_2nn(1), Store::open(state).unwrap())
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_restart() {
     let (dir, ca) = fleet();
     issue_devices(&ca, &["dev-a", "dev-b", "dev-c", "probe"]);
     let train = embedded_train();
     let state = dir.path().join("state");
-    let config = AsyncConfig {
-        buffer_size: 2,
-        max_concurrency: 3,
-        max_staleness: 10,
-        staleness: StalenessWeight::Polynomial { exponent: 0.5 },
-        train: one_epoch(None),
-        seed: 1,
-        ..AsyncConfig::default()
-    };
-    let start = |config: AsyncConfig| {
-        Coordinator::with_store_fedbuff(config, Duration::from_secs(60), initial_2nn(1), Store::open(&state).unwrap())
-            .unwrap()
-    };
+    let config = buffers_of_two(StalenessWeight::Polynomial { exponent: 0.5 });
+    let start = |config: AsyncConfig| fedbuff_on(&state, config);
 
     // Three devices, three aggregations of two results each: each a new version.
     let coordinator = start(config.clone());
@@ -134,19 +142,8 @@ async fn a_stored_result_the_new_configuration_refuses_is_dropped_not_the_start(
     let (dir, ca) = fleet();
     issue_devices(&ca, &["late", "b", "c"]);
     let state = dir.path().join("state");
-    let config = AsyncConfig {
-        buffer_size: 2,
-        max_concurrency: 3,
-        max_staleness: 10,
-        staleness: StalenessWeight::Constant,
-        train: one_epoch(None),
-        seed: 1,
-        ..AsyncConfig::default()
-    };
-    let start = |config: AsyncConfig| {
-        Coordinator::with_store_fedbuff(config, Duration::from_secs(60), initial_2nn(1), Store::open(&state).unwrap())
-            .unwrap()
-    };
+    let config = buffers_of_two(StalenessWeight::Constant);
+    let start = |config: AsyncConfig| fedbuff_on(&state, config);
     let coordinator = start(config.clone());
     let (addr, server) = serve(&coordinator, &ca);
     let mut links = Vec::new();
