@@ -4,6 +4,7 @@ mod data;
 mod hostile;
 mod hybrid;
 mod layering;
+mod manifests;
 mod recovery;
 mod simulation;
 mod strategies;

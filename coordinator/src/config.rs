@@ -112,8 +112,9 @@ pub struct ServeConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamKeys {
-    /// The root's UDP address.
-    pub address: SocketAddr,
+    /// The root's UDP address, `host:port` (a name, e.g. a Kubernetes Service's, is looked up
+    /// at every connection).
+    pub address: String,
     /// The name the root's certificate carries.
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -317,6 +318,9 @@ impl ServeConfig {
         if !(0.0..=1.0).contains(&u.escalate_rate) {
             return Err(format!("[upstream] escalate_rate must be in [0, 1], got {}", u.escalate_rate));
         }
+        if u.address.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+            return Err(format!("[upstream] address must be host:port, got `{}`", u.address));
+        }
         if u.calibration_examples == 0 {
             return Err("[upstream] calibration_examples must be at least 1".into());
         }
@@ -395,7 +399,11 @@ mod tests {
         let table = "[upstream]\naddress = \"10.0.0.1:4433\"\nca = \"ca.pem\"\ncert = \"eu.pem\"\nkey = \"eu.key\"\n";
         let c: ServeConfig = parse_toml(table).unwrap();
         let u = c.upstream().unwrap().unwrap();
-        assert_eq!((u.address.to_string().as_str(), u.server_name.as_str()), ("10.0.0.1:4433", "localhost"));
+        assert_eq!((u.address.as_str(), u.server_name.as_str()), ("10.0.0.1:4433", "localhost"));
+        let named: ServeConfig = parse_toml(&table.replace("10.0.0.1:4433", "fedge-coordinator:4433")).unwrap();
+        assert!(named.upstream().unwrap().is_some(), "a name resolves at connection time");
+        let no_port: ServeConfig = parse_toml(&table.replace("10.0.0.1:4433", "fedge-coordinator")).unwrap();
+        assert!(no_port.upstream().unwrap_err().contains("must be host:port"));
         let bad =
             |before: &str| parse_toml::<ServeConfig>(&format!("{before}\n{table}")).unwrap().upstream().unwrap_err();
         assert!(bad("strategy = \"median\"").contains("strategy `median` and [strategy_options] belong at the root"));

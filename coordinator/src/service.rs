@@ -76,7 +76,11 @@ pub async fn run(
     let data = dataset.load(&c.data_dir)?;
     let test = data.test;
     let certs = CertDir::open(&c.certs_dir)?;
-    let signer = certs.model_signer()?;
+    // A region signs nothing (it relays its root's signed models): it needs no signing key.
+    let signer = match c.upstream {
+        None => Some(certs.model_signer()?),
+        Some(_) => None,
+    };
     let mut evaluator = Trainer::new(model, test.num_classes, BackendKind::Cpu)?;
     let student_kind =
         c.student_model.parse::<ModelKind>().and_then(ModelKind::images_only).map_err(ServiceError::Config)?;
@@ -128,7 +132,7 @@ pub async fn run(
     };
     let upstream = match c.upstream().map_err(ServiceError::Config)? {
         Some(u) => {
-            let mut upstream = crate::server::Upstream::new(u.address, &u.server_name, &u.ca, &u.cert, &u.key)
+            let mut upstream = crate::server::Upstream::new(&u.address, &u.server_name, &u.ca, &u.cert, &u.key)
                 .map_err(|e| ServiceError::Config(format!("[upstream]: {e}")))?;
             let key_path = u.model_key.clone().unwrap_or_else(|| c.certs_dir.join("model-signing.pub"));
             if u.model_key.is_some() || key_path.exists() {
@@ -172,7 +176,7 @@ pub async fn run(
         None => Coordinator::with_store(engine, initial, store)?,
     };
     // A region signs nothing: its registry holds its root's signed students, relayed.
-    if upstream.is_none() {
+    if let Some(signer) = signer {
         coordinator.set_signer(signer, &c.model);
     }
     coordinator.set_max_samples_per_region(c.max_samples_per_region);

@@ -37,7 +37,8 @@ use crate::store::{EncodedModel, UpstreamTask};
 /// Where a regional aggregator's root is, and the aggregator's TLS identity.
 #[derive(Clone)]
 pub struct Upstream {
-    addr: SocketAddr,
+    /// `host:port` (a name is looked up at every connection: a root behind a Service name).
+    addr: String,
     server_name: String,
     tls: quinn::ClientConfig,
     /// The fleet's model-signing key: regional models must be signed with it.
@@ -51,17 +52,18 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// The root at `addr`, whose certificate must name `server_name`, reached with the
-    /// aggregator certificate `cert`/`key` (issued by `certs issue-aggregator`), trusting `ca`.
+    /// The root at `addr` (`host:port` or an address), whose certificate must name
+    /// `server_name`, reached with the aggregator certificate `cert`/`key` (issued by `certs
+    /// issue-aggregator`), trusting `ca`.
     pub fn new(
-        addr: SocketAddr,
+        addr: impl ToString,
         server_name: &str,
         ca: &Path,
         cert: &Path,
         key: &Path,
     ) -> Result<Self, fedge_net::TlsError> {
         let tls = fedge_net::client_config(ca, cert, key)?;
-        Ok(Self { addr, server_name: server_name.to_string(), tls, model_key: None })
+        Ok(Self { addr: addr.to_string(), server_name: server_name.to_string(), tls, model_key: None })
     }
 
     /// Takes the root's regional models (for a regional inference tier) when they are signed
@@ -102,6 +104,9 @@ pub enum UpstreamError {
     /// This coordinator cannot take the task on.
     #[error("cannot take on the root's task: {0}")]
     Refusing(String),
+    /// The root's name does not resolve.
+    #[error("cannot resolve the root's address {0}: {1}")]
+    Resolve(String, String),
     /// The store failed: the coordinator stopped.
     #[error("the coordinator's storage failed")]
     Storage,
@@ -292,7 +297,8 @@ async fn follow(me: Weak<Coordinator>, upstream: Upstream) {
 /// One session with the root: Hello, then ask for work and do it. `Ok` when the coordinator
 /// is gone or stopped.
 async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Result<(), UpstreamError> {
-    let client = Arc::new(RequestClient::connect(up.addr, &up.server_name, up.tls.clone()).await?);
+    let addr = resolve(&up.addr).await?;
+    let client = Arc::new(RequestClient::connect(addr, &up.server_name, up.tls.clone()).await?);
     let capabilities =
         Capabilities { backend: "region".into(), memory_mb: 0, charging: true, unmetered: true, num_samples: 0 };
     let hello = Hello { protocol_version: PROTOCOL_VERSION, capabilities, purpose: SessionPurpose::Train };
@@ -569,6 +575,14 @@ impl Coordinator {
         self.changed.notify_waiters();
         Ok(())
     }
+}
+
+/// The first address `host:port` names.
+async fn resolve(host_port: &str) -> Result<SocketAddr, UpstreamError> {
+    let mut found = tokio::net::lookup_host(host_port)
+        .await
+        .map_err(|e| UpstreamError::Resolve(host_port.to_string(), e.to_string()))?;
+    found.next().ok_or_else(|| UpstreamError::Resolve(host_port.to_string(), "no address".into()))
 }
 
 /// The model `task` names, fetched whole and checked against the task's hash.
