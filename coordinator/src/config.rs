@@ -147,6 +147,11 @@ fn default_calibration_examples() -> usize {
     1000
 }
 
+/// The first of `keys` that is set (a key a mode does not offer).
+fn first_set<'a>(keys: &[(&'a str, bool)]) -> Option<&'a str> {
+    keys.iter().find(|(_, set)| *set).map(|(key, _)| *key)
+}
+
 fn default_server_name() -> String {
     "localhost".into()
 }
@@ -264,7 +269,7 @@ impl ServeConfig {
             ("local_epsilon", self.local_epsilon.is_some()),
             ("max_step_norm", self.max_step_norm.is_some()),
         ];
-        if let Some((key, _)) = unsupported.iter().find(|k| k.1) {
+        if let Some(key) = first_set(&unsupported) {
             return Err(format!("{key} is not offered with [fedbuff] yet: unset it or remove [fedbuff]"));
         }
         let staleness = match f.staleness.as_str() {
@@ -312,7 +317,7 @@ impl ServeConfig {
             ("distill_every", self.distill_every.is_some()),
             ("max_step_norm", self.max_step_norm.is_some()),
         ];
-        if let Some((key, _)) = unsupported.iter().find(|k| k.1) {
+        if let Some(key) = first_set(&unsupported) {
             return Err(format!("{key} is not offered on a regional aggregator ([upstream]): set it at the root"));
         }
         if !(0.0..=1.0).contains(&u.escalate_rate) {

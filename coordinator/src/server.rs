@@ -22,7 +22,9 @@
 //! devices and their encoded bytes). The protocols are in `server/sessions.rs` (device and
 //! operator sessions), the inference glue in `server/teacher.rs`, FLTrust's reference update
 //! (trained on the server's root set beside the round) in `server/reference.rs`, what
-//! operators see in `server/views.rs`.
+//! operators see in `server/views.rs`. A regional aggregator's link to its root is
+//! `server/upstream.rs` (its job, the root's task it works on, is the `upstream` part of the
+//! state) and its middle inference tier `server/regional.rs`.
 //!
 //! # Locks and disk I/O
 //! `State` sits behind one `Mutex`, the *state lock*, held only for work in memory: no disk

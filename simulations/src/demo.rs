@@ -349,7 +349,7 @@ pub async fn run_with(
 
     let config = fedge_net::client_config(&ca.ca_pem(), &op.cert, &op.key)?;
     let started = Instant::now();
-    let connect = |addr: SocketAddr, log: &'static str| {
+    let connect = |addr: SocketAddr, log: String| {
         let (config, log) = (config.clone(), dir.path().join(log));
         async move {
             loop {
@@ -364,10 +364,10 @@ pub async fn run_with(
             }
         }
     };
-    let client = connect(addr, "coordinator.log").await?;
+    let client = connect(addr, "coordinator.log".into()).await?;
     let mut region_clients = Vec::new();
-    for a in &region_addrs {
-        region_clients.push(connect(*a, "coordinator.log").await?);
+    for (r, a) in region_addrs.iter().enumerate() {
+        region_clients.push(connect(*a, format!("region-{r}.log")).await?);
     }
     // Every device at its coordinator (the root, or its region), every region at the root.
     loop {

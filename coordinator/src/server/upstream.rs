@@ -129,10 +129,35 @@ enum JobState {
     NeedsRound,
     /// The region's round is asked for or running.
     Pending,
-    /// The region's round aggregated: this is the upload.
-    Ready(Box<TrainResult>),
+    /// The region's round aggregated into `params` (from `base`): the upload, once the delta is
+    /// formed (with the state lock released: it is model-sized work).
+    Ready(Box<Upload>),
     /// Uploaded already.
     Uploaded,
+}
+
+/// What a region's upload is made of.
+struct Upload {
+    task: UpstreamTask,
+    base: Arc<ModelParams>,
+    params: Arc<ModelParams>,
+    version: u64,
+    samples: u64,
+    train_loss: f64,
+}
+
+impl Upload {
+    /// The result the root is sent: the aggregated version minus the adopted one.
+    fn result(&self) -> Result<TrainResult, fedge_core::params::ParamsError> {
+        Ok(TrainResult {
+            round: self.task.root_round,
+            model_version: self.task.root_version,
+            num_samples: self.samples,
+            train_loss: self.train_loss as f32,
+            delta: self.params.delta_from(&self.base)?,
+            clipped: false,
+        })
+    }
 }
 
 /// How often a region asks its root for work, and looks at its own round, while waiting.
@@ -203,20 +228,14 @@ impl Coordinator {
         // The one round asked for since the adoption aggregated into the published version.
         let line = s.rounds.history.iter().rev().find(|l| l.model_version == published && l.failed_reason.is_none());
         let (Some(line), Some(params)) = (line, s.downloads.model(published)) else { return JobState::Pending };
-        match params.delta_from(&job.base) {
-            Ok(delta) => JobState::Ready(Box::new(TrainResult {
-                round: job.task.root_round,
-                model_version: job.task.root_version,
-                num_samples: line.samples,
-                train_loss: line.train_loss as f32,
-                delta,
-                clipped: false,
-            })),
-            Err(e) => {
-                tracing::error!("regional aggregator: cannot form the upload of v{published}: {e}");
-                JobState::Other
-            }
-        }
+        JobState::Ready(Box::new(Upload {
+            task: job.task.clone(),
+            base: job.base.clone(),
+            params,
+            version: published,
+            samples: line.samples,
+            train_loss: line.train_loss,
+        }))
     }
 
     /// Takes on root task `task` with its model `params` (hash checked): adopted as the next
@@ -321,6 +340,8 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
     let mut relayed_refused = None;
     // The root round already said to wait for an earlier region round (said once).
     let mut waiting_for = None;
+    // The root task last refused (round, version).
+    let mut refused_task = None;
     loop {
         let Some(c) = me.upgrade() else { return Ok(()) };
         if c.storage_failure().is_some() {
@@ -367,12 +388,20 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
                     tokio::time::sleep(5 * POLL).await;
                     continue;
                 }
+                // A task this region cannot take on (a model of another layout, settings its
+                // engine refuses) is refused once, not fetched again every second.
+                if refused_task == Some((task.round, task.model_version)) {
+                    drop(c);
+                    tokio::time::sleep(10 * POLL).await;
+                    continue;
+                }
                 let params = fetch(&client, &task).await?;
                 if let Err(e) = c.take_on(&task, params) {
                     if matches!(e, UpstreamError::Storage) {
                         return Ok(());
                     }
-                    tracing::warn!("regional aggregator: {e}");
+                    tracing::warn!("regional aggregator: root round {}: {e}; not taking it on", task.round);
+                    refused_task = Some((task.round, task.model_version));
                     drop(c);
                     tokio::time::sleep(10 * POLL).await;
                 }
@@ -382,9 +411,20 @@ async fn session(me: &Weak<Coordinator>, up: &Upstream, attempt: &mut u32) -> Re
                 drop(c);
                 tokio::time::sleep(POLL).await;
             }
-            JobState::Ready(result) => {
+            JobState::Ready(upload) => {
+                drop(c);
+                let result = match upload.result() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Cannot happen for a version made from the base; said, and the task waits.
+                        tracing::error!("regional aggregator: cannot form the upload of v{}: {e}", upload.version);
+                        tokio::time::sleep(10 * POLL).await;
+                        continue;
+                    }
+                };
+                let Some(c) = me.upgrade() else { return Ok(()) };
                 let round = result.round;
-                match client.request(&Message::TrainResult(*result)).await? {
+                match client.request(&Message::TrainResult(result)).await? {
                     Message::Ack { .. } | Message::Error { code: ErrorCode::Duplicate, .. } => {
                         tracing::info!("regional aggregator: root round {round}: result acknowledged");
                         c.job_uploaded();

@@ -13,6 +13,9 @@ use super::Coordinator;
 impl Coordinator {
     /// The state operators see.
     pub fn status(&self) -> Status {
+        // A region's link and tier have their own locks: read before the state lock.
+        let connected = self.upstream_link.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let regional_model = self.regional_model();
         let (status, params) = {
             let s = self.lock();
             let engine = &s.rounds.engine;
@@ -24,12 +27,12 @@ impl Coordinator {
             let upstream = self.is_region().then(|| {
                 let job = s.upstream.as_ref();
                 Box::new(fedge_core::wire::UpstreamLine {
-                    connected: self.upstream_link.lock().unwrap_or_else(|p| p.into_inner()).is_some(),
+                    connected,
                     root_round: job.map(|j| j.task.root_round),
                     root_version: job.map(|j| j.task.root_version),
                     adopted_as: job.map(|j| j.task.base),
                     uploaded: job.is_some_and(|j| j.uploaded),
-                    regional_model: self.regional_model(),
+                    regional_model,
                 })
             });
             let status = Status {
