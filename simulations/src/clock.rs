@@ -17,19 +17,22 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedge_core::ModelParams;
 use fedge_core::codec;
 use fedge_core::rng::{derive_rng, stream};
-use fedge_core::wire::{DeviceId, Message};
+use fedge_core::wire::{DeviceId, Message, TrainResult, TrainTask};
+use fedge_edge::TaskOutcome;
 use fedge_engine::strategy::Strategy;
 use fedge_engine::{EngineEvent, RoundEngine, RoundReport};
 use rand::RngExt;
 
 use crate::attack::Attack;
 use crate::devices::DeviceSpeed;
-use crate::pool::{Job, Pool};
+use crate::pool::{Done, Job, Pool};
 use crate::run::Observer;
 use crate::secure::SecureSetup;
 use crate::secure::protocol::{self, Secured};
+use crate::shard::Hosted;
 
 /// One result as the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,6 +88,10 @@ pub(crate) struct Fleet<'a> {
     pub secure: Option<SecureSetup>,
     /// At most this many examples per device and round (`local_examples`).
     pub local_examples: Option<usize>,
+    /// A shard of a sharded run trains only the devices it hosts; the others' results are
+    /// placeholders (their sample counts, a zero delta) that keep the engine's decisions the
+    /// whole run's ([`crate::shard`]).
+    pub hosted: Option<Hosted>,
 }
 
 impl Fleet<'_> {
@@ -103,19 +110,32 @@ impl Fleet<'_> {
     }
 }
 
+/// What a round left besides its trace: bytes uploaded, and (in a shard) the accepted results of
+/// the devices it hosts, in arrival order.
+pub(crate) struct RoundOutput {
+    /// The round as it happened.
+    pub trace: RoundTrace,
+    /// Bytes the devices uploaded.
+    pub upload_bytes: u64,
+    /// A shard's hosted devices' accepted results (empty without [`Fleet::hosted`]).
+    pub hosted: Vec<(DeviceId, TrainResult)>,
+}
+
 /// Runs the open round `round`, started at `start`, to its close: its tasks go to the pool,
-/// its results come back to the engine in virtual-time order. Returns the trace and the bytes
-/// uploaded.
+/// the devices training from `global`, and their results come back to the engine in
+/// virtual-time order.
 pub(crate) fn drive_round(
     engine: &mut RoundEngine<Box<dyn Strategy>>,
     pool: &Pool,
     fleet: &Fleet<'_>,
+    global: Arc<ModelParams>,
     round: u64,
     start: Duration,
     obs: &mut dyn Observer,
-) -> (RoundTrace, u64) {
+) -> RoundOutput {
     let deadline = engine.poll_timeout().expect("the round is open");
-    let global = Arc::new(engine.global().clone());
+    let foreign = |device: DeviceId| fleet.hosted.is_some_and(|h| !h.hosts(device));
+    let mut hosted_results = Vec::new();
     let mut dropout_rng = derive_rng(fleet.seed, &[stream::DROPOUT, round]);
     let mut planned = Vec::new();
     let mut dropped = Vec::new();
@@ -141,7 +161,18 @@ pub(crate) fn drive_round(
     // Arrival order; the sort is stable, so ties stay in selection order.
     planned.sort_by_key(|p| p.0);
     let due: Vec<(Duration, DeviceId)> = planned.iter().map(|p| (p.0, p.1)).collect();
-    for (seq, (_, device, task, indices, data)) in planned.into_iter().enumerate() {
+    // A shard's other devices are not trained: their placeholders are made as they are due.
+    let mut placeholders = BTreeMap::new();
+    // A shard's devices train from the root's model, not the engine's own.
+    let global_hash = fleet.hosted.map(|_| global.content_hash());
+    for (seq, (_, device, mut task, indices, data)) in planned.into_iter().enumerate() {
+        if foreign(device) {
+            placeholders.insert(seq, (task, indices.len() as u64));
+            continue;
+        }
+        if let Some(hash) = global_hash {
+            task.model_hash = hash;
+        }
         pool.submit(Job { seq, device, task, global: global.clone(), indices, data });
     }
     obs.round_started(round, selected);
@@ -176,6 +207,10 @@ pub(crate) fn drive_round(
         attack.apply(round, selected, attackers, &mut deltas);
     }
     while next < due.len() {
+        if let Some((task, samples)) = placeholders.remove(&next) {
+            let device = due[next].1;
+            waiting.insert(next, placeholder(next, device, &task, samples, &global));
+        }
         if !waiting.contains_key(&next) {
             let done = pool.next_done();
             obs.device_done();
@@ -202,12 +237,18 @@ pub(crate) fn drive_round(
             }
             let open = engine.current_round() == Some(round);
             let accepted = match done.outcome {
+                Ok(outcome) if foreign(device) => engine.handle_train_result(at, device, &outcome.result).is_ok(),
                 Ok(outcome) => {
                     let bytes = codec::encode(&Message::TrainResult(outcome.result));
                     upload_bytes += bytes.len() as u64;
                     match codec::decode(&bytes) {
                         Ok(Message::TrainResult(result)) => match engine.handle_train_result(at, device, &result) {
-                            Ok(()) => true,
+                            Ok(()) => {
+                                if fleet.hosted.is_some() {
+                                    hosted_results.push((device, result));
+                                }
+                                true
+                            }
                             Err(e) => {
                                 // After the close every result is refused as stale: the
                                 // round's report counts those devices as stragglers.
@@ -245,7 +286,25 @@ pub(crate) fn drive_round(
         Some(other) => unreachable!("no task is assigned while a round is open: {other:?}"),
         None => unreachable!("the round closed by its deadline at the latest"),
     };
-    (RoundTrace { start, deadline, dropped, arrivals, report, attackers }, upload_bytes)
+    RoundOutput {
+        trace: RoundTrace { start, deadline, dropped, arrivals, report, attackers },
+        upload_bytes,
+        hosted: hosted_results,
+    }
+}
+
+/// A result standing in for a device another shard trains: what the engine's decisions read
+/// of it (round, version, sample count) are the real result's; the delta is zero.
+fn placeholder(seq: usize, device: DeviceId, task: &TrainTask, samples: u64, global: &ModelParams) -> Done {
+    let result = TrainResult {
+        round: task.round,
+        model_version: task.model_version,
+        num_samples: samples,
+        train_loss: f32::NAN,
+        delta: ModelParams::zeros(global.layout().clone()),
+        clipped: false,
+    };
+    Done { seq, device, outcome: Ok(TaskOutcome { result, clip: None, noise_std: None, steps: 0 }) }
 }
 
 /// Runs secure aggregation among the round's on-time results and hands the engine their sum

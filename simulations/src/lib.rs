@@ -24,6 +24,7 @@ pub mod privacy_args;
 pub mod run;
 pub mod run_args;
 pub mod secure;
+pub mod shard;
 pub mod strategy_args;
 
 pub use config::{SimConfig, SimConfigError};

@@ -19,6 +19,58 @@ struct Cli {
     command: Command,
 }
 
+/// `fedge-sim shard`.
+#[derive(clap::Args)]
+struct ShardArgs {
+    /// The simulation's config file (the same for every shard).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override the config's data folder (it may differ between machines).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// This shard's index (default: $JOB_COMPLETION_INDEX, as in a Kubernetes Indexed Job).
+    #[arg(long, requires = "shards")]
+    shard: Option<u32>,
+    /// How many shards (default: $FEDGE_SHARDS, the Job's completions).
+    #[arg(long, requires = "shard")]
+    shards: Option<u32>,
+    /// The root coordinator, host:port (a name is looked up at every connection).
+    #[arg(long)]
+    root: String,
+    /// The name in the root's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// The fleet CA certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// This shard's aggregator certificate (`fedge-coordinator certs issue-aggregator`).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Its key.
+    #[arg(long)]
+    key: PathBuf,
+    /// Record the run here (rounds.csv): give it to one shard.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seconds to keep trying to reach the root before giving up.
+    #[arg(long, default_value_t = 300)]
+    patience_secs: u64,
+}
+
+impl ShardArgs {
+    fn setup(&self) -> anyhow::Result<(fedge_sim::config::SimConfig, fedge_sim::shard::Hosted)> {
+        let mut c = fedge_sim::config::SimConfig::from_file(&self.config)?;
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        let hosted = match (self.shard, self.shards) {
+            (Some(i), Some(n)) => fedge_sim::shard::Hosted::new(i, n)?,
+            _ => fedge_sim::shard::Hosted::from_env()?,
+        };
+        Ok((c, hosted))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a simulation (FedAvg over virtual devices) and write rounds.csv, summary.json and
@@ -46,6 +98,47 @@ enum Command {
         /// behind region i mod R): hierarchical aggregation and three inference tiers.
         #[arg(long, default_value_t = 0)]
         regions: usize,
+    },
+    /// Run shard I of N of a simulation against its root coordinator over QUIC, with an
+    /// aggregator certificate: the virtual devices whose index is I mod N, their updates
+    /// pre-aggregated. The shard given --out (shard 0) writes the run's rounds.csv.
+    Shard(Box<ShardArgs>),
+    /// Print the root's coordinator.toml for a sharded run of a simulation config (same model,
+    /// initial model, training settings and strategy; every shard sampled every round).
+    ShardRoot {
+        /// The simulation's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Shard processes.
+        #[arg(long)]
+        shards: u32,
+        /// Where the root listens.
+        #[arg(long, default_value = "0.0.0.0:4433")]
+        listen: String,
+        /// The fleet's certificate folder at the root.
+        #[arg(long, default_value = "certs")]
+        certs_dir: PathBuf,
+        /// The root's state folder.
+        #[arg(long, default_value = "state")]
+        state_dir: PathBuf,
+        /// Wall-clock seconds a round waits for the shards.
+        #[arg(long, default_value_t = 3600)]
+        round_timeout_secs: u64,
+    },
+    /// Run a simulation as N shard processes against a root coordinator on this machine (fresh
+    /// certificates, started as a Kubernetes Indexed Job starts them); writes OUT/rounds.csv
+    /// (the same rows as `run` gives for the config), the processes' logs and shards.json
+    /// (round times, peak memory).
+    Shards {
+        /// The simulation's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Shard processes.
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        /// Output folder.
+        #[arg(long, default_value = "runs/shards")]
+        out: PathBuf,
     },
     /// Hybrid inference: train a teacher, distil the int8 student, calibrate escalation on
     /// held-out images, and print local-only, cloud-only and cascade accuracy at target
@@ -414,6 +507,69 @@ fn real_main() -> anyhow::Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        Command::Shard(args) => {
+            let (config, hosted) = args.setup()?;
+            let mut console = Console::new(config.rounds);
+            let opts = fedge_sim::shard::ShardOptions {
+                config,
+                hosted,
+                root: args.root.clone(),
+                server_name: args.server_name.clone(),
+                tls: fedge_edge::link::DeviceTls {
+                    ca: args.ca.clone(),
+                    cert: args.cert.clone(),
+                    key: args.key.clone(),
+                },
+                out: args.out.clone(),
+                patience: std::time::Duration::from_secs(args.patience_secs),
+            };
+            let report = fedge_sim::shard::run_shard(opts, &mut console)?;
+            println!(
+                "shard {} of {} done: {} rounds trained ({} device results), {} replayed",
+                hosted.index(),
+                hosted.count(),
+                report.rounds_trained,
+                report.devices_trained,
+                report.rounds_replayed
+            );
+            Ok(())
+        }
+        Command::ShardRoot { config, shards, listen, certs_dir, state_dir, round_timeout_secs } => {
+            let c = fedge_sim::config::SimConfig::from_file(&config)?;
+            let place = fedge_sim::shard::RootPlace {
+                listen: &listen,
+                certs_dir: &certs_dir,
+                state_dir: &state_dir,
+                round_timeout_secs,
+            };
+            print!("{}", fedge_sim::shard::root_config(&c, shards, &place)?);
+            Ok(())
+        }
+        Command::Shards { config, shards, out } => {
+            let c = fedge_sim::config::SimConfig::from_file(&config)?;
+            let report = tokio::runtime::Runtime::new()?.block_on(fedge_sim::shard::launch(
+                &config,
+                &c,
+                shards,
+                &out,
+                |line| println!("{line}"),
+            ))?;
+            let json = out.join("shards.json");
+            std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("cannot write {}", json.display()))?;
+            let mean = report.round_seconds.iter().sum::<f64>() / report.round_seconds.len().max(1) as f64;
+            println!(
+                "{} shards: {} rounds in {:.1} s (mean round {mean:.2} s at the root); peak RSS: root {:.0} MiB, shards {} MiB\nrows: {}; logs and shards.json in {}",
+                report.shards,
+                report.round_seconds.len(),
+                report.wall_seconds,
+                report.root_peak_rss_mib,
+                report.shard_peak_rss_mib.iter().map(|m| format!("{m:.0}")).collect::<Vec<_>>().join(" + "),
+                report.rounds_csv.display(),
+                out.display()
+            );
             Ok(())
         }
         Command::Coordinator { config } => {

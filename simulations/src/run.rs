@@ -19,7 +19,7 @@ use fedge_core::partition::PartitionReport;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, Message};
 use fedge_engine::strategy::{self, Strategy};
-use fedge_engine::{Evaluation, RoundEngine, RoundOutcome, StartError};
+use fedge_engine::{Evaluation, RoundEngine, StartError};
 use fedge_learn::Trainer;
 use rand::RngExt;
 use thiserror::Error;
@@ -121,10 +121,40 @@ pub(crate) fn load_data(config: &SimConfig) -> Result<fedge_core::dataset::Train
     })
 }
 
-/// Runs a simulation; writes `rounds.csv`, `summary.json`, `partition.json` and the plots
-/// `accuracy.svg` and `accuracy.png` ([`crate::plot`]) under `out` if given.
-pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Result<SimOutput, SimError> {
-    let started = Instant::now();
+/// What a run (or a shard of one) starts from, made the same way every time from the config:
+/// the data with its held-out sets, the partition, the round engine with the initial model, the
+/// devices' speeds.
+pub(crate) struct Prepared {
+    /// The training split, shared with the workers.
+    pub train: Arc<fedge_core::dataset::Dataset>,
+    /// The test split (or its seeded sample).
+    pub test: fedge_core::dataset::Dataset,
+    /// Classes of the task.
+    pub num_classes: usize,
+    /// Distillation's proxy set (training indices), empty without distillation.
+    pub proxy: Vec<usize>,
+    /// FLTrust's root set (training indices), empty without it.
+    pub root: Vec<usize>,
+    /// The partition's report.
+    pub partition: PartitionReport,
+    /// Each device with data, and its example indices.
+    pub device_data: BTreeMap<DeviceId, Arc<Vec<usize>>>,
+    /// The evaluator (and FLTrust's server trainer).
+    pub evaluator: Trainer,
+    /// The round engine, every device with data available, model version 0 the seeded initial.
+    pub engine: RoundEngine<Box<dyn Strategy>>,
+    /// Byzantine devices, if the run has any.
+    pub attack: Option<Attack>,
+    /// Every device's speeds.
+    pub speeds: Vec<crate::devices::DeviceSpeed>,
+    /// Bytes of the encoded global model.
+    pub model_bytes: u64,
+    /// Parameters of the model.
+    pub parameters: usize,
+}
+
+/// Makes a run's starting point from `config` (checked), telling `obs` about the partition.
+pub(crate) fn prepare(config: &SimConfig, obs: &mut dyn Observer) -> Result<Prepared, SimError> {
     config.validate()?;
     let mut data = load_data(config)?;
     if let Some(n) = config.test_examples {
@@ -180,26 +210,9 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     if config.devices > 3 {
         obs.line("  (every device's size and label counts: partition.json)");
     }
-
-    let mut csv_out = match out {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|cause| SimError::Output { path: dir.to_path_buf(), cause })?;
-            write_json(&dir.join("partition.json"), &partition)?;
-            let path = dir.join("rounds.csv");
-            let file = std::fs::File::create(&path).map_err(|cause| SimError::Output { path: path.clone(), cause })?;
-            Some((csv::Writer::from_writer(file), path))
-        }
-        None => None,
-    };
-
     let mut evaluator = Trainer::new(config.model, num_classes, config.backend)?;
     // Evaluation runs while the workers wait: it may use every core.
     evaluator.set_threads(fedge_learn::Threads::Rayon(0));
-    let mut distiller = match config.distill_every {
-        Some(_) => Some(Distiller::new(config, num_classes, proxy)?),
-        None => None,
-    };
-    let mut distilled = None;
     let initial = evaluator.initial_params(derive_rng(config.seed, &[stream::INIT]).random());
     let parameters = initial.numel();
     let engine_config = config.engine_config()?;
@@ -216,19 +229,10 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     for &d in device_data.keys() {
         engine.handle_device_available(d);
     }
-    let workers = match config.workers {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
     let attack = Attack::from_config(config, &data.train, &device_data);
     if let Some(a) = &attack {
         obs.line(&format!("attack {}: {} of {} devices are attackers", a.kind(), a.attackers().len(), config.devices));
     }
-    let train = Arc::new(data.train);
-    let train_for_distill = train.clone();
-    let train_for_root = train.clone();
-    let pool = Pool::new(workers, config.model, num_classes, config.backend, train, config.seed)?;
-
     let speeds = config.speed.draw(config.devices, config.seed);
     let model_bytes = codec::encode(&Message::Model {
         version: 0,
@@ -236,6 +240,68 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         params: engine.global().clone(),
     })
     .len() as u64;
+    Ok(Prepared {
+        train: Arc::new(data.train),
+        test: data.test,
+        num_classes,
+        proxy,
+        root,
+        partition,
+        device_data,
+        evaluator,
+        engine,
+        attack,
+        speeds,
+        model_bytes,
+        parameters,
+    })
+}
+
+/// The worker threads a run uses: `workers`, or every core for 0.
+pub(crate) fn worker_count(config: &SimConfig) -> usize {
+    match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Runs a simulation; writes `rounds.csv`, `summary.json`, `partition.json` and the plots
+/// `accuracy.svg` and `accuracy.png` ([`crate::plot`]) under `out` if given.
+pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Result<SimOutput, SimError> {
+    let started = Instant::now();
+    let Prepared {
+        train,
+        test,
+        num_classes,
+        proxy,
+        root,
+        partition,
+        device_data,
+        mut evaluator,
+        mut engine,
+        attack,
+        speeds,
+        model_bytes,
+        parameters,
+    } = prepare(config, obs)?;
+    let mut csv_out = match out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|cause| SimError::Output { path: dir.to_path_buf(), cause })?;
+            write_json(&dir.join("partition.json"), &partition)?;
+            let path = dir.join("rounds.csv");
+            let file = std::fs::File::create(&path).map_err(|cause| SimError::Output { path: path.clone(), cause })?;
+            Some((csv::Writer::from_writer(file), path))
+        }
+        None => None,
+    };
+    let mut distiller = match config.distill_every {
+        Some(_) => Some(Distiller::new(config, num_classes, proxy)?),
+        None => None,
+    };
+    let mut distilled = None;
+    let train_for_distill = train.clone();
+    let train_for_root = train.clone();
+    let pool = Pool::new(worker_count(config), config.model, num_classes, config.backend, train, config.seed)?;
     let fleet = Fleet {
         speeds: &speeds,
         model_bytes,
@@ -249,6 +315,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             device_data.values().map(|d| d.len() as u64).max().unwrap_or(1),
         ),
         local_examples: config.local_examples,
+        hosted: None,
     };
     if config.mode == Mode::Fedbuff {
         let setup = fedbuff::Setup {
@@ -257,7 +324,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
             pool,
             fleet,
             evaluator: &mut evaluator,
-            test: &data.test,
+            test: &test,
             csv: csv_out,
             partition,
             parameters,
@@ -300,13 +367,15 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
                 obs.line(&format!("round {round}: no reference update: {e}; the round fails at its deadline"));
             }
         }
-        let (trace, bytes) = drive_round(&mut engine, &pool, &fleet, round, now, obs);
-        upload_bytes += bytes;
+        let global = Arc::new(engine.global().clone());
+        let done = drive_round(&mut engine, &pool, &fleet, global, round, now, obs);
+        let trace = done.trace;
+        upload_bytes += done.upload_bytes;
         now = trace.report.closed_at;
         let report = &trace.report;
         let evaluate = r % config.eval_every == 0 || r == config.rounds;
         let eval = if evaluate {
-            let e = score(&mut evaluator, engine.global(), &data.test, &mut best)?;
+            let e = score(&mut evaluator, engine.global(), &test, &mut best)?;
             engine.handle_evaluation(report.model_version, e);
             last_eval = Some(e);
             Some(e)
@@ -316,7 +385,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         if let (Some(d), Some(k)) = (distiller.as_mut(), config.distill_every)
             && (r % k == 0 || r == config.rounds)
         {
-            let out = d.distill(&mut evaluator, engine.global(), &train_for_distill, &data.test)?;
+            let out = d.distill(&mut evaluator, engine.global(), &train_for_distill, &test)?;
             obs.line(&format!(
                 "round {round}: distilled {} student, int8 accuracy {:.2}% (f32 {:.2}%), {} bytes vs the teacher's {}",
                 config.student_model,
@@ -329,25 +398,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         }
         let secs = round_started.elapsed().as_secs_f64();
         round_seconds.push(secs);
-        let row = RoundRow {
-            round,
-            accuracy: eval.map(|e| e.accuracy),
-            loss: eval.map(|e| e.loss),
-            train_loss: report.train_loss,
-            model_version: report.model_version,
-            selected: report.selected,
-            results: report.results,
-            failures: report.failures + report.stragglers.len(),
-            samples: report.samples,
-            aggregated: report.outcome == RoundOutcome::Aggregated,
-            virtual_start_s: seconds(trace.start),
-            virtual_duration_s: seconds(trace.duration()),
-            clip_norm: report.privacy.map(|p| p.clip_norm),
-            epsilon: engine.privacy_ledger().map(|l| l.epsilon()),
-            mean_staleness: None,
-            max_staleness: None,
-            attackers: trace.attackers,
-        };
+        let row = RoundRow::of_round(&trace, eval, engine.privacy_ledger().map(|l| l.epsilon()));
         obs.line(&format_row(&row, config.rounds, secs, report));
         if let Some((w, path)) = csv_out.as_mut() {
             w.serialize(&row)
@@ -369,7 +420,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
     // A budget stop can leave the last round run unevaluated.
     let final_eval = match (last_eval, rows.last()) {
         (Some(e), Some(row)) if row.accuracy.is_some() => e,
-        _ => score(&mut evaluator, engine.global(), &data.test, &mut best)?,
+        _ => score(&mut evaluator, engine.global(), &test, &mut best)?,
     };
     let sampling_rate = engine.privacy_ledger().and_then(|l| l.entries().last().map(|e| e.sampling_rate));
     let summary = Summary {
@@ -414,7 +465,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
 
 /// Seconds, as the nearest `f64` to the exact decimal (`as_secs_f64` can print 2.1939859999999998
 /// for 2.193986).
-fn seconds(d: Duration) -> f64 {
+pub(crate) fn seconds(d: Duration) -> f64 {
     d.as_nanos() as f64 / 1e9
 }
 

@@ -142,6 +142,12 @@ impl Coordinator {
                 })
             }
             Message::TrainResult(result) => Reply::Message(self.handle_train_result(id, name, result, received)),
+            // An aggregator may read the root's status (its rounds' history): a sharded
+            // simulation's recorder takes each round's training loss from it. Nothing else an
+            // operator may do is open to it.
+            Message::Operator(OperatorCommand::Status) if self.lock().fleet.aggregators.contains(&id) => {
+                Reply::Message(Message::Status(self.status()))
+            }
             other => {
                 self.prepare_download(&other).await;
                 self.answer(id, other)

@@ -56,6 +56,37 @@ pub struct RoundRow {
     pub attackers: usize,
 }
 
+impl RoundRow {
+    /// The row of a synchronous round from its trace and, if the model after it was scored,
+    /// the evaluation; `epsilon` is what the run has spent so far under central DP.
+    pub(crate) fn of_round(
+        trace: &crate::clock::RoundTrace,
+        eval: Option<fedge_engine::Evaluation>,
+        epsilon: Option<f64>,
+    ) -> Self {
+        let report = &trace.report;
+        Self {
+            round: report.round,
+            accuracy: eval.map(|e| e.accuracy),
+            loss: eval.map(|e| e.loss),
+            train_loss: report.train_loss,
+            model_version: report.model_version,
+            selected: report.selected,
+            results: report.results,
+            failures: report.failures + report.stragglers.len(),
+            samples: report.samples,
+            aggregated: report.outcome == fedge_engine::RoundOutcome::Aggregated,
+            virtual_start_s: super::seconds(trace.start),
+            virtual_duration_s: super::seconds(trace.duration()),
+            clip_norm: report.privacy.map(|p| p.clip_norm),
+            epsilon,
+            mean_staleness: None,
+            max_staleness: None,
+            attackers: trace.attackers,
+        }
+    }
+}
+
 /// `summary.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {

@@ -1,0 +1,70 @@
+use super::*;
+
+fn small() -> SimConfig {
+    SimConfig { devices: 12, rounds: 2, ..SimConfig::default() }
+}
+
+#[test]
+fn a_shard_hosts_the_devices_congruent_to_its_index() {
+    let h = Hosted::new(1, 4).unwrap();
+    let hosted: Vec<u64> = (0..12).filter(|&d| h.hosts(d)).collect();
+    assert_eq!(hosted, [1, 5, 9]);
+    assert!((0..12).all(|d| !h.replay_only().hosts(d)));
+    // Every device on exactly one shard.
+    let shards: Vec<Hosted> = (0..4).map(|i| Hosted::new(i, 4).unwrap()).collect();
+    assert!((0..100).all(|d| shards.iter().filter(|s| s.hosts(d)).count() == 1));
+    assert!(matches!(Hosted::new(4, 4), Err(ShardError::Index { index: 4, count: 4 })));
+    assert!(matches!(Hosted::new(0, 0), Err(ShardError::Index { .. })));
+}
+
+#[test]
+fn what_needs_every_update_is_refused_by_name() {
+    assert!(check_shardable(&small()).is_ok());
+    let cases: Vec<(SimConfig, &str)> = vec![
+        (SimConfig { strategy: "median".into(), ..small() }, "strategy `median`"),
+        (SimConfig { noise_multiplier: Some(1.0), clip_norm: Some(1.0), ..small() }, "central DP"),
+        (SimConfig { local_epsilon: Some(8.0), clip_norm: Some(1.0), ..small() }, "local DP"),
+        (SimConfig { secure_aggregation: true, clip_norm: Some(1.0), ..small() }, "secure_aggregation"),
+        (SimConfig { mode: Mode::Fedbuff, ..small() }, "fedbuff"),
+        (SimConfig { distill_every: Some(1), ..small() }, "distill_every"),
+        (SimConfig { target_accuracy: Some(0.9), ..small() }, "target_accuracy"),
+    ];
+    for (config, says) in cases {
+        let e = check_shardable(&config).expect_err(says).to_string();
+        assert!(e.contains("a sharded run") && e.contains(says), "{e}");
+    }
+}
+
+#[test]
+fn the_root_config_is_a_coordinator_config_with_the_simulations_settings() {
+    let config = SimConfig {
+        strategy: "fedavgm".into(),
+        strategy_options: fedge_engine::StrategyOptions { server_momentum: Some(0.5), ..Default::default() },
+        clip_norm: Some(2.5),
+        lr: 0.05,
+        ..small()
+    };
+    let place = RootPlace {
+        listen: "0.0.0.0:4433",
+        certs_dir: Path::new("/certs"),
+        state_dir: Path::new("/state"),
+        round_timeout_secs: 900,
+    };
+    let text = root_config(&config, 4, &place).unwrap();
+    let root: fedge_coordinator::config::ServeConfig = fedge_core::config_file::parse_toml(&text).unwrap();
+    assert_eq!(root.seed, root_seed(&config));
+    assert_eq!((root.fraction, root.min_train_clients, root.accept_failures), (1.0, 4, false));
+    assert_eq!(
+        (root.epochs, root.batch_size, root.lr, root.clip_norm),
+        (config.epochs, config.batch_size, 0.05, Some(2.5))
+    );
+    assert_eq!(root.strategy, "fedavgm");
+    assert_eq!(root.strategy_options.server_momentum, Some(0.5));
+    assert_eq!(root.round_timeout_secs, 900);
+    assert_eq!(root.model, config.model.to_string());
+    // The root's version 0 is the simulation's initial model.
+    let mut t = fedge_learn::Trainer::new(config.model, 10, fedge_learn::BackendKind::Cpu).unwrap();
+    let sim = t.initial_params(derive_rng(config.seed, &[stream::INIT]).random());
+    assert_eq!(t.initial_params(root.seed).content_hash(), sim.content_hash());
+    assert!(root_config(&SimConfig { strategy: "krum".into(), ..small() }, 4, &place).is_err());
+}
