@@ -43,13 +43,14 @@ struct ShardArgs {
     /// The fleet CA certificate.
     #[arg(long)]
     ca: PathBuf,
-    /// This shard's aggregator certificate (`fedge-coordinator certs issue-aggregator`).
+    /// This shard's aggregator certificate (`fedge-coordinator certs issue-aggregator`); `{index}`
+    /// in the path is replaced by the shard's index (one Job template for every shard).
     #[arg(long)]
-    cert: PathBuf,
-    /// Its key.
+    cert: String,
+    /// Its key (`{index}` as in --cert).
     #[arg(long)]
-    key: PathBuf,
-    /// Record the run here (rounds.csv): give it to one shard.
+    key: String,
+    /// Shard 0 records the run here (rounds.csv); the others ignore it.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Seconds to keep trying to reach the root before giving up.
@@ -58,6 +59,11 @@ struct ShardArgs {
 }
 
 impl ShardArgs {
+    /// `--cert` or `--key` for shard `hosted`.
+    fn path(template: &str, hosted: fedge_sim::shard::Hosted) -> PathBuf {
+        PathBuf::from(template.replace("{index}", &hosted.index().to_string()))
+    }
+
     fn setup(&self) -> anyhow::Result<(fedge_sim::config::SimConfig, fedge_sim::shard::Hosted)> {
         let mut c = fedge_sim::config::SimConfig::from_file(&self.config)?;
         if let Some(d) = &self.data_dir {
@@ -519,10 +525,10 @@ fn real_main() -> anyhow::Result<()> {
                 server_name: args.server_name.clone(),
                 tls: fedge_edge::link::DeviceTls {
                     ca: args.ca.clone(),
-                    cert: args.cert.clone(),
-                    key: args.key.clone(),
+                    cert: ShardArgs::path(&args.cert, hosted),
+                    key: ShardArgs::path(&args.key, hosted),
                 },
-                out: args.out.clone(),
+                out: args.out.clone().filter(|_| hosted.index() == 0),
                 patience: std::time::Duration::from_secs(args.patience_secs),
             };
             let report = fedge_sim::shard::run_shard(opts, &mut console)?;

@@ -1,7 +1,8 @@
 //! `fedge-sim shards`: one sharded experiment on this machine, in one command: fresh
 //! certificates, the root coordinator (`fedge-sim shard-root`'s config) and `N` shard
-//! processes, started as a Kubernetes Indexed Job starts them (`JOB_COMPLETION_INDEX`,
-//! `FEDGE_SHARDS`), the rounds started through an operator command, shard 0 recording
+//! processes, started as a Kubernetes Indexed Job starts them (one command line for all, the
+//! index from `JOB_COMPLETION_INDEX`, the count from `FEDGE_SHARDS`, each shard's certificate
+//! picked by `{index}`), the rounds started through an operator command, shard 0 recording
 //! `rounds.csv`.
 
 use std::net::{SocketAddr, UdpSocket};
@@ -137,8 +138,12 @@ pub async fn launch(
             .spawn()
             .map_err(io("cannot start the root"))?,
     );
+    let mut shard_certs = Vec::new();
     for i in 0..shards {
-        let issued = ca.issue(Role::Aggregator, &format!("shard-{i}"), 1)?;
+        shard_certs.push(ca.issue(Role::Aggregator, &format!("shard-{i}"), 1)?);
+    }
+    let template = |p: &Path| p.display().to_string().replace("shard-0.", "shard-{index}.");
+    for i in 0..shards {
         let (o, e) = log(&format!("shard-{i}.log"))?;
         let mut cmd = Command::new(&exe);
         cmd.arg("shard")
@@ -147,19 +152,15 @@ pub async fn launch(
             .args(["--root", &listen, "--server-name", "localhost"])
             .arg("--ca")
             .arg(ca.ca_pem())
-            .arg("--cert")
-            .arg(&issued.cert)
-            .arg("--key")
-            .arg(&issued.key)
+            .args(["--cert", &template(&shard_certs[0].cert), "--key", &template(&shard_certs[0].key)])
+            .arg("--out")
+            .arg(out)
             // As an Indexed Job starts its pods.
             .env("JOB_COMPLETION_INDEX", i.to_string())
             .env("FEDGE_SHARDS", shards.to_string())
             .stdin(Stdio::null())
             .stdout(o)
             .stderr(e);
-        if i == 0 {
-            cmd.arg("--out").arg(out);
-        }
         children.0.push(cmd.spawn().map_err(io(format!("cannot start shard {i}")))?);
     }
     let tls = fedge_net::client_config(&ca.ca_pem(), &op.cert, &op.key)?;

@@ -1,0 +1,317 @@
+//! Sharded simulation as processes (issue 17): the same seeded experiment gives the same
+//! `rounds.csv` in one process (`fedge-sim run`) and as 4 shard processes against a root over
+//! QUIC (`fedge-sim shards`); and the Kubernetes contract: shards started exactly as the Indexed
+//! Job starts them (one command line, `JOB_COMPLETION_INDEX` and `FEDGE_SHARDS` in the
+//! environment), each in its own network namespace reaching the root over a veth pair, one
+//! frozen and killed in the middle of a round and started again with the same index.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fedge_coordinator::certs::{CertDir, Role};
+use fedge_core::wire::{Message, OperatorCommand, Status};
+
+const SIM: &str = env!("CARGO_BIN_EXE_fedge-sim");
+
+/// 40 devices, 10 a round, 10% dropouts, a fifth of them stragglers that miss the 5 s virtual
+/// deadline: the shards' replays must take every decision the in-process engine takes.
+const CONFIG: &str = "devices = 40\nfraction = 0.25\nrounds = 3\nepochs = 1\nbatch_size = 10\nlr = 0.05\n\
+model = \"2nn\"\ndataset = \"embedded\"\npartition = \"iid\"\ndropout = 0.1\nclip_norm = 5.0\nseed = 3\nworkers = 1\n\
+round_timeout_s = 5.0\n\n[speed]\nstraggler_fraction = 0.2\n";
+
+fn write_config(dir: &Path) -> PathBuf {
+    let path = dir.join("sim.toml");
+    std::fs::write(&path, CONFIG).unwrap();
+    path
+}
+
+/// `fedge-sim run` of the config: the reference rows.
+fn in_process(config: &Path, dir: &Path) -> (csv::StringRecord, Vec<csv::StringRecord>) {
+    let out = dir.join("in-process");
+    let run = Command::new(SIM).args(["run", "--config"]).arg(config).arg("--out").arg(&out).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    rows(&out.join("rounds.csv"))
+}
+
+fn rows(path: &Path) -> (csv::StringRecord, Vec<csv::StringRecord>) {
+    let mut r = csv::Reader::from_path(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let header = r.headers().unwrap().clone();
+    (header, r.records().map(Result::unwrap).collect())
+}
+
+/// The rows agree: counts, versions, decisions and virtual times exactly; accuracy, losses to
+/// float rounding (the shards' means are rounded to f32 before the root averages them).
+fn assert_same_rows(header: &csv::StringRecord, want: &[csv::StringRecord], got: &[csv::StringRecord]) {
+    assert_eq!(want.len(), got.len(), "rounds");
+    for (w, g) in want.iter().zip(got) {
+        for ((name, a), b) in header.iter().zip(w).zip(g) {
+            match name {
+                "accuracy" | "loss" | "train_loss" => {
+                    let (a, b): (f64, f64) = (a.parse().unwrap(), b.parse().unwrap());
+                    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "round {}: {name} {a} vs {b}", &w[0]);
+                }
+                _ => assert_eq!(a, b, "round {}: {name}", &w[0]),
+            }
+        }
+    }
+    // The experiment did what the config asks: someone dropped out, a straggler missed a
+    // deadline, and the model learned.
+    let total = |name: &str| -> u64 {
+        let i = header.iter().position(|h| h == name).unwrap();
+        want.iter().map(|r| r[i].parse::<u64>().unwrap()).sum()
+    };
+    assert!(total("failures") > 0);
+    let acc = header.iter().position(|h| h == "accuracy").unwrap();
+    assert!(want.last().unwrap()[acc].parse::<f64>().unwrap() > 0.6);
+}
+
+#[test]
+fn four_shard_processes_give_the_rounds_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let (header, want) = in_process(&config, dir.path());
+    let out = dir.path().join("sharded");
+    let run = Command::new(SIM)
+        .args(["shards", "--shards", "4", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("4 shards connected"), "{stdout}");
+    let (got_header, got) = rows(&out.join("rounds.csv"));
+    assert_eq!(header, got_header);
+    assert_same_rows(&header, &want, &got);
+    // Every shard trained its own devices and nobody else's.
+    for i in 0..4 {
+        let log = std::fs::read_to_string(out.join(format!("shard-{i}.log"))).unwrap();
+        assert!(log.contains(&format!("shard {i} of 4: 10 of 40 devices")), "{log}");
+        assert!(log.contains(&format!("shard {i} of 4 done: 3 rounds trained")), "{log}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("shards.json")).unwrap()).unwrap();
+    assert_eq!(report["shard_peak_rss_mib"].as_array().unwrap().len(), 4);
+    assert_eq!(report["round_seconds"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_sharded_run_refuses_what_needs_every_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("krum.toml");
+    std::fs::write(
+        &path,
+        format!("{CONFIG}\nstrategy = \"krum\"\n").replace("\n[speed]\nstraggler_fraction = 0.2\n", ""),
+    )
+    .unwrap();
+    let run = Command::new(SIM).args(["shard-root", "--shards", "4", "--config"]).arg(&path).output().unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("a sharded run: strategy `krum` needs every device's update"), "{err}");
+    // Without an index anywhere, a shard says where it looks for one.
+    let run = Command::new(SIM)
+        .args(["shard", "--root", "127.0.0.1:1", "--ca", "x", "--cert", "x", "--key", "x", "--config"])
+        .arg(write_config(dir.path()))
+        .env_remove("JOB_COMPLETION_INDEX")
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("JOB_COMPLETION_INDEX is not set"), "{err}");
+}
+
+/// Runs `ip` with `args`; panics with its message if it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("the `ip` command (iproute2)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Network namespaces with a veth pair each to this one, removed however the test ends.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    /// Namespace `i`: `10.231.i.2/24`, reaching this namespace at `10.231.i.1`.
+    fn add(&mut self, i: usize) -> String {
+        let tag = format!("{}{i}", std::process::id() % 100_000);
+        let (ns, host, peer) = (format!("fedge-shard-{tag}"), format!("fsh{tag}"), format!("fsn{tag}"));
+        ip(&["netns", "add", &ns]);
+        self.0.push(ns.clone());
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", &peer, "netns", &ns]);
+        ip(&["addr", "add", &format!("10.231.{i}.1/24"), "dev", &host]);
+        ip(&["link", "set", &host, "up"]);
+        ip(&["-n", &ns, "addr", "add", &format!("10.231.{i}.2/24"), "dev", &peer]);
+        ip(&["-n", &ns, "link", "set", &peer, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of the pair, and with it ours.
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Kills the processes however the test ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Shard `i` as the Indexed Job's pod runs it: the same command line for every index, the
+/// index and count from the environment, in namespace `ns`.
+fn start_shard(ns: &str, i: usize, root: &str, config: &Path, fleet: &Path, out: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    Command::new("ip")
+        .args(["netns", "exec", ns, SIM, "shard", "--root", root, "--server-name", "localhost", "--config"])
+        .arg(config)
+        .arg("--ca")
+        .arg(fleet.join("ca.pem"))
+        .arg("--cert")
+        .arg(fleet.join("aggregators/shard-{index}.pem"))
+        .arg("--key")
+        .arg(fleet.join("aggregators/shard-{index}.key"))
+        .arg("--out")
+        .arg(out)
+        .env("JOB_COMPLETION_INDEX", i.to_string())
+        .env("FEDGE_SHARDS", "4")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+}
+
+#[test]
+fn shards_in_their_own_network_namespaces_survive_a_killed_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path());
+    let (header, want) = in_process(&config, dir.path());
+    // The fleet: the root's certificate names `localhost` (the name the shards dial with);
+    // an aggregator certificate per shard, named by index as the Job's Secret holds them.
+    let fleet = dir.path().join("fleet");
+    let ca = CertDir::init(&fleet, &["localhost".into()]).unwrap();
+    let op = ca.issue(Role::Operator, "test", 1).unwrap();
+    for i in 0..4 {
+        ca.issue(Role::Aggregator, &format!("shard-{i}"), 1).unwrap();
+    }
+    let port = UdpSocket::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    let root_toml = Command::new(SIM)
+        .args(["shard-root", "--shards", "4", "--listen", &format!("0.0.0.0:{port}"), "--round-timeout-secs", "120"])
+        .arg("--config")
+        .arg(&config)
+        .arg("--certs-dir")
+        .arg(&fleet)
+        .arg("--state-dir")
+        .arg(dir.path().join("root-state"))
+        .output()
+        .unwrap();
+    assert!(root_toml.status.success(), "{}", String::from_utf8_lossy(&root_toml.stderr));
+    std::fs::write(dir.path().join("root.toml"), &root_toml.stdout).unwrap();
+
+    let mut namespaces = Namespaces(Vec::new());
+    let ns: Vec<String> = (0..4).map(|i| namespaces.add(i)).collect();
+    let mut children = Children(Vec::new());
+    let root_log = std::fs::File::create(dir.path().join("root.log")).unwrap();
+    children.0.push(
+        Command::new(SIM)
+            .args(["coordinator", "--config"])
+            .arg(dir.path().join("root.toml"))
+            .stdout(root_log.try_clone().unwrap())
+            .stderr(root_log)
+            .spawn()
+            .unwrap(),
+    );
+    let out = dir.path().join("record");
+    let log = |i: usize| dir.path().join(format!("shard-{i}.log"));
+    for (i, ns) in ns.iter().enumerate() {
+        let root = format!("10.231.{i}.1:{port}");
+        children.0.push(start_shard(ns, i, &root, &config, &fleet, &out, &log(i)));
+    }
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tls = fedge_net::client_config(&ca.ca_pem(), &op.cert, &op.key).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let client = rt.block_on(async {
+        let started = Instant::now();
+        loop {
+            match fedge_net::RequestClient::connect(addr, "localhost", tls.clone()).await {
+                Ok(c) => break c,
+                Err(e) if started.elapsed() > Duration::from_secs(60) => panic!("the root did not come up: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let ask = |cmd: OperatorCommand| -> Status {
+        match rt.block_on(client.request(&Message::Operator(cmd))).unwrap() {
+            Message::Status(s) => s,
+            other => panic!("{other:?}"),
+        }
+    };
+    let until = |what: &str, done: &dyn Fn(&Status) -> bool| -> Status {
+        let started = Instant::now();
+        loop {
+            let s = ask(OperatorCommand::Status);
+            if done(&s) {
+                return s;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "{what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let start =
+        |rounds| OperatorCommand::StartRounds { rounds, fraction: None, min_train_clients: None, deadline_secs: None };
+    until("four shards connect from their namespaces", &|s| s.devices_connected.len() == 4);
+    // Round 1 with every shard.
+    ask(start(1));
+    until("round 1 closes", &|s| s.rounds.len() == 1);
+    // Shard 1 freezes, round 2 opens: the other three answer, the root waits for shard 1,
+    // which is killed there, mid-round.
+    let shard1 = children.0.remove(2);
+    signal(&shard1, "-STOP");
+    ask(start(2));
+    let s = until("three shards answer round 2", &|s| s.open_round.is_some_and(|o| o.round == 2 && o.reporting == 3));
+    assert_eq!(s.rounds.len(), 1);
+    let mut shard1 = Children(vec![shard1]);
+    signal(&shard1.0[0], "-KILL");
+    let _ = shard1.0[0].wait();
+    // Started again as the Job restarts a failed pod: the same index, the same command.
+    let root1 = format!("10.231.1.1:{port}");
+    children.0.push(start_shard(&ns[1], 1, &root1, &config, &fleet, &out, &log(1)));
+    until("rounds 2 and 3 close", &|s| s.rounds.len() == 3);
+    // Every shard exits 0 once its last round is in (the recorder once it is recorded).
+    let started = Instant::now();
+    for c in children.0.iter_mut().skip(1) {
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(status.success(), "a shard failed: {status}");
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "a shard did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let restarted = std::fs::read_to_string(log(1)).unwrap();
+    assert!(restarted.contains("shard 1 of 4 done: 2 rounds trained"), "{restarted}");
+    assert!(restarted.contains("1 replayed"), "{restarted}");
+    let (got_header, got) = rows(&out.join("rounds.csv"));
+    assert_eq!(header, got_header);
+    assert_same_rows(&header, &want, &got);
+}
