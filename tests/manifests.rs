@@ -77,7 +77,13 @@ fn volume<'a>(workload: &'a Yaml, volume: &str) -> &'a Yaml {
 /// Checks a coordinator's container: it runs `serve` on the mounted configuration, listens on
 /// the Service's UDP port, keeps its state on `state` and reads its certificates from the fleet
 /// Secret. Returns the mounts.
-fn check_serving(workload: &Yaml, config_map: &Yaml, service: &Yaml, config: &ServeConfig) -> Vec<(String, String)> {
+fn check_serving(
+    workload: &Yaml,
+    config_map: &Yaml,
+    service: &Yaml,
+    config: &ServeConfig,
+    fleet_secret: &str,
+) -> Vec<(String, String)> {
     let (c, mounts) = container(workload);
     assert_eq!(c["command"][0].as_str(), Some("fedge-coordinator"));
     let args: Vec<&str> = c["args"].as_vec().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
@@ -96,7 +102,7 @@ fn check_serving(workload: &Yaml, config_map: &Yaml, service: &Yaml, config: &Se
     assert_eq!(service["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"]);
     assert!(config.state_dir.starts_with(mount(&mounts, "state")), "state_dir is on the state volume");
     assert_eq!(Path::new(mount(&mounts, "certs")), config.certs_dir, "certs_dir is the fleet Secret");
-    assert_eq!(volume(workload, "certs")["secret"]["secretName"].as_str(), Some("fedge-fleet"));
+    assert_eq!(volume(workload, "certs")["secret"]["secretName"].as_str(), Some(fleet_secret));
     assert_eq!(workload["spec"]["replicas"].as_i64(), Some(1), "one writer of the state");
     mounts
 }
@@ -108,7 +114,7 @@ fn the_coordinator_runs_as_a_statefulset_with_its_state_on_a_volume_behind_a_udp
         (of_kind(&docs, "ConfigMap"), of_kind(&docs, "Service"), of_kind(&docs, "StatefulSet"));
     let config = serve_config(config_map);
     assert!(config.upstream.is_none());
-    check_serving(set, config_map, service, &config);
+    check_serving(set, config_map, service, &config, "fedge-fleet");
     assert_eq!(set["spec"]["serviceName"].as_str(), Some(name(service)));
     let claims = set["spec"]["volumeClaimTemplates"].as_vec().unwrap();
     assert_eq!(claims.iter().map(name).collect::<Vec<_>>(), ["state"]);
@@ -132,7 +138,7 @@ fn a_region_runs_as_a_deployment_that_reaches_the_root_by_its_service_name() {
     );
     let config = serve_config(config_map);
     let upstream = config.upstream.clone().expect("a region has an [upstream] table");
-    let mounts = check_serving(deployment, config_map, service, &config);
+    let mounts = check_serving(deployment, config_map, service, &config, "fedge-fleet");
     // The root by its Service's name and UDP port, its certificate naming that Service.
     let (host, port) = upstream.address.rsplit_once(':').unwrap();
     assert_eq!((host, port.parse::<i64>().unwrap()), (name(root_service), udp_port(root_service)));
@@ -155,11 +161,79 @@ fn the_image_builds_and_carries_every_binary_the_manifests_run() {
         assert!(dockerfile.contains(&format!("/usr/local/bin/{binary}")), "{binary} is copied");
     }
     assert!(dockerfile.contains("EXPOSE 4433/udp"));
-    for file in ["k8s/coordinator.yaml", "k8s/region.yaml"] {
+    for file in ["k8s/coordinator.yaml", "k8s/region.yaml", "k8s/shards.yaml"] {
         for doc in documents(file) {
             if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_vec() {
                 assert!(containers.iter().all(|c| c["image"].as_str() == Some("fedge:latest")), "{file}");
             }
         }
     }
+}
+
+/// The container's arguments.
+fn args(workload: &Yaml) -> Vec<&str> {
+    container(workload).0["args"].as_vec().unwrap().iter().map(|a| a.as_str().unwrap()).collect()
+}
+
+/// The value after `flag` in `args`.
+fn flag<'a>(args: &[&'a str], flag: &str) -> &'a str {
+    let i = args.iter().position(|a| *a == flag).unwrap_or_else(|| panic!("no {flag}"));
+    args[i + 1]
+}
+
+#[test]
+fn a_sharded_simulation_runs_as_an_indexed_job_against_its_own_root() {
+    let docs = documents("k8s/shards.yaml");
+    let (config_map, service, root, job) =
+        (of_kind(&docs, "ConfigMap"), of_kind(&docs, "Service"), of_kind(&docs, "StatefulSet"), of_kind(&docs, "Job"));
+    let config = serve_config(config_map);
+    let root_mounts = check_serving(root, config_map, service, &config, "fedge-sim-fleet");
+    // The simulation, and the root's configuration exactly as `fedge-sim shard-root` makes it
+    // from it: the root's model version 0 is the simulation's initial model, its training
+    // settings and strategy are the simulation's.
+    let sim_text = config_map["data"]["sim.toml"].as_str().expect("sim.toml in the ConfigMap");
+    let sim: fedge_sim::config::SimConfig = fedge_core::config_file::parse_toml(sim_text).unwrap();
+    sim.validate().unwrap();
+    let shards = job["spec"]["completions"].as_i64().unwrap();
+    let place = fedge_sim::shard::RootPlace {
+        listen: &config.listen.to_string(),
+        certs_dir: &config.certs_dir,
+        state_dir: &config.state_dir,
+        round_timeout_secs: config.round_timeout_secs,
+    };
+    let expected = fedge_sim::shard::root_config(&sim, shards as u32, &place).unwrap();
+    assert_eq!(config_map["data"]["coordinator.toml"].as_str().unwrap(), expected);
+    // Every shard runs at once, one per index; a failed one is started again with its index.
+    assert_eq!(job["spec"]["completionMode"].as_str(), Some("Indexed"));
+    assert_eq!(job["spec"]["parallelism"].as_i64(), Some(shards));
+    assert_eq!(job["spec"]["template"]["spec"]["restartPolicy"].as_str(), Some("OnFailure"));
+    let (shard, mounts) = container(job);
+    assert_eq!(shard["command"][0].as_str(), Some("fedge-sim"));
+    let env = shard["env"].as_vec().unwrap();
+    let count = env.iter().find(|e| e["name"].as_str() == Some("FEDGE_SHARDS")).expect("FEDGE_SHARDS");
+    assert_eq!(count["value"].as_str(), Some(shards.to_string().as_str()), "FEDGE_SHARDS is the completions");
+    let a = args(job);
+    assert_eq!(a[0], "shard");
+    assert!(!a.contains(&"--shard") && !a.contains(&"--shards"), "the index and count come from the environment");
+    assert_eq!(mount(&mounts, "config"), flag(&a, "--config"));
+    assert_eq!(volume(job, "config")["configMap"]["name"].as_str(), Some(name(config_map)));
+    // The root by its Service's name and UDP port, its certificate naming that Service.
+    let (host, port) = flag(&a, "--root").rsplit_once(':').unwrap();
+    assert_eq!((host, port.parse::<i64>().unwrap()), (name(service), udp_port(service)));
+    assert_eq!(flag(&a, "--server-name"), name(service));
+    assert_eq!(config.min_train_clients as i64, shards, "the root waits for every shard");
+    // Each pod's own aggregator certificate from the shards' Secret, by index.
+    let certs = Path::new(mount(&mounts, "shard-certs"));
+    for f in ["--ca", "--cert", "--key"] {
+        assert!(Path::new(flag(&a, f)).starts_with(certs), "{f}");
+    }
+    assert!(flag(&a, "--cert").contains("{index}") && flag(&a, "--key").contains("{index}"));
+    assert_eq!(volume(job, "shard-certs")["secret"]["secretName"].as_str(), Some("fedge-shards"));
+    // Shard 0's record on a volume every pod may mount; the data where both read it.
+    assert_eq!(mount(&mounts, "record"), flag(&a, "--out"));
+    let record = volume(job, "record")["persistentVolumeClaim"]["claimName"].as_str().unwrap();
+    let claim = docs.iter().find(|d| d["kind"].as_str() == Some("PersistentVolumeClaim") && name(d) == record).unwrap();
+    assert_eq!(claim["spec"]["accessModes"][0].as_str(), Some("ReadWriteMany"));
+    assert_eq!(Path::new(mount(&mounts, "data")), sim.data_dir);
+    assert_eq!(Path::new(mount(&root_mounts, "data")), config.data_dir);
 }

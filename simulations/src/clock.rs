@@ -32,7 +32,7 @@ use crate::pool::{Done, Job, Pool};
 use crate::run::Observer;
 use crate::secure::SecureSetup;
 use crate::secure::protocol::{self, Secured};
-use crate::shard::Hosted;
+use crate::shard::{Hosted, HostedSum};
 
 /// One result as the engine saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,8 +117,9 @@ pub(crate) struct RoundOutput {
     pub trace: RoundTrace,
     /// Bytes the devices uploaded.
     pub upload_bytes: u64,
-    /// A shard's hosted devices' accepted results (empty without [`Fleet::hosted`]).
-    pub hosted: Vec<(DeviceId, TrainResult)>,
+    /// A shard's hosted devices' accepted results, summed as they arrive (`None` without
+    /// [`Fleet::hosted`]).
+    pub hosted: Option<HostedSum>,
 }
 
 /// Runs the open round `round`, started at `start`, to its close: its tasks go to the pool,
@@ -135,7 +136,7 @@ pub(crate) fn drive_round(
 ) -> RoundOutput {
     let deadline = engine.poll_timeout().expect("the round is open");
     let foreign = |device: DeviceId| fleet.hosted.is_some_and(|h| !h.hosts(device));
-    let mut hosted_results = Vec::new();
+    let mut hosted_sum = fleet.hosted.map(|_| HostedSum::new(global.layout().clone()));
     let mut dropout_rng = derive_rng(fleet.seed, &[stream::DROPOUT, round]);
     let mut planned = Vec::new();
     let mut dropped = Vec::new();
@@ -244,8 +245,8 @@ pub(crate) fn drive_round(
                     match codec::decode(&bytes) {
                         Ok(Message::TrainResult(result)) => match engine.handle_train_result(at, device, &result) {
                             Ok(()) => {
-                                if fleet.hosted.is_some() {
-                                    hosted_results.push((device, result));
+                                if let Some(sum) = hosted_sum.as_mut() {
+                                    sum.add(&result);
                                 }
                                 true
                             }
@@ -289,7 +290,7 @@ pub(crate) fn drive_round(
     RoundOutput {
         trace: RoundTrace { start, deadline, dropped, arrivals, report, attackers },
         upload_bytes,
-        hosted: hosted_results,
+        hosted: hosted_sum,
     }
 }
 

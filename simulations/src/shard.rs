@@ -32,7 +32,8 @@
 //! server's noise and clipping act on individual updates), local DP and secure aggregation
 //! (each device's update would have to be sent on its own), FedBuff, attacks, distillation,
 //! `max_step_norm`, a target accuracy (the root runs the rounds it is given) and text datasets
-//! (the coordinator serves image models).
+//! (the coordinator serves image models); `clip_norm` must be set (a coordinator always bounds
+//! the deltas it takes, so the experiment must clip in one process too).
 
 mod launch;
 mod recorder;
@@ -100,6 +101,61 @@ impl Hosted {
     /// How many shards there are.
     pub fn count(&self) -> u32 {
         self.count
+    }
+}
+
+/// A shard's accepted results of one round, folded in as they arrive (a round's deltas are
+/// never held together): their sample-weighted sum, samples and loss.
+#[derive(Debug)]
+pub(crate) struct HostedSum {
+    mean: fedge_core::aggregate::WeightedMean,
+    /// Results folded in.
+    pub results: usize,
+    /// Their samples.
+    pub samples: u64,
+    loss_sum: f64,
+    loss_samples: u64,
+    /// The first result that could not be folded in (the engine took it, so none should be).
+    pub error: Option<String>,
+}
+
+impl HostedSum {
+    pub(crate) fn new(layout: std::sync::Arc<fedge_core::params::ParamLayout>) -> Self {
+        Self {
+            mean: fedge_core::aggregate::WeightedMean::new(layout),
+            results: 0,
+            samples: 0,
+            loss_sum: 0.0,
+            loss_samples: 0,
+            error: None,
+        }
+    }
+
+    /// Folds in an accepted result, weighted by its samples.
+    pub(crate) fn add(&mut self, r: &fedge_core::wire::TrainResult) {
+        if let Err(e) = self.mean.add(&r.delta, r.num_samples as f64) {
+            self.error.get_or_insert_with(|| e.to_string());
+            return;
+        }
+        self.results += 1;
+        self.samples += r.num_samples;
+        if r.train_loss.is_finite() {
+            self.loss_sum += f64::from(r.train_loss) * r.num_samples as f64;
+            self.loss_samples += r.num_samples;
+        }
+    }
+
+    /// The sample-weighted mean loss, NaN without one.
+    pub(crate) fn mean_loss(&self) -> f32 {
+        if self.loss_samples > 0 { (self.loss_sum / self.loss_samples as f64) as f32 } else { f32::NAN }
+    }
+
+    /// The sample-weighted mean delta (`None` without samples).
+    pub(crate) fn finish(self) -> Result<Option<fedge_core::ModelParams>, fedge_core::aggregate::AggregateError> {
+        if self.samples == 0 {
+            return Ok(None);
+        }
+        self.mean.finish().map(Some)
     }
 }
 
@@ -183,6 +239,9 @@ pub fn check_shardable(config: &SimConfig) -> Result<(), SimConfigError> {
     ];
     if let Some((key, _)) = refused.iter().find(|r| r.1) {
         return bad(format!("{key} is not offered (see docs/simulations.md, \"Shards\")"));
+    }
+    if config.clip_norm.is_none() {
+        return bad("set clip_norm: a coordinator always bounds the deltas it takes (its own default is 10), so the devices must clip to the same bound in one process too".into());
     }
     if config.dataset.is_text() || config.model.is_text() {
         return bad("the coordinator serves image models: text datasets are not offered".into());

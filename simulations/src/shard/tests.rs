@@ -1,7 +1,7 @@
 use super::*;
 
 fn small() -> SimConfig {
-    SimConfig { devices: 12, rounds: 2, ..SimConfig::default() }
+    SimConfig { devices: 12, rounds: 2, clip_norm: Some(10.0), ..SimConfig::default() }
 }
 
 #[test]
@@ -28,6 +28,7 @@ fn what_needs_every_update_is_refused_by_name() {
         (SimConfig { mode: Mode::Fedbuff, ..small() }, "fedbuff"),
         (SimConfig { distill_every: Some(1), ..small() }, "distill_every"),
         (SimConfig { target_accuracy: Some(0.9), ..small() }, "target_accuracy"),
+        (SimConfig { clip_norm: None, ..small() }, "set clip_norm"),
     ];
     for (config, says) in cases {
         let e = check_shardable(&config).expect_err(says).to_string();

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedge_core::ModelParams;
-use fedge_core::aggregate::WeightedMean;
 use fedge_core::wire::{Capabilities, ErrorCode, Message, OperatorCommand, RoundLine, TrainResult, TrainTask};
 use fedge_edge::link::{DeviceTls, Link};
 use fedge_engine::strategy::Strategy;
@@ -320,22 +319,22 @@ fn do_task(
     let started = Instant::now();
     let layout = params.layout().clone();
     let out = step(w.replay, w.pool, w.training, Arc::new(params), obs)?;
-    let result = pre_aggregate(task, layout, &out).map_err(|e| {
+    let (all, failed) = (out.trace.report.results, out.trace.report.outcome != RoundOutcome::Aggregated);
+    let trace = out.trace.clone();
+    let (result, mine) = pre_aggregate(task, layout, out).map_err(|e| {
         Step::Fatal(ShardError::Refused(format!("round {round}: cannot average this shard's results: {e}")))
     })?;
     obs.line(&format!(
-        "round {round}: shard {} trained {} of the {} results ({} samples) in {:.2}s{}",
+        "round {round}: shard {} trained {mine} of the {all} results ({} samples) in {:.2}s{}",
         w.hosted.index(),
-        out.hosted.len(),
-        out.trace.report.results,
         result.num_samples,
         started.elapsed().as_secs_f64(),
-        if out.trace.report.outcome == RoundOutcome::Aggregated { "" } else { "; the round fails in the replay" }
+        if failed { "; the round fails in the replay" } else { "" }
     ));
     w.report.rounds_trained += 1;
-    w.report.devices_trained += out.hosted.len() as u64;
+    w.report.devices_trained += mine as u64;
     if let Some(rec) = w.recorder.as_deref_mut() {
-        rec.replayed(out.trace);
+        rec.replayed(trace);
     }
     *w.last = Some((round, result));
     Ok(())
@@ -364,30 +363,27 @@ fn step(
 fn pre_aggregate(
     task: &TrainTask,
     layout: Arc<fedge_core::params::ParamLayout>,
-    out: &RoundOutput,
-) -> Result<TrainResult, fedge_core::aggregate::AggregateError> {
-    let aggregated = out.trace.report.outcome == RoundOutcome::Aggregated;
-    let mut mean = WeightedMean::new(layout.clone());
-    let (mut samples, mut loss_sum, mut loss_samples) = (0u64, 0.0f64, 0u64);
-    if aggregated {
-        for (_, r) in &out.hosted {
-            mean.add(&r.delta, r.num_samples as f64)?;
-            samples += r.num_samples;
-            if r.train_loss.is_finite() {
-                loss_sum += f64::from(r.train_loss) * r.num_samples as f64;
-                loss_samples += r.num_samples;
-            }
-        }
+    out: RoundOutput,
+) -> Result<(TrainResult, usize), String> {
+    let sum = out.hosted.expect("a shard's round sums its hosted results");
+    if let Some(e) = sum.error {
+        return Err(e);
     }
-    let delta = if samples > 0 { mean.finish()? } else { ModelParams::zeros(layout) };
-    Ok(TrainResult {
+    let aggregated = out.trace.report.outcome == RoundOutcome::Aggregated;
+    let (results, samples, loss) = (sum.results, sum.samples, sum.mean_loss());
+    let (delta, samples) = match sum.finish().map_err(|e| e.to_string())? {
+        Some(delta) if aggregated => (delta, samples),
+        _ => (ModelParams::zeros(layout), 0),
+    };
+    let result = TrainResult {
         round: task.round,
         model_version: task.model_version,
         num_samples: samples,
-        train_loss: if loss_samples > 0 { (loss_sum / loss_samples as f64) as f32 } else { f32::NAN },
+        train_loss: if samples > 0 { loss } else { f32::NAN },
         delta,
         clipped: false,
-    })
+    };
+    Ok((result, results))
 }
 
 /// Sends `result` until the root takes it (or refuses it for good, which is logged: its round
