@@ -192,6 +192,42 @@ async fn two_regions_aggregate_exactly_like_a_flat_fleet() {
     }
 }
 
+/// An aggregator may read its root's status (a sharded simulation's recorder takes the rounds'
+/// training loss from it), and nothing else an operator may do; a device may not even read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregator_reads_the_roots_status_and_runs_no_operator_command() {
+    use fedge_edge::link::{DeviceTls, Link};
+    let (dir, ca) = fleet();
+    let root = plain(dir.path(), "root", 1);
+    let (addr, server) = serve(&root, &ca);
+    let tls = |role, name: &str| {
+        let cert = ca.issue(role, name, 1).unwrap();
+        DeviceTls { ca: ca.ca_pem(), cert: cert.cert, key: cert.key }
+    };
+    let aggregator = Link::connect(addr, "localhost", &tls(Role::Aggregator, "shard-0")).await.unwrap();
+    aggregator.hello(fedge_tests::harness::caps(0)).await.unwrap();
+    match aggregator.request(&Message::Operator(OperatorCommand::Status)).await.unwrap() {
+        Message::Status(s) => assert_eq!(s.devices_connected, ["aggregator:shard-0"]),
+        other => panic!("{other:?}"),
+    }
+    let commands = [
+        OperatorCommand::StartRounds { rounds: 1, fraction: None, min_train_clients: None, deadline_secs: None },
+        OperatorCommand::Devices,
+        OperatorCommand::Models,
+        OperatorCommand::Rollback,
+    ];
+    for cmd in commands {
+        let answer = aggregator.request(&Message::Operator(cmd.clone())).await.unwrap();
+        assert!(matches!(answer, Message::Error { code: ErrorCode::Unauthorized, .. }), "{cmd:?}: {answer:?}");
+    }
+    let device = Link::connect(addr, "localhost", &tls(Role::Device, "dev-0")).await.unwrap();
+    device.hello(fedge_tests::harness::caps(0)).await.unwrap();
+    let answer = device.request(&Message::Operator(OperatorCommand::Status)).await.unwrap();
+    assert!(matches!(answer, Message::Error { code: ErrorCode::Unauthorized, .. }), "{answer:?}");
+    assert_eq!(root.status().rounds_left, 0, "nothing was started");
+    server.abort();
+}
+
 /// A regional aggregator is refused at Hello, saying why, where its mean cannot be taken as one
 /// participant: under central DP (noise calibrated to one device) and in FedBuff mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
