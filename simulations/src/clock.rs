@@ -246,7 +246,7 @@ pub(crate) fn drive_round(
                         Ok(Message::TrainResult(result)) => match engine.handle_train_result(at, device, &result) {
                             Ok(()) => {
                                 if let Some(sum) = hosted_sum.as_mut() {
-                                    sum.add(&result);
+                                    sum.add(engine.counted(device, &result), result.train_loss);
                                 }
                                 true
                             }

@@ -27,10 +27,15 @@
 //! again (the root keeps an aggregator's task while it is away, until the round's deadline)
 //! and trains its devices; an upload whose acknowledgement was lost is answered `Duplicate`.
 //!
+//! **Local DP** shards: each device clips and noises its own update before its shard sums it
+//! (as in one process, with the same seeded noise), so what the root sees is post-processing
+//! of the devices' private outputs.
+//!
 //! **What it does not run.** Refused with a clear error ([`check_shardable`]): rules that need
 //! every device's update (median, Krum, ..., FLTrust), central DP and adaptive clipping (the
-//! server's noise and clipping act on individual updates), local DP and secure aggregation
-//! (each device's update would have to be sent on its own), FedBuff, attacks, distillation,
+//! server's noise and clipping act on individual updates), secure aggregation (each device's
+//! masked update must reach the root, which unmasks only the sum: SecAgg over the wire, not
+//! built yet), FedBuff, attacks, distillation,
 //! `max_step_norm`, a target accuracy (the root runs the rounds it is given) and text datasets
 //! (the coordinator serves image models); `clip_norm` must be set (a coordinator always bounds
 //! the deltas it takes, so the experiment must clip in one process too).
@@ -131,17 +136,18 @@ impl HostedSum {
         }
     }
 
-    /// Folds in an accepted result, weighted by its samples.
-    pub(crate) fn add(&mut self, r: &fedge_core::wire::TrainResult) {
-        if let Err(e) = self.mean.add(&r.delta, r.num_samples as f64) {
+    /// Folds in an accepted result as the engine counts it (its capped samples as the weight,
+    /// scaled by the engine's own clipping: [`fedge_engine::RoundEngine::counted`]).
+    pub(crate) fn add(&mut self, c: fedge_engine::strategy::Contribution<'_>, train_loss: f32) {
+        if let Err(e) = self.mean.add_scaled(c.delta, c.num_samples as f64, c.clip_scale) {
             self.error.get_or_insert_with(|| e.to_string());
             return;
         }
         self.results += 1;
-        self.samples += r.num_samples;
-        if r.train_loss.is_finite() {
-            self.loss_sum += f64::from(r.train_loss) * r.num_samples as f64;
-            self.loss_samples += r.num_samples;
+        self.samples += c.num_samples;
+        if train_loss.is_finite() {
+            self.loss_sum += f64::from(train_loss) * c.num_samples as f64;
+            self.loss_samples += c.num_samples;
         }
     }
 
@@ -229,8 +235,7 @@ pub fn check_shardable(config: &SimConfig) -> Result<(), SimConfigError> {
     let refused = [
         ("noise_multiplier (central DP)", config.noise_multiplier.is_some()),
         ("adaptive_clip", config.adaptive_clip.is_some()),
-        ("local_epsilon (local DP)", config.local_epsilon.is_some()),
-        ("secure_aggregation", config.secure_aggregation),
+        ("secure_aggregation (each device's masked update must reach the root itself)", config.secure_aggregation),
         ("mode = \"fedbuff\"", config.mode == Mode::Fedbuff),
         ("attack", config.attack.is_some()),
         ("distill_every", config.distill_every.is_some()),
@@ -299,6 +304,9 @@ pub fn root_config(config: &SimConfig, shards: u32, place: &RootPlace<'_>) -> Re
     );
     if let Some(c) = config.clip_norm {
         out.push_str(&format!("clip_norm = {c:?}\n"));
+    }
+    if let Some(e) = config.local_epsilon {
+        out.push_str(&format!("local_epsilon = {e:?}\ndelta = {:?}\n", config.delta));
     }
     let options = toml::to_string(&config.strategy_options)
         .map_err(|e| SimConfigError::Invalid(format!("strategy_options: {e}")))?;

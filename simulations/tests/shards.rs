@@ -56,15 +56,28 @@ fn assert_same_rows(header: &csv::StringRecord, want: &[csv::StringRecord], got:
             }
         }
     }
-    // The experiment did what the config asks: someone dropped out, a straggler missed a
-    // deadline, and the model learned.
-    let total = |name: &str| -> u64 {
-        let i = header.iter().position(|h| h == name).unwrap();
-        want.iter().map(|r| r[i].parse::<u64>().unwrap()).sum()
-    };
-    assert!(total("failures") > 0);
-    let acc = header.iter().position(|h| h == "accuracy").unwrap();
-    assert!(want.last().unwrap()[acc].parse::<f64>().unwrap() > 0.6);
+}
+
+/// The experiment did what the config asks: devices dropped out or missed the deadline, and
+/// the model learned.
+fn assert_learned(header: &csv::StringRecord, rows: &[csv::StringRecord]) {
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    assert!(rows.iter().map(|r| r[column("failures")].parse::<u64>().unwrap()).sum::<u64>() > 0);
+    assert!(rows.last().unwrap()[column("accuracy")].parse::<f64>().unwrap() > 0.6);
+}
+
+/// `fedge-sim shards --shards 4` of `config` into `out`: its stdout.
+fn four_shards(config: &Path, out: &Path) -> String {
+    let run = Command::new(SIM)
+        .args(["shards", "--shards", "4", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    stdout
 }
 
 #[test]
@@ -72,16 +85,9 @@ fn four_shard_processes_give_the_rounds_of_one() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let (header, want) = in_process(&config, dir.path());
+    assert_learned(&header, &want);
     let out = dir.path().join("sharded");
-    let run = Command::new(SIM)
-        .args(["shards", "--shards", "4", "--config"])
-        .arg(&config)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    let stdout = four_shards(&config, &out);
     assert!(stdout.contains("4 shards connected"), "{stdout}");
     let (got_header, got) = rows(&out.join("rounds.csv"));
     assert_eq!(header, got_header);
@@ -96,6 +102,26 @@ fn four_shard_processes_give_the_rounds_of_one() {
         serde_json::from_str(&std::fs::read_to_string(out.join("shards.json")).unwrap()).unwrap();
     assert_eq!(report["shard_peak_rss_mib"].as_array().unwrap().len(), 4);
     assert_eq!(report["round_seconds"].as_array().unwrap().len(), 3);
+}
+
+/// Local DP shards: every device clips and noises its update (seeded, as in one process)
+/// before its shard sums it.
+#[test]
+fn local_dp_shards_give_the_rounds_of_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("local-dp.toml");
+    std::fs::write(&config, CONFIG.replace("clip_norm = 5.0\n", "clip_norm = 1.0\nlocal_epsilon = 30.0\n")).unwrap();
+    let (header, want) = in_process(&config, dir.path());
+    let out = dir.path().join("sharded");
+    four_shards(&config, &out);
+    let (_, got) = rows(&out.join("rounds.csv"));
+    assert_same_rows(&header, &want, &got);
+    // The noise is there: the noised run is not the clean one.
+    let clean = dir.path().join("clean.toml");
+    std::fs::write(&clean, CONFIG.replace("clip_norm = 5.0\n", "clip_norm = 1.0\n")).unwrap();
+    let (_, without) = in_process(&clean, &dir.path().join("clean"));
+    let loss = header.iter().position(|h| h == "loss").unwrap();
+    assert_ne!(want.last().unwrap()[loss], without.last().unwrap()[loss]);
 }
 
 #[test]
@@ -204,6 +230,7 @@ fn shards_in_their_own_network_namespaces_survive_a_killed_shard() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path());
     let (header, want) = in_process(&config, dir.path());
+    assert_learned(&header, &want);
     // The fleet: the root's certificate names `localhost` (the name the shards dial with);
     // an aggregator certificate per shard, named by index as the Job's Secret holds them.
     let fleet = dir.path().join("fleet");

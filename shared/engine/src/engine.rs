@@ -455,6 +455,14 @@ impl<S: Strategy> RoundEngine<S> {
         contribution(result, self.max_samples(device), clip_norm)
     }
 
+    /// What `device`'s result counts for in the aggregate: its sample claim bounded by
+    /// `max_samples_per_result` (or its aggregator's cap) and the engine's own clip scale. For a
+    /// driver that pre-aggregates accepted results itself, as this engine weighs them (a
+    /// simulation shard).
+    pub fn counted<'a>(&self, device: DeviceId, result: &'a TrainResult) -> Contribution<'a> {
+        self.contribution(device, result, true)
+    }
+
     /// The most samples a result of `device` may claim.
     fn max_samples(&self, device: DeviceId) -> u64 {
         self.sample_caps.get(&device).copied().unwrap_or(self.config.max_samples_per_result)

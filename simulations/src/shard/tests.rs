@@ -23,7 +23,6 @@ fn what_needs_every_update_is_refused_by_name() {
     let cases: Vec<(SimConfig, &str)> = vec![
         (SimConfig { strategy: "median".into(), ..small() }, "strategy `median`"),
         (SimConfig { noise_multiplier: Some(1.0), clip_norm: Some(1.0), ..small() }, "central DP"),
-        (SimConfig { local_epsilon: Some(8.0), clip_norm: Some(1.0), ..small() }, "local DP"),
         (SimConfig { secure_aggregation: true, clip_norm: Some(1.0), ..small() }, "secure_aggregation"),
         (SimConfig { mode: Mode::Fedbuff, ..small() }, "fedbuff"),
         (SimConfig { distill_every: Some(1), ..small() }, "distill_every"),
@@ -68,4 +67,36 @@ fn the_root_config_is_a_coordinator_config_with_the_simulations_settings() {
     let sim = t.initial_params(derive_rng(config.seed, &[stream::INIT]).random());
     assert_eq!(t.initial_params(root.seed).content_hash(), sim.content_hash());
     assert!(root_config(&SimConfig { strategy: "krum".into(), ..small() }, 4, &place).is_err());
+}
+
+#[test]
+fn the_roots_tasks_carry_the_simulations_training_settings() {
+    let place = RootPlace {
+        listen: "127.0.0.1:4433",
+        certs_dir: Path::new("c"),
+        state_dir: Path::new("s"),
+        round_timeout_secs: 60,
+    };
+    let configs = [
+        small(),
+        SimConfig { strategy: "fedprox".into(), ..small() },
+        SimConfig {
+            strategy: "fedadam".into(),
+            strategy_options: fedge_engine::StrategyOptions {
+                server_lr: Some(0.03),
+                tau: Some(0.01),
+                ..Default::default()
+            },
+            ..small()
+        },
+        SimConfig { local_epsilon: Some(20.0), delta: 1e-6, clip_norm: Some(1.5), ..small() },
+    ];
+    for config in configs {
+        let text = root_config(&config, 3, &place).unwrap();
+        let root: fedge_coordinator::config::ServeConfig = fedge_core::config_file::parse_toml(&text).unwrap();
+        let (ours, theirs) = (config.engine_config().unwrap(), root.engine().unwrap());
+        // What a shard checks each task against, and what the root's strategy does.
+        assert_eq!(theirs.train, ours.train, "{}", config.strategy);
+        assert_eq!(theirs.strategy, ours.strategy, "{}", config.strategy);
+    }
 }
