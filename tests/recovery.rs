@@ -91,7 +91,13 @@ fn setup() -> (tempfile::TempDir, CertDir, fedge_core::ModelParams, TrainTask) {
     let (dir, ca) = fleet();
     issue_devices(&ca, &["dev"]);
     let initial = initial_2nn(1);
-    let task = TrainTask { round: 1, model_version: 0, model_hash: initial.content_hash(), config: one_epoch(None) };
+    let task = TrainTask {
+        round: 1,
+        model_version: 0,
+        model_hash: initial.content_hash(),
+        config: one_epoch(None),
+        secure: None,
+    };
     (dir, ca, initial, task)
 }
 

@@ -143,6 +143,7 @@ mod tests {
                 local_dp,
                 proximal_mu: None,
             },
+            secure: None,
         }
     }
 

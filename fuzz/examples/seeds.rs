@@ -30,7 +30,7 @@ fn main() {
     );
     let params = ModelParams::new(layout, vec![0.5, -1.0, 2.0, 0.0, 1e-3, -7.5, 0.25, 1.0]).unwrap();
     let hash = params.content_hash();
-    let task = TrainTask { round: 3, model_version: 2, model_hash: hash, config: TrainConfig::sgd(1, 10, 0.05) };
+    let task = TrainTask { round: 3, model_version: 2, model_hash: hash, config: TrainConfig::sgd(1, 10, 0.05), secure: None };
     let result =
         TrainResult { round: 3, model_version: 2, num_samples: 600, train_loss: 0.3, delta: params.clone(), clipped: false };
     let messages = [

@@ -30,13 +30,7 @@ use crate::config::{Mode, SimConfig};
 /// The quantisation levels per unit of the clip norm by default: steps of `C / 2^20`.
 pub const DEFAULT_LEVELS_PER_CLIP: f32 = 1_048_576.0;
 
-/// SecAgg+'s degree by default for `m` devices: `2 ceil(1.5 log2 m)` (about `3 log2 m`, even so
-/// that a regular graph exists for any `m`), at most `m - 1`. Bell et al. 2020 prove `O(log m)`
-/// neighbours suffice; the constant 3 is this simulator's choice.
-pub fn default_degree(m: u32) -> u32 {
-    let k = 2 * (1.5 * f64::from(m.max(2)).log2()).ceil() as u32;
-    k.min(m.saturating_sub(1))
-}
+pub use fedge_secagg::weighting::default_degree;
 
 /// Checks the secure-aggregation keys and what they combine with; one line on error.
 pub fn validate(c: &SimConfig) -> Result<(), String> {
@@ -194,27 +188,7 @@ impl SecureSetup {
     /// [`Self::round_config`] with each coordinate bounded by `bound` instead of the clip norm
     /// (distributed DP: clipped updates plus their noise).
     pub fn round_config_within(&self, m: u32, vector_len: usize, bound: f32) -> Result<SecAggConfig, String> {
-        if m < 2 {
-            return Err(format!("{m} device reported; secure aggregation needs at least 2"));
-        }
-        let mut degree = self.degree.unwrap_or_else(|| default_degree(m)).min(m - 1);
-        if m % 2 == 1 && degree % 2 == 1 {
-            degree -= 1;
-        }
-        let threshold = self.threshold.unwrap_or(degree / 2 + 1);
-        let mut config = SecAggConfig {
-            n_devices: m,
-            threshold,
-            degree,
-            vector_len,
-            clip: bound,
-            scale: self.scale,
-            modulus_bits: 64,
-        };
-        let worst = u128::from(m) * u128::from(config.max_level());
-        config.modulus_bits = (128 - worst.leading_zeros()).clamp(1, 64);
-        config.validate().map_err(|e| e.to_string())?;
-        Ok(config)
+        fedge_secagg::weighting::round_config(m, vector_len, bound, self.scale, self.degree, self.threshold)
     }
 }
 

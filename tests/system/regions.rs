@@ -42,7 +42,13 @@ fn task_config() -> TrainConfig {
 /// `global` plus the sample-weighted mean of the six devices' updates on task `round`, each
 /// trained here as a device would.
 fn flat_fedavg(global: &ModelParams, round: u64, version: u64, train: &Dataset) -> (ModelParams, u64) {
-    let task = TrainTask { round, model_version: version, model_hash: global.content_hash(), config: task_config() };
+    let task = TrainTask {
+        round,
+        model_version: version,
+        model_hash: global.content_hash(),
+        config: task_config(),
+        secure: None,
+    };
     let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
     let (mut sum, mut samples) = (vec![0f64; global.numel()], 0u64);
     for k in 0..6 {

@@ -126,6 +126,9 @@ pub enum FrameKind {
     Chunk,
     /// Operator answers (`Status`, `Devices`, `Models`): grow with history and fleet.
     Listing,
+    /// `SecureStep` or `SecureSend`: a secure-aggregation stage's message, as large as a masked
+    /// update (up to 10 bytes a coordinate) or a neighbourhood's keys and shares.
+    Secure,
     /// Any other message: small, fixed-size fields.
     Small,
     /// No message starts with this byte.
@@ -142,7 +145,8 @@ impl FrameKind {
             12 => Self::Model,
             10 | 14 => Self::Chunk,
             17..=19 => Self::Listing,
-            0 | 2..=9 | 11 | 13 | 15 | 16 | 21..=23 => Self::Small,
+            27 | 28 => Self::Secure,
+            0 | 2..=9 | 11 | 13 | 15 | 16 | 21..=26 => Self::Small,
             _ => Self::Unknown,
         }
     }
@@ -313,10 +317,18 @@ mod tests {
             Message::Ping { nonce: 1 },
             Message::Pong { nonce: 1 },
             Message::NoTask { retry_after_ms: 1, model_version: 0, deployed: None },
+            Message::RegionalRequest,
+            Message::SecureReady { round: 1, model_version: 0 },
+            Message::SecurePoll { round: 1 },
         ] {
             assert_eq!(kind(&small), FrameKind::Small, "{small:?}");
         }
-        assert_eq!(FrameKind::of_first_byte(24), FrameKind::Unknown);
+        let step = Message::SecureStep { round: 1, step: fedge_secagg::ServerMessage::Wait };
+        assert_eq!(kind(&step), FrameKind::Secure);
+        let masked = fedge_secagg::MaskedInput { device: 0, masked: vec![1, 2], rejected: vec![] };
+        let send = Message::SecureSend { round: 1, msg: fedge_secagg::ClientMessage::Masked(masked) };
+        assert_eq!(kind(&send), FrameKind::Secure);
+        assert_eq!(FrameKind::of_first_byte(29), FrameKind::Unknown);
         assert_eq!(FrameKind::of_first_byte(0xff), FrameKind::Unknown);
     }
 
@@ -356,8 +368,27 @@ mod tests {
                     local_dp: None,
                     proximal_mu: Some(0.01),
                 },
+                secure: Some(crate::wire::SecureTask { weight_cap: 600 }),
             }),
             Message::Error { code: ErrorCode::StaleModel, message: "old".into() },
+            Message::SecureReady { round: 3, model_version: 2 },
+            Message::SecurePoll { round: 3 },
+            Message::SecureStep {
+                round: 3,
+                step: fedge_secagg::ServerMessage::Begin {
+                    config: fedge_secagg::weighting::round_config(5, 11, 1.0, 1024.0, None, None).unwrap(),
+                    seed: [9; 32],
+                    id: 4,
+                },
+            },
+            Message::SecureSend {
+                round: 3,
+                msg: fedge_secagg::ClientMessage::Advertise(fedge_secagg::AdvertiseKeys {
+                    device: 4,
+                    mask_pk: [1; 32],
+                    enc_pk: [2; 32],
+                }),
+            },
         ];
         for m in msgs {
             assert_eq!(decode(&encode(&m)).unwrap(), m);

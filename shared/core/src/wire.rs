@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -61,6 +61,17 @@ pub struct TrainTask {
     pub model_hash: ContentHash,
     /// How to train.
     pub config: TrainConfig,
+    /// Secure aggregation: the update goes into a SecAgg+ sum instead of a `TrainResult`
+    /// (`SecureReady`, then `SecurePoll`/`SecureSend` until the session ends).
+    pub secure: Option<SecureTask>,
+}
+
+/// What a device needs to enter its update into a secure sum: the public cap on the samples
+/// its weight may claim (`fedge_secagg::weighting`); the clip is the task's `clip_norm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct SecureTask {
+    /// `W`: a device weighs `min(num_samples, W) / W`.
+    pub weight_cap: u64,
 }
 
 /// A device's answer to a [`TrainTask`].
@@ -324,6 +335,36 @@ pub enum Message {
     /// Regional aggregator to root: the registry record of the newest medium-tier model for
     /// regions (answered with `Deployed`, its blob then fetched in `BlobChunk`s).
     RegionalRequest,
+    /// Device to coordinator, in a secure round: trained, holding the update for `round` on
+    /// `model_version` (answered `Ack`, or an error: the device gives up the round).
+    SecureReady {
+        /// The task's round.
+        round: u64,
+        /// The model version it trained from.
+        model_version: u64,
+    },
+    /// Device to coordinator: where is the secure session of `round` for me? (answered
+    /// `SecureStep`, or `Error StaleModel` when the device is not in it).
+    SecurePoll {
+        /// The round.
+        round: u64,
+    },
+    /// Coordinator to device: the session's next message for it (`Wait`, `Begin`, a stage's
+    /// message, `Finished`).
+    SecureStep {
+        /// The round.
+        round: u64,
+        /// The step.
+        step: fedge_secagg::ServerMessage,
+    },
+    /// Device to coordinator: its message for the open stage of `round`'s secure session
+    /// (answered `Ack`, or an error naming why it was refused).
+    SecureSend {
+        /// The round.
+        round: u64,
+        /// The message.
+        msg: fedge_secagg::ClientMessage,
+    },
 }
 
 /// What an operator can ask.

@@ -589,6 +589,7 @@ impl BufferedEngine {
             model_version: held.version,
             model_hash: self.global.content_hash(),
             config: self.config.train,
+            secure: None,
         };
         Some(AsyncEvent::Assign { device, task })
     }

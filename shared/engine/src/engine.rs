@@ -338,7 +338,7 @@ impl<S: Strategy> RoundEngine<S> {
             clip,
             carried_noise: None,
         });
-        TrainTask { round, model_version: self.version, model_hash: self.global.content_hash(), config }
+        TrainTask { round, model_version: self.version, model_hash: self.global.content_hash(), config, secure: None }
     }
 
     /// The open round, for a driver to make durable.

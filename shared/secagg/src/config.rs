@@ -10,7 +10,7 @@ use crate::error::{Result, SecAggError};
 ///
 /// Inputs are clipped to `[-clip, clip]`, shifted by `clip` and scaled by `scale` into integers
 /// `0..=max_level()` (stochastic rounding), then summed in the ring `Z_{2^modulus_bits}`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct SecAggConfig {
     /// Devices in the round (ids `0..n_devices`).
     pub n_devices: u32,

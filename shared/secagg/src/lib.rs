@@ -9,7 +9,9 @@
 //!
 //! Modules: [`config`] (public parameters and their rules), [`quantise`] (fixed point),
 //! [`shamir`] (secret sharing over GF(2^61 - 1)), [`graph`] (the neighbour graph), [`masks`]
-//! (key derivation, PRG, share encryption), [`messages`], [`client`], [`server`].
+//! (key derivation, PRG, share encryption), [`messages`], [`client`], [`server`]; over a network
+//! where devices poll: [`session`] (participants, stage deadlines, each device's next message);
+//! FedAvg's weights inside the sum: [`weighting`].
 
 pub mod client;
 pub mod config;
@@ -19,7 +21,9 @@ pub mod masks;
 pub mod messages;
 pub mod quantise;
 pub mod server;
+pub mod session;
 pub mod shamir;
+pub mod weighting;
 
 pub use client::Client;
 pub use config::SecAggConfig;
@@ -28,4 +32,5 @@ pub use graph::Graph;
 pub use messages::*;
 pub use quantise::{dequantise_mean, dequantise_sum, quantise};
 pub use server::{Aggregate, Server};
+pub use session::{ClientMessage, ClientSession, ServerMessage, ServerSession};
 pub use shamir::Share;

@@ -1,0 +1,88 @@
+//! FedAvg under secure aggregation: what a device masks so that the sum decodes to the
+//! sample-weighted mean of the devices' deltas without the server learning any device's weight.
+//!
+//! Device `i` masks `u_i = (w_i clip(delta_i), w_i C)` with `w_i = min(n_i, W) / W`, where `W`
+//! is a public cap on the samples a result may claim and `C` the clip norm: both parts lie in
+//! `[-C, C]`, SecAgg's per-coordinate bound. The server divides the sum's first `d` coordinates
+//! by the last and multiplies by `C`: `sum_i n_i delta_i / sum_i n_i` (with each `n_i` capped at
+//! `W`), learning only `sum_i n_i`.
+
+use crate::config::SecAggConfig;
+use crate::server::Aggregate;
+
+/// The SecAgg parameters of a round of `m` devices with vectors of `vector_len`: the degree
+/// (`degree` or about `3 log2 m`, at most `m - 1`, lowered by one when `m` and it are both odd so
+/// that a regular graph exists), the threshold (`threshold` or `floor(k/2) + 1`), and the fewest
+/// ring bits `b` that hold the sum of `m` inputs without wrapping. Fails below 2 devices or for
+/// parameters `validate` refuses.
+pub fn round_config(
+    m: u32,
+    vector_len: usize,
+    clip: f32,
+    scale: f32,
+    degree: Option<u32>,
+    threshold: Option<u32>,
+) -> Result<SecAggConfig, String> {
+    if m < 2 {
+        return Err(format!("{m} device reported; secure aggregation needs at least 2"));
+    }
+    let mut k = degree.unwrap_or_else(|| default_degree(m)).min(m - 1);
+    if m % 2 == 1 && k % 2 == 1 {
+        k -= 1;
+    }
+    let mut config = SecAggConfig {
+        n_devices: m,
+        threshold: threshold.unwrap_or(k / 2 + 1),
+        degree: k,
+        vector_len,
+        clip,
+        scale,
+        modulus_bits: 64,
+    };
+    let worst = u128::from(m) * u128::from(config.max_level());
+    config.modulus_bits = (128 - worst.leading_zeros()).clamp(1, 64);
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// SecAgg+'s degree by default for `m` devices: `2 ceil(1.5 log2 m)` (about `3 log2 m`, even so
+/// that a regular graph exists for any `m`), at most `m - 1`. Bell et al. 2020 prove `O(log m)`
+/// neighbours suffice; the constant 3 is Fedge's choice.
+pub fn default_degree(m: u32) -> u32 {
+    let k = 2 * (1.5 * f64::from(m.max(2)).log2()).ceil() as u32;
+    k.min(m.saturating_sub(1))
+}
+
+/// What a device masks: its delta clipped to L2 norm `clip` and weighted, then its weight times
+/// `clip` (`d + 1` values, each within `[-clip, clip]`).
+pub fn weighted_input(delta: &[f32], num_samples: u64, weight_cap: u64, clip: f32) -> Vec<f32> {
+    let cap = weight_cap.max(1);
+    let w = num_samples.min(cap) as f64 / cap as f64;
+    let norm = delta.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    let c = f64::from(clip);
+    let scale = if norm > c { c / norm } else { 1.0 } * w;
+    let mut v: Vec<f32> = delta.iter().map(|&x| (f64::from(x) * scale) as f32).collect();
+    v.push((w * c) as f32);
+    v
+}
+
+/// The weighted mean a sum of [`weighted_input`]s decodes to, and the samples it stands for
+/// (`sum_i min(n_i, W)`, rounded). Fails when the sum has the wrong length or no weight.
+pub fn weighted_mean(config: &SecAggConfig, sum: &Aggregate, weight_cap: u64) -> Result<(Vec<f32>, u64), String> {
+    let (c, s) = (f64::from(config.clip), f64::from(config.scale));
+    let count = sum.survivors.len() as f64;
+    let level = |q: u64| q as f64 / s - count * c;
+    let Some((&total, coords)) = sum.sum.split_last() else {
+        return Err("an empty sum".into());
+    };
+    if sum.sum.len() != config.vector_len {
+        return Err(format!("the sum has {} values, not {}", sum.sum.len(), config.vector_len));
+    }
+    let weight = level(total);
+    if weight.is_nan() || weight <= 0.0 {
+        return Err(format!("the summed weight {weight} is not positive"));
+    }
+    let mean = coords.iter().map(|&q| (level(q) / weight * c) as f32).collect();
+    let samples = (weight / c * weight_cap.max(1) as f64).round() as u64;
+    Ok((mean, samples))
+}
