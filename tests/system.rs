@@ -7,6 +7,7 @@ mod fedbuff;
 mod privacy;
 mod regions;
 mod restarts;
+mod secure;
 mod sessions;
 
 use std::sync::Arc;

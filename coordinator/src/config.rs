@@ -106,6 +106,22 @@ pub struct ServeConfig {
     /// table): its devices connect to it, and it takes part in the root's rounds with their
     /// weighted mean.
     pub upstream: Option<UpstreamKeys>,
+    /// Secure aggregation (SecAgg+): each round's devices enter their clipped, weighted updates
+    /// into a masked sum and the coordinator learns only the sum (docs/secagg.md). Needs
+    /// `clip_norm`.
+    pub secure_aggregation: bool,
+    /// Seconds each of the four SecAgg stages waits for its devices.
+    pub secagg_stage_secs: u64,
+    /// SecAgg neighbours per device (default about `3 log2 m` for `m` devices).
+    pub secagg_degree: Option<u32>,
+    /// SecAgg's Shamir threshold (default `floor(k/2) + 1`).
+    pub secagg_threshold: Option<u32>,
+    /// Quantisation steps per unit (default `2^20 / clip_norm`).
+    pub secagg_scale: Option<f32>,
+    /// `W`: a device's FedAvg weight inside the secure sum is `min(samples, W) / W` (a device
+    /// with more examples counts as `W`). Near the largest device's size keeps the weights
+    /// precise after quantisation.
+    pub secagg_weight_cap: u64,
 }
 
 /// The `[upstream]` table: the root a regional aggregator joins.
@@ -234,11 +250,79 @@ impl Default for ServeConfig {
             fedbuff: None,
             max_samples_per_region: crate::server::DEFAULT_MAX_SAMPLES_PER_REGION,
             upstream: None,
+            secure_aggregation: false,
+            secagg_stage_secs: 30,
+            secagg_degree: None,
+            secagg_threshold: None,
+            secagg_scale: None,
+            secagg_weight_cap: 1000,
         }
     }
 }
 
 impl ServeConfig {
+    /// Secure aggregation's settings when `secure_aggregation = true`, checked; what it does
+    /// not combine with is refused in one line. (The strategy is checked against the engine:
+    /// [`crate::server::Coordinator::set_secure_aggregation`].)
+    pub fn secure(&self) -> Result<Option<crate::server::SecureSettings>, String> {
+        if !self.secure_aggregation {
+            let set = [
+                ("secagg_degree", self.secagg_degree.is_some()),
+                ("secagg_threshold", self.secagg_threshold.is_some()),
+                ("secagg_scale", self.secagg_scale.is_some()),
+            ];
+            return match first_set(&set) {
+                Some(key) => Err(format!("{key} needs secure_aggregation = true")),
+                None => Ok(None),
+            };
+        }
+        let Some(clip) = self.clip_norm else {
+            return Err("secure_aggregation needs clip_norm: updates are clipped to it and quantised within it".into());
+        };
+        let refused = [
+            ("noise_multiplier (distributed DP over the wire is not built yet)", self.noise_multiplier.is_some()),
+            ("adaptive_clip", self.adaptive_clip.is_some()),
+            ("[fedbuff]", self.fedbuff.is_some()),
+            ("[upstream] (a region's devices' updates would be summed in the clear)", self.upstream.is_some()),
+        ];
+        if let Some(key) = first_set(&refused) {
+            return Err(format!("secure_aggregation is not offered with {key}"));
+        }
+        if !(1..=3600).contains(&self.secagg_stage_secs) {
+            return Err(format!("secagg_stage_secs must be 1 to 3600, got {}", self.secagg_stage_secs));
+        }
+        if 4 * self.secagg_stage_secs >= self.round_timeout_secs {
+            return Err(format!(
+                "round_timeout_secs = {} must leave the four SecAgg stages (4 x secagg_stage_secs = {}) after training",
+                self.round_timeout_secs,
+                4 * self.secagg_stage_secs
+            ));
+        }
+        if let (Some(k), Some(t)) = (self.secagg_degree, self.secagg_threshold)
+            && !(2 * u64::from(t) > u64::from(k) && t <= k)
+        {
+            return Err(format!("secagg_threshold = {t} must satisfy secagg_degree/2 < t <= secagg_degree = {k}"));
+        }
+        if self.secagg_weight_cap == 0 {
+            return Err("secagg_weight_cap must be at least 1".into());
+        }
+        if self.secagg_degree == Some(0) || self.secagg_threshold == Some(0) {
+            return Err("secagg_degree and secagg_threshold must be at least 1".into());
+        }
+        let scale = self.secagg_scale.unwrap_or(1_048_576.0 / clip);
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(format!("secagg_scale must be positive, got {scale}"));
+        }
+        Ok(Some(crate::server::SecureSettings {
+            stage_timeout: std::time::Duration::from_secs(self.secagg_stage_secs),
+            degree: self.secagg_degree,
+            threshold: self.secagg_threshold,
+            scale,
+            weight_cap: self.secagg_weight_cap,
+            clip,
+        }))
+    }
+
     /// The training and privacy keys, as the engine reads them.
     pub fn training_keys(&self) -> TrainingKeys {
         TrainingKeys {

@@ -75,6 +75,7 @@ mod reference;
 mod regional;
 mod registry;
 mod rounds;
+mod secure;
 mod sessions;
 mod teacher;
 mod upstream;
@@ -102,6 +103,7 @@ pub use downloads::MAX_CHUNK_BYTES;
 pub use reference::RootTrainer;
 pub use regional::{RECALIBRATE_EVERY, TRAFFIC_WARMUP, TRAFFIC_WINDOW, TierBuilder, TierConfig, TierCounts, TierModel};
 pub use registry::{NewStudent, RegistryError};
+pub use secure::SecureSettings;
 pub use upstream::{Upstream, UpstreamError};
 
 use clock::Clock;

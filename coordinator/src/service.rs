@@ -180,6 +180,10 @@ pub async fn run(
         coordinator.set_signer(signer, &c.model);
     }
     coordinator.set_max_samples_per_region(c.max_samples_per_region);
+    if let Some(settings) = c.secure().map_err(ServiceError::Config)? {
+        coordinator.set_secure_aggregation(settings).map_err(ServiceError::Config)?;
+        tracing::info!("secure aggregation: rounds sum their devices' masked updates (SecAgg+)");
+    }
     let follower = match upstream {
         Some((upstream, tier)) => {
             tracing::info!("regional aggregator of the root at {upstream:?}");

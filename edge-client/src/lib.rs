@@ -24,6 +24,7 @@ pub mod hybrid;
 pub mod link;
 pub mod metrics;
 pub mod predict;
+pub mod secure;
 pub mod service;
 pub mod trainer;
 pub mod work_loop;

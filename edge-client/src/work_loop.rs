@@ -363,6 +363,28 @@ impl EdgeClient {
         Ok(())
     }
 
+    /// Records how the device's part in round `round`'s secure sum ended.
+    fn secure_entered(&mut self, round: u64, outcome: &crate::secure::SecureOutcome) {
+        use crate::secure::SecureOutcome;
+        match outcome {
+            SecureOutcome::Summed => {
+                let status = {
+                    let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                    st.last_round = Some(round);
+                    st.acked += 1;
+                    st.clone()
+                };
+                if let Some(dir) = &self.state_dir
+                    && let Err(e) = save_status(dir, &status)
+                {
+                    tracing::warn!("cannot record the round in {}: {e}", dir.display());
+                }
+            }
+            SecureOutcome::NotSummed => tracing::warn!("round {round}: this device's update is not in the secure sum"),
+            SecureOutcome::Refused(why) => tracing::warn!("round {round}: secure aggregation refused: {why}"),
+        }
+    }
+
     /// Works until the connection closes (then returns the link error) or a model fails
     /// verification. Call again after [`Self::reconnect`]; a result whose upload was cut off
     /// is sent again first.
@@ -389,6 +411,12 @@ impl EdgeClient {
                     .expect("training thread panicked");
                     self.trainer = Some(trainer);
                     let outcome = outcome?;
+                    if let Some(secure) = task.secure {
+                        // The update goes into the round's secure sum, never out in the clear.
+                        let entered = crate::secure::enter_sum(&self.link, &task, secure, &outcome.result).await?;
+                        self.secure_entered(task.round, &entered);
+                        continue;
+                    }
                     self.unacked = Some(Message::TrainResult(outcome.result));
                     // A refused result (stale, past the deadline) is not fatal: ask again.
                     self.upload().await?;

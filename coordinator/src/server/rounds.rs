@@ -14,6 +14,7 @@ use fedge_engine::{EngineEvent, RoundOutcome, RoundReport, StartError};
 use tokio::sync::Notify;
 
 use super::engine::Engine;
+use super::secure::{SecureRound, SecureSettings};
 
 use super::registry::GlobalPlan;
 use super::{Coordinator, Ordered};
@@ -44,6 +45,10 @@ pub(super) struct RoundDriver {
     buffer_recorded: Option<u64>,
     /// FedBuff: how long a device may hold a task before the driver gives up on it.
     task_timeout: Duration,
+    /// Secure aggregation, when on (`server/secure.rs`).
+    pub(super) secure_settings: Option<SecureSettings>,
+    /// The open round's secure aggregation.
+    pub(super) secure_round: Option<SecureRound>,
 }
 
 /// What the driver must make durable before it publishes it.
@@ -89,6 +94,8 @@ impl RoundDriver {
             opened_at: None,
             buffer_recorded: None,
             task_timeout,
+            secure_settings: None,
+            secure_round: None,
         }
     }
 
@@ -100,7 +107,13 @@ impl RoundDriver {
     /// When the next deadline falls: the open round's, or (FedBuff) the oldest task's.
     pub(super) fn poll_timeout(&self) -> Option<Duration> {
         match &self.engine {
-            Engine::Rounds(e) => e.poll_timeout(),
+            Engine::Rounds(e) => {
+                let secure = self.secure_round.as_ref().and_then(SecureRound::poll_timeout);
+                match (e.poll_timeout(), secure) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
             Engine::Buffered(_) => self.assigned_at.values().min().map(|at| *at + self.task_timeout),
         }
     }
@@ -108,7 +121,14 @@ impl RoundDriver {
     /// Time passed: times the open round out, or (FedBuff) ends the tasks held too long.
     fn handle_timeout(&mut self, now: Duration) {
         match &mut self.engine {
-            Engine::Rounds(e) => e.handle_timeout(now),
+            Engine::Rounds(e) => {
+                // The secure session first: its stage may end (and the round with it) before
+                // the round's own deadline.
+                if let (Some(settings), Some(secure)) = (&self.secure_settings, self.secure_round.as_mut()) {
+                    secure.step(settings, e, now);
+                }
+                e.handle_timeout(now)
+            }
             Engine::Buffered(e) => {
                 let late: Vec<DeviceId> = self
                     .assigned_at
@@ -220,13 +240,21 @@ impl RoundDriver {
             *changed = true;
             match ev {
                 // A resumed round's tasks: the round is already recorded.
-                EngineEvent::Assign { device, task } => {
+                EngineEvent::Assign { device, mut task } => {
+                    if let Some(settings) = &self.secure_settings {
+                        task.secure = Some(SecureRound::task(settings));
+                        if self.secure_round.as_ref().is_none_or(|r| r.round() != task.round) {
+                            let deadline = engine.open_round().map_or(now, |o| o.deadline);
+                            self.secure_round = Some(SecureRound::new(settings, task.round, now, deadline));
+                        }
+                    }
                     self.tasks.insert(device, task);
                     self.assigned_at.insert(device, now);
                 }
                 EngineEvent::RoundClosed(report) => {
                     self.tasks.clear();
                     self.assigned_at.clear();
+                    self.secure_round = None;
                     let aggregated = report.outcome == RoundOutcome::Aggregated;
                     metrics.round_closed(aggregated);
                     let version = engine.version();
@@ -267,6 +295,12 @@ impl RoundDriver {
                     }
                 }
                 let open = engine.open_round().expect("a round just opened");
+                if let Some(settings) = &self.secure_settings {
+                    for (_, task) in &mut tasks {
+                        task.secure = Some(SecureRound::task(settings));
+                    }
+                    self.secure_round = Some(SecureRound::new(settings, open.round, now, open.deadline));
+                }
                 let record = RoundRecord {
                     round: open.round,
                     model_version: open.model_version,

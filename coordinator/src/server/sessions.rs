@@ -34,7 +34,13 @@ impl Coordinator {
             let version = s.rounds.version();
             (
                 (version, self.teacher_version(version)),
-                aggregator.then(|| s.rounds.engine.aggregator_refusal()).flatten(),
+                aggregator
+                    .then(|| {
+                        s.rounds.engine.aggregator_refusal().or_else(|| s.rounds.secure_settings.map(|_| {
+                            "this coordinator aggregates securely: each device's masked update must reach it, not a region's mean".to_string()
+                        }))
+                    })
+                    .flatten(),
             )
         };
         let hello = match answer_hello_unless(&peer, versions, refusal).await {
@@ -141,6 +147,23 @@ impl Coordinator {
                     message: "an inference session does not train: connect for training".into(),
                 })
             }
+            Message::SecureReady { .. } | Message::SecurePoll { .. } | Message::SecureSend { .. } if !training => {
+                self.metrics.rejected(ErrorCode::Unauthorized);
+                Reply::Message(Message::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: "an inference session does not train: connect for training".into(),
+                })
+            }
+            msg @ (Message::SecureReady { .. } | Message::SecurePoll { .. } | Message::SecureSend { .. }) => {
+                Reply::Message(self.handle_secure(id, msg))
+            }
+            Message::TrainResult(_) if self.lock().rounds.secure_settings.is_some() => {
+                self.metrics.rejected(ErrorCode::InvalidUpdate);
+                Reply::Message(Message::Error {
+                    code: ErrorCode::InvalidUpdate,
+                    message: "rounds here aggregate securely: enter the update into the round's secure sum (SecureReady), do not upload it".into(),
+                })
+            }
             Message::TrainResult(result) => Reply::Message(self.handle_train_result(id, name, result, received)),
             // An aggregator may read the root's status (its rounds' history): a sharded
             // simulation's recorder takes each round's training loss from it. Nothing else an
@@ -162,6 +185,9 @@ impl Coordinator {
         let small = fedge_net::SMALL_FRAME_BYTES;
         match kind {
             FrameKind::TrainResult => self.train_result_limit,
+            // A masked update: up to 9 bytes a coordinate (u64 varints) where a delta takes 4,
+            // plus its rejected neighbours; or a neighbourhood's shares.
+            FrameKind::Secure => self.train_result_limit.saturating_mul(9) / 4 + (1 << 20),
             FrameKind::InferRequest => {
                 small + self.inference.get().map_or(0, |i| i.input_shape().0 * i.input_shape().1)
             }
@@ -236,8 +262,10 @@ impl Coordinator {
             s.fleet.sessions.remove(&id);
             s.fleet.connected.remove(&id);
             let now = self.now();
-            if s.fleet.aggregators.contains(&id) {
+            let in_secure_sum = s.rounds.secure_round.as_ref().is_some_and(|r| r.holds(id));
+            if s.fleet.aggregators.contains(&id) || in_secure_sum {
                 // A region restarting resumes its own round: its task stands until the deadline.
+                // A device in a secure session may be in the sum already: the session decides.
                 s.rounds.engine.handle_device_away(now, id);
                 if s.rounds.engine.rounds().is_none() {
                     s.rounds.tasks.remove(&id);

@@ -354,6 +354,21 @@ impl<S: Strategy> RoundEngine<S> {
         })
     }
 
+    /// Whether the strategy needs every update (the robust rules), not only their sum.
+    pub fn holds_updates(&self) -> bool {
+        self.strategy.holds_updates()
+    }
+
+    /// Whether `device` was selected in the open round and has neither answered nor failed.
+    pub fn is_pending(&self, device: DeviceId) -> bool {
+        self.open.as_ref().is_some_and(|o| o.pending.contains(&device))
+    }
+
+    /// The open round's devices that have neither answered nor failed.
+    pub fn pending(&self) -> Vec<DeviceId> {
+        self.open.as_ref().map(|o| o.pending.iter().copied().collect()).unwrap_or_default()
+    }
+
     /// Hands out a version number for a model made outside the rounds (a distilled student);
     /// the next global model takes the number after it.
     pub fn allocate_version(&mut self) -> u64 {

@@ -1,0 +1,304 @@
+//! Secure aggregation over the wire (`secure_aggregation = true`): the coordinator learns the
+//! sum of a round's updates, not one of them.
+//!
+//! A secure round's tasks carry [`SecureTask`] (the public weight cap). A device trains, keeps
+//! its update and says `SecureReady`; the **ready phase** ends when every device still pending
+//! in the round is ready, or at the latest four stage timeouts before the round's deadline.
+//! The ready devices (at least 2) are then the participants of a SecAgg+ session
+//! ([`fedge_secagg::ServerSession`]: ids in the order of their device ids, a round seed from the
+//! OS, each stage closing when all its devices answered or at `stage_timeout`), which devices
+//! follow by polling (`SecurePoll` -> `SecureStep`) and answer (`SecureSend`). When the session
+//! ends, its sum decodes to the survivors' sample-weighted mean delta
+//! ([`fedge_secagg::weighting`]) and goes to the engine as one
+//! [`fedge_engine::SecureAggregate`]; every other selected device has failed. A session that
+//! fails (too few devices or shares) fails the round, revealing nothing.
+//!
+//! Nothing of a session is stored: a coordinator that restarts resumes the open round (it is
+//! recorded, as any round) and its devices, reconnecting, train again and enter a new session
+//! with fresh keys. A device answers one unmasking request per session, so a restart cannot
+//! collect both shares of one device's secrets within a session; a new session masks with new
+//! secrets.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use fedge_core::ModelParams;
+use fedge_core::wire::{DeviceId, ErrorCode, Message, SecureTask};
+use fedge_engine::SecureAggregate;
+use fedge_engine::strategy::Strategy;
+use fedge_secagg::{ClientMessage, ServerMessage, ServerSession};
+
+use super::Coordinator;
+use super::engine::Refusal;
+
+type Rounds = fedge_engine::RoundEngine<Box<dyn Strategy>>;
+
+/// How a coordinator runs secure rounds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureSettings {
+    /// A stage closes this long after it opened, whoever has not answered.
+    pub stage_timeout: Duration,
+    /// Neighbours per device (default about `3 log2 m`).
+    pub degree: Option<u32>,
+    /// Shamir threshold (default `floor(k/2) + 1`).
+    pub threshold: Option<u32>,
+    /// Quantisation steps per unit (default `2^20 / clip`).
+    pub scale: f32,
+    /// `W`: a device weighs `min(num_samples, W) / W`.
+    pub weight_cap: u64,
+    /// The clip norm: each update's L2 bound and SecAgg's per-coordinate bound.
+    pub clip: f32,
+}
+
+/// The open round's secure aggregation.
+pub(super) struct SecureRound {
+    round: u64,
+    ready: BTreeSet<DeviceId>,
+    session: Option<ServerSession>,
+    /// The ready phase ends here at the latest.
+    ready_until: Duration,
+}
+
+impl SecureRound {
+    /// The secure part of round `round`, whose engine deadline is `deadline`.
+    pub(super) fn new(settings: &SecureSettings, round: u64, now: Duration, deadline: Duration) -> Self {
+        let stages = settings.stage_timeout.saturating_mul(4);
+        Self { round, ready: BTreeSet::new(), session: None, ready_until: deadline.saturating_sub(stages).max(now) }
+    }
+
+    /// The round it belongs to.
+    pub(super) fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// What a task of this round carries.
+    pub(super) fn task(settings: &SecureSettings) -> SecureTask {
+        SecureTask { weight_cap: settings.weight_cap }
+    }
+
+    /// When it next has to act.
+    pub(super) fn poll_timeout(&self) -> Option<Duration> {
+        match &self.session {
+            Some(s) => s.poll_timeout(),
+            None => Some(self.ready_until),
+        }
+    }
+
+    /// Whether `device` takes part (ready, or in the session).
+    pub(super) fn holds(&self, device: DeviceId) -> bool {
+        self.ready.contains(&device)
+    }
+
+    /// Device `device` trained for `round` on `version` and holds its update.
+    pub(super) fn ready(
+        &mut self,
+        settings: &SecureSettings,
+        engine: &mut Rounds,
+        now: Duration,
+        device: DeviceId,
+        (round, version): (u64, u64),
+    ) -> Result<(), Refusal> {
+        if round != self.round || version != engine.version() {
+            return Err((
+                ErrorCode::StaleModel,
+                format!("round {round} on v{version} is not the open round {} on v{}", self.round, engine.version()),
+            ));
+        }
+        if !engine.is_pending(device) {
+            return Err((ErrorCode::NotSelected, format!("device {device} is not waited for in round {round}")));
+        }
+        if self.session.is_some() {
+            return Err((ErrorCode::StaleModel, format!("round {round}'s secure session began without this device")));
+        }
+        if !self.ready.insert(device) {
+            return Err((ErrorCode::Duplicate, format!("device {device} is already ready")));
+        }
+        self.step(settings, engine, now);
+        Ok(())
+    }
+
+    /// What `device` is to do now in `round`.
+    pub(super) fn poll(&self, device: DeviceId, round: u64) -> Result<ServerMessage, Refusal> {
+        let not_in = || (ErrorCode::StaleModel, format!("device {device} is not in round {round}'s secure session"));
+        if round != self.round {
+            return Err(not_in());
+        }
+        match &self.session {
+            Some(s) => s.poll(device).ok_or_else(not_in),
+            None if self.ready.contains(&device) => Ok(ServerMessage::Wait),
+            None => Err(not_in()),
+        }
+    }
+
+    /// `device`'s message for the open stage.
+    pub(super) fn send(
+        &mut self,
+        settings: &SecureSettings,
+        engine: &mut Rounds,
+        now: Duration,
+        device: DeviceId,
+        round: u64,
+        msg: ClientMessage,
+    ) -> Result<(), Refusal> {
+        let Some(session) = self.session.as_mut().filter(|_| round == self.round) else {
+            return Err((ErrorCode::StaleModel, format!("no secure session of round {round} is open")));
+        };
+        let taken = session.handle(now, device, msg).map_err(|e| (ErrorCode::InvalidUpdate, e.to_string()));
+        self.step(settings, engine, now);
+        taken
+    }
+
+    /// Time passed (or something arrived): opens the session once the ready phase is over,
+    /// closes stages at their deadlines, hands the engine the outcome.
+    pub(super) fn step(&mut self, settings: &SecureSettings, engine: &mut Rounds, now: Duration) {
+        if engine.current_round() != Some(self.round) {
+            return;
+        }
+        if self.session.is_none() {
+            // Ready devices that failed since (gone, refused) are out.
+            self.ready.retain(|d| engine.is_pending(*d));
+            let all = engine.pending().iter().all(|d| self.ready.contains(d));
+            if (all && !self.ready.is_empty()) || now >= self.ready_until {
+                self.begin(settings, engine, now);
+            }
+            return;
+        }
+        let session = self.session.as_mut().expect("checked");
+        session.handle_timeout(now);
+        let Some(outcome) = session.outcome() else { return };
+        let peers = session.peers().to_vec();
+        let result = outcome.map_err(|e| e.to_string()).and_then(|agg| {
+            let (mean, samples) = fedge_secagg::weighting::weighted_mean(session.config(), agg, settings.weight_cap)?;
+            let delta = ModelParams::new(engine.global().layout().clone(), mean).map_err(|e| e.to_string())?;
+            let devices = agg.survivors.iter().map(|&i| peers[i as usize]).collect();
+            Ok(SecureAggregate { devices, mean_delta: delta, samples, noise_multiplier: None })
+        });
+        match result {
+            Ok(aggregate) => {
+                tracing::info!(
+                    "round {}: secure sum of {} of {} devices",
+                    self.round,
+                    aggregate.devices.len(),
+                    peers.len()
+                );
+                if let Err(e) = engine.handle_secure_aggregate(now, self.round, &aggregate) {
+                    tracing::warn!("round {}: the secure sum was refused: {e}", self.round);
+                }
+            }
+            Err(e) => tracing::warn!("round {}: secure aggregation failed: {e}", self.round),
+        }
+        // Whoever is not in the sum is done with this round.
+        for d in engine.pending() {
+            engine.handle_train_failure(now, d);
+        }
+    }
+
+    /// Opens the session among the ready devices (at least 2; with fewer the round waits for
+    /// its deadline and fails).
+    fn begin(&mut self, settings: &SecureSettings, engine: &mut Rounds, now: Duration) {
+        let peers: Vec<DeviceId> = self.ready.iter().copied().collect();
+        let m = peers.len() as u32;
+        if m < 2 {
+            return;
+        }
+        let d = engine.global().numel() + 1;
+        let config = match fedge_secagg::weighting::round_config(
+            m,
+            d,
+            settings.clip,
+            settings.scale,
+            settings.degree,
+            settings.threshold,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("round {}: no secure session for {m} devices: {e}", self.round);
+                return;
+            }
+        };
+        let seed: [u8; 32] = rand::random();
+        match ServerSession::new(&config, seed, peers, now, settings.stage_timeout) {
+            Ok(s) => {
+                tracing::info!(
+                    "round {}: secure session of {m} devices (degree {}, threshold {}, {}-bit ring)",
+                    self.round,
+                    config.degree,
+                    config.threshold,
+                    config.modulus_bits
+                );
+                self.session = Some(s);
+            }
+            Err(e) => tracing::warn!("round {}: no secure session: {e}", self.round),
+        }
+    }
+}
+
+impl Coordinator {
+    /// Runs every round from now on with secure aggregation. Refused in FedBuff mode, under
+    /// central DP, for a strategy that needs every update, and for settings SecAgg refuses.
+    pub fn set_secure_aggregation(&self, settings: SecureSettings) -> Result<(), String> {
+        let mut s = self.lock();
+        let Some(engine) = s.rounds.engine.rounds() else {
+            return Err("secure_aggregation sums a round's devices: FedBuff mode has no rounds".into());
+        };
+        if engine.config().privacy.is_some() {
+            return Err("secure_aggregation with central DP: the server cannot clip or noise updates it never sees (distributed DP over the wire is not built yet)".into());
+        }
+        if engine.holds_updates() {
+            return Err("secure_aggregation gives the server only the sum: the strategy needs every update (use fedavg, fedavgm, fedadam, fedadagrad, fedyogi or fedprox)".into());
+        }
+        if !(settings.clip.is_finite() && settings.clip > 0.0) || settings.weight_cap == 0 {
+            return Err("secure_aggregation needs a positive clip_norm and weight cap".into());
+        }
+        // Two devices of this model: what any session checks of the parameters.
+        fedge_secagg::weighting::round_config(
+            2,
+            engine.global().numel() + 1,
+            settings.clip,
+            settings.scale,
+            None,
+            settings.threshold.filter(|_| settings.degree.is_some()),
+        )?;
+        s.rounds.secure_settings = Some(settings);
+        Ok(())
+    }
+
+    /// Whether rounds aggregate securely.
+    pub fn secure_aggregation(&self) -> Option<SecureSettings> {
+        self.lock().rounds.secure_settings
+    }
+
+    /// A device's message about secure aggregation: ready, poll or send.
+    pub(super) fn handle_secure(&self, id: DeviceId, msg: Message) -> Message {
+        let order = self.ordered();
+        let reply = {
+            let mut s = self.lock();
+            let now = self.now();
+            let rounds = &mut s.rounds;
+            let (Some(settings), Some(secure)) = (rounds.secure_settings, rounds.secure_round.as_mut()) else {
+                return Message::Error { code: ErrorCode::StaleModel, message: "no secure round is open".into() };
+            };
+            let Some(engine) = rounds.engine.rounds_mut() else {
+                return Message::Error { code: ErrorCode::Malformed, message: "no rounds here".into() };
+            };
+            let answer = match msg {
+                Message::SecureReady { round, model_version } => {
+                    secure.ready(&settings, engine, now, id, (round, model_version)).map(|()| Message::Ack { round })
+                }
+                Message::SecurePoll { round } => secure.poll(id, round).map(|step| Message::SecureStep { round, step }),
+                Message::SecureSend { round, msg } => {
+                    secure.send(&settings, engine, now, id, round, msg).map(|()| Message::Ack { round })
+                }
+                _ => Err((ErrorCode::Malformed, "not a secure-aggregation message".into())),
+            };
+            answer.unwrap_or_else(|(code, message)| {
+                self.metrics.rejected(code);
+                Message::Error { code, message }
+            })
+        };
+        // A session may have opened or a stage closed: its deadline moved.
+        self.deadlines.notify_one();
+        self.settle(&order);
+        reply
+    }
+}

@@ -1,0 +1,144 @@
+//! Secure aggregation over QUIC (issue 16): a round's devices enter their updates into a
+//! SecAgg+ sum through the coordinator, which learns only the sum. The global model is the
+//! FedAvg of the devices that made it into the sum (to quantisation), a device that goes
+//! silent after saying it is ready is left out at the stage's deadline, and a plain upload is
+//! refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedge_coordinator::server::{Coordinator, SecureSettings};
+use fedge_core::ModelParams;
+use fedge_core::dataset::Dataset;
+use fedge_core::rng::derive_rng;
+use fedge_core::wire::{ErrorCode, Message, TrainConfig, TrainResult, TrainTask};
+use fedge_edge::EdgeTrainer;
+use fedge_engine::{EngineConfig, RoundOutcome};
+use fedge_learn::{BackendKind, ModelKind};
+use fedge_tests::harness::{embedded_train, fleet, initial_2nn, issue_devices, join, serve, spawn_client};
+
+/// Device `k`'s examples: 40 + 20k of them, one after another.
+fn slice(k: usize) -> Vec<usize> {
+    let start: usize = (0..k).map(|j| 40 + 20 * j).sum();
+    (start..start + 40 + 20 * k).collect()
+}
+
+/// One full-batch step (the update does not depend on the order of the examples), clipped.
+fn task_config() -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        batch_size: 200,
+        learning_rate: 0.1,
+        clip_norm: Some(1.0),
+        local_dp: None,
+        proximal_mu: None,
+    }
+}
+
+/// `global` plus the sample-weighted mean of devices `0..n`'s updates, each trained here.
+fn fedavg(global: &ModelParams, n: usize, train: &Dataset) -> (ModelParams, u64) {
+    let task = TrainTask {
+        round: 1,
+        model_version: 0,
+        model_hash: global.content_hash(),
+        config: task_config(),
+        secure: None,
+    };
+    let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    let (mut sum, mut samples) = (vec![0f64; global.numel()], 0u64);
+    for k in 0..n {
+        let r = trainer
+            .run_task(&task, global, train, &slice(k), &mut derive_rng(1, &[k as u64]), &mut derive_rng(2, &[]))
+            .unwrap()
+            .result;
+        for (s, d) in sum.iter_mut().zip(r.delta.data()) {
+            *s += f64::from(*d) * r.num_samples as f64;
+        }
+        samples += r.num_samples;
+    }
+    let data = global.data().iter().zip(&sum).map(|(g, s)| g + (s / samples as f64) as f32).collect();
+    (ModelParams::new(global.layout().clone(), data).unwrap(), samples)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
+    let (_dir, ca) = fleet();
+    let names = ["s0", "s1", "s2", "s3", "s4", "quiet"];
+    issue_devices(&ca, &names);
+    let train = embedded_train();
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 4,
+        accept_failures: true,
+        round_timeout: Duration::from_secs(120),
+        train: task_config(),
+        seed: 3,
+        ..EngineConfig::default()
+    };
+    let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
+    let settings = SecureSettings {
+        stage_timeout: Duration::from_secs(3),
+        degree: None,
+        threshold: None,
+        scale: 1_048_576.0,
+        weight_cap: 200,
+        clip: 1.0,
+    };
+    coordinator.set_secure_aggregation(settings).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let mut clients = Vec::new();
+    for (k, name) in names[..5].iter().enumerate() {
+        let (link, _) = join(addr, &ca, name, slice(k).len() as u64).await;
+        clients.push(spawn_client(link, &train, slice(k), 1, k as u64).1);
+    }
+    // A device that says it is ready and is never heard from again.
+    let (quiet, _) = join(addr, &ca, "quiet", 50).await;
+
+    let (_, global0) = coordinator.global();
+    coordinator.start_rounds(1);
+    let task = loop {
+        match quiet.request(&Message::TaskRequest { running: None }).await.unwrap() {
+            Message::TrainTask(t) => break t,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(task.secure.map(|s| s.weight_cap), Some(200), "the task says the round is secure");
+    // Its plain upload is refused: nothing leaves a device unmasked in a secure round.
+    let plain = TrainResult {
+        round: task.round,
+        model_version: task.model_version,
+        num_samples: 50,
+        train_loss: 1.0,
+        delta: ModelParams::zeros(global0.layout().clone()),
+        clipped: false,
+    };
+    match quiet.request(&Message::TrainResult(plain)).await.unwrap() {
+        Message::Error { code: ErrorCode::InvalidUpdate, message } => assert!(message.contains("secure"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let ready = Message::SecureReady { round: task.round, model_version: task.model_version };
+    assert!(matches!(quiet.request(&ready).await.unwrap(), Message::Ack { .. }));
+    assert!(matches!(quiet.request(&ready).await.unwrap(), Message::Error { code: ErrorCode::Duplicate, .. }));
+
+    tokio::time::timeout(Duration::from_secs(60), coordinator.wait_for_rounds(1)).await.expect("round 1 closes");
+    let report = &coordinator.reports()[0];
+    let (want, samples) = fedavg(&global0, 5, &train);
+    assert_eq!(report.outcome, RoundOutcome::Aggregated);
+    assert_eq!((report.results, report.failures, report.samples), (5, 1, samples));
+    assert!(report.train_loss.is_nan(), "no device's loss is revealed");
+    let (v1, global1) = coordinator.global();
+    assert_eq!(v1, 1);
+    let diff = global1.data().iter().zip(want.data()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    // Stochastic rounding to steps of 2^-20 of five weighted inputs, divided by their weight.
+    assert!(diff < 1e-4, "the secure round's model is {diff} from the FedAvg of its five devices");
+    // The silent device learns that it is not in the sum.
+    match quiet.request(&Message::SecurePoll { round: 1 }).await.unwrap() {
+        Message::Error { code: ErrorCode::StaleModel, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    server.abort();
+    for c in clients {
+        c.abort();
+    }
+    let _: Arc<Coordinator> = coordinator;
+}
