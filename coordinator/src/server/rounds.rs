@@ -108,7 +108,12 @@ impl RoundDriver {
     pub(super) fn poll_timeout(&self) -> Option<Duration> {
         match &self.engine {
             Engine::Rounds(e) => {
-                let secure = self.secure_round.as_ref().and_then(SecureRound::poll_timeout);
+                // Only while its round is open (a closed round's session only answers polls).
+                let secure = self
+                    .secure_round
+                    .as_ref()
+                    .filter(|r| e.current_round() == Some(r.round()))
+                    .and_then(SecureRound::poll_timeout);
                 match (e.poll_timeout(), secure) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -254,7 +259,6 @@ impl RoundDriver {
                 EngineEvent::RoundClosed(report) => {
                     self.tasks.clear();
                     self.assigned_at.clear();
-                    self.secure_round = None;
                     let aggregated = report.outcome == RoundOutcome::Aggregated;
                     metrics.round_closed(aggregated);
                     let version = engine.version();

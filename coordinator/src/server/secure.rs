@@ -13,6 +13,9 @@
 //! [`fedge_engine::SecureAggregate`]; every other selected device has failed. A session that
 //! fails (too few devices or shares) fails the round, revealing nothing.
 //!
+//! A session's outcome stays until the next round opens: a device that asks after the round
+//! closed still learns whether it was summed.
+//!
 //! Nothing of a session is stored: a coordinator that restarts resumes the open round (it is
 //! recorded, as any round) and its devices, reconnecting, train again and enter a new session
 //! with fresh keys. A device answers one unmasking request per session, so a restart cannot
@@ -57,13 +60,21 @@ pub(super) struct SecureRound {
     session: Option<ServerSession>,
     /// The ready phase ends here at the latest.
     ready_until: Duration,
+    /// The ready phase is over (with a session, or without: fewer than 2 devices were ready).
+    ready_over: bool,
 }
 
 impl SecureRound {
     /// The secure part of round `round`, whose engine deadline is `deadline`.
     pub(super) fn new(settings: &SecureSettings, round: u64, now: Duration, deadline: Duration) -> Self {
         let stages = settings.stage_timeout.saturating_mul(4);
-        Self { round, ready: BTreeSet::new(), session: None, ready_until: deadline.saturating_sub(stages).max(now) }
+        Self {
+            round,
+            ready: BTreeSet::new(),
+            session: None,
+            ready_until: deadline.saturating_sub(stages).max(now),
+            ready_over: false,
+        }
     }
 
     /// The round it belongs to.
@@ -80,6 +91,7 @@ impl SecureRound {
     pub(super) fn poll_timeout(&self) -> Option<Duration> {
         match &self.session {
             Some(s) => s.poll_timeout(),
+            None if self.ready_over => None,
             None => Some(self.ready_until),
         }
     }
@@ -107,7 +119,7 @@ impl SecureRound {
         if !engine.is_pending(device) {
             return Err((ErrorCode::NotSelected, format!("device {device} is not waited for in round {round}")));
         }
-        if self.session.is_some() {
+        if self.ready_over {
             return Err((ErrorCode::StaleModel, format!("round {round}'s secure session began without this device")));
         }
         if !self.ready.insert(device) {
@@ -196,9 +208,14 @@ impl SecureRound {
     /// Opens the session among the ready devices (at least 2; with fewer the round waits for
     /// its deadline and fails).
     fn begin(&mut self, settings: &SecureSettings, engine: &mut Rounds, now: Duration) {
+        self.ready_over = true;
         let peers: Vec<DeviceId> = self.ready.iter().copied().collect();
         let m = peers.len() as u32;
         if m < 2 {
+            tracing::warn!(
+                "round {}: {m} device ready for the secure sum; the round fails at its deadline",
+                self.round
+            );
             return;
         }
         let d = engine.global().numel() + 1;
@@ -259,7 +276,17 @@ impl Coordinator {
             None,
             settings.threshold.filter(|_| settings.degree.is_some()),
         )?;
-        s.rounds.secure_settings = Some(settings);
+        let open = engine.open_round();
+        let now = self.now();
+        let rounds = &mut s.rounds;
+        rounds.secure_settings = Some(settings);
+        // A round resumed from the store before this was set: its tasks are secure too.
+        if let Some(open) = open {
+            for task in rounds.tasks.values_mut() {
+                task.secure = Some(SecureRound::task(&settings));
+            }
+            rounds.secure_round = Some(SecureRound::new(&settings, open.round, now, open.deadline));
+        }
         Ok(())
     }
 
