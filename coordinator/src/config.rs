@@ -461,6 +461,37 @@ mod tests {
     }
 
     #[test]
+    fn secure_aggregation_keys_are_checked_in_one_line() {
+        let secure = |extra: &str| {
+            parse_toml::<ServeConfig>(&format!("round_timeout_secs = 300\nsecure_aggregation = true\n{extra}"))
+                .unwrap()
+                .secure()
+        };
+        let s = secure("clip_norm = 2.0\nsecagg_stage_secs = 20\nsecagg_weight_cap = 600").unwrap().unwrap();
+        assert_eq!((s.clip, s.scale, s.weight_cap), (2.0, 524_288.0, 600));
+        assert_eq!(s.stage_timeout, std::time::Duration::from_secs(20));
+        assert_eq!(ServeConfig::default().secure(), Ok(None));
+        let refused = [
+            ("clip_norm = 1.0\nnoise_multiplier = 1.0", "noise_multiplier"),
+            ("clip_norm = 1.0\n[fedbuff]", "[fedbuff]"),
+            ("clip_norm = 1.0\nsecagg_stage_secs = 75", "must leave the four SecAgg stages"),
+            ("clip_norm = 1.0\nsecagg_degree = 10\nsecagg_threshold = 5", "secagg_threshold = 5"),
+            ("clip_norm = 1.0\nsecagg_weight_cap = 0", "secagg_weight_cap must be"),
+            ("clip_norm = 1.0\nsecagg_scale = -1.0", "secagg_scale must be positive"),
+        ];
+        for (extra, says) in refused {
+            let e = secure(extra).unwrap_err();
+            assert!(e.contains(says) && !e.contains('\n'), "{e}");
+        }
+        // The default clip_norm is 10; without any, there is nothing to quantise within.
+        let none: ServeConfig = parse_toml("secure_aggregation = true").unwrap();
+        let none = ServeConfig { clip_norm: None, round_timeout_secs: 300, ..none };
+        assert!(none.secure().unwrap_err().contains("needs clip_norm"));
+        let off: ServeConfig = parse_toml("secagg_degree = 4").unwrap();
+        assert!(off.secure().unwrap_err().contains("secagg_degree needs secure_aggregation = true"));
+    }
+
+    #[test]
     fn a_fedbuff_table_selects_fedbuff_and_refuses_what_it_does_not_offer() {
         use fedge_engine::StalenessWeight;
         assert_eq!(ServeConfig::default().fedbuff(), Ok(None));

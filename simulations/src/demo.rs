@@ -154,6 +154,11 @@ pub enum DemoError {
         /// Devices asked for.
         devices: usize,
     },
+    /// Secure aggregation needs two devices and no regions.
+    #[error(
+        "--secure-aggregation needs at least 2 devices and no regions (a region's mean is not a device's masked update)"
+    )]
+    Secure,
     /// A file or process operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -263,7 +268,7 @@ async fn status(client: &fedge_net::RequestClient, cmd: OperatorCommand) -> Resu
 /// Runs the demo with `devices` edge processes for `rounds` rounds; `progress` gets one line
 /// per round.
 pub async fn run(devices: usize, rounds: u64, progress: impl FnMut(&DemoRound)) -> Result<Vec<DemoRound>, DemoError> {
-    Ok(run_with(devices, rounds, 0, None, progress).await?.0)
+    Ok(run_with(devices, rounds, 0, false, None, progress).await?.0)
 }
 
 /// [`run`], then, with `bench`, `fedge-edge bench-inference` as device 0 against the live
@@ -272,6 +277,7 @@ pub async fn run_with(
     devices: usize,
     rounds: u64,
     regions: usize,
+    secure: bool,
     bench: Option<fedge_edge::bench::BenchOptions>,
     mut progress: impl FnMut(&DemoRound),
 ) -> Result<(Vec<DemoRound>, Option<fedge_edge::bench::BenchReport>), DemoError> {
@@ -280,6 +286,9 @@ pub async fn run_with(
     }
     if regions > devices {
         return Err(DemoError::Regions { regions, devices });
+    }
+    if secure && (regions > 0 || devices < 2) {
+        return Err(DemoError::Secure);
     }
     let exe = std::env::current_exe().map_err(io("cannot find this executable"))?;
     let dir = tempfile::tempdir().map_err(io("cannot make a temporary folder"))?;
@@ -296,7 +305,17 @@ pub async fn run_with(
             fleet.display().to_string(),
             dir.path().join("coordinator-state").display().to_string(),
             if regions > 0 { regions } else { devices },
-            if regions > 0 { "regional_model = \"2nn\"\n" } else { "" },
+            if regions > 0 {
+                "regional_model = \"2nn\"\n".to_string()
+            } else if secure {
+                // Each device holds a 1/devices share of the embedded 10,000 images: W is its size.
+                format!(
+                    "secure_aggregation = true\nsecagg_stage_secs = 10\nsecagg_weight_cap = {}\n",
+                    10_000usize.div_ceil(devices)
+                )
+            } else {
+                String::new()
+            },
             // Regions escalate for many devices each: lift the per-participant rate too.
             if bench.is_some() || regions > 0 { "\n[inference]\nrate_per_sec = 1e9\nburst = 1e9\n" } else { "" }
         ),

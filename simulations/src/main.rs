@@ -104,6 +104,10 @@ enum Command {
         /// behind region i mod R): hierarchical aggregation and three inference tiers.
         #[arg(long, default_value_t = 0)]
         regions: usize,
+        /// Secure aggregation: the devices enter their updates into a SecAgg+ sum and the
+        /// coordinator learns only the sum.
+        #[arg(long)]
+        secure_aggregation: bool,
     },
     /// Run shard I of N of a simulation against its root coordinator over QUIC, with an
     /// aggregator certificate: the virtual devices whose index is I mod N, their updates
@@ -268,20 +272,21 @@ fn main() -> ExitCode {
 fn real_main() -> anyhow::Result<()> {
     fedge_log::init().context("cannot start logging")?;
     match Cli::parse().command {
-        Command::Demo { devices, rounds, json, bench_inference, regions } => {
+        Command::Demo { devices, rounds, json, bench_inference, regions, secure_aggregation } => {
             let rt = tokio::runtime::Runtime::new()?;
             let bench = bench_inference.then(fedge_edge::bench::BenchOptions::default);
-            let (out, report) = rt.block_on(fedge_sim::demo::run_with(devices, rounds, regions, bench, |r| {
-                if !json {
-                    println!(
-                        "round {}: model v{}, {} devices reporting, accuracy {}",
-                        r.round,
-                        r.model_version,
-                        r.devices_reporting,
-                        r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0))
-                    );
-                }
-            }))?;
+            let (out, report) =
+                rt.block_on(fedge_sim::demo::run_with(devices, rounds, regions, secure_aggregation, bench, |r| {
+                    if !json {
+                        println!(
+                            "round {}: model v{}, {} devices reporting, accuracy {}",
+                            r.round,
+                            r.model_version,
+                            r.devices_reporting,
+                            r.accuracy.map_or("-".into(), |a| format!("{:.2}%", a * 100.0))
+                        );
+                    }
+                }))?;
             if !json && let Some(s) = out.last().and_then(|r| r.student.as_ref()) {
                 println!(
                     "student v{} ({} int8, {} bytes, {}signed) distilled from the last model: accuracy {}, running on {} devices",

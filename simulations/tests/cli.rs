@@ -153,6 +153,28 @@ fn demo_runs_the_real_system_over_loopback() {
     assert!(s["latency_us"].as_f64().unwrap() > 0.0, "{s}");
 }
 
+/// `demo --secure-aggregation`: the devices enter their updates into a SecAgg+ sum through the
+/// coordinator process; every round sums all three, and the models score what the plain
+/// demo's do, quantisation aside. Refused with regions.
+#[test]
+fn demo_with_secure_aggregation_matches_the_plain_demo() {
+    let run = |extra: &[&str]| {
+        let mut args = vec!["demo", "--devices", "3", "--rounds", "2", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = sim(&args);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&stdout).unwrap()
+    };
+    let (plain, secure) = (run(&[]), run(&["--secure-aggregation"]));
+    for (p, s) in plain.iter().zip(&secure) {
+        assert_eq!(s["devices_reporting"], 3, "{s}");
+        let (a, b) = (p["accuracy"].as_f64().unwrap(), s["accuracy"].as_f64().unwrap());
+        assert!((a - b).abs() < 0.01, "round {}: {a} plain vs {b} secure", s["round"]);
+    }
+    let (ok, _, stderr) = sim(&["demo", "--devices", "4", "--regions", "2", "--secure-aggregation"]);
+    assert!(!ok && stderr.contains("--secure-aggregation needs at least 2 devices and no regions"), "{stderr}");
+}
+
 /// `demo --regions 2`: four devices behind two regional aggregator processes; every round
 /// aggregates all four devices' updates through the regions, the root's signed student reaches
 /// all four through their regions, and both regions install the regional model.

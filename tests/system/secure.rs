@@ -142,3 +142,39 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
     }
     let _: Arc<Coordinator> = coordinator;
 }
+
+/// What needs each update, or acts on each one, refuses secure aggregation at start.
+#[test]
+fn robust_rules_central_dp_and_fedbuff_refuse_secure_aggregation() {
+    let settings = SecureSettings {
+        stage_timeout: Duration::from_secs(3),
+        degree: None,
+        threshold: None,
+        scale: 1_048_576.0,
+        weight_cap: 200,
+        clip: 1.0,
+    };
+    let median = EngineConfig {
+        strategy: fedge_engine::StrategyConfig::Median { bucket_size: 1 },
+        train: task_config(),
+        ..EngineConfig::default()
+    };
+    let e = Coordinator::new(median, initial_2nn(1)).unwrap().set_secure_aggregation(settings).unwrap_err();
+    assert!(e.contains("needs every update"), "{e}");
+    let keys = fedge_engine::TrainingKeys {
+        epochs: 1,
+        batch_size: 10,
+        lr: 0.05,
+        clip_norm: Some(1.0),
+        noise_multiplier: Some(1.0),
+        adaptive_clip: None,
+        local_epsilon: None,
+        delta: 1e-5,
+        target_epsilon: None,
+    };
+    let dp = EngineConfig { train: keys.train(), privacy: keys.central_dp(), ..EngineConfig::default() };
+    let e = Coordinator::new(dp, initial_2nn(1)).unwrap().set_secure_aggregation(settings).unwrap_err();
+    assert!(e.contains("central DP"), "{e}");
+    let plain = Coordinator::new(EngineConfig { train: task_config(), ..EngineConfig::default() }, initial_2nn(1));
+    plain.unwrap().set_secure_aggregation(settings).unwrap();
+}
