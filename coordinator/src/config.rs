@@ -122,6 +122,9 @@ pub struct ServeConfig {
     /// with more examples counts as `W`). Near the largest device's size keeps the weights
     /// precise after quantisation.
     pub secagg_weight_cap: u64,
+    /// Distributed DP (`noise_multiplier` with `secure_aggregation`): the sum still carries
+    /// the full noise when up to this fraction of a round's selected devices drop (default 0.2).
+    pub dp_dropout_tolerance: Option<f64>,
 }
 
 /// The `[upstream]` table: the root a regional aggregator joins.
@@ -256,6 +259,7 @@ impl Default for ServeConfig {
             secagg_threshold: None,
             secagg_scale: None,
             secagg_weight_cap: 1000,
+            dp_dropout_tolerance: None,
         }
     }
 }
@@ -270,6 +274,7 @@ impl ServeConfig {
                 ("secagg_degree", self.secagg_degree.is_some()),
                 ("secagg_threshold", self.secagg_threshold.is_some()),
                 ("secagg_scale", self.secagg_scale.is_some()),
+                ("dp_dropout_tolerance", self.dp_dropout_tolerance.is_some()),
             ];
             return match first_set(&set) {
                 Some(key) => Err(format!("{key} needs secure_aggregation = true")),
@@ -280,8 +285,11 @@ impl ServeConfig {
             return Err("secure_aggregation needs clip_norm: updates are clipped to it and quantised within it".into());
         };
         let refused = [
-            ("noise_multiplier (distributed DP over the wire is not built yet)", self.noise_multiplier.is_some()),
-            ("adaptive_clip", self.adaptive_clip.is_some()),
+            ("adaptive_clip (it needs each update's norm)", self.adaptive_clip.is_some()),
+            (
+                "local_epsilon together with noise_multiplier (choose local or distributed DP)",
+                self.local_epsilon.is_some() && self.noise_multiplier.is_some(),
+            ),
             ("[fedbuff]", self.fedbuff.is_some()),
             ("[upstream] (a region's devices' updates would be summed in the clear)", self.upstream.is_some()),
         ];
@@ -313,6 +321,17 @@ impl ServeConfig {
         if !(scale.is_finite() && scale > 0.0) {
             return Err(format!("secagg_scale must be positive, got {scale}"));
         }
+        let noise = match (self.noise_multiplier, self.dp_dropout_tolerance) {
+            (None, Some(_)) => return Err("dp_dropout_tolerance needs noise_multiplier (distributed DP)".into()),
+            (_, Some(f)) if !(0.0..=0.9).contains(&f) => {
+                return Err(format!("dp_dropout_tolerance must be in [0, 0.9], got {f}"));
+            }
+            (Some(z), f) => Some(fedge_secagg::weighting::DistributedNoise {
+                noise_multiplier: z,
+                dropout_tolerance: f.unwrap_or(fedge_secagg::weighting::DEFAULT_DP_DROPOUT_TOLERANCE),
+            }),
+            (None, None) => None,
+        };
         Ok(Some(crate::server::SecureSettings {
             stage_timeout: std::time::Duration::from_secs(self.secagg_stage_secs),
             degree: self.secagg_degree,
@@ -320,6 +339,7 @@ impl ServeConfig {
             scale,
             weight_cap: self.secagg_weight_cap,
             clip,
+            noise,
         }))
     }
 
@@ -429,6 +449,8 @@ impl ServeConfig {
             train: keys.train(),
             seed: self.seed,
             privacy: keys.central_dp(),
+            // With secure aggregation the devices add the noise (distributed DP).
+            distributed_dp: self.secure_aggregation && self.noise_multiplier.is_some(),
             max_samples_per_result: self.max_samples_per_device,
             max_step_norm: self.max_step_norm,
             ..EngineConfig::default()
@@ -472,7 +494,9 @@ mod tests {
         assert_eq!(s.stage_timeout, std::time::Duration::from_secs(20));
         assert_eq!(ServeConfig::default().secure(), Ok(None));
         let refused = [
-            ("clip_norm = 1.0\nnoise_multiplier = 1.0", "noise_multiplier"),
+            ("clip_norm = 1.0\nnoise_multiplier = 1.0\nlocal_epsilon = 8.0", "choose local or distributed DP"),
+            ("clip_norm = 1.0\nnoise_multiplier = 1.0\ndp_dropout_tolerance = 0.95", "dp_dropout_tolerance must be"),
+            ("clip_norm = 1.0\ndp_dropout_tolerance = 0.1", "dp_dropout_tolerance needs noise_multiplier"),
             ("clip_norm = 1.0\n[fedbuff]", "[fedbuff]"),
             ("clip_norm = 1.0\nsecagg_stage_secs = 75", "must leave the four SecAgg stages"),
             ("clip_norm = 1.0\nsecagg_degree = 10\nsecagg_threshold = 5", "secagg_threshold = 5"),

@@ -41,8 +41,12 @@ pub async fn enter_sum(
     let Some(clip) = task.config.clip_norm else {
         return Ok(SecureOutcome::Refused("a secure round without clip_norm".into()));
     };
-    let input =
-        fedge_secagg::weighting::weighted_input(result.delta.data(), result.num_samples, secure.weight_cap, clip);
+    let input = match secure.noise_std {
+        None => {
+            fedge_secagg::weighting::weighted_input(result.delta.data(), result.num_samples, secure.weight_cap, clip)
+        }
+        Some(sigma) => noised_input(result.delta.data(), clip, sigma)?,
+    };
     match link.request(&Message::SecureReady { round, model_version: task.model_version }).await? {
         Message::Ack { .. } => {}
         Message::Error { code, message } => return Ok(SecureOutcome::Refused(format!("{code:?}: {message}"))),
@@ -78,4 +82,24 @@ pub async fn enter_sum(
             None => {}
         }
     }
+}
+
+/// Distributed DP: the delta clipped to `clip`, weighing 1, plus this device's share of the
+/// noise, N(0, sigma^2) a coordinate from the OS's randomness, kept within the session's
+/// per-coordinate bound `clip + 8 sigma` (past it with probability about 1e-15).
+fn noised_input(delta: &[f32], clip: f32, sigma: f64) -> Result<Vec<f32>, ConnectError> {
+    if !(sigma.is_finite() && sigma > 0.0) {
+        return Err(ConnectError::Refused {
+            code: ErrorCode::Malformed,
+            message: format!("a noise standard deviation of {sigma}"),
+        });
+    }
+    let mut v = fedge_secagg::weighting::weighted_input(delta, 1, 1, clip);
+    let weight = v.pop().expect("weighted_input ends with the weight");
+    let mut rng = <fedge_core::rng::SeededRng as rand::SeedableRng>::from_rng(&mut rand::rng());
+    fedge_core::privacy::noise::add_gaussian_noise(&mut v, sigma, &mut rng);
+    let bound = clip + (8.0 * sigma) as f32;
+    v.iter_mut().for_each(|x| *x = x.clamp(-bound, bound));
+    v.push(weight);
+    Ok(v)
 }

@@ -127,36 +127,7 @@ pub struct SecureSetup {
     pub noise: Option<DistributedNoise>,
 }
 
-/// Distributed DP's parameters (`noise_multiplier` with `secure_aggregation`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DistributedNoise {
-    /// z: the sum of the surviving devices' updates carries N(0, (z C)^2) per coordinate.
-    pub noise_multiplier: f64,
-    /// f: it still does when up to this fraction of the selected devices drop.
-    pub dropout_tolerance: f64,
-}
-
-/// The default fraction of a round's devices distributed DP's noise survives the loss of.
-pub const DEFAULT_DP_DROPOUT_TOLERANCE: f64 = 0.2;
-
-impl DistributedNoise {
-    /// The fewest devices whose shares make up the full noise, of `selected`:
-    /// `ceil((1 - f) selected)`, at least 1.
-    pub fn sized_for(&self, selected: usize) -> usize {
-        (((1.0 - self.dropout_tolerance) * selected as f64).ceil() as usize).max(1)
-    }
-
-    /// Each device's noise standard deviation for a round of `selected` devices and clip `c`:
-    /// `z c / sqrt(n_min)`, so any `n_min` of them sum to the full `z c`.
-    pub fn device_sigma(&self, selected: usize, c: f64) -> f64 {
-        self.noise_multiplier * c / (self.sized_for(selected) as f64).sqrt()
-    }
-
-    /// The noise multiplier `survivors` devices' shares carry together: `z sqrt(m' / n_min)`.
-    pub fn carried(&self, selected: usize, survivors: usize) -> f64 {
-        self.noise_multiplier * (survivors as f64 / self.sized_for(selected) as f64).sqrt()
-    }
-}
+pub use fedge_secagg::weighting::{DEFAULT_DP_DROPOUT_TOLERANCE, DistributedNoise};
 
 impl SecureSetup {
     /// The setup of a validated config with secure aggregation on; `largest` is the largest

@@ -83,6 +83,7 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
         scale: 1_048_576.0,
         weight_cap: 200,
         clip: 1.0,
+        noise: None,
     };
     coordinator.set_secure_aggregation(settings).unwrap();
     let (addr, server) = serve(&coordinator, &ca);
@@ -153,6 +154,7 @@ fn robust_rules_central_dp_and_fedbuff_refuse_secure_aggregation() {
         scale: 1_048_576.0,
         weight_cap: 200,
         clip: 1.0,
+        noise: None,
     };
     let median = EngineConfig {
         strategy: fedge_engine::StrategyConfig::Median { bucket_size: 1 },
@@ -177,4 +179,104 @@ fn robust_rules_central_dp_and_fedbuff_refuse_secure_aggregation() {
     assert!(e.contains("central DP"), "{e}");
     let plain = Coordinator::new(EngineConfig { train: task_config(), ..EngineConfig::default() }, initial_2nn(1));
     plain.unwrap().set_secure_aggregation(settings).unwrap();
+}
+
+/// Distributed DP over the wire: each of five devices adds N(0, (z C / 2)^2) (any `n_min = 4`
+/// shares make `z C`) before masking; the coordinator divides the sum by the five selected,
+/// and its ledger charges what the five shares carry, `z sqrt(5/4)`. The model moved by the
+/// mean of the clipped updates plus noise of exactly that size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_dp_over_the_wire_noises_the_sum_as_configured() {
+    let (_dir, ca) = fleet();
+    let names = ["d0", "d1", "d2", "d3", "d4"];
+    issue_devices(&ca, &names);
+    let train = embedded_train();
+    let z = 0.5;
+    let keys = fedge_engine::TrainingKeys {
+        epochs: 1,
+        batch_size: 200,
+        lr: 0.1,
+        clip_norm: Some(1.0),
+        noise_multiplier: Some(z),
+        adaptive_clip: None,
+        local_epsilon: None,
+        delta: 1e-5,
+        target_epsilon: None,
+    };
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 5,
+        accept_failures: true,
+        round_timeout: Duration::from_secs(120),
+        train: keys.train(),
+        privacy: keys.central_dp(),
+        distributed_dp: true,
+        seed: 3,
+        ..EngineConfig::default()
+    };
+    let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
+    let noise = fedge_secagg::weighting::DistributedNoise { noise_multiplier: z, dropout_tolerance: 0.2 };
+    let settings = SecureSettings {
+        stage_timeout: Duration::from_secs(10),
+        degree: None,
+        threshold: None,
+        scale: 1_048_576.0,
+        weight_cap: 200,
+        clip: 1.0,
+        noise: Some(noise),
+    };
+    coordinator.set_secure_aggregation(settings).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let mut clients = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let (link, _) = join(addr, &ca, name, slice(k).len() as u64).await;
+        clients.push(spawn_client(link, &train, slice(k), 1, k as u64).1);
+    }
+    let (_, global0) = coordinator.global();
+    coordinator.start_rounds(1);
+    tokio::time::timeout(Duration::from_secs(60), coordinator.wait_for_rounds(1)).await.expect("round 1 closes");
+    let report = &coordinator.reports()[0];
+    assert_eq!((report.outcome.clone(), report.results), (RoundOutcome::Aggregated, 5));
+    let charged = report.privacy.expect("the ledger charged the round");
+    let carried = z * (5.0f64 / 4.0).sqrt();
+    assert!((charged.noise_multiplier - carried).abs() < 1e-9, "{charged:?}");
+    assert!(charged.epsilon > 0.0 && charged.epsilon.is_finite());
+    // The clean part: the five clipped updates, each weighing 1, over the five selected.
+    let task = TrainTask {
+        round: 1,
+        model_version: 0,
+        model_hash: global0.content_hash(),
+        config: keys.train(),
+        secure: None,
+    };
+    let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    let mut clean = vec![0f64; global0.numel()];
+    for k in 0..5 {
+        let r = trainer
+            .run_task(&task, &global0, &train, &slice(k), &mut derive_rng(1, &[k as u64]), &mut derive_rng(2, &[]))
+            .unwrap()
+            .result;
+        for (c, d) in clean.iter_mut().zip(r.delta.data()) {
+            *c += f64::from(*d) / 5.0;
+        }
+    }
+    let (_, global1) = coordinator.global();
+    let residual: Vec<f64> = global1
+        .data()
+        .iter()
+        .zip(global0.data())
+        .zip(&clean)
+        .map(|((g1, g0), c)| f64::from(*g1) - f64::from(*g0) - c)
+        .collect();
+    let n = residual.len() as f64;
+    let mean = residual.iter().sum::<f64>() / n;
+    let std = (residual.iter().map(|r| (r - mean) * (r - mean)).sum::<f64>() / n).sqrt();
+    // N(0, (z C sqrt(5/4) / 5)^2) a coordinate: 199,210 of them pin it to well within 2%.
+    let want = carried * 1.0 / 5.0;
+    assert!((std / want - 1.0).abs() < 0.02, "noise std {std}, want {want}");
+    assert!(mean.abs() < 5.0 * want / n.sqrt(), "noise mean {mean}");
+    server.abort();
+    for c in clients {
+        c.abort();
+    }
 }

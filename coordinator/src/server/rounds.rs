@@ -247,11 +247,12 @@ impl RoundDriver {
                 // A resumed round's tasks: the round is already recorded.
                 EngineEvent::Assign { device, mut task } => {
                     if let Some(settings) = &self.secure_settings {
-                        task.secure = Some(SecureRound::task(settings));
                         if self.secure_round.as_ref().is_none_or(|r| r.round() != task.round) {
-                            let deadline = engine.open_round().map_or(now, |o| o.deadline);
-                            self.secure_round = Some(SecureRound::new(settings, task.round, now, deadline));
+                            let (deadline, selected) =
+                                engine.open_round().map_or((now, 1), |o| (o.deadline, o.chosen.len()));
+                            self.secure_round = Some(SecureRound::new(settings, task.round, selected, now, deadline));
                         }
+                        task.secure = self.secure_round.as_ref().map(|r| r.task(settings));
                     }
                     self.tasks.insert(device, task);
                     self.assigned_at.insert(device, now);
@@ -300,10 +301,11 @@ impl RoundDriver {
                 }
                 let open = engine.open_round().expect("a round just opened");
                 if let Some(settings) = &self.secure_settings {
+                    let secure = SecureRound::new(settings, open.round, tasks.len(), now, open.deadline);
                     for (_, task) in &mut tasks {
-                        task.secure = Some(SecureRound::task(settings));
+                        task.secure = Some(secure.task(settings));
                     }
-                    self.secure_round = Some(SecureRound::new(settings, open.round, now, open.deadline));
+                    self.secure_round = Some(secure);
                 }
                 let record = RoundRecord {
                     round: open.round,

@@ -51,11 +51,16 @@ pub struct SecureSettings {
     pub weight_cap: u64,
     /// The clip norm: each update's L2 bound and SecAgg's per-coordinate bound.
     pub clip: f32,
+    /// Distributed DP (`noise_multiplier` with `secure_aggregation`): each device adds its
+    /// share of the noise; every device weighs 1 and the sum is divided by the devices selected.
+    pub noise: Option<fedge_secagg::weighting::DistributedNoise>,
 }
 
 /// The open round's secure aggregation.
 pub(super) struct SecureRound {
     round: u64,
+    /// Devices selected in the round (distributed DP's denominator and noise shares).
+    selected: usize,
     ready: BTreeSet<DeviceId>,
     session: Option<ServerSession>,
     /// The ready phase ends here at the latest.
@@ -66,10 +71,17 @@ pub(super) struct SecureRound {
 
 impl SecureRound {
     /// The secure part of round `round`, whose engine deadline is `deadline`.
-    pub(super) fn new(settings: &SecureSettings, round: u64, now: Duration, deadline: Duration) -> Self {
+    pub(super) fn new(
+        settings: &SecureSettings,
+        round: u64,
+        selected: usize,
+        now: Duration,
+        deadline: Duration,
+    ) -> Self {
         let stages = settings.stage_timeout.saturating_mul(4);
         Self {
             round,
+            selected,
             ready: BTreeSet::new(),
             session: None,
             ready_until: deadline.saturating_sub(stages).max(now),
@@ -83,8 +95,13 @@ impl SecureRound {
     }
 
     /// What a task of this round carries.
-    pub(super) fn task(settings: &SecureSettings) -> SecureTask {
-        SecureTask { weight_cap: settings.weight_cap }
+    pub(super) fn task(&self, settings: &SecureSettings) -> SecureTask {
+        SecureTask { weight_cap: settings.weight_cap, noise_std: self.sigma(settings) }
+    }
+
+    /// Distributed DP: each device's noise standard deviation in this round.
+    fn sigma(&self, settings: &SecureSettings) -> Option<f64> {
+        settings.noise.map(|n| n.device_sigma(self.selected, f64::from(settings.clip)))
     }
 
     /// When it next has to act.
@@ -179,11 +196,24 @@ impl SecureRound {
         session.handle_timeout(now);
         let Some(outcome) = session.outcome() else { return };
         let peers = session.peers().to_vec();
+        let selected = self.selected;
         let result = outcome.map_err(|e| e.to_string()).and_then(|agg| {
-            let (mean, samples) = fedge_secagg::weighting::weighted_mean(session.config(), agg, settings.weight_cap)?;
+            let (mean, samples, noise_multiplier) = match settings.noise {
+                // Every survivor weighs 1; the noised sum over the devices selected.
+                Some(n) => (
+                    fedge_secagg::weighting::fixed_denominator_mean(session.config(), agg, selected)?,
+                    agg.survivors.len() as u64,
+                    Some(n.carried(selected, agg.survivors.len())),
+                ),
+                None => {
+                    let (mean, samples) =
+                        fedge_secagg::weighting::weighted_mean(session.config(), agg, settings.weight_cap)?;
+                    (mean, samples, None)
+                }
+            };
             let delta = ModelParams::new(engine.global().layout().clone(), mean).map_err(|e| e.to_string())?;
             let devices = agg.survivors.iter().map(|&i| peers[i as usize]).collect();
-            Ok(SecureAggregate { devices, mean_delta: delta, samples, noise_multiplier: None })
+            Ok(SecureAggregate { devices, mean_delta: delta, samples, noise_multiplier })
         });
         match result {
             Ok(aggregate) => {
@@ -219,10 +249,12 @@ impl SecureRound {
             return;
         }
         let d = engine.global().numel() + 1;
+        // Under distributed DP a coordinate is a clipped value plus noise: bounded at C + 8 sigma.
+        let bound = settings.clip + self.sigma(settings).map_or(0.0, |s| (8.0 * s) as f32);
         let config = match fedge_secagg::weighting::round_config(
             m,
             d,
-            settings.clip,
+            bound,
             settings.scale,
             settings.degree,
             settings.threshold,
@@ -258,8 +290,12 @@ impl Coordinator {
         let Some(engine) = s.rounds.engine.rounds() else {
             return Err("secure_aggregation sums a round's devices: FedBuff mode has no rounds".into());
         };
-        if engine.config().privacy.is_some() {
-            return Err("secure_aggregation with central DP: the server cannot clip or noise updates it never sees (distributed DP over the wire is not built yet)".into());
+        match (engine.config().privacy.is_some(), engine.config().distributed_dp, settings.noise.is_some()) {
+            (true, false, _) => {
+                return Err("secure_aggregation with central DP: the server cannot clip or noise updates it never sees (set noise_multiplier with secure_aggregation for distributed DP)".into());
+            }
+            (true, true, true) | (false, false, false) => {}
+            _ => return Err("distributed DP needs both the engine's DP keys and the devices' noise".into()),
         }
         if engine.holds_updates() {
             return Err("secure_aggregation gives the server only the sum: the strategy needs every update (use fedavg, fedavgm, fedadam, fedadagrad, fedyogi or fedprox)".into());
@@ -282,10 +318,11 @@ impl Coordinator {
         rounds.secure_settings = Some(settings);
         // A round resumed from the store before this was set: its tasks are secure too.
         if let Some(open) = open {
+            let secure = SecureRound::new(&settings, open.round, open.chosen.len(), now, open.deadline);
             for task in rounds.tasks.values_mut() {
-                task.secure = Some(SecureRound::task(&settings));
+                task.secure = Some(secure.task(&settings));
             }
-            rounds.secure_round = Some(SecureRound::new(&settings, open.round, now, open.deadline));
+            rounds.secure_round = Some(secure);
         }
         Ok(())
     }

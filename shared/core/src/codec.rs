@@ -368,7 +368,7 @@ mod tests {
                     local_dp: None,
                     proximal_mu: Some(0.01),
                 },
-                secure: Some(crate::wire::SecureTask { weight_cap: 600 }),
+                secure: Some(crate::wire::SecureTask { weight_cap: 600, noise_std: Some(0.25) }),
             }),
             Message::Error { code: ErrorCode::StaleModel, message: "old".into() },
             Message::SecureReady { round: 3, model_version: 2 },

@@ -67,11 +67,16 @@ pub struct TrainTask {
 }
 
 /// What a device needs to enter its update into a secure sum: the public cap on the samples
-/// its weight may claim (`fedge_secagg::weighting`); the clip is the task's `clip_norm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+/// its weight may claim (`fedge_secagg::weighting`) and, under distributed DP, its noise; the
+/// clip is the task's `clip_norm`.
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
 pub struct SecureTask {
     /// `W`: a device weighs `min(num_samples, W) / W`.
     pub weight_cap: u64,
+    /// Distributed DP: the standard deviation of the Gaussian noise the device adds to each
+    /// coordinate of its clipped update (its share of the sum's noise); every device then
+    /// weighs 1.
+    pub noise_std: Option<f64>,
 }
 
 /// A device's answer to a [`TrainTask`].

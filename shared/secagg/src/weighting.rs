@@ -86,3 +86,51 @@ pub fn weighted_mean(config: &SecAggConfig, sum: &Aggregate, weight_cap: u64) ->
     let samples = (weight / c * weight_cap.max(1) as f64).round() as u64;
     Ok((mean, samples))
 }
+
+/// Distributed DP's parameters: every device of a round of `k` selected adds its share of the
+/// noise, so that any `ceil((1 - f) k)` of them sum to N(0, (z C)^2) per coordinate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistributedNoise {
+    /// z: the sum of the surviving devices' updates carries N(0, (z C)^2) per coordinate.
+    pub noise_multiplier: f64,
+    /// f: it still does when up to this fraction of the selected devices drop.
+    pub dropout_tolerance: f64,
+}
+
+/// The default fraction of a round's devices distributed DP's noise survives the loss of.
+pub const DEFAULT_DP_DROPOUT_TOLERANCE: f64 = 0.2;
+
+impl DistributedNoise {
+    /// The fewest devices whose shares make up the full noise, of `selected`:
+    /// `ceil((1 - f) selected)`, at least 1.
+    pub fn sized_for(&self, selected: usize) -> usize {
+        (((1.0 - self.dropout_tolerance) * selected as f64).ceil() as usize).max(1)
+    }
+
+    /// Each device's noise standard deviation for a round of `selected` devices and clip `c`:
+    /// `z c / sqrt(n_min)`, so any `n_min` of them sum to the full `z c`.
+    pub fn device_sigma(&self, selected: usize, c: f64) -> f64 {
+        self.noise_multiplier * c / (self.sized_for(selected) as f64).sqrt()
+    }
+
+    /// The noise multiplier `survivors` devices' shares carry together: `z sqrt(m' / n_min)`.
+    pub fn carried(&self, selected: usize, survivors: usize) -> f64 {
+        self.noise_multiplier * (survivors as f64 / self.sized_for(selected) as f64).sqrt()
+    }
+}
+
+/// Under distributed DP every device weighs 1 and the sum is divided by the devices selected
+/// (DP-FedAvg's fixed denominator): the first `vector_len - 1` coordinates of the decoded sum
+/// over `denominator`.
+pub fn fixed_denominator_mean(config: &SecAggConfig, sum: &Aggregate, denominator: usize) -> Result<Vec<f32>, String> {
+    if sum.sum.len() != config.vector_len || sum.sum.is_empty() {
+        return Err(format!("the sum has {} values, not {}", sum.sum.len(), config.vector_len));
+    }
+    if denominator == 0 {
+        return Err("no device was selected".into());
+    }
+    let (c, s) = (f64::from(config.clip), f64::from(config.scale));
+    let count = sum.survivors.len() as f64;
+    let coords = &sum.sum[..sum.sum.len() - 1];
+    Ok(coords.iter().map(|&q| ((q as f64 / s - count * c) / denominator as f64) as f32).collect())
+}
