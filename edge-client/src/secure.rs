@@ -18,6 +18,10 @@ use crate::link::{ConnectError, Link};
 /// How often a device asks where the session is while it waits.
 const POLL_EVERY: Duration = Duration::from_millis(40);
 
+/// A device gives up a session that has not moved on for this long (a coordinator's stage
+/// closes long before: `secagg_stage_secs` is at most an hour).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(2 * 3600);
+
 /// How a device's part in a secure sum ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecureOutcome {
@@ -53,7 +57,11 @@ pub async fn enter_sum(
         _ => return Err(ConnectError::Unexpected),
     }
     let mut session = ClientSession::new(input, rand::random());
+    let mut moved = tokio::time::Instant::now();
     loop {
+        if moved.elapsed() > GIVE_UP_AFTER {
+            return Ok(SecureOutcome::Refused("the secure session stopped moving".into()));
+        }
         let step = match link.request(&Message::SecurePoll { round }).await? {
             Message::SecureStep { round: r, step } if r == round => step,
             Message::Error { code: ErrorCode::StaleModel, .. } => return Ok(SecureOutcome::NotSummed),
@@ -61,6 +69,9 @@ pub async fn enter_sum(
             _ => return Err(ConnectError::Unexpected),
         };
         let waiting = step == fedge_secagg::ServerMessage::Wait;
+        if !waiting {
+            moved = tokio::time::Instant::now();
+        }
         match session.on(step) {
             Ok(Some(msg)) => match link.request(&Message::SecureSend { round, msg }).await? {
                 Message::Ack { .. } => {}

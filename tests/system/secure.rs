@@ -280,3 +280,64 @@ async fn distributed_dp_over_the_wire_noises_the_sum_as_configured() {
         c.abort();
     }
 }
+
+/// A round whose ready phase ends with one device ready cannot sum anything: it fails, and the
+/// ready device learns it was not summed instead of waiting for a session that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ready_device_is_told_the_round_went_without_it() {
+    let (_dir, ca) = fleet();
+    issue_devices(&ca, &["r0", "r1"]);
+    let config = EngineConfig {
+        fraction: 1.0,
+        min_train_clients: 2,
+        accept_failures: true,
+        round_timeout: Duration::from_secs(14),
+        train: task_config(),
+        ..EngineConfig::default()
+    };
+    let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
+    let settings = SecureSettings {
+        stage_timeout: Duration::from_secs(3),
+        degree: None,
+        threshold: None,
+        scale: 1_048_576.0,
+        weight_cap: 200,
+        clip: 1.0,
+        noise: None,
+    };
+    coordinator.set_secure_aggregation(settings).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let (ready, _) = join(addr, &ca, "r0", 50).await;
+    let (_idle, _) = join(addr, &ca, "r1", 50).await;
+    coordinator.start_rounds(1);
+    let task = loop {
+        match ready.request(&Message::TaskRequest { running: None }).await.unwrap() {
+            Message::TrainTask(t) => break t,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let hello = Message::SecureReady { round: task.round, model_version: task.model_version };
+    assert!(matches!(ready.request(&hello).await.unwrap(), Message::Ack { .. }));
+    let poll = Message::SecurePoll { round: task.round };
+    assert!(matches!(
+        ready.request(&poll).await.unwrap(),
+        Message::SecureStep { step: fedge_secagg::ServerMessage::Wait, .. }
+    ));
+    // The ready phase ends 4 x 3 s before the 14 s deadline, with one device ready.
+    let started = std::time::Instant::now();
+    loop {
+        match ready.request(&poll).await.unwrap() {
+            Message::SecureStep { step: fedge_secagg::ServerMessage::Finished { summed }, .. } => {
+                assert!(!summed);
+                break;
+            }
+            Message::SecureStep { step: fedge_secagg::ServerMessage::Wait, .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the ready phase never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), coordinator.wait_for_rounds(1)).await.expect("round 1 closes");
+    assert!(matches!(coordinator.reports()[0].outcome, RoundOutcome::Failed(_)));
+    server.abort();
+}

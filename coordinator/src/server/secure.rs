@@ -146,14 +146,18 @@ impl SecureRound {
         Ok(())
     }
 
-    /// What `device` is to do now in `round`.
-    pub(super) fn poll(&self, device: DeviceId, round: u64) -> Result<ServerMessage, Refusal> {
+    /// What `device` is to do now in `round` (`open`: whether the round is still open).
+    pub(super) fn poll(&self, device: DeviceId, round: u64, open: bool) -> Result<ServerMessage, Refusal> {
         let not_in = || (ErrorCode::StaleModel, format!("device {device} is not in round {round}'s secure session"));
         if round != self.round {
             return Err(not_in());
         }
         match &self.session {
             Some(s) => s.poll(device).ok_or_else(not_in),
+            // The round ended without a session (too few devices ready): nothing will come.
+            None if self.ready.contains(&device) && (self.ready_over || !open) => {
+                Ok(ServerMessage::Finished { summed: false })
+            }
             None if self.ready.contains(&device) => Ok(ServerMessage::Wait),
             None => Err(not_in()),
         }
@@ -349,7 +353,10 @@ impl Coordinator {
                 Message::SecureReady { round, model_version } => {
                     secure.ready(&settings, engine, now, id, (round, model_version)).map(|()| Message::Ack { round })
                 }
-                Message::SecurePoll { round } => secure.poll(id, round).map(|step| Message::SecureStep { round, step }),
+                Message::SecurePoll { round } => {
+                    let open = engine.current_round() == Some(round);
+                    secure.poll(id, round, open).map(|step| Message::SecureStep { round, step })
+                }
                 Message::SecureSend { round, msg } => {
                     secure.send(&settings, engine, now, id, round, msg).map(|()| Message::Ack { round })
                 }
