@@ -331,19 +331,7 @@ impl EdgeClient {
         loop {
             match self.link.request(msg).await? {
                 // A duplicate means the coordinator already holds this result (its ack was lost).
-                Message::Ack { .. } | Message::Error { code: ErrorCode::Duplicate, .. } => {
-                    let status = {
-                        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                        st.last_round = Some(round);
-                        st.acked += 1;
-                        st.clone()
-                    };
-                    if let Some(dir) = &self.state_dir
-                        && let Err(e) = save_status(dir, &status)
-                    {
-                        tracing::warn!("cannot record the acknowledgement in {}: {e}", dir.display());
-                    }
-                }
+                Message::Ack { .. } | Message::Error { code: ErrorCode::Duplicate, .. } => self.record_round(round),
                 Message::Error { code: ErrorCode::Unavailable, message } => {
                     let delay = upload_retry_delay(attempt);
                     attempt = attempt.saturating_add(1);
@@ -363,23 +351,27 @@ impl EdgeClient {
         Ok(())
     }
 
+    /// Round `round` took this device's update (acknowledged, or in the secure sum): the status
+    /// says so, on disk too.
+    fn record_round(&self, round: u64) {
+        let status = {
+            let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            st.last_round = Some(round);
+            st.acked += 1;
+            st.clone()
+        };
+        if let Some(dir) = &self.state_dir
+            && let Err(e) = save_status(dir, &status)
+        {
+            tracing::warn!("cannot record round {round} in {}: {e}", dir.display());
+        }
+    }
+
     /// Records how the device's part in round `round`'s secure sum ended.
-    fn secure_entered(&mut self, round: u64, outcome: &crate::secure::SecureOutcome) {
+    fn secure_entered(&self, round: u64, outcome: &crate::secure::SecureOutcome) {
         use crate::secure::SecureOutcome;
         match outcome {
-            SecureOutcome::Summed => {
-                let status = {
-                    let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                    st.last_round = Some(round);
-                    st.acked += 1;
-                    st.clone()
-                };
-                if let Some(dir) = &self.state_dir
-                    && let Err(e) = save_status(dir, &status)
-                {
-                    tracing::warn!("cannot record the round in {}: {e}", dir.display());
-                }
-            }
+            SecureOutcome::Summed => self.record_round(round),
             SecureOutcome::NotSummed => tracing::warn!("round {round}: this device's update is not in the secure sum"),
             SecureOutcome::Refused(why) => tracing::warn!("round {round}: secure aggregation refused: {why}"),
         }

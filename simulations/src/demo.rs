@@ -20,6 +20,8 @@ use fedge_coordinator::certs::{CertDir, Role};
 use fedge_core::wire::{Message, OperatorCommand, Status};
 use serde::Serialize;
 
+use crate::processes::Children;
+
 /// One round of the demo.
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoRound {
@@ -193,18 +195,6 @@ pub enum DemoError {
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
     let context = context.into();
     move |source| DemoError::Io { context, source }
-}
-
-/// Kills the child processes however the demo ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn free_udp_port() -> Result<u16, DemoError> {

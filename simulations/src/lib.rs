@@ -21,6 +21,7 @@ pub mod hybrid_experiment;
 pub mod plot;
 pub mod pool;
 pub mod privacy_args;
+mod processes;
 pub mod run;
 pub mod run_args;
 pub mod secure;

@@ -60,6 +60,19 @@ fn fedavg(global: &ModelParams, n: usize, train: &Dataset) -> (ModelParams, u64)
     (ModelParams::new(global.layout().clone(), data).unwrap(), samples)
 }
 
+/// Secure aggregation with stages of `stage_secs`, clip 1, steps of 2^-20, weights out of 200.
+fn settings(stage_secs: u64, noise: Option<fedge_secagg::weighting::DistributedNoise>) -> SecureSettings {
+    SecureSettings {
+        stage_timeout: Duration::from_secs(stage_secs),
+        degree: None,
+        threshold: None,
+        scale: 1_048_576.0,
+        weight_cap: 200,
+        clip: 1.0,
+        noise,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
     let (_dir, ca) = fleet();
@@ -76,15 +89,7 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
         ..EngineConfig::default()
     };
     let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
-    let settings = SecureSettings {
-        stage_timeout: Duration::from_secs(3),
-        degree: None,
-        threshold: None,
-        scale: 1_048_576.0,
-        weight_cap: 200,
-        clip: 1.0,
-        noise: None,
-    };
+    let settings = settings(3, None);
     coordinator.set_secure_aggregation(settings).unwrap();
     let (addr, server) = serve(&coordinator, &ca);
     let mut clients = Vec::new();
@@ -147,15 +152,7 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
 /// What needs each update, or acts on each one, refuses secure aggregation at start.
 #[test]
 fn robust_rules_central_dp_and_fedbuff_refuse_secure_aggregation() {
-    let settings = SecureSettings {
-        stage_timeout: Duration::from_secs(3),
-        degree: None,
-        threshold: None,
-        scale: 1_048_576.0,
-        weight_cap: 200,
-        clip: 1.0,
-        noise: None,
-    };
+    let settings = settings(3, None);
     let median = EngineConfig {
         strategy: fedge_engine::StrategyConfig::Median { bucket_size: 1 },
         train: task_config(),
@@ -216,15 +213,7 @@ async fn distributed_dp_over_the_wire_noises_the_sum_as_configured() {
     };
     let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
     let noise = fedge_secagg::weighting::DistributedNoise { noise_multiplier: z, dropout_tolerance: 0.2 };
-    let settings = SecureSettings {
-        stage_timeout: Duration::from_secs(10),
-        degree: None,
-        threshold: None,
-        scale: 1_048_576.0,
-        weight_cap: 200,
-        clip: 1.0,
-        noise: Some(noise),
-    };
+    let settings = settings(10, Some(noise));
     coordinator.set_secure_aggregation(settings).unwrap();
     let (addr, server) = serve(&coordinator, &ca);
     let mut clients = Vec::new();
@@ -296,15 +285,7 @@ async fn one_ready_device_is_told_the_round_went_without_it() {
         ..EngineConfig::default()
     };
     let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
-    let settings = SecureSettings {
-        stage_timeout: Duration::from_secs(3),
-        degree: None,
-        threshold: None,
-        scale: 1_048_576.0,
-        weight_cap: 200,
-        clip: 1.0,
-        noise: None,
-    };
+    let settings = settings(3, None);
     coordinator.set_secure_aggregation(settings).unwrap();
     let (addr, server) = serve(&coordinator, &ca);
     let (ready, _) = join(addr, &ca, "r0", 50).await;

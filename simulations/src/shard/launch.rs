@@ -7,7 +7,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fedge_coordinator::certs::{CertDir, Role};
@@ -15,6 +15,7 @@ use fedge_core::wire::{Message, OperatorCommand, Status};
 
 use super::{RootPlace, check_shardable, root_config};
 use crate::config::SimConfig;
+use crate::processes::Children;
 
 /// Why the launcher failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,18 +65,6 @@ pub struct LaunchReport {
     pub shard_peak_rss_mib: Vec<f64>,
     /// Peak resident memory of the root, MiB.
     pub root_peak_rss_mib: f64,
-}
-
-/// Kills the processes however the launcher ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Peak resident set of process `pid` so far (Linux `VmHWM`), MiB.
