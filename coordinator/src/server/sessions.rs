@@ -185,8 +185,9 @@ impl Coordinator {
         let small = fedge_net::SMALL_FRAME_BYTES;
         match kind {
             FrameKind::TrainResult => self.train_result_limit,
-            // A masked update: up to 9 bytes a coordinate (u64 varints) where a delta takes 4,
-            // plus its rejected neighbours; or a neighbourhood's shares.
+            // A masked update: its words packed at the ring's width (at most 8 bytes a
+            // coordinate, where a delta takes 4), its rejected neighbours; or a neighbourhood's
+            // shares.
             FrameKind::Secure => self.train_result_limit.saturating_mul(9) / 4 + (1 << 20),
             FrameKind::InferRequest => {
                 small + self.inference.get().map_or(0, |i| i.input_shape().0 * i.input_shape().1)
