@@ -188,6 +188,10 @@ impl SecureRound {
             return;
         }
         if self.session.is_none() {
+            if self.ready_over {
+                // Ended without a session: the round fails at its deadline.
+                return;
+            }
             // Ready devices that failed since (gone, refused) are out.
             self.ready.retain(|d| engine.is_pending(*d));
             let all = engine.pending().iter().all(|d| self.ready.contains(d));
