@@ -82,6 +82,10 @@ pub fn status_json(s: &Status) -> serde_json::Value {
             "noise_multiplier": p.noise_multiplier, "clip_norm": p.clip_norm, "delta": p.delta,
             "epsilon": p.epsilon, "target_epsilon": p.target_epsilon,
         })),
+        "secure": s.secure.as_ref().map(|x| serde_json::json!({
+            "round": x.round, "stage": x.stage, "participants": x.participants, "answered": x.answered,
+            "deadline_in_ms": x.deadline_in_ms,
+        })),
         "upstream": s.upstream.as_ref().map(|u| serde_json::json!({
             "connected": u.connected, "root_round": u.root_round, "root_version": u.root_version,
             "adopted_as": u.adopted_as, "uploaded": u.uploaded,
@@ -114,6 +118,21 @@ pub fn print_status(out: &mut impl Write, s: &Status, json: bool) -> io::Result<
             o.wanted,
             o.selected,
             o.deadline_in_ms.div_ceil(1000)
+        )?;
+    }
+    if let Some(x) = &s.secure {
+        writeln!(
+            out,
+            "secure aggregation: round {} {}: {} of {} devices answered, closes in {} s",
+            x.round,
+            match x.stage.as_str() {
+                "ready" => "ready phase (devices training)".to_string(),
+                "none" => "went without a session (fewer than 2 devices ready)".to_string(),
+                stage => format!("stage {stage}"),
+            },
+            x.answered,
+            x.participants,
+            x.deadline_in_ms.div_ceil(1000)
         )?;
     }
     if let Some(u) = &s.upstream {

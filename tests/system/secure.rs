@@ -125,8 +125,30 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
     let ready = Message::SecureReady { round: task.round, model_version: task.model_version };
     assert!(matches!(quiet.request(&ready).await.unwrap(), Message::Ack { .. }));
     assert!(matches!(quiet.request(&ready).await.unwrap(), Message::Error { code: ErrorCode::Duplicate, .. }));
+    // Operators see the session wait at its first stage for the silent device.
+    let started = std::time::Instant::now();
+    let line = loop {
+        let status = coordinator.status();
+        match status.secure.clone() {
+            Some(l) if l.stage == "advertise" && l.answered == 5 => break (l, status),
+            // Still training, or advertising: the stage closes 3 s after it opened.
+            Some(l)
+                if (l.stage == "ready" || l.stage == "advertise") && started.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((line.0.round, line.0.participants), (1, 6));
+    let mut text = Vec::new();
+    fedge_coordinator::print::print_status(&mut text, &line.1, false).unwrap();
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("secure aggregation: round 1 stage advertise: 5 of 6 devices answered"), "{text}");
+    assert_eq!(fedge_coordinator::print::status_json(&line.1)["secure"]["stage"], "advertise");
 
     tokio::time::timeout(Duration::from_secs(60), coordinator.wait_for_rounds(1)).await.expect("round 1 closes");
+    assert!(coordinator.status().secure.is_none(), "no round is open");
     let report = &coordinator.reports()[0];
     let (want, samples) = fedavg(&global0, 5, &train);
     assert_eq!(report.outcome, RoundOutcome::Aggregated);

@@ -113,6 +113,25 @@ impl SecureRound {
         }
     }
 
+    /// Where it stands, for operators, at `now`.
+    pub(super) fn line(&self, now: Duration) -> fedge_core::wire::SecureLine {
+        let until = |at: Option<Duration>| {
+            at.map_or(0, |d| u64::try_from(d.saturating_sub(now).as_millis()).unwrap_or(u64::MAX))
+        };
+        let (stage, participants, answered) = match &self.session {
+            Some(s) => (s.stage_name(), s.peers().len(), s.answered()),
+            None if self.ready_over => ("none", self.ready.len(), self.ready.len()),
+            None => ("ready", self.ready.len(), self.ready.len()),
+        };
+        fedge_core::wire::SecureLine {
+            round: self.round,
+            stage: stage.to_string(),
+            participants: participants as u64,
+            answered: answered as u64,
+            deadline_in_ms: until(self.poll_timeout()),
+        }
+    }
+
     /// Whether `device` takes part (ready, or in the session).
     pub(super) fn holds(&self, device: DeviceId) -> bool {
         self.ready.contains(&device)

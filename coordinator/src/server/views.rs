@@ -35,10 +35,17 @@ impl Coordinator {
                     regional_model,
                 })
             });
+            let secure = s
+                .rounds
+                .secure_round
+                .as_ref()
+                .filter(|r| engine.current_round() == Some(r.round()))
+                .map(|r| Box::new(r.line(self.now())));
             let status = Status {
                 open_round,
                 privacy,
                 upstream,
+                secure,
                 model_version: version,
                 model_hash: ContentHash([0; 32]),
                 current_round: engine.current_round(),

@@ -537,6 +537,26 @@ pub struct Status {
     pub privacy: Option<PrivacyBudget>,
     /// A regional aggregator's standing with its root.
     pub upstream: Option<Box<UpstreamLine>>,
+    /// The open round's secure aggregation, when rounds are secure (boxed: `Message` stays
+    /// small).
+    pub secure: Option<Box<SecureLine>>,
+}
+
+/// The open round's secure aggregation, for operators.
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct SecureLine {
+    /// The round.
+    pub round: u64,
+    /// `ready` (devices training and saying they are ready), a SecAgg stage (`advertise`,
+    /// `share keys`, `masked input`, `unmask`), `done`, or `none` (the round went without a
+    /// session: fewer than 2 devices were ready).
+    pub stage: String,
+    /// Devices in it: ready so far, or the session's participants.
+    pub participants: u64,
+    /// Of those, the ones that answered the open stage (in the ready phase: all of them).
+    pub answered: u64,
+    /// Milliseconds until the open stage (or the ready phase) closes at the latest.
+    pub deadline_in_ms: u64,
 }
 
 /// A regional aggregator's standing with its root, for operators.

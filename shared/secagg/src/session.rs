@@ -148,6 +148,11 @@ impl ServerSession {
         &self.peers
     }
 
+    /// How many devices answered the open stage so far.
+    pub fn answered(&self) -> usize {
+        self.sent.len()
+    }
+
     /// The open stage's name (`done` once finished).
     pub fn stage_name(&self) -> &'static str {
         match self.phase {
