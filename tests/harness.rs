@@ -28,6 +28,22 @@ pub fn one_epoch(clip_norm: Option<f32>) -> TrainConfig {
     TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm, local_dp: None, proximal_mu: None }
 }
 
+/// Training keys of one epoch at `batch_size` and `lr`, clipped to 1, with DP noise `z` on the
+/// sum (central DP; distributed DP when the rounds are secure), delta 1e-5, no budget.
+pub fn dp_keys(batch_size: u32, lr: f32, z: f64) -> fedge_engine::TrainingKeys {
+    fedge_engine::TrainingKeys {
+        epochs: 1,
+        batch_size,
+        lr,
+        clip_norm: Some(1.0),
+        noise_multiplier: Some(z),
+        adaptive_clip: None,
+        local_epsilon: None,
+        delta: 1e-5,
+        target_epsilon: None,
+    }
+}
+
 /// A fresh 2NN's parameters (MNIST, 10 classes), initialised from `seed`.
 pub fn initial_2nn(seed: u64) -> ModelParams {
     Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap().initial_params(seed)

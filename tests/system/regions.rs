@@ -242,17 +242,7 @@ async fn a_root_under_central_dp_or_fedbuff_refuses_regions_at_hello() {
     let (dir, ca) = fleet();
     let cert = ca.issue(Role::Aggregator, "east", 1).unwrap();
     let tls = DeviceTls { ca: ca.ca_pem(), cert: cert.cert, key: cert.key };
-    let keys = fedge_engine::TrainingKeys {
-        epochs: 1,
-        batch_size: 10,
-        lr: 0.05,
-        clip_norm: Some(1.0),
-        noise_multiplier: Some(1.0),
-        adaptive_clip: None,
-        local_epsilon: None,
-        delta: 1e-5,
-        target_epsilon: None,
-    };
+    let keys = fedge_tests::harness::dp_keys(10, 0.05, 1.0);
     let dp = EngineConfig { train: keys.train(), privacy: keys.central_dp(), ..EngineConfig::default() };
     let central = Coordinator::with_store(dp, initial_2nn(1), Store::open(&dir.path().join("dp")).unwrap()).unwrap();
     let fedbuff = Coordinator::with_store_fedbuff(

@@ -182,17 +182,7 @@ fn robust_rules_central_dp_and_fedbuff_refuse_secure_aggregation() {
     };
     let e = Coordinator::new(median, initial_2nn(1)).unwrap().set_secure_aggregation(settings).unwrap_err();
     assert!(e.contains("needs every update"), "{e}");
-    let keys = fedge_engine::TrainingKeys {
-        epochs: 1,
-        batch_size: 10,
-        lr: 0.05,
-        clip_norm: Some(1.0),
-        noise_multiplier: Some(1.0),
-        adaptive_clip: None,
-        local_epsilon: None,
-        delta: 1e-5,
-        target_epsilon: None,
-    };
+    let keys = fedge_tests::harness::dp_keys(10, 0.05, 1.0);
     let dp = EngineConfig { train: keys.train(), privacy: keys.central_dp(), ..EngineConfig::default() };
     let e = Coordinator::new(dp, initial_2nn(1)).unwrap().set_secure_aggregation(settings).unwrap_err();
     assert!(e.contains("central DP"), "{e}");
@@ -211,17 +201,7 @@ async fn distributed_dp_over_the_wire_noises_the_sum_as_configured() {
     issue_devices(&ca, &names);
     let train = embedded_train();
     let z = 0.5;
-    let keys = fedge_engine::TrainingKeys {
-        epochs: 1,
-        batch_size: 200,
-        lr: 0.1,
-        clip_norm: Some(1.0),
-        noise_multiplier: Some(z),
-        adaptive_clip: None,
-        local_epsilon: None,
-        delta: 1e-5,
-        target_epsilon: None,
-    };
+    let keys = fedge_tests::harness::dp_keys(200, 0.1, z);
     let config = EngineConfig {
         fraction: 1.0,
         min_train_clients: 5,
@@ -342,5 +322,30 @@ async fn one_ready_device_is_told_the_round_went_without_it() {
     }
     tokio::time::timeout(Duration::from_secs(30), coordinator.wait_for_rounds(1)).await.expect("round 1 closes");
     assert!(matches!(coordinator.reports()[0].outcome, RoundOutcome::Failed(_)));
+    server.abort();
+}
+
+/// A regional aggregator cannot join a secure coordinator: its mean is not a device's masked
+/// update. It is refused at Hello, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_coordinator_refuses_aggregators_at_hello() {
+    use fedge_coordinator::certs::Role;
+    use fedge_edge::link::{ConnectError, DeviceTls, Link};
+    let (_dir, ca) = fleet();
+    let cert = ca.issue(Role::Aggregator, "east", 1).unwrap();
+    let coordinator =
+        Coordinator::new(EngineConfig { train: task_config(), ..EngineConfig::default() }, initial_2nn(1));
+    let coordinator = coordinator.unwrap();
+    coordinator.set_secure_aggregation(settings(3, None)).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let link =
+        Link::connect(addr, "localhost", &DeviceTls { ca: ca.ca_pem(), cert: cert.cert, key: cert.key }).await.unwrap();
+    match link.hello(fedge_tests::harness::caps(0)).await {
+        Err(ConnectError::Refused { code: ErrorCode::Unauthorized, message }) => {
+            assert!(message.contains("aggregates securely"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(coordinator.devices().is_empty(), "a refused aggregator is not registered");
     server.abort();
 }
