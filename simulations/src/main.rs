@@ -149,6 +149,9 @@ enum Command {
         /// Output folder.
         #[arg(long, default_value = "runs/shards")]
         out: PathBuf,
+        /// Override the config's data folder.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Hybrid inference: train a teacher, distil the int8 student, calibrate escalation on
     /// held-out images, and print local-only, cloud-only and cascade accuracy at target
@@ -558,8 +561,11 @@ fn real_main() -> anyhow::Result<()> {
             print!("{}", fedge_sim::shard::root_config(&c, shards, &place)?);
             Ok(())
         }
-        Command::Shards { config, shards, out } => {
-            let c = fedge_sim::config::SimConfig::from_file(&config)?;
+        Command::Shards { config, shards, out, data_dir } => {
+            let mut c = fedge_sim::config::SimConfig::from_file(&config)?;
+            if let Some(d) = data_dir {
+                c.data_dir = d;
+            }
             let report = tokio::runtime::Runtime::new()?.block_on(fedge_sim::shard::launch(
                 &config,
                 &c,

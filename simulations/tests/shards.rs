@@ -137,6 +137,20 @@ fn a_sharded_run_refuses_what_needs_every_update() {
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("a sharded run: strategy `krum` needs every device's update"), "{err}");
+    // Data every process would need and none has: said once, before anything starts.
+    let mnist = dir.path().join("mnist.toml");
+    std::fs::write(&mnist, CONFIG.replace("dataset = \"embedded\"", "dataset = \"mnist\"")).unwrap();
+    let run = Command::new(SIM)
+        .args(["shards", "--shards", "2", "--data-dir", "/nonexistent", "--out"])
+        .arg(dir.path().join("out"))
+        .arg("--config")
+        .arg(&mnist)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("mnist not found") && err.contains("fedge-sim fetch-data"), "{err}");
+    assert!(!dir.path().join("out/root.log").exists(), "nothing was started");
     // Without an index anywhere, a shard says where it looks for one.
     let run = Command::new(SIM)
         .args(["shard", "--root", "127.0.0.1:1", "--ca", "x", "--cert", "x", "--key", "x", "--config"])

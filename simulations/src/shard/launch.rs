@@ -40,6 +40,9 @@ pub enum LaunchError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The experiment's data cannot be read (what every shard and the root would fail on).
+    #[error(transparent)]
+    Data(#[from] crate::run::SimError),
     /// A process failed or something took too long.
     #[error("{0}")]
     Failed(String),
@@ -75,8 +78,9 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Runs `config_path` (read as `config`) as `shards` shard processes against a root on
-/// loopback; logs and `rounds.csv` go to `out`.
+/// Runs `config_path` (read as `config`, whose `data_dir` the shards are given: it may differ
+/// from the file's) as `shards` shard processes against a root on loopback; logs and
+/// `rounds.csv` go to `out`.
 pub async fn launch(
     config_path: &Path,
     config: &SimConfig,
@@ -88,6 +92,8 @@ pub async fn launch(
     if shards == 0 {
         return Err(LaunchError::Failed("--shards must be at least 1".into()));
     }
+    // Every process reads the data: a missing dataset is said once, here, with how to get it.
+    crate::run::load_data(config)?;
     std::fs::create_dir_all(out).map_err(io(format!("cannot create {}", out.display())))?;
     let csv = out.join("rounds.csv");
     if csv.exists() {
@@ -138,6 +144,8 @@ pub async fn launch(
         cmd.arg("shard")
             .arg("--config")
             .arg(config_path)
+            .arg("--data-dir")
+            .arg(&config.data_dir)
             .args(["--root", &listen, "--server-name", "localhost"])
             .arg("--ca")
             .arg(ca.ca_pem())
