@@ -114,3 +114,55 @@ async fn futures_join(
     );
     vec![a, b, c]
 }
+
+/// Devices dropping at later stages, through a real `serve` process: device 4 leaves after
+/// sharing its keys (before its masked input: not summed, its pairwise masks removed with its
+/// neighbours' shares), device 5 after sending its masked input (summed: its self mask is
+/// rebuilt from its neighbours' shares). Each stage that waits for one of them closes at its
+/// deadline, and the model is the FedAvg of devices 0 to 3 and 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_dropping_at_later_stages_are_left_out_or_unmasked_by_their_neighbours() {
+    let names = ["dev-0", "dev-1", "dev-2", "dev-3", "dev-4", "dev-5"];
+    let fleet = Fleet::new(&names, 4);
+    let text =
+        std::fs::read_to_string(&fleet.config).unwrap().replace("accept_failures = false", "accept_failures = true");
+    std::fs::write(&fleet.config, text).unwrap();
+    fleet.configure("clip_norm = 10.0\nsecure_aggregation = true\nsecagg_stage_secs = 2\nsecagg_weight_cap = 60\n");
+    let coordinator = fleet.start();
+    let links = fleet.join_all(&names, &coordinator).await;
+    fleet.operator(&["round", "start", "--rounds", "1"]);
+    let mut tasks = Vec::new();
+    for link in &links {
+        tasks.push(task_of(link).await);
+    }
+    let initial = model(&links[0], 0).await;
+    // Stage messages each sends before going quiet: all four, all four, ..., two, three.
+    let stages = [usize::MAX, usize::MAX, usize::MAX, usize::MAX, 2, 3];
+    let (a, b, c, d, e, f) = tokio::join!(
+        enter(&links[0], &tasks[0], 0, &initial, stages[0]),
+        enter(&links[1], &tasks[1], 1, &initial, stages[1]),
+        enter(&links[2], &tasks[2], 2, &initial, stages[2]),
+        enter(&links[3], &tasks[3], 3, &initial, stages[3]),
+        enter(&links[4], &tasks[4], 4, &initial, stages[4]),
+        enter(&links[5], &tasks[5], 5, &initial, stages[5]),
+    );
+    assert_eq!([a, b, c, d], [Some(true); 4], "{}", coordinator.log());
+    assert_eq!((e, f), (None, None));
+    wait_for_version(&links[0], 1, Duration::from_secs(30), &coordinator).await;
+    // Device 5 learns it was summed although it left before unmasking; device 4 that it was not.
+    for (i, summed) in [(4, false), (5, true)] {
+        match links[i].request(&Message::SecurePoll { round: 1 }).await.unwrap() {
+            Message::SecureStep { step: ServerMessage::Finished { summed: s }, .. } => {
+                assert_eq!(s, summed, "device {i}")
+            }
+            other => panic!("device {i}: {other:?}"),
+        }
+    }
+    let v1 = model(&links[0], 1).await;
+    // Devices 0-3 and 5: (10*0.001 + 20*0.002 + 30*0.003 + 40*0.004 + 60*0.006) / 160.
+    let step = (10.0 * 0.001 + 20.0 * 0.002 + 30.0 * 0.003 + 40.0 * 0.004 + 60.0 * 0.006) / 160.0;
+    for (x, y) in v1.data().iter().zip(initial.data()) {
+        assert!((*x as f64 - (*y as f64 + step)).abs() < 1e-4, "{x} vs {y} + {step}");
+    }
+    assert!(coordinator.log().contains("secure sum of 5 of 6 devices"), "{}", coordinator.log());
+}
