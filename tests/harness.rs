@@ -28,6 +28,32 @@ pub fn one_epoch(clip_norm: Option<f32>) -> TrainConfig {
     TrainConfig { epochs: 1, batch_size: 10, learning_rate: 0.05, clip_norm, local_dp: None, proximal_mu: None }
 }
 
+/// Device `k`'s examples in the fleets whose devices differ in size: 40 + 20k of them, one
+/// after another (so their FedAvg weights differ).
+pub fn growing_slice(k: usize) -> Vec<usize> {
+    let start: usize = (0..k).map(|j| 40 + 20 * j).sum();
+    (start..start + 40 + 20 * k).collect()
+}
+
+/// The updates devices `0..n` (examples [`growing_slice`]) make on `task` from `global`, each
+/// trained here as a device would (a full-batch task's update does not depend on the order of
+/// its examples, so the fleet's match these to float rounding).
+pub fn device_updates(
+    global: &ModelParams,
+    task: &fedge_core::wire::TrainTask,
+    train: &Dataset,
+    n: usize,
+) -> Vec<fedge_core::wire::TrainResult> {
+    let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
+    (0..n)
+        .map(|k| {
+            let mut rng = fedge_core::rng::derive_rng(7, &[k as u64]);
+            let mut noise = fedge_core::rng::derive_rng(8, &[k as u64]);
+            trainer.run_task(task, global, train, &growing_slice(k), &mut rng, &mut noise).unwrap().result
+        })
+        .collect()
+}
+
 /// Training keys of one epoch at `batch_size` and `lr`, clipped to 1, with DP noise `z` on the
 /// sum (central DP; distributed DP when the rounds are secure), delta 1e-5, no budget.
 pub fn dp_keys(batch_size: u32, lr: f32, z: f64) -> fedge_engine::TrainingKeys {

@@ -306,30 +306,17 @@ impl ServeConfig {
                 4 * self.secagg_stage_secs
             ));
         }
-        if let (Some(k), Some(t)) = (self.secagg_degree, self.secagg_threshold)
-            && !(2 * u64::from(t) > u64::from(k) && t <= k)
-        {
-            return Err(format!("secagg_threshold = {t} must satisfy secagg_degree/2 < t <= secagg_degree = {k}"));
-        }
+        fedge_secagg::weighting::check_degree_threshold(self.secagg_degree, self.secagg_threshold)?;
         if self.secagg_weight_cap == 0 {
             return Err("secagg_weight_cap must be at least 1".into());
         }
-        if self.secagg_degree == Some(0) || self.secagg_threshold == Some(0) {
-            return Err("secagg_degree and secagg_threshold must be at least 1".into());
-        }
-        let scale = self.secagg_scale.unwrap_or(1_048_576.0 / clip);
+        let scale = self.secagg_scale.unwrap_or(fedge_secagg::weighting::DEFAULT_LEVELS_PER_CLIP / clip);
         if !(scale.is_finite() && scale > 0.0) {
             return Err(format!("secagg_scale must be positive, got {scale}"));
         }
         let noise = match (self.noise_multiplier, self.dp_dropout_tolerance) {
             (None, Some(_)) => return Err("dp_dropout_tolerance needs noise_multiplier (distributed DP)".into()),
-            (_, Some(f)) if !(0.0..=0.9).contains(&f) => {
-                return Err(format!("dp_dropout_tolerance must be in [0, 0.9], got {f}"));
-            }
-            (Some(z), f) => Some(fedge_secagg::weighting::DistributedNoise {
-                noise_multiplier: z,
-                dropout_tolerance: f.unwrap_or(fedge_secagg::weighting::DEFAULT_DP_DROPOUT_TOLERANCE),
-            }),
+            (Some(z), f) => Some(fedge_secagg::weighting::DistributedNoise::new(z, f)?),
             (None, None) => None,
         };
         Ok(Some(crate::server::SecureSettings {

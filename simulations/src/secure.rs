@@ -27,10 +27,7 @@ use fedge_secagg::SecAggConfig;
 
 use crate::config::{Mode, SimConfig};
 
-/// The quantisation levels per unit of the clip norm by default: steps of `C / 2^20`.
-pub const DEFAULT_LEVELS_PER_CLIP: f32 = 1_048_576.0;
-
-pub use fedge_secagg::weighting::default_degree;
+pub use fedge_secagg::weighting::{DEFAULT_LEVELS_PER_CLIP, default_degree};
 
 /// Checks the secure-aggregation keys and what they combine with; one line on error.
 pub fn validate(c: &SimConfig) -> Result<(), String> {
@@ -59,10 +56,8 @@ pub fn validate(c: &SimConfig) -> Result<(), String> {
     }
     match (c.noise_multiplier, c.dp_dropout_tolerance) {
         (None, Some(_)) => return Err("dp_dropout_tolerance needs noise_multiplier (distributed DP)".into()),
-        (_, Some(f)) if !(0.0..=0.9).contains(&f) => {
-            return Err(format!("dp_dropout_tolerance must be in [0, 0.9], got {f}"));
-        }
-        _ => {}
+        (Some(z), f) => drop(DistributedNoise::new(z, f)?),
+        (None, None) => {}
     }
     if c.noise_multiplier.is_some() && c.local_epsilon.is_some() {
         return Err("choose distributed DP (noise_multiplier) or local DP (local_epsilon), not both".into());
@@ -83,17 +78,7 @@ pub fn validate(c: &SimConfig) -> Result<(), String> {
             c.strategy
         ));
     }
-    if c.secagg_degree == Some(0) {
-        return Err("secagg_degree must be at least 1".into());
-    }
-    if let (Some(k), Some(t)) = (c.secagg_degree, c.secagg_threshold)
-        && !(2 * u64::from(t) > u64::from(k) && t <= k)
-    {
-        return Err(format!("secagg_threshold = {t} must satisfy secagg_degree/2 < t <= secagg_degree = {k}"));
-    }
-    if c.secagg_threshold == Some(0) {
-        return Err("secagg_threshold must be at least 1".into());
-    }
+    fedge_secagg::weighting::check_degree_threshold(c.secagg_degree, c.secagg_threshold)?;
     let scale = c.secagg_scale.unwrap_or(DEFAULT_LEVELS_PER_CLIP / clip);
     let levels = 2.0 * f64::from(clip) * f64::from(scale);
     if !(scale.is_finite() && scale > 0.0 && levels.is_finite() && levels <= 2f64.powi(53)) {
@@ -142,10 +127,8 @@ impl SecureSetup {
             weight_cap: max_samples_per_result.min(largest).max(1),
             dropout: c.dropout,
             seed: c.seed,
-            noise: c.noise_multiplier.map(|z| DistributedNoise {
-                noise_multiplier: z,
-                dropout_tolerance: c.dp_dropout_tolerance.unwrap_or(DEFAULT_DP_DROPOUT_TOLERANCE),
-            }),
+            // Validated: the tolerance is in range.
+            noise: c.noise_multiplier.and_then(|z| DistributedNoise::new(z, c.dp_dropout_tolerance).ok()),
         })
     }
 

@@ -11,20 +11,14 @@ use fedge_coordinator::server::{Coordinator, Upstream};
 use fedge_coordinator::store::Store;
 use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
-use fedge_core::rng::derive_rng;
 use fedge_core::wire::{ErrorCode, Message, OperatorCommand, TrainConfig, TrainTask};
 use fedge_edge::EdgeTrainer;
 use fedge_engine::{EngineConfig, RoundOutcome};
 use fedge_learn::{BackendKind, ModelKind};
 use fedge_tests::harness::{
-    ClientTask, embedded_train, fleet, initial_2nn, issue_devices, join, operator, serve, spawn_client,
+    ClientTask, device_updates, embedded_train, fleet, growing_slice, initial_2nn, issue_devices, join, operator,
+    serve, spawn_client,
 };
-
-/// Device `k`'s examples: 40 + 20k of them, one after another (sizes differ, so the weights do).
-fn slice(k: usize) -> Vec<usize> {
-    let start: usize = (0..k).map(|j| 40 + 20 * j).sum();
-    (start..start + 40 + 20 * k).collect()
-}
 
 /// One full-batch step: a device's update does not depend on the order of its examples, so the
 /// flat reference below matches the fleet's to float rounding.
@@ -49,12 +43,8 @@ fn flat_fedavg(global: &ModelParams, round: u64, version: u64, train: &Dataset) 
         config: task_config(),
         secure: None,
     };
-    let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
     let (mut sum, mut samples) = (vec![0f64; global.numel()], 0u64);
-    for k in 0..6 {
-        let mut rng = derive_rng(7, &[k as u64]);
-        let mut noise = derive_rng(8, &[k as u64]);
-        let r = trainer.run_task(&task, global, train, &slice(k), &mut rng, &mut noise).unwrap().result;
+    for r in device_updates(global, &task, train, 6) {
         for (s, d) in sum.iter_mut().zip(r.delta.data()) {
             *s += f64::from(*d) * r.num_samples as f64;
         }
@@ -115,8 +105,8 @@ fn start_region(name: &str, dir: &std::path::Path, ca: &CertDir, root: std::net:
 async fn devices(region: &Region, ca: &CertDir, names: &[(usize, &str)], train: &Arc<Dataset>) -> Vec<ClientTask> {
     let mut out = Vec::new();
     for (k, name) in names {
-        let (link, _) = join(region.addr, ca, name, slice(*k).len() as u64).await;
-        out.push(spawn_client(link, train, slice(*k), 1, *k as u64).1);
+        let (link, _) = join(region.addr, ca, name, growing_slice(*k).len() as u64).await;
+        out.push(spawn_client(link, train, growing_slice(*k), 1, *k as u64).1);
     }
     out
 }
@@ -154,7 +144,7 @@ async fn two_regions_aggregate_exactly_like_a_flat_fleet() {
     let report = &root.reports()[0];
     let (want, samples) = flat_fedavg(&global0, 1, v0, &train);
     assert_eq!((report.outcome.clone(), report.results, report.samples), (RoundOutcome::Aggregated, 2, samples));
-    assert_eq!(samples, (0..6).map(|k| slice(k).len() as u64).sum::<u64>());
+    assert_eq!(samples, (0..6).map(|k| growing_slice(k).len() as u64).sum::<u64>());
     let (v1, global1) = root.global();
     assert_eq!(v1, 1);
     let diff = max_abs_diff(&global1, &want);

@@ -10,18 +10,11 @@ use std::time::Duration;
 use fedge_coordinator::server::{Coordinator, SecureSettings};
 use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
-use fedge_core::rng::derive_rng;
 use fedge_core::wire::{ErrorCode, Message, TrainConfig, TrainResult, TrainTask};
-use fedge_edge::EdgeTrainer;
 use fedge_engine::{EngineConfig, RoundOutcome};
-use fedge_learn::{BackendKind, ModelKind};
-use fedge_tests::harness::{embedded_train, fleet, initial_2nn, issue_devices, join, serve, spawn_client};
-
-/// Device `k`'s examples: 40 + 20k of them, one after another.
-fn slice(k: usize) -> Vec<usize> {
-    let start: usize = (0..k).map(|j| 40 + 20 * j).sum();
-    (start..start + 40 + 20 * k).collect()
-}
+use fedge_tests::harness::{
+    device_updates, embedded_train, fleet, growing_slice, initial_2nn, issue_devices, join, serve, spawn_client,
+};
 
 /// One full-batch step (the update does not depend on the order of the examples), clipped.
 fn task_config() -> TrainConfig {
@@ -44,13 +37,8 @@ fn fedavg(global: &ModelParams, n: usize, train: &Dataset) -> (ModelParams, u64)
         config: task_config(),
         secure: None,
     };
-    let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
     let (mut sum, mut samples) = (vec![0f64; global.numel()], 0u64);
-    for k in 0..n {
-        let r = trainer
-            .run_task(&task, global, train, &slice(k), &mut derive_rng(1, &[k as u64]), &mut derive_rng(2, &[]))
-            .unwrap()
-            .result;
+    for r in device_updates(global, &task, train, n) {
         for (s, d) in sum.iter_mut().zip(r.delta.data()) {
             *s += f64::from(*d) * r.num_samples as f64;
         }
@@ -94,8 +82,8 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
     let (addr, server) = serve(&coordinator, &ca);
     let mut clients = Vec::new();
     for (k, name) in names[..5].iter().enumerate() {
-        let (link, _) = join(addr, &ca, name, slice(k).len() as u64).await;
-        clients.push(spawn_client(link, &train, slice(k), 1, k as u64).1);
+        let (link, _) = join(addr, &ca, name, growing_slice(k).len() as u64).await;
+        clients.push(spawn_client(link, &train, growing_slice(k), 1, k as u64).1);
     }
     // A device that says it is ready and is never heard from again.
     let (quiet, _) = join(addr, &ca, "quiet", 50).await;
@@ -220,8 +208,8 @@ async fn distributed_dp_over_the_wire_noises_the_sum_as_configured() {
     let (addr, server) = serve(&coordinator, &ca);
     let mut clients = Vec::new();
     for (k, name) in names.iter().enumerate() {
-        let (link, _) = join(addr, &ca, name, slice(k).len() as u64).await;
-        clients.push(spawn_client(link, &train, slice(k), 1, k as u64).1);
+        let (link, _) = join(addr, &ca, name, growing_slice(k).len() as u64).await;
+        clients.push(spawn_client(link, &train, growing_slice(k), 1, k as u64).1);
     }
     let (_, global0) = coordinator.global();
     coordinator.start_rounds(1);
@@ -240,13 +228,8 @@ async fn distributed_dp_over_the_wire_noises_the_sum_as_configured() {
         config: keys.train(),
         secure: None,
     };
-    let mut trainer = EdgeTrainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
     let mut clean = vec![0f64; global0.numel()];
-    for k in 0..5 {
-        let r = trainer
-            .run_task(&task, &global0, &train, &slice(k), &mut derive_rng(1, &[k as u64]), &mut derive_rng(2, &[]))
-            .unwrap()
-            .result;
+    for r in device_updates(&global0, &task, &train, 5) {
         for (c, d) in clean.iter_mut().zip(r.delta.data()) {
             *c += f64::from(*d) / 5.0;
         }

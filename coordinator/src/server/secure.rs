@@ -330,14 +330,15 @@ impl Coordinator {
         if !(settings.clip.is_finite() && settings.clip > 0.0) || settings.weight_cap == 0 {
             return Err("secure_aggregation needs a positive clip_norm and weight cap".into());
         }
-        // Two devices of this model: what any session checks of the parameters.
+        // The clip and scale as any session of this model checks them (the degree and threshold
+        // are checked per round, for its number of devices).
         fedge_secagg::weighting::round_config(
             2,
             engine.global().numel() + 1,
             settings.clip,
             settings.scale,
             None,
-            settings.threshold.filter(|_| settings.degree.is_some()),
+            None,
         )?;
         let open = engine.open_round();
         let now = self.now();

@@ -45,6 +45,26 @@ pub fn round_config(
     Ok(config)
 }
 
+/// The quantisation levels per unit of the clip norm by default: steps of `C / 2^20`.
+pub const DEFAULT_LEVELS_PER_CLIP: f32 = 1_048_576.0;
+
+/// Checks fixed `secagg_degree` and `secagg_threshold` keys (each may be left to its default):
+/// at least 1, and `k/2 < t <= k` when both are set; one line naming the key on error.
+pub fn check_degree_threshold(degree: Option<u32>, threshold: Option<u32>) -> Result<(), String> {
+    if degree == Some(0) {
+        return Err("secagg_degree must be at least 1".into());
+    }
+    if threshold == Some(0) {
+        return Err("secagg_threshold must be at least 1".into());
+    }
+    if let (Some(k), Some(t)) = (degree, threshold)
+        && !(2 * u64::from(t) > u64::from(k) && t <= k)
+    {
+        return Err(format!("secagg_threshold = {t} must satisfy secagg_degree/2 < t <= secagg_degree = {k}"));
+    }
+    Ok(())
+}
+
 /// SecAgg+'s degree by default for `m` devices: `2 ceil(1.5 log2 m)` (about `3 log2 m`, even so
 /// that a regular graph exists for any `m`), at most `m - 1`. Bell et al. 2020 prove `O(log m)`
 /// neighbours suffice; the constant 3 is Fedge's choice.
@@ -101,6 +121,17 @@ pub struct DistributedNoise {
 pub const DEFAULT_DP_DROPOUT_TOLERANCE: f64 = 0.2;
 
 impl DistributedNoise {
+    /// Distributed DP at noise multiplier `z`, surviving the loss of `tolerance` (default
+    /// [`DEFAULT_DP_DROPOUT_TOLERANCE`]) of a round's devices; refused, in one line, outside
+    /// `[0, 0.9]`.
+    pub fn new(z: f64, tolerance: Option<f64>) -> Result<Self, String> {
+        let f = tolerance.unwrap_or(DEFAULT_DP_DROPOUT_TOLERANCE);
+        if !(0.0..=0.9).contains(&f) {
+            return Err(format!("dp_dropout_tolerance must be in [0, 0.9], got {f}"));
+        }
+        Ok(Self { noise_multiplier: z, dropout_tolerance: f })
+    }
+
     /// The fewest devices whose shares make up the full noise, of `selected`:
     /// `ceil((1 - f) selected)`, at least 1.
     pub fn sized_for(&self, selected: usize) -> usize {

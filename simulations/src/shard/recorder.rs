@@ -35,13 +35,18 @@ impl Recorder {
         let path = dir.join("rounds.csv");
         let fail = |cause: std::io::Error| ShardError::Output { path: path.clone(), cause: cause.to_string() };
         std::fs::create_dir_all(dir).map_err(fail)?;
-        let written = match std::fs::read_to_string(&path) {
-            Ok(text) => text.lines().filter(|l| !l.trim().is_empty()).count().saturating_sub(1) as u64,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        // Rows already written (a recorder restarted), and whether the header is (one that
+        // stopped before its first row).
+        let (written, headed) = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let lines = text.lines().filter(|l| !l.trim().is_empty()).count();
+                (lines.saturating_sub(1) as u64, text.starts_with("round,"))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, false),
             Err(e) => return Err(fail(e)),
         };
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(fail)?;
-        let writer = csv::WriterBuilder::new().has_headers(written == 0 && !has_header(&path)).from_writer(file);
+        let writer = csv::WriterBuilder::new().has_headers(!headed).from_writer(file);
         Ok(Self {
             path,
             writer,
@@ -128,10 +133,4 @@ impl Recorder {
     pub(crate) fn into_rows(self) -> Vec<RoundRow> {
         self.rows
     }
-}
-
-/// Whether the file at `path` starts with rounds.csv's header (a recorder that wrote the header
-/// and stopped before its first row).
-fn has_header(path: &Path) -> bool {
-    std::fs::read_to_string(path).is_ok_and(|t| t.starts_with("round,"))
 }

@@ -318,10 +318,10 @@ fn do_task(
     }
     let started = Instant::now();
     let layout = params.layout().clone();
-    let out = step(w.replay, w.pool, w.training, Arc::new(params), obs)?;
-    let (all, failed) = (out.trace.report.results, out.trace.report.outcome != RoundOutcome::Aggregated);
-    let trace = out.trace.clone();
-    let (result, mine) = pre_aggregate(task, layout, out).map_err(|e| {
+    let RoundOutput { trace, hosted, .. } = step(w.replay, w.pool, w.training, Arc::new(params), obs)?;
+    let (all, failed) = (trace.report.results, trace.report.outcome != RoundOutcome::Aggregated);
+    let sum = hosted.expect("a shard's fleet hosts its devices");
+    let (result, mine) = pre_aggregate(task, layout, sum, !failed).map_err(|e| {
         Step::Fatal(ShardError::Refused(format!("round {round}: cannot average this shard's results: {e}")))
     })?;
     obs.line(&format!(
@@ -363,17 +363,17 @@ fn step(
 fn pre_aggregate(
     task: &TrainTask,
     layout: Arc<fedge_core::params::ParamLayout>,
-    out: RoundOutput,
+    sum: crate::shard::HostedSum,
+    aggregated: bool,
 ) -> Result<(TrainResult, usize), String> {
-    let sum = out.hosted.expect("a shard's round sums its hosted results");
     if let Some(e) = sum.error {
         return Err(e);
     }
-    let aggregated = out.trace.report.outcome == RoundOutcome::Aggregated;
     let (results, samples, loss) = (sum.results, sum.samples, sum.mean_loss());
-    let (delta, samples) = match sum.finish().map_err(|e| e.to_string())? {
-        Some(delta) if aggregated => (delta, samples),
-        _ => (ModelParams::zeros(layout), 0),
+    let delta = if aggregated { sum.finish().map_err(|e| e.to_string())? } else { None };
+    let (delta, samples) = match delta {
+        Some(delta) => (delta, samples),
+        None => (ModelParams::zeros(layout), 0),
     };
     let result = TrainResult {
         round: task.round,
