@@ -386,16 +386,16 @@ impl HelloError {
 /// Runs the opening exchange of a device connection: reads its `Hello` on the first stream,
 /// checks protocol version and role, and answers `Welcome` (or a typed `Error`).
 pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {
-    answer_hello_unless(peer, (model_version, model_version), None).await
+    answer_hello_unless(peer, (model_version, model_version), |_| None).await
 }
 
-/// [`answer_hello`], refusing a Hello (otherwise welcome) with `refusal`, the reason; the
+/// [`answer_hello`], refusing a Hello (otherwise welcome) for which `refusal` gives a reason; the
 /// `Welcome` names `versions.0` to a training session and `versions.1` to an inference session
 /// (a regional aggregator's teacher version is its root's, not its own model's).
 pub async fn answer_hello_unless(
     peer: &Peer,
     versions: (u64, u64),
-    refusal: Option<String>,
+    refusal: impl FnOnce(&Hello) -> Option<String>,
 ) -> Result<Hello, HelloError> {
     match tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(peer, versions, refusal)).await {
         Ok(outcome) => outcome,
@@ -412,7 +412,11 @@ pub async fn answer_hello_unless(
 /// The longest a connected device may take to say Hello.
 pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn hello_exchange(peer: &Peer, versions: (u64, u64), refusal: Option<String>) -> Result<Hello, HelloError> {
+async fn hello_exchange(
+    peer: &Peer,
+    versions: (u64, u64),
+    refusal: impl FnOnce(&Hello) -> Option<String>,
+) -> Result<Hello, HelloError> {
     let (mut send, mut recv) =
         peer.connection.accept_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
     let refuse = |code, message: String| Message::Error { code, message };
@@ -424,10 +428,10 @@ async fn hello_exchange(peer: &Peer, versions: (u64, u64), refusal: Option<Strin
         Message::Hello(_) if peer.identity.role == Role::Operator => {
             Err((HelloError::NotADevice(peer.identity.id.clone()), ErrorCode::Unauthorized))
         }
-        Message::Hello(_) if refusal.is_some() => {
-            Err((HelloError::Refused(refusal.unwrap_or_default()), ErrorCode::Unauthorized))
-        }
-        Message::Hello(h) => Ok(h),
+        Message::Hello(h) => match refusal(&h) {
+            Some(why) => Err((HelloError::Refused(why), ErrorCode::Unauthorized)),
+            None => Ok(h),
+        },
         Message::Operator(_) => Err((HelloError::NotAnOperator(peer.identity.id.clone()), ErrorCode::Unauthorized)),
         _ => Err((HelloError::Unexpected, ErrorCode::Malformed)),
     };

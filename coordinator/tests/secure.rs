@@ -21,18 +21,18 @@ async fn enter(link: &Link, task: &TrainTask, i: usize, like: &fedge_core::Model
     let clip = task.config.clip_norm.expect("clip_norm");
     let input =
         fedge_secagg::weighting::weighted_input(result.delta.data(), result.num_samples, secure.weight_cap, clip);
-    let ready = Message::SecureReady { round: task.round, model_version: task.model_version };
+    let ready = Message::SecureReady { round: task.round, model_version: task.model_version, members: None };
     assert!(matches!(link.request(&ready).await.unwrap(), Message::Ack { .. }));
     let mut session = ClientSession::new(input, [i as u8 + 1; 32]);
     let mut sent = 0;
     for _ in 0..2000 {
-        let step = match link.request(&Message::SecurePoll { round: task.round }).await.unwrap() {
+        let step = match link.request(&Message::SecurePoll { round: task.round, member: None }).await.unwrap() {
             Message::SecureStep { step, .. } => step,
             other => panic!("device {i}: {other:?}"),
         };
         let waiting = step == ServerMessage::Wait;
         if let Some(msg) = session.on(step).unwrap() {
-            let reply = link.request(&Message::SecureSend { round: task.round, msg }).await.unwrap();
+            let reply = link.request(&Message::SecureSend { round: task.round, member: None, msg }).await.unwrap();
             assert!(matches!(reply, Message::Ack { .. }), "{reply:?}");
             sent += 1;
             if sent == stages {
@@ -68,7 +68,7 @@ async fn a_secure_round_cut_by_sigkill_completes_after_a_restart() {
     let initial = model(&links[0], 0).await;
     let cut = futures_join(&links, &tasks, &initial, 1).await;
     assert!(cut.iter().all(Option::is_none));
-    assert!(first.log().contains("secure session of 3 devices"), "{}", first.log());
+    assert!(first.log().contains("secure session of 3 participants"), "{}", first.log());
     first.sigkill();
     drop(links);
 
@@ -151,7 +151,7 @@ async fn devices_dropping_at_later_stages_are_left_out_or_unmasked_by_their_neig
     wait_for_version(&links[0], 1, Duration::from_secs(30), &coordinator).await;
     // Device 5 learns it was summed although it left before unmasking; device 4 that it was not.
     for (i, summed) in [(4, false), (5, true)] {
-        match links[i].request(&Message::SecurePoll { round: 1 }).await.unwrap() {
+        match links[i].request(&Message::SecurePoll { round: 1, member: None }).await.unwrap() {
             Message::SecureStep { step: ServerMessage::Finished { summed: s }, .. } => {
                 assert_eq!(s, summed, "device {i}")
             }
@@ -164,5 +164,5 @@ async fn devices_dropping_at_later_stages_are_left_out_or_unmasked_by_their_neig
     for (x, y) in v1.data().iter().zip(initial.data()) {
         assert!((*x as f64 - (*y as f64 + step)).abs() < 1e-4, "{x} vs {y} + {step}");
     }
-    assert!(coordinator.log().contains("secure sum of 5 of 6 devices"), "{}", coordinator.log());
+    assert!(coordinator.log().contains("secure sum of 5 of 6 participants (5 devices)"), "{}", coordinator.log());
 }

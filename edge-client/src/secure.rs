@@ -51,7 +51,7 @@ pub async fn enter_sum(
         }
         Some(sigma) => noised_input(result.delta.data(), clip, sigma)?,
     };
-    match link.request(&Message::SecureReady { round, model_version: task.model_version }).await? {
+    match link.request(&Message::SecureReady { round, model_version: task.model_version, members: None }).await? {
         Message::Ack { .. } => {}
         Message::Error { code, message } => return Ok(SecureOutcome::Refused(format!("{code:?}: {message}"))),
         _ => return Err(ConnectError::Unexpected),
@@ -62,7 +62,7 @@ pub async fn enter_sum(
         if moved.elapsed() > GIVE_UP_AFTER {
             return Ok(SecureOutcome::Refused("the secure session stopped moving".into()));
         }
-        let step = match link.request(&Message::SecurePoll { round }).await? {
+        let step = match link.request(&Message::SecurePoll { round, member: None }).await? {
             Message::SecureStep { round: r, step } if r == round => step,
             Message::Error { code: ErrorCode::StaleModel, .. } => return Ok(SecureOutcome::NotSummed),
             Message::Error { code, message } => return Ok(SecureOutcome::Refused(format!("{code:?}: {message}"))),
@@ -73,7 +73,7 @@ pub async fn enter_sum(
             moved = tokio::time::Instant::now();
         }
         match session.on(step) {
-            Ok(Some(msg)) => match link.request(&Message::SecureSend { round, msg }).await? {
+            Ok(Some(msg)) => match link.request(&Message::SecureSend { round, member: None, msg }).await? {
                 Message::Ack { .. } => {}
                 Message::Error { code, message } => {
                     tracing::warn!(

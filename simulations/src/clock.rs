@@ -120,6 +120,9 @@ pub(crate) struct RoundOutput {
     /// A shard's hosted devices' accepted results, summed as they arrive (`None` without
     /// [`Fleet::hosted`]).
     pub hosted: Option<HostedSum>,
+    /// With secure aggregation, a shard's hosted devices whose results the round's sum holds,
+    /// with those results (each enters the root's secure sum itself), in arrival order.
+    pub members: Vec<(DeviceId, TrainResult)>,
 }
 
 /// Runs the open round `round`, started at `start`, to its close: its tasks go to the pool,
@@ -189,6 +192,7 @@ pub(crate) fn drive_round(
     let mut next = 0;
     // With secure aggregation, the results that arrive by the deadline, held for the protocol.
     let mut batch = fleet.secure.map(|_| Vec::new());
+    let mut members = Vec::new();
     // Attackers see the whole round before anything is delivered (little-is-enough needs all
     // their updates together); delivery order and times are unchanged.
     if let Some(attack) = fleet.attack {
@@ -223,7 +227,12 @@ pub(crate) fn drive_round(
             if let Some(batch) = batch.as_mut() {
                 // Held until the protocol runs; `accepted` is settled by its outcome.
                 match done.outcome {
-                    Ok(outcome) if at <= deadline => batch.push((device, outcome.result, at)),
+                    Ok(outcome) if at <= deadline => {
+                        if fleet.hosted.is_some() && !foreign(device) {
+                            members.push((device, outcome.result.clone()));
+                        }
+                        batch.push((device, outcome.result, at));
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         obs.line(&format!("round {round}: device {device} failed: {e}"));
@@ -276,6 +285,7 @@ pub(crate) fn drive_round(
     }
     if let (Some(batch), Some(setup)) = (batch, fleet.secure.as_ref()) {
         upload_bytes += secure_round(engine, setup, round, batch, &mut arrivals, obs);
+        members.retain(|(d, _)| arrivals.iter().any(|a| a.device == *d && a.accepted));
     }
     // Every selected device answered or failed, so the round has closed; the deadline is the
     // backstop should it not have.
@@ -291,6 +301,7 @@ pub(crate) fn drive_round(
         trace: RoundTrace { start, deadline, dropped, arrivals, report, attackers },
         upload_bytes,
         hosted: hosted_sum,
+        members,
     }
 }
 

@@ -309,11 +309,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         dropout: config.dropout,
         seed: config.seed,
         attack: attack.as_ref(),
-        secure: crate::secure::SecureSetup::new(
-            config,
-            engine.config().max_samples_per_result,
-            device_data.values().map(|d| d.len() as u64).max().unwrap_or(1),
-        ),
+        secure: crate::secure::SecureSetup::of_run(config, &engine, &device_data),
         local_examples: config.local_examples,
         hosted: None,
     };

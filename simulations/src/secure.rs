@@ -132,6 +132,17 @@ impl SecureSetup {
         })
     }
 
+    /// The setup of a prepared run (its engine's cap on samples per result, its largest
+    /// device's data).
+    pub(crate) fn of_run(
+        c: &SimConfig,
+        engine: &fedge_engine::RoundEngine<Box<dyn fedge_engine::strategy::Strategy>>,
+        device_data: &std::collections::BTreeMap<fedge_core::wire::DeviceId, std::sync::Arc<Vec<usize>>>,
+    ) -> Option<Self> {
+        let largest = device_data.values().map(|d| d.len() as u64).max().unwrap_or(1);
+        Self::new(c, engine.config().max_samples_per_result, largest)
+    }
+
     /// The SecAgg parameters for a round of `m` reporting devices and vectors of `vector_len`:
     /// the degree (fixed or default, at most `m - 1`, lowered by one when `m` and it are both
     /// odd), the threshold (fixed or `floor(k/2) + 1`), the fewest ring bits that hold the sum.

@@ -26,6 +26,12 @@
 //! same index replays the rounds before the root's current task (no training), takes the task
 //! again (the root keeps an aggregator's task while it is away, until the round's deadline)
 //! and trains its devices; an upload whose acknowledgement was lost is answered `Duplicate`.
+//! One restarted after its last upload gets no task: it reads the root's history and finishes
+//! once the last round closed (the recorder writing its last rows).
+//!
+//! **Secure aggregation** shards: the root runs SecAgg+ and each device the replay's sum holds
+//! enters the root's session itself, a member of its shard's relay session (`shard/members.rs`); no
+//! shard pre-aggregates, the root learns only the sum.
 //!
 //! **Local DP** shards: each device clips and noises its own update before its shard sums it
 //! (as in one process, with the same seeded noise), so what the root sees is post-processing
@@ -33,14 +39,14 @@
 //!
 //! **What it does not run.** Refused with a clear error ([`check_shardable`]): rules that need
 //! every device's update (median, Krum, ..., FLTrust), central DP and adaptive clipping (the
-//! server's noise and clipping act on individual updates), secure aggregation (each device's
-//! masked update must reach the root, which unmasks only the sum: SecAgg over the wire, not
-//! built yet), FedBuff, attacks, distillation,
-//! `max_step_norm`, a target accuracy (the root runs the rounds it is given) and text datasets
+//! server's noise and clipping act on individual updates), distributed DP (its noise is
+//! divided by the devices selected, and the root's participants are its shards), FedBuff,
+//! attacks, distillation, `max_step_norm`, a target accuracy (the root runs the rounds it is given) and text datasets
 //! (the coordinator serves image models); `clip_norm` must be set (a coordinator always bounds
 //! the deltas it takes, so the experiment must clip in one process too).
 
 mod launch;
+mod members;
 mod recorder;
 mod worker;
 
@@ -233,9 +239,11 @@ pub fn check_shardable(config: &SimConfig) -> Result<(), SimConfigError> {
         ));
     }
     let refused = [
-        ("noise_multiplier (central DP)", config.noise_multiplier.is_some()),
+        (
+            "noise_multiplier (central DP, or distributed DP with secure_aggregation: the root would divide by its shards)",
+            config.noise_multiplier.is_some(),
+        ),
         ("adaptive_clip", config.adaptive_clip.is_some()),
-        ("secure_aggregation (each device's masked update must reach the root itself)", config.secure_aggregation),
         ("mode = \"fedbuff\"", config.mode == Mode::Fedbuff),
         ("attack", config.attack.is_some()),
         ("distill_every", config.distill_every.is_some()),
@@ -276,10 +284,10 @@ pub struct RootPlace<'a> {
 /// The root's `coordinator.toml` for `config` run as `shards` shards: the simulation's model
 /// and initial model, training settings and strategy; every shard sampled every round; a round
 /// fails if a shard does not answer by the deadline.
-pub fn root_config(config: &SimConfig, shards: u32, place: &RootPlace<'_>) -> Result<String, SimConfigError> {
+pub fn root_config(config: &SimConfig, shards: u32, place: &RootPlace<'_>) -> Result<String, crate::run::SimError> {
     check_shardable(config)?;
     if shards == 0 {
-        return Err(SimConfigError::Invalid("shards must be at least 1".into()));
+        return Err(SimConfigError::Invalid("shards must be at least 1".into()).into());
     }
     let q = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
     let mut out = format!(
@@ -304,6 +312,27 @@ pub fn root_config(config: &SimConfig, shards: u32, place: &RootPlace<'_>) -> Re
     );
     if let Some(c) = config.clip_norm {
         out.push_str(&format!("clip_norm = {c:?}\n"));
+    }
+    if config.secure_aggregation {
+        // The shards' devices enter the root's secure sum as members, weighed as in one
+        // process: relative to the cap on samples per result lowered to the largest device's
+        // data (read from the data, as the shards do). A stage waits a fifth of the round at
+        // most (four stages fit in the round).
+        let p = crate::run::prepare(config, &mut crate::run::Quiet)?;
+        let weight_cap =
+            crate::secure::SecureSetup::of_run(config, &p.engine, &p.device_data).map_or(1, |s| s.weight_cap);
+        out.push_str(&format!(
+            "secure_aggregation = true\nsecagg_weight_cap = {weight_cap}\nsecagg_stage_secs = {}\n",
+            (place.round_timeout_secs / 5).max(1)
+        ));
+        for (key, value) in [("secagg_degree", config.secagg_degree), ("secagg_threshold", config.secagg_threshold)] {
+            if let Some(v) = value {
+                out.push_str(&format!("{key} = {v}\n"));
+            }
+        }
+        if let Some(scale) = config.secagg_scale {
+            out.push_str(&format!("secagg_scale = {scale:?}\n"));
+        }
     }
     if let Some(e) = config.local_epsilon {
         out.push_str(&format!("local_epsilon = {e:?}\ndelta = {:?}\n", config.delta));

@@ -110,7 +110,7 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
         Message::Error { code: ErrorCode::InvalidUpdate, message } => assert!(message.contains("secure"), "{message}"),
         other => panic!("{other:?}"),
     }
-    let ready = Message::SecureReady { round: task.round, model_version: task.model_version };
+    let ready = Message::SecureReady { round: task.round, model_version: task.model_version, members: None };
     assert!(matches!(quiet.request(&ready).await.unwrap(), Message::Ack { .. }));
     assert!(matches!(quiet.request(&ready).await.unwrap(), Message::Error { code: ErrorCode::Duplicate, .. }));
     // Operators see the session wait at its first stage for the silent device.
@@ -148,7 +148,7 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
     // Stochastic rounding to steps of 2^-20 of five weighted inputs, divided by their weight.
     assert!(diff < 1e-4, "the secure round's model is {diff} from the FedAvg of its five devices");
     // The silent device learns that it is not in the sum.
-    match quiet.request(&Message::SecurePoll { round: 1 }).await.unwrap() {
+    match quiet.request(&Message::SecurePoll { round: 1, member: None }).await.unwrap() {
         Message::SecureStep { step: fedge_secagg::ServerMessage::Finished { summed: false }, .. } => {}
         other => panic!("{other:?}"),
     }
@@ -282,9 +282,9 @@ async fn one_ready_device_is_told_the_round_went_without_it() {
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     };
-    let hello = Message::SecureReady { round: task.round, model_version: task.model_version };
+    let hello = Message::SecureReady { round: task.round, model_version: task.model_version, members: None };
     assert!(matches!(ready.request(&hello).await.unwrap(), Message::Ack { .. }));
-    let poll = Message::SecurePoll { round: task.round };
+    let poll = Message::SecurePoll { round: task.round, member: None };
     assert!(matches!(
         ready.request(&poll).await.unwrap(),
         Message::SecureStep { step: fedge_secagg::ServerMessage::Wait, .. }

@@ -49,6 +49,9 @@ pub(super) struct RoundDriver {
     pub(super) secure_settings: Option<SecureSettings>,
     /// The open round's secure aggregation.
     pub(super) secure_round: Option<SecureRound>,
+    /// The round before's, still answering polls: a device (or a shard's member) that asks
+    /// after the next round opened learns whether it was summed.
+    pub(super) previous_secure: Option<SecureRound>,
 }
 
 /// What the driver must make durable before it publishes it.
@@ -96,6 +99,7 @@ impl RoundDriver {
             task_timeout,
             secure_settings: None,
             secure_round: None,
+            previous_secure: None,
         }
     }
 
@@ -250,7 +254,8 @@ impl RoundDriver {
                         if self.secure_round.as_ref().is_none_or(|r| r.round() != task.round) {
                             let (deadline, selected) =
                                 engine.open_round().map_or((now, 1), |o| (o.deadline, o.chosen.len()));
-                            self.secure_round = Some(SecureRound::new(settings, task.round, selected, now, deadline));
+                            let secure = SecureRound::new(settings, task.round, selected, now, deadline);
+                            self.previous_secure = self.secure_round.replace(secure);
                         }
                         task.secure = self.secure_round.as_ref().map(|r| r.task(settings));
                     }
@@ -305,7 +310,7 @@ impl RoundDriver {
                     for (_, task) in &mut tasks {
                         task.secure = Some(secure.task(settings));
                     }
-                    self.secure_round = Some(secure);
+                    self.previous_secure = self.secure_round.replace(secure);
                 }
                 let record = RoundRecord {
                     round: open.round,

@@ -13,6 +13,12 @@
 //! [`fedge_engine::SecureAggregate`]; every other selected device has failed. A session that
 //! fails (too few devices or shares) fails the round, revealing nothing.
 //!
+//! **Members.** A relaying aggregator (a simulation shard, `SessionPurpose::Relay`) says
+//! ready for its devices (`SecureReady.members`): each is a participant of its own, whose
+//! messages the aggregator carries (`SecurePoll`/`SecureSend` name the member); the engine
+//! counts the aggregator as one result when any of its members is summed (or when it entered
+//! none: it had no update to give).
+//!
 //! A session's outcome stays until the next round opens: a device that asks after the round
 //! closed still learns whether it was summed.
 //!
@@ -22,7 +28,7 @@
 //! collect both shares of one device's secrets within a session; a new session masks with new
 //! secrets.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fedge_core::ModelParams;
@@ -56,12 +62,21 @@ pub struct SecureSettings {
     pub noise: Option<fedge_secagg::weighting::DistributedNoise>,
 }
 
+/// The most members one aggregator may enter into a session.
+pub const MAX_MEMBERS: usize = 1 << 16;
+
+/// A participant of a session: a device, or a member of a relaying aggregator.
+type Participant = (DeviceId, Option<u64>);
+
 /// The open round's secure aggregation.
 pub(super) struct SecureRound {
     round: u64,
     /// Devices selected in the round (distributed DP's denominator and noise shares).
     selected: usize,
-    ready: BTreeSet<DeviceId>,
+    /// Ready devices: `None` the device itself, else an aggregator's members.
+    ready: BTreeMap<DeviceId, Option<Vec<u64>>>,
+    /// The session's participants; participant `i` has id `i` in the session.
+    peers: Vec<Participant>,
     session: Option<ServerSession>,
     /// The ready phase ends here at the latest.
     ready_until: Duration,
@@ -82,7 +97,8 @@ impl SecureRound {
         Self {
             round,
             selected,
-            ready: BTreeSet::new(),
+            ready: BTreeMap::new(),
+            peers: Vec::new(),
             session: None,
             ready_until: deadline.saturating_sub(stages).max(now),
             ready_over: false,
@@ -118,10 +134,11 @@ impl SecureRound {
         let until = |at: Option<Duration>| {
             at.map_or(0, |d| u64::try_from(d.saturating_sub(now).as_millis()).unwrap_or(u64::MAX))
         };
+        let ready: usize = self.ready.values().map(|m| m.as_ref().map_or(1, Vec::len)).sum();
         let (stage, participants, answered) = match &self.session {
             Some(s) => (s.stage_name(), s.peers().len(), s.answered()),
-            None if self.ready_over => ("none", self.ready.len(), self.ready.len()),
-            None => ("ready", self.ready.len(), self.ready.len()),
+            None if self.ready_over => ("none", ready, ready),
+            None => ("ready", ready, ready),
         };
         fedge_core::wire::SecureLine {
             round: self.round,
@@ -134,18 +151,33 @@ impl SecureRound {
 
     /// Whether `device` takes part (ready, or in the session).
     pub(super) fn holds(&self, device: DeviceId) -> bool {
-        self.ready.contains(&device)
+        self.ready.contains_key(&device)
     }
 
-    /// Device `device` trained for `round` on `version` and holds its update.
+    /// Device `device` trained for `round` on `version` and holds its update (`members`: a
+    /// relaying aggregator's devices that do, `aggregator`: whether `device` is one).
     pub(super) fn ready(
         &mut self,
         settings: &SecureSettings,
         engine: &mut Rounds,
         now: Duration,
-        device: DeviceId,
+        (device, aggregator): (DeviceId, bool),
         (round, version): (u64, u64),
+        members: Option<Vec<u64>>,
     ) -> Result<(), Refusal> {
+        if let Some(members) = &members {
+            if !aggregator {
+                return Err((ErrorCode::Malformed, "only a relaying aggregator enters members".into()));
+            }
+            if members.len() > MAX_MEMBERS {
+                return Err((ErrorCode::Malformed, format!("{} members (at most {MAX_MEMBERS})", members.len())));
+            }
+            let mut sorted = members.clone();
+            sorted.sort_unstable();
+            if sorted.windows(2).any(|w| w[0] == w[1]) {
+                return Err((ErrorCode::Malformed, "a member is named twice".into()));
+            }
+        }
         if round != self.round || version != engine.version() {
             return Err((
                 ErrorCode::StaleModel,
@@ -158,44 +190,61 @@ impl SecureRound {
         if self.ready_over {
             return Err((ErrorCode::StaleModel, format!("round {round}'s secure session began without this device")));
         }
-        if !self.ready.insert(device) {
+        if self.ready.contains_key(&device) {
             return Err((ErrorCode::Duplicate, format!("device {device} is already ready")));
         }
+        self.ready.insert(device, members);
         self.step(settings, engine, now);
         Ok(())
     }
 
-    /// What `device` is to do now in `round` (`open`: whether the round is still open).
-    pub(super) fn poll(&self, device: DeviceId, round: u64, open: bool) -> Result<ServerMessage, Refusal> {
-        let not_in = || (ErrorCode::StaleModel, format!("device {device} is not in round {round}'s secure session"));
+    /// Whether `who` said it is ready.
+    fn is_ready(&self, (device, member): Participant) -> bool {
+        match (self.ready.get(&device), member) {
+            (Some(None), None) => true,
+            (Some(Some(members)), Some(m)) => members.contains(&m),
+            _ => false,
+        }
+    }
+
+    /// `who`'s id in the session.
+    fn id_of(&self, who: Participant) -> Option<u64> {
+        self.peers.iter().position(|p| *p == who).map(|i| i as u64)
+    }
+
+    /// What `who` is to do now in `round` (`open`: whether the round is still open).
+    pub(super) fn poll(&self, who: Participant, round: u64, open: bool) -> Result<ServerMessage, Refusal> {
+        let not_in = || (ErrorCode::StaleModel, format!("{} is not in round {round}'s secure session", name(who)));
         if round != self.round {
             return Err(not_in());
         }
         match &self.session {
-            Some(s) => s.poll(device).ok_or_else(not_in),
+            Some(s) => self.id_of(who).and_then(|id| s.poll(id)).ok_or_else(not_in),
             // The round ended without a session (too few devices ready): nothing will come.
-            None if self.ready.contains(&device) && (self.ready_over || !open) => {
-                Ok(ServerMessage::Finished { summed: false })
-            }
-            None if self.ready.contains(&device) => Ok(ServerMessage::Wait),
+            None if self.is_ready(who) && (self.ready_over || !open) => Ok(ServerMessage::Finished { summed: false }),
+            None if self.is_ready(who) => Ok(ServerMessage::Wait),
             None => Err(not_in()),
         }
     }
 
-    /// `device`'s message for the open stage.
+    /// `who`'s message for the open stage.
     pub(super) fn send(
         &mut self,
         settings: &SecureSettings,
         engine: &mut Rounds,
         now: Duration,
-        device: DeviceId,
+        who: Participant,
         round: u64,
         msg: ClientMessage,
     ) -> Result<(), Refusal> {
+        let id = self.id_of(who);
         let Some(session) = self.session.as_mut().filter(|_| round == self.round) else {
             return Err((ErrorCode::StaleModel, format!("no secure session of round {round} is open")));
         };
-        let taken = session.handle(now, device, msg).map_err(|e| (ErrorCode::InvalidUpdate, e.to_string()));
+        let Some(id) = id else {
+            return Err((ErrorCode::StaleModel, format!("{} is not in round {round}'s secure session", name(who))));
+        };
+        let taken = session.handle(now, id, msg).map_err(|e| (ErrorCode::InvalidUpdate, e.to_string()));
         self.step(settings, engine, now);
         taken
     }
@@ -212,8 +261,8 @@ impl SecureRound {
                 return;
             }
             // Ready devices that failed since (gone, refused) are out.
-            self.ready.retain(|d| engine.is_pending(*d));
-            let all = engine.pending().iter().all(|d| self.ready.contains(d));
+            self.ready.retain(|d, _| engine.is_pending(*d));
+            let all = engine.pending().iter().all(|d| self.ready.contains_key(d));
             if (all && !self.ready.is_empty()) || now >= self.ready_until {
                 self.begin(settings, engine, now);
             }
@@ -222,7 +271,11 @@ impl SecureRound {
         let session = self.session.as_mut().expect("checked");
         session.handle_timeout(now);
         let Some(outcome) = session.outcome() else { return };
-        let peers = session.peers().to_vec();
+        let survivors = outcome.as_ref().map_or(0, |a| a.survivors.len());
+        let peers = &self.peers;
+        // Aggregators that entered no member had nothing to add: they answered all the same.
+        let empty: Vec<DeviceId> =
+            self.ready.iter().filter(|(_, m)| m.as_ref().is_some_and(Vec::is_empty)).map(|(d, _)| *d).collect();
         let selected = self.selected;
         let result = outcome.map_err(|e| e.to_string()).and_then(|agg| {
             let (mean, samples, noise_multiplier) = match settings.noise {
@@ -239,16 +292,20 @@ impl SecureRound {
                 }
             };
             let delta = ModelParams::new(engine.global().layout().clone(), mean).map_err(|e| e.to_string())?;
-            let devices = agg.survivors.iter().map(|&i| peers[i as usize]).collect();
+            let mut devices: Vec<DeviceId> = agg.survivors.iter().map(|&i| peers[i as usize].0).collect();
+            devices.extend(empty);
+            devices.sort_unstable();
+            devices.dedup();
             Ok(SecureAggregate { devices, mean_delta: delta, samples, noise_multiplier })
         });
         match result {
             Ok(aggregate) => {
                 tracing::info!(
-                    "round {}: secure sum of {} of {} devices",
+                    "round {}: secure sum of {} of {} participants ({} devices)",
                     self.round,
-                    aggregate.devices.len(),
-                    peers.len()
+                    survivors,
+                    peers.len(),
+                    aggregate.devices.len()
                 );
                 if let Err(e) = engine.handle_secure_aggregate(now, self.round, &aggregate) {
                     tracing::warn!("round {}: the secure sum was refused: {e}", self.round);
@@ -262,17 +319,24 @@ impl SecureRound {
         }
     }
 
-    /// Opens the session among the ready devices (at least 2; with fewer the round waits for
-    /// its deadline and fails).
+    /// Opens the session among the ready devices' participants (at least 2; with fewer, or
+    /// settings SecAgg refuses for their number, the round fails now: no device it still waits
+    /// for could enter a sum).
     fn begin(&mut self, settings: &SecureSettings, engine: &mut Rounds, now: Duration) {
         self.ready_over = true;
-        let peers: Vec<DeviceId> = self.ready.iter().copied().collect();
-        let m = peers.len() as u32;
+        self.peers = self
+            .ready
+            .iter()
+            .flat_map(|(&d, members)| match members {
+                None => vec![(d, None)],
+                Some(ms) => ms.iter().map(|&m| (d, Some(m))).collect(),
+            })
+            .collect();
+        let ids: Vec<u64> = (0..self.peers.len() as u64).collect();
+        let m = ids.len() as u32;
         if m < 2 {
-            tracing::warn!(
-                "round {}: {m} device ready for the secure sum; the round fails at its deadline",
-                self.round
-            );
+            tracing::warn!("round {}: {m} participant ready for the secure sum; the round fails", self.round);
+            fail_pending(engine, now);
             return;
         }
         let d = engine.global().numel() + 1;
@@ -288,15 +352,16 @@ impl SecureRound {
         ) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("round {}: no secure session for {m} devices: {e}", self.round);
+                tracing::warn!("round {}: no secure session for {m} participants: {e}", self.round);
+                fail_pending(engine, now);
                 return;
             }
         };
         let seed: [u8; 32] = rand::random();
-        match ServerSession::new(&config, seed, peers, now, settings.stage_timeout) {
+        match ServerSession::new(&config, seed, ids, now, settings.stage_timeout) {
             Ok(s) => {
                 tracing::info!(
-                    "round {}: secure session of {m} devices (degree {}, threshold {}, {}-bit ring)",
+                    "round {}: secure session of {m} participants (degree {}, threshold {}, {}-bit ring)",
                     self.round,
                     config.degree,
                     config.threshold,
@@ -304,7 +369,10 @@ impl SecureRound {
                 );
                 self.session = Some(s);
             }
-            Err(e) => tracing::warn!("round {}: no secure session: {e}", self.round),
+            Err(e) => {
+                tracing::warn!("round {}: no secure session: {e}", self.round);
+                fail_pending(engine, now);
+            }
         }
     }
 }
@@ -366,6 +434,7 @@ impl Coordinator {
         let reply = {
             let mut s = self.lock();
             let now = self.now();
+            let aggregator = s.fleet.aggregators.contains(&id);
             let rounds = &mut s.rounds;
             let (Some(settings), Some(secure)) = (rounds.secure_settings, rounds.secure_round.as_mut()) else {
                 return Message::Error { code: ErrorCode::StaleModel, message: "no secure round is open".into() };
@@ -374,15 +443,19 @@ impl Coordinator {
                 return Message::Error { code: ErrorCode::Malformed, message: "no rounds here".into() };
             };
             let answer = match msg {
-                Message::SecureReady { round, model_version } => {
-                    secure.ready(&settings, engine, now, id, (round, model_version)).map(|()| Message::Ack { round })
-                }
-                Message::SecurePoll { round } => {
+                Message::SecureReady { round, model_version, members } => secure
+                    .ready(&settings, engine, now, (id, aggregator), (round, model_version), members)
+                    .map(|()| Message::Ack { round }),
+                Message::SecurePoll { round, member } => {
                     let open = engine.current_round() == Some(round);
-                    secure.poll(id, round, open).map(|step| Message::SecureStep { round, step })
+                    let asked = match &rounds.previous_secure {
+                        Some(previous) if previous.round() == round => previous,
+                        _ => secure,
+                    };
+                    asked.poll((id, member), round, open).map(|step| Message::SecureStep { round, step })
                 }
-                Message::SecureSend { round, msg } => {
-                    secure.send(&settings, engine, now, id, round, msg).map(|()| Message::Ack { round })
+                Message::SecureSend { round, member, msg } => {
+                    secure.send(&settings, engine, now, (id, member), round, msg).map(|()| Message::Ack { round })
                 }
                 _ => Err((ErrorCode::Malformed, "not a secure-aggregation message".into())),
             };
@@ -395,5 +468,20 @@ impl Coordinator {
         self.deadlines.notify_one();
         self.settle(&order);
         reply
+    }
+}
+
+/// Every device the open round still waits for is done with it.
+fn fail_pending(engine: &mut Rounds, now: Duration) {
+    for d in engine.pending() {
+        engine.handle_train_failure(now, d);
+    }
+}
+
+/// A participant as a log line names it.
+fn name((device, member): Participant) -> String {
+    match member {
+        None => format!("device {device}"),
+        Some(m) => format!("member {m} of aggregator {device}"),
     }
 }

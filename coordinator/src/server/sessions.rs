@@ -32,16 +32,20 @@ impl Coordinator {
         let (versions, refusal) = {
             let s = self.lock();
             let version = s.rounds.version();
-            (
-                (version, self.teacher_version(version)),
-                aggregator
-                    .then(|| {
-                        s.rounds.engine.aggregator_refusal().or_else(|| s.rounds.secure_settings.map(|_| {
-                            "this coordinator aggregates securely: each device's masked update must reach it, not a region's mean".to_string()
-                        }))
-                    })
-                    .flatten(),
-            )
+            let refusal = aggregator.then(|| s.rounds.engine.aggregator_refusal()).flatten();
+            ((version, self.teacher_version(version)), (refusal, s.rounds.secure_settings.is_some()))
+        };
+        let refusal = |hello: &fedge_core::wire::Hello| {
+            match (aggregator, hello.purpose, refusal) {
+            (false, SessionPurpose::Relay, _) => {
+                Some("only an aggregator certificate relays its devices' messages".to_string())
+            }
+            (true, _, (Some(why), _)) => Some(why),
+            (true, SessionPurpose::Train, (None, true)) => Some(
+                "this coordinator aggregates securely: each device's masked update must reach it, not a region's mean (a simulation shard relays its devices: SessionPurpose::Relay)".to_string(),
+            ),
+            _ => None,
+        }
         };
         let hello = match answer_hello_unless(&peer, versions, refusal).await {
             Ok(hello) => hello,
@@ -53,7 +57,7 @@ impl Coordinator {
                 return;
             }
         };
-        let training = hello.purpose == SessionPurpose::Train;
+        let training = hello.purpose != SessionPurpose::Inference;
         let session = training.then(|| (hello.capabilities, peer.closer()));
         let name = match aggregator {
             true => format!("aggregator:{}", peer.identity.id),

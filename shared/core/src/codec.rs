@@ -318,15 +318,17 @@ mod tests {
             Message::Pong { nonce: 1 },
             Message::NoTask { retry_after_ms: 1, model_version: 0, deployed: None },
             Message::RegionalRequest,
-            Message::SecureReady { round: 1, model_version: 0 },
-            Message::SecurePoll { round: 1 },
+            Message::SecureReady { round: 1, model_version: 0, members: None },
+            Message::SecureReady { round: 1, model_version: 0, members: Some(vec![4, 8]) },
+            Message::SecurePoll { round: 1, member: None },
+            Message::SecurePoll { round: 1, member: Some(8) },
         ] {
             assert_eq!(kind(&small), FrameKind::Small, "{small:?}");
         }
         let step = Message::SecureStep { round: 1, step: fedge_secagg::ServerMessage::Wait };
         assert_eq!(kind(&step), FrameKind::Secure);
         let masked = fedge_secagg::MaskedInput { device: 0, masked: vec![1, 2], rejected: vec![] };
-        let send = Message::SecureSend { round: 1, msg: fedge_secagg::ClientMessage::Masked(masked) };
+        let send = Message::SecureSend { round: 1, member: None, msg: fedge_secagg::ClientMessage::Masked(masked) };
         assert_eq!(kind(&send), FrameKind::Secure);
         assert_eq!(FrameKind::of_first_byte(29), FrameKind::Unknown);
         assert_eq!(FrameKind::of_first_byte(0xff), FrameKind::Unknown);
@@ -371,8 +373,8 @@ mod tests {
                 secure: Some(crate::wire::SecureTask { weight_cap: 600, noise_std: Some(0.25) }),
             }),
             Message::Error { code: ErrorCode::StaleModel, message: "old".into() },
-            Message::SecureReady { round: 3, model_version: 2 },
-            Message::SecurePoll { round: 3 },
+            Message::SecureReady { round: 3, model_version: 2, members: None },
+            Message::SecurePoll { round: 3, member: None },
             Message::SecureStep {
                 round: 3,
                 step: fedge_secagg::ServerMessage::Begin {
@@ -382,6 +384,7 @@ mod tests {
                 },
             },
             Message::SecureSend {
+                member: None,
                 round: 3,
                 msg: fedge_secagg::ClientMessage::Advertise(fedge_secagg::AdvertiseKeys {
                     device: 4,

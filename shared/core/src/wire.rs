@@ -7,7 +7,7 @@
 use crate::params::{ContentHash, ModelParams};
 
 /// Version of the message set below. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Stable identifier of a device.
 pub type DeviceId = u64;
@@ -159,6 +159,11 @@ pub enum SessionPurpose {
     Train,
     /// Inference only (e.g. a device's local inference server): never sampled for rounds.
     Inference,
+    /// Training for the devices an aggregator hosts (a simulation shard): in secure rounds it
+    /// enters each of them into the sum as a member (`SecureReady.members`), so a coordinator
+    /// that aggregates securely takes it (it refuses a region, whose mean is not a masked
+    /// update). Only an aggregator certificate may open such a session.
+    Relay,
 }
 
 /// A device asks the coordinator's (teacher) model to classify one image.
@@ -347,12 +352,18 @@ pub enum Message {
         round: u64,
         /// The model version it trained from.
         model_version: u64,
+        /// `None`: the device itself enters the sum. A relaying aggregator's members instead,
+        /// each a participant of its own (their ids are the aggregator's; an empty list: none
+        /// of its devices has an update this round, and the session need not wait for it).
+        members: Option<Vec<u64>>,
     },
     /// Device to coordinator: where is the secure session of `round` for me? (answered
     /// `SecureStep`, or `Error StaleModel` when the device is not in it).
     SecurePoll {
         /// The round.
         round: u64,
+        /// Which of a relaying aggregator's members asks (`None`: the device itself).
+        member: Option<u64>,
     },
     /// Coordinator to device: the session's next message for it (`Wait`, `Begin`, a stage's
     /// message, `Finished`).
@@ -367,6 +378,8 @@ pub enum Message {
     SecureSend {
         /// The round.
         round: u64,
+        /// Which of a relaying aggregator's members sends (`None`: the device itself).
+        member: Option<u64>,
         /// The message.
         msg: fedge_secagg::ClientMessage,
     },

@@ -71,18 +71,30 @@ impl Recorder {
         round <= self.written
     }
 
+    /// Whether round `round`'s row carries the model's score (every `eval_every` rounds and
+    /// the last, as `fedge-sim run`).
+    pub(crate) fn scores(&self, round: u64) -> bool {
+        round.is_multiple_of(self.eval_every) || round == self.rounds
+    }
+
     /// Whether every round's row is written.
     pub(crate) fn complete(&self) -> bool {
         self.written >= self.rounds
     }
 
+    /// Rows in the file.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
     /// The root closed round `round` (`line`) with model `params`: scores it when the run
-    /// would (every `eval_every` rounds and the last) and writes the row.
+    /// would (every `eval_every` rounds and the last) and writes the row. `None`: the root no
+    /// longer keeps that model (the recorder was away for rounds), so the row has no accuracy.
     pub(crate) fn model_after(
         &mut self,
         round: u64,
         line: &RoundLine,
-        params: &ModelParams,
+        params: Option<&ModelParams>,
         evaluator: &mut fedge_learn::Trainer,
         test: &Dataset,
         obs: &mut dyn Observer,
@@ -100,10 +112,17 @@ impl Recorder {
             .traces
             .remove(&round)
             .ok_or_else(|| ShardError::Refused(format!("round {round} was not replayed before its row")))?;
-        let eval = if round.is_multiple_of(self.eval_every) || round == self.rounds {
-            Some(score(evaluator, params, test, &mut self.best)?)
-        } else {
-            None
+        let due = self.scores(round);
+        let eval = match params {
+            Some(params) if due => Some(score(evaluator, params, test, &mut self.best)?),
+            None if due => {
+                obs.line(&format!(
+                    "round {round}: the root no longer keeps model version {}: its row has no accuracy",
+                    line.model_version
+                ));
+                None
+            }
+            _ => None,
         };
         let mut row = RoundRow::of_round(&trace, eval, None);
         // The devices' loss is spread over the shards: the root's line has their weighted mean.

@@ -20,10 +20,14 @@ fn a_shard_hosts_the_devices_congruent_to_its_index() {
 #[test]
 fn what_needs_every_update_is_refused_by_name() {
     assert!(check_shardable(&small()).is_ok());
+    assert!(check_shardable(&SimConfig { secure_aggregation: true, ..small() }).is_ok());
     let cases: Vec<(SimConfig, &str)> = vec![
         (SimConfig { strategy: "median".into(), ..small() }, "strategy `median`"),
         (SimConfig { noise_multiplier: Some(1.0), clip_norm: Some(1.0), ..small() }, "central DP"),
-        (SimConfig { secure_aggregation: true, clip_norm: Some(1.0), ..small() }, "secure_aggregation"),
+        (
+            SimConfig { secure_aggregation: true, noise_multiplier: Some(1.0), clip_norm: Some(1.0), ..small() },
+            "distributed DP",
+        ),
         (SimConfig { mode: Mode::Fedbuff, ..small() }, "fedbuff"),
         (SimConfig { distill_every: Some(1), ..small() }, "distill_every"),
         (SimConfig { target_accuracy: Some(0.9), ..small() }, "target_accuracy"),
@@ -90,10 +94,20 @@ fn the_roots_tasks_carry_the_simulations_training_settings() {
             ..small()
         },
         SimConfig { local_epsilon: Some(20.0), delta: 1e-6, clip_norm: Some(1.5), ..small() },
+        SimConfig { secure_aggregation: true, secagg_degree: Some(4), ..small() },
     ];
     for config in configs {
         let text = root_config(&config, 3, &place).unwrap();
         let root: fedge_coordinator::config::ServeConfig = fedge_core::config_file::parse_toml(&text).unwrap();
+        assert_eq!(root.secure_aggregation, config.secure_aggregation);
+        if config.secure_aggregation {
+            // The weights' cap is the simulation's: the largest device's examples (12 devices
+            // share the embedded set), not the engine's 100,000.
+            let largest = crate::run::load_data(&config).unwrap().train.len().div_ceil(12) as u64;
+            assert_eq!(root.secagg_weight_cap, largest);
+            assert_eq!(root.secagg_degree, Some(4));
+            assert!(4 * root.secagg_stage_secs < root.round_timeout_secs);
+        }
         let (ours, theirs) = (config.engine_config().unwrap(), root.engine().unwrap());
         // What a shard checks each task against, and what the root's strategy does.
         assert_eq!(theirs.train, ours.train, "{}", config.strategy);

@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use fedge_core::ModelParams;
 use fedge_core::wire::{Capabilities, ErrorCode, Message, OperatorCommand, RoundLine, TrainResult, TrainTask};
-use fedge_edge::link::{DeviceTls, Link};
+use fedge_edge::download::DownloadError;
+use fedge_edge::link::{ConnectError, DeviceTls, Link};
 use fedge_engine::strategy::Strategy;
 use fedge_engine::{RoundEngine, RoundOutcome};
 
+use super::members::Members;
 use super::recorder::Recorder;
 use super::{Hosted, ShardError, check_shardable};
 use crate::clock::{Fleet, RoundOutput, drive_round};
@@ -75,6 +77,7 @@ pub fn run_shard(opts: ShardOptions, obs: &mut dyn Observer) -> Result<ShardRepo
     ));
     let pool = Pool::new(worker_count(config), config.model, num_classes, config.backend, train, config.seed)
         .map_err(crate::run::SimError::from)?;
+    let secure = crate::secure::SecureSetup::of_run(config, &engine, &device_data);
     let fleet = |hosted| Fleet {
         speeds: &speeds,
         model_bytes,
@@ -82,7 +85,7 @@ pub fn run_shard(opts: ShardOptions, obs: &mut dyn Observer) -> Result<ShardRepo
         dropout: config.dropout,
         seed: config.seed,
         attack: None,
-        secure: None,
+        secure,
         local_examples: config.local_examples,
         hosted: Some(hosted),
     };
@@ -100,6 +103,8 @@ pub fn run_shard(opts: ShardOptions, obs: &mut dyn Observer) -> Result<ShardRepo
     let mut report = ShardReport { rounds_trained: 0, devices_trained: 0, rounds_replayed: 0, rows: Vec::new() };
     // The last result made, by round: sent again when its acknowledgement was lost.
     let mut last: Option<(u64, TrainResult)> = None;
+    // A secure round's members, kept until the next task (entered again after a reconnection).
+    let mut members: Option<Members> = None;
     let mut uploaded_last_round = false;
     let capabilities = Capabilities {
         backend: config.backend.to_string(),
@@ -134,6 +139,7 @@ pub fn run_shard(opts: ShardOptions, obs: &mut dyn Observer) -> Result<ShardRepo
                 test: &test,
                 recorder: recorder.as_mut(),
                 last: &mut last,
+                members: &mut members,
                 uploaded_last_round: &mut uploaded_last_round,
                 report: &mut report,
                 hosted,
@@ -156,7 +162,7 @@ pub fn run_shard(opts: ShardOptions, obs: &mut dyn Observer) -> Result<ShardRepo
     Ok(report)
 }
 
-/// Connects and says hello as an aggregator.
+/// Connects and says hello as a relaying aggregator.
 async fn connect(opts: &ShardOptions, capabilities: Capabilities) -> Result<Link, String> {
     let addr = tokio::net::lookup_host(&opts.root)
         .await
@@ -164,12 +170,13 @@ async fn connect(opts: &ShardOptions, capabilities: Capabilities) -> Result<Link
         .next()
         .ok_or_else(|| format!("{} resolves to no address", opts.root))?;
     let link = Link::connect(addr, &opts.server_name, &opts.tls).await.map_err(|e| e.to_string())?;
-    link.hello(capabilities).await.map_err(|e| e.to_string())?;
+    // A relaying aggregator: in secure rounds it enters each of its devices into the sum.
+    link.hello_for(capabilities, fedge_core::wire::SessionPurpose::Relay).await.map_err(|e| e.to_string())?;
     Ok(link)
 }
 
 /// How a session with the root ended early.
-enum Step {
+pub(super) enum Step {
     /// The link broke: reconnect and carry on.
     Link(String),
     /// The experiment cannot go on.
@@ -192,6 +199,7 @@ struct Work<'a, 'f> {
     test: &'a fedge_core::dataset::Dataset,
     recorder: Option<&'a mut Recorder>,
     last: &'a mut Option<(u64, TrainResult)>,
+    members: &'a mut Option<Members>,
     uploaded_last_round: &'a mut bool,
     report: &'a mut ShardReport,
     hosted: Hosted,
@@ -207,36 +215,50 @@ fn serve(
     obs: &mut dyn Observer,
 ) -> Result<(), Step> {
     let request = |msg: &Message| rt.block_on(link.request(msg)).map_err(|e| Step::Link(e.to_string()));
+    let mut next_look = Instant::now();
     loop {
         if *w.uploaded_last_round && w.recorder.as_ref().is_none_or(|r| r.complete()) {
             return Ok(());
         }
         match request(&Message::TaskRequest { running: None })? {
             Message::TrainTask(task) => {
-                if let Some((round, result)) = w.last.as_ref()
-                    && *round == task.round
-                {
-                    let result = result.clone();
-                    upload(&request, &result, obs)?;
-                    *w.uploaded_last_round |= task.round == config.rounds;
-                    continue;
+                // The same task again (an acknowledgement or a session lost with the link):
+                // its result is sent again, its members enter again.
+                let again = w.last.as_ref().is_some_and(|(r, _)| *r == task.round)
+                    || w.members.as_ref().is_some_and(|m| m.round == task.round);
+                if !again {
+                    do_task(rt, link, config, w, &task, obs)?;
                 }
-                do_task(rt, link, config, w, &task, obs)?;
-                let (_, result) = w.last.as_ref().expect("the task's result was just made");
-                let result = result.clone();
-                upload(&request, &result, obs)?;
+                match w.members.as_mut().filter(|m| m.round == task.round) {
+                    // Entered: the root's session goes on among the other shards' members.
+                    Some(members) if members.done() => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    Some(members) => {
+                        let entered = members.enter(rt, link, &mut |line| obs.line(&line))?;
+                        obs.line(&format!(
+                            "round {}: {} of this shard's {} members in the root's secure sum",
+                            task.round,
+                            entered.summed,
+                            members.len()
+                        ));
+                    }
+                    None => {
+                        let (_, result) = w.last.as_ref().expect("the task's result was just made");
+                        let result = result.clone();
+                        upload(&request, &result, obs)?;
+                    }
+                }
                 *w.uploaded_last_round |= task.round == config.rounds;
             }
             Message::NoTask { retry_after_ms, .. } => {
-                if let Some(rec) = w.recorder.as_deref_mut()
-                    && w.replay.engine.last_round() == config.rounds
-                    && !rec.complete()
-                {
-                    // The last round's row: once the root has closed it, its model is scored.
+                // Has the root closed the experiment's last round? A shard restarted after its
+                // last upload learns it only so (it gets no more tasks).
+                if Instant::now() >= next_look {
+                    next_look = Instant::now() + LOOK_EVERY;
                     if let Some(line) = root_round(&request, config.rounds)? {
-                        let params = fetch(rt, link, line.model_version)?;
-                        rec.model_after(config.rounds, &line, &params, w.evaluator, w.test, obs)?;
-                        continue;
+                        return finish(rt, link, config, w, &line, obs);
                     }
                 }
                 std::thread::sleep(Duration::from_millis(u64::from(retry_after_ms.clamp(20, 1000))));
@@ -249,6 +271,74 @@ fn serve(
     }
 }
 
+/// How often a shard without a task reads the root's history.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// The root closed the experiment's last round (`last`): the recorder replays the rounds it
+/// has not (it restarted after its last upload) and writes the rows left; the others are done.
+fn finish(
+    rt: &tokio::runtime::Runtime,
+    link: &Link,
+    config: &SimConfig,
+    w: &mut Work<'_, '_>,
+    last: &RoundLine,
+    obs: &mut dyn Observer,
+) -> Result<(), Step> {
+    if w.recorder.as_ref().is_none_or(|r| r.complete()) {
+        return Ok(());
+    }
+    replay_before(w, config.rounds + 1, obs)?;
+    let params = fetch(rt, link, last.model_version)?;
+    record_up_to(rt, link, w, config.rounds, Some(&params), obs)
+}
+
+/// Replays (decisions only) the rounds before `round` that this shard has not seen: it started
+/// or restarted late.
+fn replay_before(w: &mut Work<'_, '_>, round: u64, obs: &mut dyn Observer) -> Result<(), Step> {
+    while w.replay.engine.last_round() + 1 < round {
+        let global = Arc::new(w.replay.engine.global().clone());
+        let out = step(w.replay, w.pool, w.replaying, global, obs)?;
+        w.report.rounds_replayed += 1;
+        if let Some(rec) = w.recorder.as_deref_mut() {
+            rec.replayed(out.trace);
+        }
+    }
+    Ok(())
+}
+
+/// On the recorder, writes the rows up to round `upto`, which the root has closed: each from
+/// the root's line and the replay's trace, scored (when due) on the model after it: `model`
+/// for round `upto`, an earlier one fetched while the root keeps it. Usually one row; more when
+/// the recorder was away while the root closed rounds.
+fn record_up_to(
+    rt: &tokio::runtime::Runtime,
+    link: &Link,
+    w: &mut Work<'_, '_>,
+    upto: u64,
+    model: Option<&ModelParams>,
+    obs: &mut dyn Observer,
+) -> Result<(), Step> {
+    let Some(rec) = w.recorder.as_deref_mut() else { return Ok(()) };
+    if rec.has_row(upto) {
+        return Ok(());
+    }
+    let request = |msg: &Message| rt.block_on(link.request(msg)).map_err(|e| Step::Link(e.to_string()));
+    let history = root_history(&request)?;
+    for round in rec.written() + 1..=upto {
+        let line = history.iter().find(|l| l.round == round).ok_or_else(|| {
+            Step::Link(format!("the root's history lacks round {round} though it has closed round {upto}"))
+        })?;
+        let fetched = match model {
+            Some(_) if round == upto => None,
+            _ if rec.scores(round) => fetch_kept(rt, link, line.model_version)?,
+            _ => None,
+        };
+        let params = if round == upto { model } else { fetched.as_ref() };
+        rec.model_after(round, line, params, w.evaluator, w.test, obs)?;
+    }
+    Ok(())
+}
+
 /// Does root task `task`: replays the rounds before it, trains the hosted devices of its round
 /// and leaves the result in `w.last`.
 fn do_task(
@@ -259,7 +349,6 @@ fn do_task(
     task: &TrainTask,
     obs: &mut dyn Observer,
 ) -> Result<(), Step> {
-    let request = |msg: &Message| rt.block_on(link.request(msg)).map_err(|e| Step::Link(e.to_string()));
     let round = task.round;
     if round > config.rounds {
         return Err(ShardError::Mismatch {
@@ -275,6 +364,26 @@ fn do_task(
         }
         .into());
     }
+    if task.secure.is_some() != config.secure_aggregation {
+        return Err(ShardError::Mismatch {
+            what: "secure aggregation",
+            detail: format!(
+                "the root's task {} secure; the simulation's secure_aggregation is {}",
+                if task.secure.is_some() { "is" } else { "is not" },
+                config.secure_aggregation
+            ),
+        }
+        .into());
+    }
+    if let (Some(mine), Some(root)) = (w.training.secure, task.secure)
+        && mine.weight_cap != root.weight_cap
+    {
+        return Err(ShardError::Mismatch {
+            what: "secure aggregation weight cap",
+            detail: format!("{} against the simulation's {}", root.weight_cap, mine.weight_cap),
+        }
+        .into());
+    }
     let expected = w.replay.engine.config().train;
     if task.config != expected {
         return Err(ShardError::Mismatch {
@@ -283,15 +392,7 @@ fn do_task(
         }
         .into());
     }
-    // Rounds this shard has not seen (it started or restarted late): decisions only.
-    while w.replay.engine.last_round() + 1 < round {
-        let global = Arc::new(w.replay.engine.global().clone());
-        let out = step(w.replay, w.pool, w.replaying, global, obs)?;
-        w.report.rounds_replayed += 1;
-        if let Some(rec) = w.recorder.as_deref_mut() {
-            rec.replayed(out.trace);
-        }
-    }
+    replay_before(w, round, obs)?;
     let params = fetch(rt, link, task.model_version)?;
     if params.content_hash() != task.model_hash {
         return Err(Step::Link(format!("model version {} does not match the task's hash", task.model_version)));
@@ -306,19 +407,33 @@ fn do_task(
         }
         .into());
     }
-    if round > 1
-        && let Some(rec) = w.recorder.as_deref_mut()
-        && !rec.has_row(round - 1)
-    {
+    if round > 1 {
         // The model this task trains from is the one after the previous round: score it now.
-        let line = root_round(&request, round - 1)?.ok_or_else(|| {
-            Step::Link(format!("the root's history lacks round {} though it runs round {round}", round - 1))
-        })?;
-        rec.model_after(round - 1, &line, &params, w.evaluator, w.test, obs)?;
+        record_up_to(rt, link, w, round - 1, Some(&params), obs)?;
     }
     let started = Instant::now();
     let layout = params.layout().clone();
-    let RoundOutput { trace, hosted, .. } = step(w.replay, w.pool, w.training, Arc::new(params), obs)?;
+    let RoundOutput { trace, hosted, members, .. } = step(w.replay, w.pool, w.training, Arc::new(params), obs)?;
+    if let Some(secure) = task.secure {
+        // Each of its devices in the round's sum enters the root's secure sum itself.
+        let members = Members::new(task, secure, members)
+            .map_err(|e| Step::Fatal(ShardError::Mismatch { what: "secure aggregation", detail: e }))?;
+        obs.line(&format!(
+            "round {round}: shard {} trained {} members of the {} results in {:.2}s",
+            w.hosted.index(),
+            members.len(),
+            trace.report.results,
+            started.elapsed().as_secs_f64(),
+        ));
+        w.report.rounds_trained += 1;
+        w.report.devices_trained += members.len() as u64;
+        if let Some(rec) = w.recorder.as_deref_mut() {
+            rec.replayed(trace);
+        }
+        *w.members = Some(members);
+        *w.last = None;
+        return Ok(());
+    }
     let (all, failed) = (trace.report.results, trace.report.outcome != RoundOutcome::Aggregated);
     let sum = hosted.expect("a shard's fleet hosts its devices");
     let (result, mine) = pre_aggregate(task, layout, sum, !failed).map_err(|e| {
@@ -337,6 +452,7 @@ fn do_task(
         rec.replayed(trace);
     }
     *w.last = Some((round, result));
+    *w.members = None;
     Ok(())
 }
 
@@ -418,12 +534,26 @@ fn upload(
 
 /// The root's line for closed round `round`, if it has closed.
 fn root_round(request: &impl Fn(&Message) -> Result<Message, Step>, round: u64) -> Result<Option<RoundLine>, Step> {
+    Ok(root_history(request)?.into_iter().find(|l| l.round == round))
+}
+
+/// The root's closed rounds, oldest first.
+fn root_history(request: &impl Fn(&Message) -> Result<Message, Step>) -> Result<Vec<RoundLine>, Step> {
     match request(&Message::Operator(OperatorCommand::Status))? {
-        Message::Status(s) => Ok(s.rounds.into_iter().find(|l| l.round == round)),
+        Message::Status(s) => Ok(s.rounds),
         Message::Error { code, message } => {
             Err(Step::Fatal(ShardError::Refused(format!("cannot read the root's rounds ({code:?}): {message}"))))
         }
         other => Err(Step::Link(format!("unexpected answer to a status request: {other:?}"))),
+    }
+}
+
+/// Downloads root model `version` if the root still keeps it (it keeps the last few).
+fn fetch_kept(rt: &tokio::runtime::Runtime, link: &Link, version: u64) -> Result<Option<ModelParams>, Step> {
+    match rt.block_on(fedge_edge::download::fetch_model(link, version, None)) {
+        Ok(d) => Ok(Some(d.params)),
+        Err(DownloadError::Link(ConnectError::Refused { code: ErrorCode::StaleModel, .. })) => Ok(None),
+        Err(e) => Err(Step::Link(format!("model version {version}: {e}"))),
     }
 }
 
