@@ -10,7 +10,7 @@ use std::time::Duration;
 use fedge_coordinator::server::{Coordinator, SecureSettings};
 use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
-use fedge_core::wire::{ErrorCode, Message, TrainConfig, TrainResult, TrainTask};
+use fedge_core::wire::{ErrorCode, Message, SessionPurpose, TrainConfig, TrainResult, TrainTask};
 use fedge_engine::{EngineConfig, RoundOutcome};
 use fedge_tests::harness::{
     device_updates, embedded_train, fleet, growing_slice, initial_2nn, issue_devices, join, serve, spawn_client,
@@ -309,15 +309,17 @@ async fn one_ready_device_is_told_the_round_went_without_it() {
 }
 
 /// A regional aggregator cannot join a secure coordinator: its mean is not a device's masked
-/// update. It is refused at Hello, saying why.
+/// update. It is refused at Hello, saying why; a relaying aggregator (a simulation shard, whose
+/// devices enter the sum themselves) is welcome, a device certificate may not relay, and a
+/// device may not enter members.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secure_coordinator_refuses_aggregators_at_hello() {
     use fedge_coordinator::certs::Role;
     use fedge_edge::link::{ConnectError, DeviceTls, Link};
     let (_dir, ca) = fleet();
     let cert = ca.issue(Role::Aggregator, "east", 1).unwrap();
-    let coordinator =
-        Coordinator::new(EngineConfig { train: task_config(), ..EngineConfig::default() }, initial_2nn(1));
+    let config = EngineConfig { train: task_config(), fraction: 1.0, ..EngineConfig::default() };
+    let coordinator = Coordinator::new(config, initial_2nn(1));
     let coordinator = coordinator.unwrap();
     coordinator.set_secure_aggregation(settings(3, None)).unwrap();
     let (addr, server) = serve(&coordinator, &ca);
@@ -330,5 +332,36 @@ async fn a_secure_coordinator_refuses_aggregators_at_hello() {
         other => panic!("{other:?}"),
     }
     assert!(coordinator.devices().is_empty(), "a refused aggregator is not registered");
+    let tls = |c: fedge_coordinator::certs::Issued| DeviceTls { ca: ca.ca_pem(), cert: c.cert, key: c.key };
+    let shard =
+        Link::connect(addr, "localhost", &tls(ca.issue(Role::Aggregator, "shard-0", 1).unwrap())).await.unwrap();
+    shard
+        .hello_for(fedge_tests::harness::caps(0), SessionPurpose::Relay)
+        .await
+        .expect("a relaying aggregator is welcome");
+    let device = Link::connect(addr, "localhost", &tls(ca.issue(Role::Device, "d0", 1).unwrap())).await.unwrap();
+    match device.hello_for(fedge_tests::harness::caps(10), SessionPurpose::Relay).await {
+        Err(ConnectError::Refused { code: ErrorCode::Unauthorized, message }) => {
+            assert!(message.contains("only an aggregator certificate relays"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // A device, training, tries to enter members: refused, whatever the round.
+    let device = Link::connect(addr, "localhost", &tls(ca.issue(Role::Device, "d1", 1).unwrap())).await.unwrap();
+    device.hello(fedge_tests::harness::caps(10)).await.unwrap();
+    coordinator.start_rounds(1);
+    let task = loop {
+        match device.request(&Message::TaskRequest { running: None }).await.unwrap() {
+            Message::TrainTask(t) => break t,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let ready = Message::SecureReady { round: task.round, model_version: task.model_version, members: Some(vec![1]) };
+    match device.request(&ready).await.unwrap() {
+        Message::Error { code: ErrorCode::Malformed, message } => {
+            assert!(message.contains("only a relaying aggregator enters members"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
     server.abort();
 }
