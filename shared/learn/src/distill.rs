@@ -362,23 +362,40 @@ mod tests {
         let mut teacher = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
         let t = teacher.train_fresh(1, &data.train, 2000, &TrainConfig::sgd(3, 20, 0.05)).unwrap().params;
         let teacher_acc = teacher.evaluate(&t, &data.test, 500).unwrap().accuracy;
-
-        // The student sees 3000 other images and the teacher's logits, never a label.
         let proxy: Vec<usize> = (2000..5000).collect();
-        let logits = teacher.logits(&t, &data.train, &proxy).unwrap();
-        let mut student = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
-        let s0 = student.initial_params(2);
-        let before = student.evaluate(&s0, &data.test, 500).unwrap().accuracy;
-        let config = DistillConfig { epochs: 5, ..DistillConfig::default() };
-        let out = student.distill(&s0, &data.train, &proxy, &logits, &config, &mut derive_rng(3, &[])).unwrap();
-        let after = student.evaluate(&out.params, &data.test, 500).unwrap().accuracy;
-        assert!(before < 0.3, "untrained student {before}");
-        assert!(after > teacher_acc - 0.03, "student {after} vs teacher {teacher_acc}");
-        assert_eq!(out.params.numel(), 101_770);
+        let reference = teacher.logits(&t, &data.train, &proxy).unwrap();
+        let mut students = Vec::new();
+        for backend in crate::test_backends() {
+            // The teacher's logits on this backend: the CPU's to float rounding.
+            let mut teacher = Trainer::new(ModelKind::TwoNn, 10, backend).unwrap();
+            let logits = teacher.logits(&t, &data.train, &proxy).unwrap();
+            let diff = logits.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-4, "{backend}: logits differ by {diff}");
 
-        // Logits that do not match the proxy set are refused, and the trainer stays usable.
-        assert!(student.distill(&s0, &data.train, &proxy, &logits[..10], &config, &mut derive_rng(3, &[])).is_err());
-        assert!(student.evaluate(&out.params, &data.test, 500).is_ok());
+            // The student sees 3000 other images and the teacher's logits, never a label.
+            let mut student = Trainer::new(ModelKind::Mlp, 10, backend).unwrap();
+            let s0 = student.initial_params(2);
+            let before = student.evaluate(&s0, &data.test, 500).unwrap().accuracy;
+            let config = DistillConfig { epochs: 5, ..DistillConfig::default() };
+            let out = student.distill(&s0, &data.train, &proxy, &logits, &config, &mut derive_rng(3, &[])).unwrap();
+            let after = student.evaluate(&out.params, &data.test, 500).unwrap().accuracy;
+            assert!(before < 0.3, "{backend}: untrained student {before}");
+            assert!(after > teacher_acc - 0.03, "{backend}: student {after} vs teacher {teacher_acc}");
+            assert_eq!(out.params.numel(), 101_770);
+
+            // Logits that do not match the proxy set are refused, and the trainer stays usable.
+            let short = &logits[..10];
+            assert!(student.distill(&s0, &data.train, &proxy, short, &config, &mut derive_rng(3, &[])).is_err());
+            assert!(student.evaluate(&out.params, &data.test, 500).is_ok());
+            students.push((backend, out.params, after));
+        }
+        // The same student on every backend: 750 distillation steps agree to float rounding.
+        let (_, reference, accuracy) = &students[0];
+        for (backend, params, after) in &students[1..] {
+            let diff = reference.data().iter().zip(params.data()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-3, "{backend}: students differ by {diff}");
+            assert!((after - accuracy).abs() <= 0.002, "{backend}: {after} vs {accuracy}");
+        }
     }
 
     #[test]

@@ -124,27 +124,41 @@ mod tests {
         let mut t = Trainer::new(ModelKind::Mlp, 10, BackendKind::Flex).unwrap();
         let p = t.train_fresh(1, &data.train, 2000, &TrainConfig::sgd(2, 20, 0.1)).unwrap().params;
         let want = t.evaluate(&p, &data.test, 500).unwrap().accuracy;
-        let pred = Predictor::new(ModelKind::Mlp, &p, BackendKind::Flex).unwrap();
         let test = &data.test;
-        let correct = (0..test.len())
-            .filter(|&i| pred.predict(test.image(i), test.rows, test.cols).class == test.labels[i] as usize)
-            .count();
-        assert!((correct as f64 / test.len() as f64 - want).abs() < 1e-9);
-        let one = pred.predict(test.image(0), test.rows, test.cols);
-        assert!((one.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
-        assert_eq!(one.confidence, one.probabilities[one.class]);
-        // A batch answers as the single images do.
-        let batch: Vec<&[u8]> = (0..7).map(|i| test.image(i)).collect();
-        for (i, b) in pred.predict_batch(&batch, test.rows, test.cols).iter().enumerate() {
-            let one = pred.predict(test.image(i), test.rows, test.cols);
-            assert_eq!(b.class, one.class);
-            assert!((b.confidence - one.confidence).abs() < 1e-5);
+        let cpu = Predictor::new(ModelKind::Mlp, &p, BackendKind::Flex).unwrap();
+        for backend in crate::test_backends() {
+            let pred = Predictor::new(ModelKind::Mlp, &p, backend).unwrap();
+            // One image at a time: a launch each on a GPU, so a GPU answers the first 400.
+            let n = if backend == BackendKind::Flex { test.len() } else { 400 };
+            let right = |p: &Predictor, i: usize| {
+                p.predict(test.image(i), test.rows, test.cols).class == test.labels[i] as usize
+            };
+            let correct = (0..n).filter(|&i| right(&pred, i)).count();
+            if n == test.len() {
+                assert!((correct as f64 / n as f64 - want).abs() < 1e-9, "{backend}");
+            } else {
+                assert_eq!(correct, (0..n).filter(|&i| right(&cpu, i)).count(), "{backend}");
+            }
+            let one = pred.predict(test.image(0), test.rows, test.cols);
+            assert!((one.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+            assert_eq!(one.confidence, one.probabilities[one.class]);
+            let on_cpu = cpu.predict(test.image(0), test.rows, test.cols);
+            for (a, b) in one.probabilities.iter().zip(&on_cpu.probabilities) {
+                assert!((a - b).abs() < 1e-5, "{backend}: {:?} vs {:?}", one.probabilities, on_cpu.probabilities);
+            }
+            // A batch answers as the single images do.
+            let batch: Vec<&[u8]> = (0..7).map(|i| test.image(i)).collect();
+            for (i, b) in pred.predict_batch(&batch, test.rows, test.cols).iter().enumerate() {
+                let one = pred.predict(test.image(i), test.rows, test.cols);
+                assert_eq!(b.class, one.class);
+                assert!((b.confidence - one.confidence).abs() < 1e-5);
+            }
+            // Parameters of another architecture are refused.
+            assert!(Predictor::new(ModelKind::TwoNn, &p, backend).is_err());
+            // A text model is refused, whatever its parameters (a signed record could name one).
+            let lstm = Trainer::new(ModelKind::LstmSmall, 80, BackendKind::Flex).unwrap().initial_params(1);
+            let err = Predictor::new(ModelKind::LstmSmall, &lstm, backend).err().unwrap().to_string();
+            assert!(err.contains("reads text"), "{err}");
         }
-        // Parameters of another architecture are refused.
-        assert!(Predictor::new(ModelKind::TwoNn, &p, BackendKind::Flex).is_err());
-        // A text model is refused, whatever its parameters (a signed record could name one).
-        let lstm = Trainer::new(ModelKind::LstmSmall, 80, BackendKind::Flex).unwrap().initial_params(1);
-        let err = Predictor::new(ModelKind::LstmSmall, &lstm, BackendKind::Flex).err().unwrap().to_string();
-        assert!(err.contains("reads text"), "{err}");
     }
 }

@@ -27,3 +27,15 @@ pub use fedge_kernels::{ConvAlgorithm, Threads};
 pub use infer::{Prediction, Predictor, PredictorError};
 pub use model::{Model, ModelKind};
 pub use train::{EvalMetrics, TrainOutput, Trainer};
+
+/// The backends this build's tests run on: burn-flex always, wgpu too when it is compiled in
+/// (`--features wgpu`; the machine then needs a Vulkan, Metal or DX12 driver: CI installs
+/// Mesa's lavapipe). The same tests run on each.
+#[cfg(test)]
+pub(crate) fn test_backends() -> Vec<BackendKind> {
+    let mut backends = vec![BackendKind::Flex];
+    if cfg!(feature = "wgpu") {
+        backends.push(BackendKind::Wgpu);
+    }
+    backends
+}

@@ -93,9 +93,10 @@ impl Trainer {
         }
     }
 
-    /// Fresh initial parameters, reproducible for a given `seed`.
+    /// Fresh initial parameters, reproducible for a given `seed` and the same on every backend
+    /// (made on the CPU: a GPU's random numbers are its own).
     pub fn initial_params(&mut self, seed: u64) -> ModelParams {
-        Model::with_seeded(self.kind, self.num_classes(), &self.device, seed, |m| {
+        Model::with_seeded(self.kind, self.num_classes(), &Device::flex(), seed, |m| {
             convert::params_of(m).expect("a fresh model converts")
         })
     }
@@ -318,41 +319,73 @@ mod tests {
     #[test]
     fn local_training_learns_real_digits() {
         let data = embedded::mnist_subset().unwrap();
-        let mut t = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let start = t.initial_params(1);
-        let before = t.evaluate(&start, &data.test, 500).unwrap();
-        let idx: Vec<usize> = (0..5000).collect();
-        let out = t.train(&start, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(1, &[])).unwrap();
-        assert_eq!(out.steps, 500);
-        let after = t.evaluate(&out.params, &data.test, 500).unwrap();
-        assert!(before.accuracy < 0.3, "untrained accuracy {}", before.accuracy);
-        assert!(after.accuracy > 0.8, "trained accuracy {}", after.accuracy);
-        assert!(after.loss < before.loss);
-        assert_eq!(after.examples, 2000);
+        let mut trained = Vec::new();
+        for backend in crate::test_backends() {
+            let mut t = Trainer::new(ModelKind::TwoNn, 10, backend).unwrap();
+            let start = t.initial_params(1);
+            let before = t.evaluate(&start, &data.test, 500).unwrap();
+            let idx: Vec<usize> = (0..5000).collect();
+            let out = t.train(&start, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(1, &[])).unwrap();
+            assert_eq!(out.steps, 500);
+            let after = t.evaluate(&out.params, &data.test, 500).unwrap();
+            assert!(before.accuracy < 0.3, "{backend}: untrained accuracy {}", before.accuracy);
+            assert!(after.accuracy > 0.8, "{backend}: trained accuracy {}", after.accuracy);
+            assert!(after.loss < before.loss);
+            assert_eq!(after.examples, 2000);
+            trained.push((backend, out, after));
+        }
+        // Every backend trains the same model: 500 steps from the same start and batches.
+        let (_, reference, scored) = &trained[0];
+        for (backend, out, after) in &trained[1..] {
+            let diff = max_diff(&reference.params, &out.params);
+            assert!(diff < 1e-4, "{backend}: parameters differ by {diff} after 500 steps");
+            assert!((after.accuracy - scored.accuracy).abs() <= 0.002, "{backend}: {after:?} vs {scored:?}");
+            assert!((after.loss - scored.loss).abs() < 1e-4, "{backend}: {after:?} vs {scored:?}");
+        }
+    }
+
+    /// The largest difference between two parameter vectors.
+    fn max_diff(a: &ModelParams, b: &ModelParams) -> f32 {
+        a.data().iter().zip(b.data()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
     }
 
     #[test]
     fn same_seed_same_training() {
         let data = embedded::mnist_subset().unwrap();
-        let mut t = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap();
-        let a0 = t.initial_params(5);
-        assert_eq!(a0.content_hash(), t.initial_params(5).content_hash());
-        assert_ne!(a0.content_hash(), t.initial_params(6).content_hash());
-        let idx: Vec<usize> = (0..40).collect();
-        let run =
-            |t: &mut Trainer| t.train(&a0, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(2, &[])).unwrap();
-        let (a, b) = (run(&mut t), run(&mut t));
-        assert_eq!(a.params.content_hash(), b.params.content_hash());
-        assert_eq!(a.mean_loss.to_bits(), b.mean_loss.to_bits());
+        let mut trained = Vec::new();
+        for backend in crate::test_backends() {
+            let mut t = Trainer::new(ModelKind::Cnn, 10, backend).unwrap();
+            let a0 = t.initial_params(5);
+            assert_eq!(a0.content_hash(), t.initial_params(5).content_hash());
+            assert_ne!(a0.content_hash(), t.initial_params(6).content_hash());
+            let idx: Vec<usize> = (0..40).collect();
+            let run =
+                |t: &mut Trainer| t.train(&a0, &data.train, &idx, &cfg(1, 10, 0.05), &mut derive_rng(2, &[])).unwrap();
+            let (a, b) = (run(&mut t), run(&mut t));
+            assert_eq!(a.params.content_hash(), b.params.content_hash(), "{backend}");
+            assert_eq!(a.mean_loss.to_bits(), b.mean_loss.to_bits(), "{backend}");
+            trained.push((backend, a0, a));
+        }
+        // The initial model is the same on every backend (made on the CPU), and 4 CNN steps
+        // from it agree to float rounding (the GPU's convolutions sum in another order).
+        let (_, start, reference) = &trained[0];
+        for (backend, a0, a) in &trained[1..] {
+            assert_eq!(a0.content_hash(), start.content_hash(), "{backend}");
+            let diff = max_diff(&reference.params, &a.params);
+            assert!(diff < 1e-4, "{backend}: CNN parameters differ by {diff} after 4 steps");
+            assert!((a.mean_loss - reference.mean_loss).abs() < 1e-4, "{backend}");
+        }
     }
 
     #[test]
     fn wrong_params_leave_the_trainer_usable() {
         let data = embedded::mnist_subset().unwrap();
-        let mut t = Trainer::new(ModelKind::TwoNn, 10, BackendKind::Flex).unwrap();
-        let cnn = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap().initial_params(1);
-        assert!(t.train(&cnn, &data.train, &[0, 1], &cfg(1, 2, 0.1), &mut derive_rng(0, &[])).is_err());
-        let ok = t.initial_params(1);
-        assert!(t.evaluate(&ok, &data.test, 100).is_ok());
+        for backend in crate::test_backends() {
+            let mut t = Trainer::new(ModelKind::TwoNn, 10, backend).unwrap();
+            let cnn = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap().initial_params(1);
+            assert!(t.train(&cnn, &data.train, &[0, 1], &cfg(1, 2, 0.1), &mut derive_rng(0, &[])).is_err());
+            let ok = t.initial_params(1);
+            assert!(t.evaluate(&ok, &data.test, 100).is_ok(), "{backend}");
+        }
     }
 }
