@@ -19,6 +19,7 @@ pub mod cloud;
 pub mod config;
 pub mod deploy;
 pub mod download;
+pub mod gpu_cache;
 pub mod http;
 pub mod hybrid;
 pub mod link;

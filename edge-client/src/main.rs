@@ -224,6 +224,15 @@ fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { config } => {
             let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
+            if c.backend == "wgpu" || c.backend == "gpu" {
+                // The GPU driver's compiled shaders kept in the state folder across restarts.
+                let dir = fedge_edge::gpu_cache::cache_dir(&c.state_dir);
+                let vars = fedge_edge::gpu_cache::missing(&dir, |name| std::env::var(name).ok());
+                if !vars.is_empty() && std::fs::create_dir_all(&dir).is_ok() {
+                    let e = fedge_edge::gpu_cache::restart_with(&vars);
+                    tracing::warn!("cannot keep the GPU shader cache in {} ({e}): going on without it", dir.display());
+                }
+            }
             tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, async {
                 let _ = tokio::signal::ctrl_c().await;
             }))?;

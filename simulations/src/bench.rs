@@ -65,7 +65,8 @@ pub struct BenchConfig {
     pub torch: Option<(PathBuf, PathBuf)>,
 }
 
-fn random_data(n: usize, seed: u64) -> Dataset {
+/// `n` MNIST-shaped examples of random pixels and labels.
+pub(crate) fn random_data(n: usize, seed: u64) -> Dataset {
     let mut rng = derive_rng(seed, &[]);
     Dataset {
         rows: 28,

@@ -17,6 +17,7 @@ pub mod data;
 pub mod demo;
 pub mod devices;
 mod distill;
+pub mod gpu_bench;
 pub mod hybrid_experiment;
 pub mod plot;
 pub mod pool;

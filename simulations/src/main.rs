@@ -192,6 +192,26 @@ enum Command {
         #[arg(long, default_value_t = 60.0)]
         root_rtt_ms: f64,
     },
+    /// GPU start-up and step time: for each model and batch size, a fresh trainer's first step
+    /// (kernels compiled, or read from the driver's cache) and the steady step time; one JSON
+    /// line each. simulations/bench/gpu/run.sh runs it cold and warm beside PyTorch CUDA.
+    BenchGpu {
+        /// Models.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![ModelKind::Cnn, ModelKind::TwoNn])]
+        models: Vec<ModelKind>,
+        /// Minibatch sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![10, 64, 256])]
+        batches: Vec<usize>,
+        /// Backend (wgpu needs a build with --features wgpu).
+        #[arg(long, default_value = "wgpu")]
+        backend: BackendKind,
+        /// Steps per timed run.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Timed runs (the median is kept).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// Training speed: samples/s of a local SGD step of each model on the CPU, beside
     /// PyTorch's in the same run (when its venv from ../shared/bench/setup-torch.sh exists).
     BenchTrain {
@@ -365,6 +385,17 @@ fn real_main() -> anyhow::Result<()> {
                     fedge_sim::data::fetch_shakespeare(&out)?;
                 }
             }
+            Ok(())
+        }
+        Command::BenchGpu { models, batches, backend, steps, repeat } => {
+            anyhow::ensure!(batches.iter().all(|&n| (1..=4096).contains(&n)), "batches must be 1..=4096");
+            anyhow::ensure!(
+                (1..=100_000).contains(&steps) && (1..=100).contains(&repeat),
+                "steps 1..=100000, repeat 1..=100"
+            );
+            fedge_sim::gpu_bench::run(&models, &batches, backend, (steps, repeat), |row| {
+                println!("{}", serde_json::to_string(row).expect("a row serialises"));
+            })?;
             Ok(())
         }
         Command::BenchTrain {

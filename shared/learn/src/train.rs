@@ -55,6 +55,8 @@ pub struct Trainer {
     layout: Arc<ParamLayout>,
     backend: BackendKind,
     fast: Option<FastNet>,
+    /// Pad short batches whatever the backend (`None`: on wgpu only).
+    pad_batches: Option<bool>,
 }
 
 impl Trainer {
@@ -72,7 +74,7 @@ impl Trainer {
             ),
             BackendKind::Flex | BackendKind::Wgpu => None,
         };
-        Ok(Self { kind, device, model: Some(model), layout, backend, fast })
+        Ok(Self { kind, device, model: Some(model), layout, backend, fast, pad_batches: None })
     }
 
     /// How many threads each training and evaluation step may use on the fast CPU path
@@ -188,11 +190,17 @@ impl Trainer {
             (mu, anchor)
         });
         let mut model = Some(model);
+        let size = (config.batch_size as usize).max(1);
+        let fixed = self.fixed_shapes();
         let (steps, mean_loss) = minibatches(indices, config, rng, |chunk| {
             let m = model.take().expect("the model is put back after every step");
-            let logits = batch::forward(&m, data, chunk, &self.device);
-            let y = batch::labels(data, chunk, &self.device);
-            let mut loss = loss_fn.forward(logits, y);
+            let idx = if fixed { batch::padded(chunk, size) } else { chunk.to_vec() };
+            let logits = batch::forward(&m, data, &idx, &self.device);
+            let y = batch::labels(data, &idx, &self.device);
+            let mut loss = match idx.len() > chunk.len() {
+                true => batch::masked_cross_entropy(logits, y, chunk.len()),
+                false => loss_fn.forward(logits, y),
+            };
             let value = loss.clone().into_scalar::<f32>();
             if let Some((mu, anchor)) = &proximal {
                 let mut term = ProximalTerm { anchor, index: 0, sum: None };
@@ -230,9 +238,21 @@ impl Trainer {
                 return Err(e);
             }
         };
-        let metrics = evaluate_model(&model.valid(), data, batch_size);
+        let metrics = evaluate_batches(&model.valid(), data, batch_size, self.fixed_shapes());
         self.model = Some(model);
         Ok(metrics)
+    }
+
+    /// Whether every batch is padded to one shape: on wgpu, whose kernels compile per shape
+    /// (a device's last, short batch would compile anew, for seconds on a cold GPU).
+    fn fixed_shapes(&self) -> bool {
+        self.pad_batches.unwrap_or(self.backend == BackendKind::Wgpu)
+    }
+
+    /// Pads short batches (`true`) or not, whatever the backend (tests).
+    #[cfg(test)]
+    pub(crate) fn pad_batches(&mut self, on: bool) {
+        self.pad_batches = Some(on);
     }
 }
 
@@ -291,16 +311,30 @@ pub(crate) fn minibatches<R: rand::Rng + ?Sized, E>(
 
 /// Accuracy and mean loss of an inference model on all of `data`.
 pub fn evaluate_model(model: &Model, data: &Dataset, batch_size: usize) -> EvalMetrics {
+    evaluate_batches(model, data, batch_size, false)
+}
+
+/// [`evaluate_model`], the last batch padded to `batch_size` (masked out) when `fixed`.
+fn evaluate_batches(model: &Model, data: &Dataset, batch_size: usize, fixed: bool) -> EvalMetrics {
     let device = model.devices().into_iter().next().unwrap_or_else(Device::flex);
     let loss_fn = CrossEntropyLossConfig::new().init(&device);
     let all: Vec<usize> = (0..data.len()).collect();
+    let size = batch_size.max(1);
     let (mut correct, mut loss_sum) = (0i64, 0.0f64);
-    for chunk in all.chunks(batch_size.max(1)) {
-        let y = batch::labels(data, chunk, &device);
-        let logits: Tensor<2> = batch::forward(model, data, chunk, &device);
-        let loss = loss_fn.forward(logits.clone(), y.clone()).into_scalar::<f32>() as f64;
-        loss_sum += loss * chunk.len() as f64;
-        correct += logits.argmax(1).flatten::<1>(0, 1).equal(y).int().sum().into_scalar::<i64>();
+    for chunk in all.chunks(size) {
+        let idx = if fixed { batch::padded(chunk, size) } else { chunk.to_vec() };
+        let y = batch::labels(data, &idx, &device);
+        let logits: Tensor<2> = batch::forward(model, data, &idx, &device);
+        let right = logits.clone().argmax(1).flatten::<1>(0, 1).equal(y.clone()).float();
+        let (loss, right) = match idx.len() > chunk.len() {
+            true => {
+                let mask = batch::mask(idx.len(), chunk.len(), &device);
+                (batch::masked_cross_entropy(logits, y, chunk.len()), right * mask)
+            }
+            false => (loss_fn.forward(logits, y), right),
+        };
+        loss_sum += loss.into_scalar::<f32>() as f64 * chunk.len() as f64;
+        correct += right.sum().into_scalar::<f32>().round() as i64;
     }
     let n = data.len().max(1) as f64;
     EvalMetrics { accuracy: correct as f64 / n, loss: loss_sum / n, examples: data.len() }
@@ -374,6 +408,32 @@ mod tests {
             let diff = max_diff(&reference.params, &a.params);
             assert!(diff < 1e-4, "{backend}: CNN parameters differ by {diff} after 4 steps");
             assert!((a.mean_loss - reference.mean_loss).abs() < 1e-4, "{backend}");
+        }
+    }
+
+    /// A short last batch padded to the batch size and masked out trains and scores as the
+    /// short batch itself (wgpu pads, to compile one kernel shape per batch size).
+    #[test]
+    fn padded_batches_train_and_score_as_short_ones() {
+        let data = embedded::mnist_subset().unwrap();
+        let idx: Vec<usize> = (0..25).collect();
+        let mut flex = Trainer::new(ModelKind::Cnn, 10, BackendKind::Flex).unwrap();
+        let start = flex.initial_params(3);
+        let train = |t: &mut Trainer| t.train(&start, &data.train, &idx, &cfg(2, 10, 0.05), &mut derive_rng(4, &[]));
+        let plain = train(&mut flex).unwrap();
+        let plain_eval = flex.evaluate(&plain.params, &data.test, 300).unwrap();
+        for backend in crate::test_backends() {
+            let mut t = Trainer::new(ModelKind::Cnn, 10, backend).unwrap();
+            t.pad_batches(true);
+            let padded = train(&mut t).unwrap();
+            assert_eq!(padded.steps, 6);
+            let diff = max_diff(&plain.params, &padded.params);
+            assert!(diff < 1e-5, "{backend}: padded training differs by {diff}");
+            assert!((padded.mean_loss - plain.mean_loss).abs() < 1e-5, "{backend}");
+            // 2000 test images in batches of 300: the last, of 200, padded.
+            let eval = t.evaluate(&plain.params, &data.test, 300).unwrap();
+            assert!((eval.accuracy - plain_eval.accuracy).abs() < 1e-9, "{backend}: {eval:?} vs {plain_eval:?}");
+            assert!((eval.loss - plain_eval.loss).abs() < 1e-5, "{backend}: {eval:?} vs {plain_eval:?}");
         }
     }
 
