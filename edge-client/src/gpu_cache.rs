@@ -1,8 +1,8 @@
 //! The GPU driver's compiled-shader cache, kept in the device's state folder.
 //!
 //! burn's wgpu backend (cubecl) turns each kernel into a shader and hands it to the driver,
-//! which compiles it into a pipeline: seconds per model on a cold start (6.5 s for the CNN's
-//! first step on Mesa's lavapipe, 1.5 s warm; docs/gpu.md). cubecl keeps nothing of that on
+//! which compiles it into a pipeline: seconds per model on a cold start (6.6 s for the CNN's
+//! first step on Mesa's lavapipe, 1.6 s warm; docs/gpu.md). cubecl keeps nothing of that on
 //! disk (its pipelines are made without a pipeline cache, and its autotune cache is compiled
 //! out of Fedge's build); the drivers do, in a folder under the user's home by default, which a
 //! device's service account, a container or a read-only root may not keep. So a device that
