@@ -4,7 +4,7 @@ use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
 use fedge_core::privacy::{ClipOutcome, PrivacyError, add_gaussian_noise, calibrate_analytic_gaussian, clip_l2};
 use fedge_core::wire::{TrainResult, TrainTask};
-use fedge_learn::{BackendError, BackendKind, ConvertError, ModelKind, Trainer};
+use fedge_learn::{BackendError, BackendKind, ConvertError, GroupTrainer, Member, ModelKind, TrainOutput, Trainer};
 use thiserror::Error;
 
 /// Why a task could not be done.
@@ -75,51 +75,122 @@ impl EdgeTrainer {
         train_rng: &mut R,
         noise_rng: &mut R,
     ) -> Result<TaskOutcome, TrainError> {
-        let have = global.content_hash();
-        if have != task.model_hash {
-            return Err(TrainError::ModelMismatch { want: task.model_hash.to_string(), have: have.to_string() });
-        }
-        if indices.is_empty() {
-            return Err(TrainError::NoData);
-        }
-        if let Some(mu) = task.config.proximal_mu
-            && !(mu.is_finite() && mu >= 0.0)
-        {
-            return Err(TrainError::ProximalMu(mu));
-        }
-        // Local DP: sensitivity 2C (any two deltas in the ball of radius C differ by at most 2C),
-        // noise from the analytic Gaussian mechanism. Checked before training wastes time.
-        let noise_std = match (task.config.local_dp, task.config.clip_norm) {
-            (Some(_), None) => return Err(TrainError::LocalDp("local DP needs a clip norm".into())),
-            (Some(l), Some(c)) => Some(
-                calibrate_analytic_gaussian(l.epsilon, l.delta, 2.0 * c as f64)
-                    .map_err(|e: PrivacyError| TrainError::LocalDp(e.to_string()))?,
-            ),
-            (None, _) => None,
-        };
+        let noise_std = check(task, global, indices)?;
         let out = self.trainer.train(global, data, indices, &task.config, train_rng)?;
-        let mut delta = out.params.delta_from(global).map_err(|e| ConvertError::Layout(e.to_string()))?;
-        if delta.check_finite().is_err() {
-            return Err(TrainError::Diverged);
-        }
-        let clip = task.config.clip_norm.map(|c| clip_l2(delta.data_mut(), c as f64));
-        if let Some(std) = noise_std {
-            add_gaussian_noise(delta.data_mut(), std, noise_rng);
-        }
-        Ok(TaskOutcome {
-            result: TrainResult {
-                round: task.round,
-                model_version: task.model_version,
-                num_samples: indices.len() as u64,
-                train_loss: out.mean_loss,
-                delta,
-                clipped: clip.is_some_and(|c| c.clipped()),
-            },
-            clip,
-            noise_std,
-            steps: out.steps,
-        })
+        finish(task, global, out, indices.len(), noise_std, noise_rng)
     }
+}
+
+/// One device of a group trained in one launch ([`run_group`]).
+pub struct GroupJob<'a, R: rand::Rng + ?Sized> {
+    /// Its task (every job of a group is of one round: the same global model and settings).
+    pub task: &'a TrainTask,
+    /// Its examples.
+    pub indices: &'a [usize],
+    /// Orders its batches.
+    pub train_rng: &'a mut R,
+    /// Draws its privacy noise.
+    pub noise_rng: &'a mut R,
+}
+
+/// Runs `jobs` from `global` on `group`, their models stacked in one set of launches a step
+/// (`fedge_learn::group`): each outcome is what [`EdgeTrainer::run_task`] gives for it alone,
+/// to float rounding. A job whose task is refused fails alone; the others train.
+pub fn run_group<R: rand::Rng + ?Sized>(
+    group: &mut GroupTrainer,
+    global: &ModelParams,
+    data: &Dataset,
+    jobs: &mut [GroupJob<'_, R>],
+) -> Vec<Result<TaskOutcome, TrainError>> {
+    let checked: Vec<Result<Option<f64>, TrainError>> = jobs.iter().map(|j| check(j.task, global, j.indices)).collect();
+    let Some(config) = jobs.iter().zip(&checked).find(|(_, c)| c.is_ok()).map(|(j, _)| j.task.config) else {
+        // Every job was refused: their refusals.
+        return checked.into_iter().filter_map(Result::err).map(Err).collect();
+    };
+    if let Some(other) = jobs.iter().zip(&checked).find(|(j, c)| c.is_ok() && j.task.config != config) {
+        let detail = format!("a group's tasks differ in their settings ({:?} and {config:?})", other.0.task.config);
+        return jobs.iter().map(|_| Err(TrainError::Convert(ConvertError::Layout(detail.clone())))).collect();
+    }
+    let mut members: Vec<Member<'_, R>> = jobs
+        .iter_mut()
+        .zip(&checked)
+        .filter(|(_, c)| c.is_ok())
+        .map(|(j, _)| Member { start: global, indices: j.indices, rng: &mut *j.train_rng })
+        .collect();
+    let trained = match group.train(data, &mut members, &config) {
+        Ok(outs) => outs,
+        Err(e) => return jobs.iter().map(|_| Err(TrainError::Convert(ConvertError::Layout(e.to_string())))).collect(),
+    };
+    drop(members);
+    let mut outs = trained.into_iter();
+    jobs.iter_mut()
+        .zip(checked)
+        .map(|(j, c)| {
+            let noise_std = c?;
+            let out = outs.next().expect("one output per member");
+            finish(j.task, global, out, j.indices.len(), noise_std, j.noise_rng)
+        })
+        .collect()
+}
+
+/// Checks `task` against the model held and the data: the local DP noise's standard deviation
+/// (calibrated before training wastes time), or why the task cannot run.
+fn check(task: &TrainTask, global: &ModelParams, indices: &[usize]) -> Result<Option<f64>, TrainError> {
+    let have = global.content_hash();
+    if have != task.model_hash {
+        return Err(TrainError::ModelMismatch { want: task.model_hash.to_string(), have: have.to_string() });
+    }
+    if indices.is_empty() {
+        return Err(TrainError::NoData);
+    }
+    if let Some(mu) = task.config.proximal_mu
+        && !(mu.is_finite() && mu >= 0.0)
+    {
+        return Err(TrainError::ProximalMu(mu));
+    }
+    // Local DP: sensitivity 2C (any two deltas in the ball of radius C differ by at most 2C),
+    // noise from the analytic Gaussian mechanism.
+    match (task.config.local_dp, task.config.clip_norm) {
+        (Some(_), None) => Err(TrainError::LocalDp("local DP needs a clip norm".into())),
+        (Some(l), Some(c)) => Ok(Some(
+            calibrate_analytic_gaussian(l.epsilon, l.delta, 2.0 * c as f64)
+                .map_err(|e: PrivacyError| TrainError::LocalDp(e.to_string()))?,
+        )),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The upload-ready result of training `out` for `task` from `global` on `samples` examples:
+/// the delta, clipped and noised as the task asks.
+fn finish<R: rand::Rng + ?Sized>(
+    task: &TrainTask,
+    global: &ModelParams,
+    out: TrainOutput,
+    samples: usize,
+    noise_std: Option<f64>,
+    noise_rng: &mut R,
+) -> Result<TaskOutcome, TrainError> {
+    let mut delta = out.params.delta_from(global).map_err(|e| ConvertError::Layout(e.to_string()))?;
+    if delta.check_finite().is_err() {
+        return Err(TrainError::Diverged);
+    }
+    let clip = task.config.clip_norm.map(|c| clip_l2(delta.data_mut(), c as f64));
+    if let Some(std) = noise_std {
+        add_gaussian_noise(delta.data_mut(), std, noise_rng);
+    }
+    Ok(TaskOutcome {
+        result: TrainResult {
+            round: task.round,
+            model_version: task.model_version,
+            num_samples: samples as u64,
+            train_loss: out.mean_loss,
+            delta,
+            clipped: clip.is_some_and(|c| c.clipped()),
+        },
+        clip,
+        noise_std,
+        steps: out.steps,
+    })
 }
 
 #[cfg(test)]

@@ -92,6 +92,9 @@ pub(crate) struct Fleet<'a> {
     /// placeholders (their sample counts, a zero delta) that keep the engine's decisions the
     /// whole run's ([`crate::shard`]).
     pub hosted: Option<Hosted>,
+    /// Devices trained in one launch: a round's jobs go to the pool in groups of this many, in
+    /// arrival order (a label-flip attacker's, on its own data, alone).
+    pub devices_per_launch: usize,
 }
 
 impl Fleet<'_> {
@@ -169,6 +172,7 @@ pub(crate) fn drive_round(
     let mut placeholders = BTreeMap::new();
     // A shard's devices train from the root's model, not the engine's own.
     let global_hash = fleet.hosted.map(|_| global.content_hash());
+    let mut group = Vec::new();
     for (seq, (_, device, mut task, indices, data)) in planned.into_iter().enumerate() {
         if foreign(device) {
             placeholders.insert(seq, (task, indices.len() as u64));
@@ -177,7 +181,18 @@ pub(crate) fn drive_round(
         if let Some(hash) = global_hash {
             task.model_hash = hash;
         }
-        pool.submit(Job { seq, device, task, global: global.clone(), indices, data });
+        let job = Job { seq, device, task, global: global.clone(), indices, data };
+        if fleet.devices_per_launch <= 1 || job.data.is_some() {
+            pool.submit(job);
+            continue;
+        }
+        group.push(job);
+        if group.len() == fleet.devices_per_launch {
+            pool.submit_group(std::mem::take(&mut group));
+        }
+    }
+    if !group.is_empty() {
+        pool.submit_group(group);
     }
     obs.round_started(round, selected);
     for &d in &dropped {

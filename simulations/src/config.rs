@@ -155,6 +155,9 @@ pub struct SimConfig {
     pub workers: usize,
     /// `flex` (CPU) or `wgpu` (GPU, when built with the `wgpu` feature).
     pub backend: BackendKind,
+    /// Virtual devices trained in one launch (their models stacked: `fedge_learn::group`);
+    /// 1 trains each alone. More needs a burn backend (`flex` or `wgpu`).
+    pub devices_per_launch: usize,
     /// Evaluate the global model every this many rounds (and after the last).
     pub eval_every: u64,
     /// Stop early once test accuracy reaches this.
@@ -251,6 +254,7 @@ impl Default for SimConfig {
             speed: SpeedModel::default(),
             workers: 0,
             backend: BackendKind::Cpu,
+            devices_per_launch: 1,
             eval_every: 1,
             target_accuracy: None,
             distill_every: None,
@@ -312,6 +316,23 @@ impl SimConfig {
         }
         if self.rounds == 0 {
             return bad("rounds must be at least 1".into());
+        }
+        if !(1..=4096).contains(&self.devices_per_launch) {
+            return bad(format!("devices_per_launch must be 1 to 4096, got {}", self.devices_per_launch));
+        }
+        if self.devices_per_launch > 1 {
+            let why = match () {
+                _ if self.backend == BackendKind::Cpu => Some(
+                    "the cpu backend's fused kernels train one device at a time (use backend = \"wgpu\", or \"flex\")",
+                ),
+                _ if self.model.is_text() => Some("the LSTMs have no stacked form"),
+                _ if self.mode == Mode::Fedbuff => Some("FedBuff hands out tasks one at a time"),
+                _ if self.attack.is_some() => Some("a label-flip attacker trains on its own copy of the data"),
+                _ => None,
+            };
+            if let Some(why) = why {
+                return bad(format!("devices_per_launch > 1: {why}"));
+            }
         }
         if !(self.dropout >= 0.0 && self.dropout < 1.0) {
             return bad(format!("dropout must be in [0, 1), got {}", self.dropout));

@@ -4,6 +4,11 @@
 //! and its examples, and any free worker runs it on its own [`EdgeTrainer`]. Each job derives
 //! its random streams from the run seed, the round and the device, so which worker runs it
 //! (and in which order jobs finish) never changes the numbers.
+//!
+//! With devices per launch (`devices_per_launch > 1`), the caller submits a round's jobs in
+//! groups ([`Pool::submit_group`], its composition fixed by the caller, so the numbers still do
+//! not depend on the workers): a worker trains a group's models stacked in one set of launches
+//! a step ([`fedge_edge::trainer::run_group`]) and reports each job as it would alone.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -13,8 +18,9 @@ use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
 use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, TrainTask};
+use fedge_edge::trainer::{GroupJob, run_group};
 use fedge_edge::{EdgeTrainer, TaskOutcome, TrainError};
-use fedge_learn::{BackendError, BackendKind, ModelKind};
+use fedge_learn::{BackendError, BackendKind, GroupTrainer, ModelKind};
 
 /// One device's training job.
 pub struct Job {
@@ -42,9 +48,17 @@ pub struct Done {
     pub outcome: Result<TaskOutcome, TrainError>,
 }
 
+/// What a worker takes from the queue.
+enum Work {
+    /// One device.
+    One(Job),
+    /// Devices trained in one launch (one round's: the same global model and settings).
+    Group(Vec<Job>),
+}
+
 /// Worker threads sharing one job queue.
 pub struct Pool {
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Sender<Work>>,
     done: Receiver<Done>,
     workers: Vec<JoinHandle<()>>,
 }
@@ -61,7 +75,7 @@ impl Pool {
     ) -> Result<Self, BackendError> {
         // Fail here, in the caller's thread, if the backend is unusable.
         backend.device()?;
-        let (job_tx, job_rx) = channel::<Job>();
+        let (job_tx, job_rx) = channel::<Work>();
         let (done_tx, done_rx) = channel::<Done>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let handles = (0..workers.max(1))
@@ -71,25 +85,37 @@ impl Pool {
                     .name(format!("fedge-worker-{i}"))
                     .spawn(move || {
                         let mut trainer = EdgeTrainer::new(kind, num_classes, backend).expect("backend checked above");
+                        let mut group: Option<GroupTrainer> = None;
                         loop {
-                            let job = match job_rx.lock() {
+                            let work = match job_rx.lock() {
                                 Ok(rx) => rx.recv(),
                                 Err(_) => return,
                             };
-                            let Ok(job) = job else { return };
-                            let round = job.task.round;
-                            let mut train_rng = derive_rng(seed, &[stream::LOCAL_TRAIN, round, job.device]);
-                            let mut noise_rng = derive_rng(seed, &[stream::DEVICE_NOISE, round, job.device]);
-                            let outcome = trainer.run_task(
-                                &job.task,
-                                &job.global,
-                                job.data.as_deref().unwrap_or(&data),
-                                &job.indices,
-                                &mut train_rng,
-                                &mut noise_rng,
-                            );
-                            if done_tx.send(Done { seq: job.seq, device: job.device, outcome }).is_err() {
-                                return;
+                            let done: Vec<Done> = match work {
+                                Err(_) => return,
+                                Ok(Work::One(job)) => {
+                                    let (mut train_rng, mut noise_rng) = rngs(seed, &job);
+                                    let outcome = trainer.run_task(
+                                        &job.task,
+                                        &job.global,
+                                        job.data.as_deref().unwrap_or(&data),
+                                        &job.indices,
+                                        &mut train_rng,
+                                        &mut noise_rng,
+                                    );
+                                    vec![Done { seq: job.seq, device: job.device, outcome }]
+                                }
+                                Ok(Work::Group(jobs)) => {
+                                    let group = group.get_or_insert_with(|| {
+                                        GroupTrainer::new(kind, num_classes, backend).expect("checked by the caller")
+                                    });
+                                    train_group(group, &data, jobs, seed)
+                                }
+                            };
+                            for d in done {
+                                if done_tx.send(d).is_err() {
+                                    return;
+                                }
                             }
                         }
                     })
@@ -101,13 +127,43 @@ impl Pool {
 
     /// Queues a job.
     pub fn submit(&self, job: Job) {
-        self.jobs.as_ref().expect("pool is open").send(job).expect("workers are alive");
+        self.jobs.as_ref().expect("pool is open").send(Work::One(job)).expect("workers are alive");
+    }
+
+    /// Queues jobs to be trained in one launch (one round's, on the pool's dataset); each is
+    /// reported as a job of its own.
+    pub fn submit_group(&self, jobs: Vec<Job>) {
+        let work =
+            if jobs.len() == 1 { Work::One(jobs.into_iter().next().expect("one job")) } else { Work::Group(jobs) };
+        self.jobs.as_ref().expect("pool is open").send(work).expect("workers are alive");
     }
 
     /// Waits for the next finished job.
     pub fn next_done(&self) -> Done {
         self.done.recv().expect("a worker panicked")
     }
+}
+
+/// Job `job`'s batch and noise streams: the same whoever trains it, alone or in a group.
+fn rngs(seed: u64, job: &Job) -> (fedge_core::rng::SeededRng, fedge_core::rng::SeededRng) {
+    let round = job.task.round;
+    (
+        derive_rng(seed, &[stream::LOCAL_TRAIN, round, job.device]),
+        derive_rng(seed, &[stream::DEVICE_NOISE, round, job.device]),
+    )
+}
+
+/// Trains `jobs` (one round's, on `data`) in one launch a step.
+fn train_group(group: &mut GroupTrainer, data: &Dataset, jobs: Vec<Job>, seed: u64) -> Vec<Done> {
+    let mut streams: Vec<_> = jobs.iter().map(|j| rngs(seed, j)).collect();
+    let global = jobs[0].global.clone();
+    let mut group_jobs: Vec<GroupJob<'_, fedge_core::rng::SeededRng>> = jobs
+        .iter()
+        .zip(streams.iter_mut())
+        .map(|(j, (train_rng, noise_rng))| GroupJob { task: &j.task, indices: &j.indices, train_rng, noise_rng })
+        .collect();
+    let outcomes = run_group(group, &global, data, &mut group_jobs);
+    jobs.iter().zip(outcomes).map(|(j, outcome)| Done { seq: j.seq, device: j.device, outcome }).collect()
 }
 
 impl Drop for Pool {

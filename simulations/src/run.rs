@@ -312,6 +312,7 @@ pub fn run(config: &SimConfig, out: Option<&Path>, obs: &mut dyn Observer) -> Re
         secure: crate::secure::SecureSetup::of_run(config, &engine, &device_data),
         local_examples: config.local_examples,
         hosted: None,
+        devices_per_launch: config.devices_per_launch,
     };
     if config.mode == Mode::Fedbuff {
         let setup = fedbuff::Setup {

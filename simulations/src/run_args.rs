@@ -89,6 +89,9 @@ pub struct RunArgs {
     /// Backend: flex (CPU) or wgpu (GPU; needs a build with --features wgpu).
     #[arg(long)]
     pub backend: Option<BackendKind>,
+    /// Virtual devices trained in one launch, their models stacked (wgpu or flex).
+    #[arg(long)]
+    pub devices_per_launch: Option<usize>,
     /// Evaluate every N rounds.
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -209,6 +212,7 @@ impl RunArgs {
         }
         set!(devices, fraction, rounds, epochs, batch_size, lr, model, dataset, data_dir, partition);
         set!(shards_per_device, alpha, seed, min_train_clients, dropout, workers, backend, eval_every);
+        set!(devices_per_launch);
         set!(round_timeout_s, mode, buffer_size, max_concurrency, max_staleness, staleness);
         set!(staleness_exponent, hinge_a, hinge_b);
         self.strategy.apply(&mut c);

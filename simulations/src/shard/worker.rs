@@ -88,6 +88,7 @@ pub fn run_shard(opts: ShardOptions, obs: &mut dyn Observer) -> Result<ShardRepo
         secure,
         local_examples: config.local_examples,
         hosted: Some(hosted),
+        devices_per_launch: config.devices_per_launch,
     };
     let (training, replaying) = (fleet(hosted), fleet(hosted.replay_only()));
     let mut replay = Replay { engine, now: Duration::ZERO };
