@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use fedge_core::rng::derive_rng;
 use fedge_core::wire::TrainConfig;
-use fedge_learn::{BackendKind, ModelKind, Trainer};
+use fedge_learn::{BackendKind, GroupTrainer, Member, ModelKind, Trainer};
 
 /// One model and batch size.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -78,6 +78,67 @@ pub fn run(
     Ok(rows)
 }
 
+/// Many devices per launch: `devices` models trained together.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LaunchRow {
+    /// Model.
+    pub model: String,
+    /// Devices trained in one launch.
+    pub devices: usize,
+    /// Steps each device takes (batch 10).
+    pub steps_per_device: usize,
+    /// Backend measured.
+    pub backend: String,
+    /// Examples per second over all the devices (the median of `repeat` runs, after one that
+    /// compiles the kernels).
+    pub samples_per_s: f64,
+}
+
+/// Measures `models` x `devices` per launch on `backend`: each device `steps` steps of batch 10
+/// on its own 10 x `steps` examples, all in one [`GroupTrainer`] launch a step.
+pub fn run_launches(
+    models: &[ModelKind],
+    devices: &[usize],
+    backend: BackendKind,
+    (steps, repeat): (usize, usize),
+    mut each: impl FnMut(&LaunchRow),
+) -> anyhow::Result<Vec<LaunchRow>> {
+    anyhow::ensure!(steps > 0 && repeat > 0, "steps and repeat must be positive");
+    let largest = devices.iter().copied().max().unwrap_or(1);
+    let per = 10 * steps;
+    let data = crate::bench::random_data(largest * per, 9);
+    let config = TrainConfig::sgd(1, 10, 0.01);
+    let mut rows = Vec::new();
+    for &kind in models {
+        let start = Trainer::new(kind, 10, BackendKind::Flex)?.initial_params(1);
+        let mut group = GroupTrainer::new(kind, 10, backend)?;
+        for &n in devices {
+            let shards: Vec<Vec<usize>> = (0..n).map(|d| (d * per..(d + 1) * per).collect()).collect();
+            let mut time_one = |seed: u64| -> anyhow::Result<f64> {
+                let mut rngs: Vec<_> = (0..n).map(|d| derive_rng(seed, &[d as u64])).collect();
+                let mut members: Vec<Member<'_, _>> =
+                    rngs.iter_mut().zip(&shards).map(|(rng, indices)| Member { start: &start, indices, rng }).collect();
+                let t = Instant::now();
+                group.train(&data, &mut members, &config)?;
+                Ok(t.elapsed().as_secs_f64())
+            };
+            time_one(1)?;
+            let mut times = (0..repeat).map(|r| time_one(2 + r as u64)).collect::<anyhow::Result<Vec<f64>>>()?;
+            times.sort_by(f64::total_cmp);
+            let row = LaunchRow {
+                model: kind.to_string(),
+                devices: n,
+                steps_per_device: steps,
+                backend: backend.to_string(),
+                samples_per_s: (n * per) as f64 / times[times.len() / 2],
+            };
+            each(&row);
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +151,8 @@ mod tests {
         assert!(rows.iter().all(|r| r.first_step_ms > 0.0 && r.ms_per_step > 0.0 && r.samples_per_s > 0.0));
         assert_eq!((rows[1].batch, rows[1].model.as_str()), (8, "2nn"));
         assert!(run(&[ModelKind::TwoNn], &[4], BackendKind::Flex, (0, 1), |_| {}).is_err());
+        let launches = run_launches(&[ModelKind::TwoNn], &[1, 3], BackendKind::Flex, (2, 1), |_| {}).unwrap();
+        assert_eq!(launches.iter().map(|r| r.devices).collect::<Vec<_>>(), [1, 3]);
+        assert!(launches.iter().all(|r| r.samples_per_s > 0.0));
     }
 }

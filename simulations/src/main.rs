@@ -211,6 +211,10 @@ enum Command {
         /// Timed runs (the median is kept).
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Also devices per launch: this many models trained together, 20 steps of batch 10
+        /// each (e.g. 1,8,64; none by default).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<usize>,
     },
     /// Training speed: samples/s of a local SGD step of each model on the CPU, beside
     /// PyTorch's in the same run (when its venv from ../shared/bench/setup-torch.sh exists).
@@ -387,13 +391,17 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::BenchGpu { models, batches, backend, steps, repeat } => {
+        Command::BenchGpu { models, batches, backend, steps, repeat, devices } => {
             anyhow::ensure!(batches.iter().all(|&n| (1..=4096).contains(&n)), "batches must be 1..=4096");
             anyhow::ensure!(
                 (1..=100_000).contains(&steps) && (1..=100).contains(&repeat),
                 "steps 1..=100000, repeat 1..=100"
             );
             fedge_sim::gpu_bench::run(&models, &batches, backend, (steps, repeat), |row| {
+                println!("{}", serde_json::to_string(row).expect("a row serialises"));
+            })?;
+            anyhow::ensure!(devices.iter().all(|&n| (1..=4096).contains(&n)), "devices must be 1..=4096");
+            fedge_sim::gpu_bench::run_launches(&models, &devices, backend, (20, repeat), |row| {
                 println!("{}", serde_json::to_string(row).expect("a row serialises"));
             })?;
             Ok(())

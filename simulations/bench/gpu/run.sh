@@ -27,12 +27,13 @@ cache="$(mktemp -d)"
 export MESA_SHADER_CACHE_DIR="$cache" __GL_SHADER_DISK_CACHE=1 __GL_SHADER_DISK_CACHE_PATH="$cache" \
   __GL_SHADER_DISK_CACHE_SKIP_CLEANUP=1
 "$sim" bench-gpu --backend wgpu --models "$models" --batches "$batches" | tee "$out/wgpu-cold.jsonl"
-"$sim" bench-gpu --backend wgpu --models "$models" --batches "$batches" | tee "$out/wgpu-warm.jsonl"
+"$sim" bench-gpu --backend wgpu --models "$models" --batches "$batches" --devices "${DEVICES:-1,8,64}" | tee "$out/wgpu-warm.jsonl"
 rm -rf "$cache"
 
 py="${TORCH_PYTHON:-python3}"
 if "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  "$py" simulations/bench/gpu/torch_cuda_step.py --models "$models" --batches "$batches" | tee "$out/torch-cuda.jsonl"
+  "$py" simulations/bench/gpu/torch_cuda_step.py --models "$models" --batches "$batches" --devices "${DEVICES:-1,8,64}" \
+    | tee "$out/torch-cuda.jsonl"
 else
   echo "no PyTorch with CUDA ($py): skipping the reference" >&2
   : > "$out/torch-cuda.jsonl"
@@ -47,7 +48,7 @@ def load(name):
 cold, warm, torch = load("wgpu-cold.jsonl"), load("wgpu-warm.jsonl"), load("torch-cuda.jsonl")
 key = lambda r: (r["model"], r["batch"])
 t = {key(r): r for r in torch if "batch" in r}
-w = {key(r): r for r in warm}
+w = {key(r): r for r in warm if "batch" in r}
 lines = ["| model | batch | first step cold (ms) | first step warm (ms) | wgpu ms/step | torch CUDA ms/step | wgpu / torch speed |",
          "|---|---|---|---|---|---|---|"]
 for r in cold:
@@ -55,9 +56,13 @@ for r in cold:
     ratio = f"{tr['ms_per_step'] / wr['ms_per_step']:.2f}x" if tr and wr else "-"
     lines.append(f"| {k[0]} | {k[1]} | {r['first_step_ms']:.0f} | {wr.get('first_step_ms', float('nan')):.0f} | "
                  f"{wr.get('ms_per_step', float('nan')):.3f} | {tr['ms_per_step'] if tr else '-'} | {ratio} |")
-for r in torch:
+lines += ["", "| model | devices | Fedge, one launch (samples/s) | PyTorch one at a time (samples/s) | ratio |", "|---|---|---|---|---|"]
+one_at_a_time = {(r["model"], r["devices"]): r for r in torch if "devices" in r}
+for r in warm:
     if "devices" in r:
-        lines.append(f"\ntorch one device at a time: {r['model']} x{r['devices']}: {r['samples_per_s']} samples/s")
+        tr = one_at_a_time.get((r["model"], r["devices"]))
+        ratio = f"{r['samples_per_s'] / tr['samples_per_s']:.2f}x" if tr else "-"
+        lines.append(f"| {r['model']} | {r['devices']} | {r['samples_per_s']:.0f} | {tr['samples_per_s'] if tr else '-'} | {ratio} |")
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
