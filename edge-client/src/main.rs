@@ -224,7 +224,7 @@ fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { config } => {
             let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
-            if c.backend == "wgpu" || c.backend == "gpu" {
+            if c.backend.parse::<BackendKind>() == Ok(BackendKind::Wgpu) {
                 // The GPU driver's compiled shaders kept in the state folder across restarts.
                 let dir = fedge_edge::gpu_cache::cache_dir(&c.state_dir);
                 let vars = fedge_edge::gpu_cache::missing(&dir, |name| std::env::var(name).ok());

@@ -2,6 +2,7 @@
 
 use fedge_core::ModelParams;
 use fedge_core::dataset::Dataset;
+use fedge_core::params::ContentHash;
 use fedge_core::privacy::{ClipOutcome, PrivacyError, add_gaussian_noise, calibrate_analytic_gaussian, clip_l2};
 use fedge_core::wire::{TrainResult, TrainTask};
 use fedge_learn::{BackendError, BackendKind, ConvertError, GroupTrainer, Member, ModelKind, TrainOutput, Trainer};
@@ -30,6 +31,9 @@ pub enum TrainError {
     /// The task's FedProx mu is negative, NaN or infinite.
     #[error("invalid task: proximal mu must be finite and not negative, got {0}")]
     ProximalMu(f32),
+    /// A group of devices trained in one launch could not be ([`run_group`]).
+    #[error("devices trained in one launch: {0}")]
+    Group(String),
     /// Training produced NaN or infinite weights (diverged).
     #[error("training diverged (non-finite weights); try a smaller learning rate")]
     Diverged,
@@ -75,7 +79,7 @@ impl EdgeTrainer {
         train_rng: &mut R,
         noise_rng: &mut R,
     ) -> Result<TaskOutcome, TrainError> {
-        let noise_std = check(task, global, indices)?;
+        let noise_std = check(task, &global.content_hash(), indices)?;
         let out = self.trainer.train(global, data, indices, &task.config, train_rng)?;
         finish(task, global, out, indices.len(), noise_std, noise_rng)
     }
@@ -102,14 +106,16 @@ pub fn run_group<R: rand::Rng + ?Sized>(
     data: &Dataset,
     jobs: &mut [GroupJob<'_, R>],
 ) -> Vec<Result<TaskOutcome, TrainError>> {
-    let checked: Vec<Result<Option<f64>, TrainError>> = jobs.iter().map(|j| check(j.task, global, j.indices)).collect();
+    // One model for the whole group: hashed once.
+    let have = global.content_hash();
+    let checked: Vec<Result<Option<f64>, TrainError>> = jobs.iter().map(|j| check(j.task, &have, j.indices)).collect();
     let Some(config) = jobs.iter().zip(&checked).find(|(_, c)| c.is_ok()).map(|(j, _)| j.task.config) else {
         // Every job was refused: their refusals.
         return checked.into_iter().filter_map(Result::err).map(Err).collect();
     };
     if let Some(other) = jobs.iter().zip(&checked).find(|(j, c)| c.is_ok() && j.task.config != config) {
-        let detail = format!("a group's tasks differ in their settings ({:?} and {config:?})", other.0.task.config);
-        return jobs.iter().map(|_| Err(TrainError::Convert(ConvertError::Layout(detail.clone())))).collect();
+        let detail = format!("its tasks differ in their settings ({:?} and {config:?})", other.0.task.config);
+        return jobs.iter().map(|_| Err(TrainError::Group(detail.clone()))).collect();
     }
     let mut members: Vec<Member<'_, R>> = jobs
         .iter_mut()
@@ -119,7 +125,7 @@ pub fn run_group<R: rand::Rng + ?Sized>(
         .collect();
     let trained = match group.train(data, &mut members, &config) {
         Ok(outs) => outs,
-        Err(e) => return jobs.iter().map(|_| Err(TrainError::Convert(ConvertError::Layout(e.to_string())))).collect(),
+        Err(e) => return jobs.iter().map(|_| Err(TrainError::Group(e.to_string()))).collect(),
     };
     drop(members);
     let mut outs = trained.into_iter();
@@ -135,9 +141,8 @@ pub fn run_group<R: rand::Rng + ?Sized>(
 
 /// Checks `task` against the model held and the data: the local DP noise's standard deviation
 /// (calibrated before training wastes time), or why the task cannot run.
-fn check(task: &TrainTask, global: &ModelParams, indices: &[usize]) -> Result<Option<f64>, TrainError> {
-    let have = global.content_hash();
-    if have != task.model_hash {
+fn check(task: &TrainTask, have: &ContentHash, indices: &[usize]) -> Result<Option<f64>, TrainError> {
+    if *have != task.model_hash {
         return Err(TrainError::ModelMismatch { want: task.model_hash.to_string(), have: have.to_string() });
     }
     if indices.is_empty() {

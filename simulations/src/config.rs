@@ -321,16 +321,16 @@ impl SimConfig {
             return bad(format!("devices_per_launch must be 1 to 4096, got {}", self.devices_per_launch));
         }
         if self.devices_per_launch > 1 {
-            let why = match () {
-                _ if self.backend == BackendKind::Cpu => Some(
+            let refused = [
+                (
+                    self.backend == BackendKind::Cpu,
                     "the cpu backend's fused kernels train one device at a time (use backend = \"wgpu\", or \"flex\")",
                 ),
-                _ if self.model.is_text() => Some("the LSTMs have no stacked form"),
-                _ if self.mode == Mode::Fedbuff => Some("FedBuff hands out tasks one at a time"),
-                _ if self.attack.is_some() => Some("a label-flip attacker trains on its own copy of the data"),
-                _ => None,
-            };
-            if let Some(why) = why {
+                (self.model.is_text(), "the LSTMs have no stacked form"),
+                (self.mode == Mode::Fedbuff, "FedBuff hands out tasks one at a time"),
+                (self.attack.is_some(), "a label-flip attacker trains on its own copy of the data"),
+            ];
+            if let Some((_, why)) = refused.iter().find(|r| r.0) {
                 return bad(format!("devices_per_launch > 1: {why}"));
             }
         }

@@ -42,6 +42,7 @@ pub fn run(
 ) -> anyhow::Result<Vec<GpuRow>> {
     anyhow::ensure!(steps > 0 && repeat > 0, "steps and repeat must be positive");
     let largest = batches.iter().copied().max().unwrap_or(1);
+    ensure_fits(largest * steps, "batch x steps")?;
     let data = crate::bench::random_data(largest * steps, 7);
     let mut rows = Vec::new();
     for &kind in models {
@@ -60,8 +61,7 @@ pub fn run(
                 trainer.train(&start, &data, &all, &config, &mut derive_rng(2 + r as u64, &[]))?;
                 times.push(t.elapsed().as_secs_f64() * 1e3 / steps as f64);
             }
-            times.sort_by(f64::total_cmp);
-            let ms_per_step = times[times.len() / 2];
+            let ms_per_step = median(times);
             let row = GpuRow {
                 model: kind.to_string(),
                 batch,
@@ -106,6 +106,7 @@ pub fn run_launches(
     anyhow::ensure!(steps > 0 && repeat > 0, "steps and repeat must be positive");
     let largest = devices.iter().copied().max().unwrap_or(1);
     let per = 10 * steps;
+    ensure_fits(largest * per, "devices x 10 x steps")?;
     let data = crate::bench::random_data(largest * per, 9);
     let config = TrainConfig::sgd(1, 10, 0.01);
     let mut rows = Vec::new();
@@ -123,20 +124,34 @@ pub fn run_launches(
                 Ok(t.elapsed().as_secs_f64())
             };
             time_one(1)?;
-            let mut times = (0..repeat).map(|r| time_one(2 + r as u64)).collect::<anyhow::Result<Vec<f64>>>()?;
-            times.sort_by(f64::total_cmp);
+            let times = (0..repeat).map(|r| time_one(2 + r as u64)).collect::<anyhow::Result<Vec<f64>>>()?;
             let row = LaunchRow {
                 model: kind.to_string(),
                 devices: n,
                 steps_per_device: steps,
                 backend: backend.to_string(),
-                samples_per_s: (n * per) as f64 / times[times.len() / 2],
+                samples_per_s: (n * per) as f64 / median(times),
             };
             each(&row);
             rows.push(row);
         }
     }
     Ok(rows)
+}
+
+/// The most random examples a measurement makes (784 bytes each: about 160 MB).
+const MAX_EXAMPLES: usize = 200_000;
+
+/// Refuses a measurement that would make more than [`MAX_EXAMPLES`] examples.
+fn ensure_fits(examples: usize, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(examples <= MAX_EXAMPLES, "{what} is {examples} examples; at most {MAX_EXAMPLES}: lower it");
+    Ok(())
+}
+
+/// The median of `times` (not empty).
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 #[cfg(test)]

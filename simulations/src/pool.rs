@@ -133,6 +133,9 @@ impl Pool {
     /// Queues jobs to be trained in one launch (one round's, on the pool's dataset); each is
     /// reported as a job of its own.
     pub fn submit_group(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
         let work =
             if jobs.len() == 1 { Work::One(jobs.into_iter().next().expect("one job")) } else { Work::Group(jobs) };
         self.jobs.as_ref().expect("pool is open").send(work).expect("workers are alive");

@@ -28,7 +28,7 @@
 //! collect both shares of one device's secrets within a session; a new session masks with new
 //! secrets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use fedge_core::ModelParams;
@@ -75,8 +75,12 @@ pub(super) struct SecureRound {
     selected: usize,
     /// Ready devices: `None` the device itself, else an aggregator's members.
     ready: BTreeMap<DeviceId, Option<Vec<u64>>>,
+    /// The ready aggregators' members, for lookups.
+    members: BTreeSet<Participant>,
     /// The session's participants; participant `i` has id `i` in the session.
     peers: Vec<Participant>,
+    /// Each participant's id in the session (`peers` the other way round).
+    ids: BTreeMap<Participant, u64>,
     session: Option<ServerSession>,
     /// The ready phase ends here at the latest.
     ready_until: Duration,
@@ -98,7 +102,9 @@ impl SecureRound {
             round,
             selected,
             ready: BTreeMap::new(),
+            members: BTreeSet::new(),
             peers: Vec::new(),
+            ids: BTreeMap::new(),
             session: None,
             ready_until: deadline.saturating_sub(stages).max(now),
             ready_over: false,
@@ -193,23 +199,23 @@ impl SecureRound {
         if self.ready.contains_key(&device) {
             return Err((ErrorCode::Duplicate, format!("device {device} is already ready")));
         }
+        self.members.extend(members.iter().flatten().map(|&m| (device, Some(m))));
         self.ready.insert(device, members);
         self.step(settings, engine, now);
         Ok(())
     }
 
     /// Whether `who` said it is ready.
-    fn is_ready(&self, (device, member): Participant) -> bool {
-        match (self.ready.get(&device), member) {
-            (Some(None), None) => true,
-            (Some(Some(members)), Some(m)) => members.contains(&m),
-            _ => false,
+    fn is_ready(&self, who: Participant) -> bool {
+        match who.1 {
+            None => matches!(self.ready.get(&who.0), Some(None)),
+            Some(_) => self.members.contains(&who),
         }
     }
 
     /// `who`'s id in the session.
     fn id_of(&self, who: Participant) -> Option<u64> {
-        self.peers.iter().position(|p| *p == who).map(|i| i as u64)
+        self.ids.get(&who).copied()
     }
 
     /// What `who` is to do now in `round` (`open`: whether the round is still open).
@@ -262,6 +268,8 @@ impl SecureRound {
             }
             // Ready devices that failed since (gone, refused) are out.
             self.ready.retain(|d, _| engine.is_pending(*d));
+            let ready = &self.ready;
+            self.members.retain(|(d, _)| ready.contains_key(d));
             let all = engine.pending().iter().all(|d| self.ready.contains_key(d));
             if (all && !self.ready.is_empty()) || now >= self.ready_until {
                 self.begin(settings, engine, now);
@@ -332,6 +340,7 @@ impl SecureRound {
                 Some(ms) => ms.iter().map(|&m| (d, Some(m))).collect(),
             })
             .collect();
+        self.ids = self.peers.iter().enumerate().map(|(i, p)| (*p, i as u64)).collect();
         let ids: Vec<u64> = (0..self.peers.len() as u64).collect();
         let m = ids.len() as u32;
         if m < 2 {

@@ -23,6 +23,12 @@ pub const MAX_QUEUED_ROUNDS: u64 = 1_000_000;
 /// How long an idle device waits before asking for work again.
 const RETRY_MS: u32 = 50;
 
+/// Why a device certificate may not open a relay session.
+const NOT_A_RELAY: &str = "only an aggregator certificate relays its devices' messages";
+
+/// Why a secure coordinator refuses a region (a relaying shard is welcome).
+const NO_REGIONS_WHEN_SECURE: &str = "this coordinator aggregates securely: each device's masked update must reach it, not a region's mean (a simulation shard relays its devices: SessionPurpose::Relay)";
+
 impl Coordinator {
     /// A device's session, or a regional aggregator's (`peer.identity.role`), which speaks the
     /// device protocol under the fleet name `aggregator:NAME`: its results may claim all its
@@ -35,17 +41,11 @@ impl Coordinator {
             let refusal = aggregator.then(|| s.rounds.engine.aggregator_refusal()).flatten();
             ((version, self.teacher_version(version)), (refusal, s.rounds.secure_settings.is_some()))
         };
-        let refusal = |hello: &fedge_core::wire::Hello| {
-            match (aggregator, hello.purpose, refusal) {
-            (false, SessionPurpose::Relay, _) => {
-                Some("only an aggregator certificate relays its devices' messages".to_string())
-            }
+        let refusal = |hello: &fedge_core::wire::Hello| match (aggregator, hello.purpose, refusal) {
+            (false, SessionPurpose::Relay, _) => Some(NOT_A_RELAY.to_string()),
             (true, _, (Some(why), _)) => Some(why),
-            (true, SessionPurpose::Train, (None, true)) => Some(
-                "this coordinator aggregates securely: each device's masked update must reach it, not a region's mean (a simulation shard relays its devices: SessionPurpose::Relay)".to_string(),
-            ),
+            (true, SessionPurpose::Train, (None, true)) => Some(NO_REGIONS_WHEN_SECURE.to_string()),
             _ => None,
-        }
         };
         let hello = match answer_hello_unless(&peer, versions, refusal).await {
             Ok(hello) => hello,

@@ -41,6 +41,7 @@ pub struct Member<'a, R: rand::Rng + ?Sized> {
 }
 
 /// One stacked layer: its weight and bias for every device of the group.
+#[derive(Clone)]
 enum Layer {
     /// `[G * out, in, k, k]` and `[G * out]`, applied with `groups = G`.
     Conv(Tensor<4>, Tensor<1>),
@@ -65,6 +66,16 @@ impl GroupTrainer {
         let device = backend.device()?.autodiff();
         let model = Model::init(kind, num_classes, &Device::flex());
         let layout = crate::convert::layout_of(&model)?;
+        // What the stacked form reads: (weight, bias) pairs, convolutions (4-D) before dense
+        // layers (2-D), biases 1-D.
+        let specs = layout.specs();
+        let rank = |i: usize| specs[i].shape.len();
+        let pairs = specs.len() % 2 == 0 && (0..specs.len() / 2).all(|l| rank(2 * l + 1) == 1);
+        let ranks: Vec<usize> = (0..specs.len() / 2).map(|l| rank(2 * l)).collect();
+        let ordered = ranks.iter().all(|&r| r == 2 || r == 4) && ranks.windows(2).all(|w| w[0] >= w[1]);
+        if !(pairs && ordered && ranks.last() == Some(&2)) {
+            return Err(GroupError::Model(kind));
+        }
         Ok(Self { kind, device, layout })
     }
 
@@ -100,7 +111,8 @@ impl GroupTrainer {
             .collect();
         let steps = schedules.iter().map(Vec::len).max().unwrap_or(0);
         let mut layers = self.stack(members.iter().map(|m| m.start));
-        let anchors = proximal_mu(config).map(|mu| (mu, self.stack(members.iter().map(|m| m.start))));
+        // FedProx's anchors: the starting layers, kept (a tensor's clone shares its data).
+        let anchors = proximal_mu(config).map(|mu| (mu, layers.clone()));
         let lr = f64::from(config.learning_rate);
         let mut losses: Vec<Vec<f32>> = vec![Vec::new(); g];
         for s in 0..steps {
@@ -153,7 +165,7 @@ impl GroupTrainer {
         let specs = self.layout.specs();
         let g = params.clone().count();
         let gather = |i: usize| -> Vec<f32> {
-            params.clone().flat_map(|p| p.tensors().nth(i).map(|(_, v)| v.to_vec()).unwrap_or_default()).collect()
+            params.clone().flat_map(|p| p.tensors().nth(i).map_or(&[][..], |(_, v)| v)).copied().collect()
         };
         (0..specs.len() / 2)
             .map(|l| {
@@ -168,7 +180,7 @@ impl GroupTrainer {
                         Tensor::from_data(TensorData::new(wd, [g, *inp, *out]), &self.device),
                         Tensor::from_data(TensorData::new(bd, [g, 1, b.numel()]), &self.device),
                     ),
-                    other => unreachable!("a dense or convolutional model's weight has shape {other:?}"),
+                    other => unreachable!("checked in new: a weight of shape {other:?}"),
                 }
             })
             .collect()
