@@ -122,6 +122,22 @@ pub async fn join(addr: SocketAddr, ca: &CertDir, name: &str, num_samples: u64) 
     (link, welcome)
 }
 
+/// The task `link`'s device is given, asked for every 20 ms until it comes; a test fails, never
+/// hangs, when it does not come within a minute (or the coordinator answers anything but
+/// `NoTask` meanwhile).
+pub async fn task_of(link: &Link) -> fedge_core::wire::TrainTask {
+    let asked = std::time::Instant::now();
+    loop {
+        match link.request(&fedge_core::wire::Message::TaskRequest { running: None }).await.unwrap() {
+            fedge_core::wire::Message::TrainTask(t) => return t,
+            fedge_core::wire::Message::NoTask { .. } if asked.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => panic!("no task within a minute: {other:?}"),
+        }
+    }
+}
+
 /// Issues the operator certificate `name` and connects with it.
 pub async fn operator(addr: SocketAddr, ca: &CertDir, name: &str) -> fedge_net::RequestClient {
     let cert = ca.issue(Role::Operator, name, 1).unwrap();

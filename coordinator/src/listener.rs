@@ -369,6 +369,10 @@ pub enum HelloError {
     /// A device certificate tried to run an operator command.
     #[error("device {0}: a device certificate cannot run operator commands")]
     NotAnOperator(String),
+    /// The coordinator could not register the device now (its storage failed); it may try
+    /// again later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl HelloError {
@@ -379,6 +383,7 @@ impl HelloError {
             Self::Frame(_) | Self::Unexpected => ErrorCode::Malformed,
             Self::Version(_) => ErrorCode::UnsupportedVersion,
             Self::NotADevice(_) | Self::NotAnOperator(_) | Self::Refused(_) => ErrorCode::Unauthorized,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -386,57 +391,51 @@ impl HelloError {
 /// Runs the opening exchange of a device connection: reads its `Hello` on the first stream,
 /// checks protocol version and role, and answers `Welcome` (or a typed `Error`).
 pub async fn answer_hello(peer: &Peer, model_version: u64) -> Result<Hello, HelloError> {
-    answer_hello_unless(peer, (model_version, model_version), |_| None).await
+    answer_hello_then(peer, (model_version, model_version), |_| None, |_| Ok(())).await.map(|(hello, ())| hello)
 }
 
-/// [`answer_hello`], refusing a Hello (otherwise welcome) for which `refusal` gives a reason; the
-/// `Welcome` names `versions.0` to a training session and `versions.1` to an inference session
-/// (a regional aggregator's teacher version is its root's, not its own model's).
-pub async fn answer_hello_unless(
+/// [`answer_hello`], refusing a Hello for which `refusal` gives a reason, and otherwise running
+/// `admit` (the coordinator registers the device there) *before* the `Welcome` goes out: a
+/// device that has read its `Welcome` is known to the coordinator, so a round started after
+/// that counts it. `admit`'s error refuses the device as `Unavailable`. The `Welcome` names
+/// `versions.0` to a training session and `versions.1` to an inference session (a regional
+/// aggregator's teacher version is its root's, not its own model's).
+///
+/// Once `admit` has run, its value is returned even if the `Welcome` cannot be written: the
+/// connection is then gone, and the caller's session loop ends at once and undoes `admit`.
+pub async fn answer_hello_then<T>(
     peer: &Peer,
     versions: (u64, u64),
     refusal: impl FnOnce(&Hello) -> Option<String>,
-) -> Result<Hello, HelloError> {
-    match tokio::time::timeout(HELLO_TIMEOUT, hello_exchange(peer, versions, refusal)).await {
-        Ok(outcome) => outcome,
+    admit: impl FnOnce(&Hello) -> Result<T, String>,
+) -> Result<(Hello, T), HelloError> {
+    let (mut send, hello) = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(peer)).await {
+        Ok(read) => read?,
         Err(_) => {
             peer.connection.close(5u32.into(), b"no Hello in time");
-            Err(HelloError::Frame(fedge_net::FrameError::Closed(format!(
+            return Err(HelloError::Frame(fedge_net::FrameError::Closed(format!(
                 "no Hello within {} s",
                 HELLO_TIMEOUT.as_secs()
-            ))))
+            ))));
         }
-    }
-}
-
-/// The longest a connected device may take to say Hello.
-pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-async fn hello_exchange(
-    peer: &Peer,
-    versions: (u64, u64),
-    refusal: impl FnOnce(&Hello) -> Option<String>,
-) -> Result<Hello, HelloError> {
-    let (mut send, mut recv) =
-        peer.connection.accept_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
-    let refuse = |code, message: String| Message::Error { code, message };
-    let (hello, _) = fedge_net::read_message_limited(&mut recv, |_| fedge_net::SMALL_FRAME_BYTES).await?;
+    };
     let outcome = match hello {
-        Message::Hello(h) if h.protocol_version != PROTOCOL_VERSION => {
-            Err((HelloError::Version(h.protocol_version), ErrorCode::UnsupportedVersion))
-        }
+        Message::Hello(h) if h.protocol_version != PROTOCOL_VERSION => Err(HelloError::Version(h.protocol_version)),
         Message::Hello(_) if peer.identity.role == Role::Operator => {
-            Err((HelloError::NotADevice(peer.identity.id.clone()), ErrorCode::Unauthorized))
+            Err(HelloError::NotADevice(peer.identity.id.clone()))
         }
         Message::Hello(h) => match refusal(&h) {
-            Some(why) => Err((HelloError::Refused(why), ErrorCode::Unauthorized)),
-            None => Ok(h),
+            Some(why) => Err(HelloError::Refused(why)),
+            None => match admit(&h) {
+                Ok(admitted) => Ok((h, admitted)),
+                Err(why) => Err(HelloError::Unavailable(why)),
+            },
         },
-        Message::Operator(_) => Err((HelloError::NotAnOperator(peer.identity.id.clone()), ErrorCode::Unauthorized)),
-        _ => Err((HelloError::Unexpected, ErrorCode::Malformed)),
+        Message::Operator(_) => Err(HelloError::NotAnOperator(peer.identity.id.clone())),
+        _ => Err(HelloError::Unexpected),
     };
     let reply = match &outcome {
-        Ok(h) => Message::Welcome(Welcome {
+        Ok((h, _)) => Message::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             device_id: peer.identity.id.clone(),
             model_version: match h.purpose {
@@ -444,11 +443,28 @@ async fn hello_exchange(
                 _ => versions.0,
             },
         }),
-        Err((e, code)) => refuse(*code, e.to_string()),
+        Err(e) => Message::Error { code: e.code(), message: e.to_string() },
     };
-    fedge_net::write_message(&mut send, &reply).await?;
-    let _ = send.finish();
-    outcome.map_err(|(e, _)| e)
+    // A reply that cannot be written changes nothing: a refused peer is refused either way,
+    // and an admitted one's session loop finds the dead connection by itself.
+    let _ = tokio::time::timeout(HELLO_TIMEOUT, async {
+        if fedge_net::write_message(&mut send, &reply).await.is_ok() {
+            let _ = send.finish();
+        }
+    })
+    .await;
+    outcome
+}
+
+/// The longest a connected device may take to say Hello (and to take its answer).
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The first stream's opening message (and the stream to answer on).
+async fn read_hello(peer: &Peer) -> Result<(quinn::SendStream, Message), HelloError> {
+    let (send, mut recv) =
+        peer.connection.accept_bi().await.map_err(|e| fedge_net::FrameError::Closed(e.to_string()))?;
+    let (hello, _) = fedge_net::read_message_limited(&mut recv, |_| fedge_net::SMALL_FRAME_BYTES).await?;
+    Ok((send, hello))
 }
 
 /// The serial and end of validity (unix seconds) of a connection's client certificate.

@@ -72,10 +72,14 @@ async fn train_until_refused(links: &[Link], initial: &fedge_core::ModelParams) 
     let mut seen = Seen::default();
     for _ in 0..200 {
         for (i, link) in links.iter().enumerate() {
+            let asked = std::time::Instant::now();
             let task = loop {
                 match link.request(&Message::TaskRequest { running: None }).await {
                     Ok(Message::TrainTask(t)) => break t,
-                    Ok(Message::NoTask { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Ok(Message::NoTask { .. }) => {
+                        assert!(asked.elapsed() < Duration::from_secs(60), "no task within a minute");
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                     _ => return seen, // refused or gone
                 }
             };

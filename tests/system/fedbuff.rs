@@ -76,15 +76,7 @@ async fn fedbuff_aggregates_every_k_results_and_its_open_buffer_survives_a_resta
     let (addr, server) = serve(&coordinator, &ca);
     let (link, _) = join(addr, &ca, "probe", 100).await;
     coordinator.start_rounds(1);
-    let next_task = || async {
-        loop {
-            match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
-                Message::TrainTask(t) => break t,
-                Message::NoTask { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
-                other => panic!("{other:?}"),
-            }
-        }
-    };
+    let next_task = || fedge_tests::harness::task_of(&link);
     let first = next_task().await;
     assert_eq!(first.model_version, 3);
     // An invalid result ends its task: the device is handed a new one, not the old again.
@@ -151,18 +143,7 @@ async fn a_stored_result_the_new_configuration_refuses_is_dropped_not_the_start(
         links.push(join(addr, &ca, name, 10).await.0);
     }
     coordinator.start_rounds(2);
-    let task_of = |i: usize| {
-        let link = &links[i];
-        async move {
-            loop {
-                match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
-                    Message::TrainTask(t) => break t,
-                    Message::NoTask { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
-                    other => panic!("{other:?}"),
-                }
-            }
-        }
-    };
+    let task_of = |i: usize| fedge_tests::harness::task_of(&links[i]);
     let tasks = [task_of(0).await, task_of(1).await, task_of(2).await];
     assert!(tasks.iter().all(|t| t.model_version == 0));
     let zero = || fedge_core::ModelParams::zeros(initial_2nn(1).layout().clone());

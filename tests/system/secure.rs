@@ -90,12 +90,7 @@ async fn a_secure_round_is_the_fedavg_of_the_devices_in_its_sum() {
 
     let (_, global0) = coordinator.global();
     coordinator.start_rounds(1);
-    let task = loop {
-        match quiet.request(&Message::TaskRequest { running: None }).await.unwrap() {
-            Message::TrainTask(t) => break t,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let task = fedge_tests::harness::task_of(&quiet).await;
     assert_eq!(task.secure.map(|s| s.weight_cap), Some(200), "the task says the round is secure");
     // Its plain upload is refused: nothing leaves a device unmasked in a secure round.
     let plain = TrainResult {
@@ -276,12 +271,7 @@ async fn one_ready_device_is_told_the_round_went_without_it() {
     let (ready, _) = join(addr, &ca, "r0", 50).await;
     let (_idle, _) = join(addr, &ca, "r1", 50).await;
     coordinator.start_rounds(1);
-    let task = loop {
-        match ready.request(&Message::TaskRequest { running: None }).await.unwrap() {
-            Message::TrainTask(t) => break t,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let task = fedge_tests::harness::task_of(&ready).await;
     let hello = Message::SecureReady { round: task.round, model_version: task.model_version, members: None };
     assert!(matches!(ready.request(&hello).await.unwrap(), Message::Ack { .. }));
     let poll = Message::SecurePoll { round: task.round, member: None };
@@ -350,12 +340,7 @@ async fn a_secure_coordinator_refuses_aggregators_at_hello() {
     let device = Link::connect(addr, "localhost", &tls(ca.issue(Role::Device, "d1", 1).unwrap())).await.unwrap();
     device.hello(fedge_tests::harness::caps(10)).await.unwrap();
     coordinator.start_rounds(1);
-    let task = loop {
-        match device.request(&Message::TaskRequest { running: None }).await.unwrap() {
-            Message::TrainTask(t) => break t,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let task = fedge_tests::harness::task_of(&device).await;
     let ready = Message::SecureReady { round: task.round, model_version: task.model_version, members: Some(vec![1]) };
     match device.request(&ready).await.unwrap() {
         Message::Error { code: ErrorCode::Malformed, message } => {

@@ -46,6 +46,36 @@ async fn a_quick_device_restart_leaves_it_connected_and_the_fleet_training() {
     server.abort();
 }
 
+/// A device that has read its Welcome is in the fleet: a round started at once counts it. The
+/// Welcome used to go out before the coordinator registered the device, and a round started in
+/// between left it out (a loaded CI machine once waited forever for such a device's task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcomed_device_is_in_the_fleet_before_its_hello_returns() {
+    let (_dir, ca) = fleet();
+    let config = EngineConfig { fraction: 1.0, train: one_epoch(None), ..EngineConfig::default() };
+    let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let mut links = Vec::new();
+    for i in 0..64 {
+        let name = format!("dev-{i}");
+        ca.issue(Role::Device, &name, 1).unwrap();
+        let (link, _) = join(addr, &ca, &name, 100).await;
+        // Checked the moment the Welcome is read, with nothing in between.
+        let devices = coordinator.devices();
+        assert!(devices.iter().any(|d| d.id == name && d.connected), "{name} not registered yet: {devices:?}");
+        assert_eq!(coordinator.connected(), i + 1);
+        links.push(link);
+    }
+    coordinator.start_rounds(1);
+    for link in &links {
+        match link.request(&Message::TaskRequest { running: None }).await.unwrap() {
+            Message::TrainTask(t) => assert_eq!(t.round, 1),
+            other => panic!("every welcomed device is in the round: {other:?}"),
+        }
+    }
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_revoked_on_a_running_coordinator_is_cut_off_and_refused() {
     let (_dir, ca) = fleet();

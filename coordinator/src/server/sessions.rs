@@ -14,7 +14,7 @@ use fedge_core::wire::{DeviceId, ErrorCode, Message, OperatorCommand, SessionPur
 use super::Coordinator;
 use super::downloads::{Reply, not_kept};
 use crate::certs::Role;
-use crate::listener::{Peer, answer_hello_unless};
+use crate::listener::{Peer, answer_hello_then};
 use crate::store::Settings;
 
 /// Most rounds an operator may have queued at once.
@@ -47,8 +47,21 @@ impl Coordinator {
             (true, SessionPurpose::Train, (None, true)) => Some(NO_REGIONS_WHEN_SECURE.to_string()),
             _ => None,
         };
-        let hello = match answer_hello_unless(&peer, versions, refusal).await {
-            Ok(hello) => hello,
+        let name = match aggregator {
+            true => format!("aggregator:{}", peer.identity.id),
+            false => peer.identity.id.clone(),
+        };
+        // Registered before its Welcome goes out: a round started once the device has its
+        // Welcome counts it.
+        let admit = |hello: &fedge_core::wire::Hello| {
+            let training = hello.purpose != SessionPurpose::Inference;
+            let session = training.then(|| (hello.capabilities.clone(), peer.closer()));
+            self.handle_connected(&name, session, aggregator).ok_or_else(|| {
+                "the coordinator cannot register devices now (its storage failed); try again later".to_string()
+            })
+        };
+        let (hello, (id, session)) = match answer_hello_then(&peer, versions, refusal, admit).await {
+            Ok(admitted) => admitted,
             Err(e) => {
                 self.metrics.rejected(e.code());
                 tracing::warn!("{}: {e}", peer.identity.id);
@@ -58,14 +71,6 @@ impl Coordinator {
             }
         };
         let training = hello.purpose != SessionPurpose::Inference;
-        let session = training.then(|| (hello.capabilities, peer.closer()));
-        let name = match aggregator {
-            true => format!("aggregator:{}", peer.identity.id),
-            false => peer.identity.id.clone(),
-        };
-        let Some((id, session)) = self.handle_connected(&name, session, aggregator) else {
-            return;
-        };
         while let Ok((mut send, mut recv)) = peer.connection.accept_bi().await {
             let read = fedge_net::read_message_limited(&mut recv, |kind| self.device_frame_limit(kind)).await;
             let (request, received) = match read {
