@@ -103,7 +103,7 @@ pub use downloads::MAX_CHUNK_BYTES;
 pub use reference::RootTrainer;
 pub use regional::{RECALIBRATE_EVERY, TRAFFIC_WARMUP, TRAFFIC_WINDOW, TierBuilder, TierConfig, TierCounts, TierModel};
 pub use registry::{NewStudent, RegistryError};
-pub use secure::SecureSettings;
+pub use secure::{MAX_MEMBERS, SecureSettings};
 pub use upstream::{Upstream, UpstreamError};
 
 use clock::Clock;

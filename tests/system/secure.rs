@@ -350,3 +350,47 @@ async fn a_secure_coordinator_refuses_aggregators_at_hello() {
     }
     server.abort();
 }
+
+/// A relaying aggregator enters tens of thousands of members in one `SecureReady` (the frame
+/// once held only a few thousand); past `MAX_MEMBERS` it is refused by name, not by size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relaying_aggregator_enters_tens_of_thousands_of_members_at_once() {
+    use fedge_coordinator::certs::Role;
+    use fedge_coordinator::server::MAX_MEMBERS;
+    use fedge_edge::link::{DeviceTls, Link};
+    let (_dir, ca) = fleet();
+    let config = EngineConfig { train: task_config(), fraction: 1.0, ..EngineConfig::default() };
+    let coordinator = Coordinator::new(config, initial_2nn(1)).unwrap();
+    coordinator.set_secure_aggregation(settings(3, None)).unwrap();
+    let (addr, server) = serve(&coordinator, &ca);
+    let cert = ca.issue(Role::Aggregator, "shard-0", 1).unwrap();
+    let tls = DeviceTls { ca: ca.ca_pem(), cert: cert.cert, key: cert.key };
+    let shard = Link::connect(addr, "localhost", &tls).await.unwrap();
+    shard.hello_for(fedge_tests::harness::caps(0), SessionPurpose::Relay).await.unwrap();
+    // A second participant, so that the session the members enter is a real one.
+    ca.issue(Role::Device, "d0", 1).unwrap();
+    let (device, _) = fedge_tests::harness::join(addr, &ca, "d0", 10).await;
+    coordinator.start_rounds(1);
+    let task = fedge_tests::harness::task_of(&shard).await;
+    let _ = fedge_tests::harness::task_of(&device).await;
+    let ready = |members: std::ops::Range<u64>| Message::SecureReady {
+        round: task.round,
+        model_version: task.model_version,
+        members: Some(members.collect()),
+    };
+    let too_many = ready(0..MAX_MEMBERS as u64 + 1);
+    assert!(fedge_core::codec::encode(&too_many).len() > fedge_net::SMALL_FRAME_BYTES);
+    match shard.request(&too_many).await.unwrap() {
+        Message::Error { code: ErrorCode::Malformed, message } => assert!(message.contains("at most"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    // Ids as a shard's devices' are: spread out, so that each takes several bytes.
+    let members: Vec<u64> = (0..20_000u64).map(|i| i * 1_000_003).collect();
+    let many = Message::SecureReady { round: task.round, model_version: task.model_version, members: Some(members) };
+    assert!(fedge_core::codec::encode(&many).len() > fedge_net::SMALL_FRAME_BYTES);
+    assert!(matches!(shard.request(&many).await.unwrap(), Message::Ack { .. }));
+    let status = coordinator.status();
+    let line = status.secure.expect("a secure round is open");
+    assert_eq!(line.stage, "ready", "{line:?}");
+    server.abort();
+}

@@ -195,8 +195,8 @@ impl Coordinator {
         match kind {
             FrameKind::TrainResult => self.train_result_limit,
             // A masked update: its words packed at the ring's width (at most 8 bytes a
-            // coordinate, where a delta takes 4), its rejected neighbours; or a neighbourhood's
-            // shares.
+            // coordinate, where a delta takes 4), its rejected neighbours; a neighbourhood's
+            // shares; or a relaying aggregator's members (`MAX_MEMBERS`, at most 10 bytes each).
             FrameKind::Secure => self.train_result_limit.saturating_mul(9) / 4 + (1 << 20),
             FrameKind::InferRequest => {
                 small + self.inference.get().map_or(0, |i| i.input_shape().0 * i.input_shape().1)

@@ -126,8 +126,9 @@ pub enum FrameKind {
     Chunk,
     /// Operator answers (`Status`, `Devices`, `Models`): grow with history and fleet.
     Listing,
-    /// `SecureStep` or `SecureSend`: a secure-aggregation stage's message, as large as a masked
-    /// update (up to 10 bytes a coordinate) or a neighbourhood's keys and shares.
+    /// `SecureReady`, `SecureStep` or `SecureSend`: a secure-aggregation stage's message, as
+    /// large as a masked update (up to 10 bytes a coordinate), a neighbourhood's keys and shares,
+    /// or a relaying aggregator's members (up to 10 bytes each).
     Secure,
     /// Any other message: small, fixed-size fields.
     Small,
@@ -145,8 +146,8 @@ impl FrameKind {
             12 => Self::Model,
             10 | 14 => Self::Chunk,
             17..=19 => Self::Listing,
-            27 | 28 => Self::Secure,
-            0 | 2..=9 | 11 | 13 | 15 | 16 | 21..=26 => Self::Small,
+            25 | 27 | 28 => Self::Secure,
+            0 | 2..=9 | 11 | 13 | 15 | 16 | 21..=24 | 26 => Self::Small,
             _ => Self::Unknown,
         }
     }
@@ -318,12 +319,15 @@ mod tests {
             Message::Pong { nonce: 1 },
             Message::NoTask { retry_after_ms: 1, model_version: 0, deployed: None },
             Message::RegionalRequest,
-            Message::SecureReady { round: 1, model_version: 0, members: None },
-            Message::SecureReady { round: 1, model_version: 0, members: Some(vec![4, 8]) },
             Message::SecurePoll { round: 1, member: None },
             Message::SecurePoll { round: 1, member: Some(8) },
         ] {
             assert_eq!(kind(&small), FrameKind::Small, "{small:?}");
+        }
+        // A relaying aggregator's members may run to tens of thousands.
+        for ready in [None, Some(vec![4, 8])] {
+            let ready = Message::SecureReady { round: 1, model_version: 0, members: ready };
+            assert_eq!(kind(&ready), FrameKind::Secure);
         }
         let step = Message::SecureStep { round: 1, step: fedge_secagg::ServerMessage::Wait };
         assert_eq!(kind(&step), FrameKind::Secure);
