@@ -10,7 +10,9 @@
 //! (`MESA_SHADER_CACHE_DIR`) and NVIDIA's (`__GL_SHADER_DISK_CACHE_PATH`, with its size cap
 //! lifted). The drivers read these when the process loads them, and a process may not change
 //! its own environment safely once threads run, so a device started without them starts itself
-//! again with them set ([`restart_with`]: `exec`, the same process id and arguments).
+//! again with them set ([`keep_in`], [`restart_with`]: `exec`, the same process id and
+//! arguments). `fedge-edge gpu-cache --config edge.toml` does the same and prints where the
+//! caches are (edge-client/tests/cli.rs runs it: the restart is tested without a GPU build).
 
 use std::path::{Path, PathBuf};
 
@@ -32,6 +34,38 @@ pub fn missing(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Vec<(&'stati
     .into_iter()
     .filter(|(name, _)| env(name).is_none())
     .collect()
+}
+
+/// Where the drivers cache compiled shaders in this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caches {
+    /// Mesa's (`MESA_SHADER_CACHE_DIR`).
+    pub mesa: String,
+    /// NVIDIA's (`__GL_SHADER_DISK_CACHE_PATH`).
+    pub nvidia: String,
+}
+
+impl std::fmt::Display for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mesa's in {}, NVIDIA's in {}", self.mesa, self.nvidia)
+    }
+}
+
+/// Makes this process's GPU drivers cache in `state_dir`'s [`cache_dir`]: creates the folder
+/// and, when a variable is missing, starts the process again with it set (`exec`: this returns
+/// in the new process, which has them all). Where the caches are once that is done; an error
+/// when the folder cannot be made or the restart failed (the drivers then cache where they
+/// like, and the device goes on).
+pub fn keep_in(state_dir: &Path) -> Result<Caches, std::io::Error> {
+    let dir = cache_dir(state_dir);
+    std::fs::create_dir_all(&dir)?;
+    let vars = missing(&dir, |name| std::env::var(name).ok());
+    if !vars.is_empty() {
+        tracing::info!("starting again with the GPU drivers' shader caches in {}", dir.display());
+        return Err(restart_with(&vars));
+    }
+    let var = |name| std::env::var(name).unwrap_or_default();
+    Ok(Caches { mesa: var("MESA_SHADER_CACHE_DIR"), nvidia: var("__GL_SHADER_DISK_CACHE_PATH") })
 }
 
 /// Replaces this process with itself, `vars` added to its environment. Returns only if that

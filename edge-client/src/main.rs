@@ -32,6 +32,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Keep the GPU drivers' compiled shaders in the device's state folder (as `run` does on
+    /// wgpu: starting itself again with the drivers' cache variables) and print where they are.
+    GpuCache {
+        /// edge.toml (its state_dir).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show the model version and last round this device holds, and its inference metrics
     /// (when it serves inference).
     Status {
@@ -224,13 +231,13 @@ fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { config } => {
             let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
-            if c.backend.parse::<BackendKind>() == Ok(BackendKind::Wgpu) {
+            if c.backend.parse::<BackendKind>() == Ok(BackendKind::Wgpu) && BackendKind::Wgpu.available() {
                 // The GPU driver's compiled shaders kept in the state folder across restarts.
-                let dir = fedge_edge::gpu_cache::cache_dir(&c.state_dir);
-                let vars = fedge_edge::gpu_cache::missing(&dir, |name| std::env::var(name).ok());
-                if !vars.is_empty() && std::fs::create_dir_all(&dir).is_ok() {
-                    let e = fedge_edge::gpu_cache::restart_with(&vars);
-                    tracing::warn!("cannot keep the GPU shader cache in {} ({e}): going on without it", dir.display());
+                match fedge_edge::gpu_cache::keep_in(&c.state_dir) {
+                    Ok(caches) => tracing::info!("GPU shader caches: {caches}"),
+                    Err(e) => tracing::warn!(
+                        "cannot keep the GPU shader caches in the state folder ({e}): going on without them"
+                    ),
                 }
             }
             tokio::runtime::Runtime::new()?.block_on(fedge_edge::service::run(c, async {
@@ -322,6 +329,13 @@ fn real_main() -> anyhow::Result<()> {
             } else {
                 print!("{}", fedge_edge::bench::format_report(&report));
             }
+            Ok(())
+        }
+        Command::GpuCache { config } => {
+            let c: EdgeConfig = fedge_core::config_file::read_toml(&config)?;
+            let caches = fedge_edge::gpu_cache::keep_in(&c.state_dir)
+                .with_context(|| format!("cannot keep the GPU shader caches in {}", c.state_dir.display()))?;
+            println!("GPU shader caches: {caches}");
             Ok(())
         }
         Command::Status { state_dir } => {

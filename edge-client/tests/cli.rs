@@ -95,3 +95,62 @@ fn predict_answers_raw_and_png_and_stays_local_when_the_coordinator_is_away() {
     let (ok, _, err) = edge(&["predict", "--state-dir", state, "--model-key", key]);
     assert!(!ok && err.contains("give an image"), "{err}");
 }
+
+/// The variables `gpu_cache` sets.
+const GPU_CACHE_VARS: [&str; 4] = [
+    "MESA_SHADER_CACHE_DIR",
+    "__GL_SHADER_DISK_CACHE",
+    "__GL_SHADER_DISK_CACHE_PATH",
+    "__GL_SHADER_DISK_CACHE_SKIP_CLEANUP",
+];
+
+/// `fedge-edge gpu-cache` for a state folder under `dir`, started with none of the drivers'
+/// cache variables but `set`: success, stdout, stderr.
+fn gpu_cache(dir: &Path, set: &[(&str, &Path)]) -> (bool, String, String) {
+    let config = dir.join("edge.toml");
+    std::fs::write(&config, format!("state_dir = {:?}\n", dir.join("state").display().to_string())).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedge-edge"));
+    cmd.args(["gpu-cache", "--config"]).arg(&config);
+    for var in GPU_CACHE_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(set.iter().copied());
+    let out = cmd.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn the_gpu_shader_caches_move_into_the_state_folder_by_one_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("state/gpu-cache");
+    let c = cache.display();
+    // The line comes from the process after exec: the one started had none of the variables.
+    let (ok, out, err) = gpu_cache(dir.path(), &[]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("GPU shader caches: Mesa's in {c}, NVIDIA's in {c}"), "{err}");
+    assert_eq!(err.matches("starting again with the GPU drivers' shader caches").count(), 1, "{err}");
+    assert!(cache.is_dir());
+    // A folder the operator chose is kept; the variables still missing cost one restart.
+    let mesa = dir.path().join("operators-cache");
+    let (ok, out, err) = gpu_cache(dir.path(), &[("MESA_SHADER_CACHE_DIR", &mesa)]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("GPU shader caches: Mesa's in {}, NVIDIA's in {c}", mesa.display()), "{err}");
+    assert_eq!(err.matches("starting again").count(), 1, "{err}");
+    // All set: no restart.
+    let set: Vec<(&str, &Path)> = GPU_CACHE_VARS.iter().map(|v| (*v, mesa.as_path())).collect();
+    let (ok, out, err) = gpu_cache(dir.path(), &set);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("Mesa's in {}", mesa.display())), "{out}");
+    assert!(!err.contains("starting again"), "{err}");
+    // A state folder that cannot be made is a one-line error.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    std::fs::write(dir.path().join("edge.toml"), format!("state_dir = {:?}\n", blocker.display().to_string())).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fedge-edge"))
+        .args(["gpu-cache", "--config"])
+        .arg(dir.path().join("edge.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot keep the GPU shader caches"));
+}
