@@ -36,6 +36,9 @@ pub fn missing(dir: &Path, env: impl Fn(&str) -> Option<String>) -> Vec<(&'stati
     .collect()
 }
 
+/// Set in the restarted process: [`keep_in`] restarts at most once.
+pub const RESTARTED: &str = "FEDGE_GPU_CACHE_RESTARTED";
+
 /// Where the drivers cache compiled shaders in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caches {
@@ -59,9 +62,18 @@ impl std::fmt::Display for Caches {
 pub fn keep_in(state_dir: &Path) -> Result<Caches, std::io::Error> {
     let dir = cache_dir(state_dir);
     std::fs::create_dir_all(&dir)?;
-    let vars = missing(&dir, |name| std::env::var(name).ok());
+    let mut vars = missing(&dir, |name| std::env::var(name).ok());
     if !vars.is_empty() {
+        // Restarted once already and still without them: something strips the environment;
+        // starting again would loop.
+        if std::env::var_os(RESTARTED).is_some() {
+            return Err(std::io::Error::other(format!(
+                "{} still unset after a restart",
+                vars.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+            )));
+        }
         tracing::info!("starting again with the GPU drivers' shader caches in {}", dir.display());
+        vars.push((RESTARTED, "1".to_string()));
         return Err(restart_with(&vars));
     }
     let var = |name| std::env::var(name).unwrap_or_default();

@@ -114,6 +114,7 @@ fn gpu_cache(dir: &Path, set: &[(&str, &Path)]) -> (bool, String, String) {
     for var in GPU_CACHE_VARS {
         cmd.env_remove(var);
     }
+    cmd.env_remove(fedge_edge::gpu_cache::RESTARTED);
     cmd.envs(set.iter().copied());
     let out = cmd.output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -142,6 +143,11 @@ fn the_gpu_shader_caches_move_into_the_state_folder_by_one_restart() {
     assert!(ok, "{err}");
     assert!(out.contains(&format!("Mesa's in {}", mesa.display())), "{out}");
     assert!(!err.contains("starting again"), "{err}");
+    // Restarted already and the variables still missing (something strips them): an error,
+    // not a loop of restarts.
+    let (ok, _, err) = gpu_cache(dir.path(), &[(fedge_edge::gpu_cache::RESTARTED, Path::new("1"))]);
+    assert!(!ok);
+    assert!(err.contains("still unset after a restart") && !err.contains("starting again"), "{err}");
     // A state folder that cannot be made is a one-line error.
     let blocker = dir.path().join("file");
     std::fs::write(&blocker, b"").unwrap();

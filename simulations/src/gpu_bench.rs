@@ -103,10 +103,10 @@ pub fn run_launches(
     (steps, repeat): (usize, usize),
     mut each: impl FnMut(&LaunchRow),
 ) -> anyhow::Result<Vec<LaunchRow>> {
-    anyhow::ensure!(steps > 0 && repeat > 0, "steps and repeat must be positive");
+    anyhow::ensure!(repeat > 0, "repeat must be positive");
+    check_launches(devices, steps)?;
     let largest = devices.iter().copied().max().unwrap_or(1);
     let per = 10 * steps;
-    ensure_fits(largest * per, "devices x 10 x steps")?;
     let data = crate::bench::random_data(largest * per, 9);
     let config = TrainConfig::sgd(1, 10, 0.01);
     let mut rows = Vec::new();
@@ -137,6 +137,15 @@ pub fn run_launches(
         }
     }
     Ok(rows)
+}
+
+/// Refuses what [`run_launches`] cannot measure (before anything runs): a group of 0 or more
+/// than 4,096 devices, no steps, or more examples than [`MAX_EXAMPLES`].
+pub fn check_launches(devices: &[usize], steps: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(devices.iter().all(|&n| (1..=4096).contains(&n)), "devices must be 1..=4096");
+    anyhow::ensure!(steps > 0, "steps must be positive");
+    let largest = devices.iter().copied().max().unwrap_or(1);
+    ensure_fits(largest.saturating_mul(10 * steps), "devices x 10 x steps")
 }
 
 /// The most random examples a measurement makes (784 bytes each: about 160 MB).

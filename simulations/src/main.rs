@@ -296,6 +296,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// Steps each device takes in `bench-gpu --devices`.
+const LAUNCH_STEPS: usize = 20;
+
 fn real_main() -> anyhow::Result<()> {
     fedge_log::init().context("cannot start logging")?;
     match Cli::parse().command {
@@ -397,11 +400,12 @@ fn real_main() -> anyhow::Result<()> {
                 (1..=100_000).contains(&steps) && (1..=100).contains(&repeat),
                 "steps 1..=100000, repeat 1..=100"
             );
+            // Every flag checked before the first measurement runs.
+            fedge_sim::gpu_bench::check_launches(&devices, LAUNCH_STEPS)?;
             fedge_sim::gpu_bench::run(&models, &batches, backend, (steps, repeat), |row| {
                 println!("{}", serde_json::to_string(row).expect("a row serialises"));
             })?;
-            anyhow::ensure!(devices.iter().all(|&n| (1..=4096).contains(&n)), "devices must be 1..=4096");
-            fedge_sim::gpu_bench::run_launches(&models, &devices, backend, (20, repeat), |row| {
+            fedge_sim::gpu_bench::run_launches(&models, &devices, backend, (LAUNCH_STEPS, repeat), |row| {
                 println!("{}", serde_json::to_string(row).expect("a row serialises"));
             })?;
             Ok(())
