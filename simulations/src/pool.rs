@@ -20,7 +20,7 @@ use fedge_core::rng::{derive_rng, stream};
 use fedge_core::wire::{DeviceId, TrainTask};
 use fedge_edge::trainer::{GroupJob, run_group};
 use fedge_edge::{EdgeTrainer, TaskOutcome, TrainError};
-use fedge_learn::{BackendError, BackendKind, GroupTrainer, ModelKind};
+use fedge_learn::{BackendError, BackendKind, GroupError, GroupTrainer, ModelKind};
 
 /// One device's training job.
 pub struct Job {
@@ -85,7 +85,7 @@ impl Pool {
                     .name(format!("fedge-worker-{i}"))
                     .spawn(move || {
                         let mut trainer = EdgeTrainer::new(kind, num_classes, backend).expect("backend checked above");
-                        let mut group: Option<GroupTrainer> = None;
+                        let mut group: Option<Result<GroupTrainer, GroupError>> = None;
                         loop {
                             let work = match job_rx.lock() {
                                 Ok(rx) => rx.recv(),
@@ -106,10 +106,22 @@ impl Pool {
                                     vec![Done { seq: job.seq, device: job.device, outcome }]
                                 }
                                 Ok(Work::Group(jobs)) => {
-                                    let group = group.get_or_insert_with(|| {
-                                        GroupTrainer::new(kind, num_classes, backend).expect("checked by the caller")
-                                    });
-                                    train_group(group, &data, jobs, seed)
+                                    if group.is_none() {
+                                        group = Some(GroupTrainer::new(kind, num_classes, backend));
+                                    }
+                                    match group.as_mut().expect("made above") {
+                                        Ok(group) => train_group(group, &data, jobs, seed),
+                                        // A model without a stacked form (SimConfig refuses it
+                                        // first): each job fails, named, and the worker goes on.
+                                        Err(e) => jobs
+                                            .iter()
+                                            .map(|j| Done {
+                                                seq: j.seq,
+                                                device: j.device,
+                                                outcome: Err(TrainError::Group(e.to_string())),
+                                            })
+                                            .collect(),
+                                    }
                                 }
                             };
                             for d in done {
@@ -175,5 +187,45 @@ impl Drop for Pool {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group for a model without a stacked form fails each job by name; the worker lives on
+    /// and trains the next job alone.
+    #[test]
+    fn a_group_the_model_cannot_stack_fails_its_jobs_not_the_worker() {
+        let data = Arc::new(fedge_core::dataset::embedded::mnist_subset().unwrap().train);
+        let pool = Pool::new(1, ModelKind::LstmSmall, 80, BackendKind::Flex, data, 0).unwrap();
+        let global = Arc::new(ModelParams::zeros(std::sync::Arc::new(fedge_core::ParamLayout::new(vec![]).unwrap())));
+        let job = |seq: usize| Job {
+            seq,
+            device: seq as DeviceId,
+            task: TrainTask {
+                round: 1,
+                model_version: 0,
+                model_hash: global.content_hash(),
+                config: fedge_core::wire::TrainConfig::sgd(1, 10, 0.1),
+                secure: None,
+            },
+            global: global.clone(),
+            indices: Arc::new(vec![0, 1]),
+            data: None,
+        };
+        pool.submit_group(vec![job(0), job(1)]);
+        for _ in 0..2 {
+            let done = pool.next_done();
+            match done.outcome {
+                Err(TrainError::Group(why)) => assert!(why.contains("no stacked form"), "{why}"),
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("an LSTM group trained"),
+            }
+        }
+        // The worker is alive: a job alone is answered (refused: the model is not an LSTM's).
+        pool.submit(job(2));
+        assert_eq!(pool.next_done().seq, 2);
     }
 }
